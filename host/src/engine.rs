@@ -1,0 +1,131 @@
+//! The wasmtime engine every guest runs on: pooling allocator, epoch
+//! interruption, and an on-disk cache of compiled components.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Limits that size the engine's instance pool.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    /// Instances that may run at once.
+    pub max_concurrency: u32,
+    /// Linear memory of one instance, bytes.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        EngineLimits { max_concurrency: 32, max_memory_bytes: 64 << 20 }
+    }
+}
+
+/// Builds the engine and starts its epoch ticker (which ends with the engine).
+pub fn engine(limits: EngineLimits) -> Result<Engine> {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(limits.max_concurrency)
+        .total_core_instances(limits.max_concurrency * 4)
+        .total_memories(limits.max_concurrency * 2)
+        .total_tables(limits.max_concurrency * 4)
+        .total_stacks(limits.max_concurrency)
+        .max_memory_size(limits.max_memory_bytes);
+    let mut config = Config::new();
+    config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config).anyhow().context("create the wasmtime engine")?;
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("snapsign-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .context("start the epoch ticker")?;
+    Ok(engine)
+}
+
+/// Epoch ticks in `timeout` (at least one).
+pub fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+}
+
+/// Where compiled components are cached: `$SNAPSIGN_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/snapsign`, else `~/.cache/snapsign`, else a temp dir.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SNAPSIGN_CACHE_DIR") {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Path::new(&dir).join("snapsign");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return Path::new(&home).join(".cache").join("snapsign");
+    }
+    std::env::temp_dir().join("snapsign-cache")
+}
+
+/// How a component was obtained, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loaded {
+    /// Compiled now (and written to the cache).
+    Compiled(Duration),
+    /// Read from the cache.
+    Cached(Duration),
+}
+
+/// Loads `wasm` compiled for `engine`, from `cache_dir` when it holds a
+/// compatible artifact, else compiling it and caching the result.
+pub fn load_component(engine: &Engine, name: &str, wasm: &[u8], cache_dir: &Path) -> Result<(Component, Loaded)> {
+    let started = Instant::now();
+    let mut compat = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut compat);
+    let digest = Sha256::digest(wasm);
+    let file = cache_dir.join(format!("{name}-{}-{:016x}.cwasm", hex::encode(&digest[..12]), compat.finish()));
+    if file.exists() {
+        // SAFETY: the file is an artifact this host serialized into its own
+        // cache directory, named by the hash of the wasm and of the engine's
+        // settings; wasmtime checks the header and version on load.
+        match unsafe { Component::deserialize_file(engine, &file) } {
+            Ok(component) => return Ok((component, Loaded::Cached(started.elapsed()))),
+            Err(e) => tracing::warn!(path = %file.display(), "discarding unusable compiled cache entry: {e:#}"),
+        }
+    }
+    let component = Component::new(engine, wasm).anyhow().with_context(|| format!("compile the {name} component"))?;
+    let compiled = started.elapsed();
+    if let Err(e) = write_cache(&component, &file) {
+        tracing::warn!(path = %file.display(), "cannot cache the compiled {name} component: {e:#}");
+    }
+    Ok((component, Loaded::Compiled(compiled)))
+}
+
+fn write_cache(component: &Component, file: &Path) -> Result<()> {
+    let dir = file.parent().context("cache path has a parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create cache dir {}", dir.display()))?;
+    let bytes = component.serialize().anyhow().context("serialize the compiled component")?;
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("rename into {}", file.display()))?;
+    Ok(())
+}
+
+/// Turns wasmtime's own error type into `anyhow`, so shells can add context.
+pub trait WasmtimeResultExt<T> {
+    /// The same result with an `anyhow::Error`.
+    fn anyhow(self) -> Result<T>;
+}
+
+impl<T> WasmtimeResultExt<T> for wasmtime::Result<T> {
+    fn anyhow(self) -> Result<T> {
+        self.map_err(anyhow::Error::from)
+    }
+}

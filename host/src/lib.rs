@@ -1,0 +1,14 @@
+//! The snapsign host: a wasmtime embedding that runs the snapsign
+//! components with limits, and the embedded servers of the dev stack.
+//!
+//! - [`engine`]: engine, pooling allocator, epoch deadlines, compiled cache;
+//! - [`outbound`]: the outbound HTTP allow-list guests get;
+//! - [`signer`]: `serve-signer`, the signer component behind wasi:http;
+//! - [`store`]: the embedded S3-compatible store;
+//! - [`serve`]: the HTTP server loop they share.
+
+pub mod engine;
+pub mod outbound;
+pub mod serve;
+pub mod signer;
+pub mod store;

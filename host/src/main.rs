@@ -1,0 +1,160 @@
+//! `snapsign`: the host CLI.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use snapsign_host::engine::{self, EngineLimits};
+use snapsign_host::{signer, store};
+
+#[derive(Parser)]
+#[command(name = "snapsign", version, about = "Dataplane-signed sandbox image builds as WASI components")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the signer component (POST /api/v1/blob/sign) over HTTP.
+    ///
+    /// The guest's configuration is every SNAPSIGN_* variable of this
+    /// process's environment, overridden by --env (see the README).
+    ServeSigner {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: SocketAddr,
+        /// Extra guest environment, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Linear memory limit of one request's instance, MiB.
+        #[arg(long, default_value_t = 64)]
+        max_memory_mb: usize,
+        /// Wall-clock limit of one request, seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        /// Requests served at once (size of the instance pool).
+        #[arg(long, default_value_t = 32)]
+        max_concurrency: u32,
+        /// Compiled-component cache [default: $SNAPSIGN_CACHE_DIR, ~/.cache/snapsign].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Mint a bearer token for a namespace, signed with SNAPSIGN_TOKEN_KEY.
+    Token {
+        /// The namespace the token grants.
+        #[arg(long)]
+        namespace: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+        /// The signing key (at least 32 bytes).
+        #[arg(long, env = "SNAPSIGN_TOKEN_KEY", hide_env_values = true)]
+        key: String,
+    },
+    /// Serve the embedded S3-compatible store (SigV4 checked, multipart uploads).
+    Store {
+        /// Data directory (one sub-directory per bucket).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// Access key id the store accepts.
+        #[arg(long, env = "SNAPSIGN_ACCESS_KEY_ID")]
+        access_key_id: String,
+        /// Its secret.
+        #[arg(long, env = "SNAPSIGN_SECRET_ACCESS_KEY", hide_env_values = true)]
+        secret_access_key: String,
+        /// Buckets to create (repeatable).
+        #[arg(long = "bucket")]
+        buckets: Vec<String>,
+    },
+}
+
+fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("SNAPSIGN_")).collect();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            bail!("--env '{pair}' is not KEY=VALUE");
+        };
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(env)
+}
+
+async fn wait_for_stop() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::ServeSigner { listen, env, max_memory_mb, timeout_secs, max_concurrency, cache_dir } => {
+            let config = signer::SignerServerConfig {
+                listen,
+                env: parse_env(&env)?,
+                limits: EngineLimits { max_concurrency, max_memory_bytes: max_memory_mb << 20 },
+                request_timeout: Duration::from_secs(timeout_secs),
+                cache_dir: cache_dir.unwrap_or_else(engine::default_cache_dir),
+            };
+            let (server, _host) = signer::start(&config).await?;
+            println!("signer listening on {}", server.url());
+            wait_for_stop().await;
+            tracing::info!("stopping the signer");
+            server.shutdown().await;
+        }
+        Command::Token { namespace, ttl_secs, key } => {
+            if key.len() < snapsign::token::MIN_KEY_LEN {
+                bail!("the token key is {} bytes; use at least {}", key.len(), snapsign::token::MIN_KEY_LEN);
+            }
+            let expires = jiff::Timestamp::now().as_second() + ttl_secs;
+            let token = snapsign::token::mint(key.as_bytes(), &namespace, expires).context("mint the token")?;
+            println!("{token}");
+        }
+        Command::Store { dir, listen, access_key_id, secret_access_key, buckets } => {
+            let config = store::StoreConfig { root: dir, listen, access_key_id, secret_access_key, buckets };
+            let server = store::start(&config).await?;
+            println!("store listening on {}", server.url());
+            wait_for_stop().await;
+            server.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "snapsign=info,snapsign_host=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

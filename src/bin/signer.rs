@@ -1,0 +1,77 @@
+//! The signer component: `wasi:http/incoming-handler` serving
+//! `POST /api/v1/blob/sign`. A thin shell around `snapsign::signer`: it
+//! reads the body (bounded), the environment and the clock, makes the one
+//! store call the core asks for, and writes the core's answer.
+
+use snapsign::signer::{self, Answer, Incoming, MAX_BODY_BYTES, SignError, SignerConfig, Step};
+use wstd::http::body::Body;
+use wstd::http::body::util::BodyExt as _;
+use wstd::http::{Client, Error, Request, Response, StatusCode};
+use wstd::time::Instant;
+
+#[wstd::http_server]
+async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    if let Err(e) = signer::handle::route(parts.method.as_str(), &path) {
+        return respond(e.into(), None);
+    }
+    let declared = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return respond(SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.into(), None);
+    }
+    let Some(bytes) = read_bounded(body).await? else {
+        return respond(SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.into(), None);
+    };
+    let config = match SignerConfig::from_vars(std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => return respond(SignError::Misconfigured(e.to_string()).into(), None),
+    };
+    let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
+    let incoming = Incoming { method: parts.method.as_str(), path: &path, authorization, body: &bytes };
+    match signer::handle(&config, &incoming, jiff::Timestamp::now()) {
+        Step::Respond(answer) => respond(answer, None),
+        Step::CreateMultipartUpload(pending) => {
+            let store = async {
+                let request = Request::post(pending.store_url.as_str()).body(Body::empty())?;
+                let mut response = Client::new().send(request).await?;
+                let status = response.status().as_u16();
+                let text = String::from_utf8_lossy(&response.body_mut().contents().await?.to_vec()).into_owned();
+                Ok::<_, Error>((status, text))
+            };
+            match store.await {
+                Ok((status, text)) => {
+                    // Server-Timing reports the signing itself, for `snapsign bench`.
+                    let started = Instant::now();
+                    let answer = pending.finish(status, &text);
+                    respond(answer, Some(started.elapsed().as_micros()))
+                }
+                Err(e) => respond(pending.unreachable(&format!("{e:#}")), None),
+            }
+        }
+    }
+}
+
+/// Reads at most `MAX_BODY_BYTES + 1` bytes; `None` when the body is longer.
+async fn read_bounded(body: Body) -> Result<Option<Vec<u8>>, Error> {
+    let mut body = body.into_boxed_body();
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if bytes.len() + data.len() > MAX_BODY_BYTES {
+                return Ok(None);
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(Some(bytes))
+}
+
+fn respond(answer: Answer, sign_micros: Option<u128>) -> Result<Response<Body>, Error> {
+    let mut response =
+        Response::builder().status(StatusCode::from_u16(answer.status)?).header("content-type", "application/json");
+    if let Some(us) = sign_micros {
+        response = response.header("server-timing", format!("sign;dur={:.3}", us as f64 / 1000.0));
+    }
+    Ok(response.body(Body::from(answer.body))?)
+}

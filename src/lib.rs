@@ -1,0 +1,8 @@
+//! snapsign's pure core: SigV4 presigning, caller tokens and the signer's
+//! policy. No I/O and no clock: callers pass responses and `now` in. The
+//! components (`src/bin/`) are thin shells around it, and the host uses it
+//! natively (token minting, configuration checks, benchmarks).
+
+pub mod presign;
+pub mod signer;
+pub mod token;

@@ -1,0 +1,143 @@
+//! Every way a sign request fails, with its HTTP status and JSON body.
+
+use std::fmt;
+
+use serde_json::json;
+
+use crate::token::TokenError;
+
+/// A failed sign request. Nothing is signed when one of these is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignError {
+    /// No route at this path.
+    NotFound { path: String },
+    /// The route exists, the method does not.
+    MethodNotAllowed { method: String },
+    /// No `Authorization: Bearer` header.
+    MissingToken,
+    /// The bearer token did not verify.
+    BadToken(TokenError),
+    /// The body is over the limit.
+    BodyTooLarge { limit: usize },
+    /// The body is not JSON.
+    MalformedJson(String),
+    /// A required field is absent or null.
+    MissingField(&'static str),
+    /// A field has the wrong JSON type or an invalid value.
+    InvalidField { field: &'static str, problem: String },
+    /// A `kind` this signer does not know.
+    UnknownKind { field: &'static str, value: String },
+    /// The caller tried to choose its namespace.
+    NamespaceField,
+    /// Target and op do not go together.
+    UnsupportedCombination { target: &'static str, op: &'static str },
+    /// `rel_path` is not a clean relative path.
+    InvalidRelPath { rel_path: String, problem: String },
+    /// A blob URI is unparsable or has another scheme.
+    InvalidUri { uri: String, problem: String },
+    /// A blob in a bucket this signer does not serve.
+    ForeignBucket { uri: String, bucket: String },
+    /// A blob outside the caller's namespace and the shared prefixes.
+    OutsideNamespace { uri: String, namespace: String },
+    /// The store refused CreateMultipartUpload.
+    StoreFailed { status: u16, detail: String },
+    /// The store could not be reached.
+    StoreUnreachable { detail: String },
+    /// The signer's own configuration is broken.
+    Misconfigured(String),
+}
+
+impl SignError {
+    /// HTTP status to answer with.
+    pub fn status(&self) -> u16 {
+        use SignError::*;
+        match self {
+            NotFound { .. } => 404,
+            MethodNotAllowed { .. } => 405,
+            MissingToken | BadToken(_) => 401,
+            BodyTooLarge { .. } => 413,
+            MalformedJson(_)
+            | MissingField(_)
+            | InvalidField { .. }
+            | UnknownKind { .. }
+            | NamespaceField
+            | UnsupportedCombination { .. }
+            | InvalidRelPath { .. }
+            | InvalidUri { .. } => 400,
+            ForeignBucket { .. } | OutsideNamespace { .. } => 403,
+            StoreFailed { .. } | StoreUnreachable { .. } => 502,
+            Misconfigured(_) => 500,
+        }
+    }
+
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        use SignError::*;
+        match self {
+            NotFound { .. } => "not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            MissingToken => "missing_token",
+            BadToken(TokenError::Expired { .. }) => "expired_token",
+            BadToken(_) => "invalid_token",
+            BodyTooLarge { .. } => "body_too_large",
+            MalformedJson(_) => "malformed_json",
+            MissingField(_) => "missing_field",
+            InvalidField { .. } => "invalid_field",
+            UnknownKind { .. } => "unknown_kind",
+            NamespaceField => "namespace_not_allowed",
+            UnsupportedCombination { .. } => "unsupported_combination",
+            InvalidRelPath { .. } => "invalid_rel_path",
+            InvalidUri { .. } => "invalid_uri",
+            ForeignBucket { .. } => "foreign_bucket",
+            OutsideNamespace { .. } => "outside_namespace",
+            StoreFailed { .. } => "store_failed",
+            StoreUnreachable { .. } => "store_unreachable",
+            Misconfigured(_) => "signer_misconfigured",
+        }
+    }
+
+    /// The JSON body `{code, message}`.
+    pub fn body(&self) -> String {
+        json!({"code": self.code(), "message": self.to_string()}).to_string()
+    }
+}
+
+impl fmt::Display for SignError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use SignError::*;
+        match self {
+            NotFound { path } => write!(f, "no route {path}; the signer serves POST /api/v1/blob/sign"),
+            MethodNotAllowed { method } => write!(f, "method {method} is not allowed; use POST"),
+            MissingToken => write!(f, "missing 'Authorization: Bearer <token>'; mint one with `snapsign token`"),
+            BadToken(e) => write!(f, "{e}"),
+            BodyTooLarge { limit } => write!(f, "request body is over {limit} bytes"),
+            MalformedJson(e) => write!(f, "request body is not valid JSON: {e}"),
+            MissingField(field) => write!(f, "request is missing field '{field}'"),
+            InvalidField { field, problem } => write!(f, "field '{field}' {problem}"),
+            UnknownKind { field, value } => write!(f, "unknown {field} '{value}'"),
+            NamespaceField => {
+                write!(f, "field 'namespace' is not accepted: the namespace comes from the bearer token")
+            }
+            UnsupportedCombination { target, op } => write!(
+                f,
+                "target kind '{target}' cannot be used with op '{op}'; use artifact+put_artifact or blob+get_blob"
+            ),
+            InvalidRelPath { rel_path, problem } => write!(f, "rel_path {rel_path:?} {problem}"),
+            InvalidUri { uri, problem } => write!(f, "uri {uri:?} {problem}"),
+            ForeignBucket { uri, bucket } => {
+                write!(f, "uri {uri:?} is not in bucket '{bucket}', the only bucket this signer signs for")
+            }
+            OutsideNamespace { uri, namespace } => write!(
+                f,
+                "uri {uri:?} is outside namespace '{namespace}' and every shared prefix; ask its owner to share it"
+            ),
+            StoreFailed { status, detail } => {
+                write!(f, "store refused CreateMultipartUpload (HTTP {status}): {detail}")
+            }
+            StoreUnreachable { detail } => write!(f, "store unreachable for CreateMultipartUpload: {detail}"),
+            Misconfigured(e) => write!(f, "signer is misconfigured: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SignError {}

@@ -1,0 +1,210 @@
+//! The `POST /api/v1/blob/sign` request (PROTOCOL.md §4.7), parsed with
+//! errors that name the field.
+
+use serde_json::{Map, Value};
+
+use super::error::SignError;
+
+/// Most parts S3 allows in one multipart upload.
+pub const MAX_PARTS: u32 = 10_000;
+/// S3's smallest part (but the last).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's largest part.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// S3's largest object.
+pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * 1024 * 1024;
+
+/// What to sign for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A path relative to the caller's namespace.
+    Artifact { rel_path: String },
+    /// A full object URI.
+    Blob { uri: String },
+}
+
+/// The caller's multipart hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultipartHint {
+    /// Part URLs to sign (1..=10000).
+    pub max_parts: u32,
+    /// Bytes per part (5 MiB..=5 GiB).
+    pub part_size_bytes: u64,
+}
+
+/// What to sign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Upload a new artifact, multipart when hinted.
+    PutArtifact { multipart_hint: Option<MultipartHint> },
+    /// Read a blob.
+    GetBlob,
+}
+
+/// A parsed sign request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignBlobRequest {
+    /// What to sign for.
+    pub target: Target,
+    /// What to sign.
+    pub op: Op,
+}
+
+fn object<'a>(parent: &'a Map<String, Value>, field: &'static str) -> Result<&'a Map<String, Value>, SignError> {
+    match parent.get(field) {
+        None | Some(Value::Null) => Err(SignError::MissingField(field)),
+        Some(Value::Object(o)) => Ok(o),
+        Some(_) => Err(SignError::InvalidField { field, problem: "must be a JSON object".into() }),
+    }
+}
+
+fn string<'a>(parent: &'a Map<String, Value>, name: &str, field: &'static str) -> Result<&'a str, SignError> {
+    match parent.get(name) {
+        None | Some(Value::Null) => Err(SignError::MissingField(field)),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(SignError::InvalidField { field, problem: "must be a string".into() }),
+    }
+}
+
+fn number(parent: &Map<String, Value>, name: &str, field: &'static str) -> Result<u64, SignError> {
+    match parent.get(name) {
+        None | Some(Value::Null) => Err(SignError::MissingField(field)),
+        Some(v) => v.as_u64().ok_or_else(|| SignError::InvalidField {
+            field,
+            problem: format!("must be a non-negative integer, got {v}"),
+        }),
+    }
+}
+
+impl SignBlobRequest {
+    /// Parses and checks a request body (everything but policy, which needs the caller).
+    pub fn parse(body: &[u8]) -> Result<Self, SignError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| SignError::MalformedJson(e.to_string()))?;
+        let Value::Object(root) = value else {
+            return Err(SignError::InvalidField { field: "(body)", problem: "must be a JSON object".into() });
+        };
+        let target = object(&root, "target")?;
+        let op = object(&root, "op")?;
+        if root.contains_key("namespace") || target.contains_key("namespace") {
+            return Err(SignError::NamespaceField);
+        }
+        let target = match string(target, "kind", "target.kind")? {
+            "artifact" => Target::Artifact { rel_path: string(target, "rel_path", "target.rel_path")?.to_owned() },
+            "blob" => Target::Blob { uri: string(target, "uri", "target.uri")?.to_owned() },
+            other => return Err(SignError::UnknownKind { field: "target.kind", value: other.to_owned() }),
+        };
+        let op = match string(op, "kind", "op.kind")? {
+            "put_artifact" => Op::PutArtifact { multipart_hint: hint(op)? },
+            "get_blob" => Op::GetBlob,
+            other => return Err(SignError::UnknownKind { field: "op.kind", value: other.to_owned() }),
+        };
+        match (&target, &op) {
+            (Target::Artifact { .. }, Op::PutArtifact { .. }) | (Target::Blob { .. }, Op::GetBlob) => {}
+            (Target::Artifact { .. }, Op::GetBlob) => {
+                return Err(SignError::UnsupportedCombination { target: "artifact", op: "get_blob" });
+            }
+            (Target::Blob { .. }, Op::PutArtifact { .. }) => {
+                return Err(SignError::UnsupportedCombination { target: "blob", op: "put_artifact" });
+            }
+        }
+        Ok(SignBlobRequest { target, op })
+    }
+}
+
+fn hint(op: &Map<String, Value>) -> Result<Option<MultipartHint>, SignError> {
+    let hint = match op.get("multipart_hint") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(_) => object(op, "multipart_hint")?,
+    };
+    let max_parts = number(hint, "max_parts", "op.multipart_hint.max_parts")?;
+    if !(1..=u64::from(MAX_PARTS)).contains(&max_parts) {
+        return Err(SignError::InvalidField {
+            field: "op.multipart_hint.max_parts",
+            problem: format!("is {max_parts}; S3 allows 1..={MAX_PARTS} parts"),
+        });
+    }
+    let part_size_bytes = number(hint, "part_size_bytes", "op.multipart_hint.part_size_bytes")?;
+    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size_bytes) {
+        return Err(SignError::InvalidField {
+            field: "op.multipart_hint.part_size_bytes",
+            problem: format!("is {part_size_bytes}; S3 parts are {MIN_PART_SIZE}..={MAX_PART_SIZE} bytes"),
+        });
+    }
+    if max_parts * part_size_bytes > MAX_OBJECT_SIZE {
+        return Err(SignError::InvalidField {
+            field: "op.multipart_hint",
+            problem: format!(
+                "asks for {max_parts} x {part_size_bytes} bytes, over S3's {MAX_OBJECT_SIZE}-byte object limit"
+            ),
+        });
+    }
+    Ok(Some(MultipartHint { max_parts: max_parts as u32, part_size_bytes }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<SignBlobRequest, SignError> {
+        SignBlobRequest::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn parses_both_protocol_examples() {
+        let put = parse(
+            r#"{"target":{"kind":"artifact","rel_path":"projects/p/sandbox-template-builds/b/s.tlsnap"},
+                "op":{"kind":"put_artifact","multipart_hint":{"max_parts":160,"part_size_bytes":67108864}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            put.op,
+            Op::PutArtifact { multipart_hint: Some(MultipartHint { max_parts: 160, part_size_bytes: 67108864 }) }
+        );
+        let get = parse(
+            r#"{"target":{"kind":"blob","uri":"gs://bucket/path/parent-manifest.json"},"op":{"kind":"get_blob"}}"#,
+        )
+        .unwrap();
+        assert_eq!(get.target, Target::Blob { uri: "gs://bucket/path/parent-manifest.json".into() });
+        let single = parse(
+            r#"{"target":{"kind":"artifact","rel_path":"a"},"op":{"kind":"put_artifact","multipart_hint":null}}"#,
+        );
+        assert_eq!(single.unwrap().op, Op::PutArtifact { multipart_hint: None });
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        let code = |s: &str| parse(s).unwrap_err().code();
+        assert_eq!(code("{not json"), "malformed_json");
+        assert_eq!(code("[1]"), "invalid_field");
+        assert_eq!(code(r#"{"op":{"kind":"get_blob"}}"#), "missing_field");
+        assert_eq!(code(r#"{"target":{"kind":"artifact"},"op":{"kind":"put_artifact"}}"#), "missing_field");
+        assert_eq!(code(r#"{"target":{"kind":"bucket","uri":"x"},"op":{"kind":"get_blob"}}"#), "unknown_kind");
+        assert_eq!(code(r#"{"target":{"kind":"blob","uri":"x"},"op":{"kind":"delete"}}"#), "unknown_kind");
+        assert_eq!(
+            code(r#"{"target":{"kind":"blob","uri":"x"},"op":{"kind":"put_artifact"}}"#),
+            "unsupported_combination"
+        );
+        assert_eq!(code(r#"{"target":{"kind":"blob","uri":7},"op":{"kind":"get_blob"}}"#), "invalid_field");
+        assert_eq!(
+            code(r#"{"namespace":"other","target":{"kind":"blob","uri":"x"},"op":{"kind":"get_blob"}}"#),
+            "namespace_not_allowed"
+        );
+        let hint = |h: &str| {
+            parse(&format!(
+                r#"{{"target":{{"kind":"artifact","rel_path":"a"}},"op":{{"kind":"put_artifact","multipart_hint":{h}}}}}"#
+            ))
+        };
+        assert!(hint(r#"{"max_parts":0,"part_size_bytes":67108864}"#).unwrap_err().to_string().contains("is 0"));
+        assert!(hint(r#"{"max_parts":10001,"part_size_bytes":67108864}"#).unwrap_err().to_string().contains("10001"));
+        assert!(hint(r#"{"max_parts":10000,"part_size_bytes":67108864}"#).is_ok());
+        assert!(hint(r#"{"max_parts":1,"part_size_bytes":5242879}"#).is_err());
+        assert!(hint(r#"{"max_parts":1,"part_size_bytes":5368709121}"#).is_err());
+        assert!(hint(r#"{"max_parts":-1,"part_size_bytes":67108864}"#).is_err());
+        assert!(
+            hint(r#"{"max_parts":10000,"part_size_bytes":5368709120}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("object limit")
+        );
+    }
+}

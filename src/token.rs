@@ -1,0 +1,145 @@
+//! Caller credentials for the signer: HMAC-SHA256-signed bearer tokens that
+//! carry the caller's namespace and an expiry, verifiable by the signer alone.
+//!
+//! Format: `sst1.<payload>.<mac>`, where `payload` is base64url (no padding)
+//! of `{"ns":"<namespace>","exp":<unix seconds>}` and `mac` is base64url of
+//! HMAC-SHA256(key, `sst1.<payload>`). The MAC is compared in constant time.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+const VERSION: &str = "sst1";
+
+/// Shortest token key accepted (bytes).
+pub const MIN_KEY_LEN: usize = 32;
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The caller's namespace; every key the signer signs for it lies under it.
+    #[serde(rename = "ns")]
+    pub namespace: String,
+    /// Unix seconds after which the token is refused.
+    #[serde(rename = "exp")]
+    pub expires_at: i64,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not `sst1.<payload>.<mac>` or the payload is not the claims JSON.
+    Malformed(&'static str),
+    /// The MAC does not verify under the signer's key (forged or another key).
+    BadSignature,
+    /// The token expired at this unix time.
+    Expired { expired_at: i64 },
+    /// The namespace is not a valid namespace name.
+    BadNamespace(String),
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenError::Malformed(why) => write!(f, "bearer token is malformed: {why}"),
+            TokenError::BadSignature => {
+                write!(f, "bearer token signature does not verify; mint a token with this signer's key")
+            }
+            TokenError::Expired { expired_at } => {
+                write!(f, "bearer token expired at unix time {expired_at}; mint a new one")
+            }
+            TokenError::BadNamespace(ns) => write!(f, "bearer token names an invalid namespace '{ns}'"),
+        }
+    }
+}
+
+impl std::error::Error for TokenError {}
+
+/// Valid namespace: 1..=63 of `A-Za-z0-9._-`, not `.` or `..`.
+pub fn valid_namespace(ns: &str) -> bool {
+    (1..=63).contains(&ns.len())
+        && ns != "."
+        && ns != ".."
+        && ns.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn mac(key: &[u8], signed: &str) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(signed.as_bytes());
+    mac
+}
+
+/// Mints a token for `namespace` valid until `expires_at` (unix seconds).
+pub fn mint(key: &[u8], namespace: &str, expires_at: i64) -> Result<String, TokenError> {
+    if !valid_namespace(namespace) {
+        return Err(TokenError::BadNamespace(namespace.to_owned()));
+    }
+    let claims = Claims { namespace: namespace.to_owned(), expires_at };
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
+    let signed = format!("{VERSION}.{payload}");
+    let tag = URL_SAFE_NO_PAD.encode(mac(key, &signed).finalize().into_bytes());
+    Ok(format!("{signed}.{tag}"))
+}
+
+/// Verifies `token` under `key` at `now` (unix seconds) and returns its claims.
+pub fn verify(key: &[u8], token: &str, now: i64) -> Result<Claims, TokenError> {
+    let mut parts = token.split('.');
+    let (Some(version), Some(payload), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed("expected three dot-separated parts"));
+    };
+    if version != VERSION {
+        return Err(TokenError::Malformed("unknown version (expected sst1)"));
+    }
+    let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed("signature is not base64url"))?;
+    mac(key, &token[..version.len() + 1 + payload.len()]).verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
+    let json = URL_SAFE_NO_PAD.decode(payload).map_err(|_| TokenError::Malformed("payload is not base64url"))?;
+    let claims: Claims =
+        serde_json::from_slice(&json).map_err(|_| TokenError::Malformed("payload is not {ns, exp} JSON"))?;
+    if !valid_namespace(&claims.namespace) {
+        return Err(TokenError::BadNamespace(claims.namespace));
+    }
+    if now >= claims.expires_at {
+        return Err(TokenError::Expired { expired_at: claims.expires_at });
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn round_trips_namespace_and_expiry() {
+        let token = mint(KEY, "team-a", 2_000).unwrap();
+        assert_eq!(verify(KEY, &token, 1_999).unwrap(), Claims { namespace: "team-a".into(), expires_at: 2_000 });
+    }
+
+    #[test]
+    fn refuses_expired_forged_and_other_key_tokens() {
+        let token = mint(KEY, "team-a", 2_000).unwrap();
+        assert_eq!(verify(KEY, &token, 2_000), Err(TokenError::Expired { expired_at: 2_000 }));
+        assert_eq!(verify(b"another key, 32 bytes long......", &token, 0), Err(TokenError::BadSignature));
+        // Same MAC, payload swapped to claim another namespace.
+        let (_, tag) = token.rsplit_once('.').unwrap();
+        let forged_payload = URL_SAFE_NO_PAD.encode(br#"{"ns":"team-b","exp":2000}"#);
+        assert_eq!(verify(KEY, &format!("sst1.{forged_payload}.{tag}"), 0), Err(TokenError::BadSignature));
+        assert!(matches!(verify(KEY, "sst1.abc", 0), Err(TokenError::Malformed(_))));
+        assert!(matches!(verify(KEY, "jwt.a.b", 0), Err(TokenError::Malformed(_))));
+    }
+
+    #[test]
+    fn namespaces_are_plain_names() {
+        assert!(valid_namespace("default") && valid_namespace("a.b_c-1"));
+        for bad in ["", ".", "..", "a/b", "a b", "ns%2f", &"x".repeat(64)] {
+            assert!(!valid_namespace(bad), "{bad}");
+            assert!(mint(KEY, bad, 1).is_err());
+        }
+    }
+}
