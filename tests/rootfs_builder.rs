@@ -1,0 +1,1 @@
+//! End-to-end tests of the reference rootfs builder against the embedded store.
