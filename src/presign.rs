@@ -237,6 +237,14 @@ impl Presigner {
 
     /// Presigned `UploadPart` URLs for parts `1..=parts` of `upload_id`.
     pub fn upload_part_urls(&self, object: &ObjectUrl, upload_id: &str, parts: u32) -> Vec<String> {
+        let mut urls = Vec::with_capacity(parts as usize);
+        self.each_upload_part_url(object, upload_id, parts, |_, url| urls.push(url.to_owned()));
+        urls
+    }
+
+    /// Calls `f(part_number, url)` with the presigned `UploadPart` URL of
+    /// each part `1..=parts`, reusing one buffer (no allocation per part).
+    pub fn each_upload_part_url(&self, object: &ObjectUrl, upload_id: &str, parts: u32, mut f: impl FnMut(u32, &str)) {
         let mut encoded_id = String::with_capacity(upload_id.len() * 3);
         uri_encode(upload_id, false, &mut encoded_id);
 
@@ -246,25 +254,23 @@ impl Presigner {
             shared.update(piece.as_bytes());
         }
         let tail = format!("&uploadId={encoded_id}\nhost:{}\n\nhost\nUNSIGNED-PAYLOAD", object.host);
-        let url_head = format!("{}{}?{}&partNumber=", object.origin, object.path, self.std_query);
+        let mut url = format!("{}{}?{}&partNumber=", object.origin, object.path, self.std_query);
+        let head_len = url.len();
         let url_tail = format!("&uploadId={encoded_id}&X-Amz-Signature=");
 
-        let mut number = itoa_buf();
-        (1..=parts)
-            .map(|part| {
-                let digits = itoa(part, &mut number);
-                let mut creq = shared.clone();
-                creq.update(digits.as_bytes());
-                creq.update(tail.as_bytes());
-                let signature = self.signature(&creq.finalize());
-                let mut url = String::with_capacity(url_head.len() + digits.len() + url_tail.len() + 64);
-                url.push_str(&url_head);
-                url.push_str(digits);
-                url.push_str(&url_tail);
-                url.push_str(std::str::from_utf8(&signature).expect("hex is ASCII"));
-                url
-            })
-            .collect()
+        let mut number = [0u8; 10];
+        for part in 1..=parts {
+            let digits = itoa(part, &mut number);
+            let mut creq = shared.clone();
+            creq.update(digits.as_bytes());
+            creq.update(tail.as_bytes());
+            let signature = self.signature(&creq.finalize());
+            url.truncate(head_len);
+            url.push_str(digits);
+            url.push_str(&url_tail);
+            url.push_str(std::str::from_utf8(&signature).expect("hex is ASCII"));
+            f(part, &url);
+        }
     }
 
     /// Hex signature of the string to sign ending in `creq_hash`.
@@ -290,10 +296,6 @@ fn hex(bytes: &[u8]) -> [u8; 64] {
         out[2 * i + 1] = DIGITS[(b & 15) as usize];
     }
     out
-}
-
-fn itoa_buf() -> [u8; 10] {
-    [0; 10]
 }
 
 fn itoa(mut n: u32, buf: &mut [u8; 10]) -> &str {

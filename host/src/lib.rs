@@ -7,6 +7,7 @@
 //! - [`store`]: the embedded S3-compatible store;
 //! - [`serve`]: the HTTP server loop they share.
 
+pub mod bench;
 pub mod engine;
 pub mod outbound;
 pub mod serve;

@@ -55,6 +55,11 @@ enum Command {
         #[arg(long, env = "SNAPSIGN_TOKEN_KEY", hide_env_values = true)]
         key: String,
     },
+    /// Print benchmark figures (run with --release).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
     /// Serve the embedded S3-compatible store (SigV4 checked, multipart uploads).
     Store {
         /// Data directory (one sub-directory per bucket).
@@ -72,6 +77,22 @@ enum Command {
         /// Buckets to create (repeatable).
         #[arg(long = "bucket")]
         buckets: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Signing cost natively and in the component; serve-signer latency and throughput.
+    Sign {
+        /// Rounds of the 10,000-part signing.
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        /// get_blob requests for latency and for the load run.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Concurrent clients in the load run.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
     },
 }
 
@@ -122,6 +143,9 @@ async fn run(cli: Cli) -> Result<()> {
             let expires = jiff::Timestamp::now().as_second() + ttl_secs;
             let token = snapsign::token::mint(key.as_bytes(), &namespace, expires).context("mint the token")?;
             println!("{token}");
+        }
+        Command::Bench { what: BenchWhat::Sign { rounds, requests, concurrency } } => {
+            snapsign_host::bench::sign(rounds, requests, concurrency).await?;
         }
         Command::Store { dir, listen, access_key_id, secret_access_key, buckets } => {
             let config = store::StoreConfig { root: dir, listen, access_key_id, secret_access_key, buckets };

@@ -216,3 +216,25 @@ pub async fn start(config: &SignerServerConfig) -> Result<(Server, Arc<SignerHos
     tracing::info!(url = %server.url(), "signer listening");
     Ok((server, host))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signer must run on any wasi:http host: it may import only what
+    /// `wasmtime serve -S cli` (the proxy world plus wasi:cli) provides.
+    #[test]
+    fn signer_imports_nothing_a_standard_wasi_http_host_lacks() {
+        let engine = Engine::default();
+        let component = wasmtime::component::Component::new(&engine, SIGNER_WASM).unwrap();
+        let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(&engine).map(|(name, _)| name.to_owned()).collect();
+        assert!(imports.iter().any(|i| i.starts_with("wasi:http/outgoing-handler@0.2")), "{imports:?}");
+        for import in &imports {
+            let standard = ["wasi:http/", "wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:cli/"];
+            assert!(standard.iter().any(|p| import.starts_with(p)), "non-standard import {import}");
+        }
+        let exports: Vec<String> = ty.exports(&engine).map(|(name, _)| name.to_owned()).collect();
+        assert!(exports.iter().any(|e| e.starts_with("wasi:http/incoming-handler@0.2")), "{exports:?}");
+    }
+}

@@ -1,6 +1,8 @@
 //! The signer's decisions, free of I/O and clocks: a request and `now` in,
 //! either an answer or the one store call to make (CreateMultipartUpload).
 
+use std::fmt::Write as _;
+
 use jiff::Timestamp;
 use serde::Serialize;
 
@@ -71,22 +73,15 @@ impl std::fmt::Debug for PendingUpload {
 }
 
 #[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PartUrl {
-    part_number: u32,
-    url: String,
-}
-
-#[derive(Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Signed<'a> {
+    /// Everything but `partUrls`, which [`PendingUpload::finish`] appends.
     #[serde(rename_all = "camelCase")]
     S3Multipart {
         uri: &'a str,
         upload_id: &'a str,
         part_size_bytes: u64,
         max_parts: u32,
-        part_urls: Vec<PartUrl>,
         complete_url: String,
         abort_url: String,
         expires_at: &'a str,
@@ -129,21 +124,30 @@ impl PendingUpload {
             }
         };
         let p = &self.presigner;
-        ok(&Signed::S3Multipart {
+        let head = serde_json::to_string(&Signed::S3Multipart {
             uri: &self.uri,
             upload_id: &upload_id,
             part_size_bytes: self.hint.part_size_bytes,
             max_parts: self.hint.max_parts,
-            part_urls: p
-                .upload_part_urls(&self.object, &upload_id, self.hint.max_parts)
-                .into_iter()
-                .zip(1..)
-                .map(|(url, part_number)| PartUrl { part_number, url })
-                .collect(),
             complete_url: p.presign(Method::Post, &self.object, &[("uploadId", &upload_id)]),
             abort_url: p.presign(Method::Delete, &self.object, &[("uploadId", &upload_id)]),
             expires_at: &self.expires_at,
         })
+        .expect("answers serialize");
+        // Up to 10,000 URLs: written straight into the body. They need no
+        // JSON escaping: every part of them is percent-encoded or a parsed host.
+        let mut body = String::with_capacity(head.len() + self.hint.max_parts as usize * (head.len() / 2 + 48));
+        body.push_str(&head[..head.len() - 1]);
+        body.push_str(",\"partUrls\":[");
+        p.each_upload_part_url(&self.object, &upload_id, self.hint.max_parts, |part, url| {
+            debug_assert!(!url.contains(['"', '\\']) && !url.contains(char::is_control));
+            if part > 1 {
+                body.push(',');
+            }
+            let _ = write!(body, "{{\"partNumber\":{part},\"url\":\"{url}\"}}");
+        });
+        body.push_str("]}");
+        Answer { status: 200, body }
     }
 
     /// The store could not be reached at all.

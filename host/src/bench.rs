@@ -1,0 +1,178 @@
+//! `snapsign bench sign`: what signing costs, natively and in the component,
+//! and what serve-signer sustains on loopback. Figures, not tests.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use snapsign::signer::{self, Incoming, SIGN_PATH, SignerConfig, Step};
+
+use crate::engine::EngineLimits;
+use crate::signer::SignerServerConfig;
+use crate::store::StoreConfig;
+
+const TOKEN_KEY: &str = "bench-token-key-0123456789abcdef01234";
+const PARTS: u32 = 10_000;
+
+fn env(store_url: &str) -> Vec<(String, String)> {
+    [
+        ("SNAPSIGN_BUCKET", "bench"),
+        ("SNAPSIGN_KEY_PREFIX", "builds"),
+        ("SNAPSIGN_S3_ENDPOINT", store_url),
+        ("SNAPSIGN_S3_ADDRESSING", "path"),
+        ("SNAPSIGN_ACCESS_KEY_ID", "AKIDBENCH"),
+        ("SNAPSIGN_SECRET_ACCESS_KEY", "bench-secret"),
+        ("SNAPSIGN_TOKEN_KEY", TOKEN_KEY),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+fn put_body() -> String {
+    format!(
+        r#"{{"target":{{"kind":"artifact","rel_path":"bench/s.tlsnap"}},"op":{{"kind":"put_artifact","multipart_hint":{{"max_parts":{PARTS},"part_size_bytes":67108864}}}}}}"#
+    )
+}
+
+/// Median and p99 of samples, in milliseconds.
+fn stats(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    (at(0.5), at(0.99))
+}
+
+/// The store's answer to CreateMultipartUpload, as s3s sends it.
+const CREATE_ANSWER: &str = r#"<?xml version="1.0" encoding="UTF-8"?><InitiateMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>bench</Bucket><Key>builds/ns/bench/s.tlsnap</Key><UploadId>5f0b2c9e-0a51-4d9e-8a43-0d3f8f1f6a10</UploadId></InitiateMultipartUploadResult>"#;
+
+fn native_sign(config: &SignerConfig, token: &str, rounds: usize) -> Result<Vec<Duration>> {
+    let auth = format!("Bearer {token}");
+    let body = put_body();
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: body.as_bytes() };
+        let Step::CreateMultipartUpload(pending) = signer::handle(config, &incoming, jiff::Timestamp::now()) else {
+            bail!("native core did not ask for CreateMultipartUpload");
+        };
+        let started = Instant::now();
+        let answer = pending.finish(200, CREATE_ANSWER);
+        samples.push(started.elapsed());
+        if answer.status != 200 {
+            bail!("native signing failed: {}", answer.body);
+        }
+    }
+    Ok(samples)
+}
+
+/// Runs the signing benchmark and prints its figures.
+pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<()> {
+    let dir = tempfile_dir()?;
+    let store = crate::store::start(&StoreConfig {
+        root: dir.join("store"),
+        listen: "127.0.0.1:0".parse()?,
+        access_key_id: "AKIDBENCH".into(),
+        secret_access_key: "bench-secret".into(),
+        buckets: vec!["bench".into()],
+    })
+    .await?;
+    let env = env(&store.url());
+    let config = SignerConfig::from_vars(env.clone())?;
+    let token = snapsign::token::mint(TOKEN_KEY.as_bytes(), "ns", jiff::Timestamp::now().as_second() + 3600)?;
+
+    let native = native_sign(&config, &token, rounds)?;
+    let (native_median, _) = stats(native);
+
+    let (server, host) = crate::signer::start(&SignerServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        env,
+        limits: EngineLimits::default(),
+        request_timeout: Duration::from_secs(30),
+        cache_dir: dir.join("cache"),
+    })
+    .await?;
+    let url = format!("{}{SIGN_PATH}", server.url());
+    let client = reqwest::Client::new();
+    let mut guest = Vec::with_capacity(rounds);
+    let mut whole = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let response = client.post(&url).bearer_auth(&token).body(put_body()).send().await?;
+        let timing = response.headers().get("server-timing").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let status = response.status();
+        let body = response.bytes().await?;
+        whole.push(started.elapsed());
+        if status != 200 {
+            bail!("signer answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+        let ms: f64 = timing
+            .as_deref()
+            .and_then(|t| t.strip_prefix("sign;dur="))
+            .and_then(|v| v.parse().ok())
+            .context("signer answer has no Server-Timing sign;dur=")?;
+        guest.push(Duration::from_secs_f64(ms / 1e3));
+    }
+    let (guest_median, _) = stats(guest);
+    let (whole_median, whole_p99) = stats(whole);
+
+    let get_body = r#"{"target":{"kind":"blob","uri":"s3://bench/builds/ns/bench/s.tlsnap"},"op":{"kind":"get_blob"}}"#;
+    let mut latency = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let started = Instant::now();
+        let response = client.post(&url).bearer_auth(&token).body(get_body).send().await?;
+        let status = response.status();
+        response.bytes().await?;
+        latency.push(started.elapsed());
+        if status != 200 {
+            bail!("get_blob answered {status}");
+        }
+    }
+    let (get_median, get_p99) = stats(latency);
+
+    let started = Instant::now();
+    let per_worker = requests / concurrency.max(1);
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, url, token) = (client.clone(), url.clone(), token.clone());
+        workers.push(tokio::spawn(async move {
+            for _ in 0..per_worker {
+                let response = client.post(&url).bearer_auth(&token).body(get_body).send().await?;
+                if !response.status().is_success() {
+                    bail!("get_blob under load answered {}", response.status());
+                }
+                response.bytes().await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    let rps = (per_worker * concurrency.max(1)) as f64 / started.elapsed().as_secs_f64();
+
+    println!(
+        "snapsign bench sign ({} build of the host, {rounds} rounds)",
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
+    println!("  component load: {:?}", host.loaded);
+    println!("  put_artifact, {PARTS} part URLs signed, native core:     median {native_median:8.2} ms");
+    println!(
+        "  put_artifact, {PARTS} part URLs signed, in component:    median {guest_median:8.2} ms  (x{:.2} native)",
+        guest_median / native_median
+    );
+    println!(
+        "  put_artifact, {PARTS} parts, whole request via serve-signer: median {whole_median:8.2} ms  p99 {whole_p99:8.2} ms"
+    );
+    println!(
+        "  get_blob via serve-signer, fresh instance per request:  median {get_median:8.3} ms  p99 {get_p99:8.3} ms  ({requests} sequential)"
+    );
+    println!("  get_blob throughput, {concurrency} concurrent loopback clients: {rps:8.0} req/s");
+    server.shutdown().await;
+    store.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("snapsign-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(dir)
+}
