@@ -23,6 +23,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("components");
+    ensure_target(&root);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
@@ -61,5 +62,25 @@ fn main() {
         let wasm = target_dir.join(TARGET).join(PROFILE).join(format!("{bin}.wasm"));
         assert!(Path::new(&wasm).exists(), "guest build did not produce {}", wasm.display());
         println!("cargo:rustc-env={var}={}", wasm.display());
+    }
+}
+
+/// rust-toolchain.toml names the wasm target, but rustup only installs it
+/// with a toolchain it installs; on a machine that already had the toolchain,
+/// add the target here so a fresh clone needs no manual step.
+fn ensure_target(root: &Path) {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output();
+    let installed = sysroot
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .is_some_and(|s| Path::new(&s).join("lib/rustlib").join(TARGET).join("lib").exists());
+    if installed {
+        return;
+    }
+    println!("cargo:warning=installing the {TARGET} target with rustup (once)");
+    let status = Command::new("rustup").current_dir(root).args(["target", "add", TARGET]).status();
+    if !matches!(status, Ok(s) if s.success()) {
+        panic!("the {TARGET} target is missing and `rustup target add {TARGET}` failed; run it by hand");
     }
 }

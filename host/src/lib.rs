@@ -8,6 +8,7 @@
 //! - [`serve`]: the HTTP server loop they share.
 
 pub mod bench;
+pub mod demo;
 pub mod engine;
 pub mod outbound;
 pub mod serve;

@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole flow on the embedded stack (store + signer) and check the result.
+    Demo,
     /// Serve the signer component (POST /api/v1/blob/sign) over HTTP.
     ///
     /// The guest's configuration is every SNAPSIGN_* variable of this
@@ -136,6 +138,7 @@ async fn run(cli: Cli) -> Result<()> {
             tracing::info!("stopping the signer");
             server.shutdown().await;
         }
+        Command::Demo => snapsign_host::demo::run().await?,
         Command::Token { namespace, ttl_secs, key } => {
             if key.len() < snapsign::token::MIN_KEY_LEN {
                 bail!("the token key is {} bytes; use at least {}", key.len(), snapsign::token::MIN_KEY_LEN);
@@ -159,14 +162,18 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Servers log requests by default; one-shot commands only warnings.
+    let default_filter = match cli.command {
+        Command::ServeSigner { .. } | Command::Store { .. } => "snapsign=info,snapsign_host=info,warn",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "snapsign=info,snapsign_host=info,warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
