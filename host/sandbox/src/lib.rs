@@ -49,10 +49,8 @@ impl Sandboxes {
     pub fn new(config: SandboxesConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.root_dir)
             .with_context(|| format!("create sandboxes dir {}", config.root_dir.display()))?;
-        if let Some(builder) = &config.builder_binary {
-            if !builder.is_file() {
-                bail!("builder binary {} does not exist", builder.display());
-            }
+        if let Some(builder) = config.builder_binary.as_ref().filter(|b| !b.is_file()) {
+            bail!("builder binary {} does not exist", builder.display());
         }
         Ok(Sandboxes { config, live: Mutex::new(HashMap::new()) })
     }
