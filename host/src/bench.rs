@@ -72,6 +72,7 @@ pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<
         access_key_id: "AKIDBENCH".into(),
         secret_access_key: "bench-secret".into(),
         buckets: vec!["bench".into()],
+        faults: Default::default(),
     })
     .await?;
     let env = env(&store.url());

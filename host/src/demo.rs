@@ -47,6 +47,7 @@ async fn run_in(dir: &std::path::Path) -> Result<()> {
         access_key_id: access.into(),
         secret_access_key: secret.into(),
         buckets: vec!["snapshots".into()],
+        faults: Default::default(),
     })
     .await?;
     println!("      store  {}", store.url());

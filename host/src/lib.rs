@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod dev;
 pub mod engine;
 pub mod outbound;
 pub mod serve;

@@ -45,6 +45,37 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// Run the dev stack: store, signer, platform emulator and local sandboxes on loopback.
+    Dev {
+        /// Store data, state database and secrets (kept across restarts)
+        /// [default: $XDG_DATA_HOME/snapsign/dev or ~/.local/share/snapsign/dev].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Emulator address (platform-api, lifecycle, sandbox proxy).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Store address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        store_listen: SocketAddr,
+        /// Signer address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        signer_listen: SocketAddr,
+        /// Namespace of the printed token.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Default prepare answer shape: new, legacy or both (per request: header X-Snapsign-Prepare-Shape).
+        #[arg(long, default_value = "new")]
+        prepare_shape: String,
+        /// How long a new sandbox stays pending (answering 502 PROXY_ERROR), milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        pending_ms: u64,
+        /// Fault switches as JSON, e.g. '{"sign_fail":true}' (see the README).
+        #[arg(long)]
+        faults: Option<String>,
+        /// Run sandbox processes without bubblewrap when it is missing (no confinement at all).
+        #[arg(long)]
+        allow_unconfined: bool,
+    },
     /// Mint a bearer token for a namespace, signed with SNAPSIGN_TOKEN_KEY.
     Token {
         /// The namespace the token grants.
@@ -110,6 +141,14 @@ fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
     Ok(env)
 }
 
+fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("snapsign").join("dev")
+}
+
 async fn wait_for_stop() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -139,6 +178,49 @@ async fn run(cli: Cli) -> Result<()> {
             server.shutdown().await;
         }
         Command::Demo => snapsign_host::demo::run().await?,
+        Command::Dev {
+            data_dir,
+            listen,
+            store_listen,
+            signer_listen,
+            namespace,
+            prepare_shape,
+            pending_ms,
+            faults,
+            allow_unconfined,
+        } => {
+            use snapsign_host::dev::{DevConfig, DevStack, Faults, PrepareShape};
+            let data_dir = data_dir.unwrap_or_else(default_data_dir);
+            let builder = std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
+            let mut config = DevConfig::new(data_dir, builder);
+            config.listen = listen;
+            config.store_listen = store_listen;
+            config.signer_listen = signer_listen;
+            config.namespace = namespace;
+            config.shape = PrepareShape::parse(&prepare_shape).map_err(anyhow::Error::msg)?;
+            config.pending = Duration::from_millis(pending_ms);
+            config.allow_unconfined = allow_unconfined;
+            if let Some(json) = faults {
+                config.faults = serde_json::from_str::<Faults>(&json).context("parse --faults")?;
+            }
+            let stack = DevStack::start(&config).await?;
+            println!("snapsign dev stack (data in {})", config.data_dir.display());
+            println!("  platform api  {}   (lifecycle and sandbox proxy on the same address)", stack.api_url());
+            println!("  store         {}   (bucket snapshots)", stack.store.url());
+            println!("  signer        {}/api/v1/blob/sign", stack.signer.url());
+            println!("  namespace     {}", stack.namespace);
+            println!("  token         {}", stack.token);
+            println!();
+            println!(
+                "  export SNAPSIGN_API_URL={} SNAPSIGN_NAMESPACE={} SNAPSIGN_API_TOKEN={}",
+                stack.api_url(),
+                stack.namespace,
+                stack.token
+            );
+            println!("Ctrl-C stops the stack and deletes its sandboxes.");
+            wait_for_stop().await;
+            stack.shutdown().await;
+        }
         Command::Token { namespace, ttl_secs, key } => {
             if key.len() < snapsign::token::MIN_KEY_LEN {
                 bail!("the token key is {} bytes; use at least {}", key.len(), snapsign::token::MIN_KEY_LEN);
@@ -151,7 +233,14 @@ async fn run(cli: Cli) -> Result<()> {
             snapsign_host::bench::sign(rounds, requests, concurrency).await?;
         }
         Command::Store { dir, listen, access_key_id, secret_access_key, buckets } => {
-            let config = store::StoreConfig { root: dir, listen, access_key_id, secret_access_key, buckets };
+            let config = store::StoreConfig {
+                root: dir,
+                listen,
+                access_key_id,
+                secret_access_key,
+                buckets,
+                faults: Default::default(),
+            };
             let server = store::start(&config).await?;
             println!("store listening on {}", server.url());
             wait_for_stop().await;
@@ -165,7 +254,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Servers log requests by default; one-shot commands only warnings.
     let default_filter = match cli.command {
-        Command::ServeSigner { .. } | Command::Store { .. } => "snapsign=info,snapsign_host=info,warn",
+        Command::ServeSigner { .. } | Command::Store { .. } | Command::Dev { .. } => {
+            "snapsign=info,snapsign_host=info,warn"
+        }
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -56,6 +56,7 @@ pub async fn start_store(root: &Path) -> Server {
         access_key_id: ACCESS_KEY.into(),
         secret_access_key: SECRET_KEY.into(),
         buckets: vec![BUCKET.into()],
+        faults: Default::default(),
     })
     .await
     .expect("start the store")

@@ -1,0 +1,221 @@
+//! The platform emulator: one loopback server that speaks platform-api,
+//! the sandbox lifecycle API and the sandbox proxy (PROTOCOL.md §0–§4, §8).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use snapsign::presign::Presigner;
+use snapsign::signer::SignerConfig;
+use snapsign_sandbox::Sandboxes;
+
+use super::faults::Faults;
+use super::http::{ApiError, Body, namespace};
+use super::platform::{PrepareShape, SHAPE_HEADER};
+use super::state::State;
+use crate::store::StoreFaults;
+
+/// Largest JSON body the platform and lifecycle routes read.
+const MAX_JSON_BODY: usize = 1 << 20;
+
+/// Lifecycle bookkeeping of one sandbox.
+#[derive(Debug, Clone)]
+pub(crate) struct SandboxRecord {
+    pub namespace: String,
+    pub ready_at: Instant,
+    pub pending_502s_left: u32,
+    pub resources: Value,
+    pub image: String,
+}
+
+/// Everything the emulator's handlers share.
+pub struct Emulator {
+    pub(crate) state: State,
+    pub(crate) signer: SignerConfig,
+    pub(crate) signer_url: String,
+    pub(crate) sandboxes: Sandboxes,
+    pub(crate) lifecycle: Mutex<HashMap<String, SandboxRecord>>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) base_url: OnceLock<String>,
+    pub(crate) pending: Duration,
+    pub(crate) shape: PrepareShape,
+    faults: Mutex<Faults>,
+    store_faults: Arc<StoreFaults>,
+}
+
+impl Emulator {
+    /// Builds the emulator over its state, the signer's config and URL, and local sandboxes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        state: State,
+        signer: SignerConfig,
+        signer_url: String,
+        sandboxes: Sandboxes,
+        pending: Duration,
+        shape: PrepareShape,
+        faults: Faults,
+        store_faults: Arc<StoreFaults>,
+    ) -> Self {
+        store_faults.fail_upload_part(faults.store_fail_part);
+        Emulator {
+            state,
+            signer,
+            signer_url,
+            sandboxes,
+            lifecycle: Mutex::new(HashMap::new()),
+            http: reqwest::Client::new(),
+            base_url: OnceLock::new(),
+            pending,
+            shape,
+            faults: Mutex::new(faults),
+            store_faults,
+        }
+    }
+
+    /// The current fault switches.
+    pub fn faults(&self) -> Faults {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the fault switches.
+    pub fn set_faults(&self, faults: Faults) {
+        self.store_faults.fail_upload_part(faults.store_fail_part);
+        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+    }
+
+    /// The emulator's own URL (also every sandbox's `sandbox_url`).
+    pub fn base_url(&self) -> &str {
+        self.base_url.get().map(String::as_str).unwrap_or("http://127.0.0.1")
+    }
+
+    pub(crate) fn presigner(&self) -> Presigner {
+        Presigner::new(&self.signer.credentials, &self.signer.region, jiff::Timestamp::now(), self.signer.url_ttl_secs)
+    }
+
+    pub(crate) fn expires_at(&self) -> String {
+        jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + i64::from(self.signer.url_ttl_secs))
+            .expect("valid timestamp")
+            .to_string()
+    }
+
+    /// A `single_get` block for an object of the signer's bucket (what the legacy platform presigned).
+    pub(crate) fn presigned_get(&self, uri: &str) -> Result<Value, ApiError> {
+        let parsed = snapsign::signer::validate::s3_uri(uri)
+            .map_err(|why| ApiError::bad_request("invalid_uri", format!("uri {uri:?} {why}")))?;
+        if parsed.bucket != self.signer.bucket {
+            return Err(ApiError::bad_request(
+                "foreign_bucket",
+                format!("uri {uri:?} is not in bucket {}", self.signer.bucket),
+            ));
+        }
+        let object = self.signer.endpoint.object(&self.signer.bucket, parsed.key);
+        let url = self.presigner().presign(snapsign::presign::Method::Get, &object, &[]);
+        Ok(json!({"kind": "single_get", "uri": uri, "method": "GET", "url": url, "expiresAt": self.expires_at()}))
+    }
+
+    /// Serves one request.
+    pub async fn route(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, std::convert::Infallible> {
+        let started = Instant::now();
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let response = match self.clone().dispatch(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                if error.status.is_server_error() {
+                    tracing::warn!(%method, %path, status = error.status.as_u16(), "{}", error.message);
+                }
+                error.into_response()
+            }
+        };
+        tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64);
+        Ok(response)
+    }
+
+    async fn dispatch(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let path = request.uri().path().to_owned();
+        if path.starts_with("/api/v1/") {
+            return self.proxy(request).await;
+        }
+        let method = request.method().clone();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // PAT mode puts organizations/{org}/projects/{proj} after /platform/v1; same handlers.
+        let platform: Option<Vec<&str>> = match segments.as_slice() {
+            ["platform", "v1", "organizations", _, "projects", _, rest @ ..] => Some(rest.to_vec()),
+            ["platform", "v1", rest @ ..] => Some(rest.to_vec()),
+            _ => None,
+        };
+        let key = self.signer.token_key.clone();
+        if let Some(rest) = platform {
+            let ns = namespace(request.headers(), &key)?;
+            return match (&method, rest.as_slice()) {
+                (&Method::GET, ["sandbox-templates", "by-name", name]) => {
+                    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy().into_owned();
+                    Ok(super::http::json(StatusCode::OK, &self.lookup_template(&ns, &name)?))
+                }
+                (&Method::POST, ["sandbox-template-builds"]) => {
+                    let shape = match request.headers().get(SHAPE_HEADER).and_then(|v| v.to_str().ok()) {
+                        Some(value) => {
+                            PrepareShape::parse(value).map_err(|e| ApiError::bad_request("invalid_header", e))?
+                        }
+                        None => self.shape,
+                    };
+                    let body = read_json(request).await?;
+                    Ok(super::http::json(StatusCode::OK, &self.prepare(&ns, &body, shape)?))
+                }
+                (&Method::POST, ["sandbox-template-builds", build_id, "complete"]) => {
+                    let build_id = build_id.to_string();
+                    let body = read_json(request).await?;
+                    Ok(super::http::json(StatusCode::OK, &self.complete(&ns, &build_id, &body).await?))
+                }
+                _ => Err(ApiError::not_found("no_route", format!("no platform route {method} {path}"))),
+            };
+        }
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["_snapsign", "faults"]) => Ok(super::http::json(StatusCode::OK, &self.faults())),
+            (&Method::PUT, ["_snapsign", "faults"]) => {
+                namespace(request.headers(), &key)?;
+                let body = read_json(request).await?;
+                let faults: Faults = serde_json::from_value(body)
+                    .map_err(|e| ApiError::bad_request("invalid_faults", format!("fault switches: {e}")))?;
+                self.set_faults(faults.clone());
+                Ok(super::http::json(StatusCode::OK, &faults))
+            }
+            (_, ["v1", "namespaces", ns, "sandboxes", rest @ ..]) => {
+                let caller = namespace(request.headers(), &key)?;
+                if *ns != caller {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        format!("token is for namespace '{caller}', not '{ns}'"),
+                    ));
+                }
+                let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+                self.lifecycle(&caller, request, &rest).await
+            }
+            (_, ["sandboxes", rest @ ..]) => {
+                let caller = namespace(request.headers(), &key)?;
+                let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+                self.lifecycle(&caller, request, &rest).await
+            }
+            _ => Err(ApiError::not_found("no_route", format!("no route {method} {path}"))),
+        }
+    }
+}
+
+/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes.
+pub(crate) async fn read_json(request: Request<Incoming>) -> Result<Value, ApiError> {
+    let limited = http_body_util::Limited::new(request.into_body(), MAX_JSON_BODY);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("request body is not JSON: {e}")))
+}

@@ -1,0 +1,143 @@
+//! The sandbox lifecycle API (PROTOCOL.md §3): create, get (pending with
+//! 502 PROXY_ERROR, as the real gateway answers), delete.
+
+use std::time::Instant;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use super::emulator::{Emulator, SandboxRecord, read_json};
+use super::http::{ApiError, Body};
+
+/// What the gateway answers while a sandbox is not running yet.
+pub(crate) fn pending_error(id: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, "PROXY_ERROR", format!("Failed to proxy request: sandbox {id} is pending"))
+}
+
+impl Emulator {
+    pub(crate) async fn lifecycle(
+        &self,
+        namespace: &str,
+        request: Request<Incoming>,
+        rest: &[String],
+    ) -> Result<Response<Body>, ApiError> {
+        let method = request.method().clone();
+        match (&method, rest) {
+            (&Method::POST, []) => {
+                let body = read_json(request).await?;
+                Ok(super::http::json(StatusCode::OK, &self.create_sandbox(namespace, &body).await?))
+            }
+            (&Method::GET, [id]) => Ok(super::http::json(StatusCode::OK, &self.sandbox_info(namespace, id)?)),
+            (&Method::DELETE, [id]) => {
+                self.delete_sandbox(namespace, id).await?;
+                Ok(super::http::json(StatusCode::OK, &json!({"sandbox_id": id, "status": "terminated"})))
+            }
+            _ => Err(ApiError::not_found("no_route", format!("no lifecycle route {method} {}", rest.join("/")))),
+        }
+    }
+
+    async fn create_sandbox(&self, namespace: &str, body: &Value) -> Result<Value, ApiError> {
+        let image = body.get("image").and_then(Value::as_str).unwrap_or("snapsign/rootfs-builder").to_owned();
+        let resources = body.get("resources").cloned().unwrap_or_else(|| json!({"cpus": 1.0, "memory_mb": 1024}));
+        if resources.get("cpus").and_then(Value::as_f64).is_none()
+            || resources.get("memory_mb").and_then(Value::as_i64).is_none()
+        {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "resources needs cpus (number) and memory_mb (integer)",
+            ));
+        }
+        let id = format!("sbx-{}", self.state.next_id("sandbox")?);
+        self.sandboxes.create(&id).map_err(|e| ApiError::internal(e.context(format!("create sandbox {id}"))))?;
+        self.state.put_sandbox(&id, namespace, &image, "pending")?;
+        let record = SandboxRecord {
+            namespace: namespace.to_owned(),
+            ready_at: Instant::now() + self.pending,
+            pending_502s_left: self.faults().pending_502s,
+            resources,
+            image,
+        };
+        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), record);
+        tracing::info!(sandbox = %id, %namespace, "sandbox created (pending)");
+        Ok(
+            json!({"sandbox_id": id, "status": "pending", "routing_hint": format!("local-{id}"), "sandbox_url": self.base_url()}),
+        )
+    }
+
+    pub(crate) fn record(&self, namespace: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .filter(|r| r.namespace == namespace)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::not_found("sandbox_not_found", format!("no sandbox '{id}' in namespace '{namespace}'"))
+            })
+    }
+
+    /// Whether the sandbox answers yet; counts down injected 502s.
+    pub(crate) fn running(&self, id: &str, consume_fault: bool) -> bool {
+        let mut lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(record) = lifecycle.get_mut(id) else { return false };
+        if Instant::now() < record.ready_at {
+            return false;
+        }
+        if record.pending_502s_left > 0 {
+            if consume_fault {
+                record.pending_502s_left -= 1;
+            }
+            return false;
+        }
+        true
+    }
+
+    fn sandbox_info(&self, namespace: &str, id: &str) -> Result<Value, ApiError> {
+        let record = self.record(namespace, id)?;
+        let status = if self.faults().terminate_sandbox {
+            "terminated"
+        } else if self.running(id, true) {
+            "running"
+        } else {
+            return Err(pending_error(id));
+        };
+        let resources = json!({
+            "cpus": record.resources["cpus"],
+            "memory_mb": record.resources["memory_mb"],
+            "ephemeral_disk_mb": record.resources.get("disk_mb").cloned().unwrap_or(json!(0)),
+        });
+        Ok(json!({"id": id, "sandbox_id": id, "namespace": namespace, "status": status, "image": record.image,
+                  "resources": resources, "routing_hint": format!("local-{id}"), "sandbox_url": self.base_url()}))
+    }
+
+    async fn delete_sandbox(&self, namespace: &str, id: &str) -> Result<(), ApiError> {
+        self.record(namespace, id)?;
+        self.sandboxes.delete(id).await.map_err(|e| ApiError::internal(e.context(format!("delete sandbox {id}"))))?;
+        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.state.put_sandbox(id, namespace, "", "deleted")?;
+        tracing::info!(sandbox = %id, "sandbox deleted");
+        Ok(())
+    }
+
+    /// Ids of the sandboxes that exist now.
+    pub fn live_sandboxes(&self) -> Vec<String> {
+        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Deletes every sandbox (stack shutdown).
+    pub async fn delete_all_sandboxes(&self) {
+        let ids: Vec<(String, String)> = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, r)| (id.clone(), r.namespace.clone()))
+            .collect();
+        for (id, namespace) in ids {
+            if let Err(e) = self.delete_sandbox(&namespace, &id).await {
+                tracing::warn!(sandbox = %id, "cannot delete sandbox at shutdown: {}", e.message);
+            }
+        }
+    }
+}

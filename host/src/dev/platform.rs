@@ -1,0 +1,250 @@
+//! platform-api: template lookup by name, prepare and complete
+//! (PROTOCOL.md §2).
+
+use http::StatusCode;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use snapsign::presign::Method;
+
+use super::emulator::Emulator;
+use super::http::ApiError;
+use super::state::{Build, Template};
+
+/// Which shape prepare answers in (PROTOCOL.md §2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrepareShape {
+    /// `snapshotUri` + an `upload` block presigned by the platform.
+    Legacy,
+    /// `snapshotRelPath` only: the client asks the dataplane to sign.
+    New,
+    /// Both fields; `snapshotUri` is deliberately stale (the signed uri must win).
+    Both,
+}
+
+impl PrepareShape {
+    /// Parses `legacy`, `new` or `both`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "legacy" => Ok(PrepareShape::Legacy),
+            "new" => Ok(PrepareShape::New),
+            "both" => Ok(PrepareShape::Both),
+            other => Err(format!("prepare shape '{other}' is not legacy, new or both")),
+        }
+    }
+}
+
+/// Header that picks the prepare shape of one request.
+pub const SHAPE_HEADER: &str = "x-snapsign-prepare-shape";
+
+fn string<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
+    body.get(field).and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| {
+        ApiError::bad_request("missing_field", format!("field '{field}' is required (a non-empty string)"))
+    })
+}
+
+fn number(body: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
+    body.get(field).and_then(Value::as_u64).ok_or_else(|| {
+        ApiError::bad_request("missing_field", format!("field '{field}' is required (a non-negative integer)"))
+    })
+}
+
+impl Emulator {
+    /// `GET …/sandbox-templates/by-name/{name}`.
+    pub fn lookup_template(&self, namespace: &str, name: &str) -> Result<Value, ApiError> {
+        let template = self.state.template_by_name(namespace, name)?.ok_or_else(|| {
+            ApiError::not_found("template_not_found", format!("no template named '{name}' in namespace '{namespace}'"))
+        })?;
+        Ok(serde_json::to_value(&template).expect("templates serialize"))
+    }
+
+    /// `POST …/sandbox-template-builds`.
+    pub fn prepare(&self, namespace: &str, body: &Value, shape: PrepareShape) -> Result<Value, ApiError> {
+        let body =
+            body.as_object().ok_or_else(|| ApiError::bad_request("invalid_body", "body must be a JSON object"))?;
+        let name = string(body, "name")?;
+        string(body, "dockerfile")?;
+        let node_kind = string(body, "rootfsNodeKind")?;
+        if node_kind != "base" && node_kind != "diff" {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                format!("rootfsNodeKind '{node_kind}' is not base or diff"),
+            ));
+        }
+        let public = body.get("public").and_then(Value::as_bool).unwrap_or(false);
+        let parent_template = match (node_kind, body.get("parentTemplate")) {
+            ("diff", Some(Value::Object(parent))) => {
+                let wanted = parent.get("name").or(parent.get("reference")).and_then(Value::as_str).unwrap_or_default();
+                let template = self.state.template_by_name(namespace, wanted)?.ok_or_else(|| {
+                    ApiError::bad_request(
+                        "unknown_parent",
+                        format!("parentTemplate '{wanted}' is not a registered template"),
+                    )
+                })?;
+                Some(template)
+            }
+            ("diff", _) => {
+                return Err(ApiError::bad_request("missing_field", "a diff build needs parentTemplate {name, ...}"));
+            }
+            _ => None,
+        };
+
+        let n = self.state.next_id("build")?;
+        let build_id = format!("build-{n}");
+        let snapshot_id = format!("snap-{n}");
+        let rel_path = format!("sandbox-template-builds/{build_id}/{snapshot_id}.tlsnap");
+        let key = format!("{}{rel_path}", self.signer.namespace_prefix(namespace));
+        let snapshot_uri = format!("s3://{}/{key}", self.signer.bucket);
+
+        let mut prepared = json!({
+            "buildId": build_id,
+            "snapshotId": snapshot_id,
+            "rootfsNodeKind": node_kind,
+            "builder": {"image": "snapsign/rootfs-builder", "command": "tl-rootfs-build",
+                        "cpus": 1.0, "memoryMb": 1024, "diskMb": 2048},
+            "runtimeContract": {"guestRuntimeLayout": "embedded", "emulator": "snapsign dev"},
+        });
+        if let Some(parent) = &parent_template {
+            let mut block = json!({"parentManifestUri": parent.snapshot_uri, "rootfsDiskBytes": parent.rootfs_disk_bytes,
+                                   "snapshotSha256": parent.snapshot_sha256});
+            if shape == PrepareShape::Legacy {
+                // (inferred, PROTOCOL.md §2.4) the legacy platform presigned parent reads itself.
+                block["download"] = self.presigned_get(&parent.snapshot_uri)?;
+            }
+            prepared["parent"] = block;
+        }
+        let legacy_upload = |uri: &str, key: &str| {
+            let url =
+                self.presigner().presign(Method::Put, &self.signer.endpoint.object(&self.signer.bucket, key), &[]);
+            json!({"kind": "single_put", "uri": uri, "method": "PUT", "url": url, "headers": {}, "expiresAt": self.expires_at()})
+        };
+        match shape {
+            PrepareShape::New => prepared["snapshotRelPath"] = json!(rel_path),
+            PrepareShape::Legacy => {
+                prepared["snapshotUri"] = json!(snapshot_uri);
+                prepared["upload"] = legacy_upload(&snapshot_uri, &key);
+            }
+            PrepareShape::Both => {
+                let stale_key = format!("stale/{key}");
+                let stale = format!("s3://{}/{stale_key}", self.signer.bucket);
+                prepared["snapshotRelPath"] = json!(rel_path);
+                prepared["snapshotUri"] = json!(stale);
+                prepared["upload"] = legacy_upload(&stale, &stale_key);
+            }
+        }
+        self.state.insert_build(&Build {
+            id: build_id,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            snapshot_id,
+            snapshot_uri,
+            node_kind: node_kind.to_owned(),
+            parent_manifest_uri: parent_template.map(|t| t.snapshot_uri),
+            public,
+            state: "prepared".into(),
+        })?;
+        Ok(prepared)
+    }
+
+    /// `POST …/sandbox-template-builds/{buildId}/complete`.
+    pub async fn complete(&self, namespace: &str, build_id: &str, body: &Value) -> Result<Value, ApiError> {
+        let build = self.state.build(build_id)?.filter(|b| b.namespace == namespace).ok_or_else(|| {
+            ApiError::not_found("build_not_found", format!("no build '{build_id}' in namespace '{namespace}'"))
+        })?;
+        if self.faults().complete_fail {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "injected_fault",
+                format!("injected fault: complete of {build_id} fails"),
+            ));
+        }
+        if build.state != "prepared" {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_completed",
+                format!("build {build_id} was already completed"),
+            ));
+        }
+        let body =
+            body.as_object().ok_or_else(|| ApiError::bad_request("invalid_body", "body must be a JSON object"))?;
+        let snapshot_id = string(body, "snapshotId")?;
+        let snapshot_uri = string(body, "snapshotUri")?;
+        let format_version = string(body, "snapshotFormatVersion")?;
+        let size = number(body, "snapshotSizeBytes")?;
+        let disk = number(body, "rootfsDiskBytes")?;
+        let node_kind = string(body, "rootfsNodeKind")?;
+        let parent = body.get("parentManifestUri").and_then(Value::as_str);
+        if node_kind == "diff" && parent.is_none() {
+            return Err(ApiError::bad_request(
+                "missing_field",
+                format!("diff build {build_id} completed without parentManifestUri"),
+            ));
+        }
+        if snapshot_uri != build.snapshot_uri {
+            return Err(ApiError::bad_request(
+                "wrong_snapshot_uri",
+                format!(
+                    "snapshotUri {snapshot_uri} is not where build {build_id}'s snapshot goes ({})",
+                    build.snapshot_uri
+                ),
+            ));
+        }
+        let (actual_size, sha256) = self.object_digest(snapshot_uri).await?;
+        if actual_size != size {
+            return Err(ApiError::bad_request(
+                "size_mismatch",
+                format!("snapshotSizeBytes is {size} but the object {snapshot_uri} has {actual_size} bytes"),
+            ));
+        }
+        let template = Template {
+            id: format!("tpl-{}", self.state.next_id("template")?),
+            namespace: namespace.to_owned(),
+            name: build.name.clone(),
+            snapshot_id: snapshot_id.to_owned(),
+            snapshot_uri: snapshot_uri.to_owned(),
+            snapshot_format_version: format_version.to_owned(),
+            snapshot_size_bytes: size,
+            rootfs_disk_bytes: disk,
+            rootfs_node_kind: node_kind.to_owned(),
+            parent_manifest_uri: parent.map(str::to_owned),
+            snapshot_sha256: sha256,
+            public: build.public,
+            build_id: build_id.to_owned(),
+        };
+        if !self.state.complete(build_id, &template)? {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_completed",
+                format!("build {build_id} was already completed"),
+            ));
+        }
+        tracing::info!(build = build_id, template = %template.id, name = %template.name, "template registered");
+        Ok(serde_json::to_value(&template).expect("templates serialize"))
+    }
+
+    /// Size and sha256 of an object, read through a presigned GET.
+    async fn object_digest(&self, uri: &str) -> Result<(u64, String), ApiError> {
+        let url = self.presigned_get(uri)?["url"].as_str().unwrap_or_default().to_owned();
+        let mut response =
+            self.http.get(&url).send().await.map_err(|e| anyhow::anyhow!("read {uri} from the store: {e}"))?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(ApiError::bad_request(
+                "object_missing",
+                format!("the object {uri} does not exist in the store"),
+            ));
+        }
+        if !response.status().is_success() {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "store_error",
+                format!("store answered {} reading {uri}", response.status()),
+            ));
+        }
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = response.chunk().await.map_err(|e| anyhow::anyhow!("read {uri} from the store: {e}"))? {
+            size += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        Ok((size, hex::encode(hasher.finalize())))
+    }
+}

@@ -1,0 +1,219 @@
+//! `snapsign dev`: the store, the signer and the platform emulator with
+//! local sandboxes, on loopback, in one process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use snapsign::signer::SignerConfig;
+use snapsign_sandbox::{Confinement, Sandboxes, SandboxesConfig};
+
+use super::emulator::Emulator;
+use super::faults::Faults;
+use super::platform::PrepareShape;
+use super::state::State;
+use crate::engine::EngineLimits;
+use crate::serve::{self, Server};
+use crate::signer::SignerServerConfig;
+use crate::store::{StoreConfig, StoreFaults};
+
+/// The bucket the dev stack stores snapshots in.
+pub const BUCKET: &str = "snapshots";
+/// The key prefix before the namespace.
+pub const KEY_PREFIX: &str = "builds";
+
+/// Settings of the dev stack.
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    /// Store data, state database, sandboxes, secrets (survives restarts).
+    pub data_dir: PathBuf,
+    /// Emulator address (platform-api, lifecycle and proxy).
+    pub listen: SocketAddr,
+    /// Store address.
+    pub store_listen: SocketAddr,
+    /// Signer address.
+    pub signer_listen: SocketAddr,
+    /// Namespace of the printed token.
+    pub namespace: String,
+    /// Default prepare shape (per request: header `X-Snapsign-Prepare-Shape`).
+    pub shape: PrepareShape,
+    /// How long a new sandbox stays pending.
+    pub pending: Duration,
+    /// Fault switches at start.
+    pub faults: Faults,
+    /// Run sandboxes without bubblewrap when it is missing.
+    pub allow_unconfined: bool,
+    /// The executable installed as /usr/local/bin/tl-rootfs-build in sandboxes.
+    pub builder_binary: PathBuf,
+    /// Compiled-component cache.
+    pub cache_dir: PathBuf,
+}
+
+impl DevConfig {
+    /// Defaults: ports chosen by the OS, namespace `default`, new shape, 1 s pending.
+    pub fn new(data_dir: PathBuf, builder_binary: PathBuf) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        DevConfig {
+            data_dir,
+            listen: any,
+            store_listen: any,
+            signer_listen: any,
+            namespace: "default".into(),
+            shape: PrepareShape::New,
+            pending: Duration::from_secs(1),
+            faults: Faults::default(),
+            allow_unconfined: false,
+            builder_binary,
+            cache_dir: crate::engine::default_cache_dir(),
+        }
+    }
+}
+
+/// Credentials generated on first start and kept in the data directory.
+#[derive(Serialize, Deserialize)]
+struct Secrets {
+    access_key_id: String,
+    secret_access_key: String,
+    token_key: String,
+}
+
+fn random_hex(label: &str) -> String {
+    let mut seed = Vec::new();
+    seed.extend_from_slice(label.as_bytes());
+    seed.extend_from_slice(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    seed.extend_from_slice(&now.as_nanos().to_le_bytes());
+    if let Ok(mut urandom) = std::fs::File::open("/dev/urandom") {
+        let mut bytes = [0u8; 32];
+        if std::io::Read::read_exact(&mut urandom, &mut bytes).is_ok() {
+            seed.extend_from_slice(&bytes);
+        }
+    }
+    hex::encode(Sha256::digest(&seed))
+}
+
+fn secrets(data_dir: &Path) -> Result<Secrets> {
+    let path = data_dir.join("secrets.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return serde_json::from_str(&text)
+            .with_context(|| format!("read {}; delete it to start afresh", path.display()));
+    }
+    let secrets = Secrets {
+        access_key_id: format!("AKIDDEV{}", &random_hex("ak")[..13].to_uppercase()),
+        secret_access_key: random_hex("sk"),
+        token_key: random_hex("tk"),
+    };
+    std::fs::write(&path, serde_json::to_vec_pretty(&secrets)?).with_context(|| format!("write {}", path.display()))?;
+    Ok(secrets)
+}
+
+/// The running dev stack.
+pub struct DevStack {
+    /// The S3-compatible store.
+    pub store: Server,
+    /// serve-signer.
+    pub signer: Server,
+    /// The emulator (platform-api, lifecycle, sandbox proxy).
+    pub emulator: Server,
+    /// The emulator's state and switches.
+    pub platform: Arc<Emulator>,
+    /// A token for `namespace`, valid 24 h.
+    pub token: String,
+    /// The namespace of `token`.
+    pub namespace: String,
+}
+
+impl DevStack {
+    /// Starts everything; nothing is left running if a step fails.
+    pub async fn start(config: &DevConfig) -> Result<DevStack> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+        let secrets = secrets(&config.data_dir)?;
+        let confinement = Confinement::detect(config.allow_unconfined)?;
+        let sandboxes_dir = config.data_dir.join("sandboxes");
+        if sandboxes_dir.exists() {
+            // Sandboxes never outlive the stack that made them.
+            std::fs::remove_dir_all(&sandboxes_dir).with_context(|| format!("clear {}", sandboxes_dir.display()))?;
+        }
+        let sandboxes = Sandboxes::new(SandboxesConfig {
+            root_dir: sandboxes_dir,
+            confinement,
+            builder_binary: Some(config.builder_binary.clone()),
+        })?;
+        let state = State::open(&config.data_dir.join("state.db"))?;
+        for stale in state.live_sandboxes()? {
+            state.put_sandbox(&stale, "", "", "deleted")?;
+        }
+
+        let store_faults = Arc::new(StoreFaults::default());
+        let store = crate::store::start(&StoreConfig {
+            root: config.data_dir.join("store"),
+            listen: config.store_listen,
+            access_key_id: secrets.access_key_id.clone(),
+            secret_access_key: secrets.secret_access_key.clone(),
+            buckets: vec![BUCKET.into()],
+            faults: store_faults.clone(),
+        })
+        .await?;
+        let env: Vec<(String, String)> = [
+            ("SNAPSIGN_BUCKET", BUCKET),
+            ("SNAPSIGN_KEY_PREFIX", KEY_PREFIX),
+            ("SNAPSIGN_S3_ENDPOINT", &store.url()),
+            ("SNAPSIGN_S3_ADDRESSING", "path"),
+            ("SNAPSIGN_ACCESS_KEY_ID", &secrets.access_key_id),
+            ("SNAPSIGN_SECRET_ACCESS_KEY", &secrets.secret_access_key),
+            ("SNAPSIGN_TOKEN_KEY", &secrets.token_key),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let signer_config = SignerConfig::from_vars(env.clone())?;
+        let (signer, _) = crate::signer::start(&SignerServerConfig {
+            listen: config.signer_listen,
+            env,
+            limits: EngineLimits::default(),
+            request_timeout: Duration::from_secs(30),
+            cache_dir: config.cache_dir.clone(),
+        })
+        .await?;
+
+        let platform = Arc::new(Emulator::new(
+            state,
+            signer_config,
+            signer.url(),
+            sandboxes,
+            config.pending,
+            config.shape,
+            config.faults.clone(),
+            store_faults,
+        ));
+        let routed = platform.clone();
+        let service = hyper::service::service_fn(move |request| routed.clone().route(request));
+        let emulator = serve::spawn("emulator", config.listen, service).await?;
+        let _ = platform.base_url.set(emulator.url());
+        let token = snapsign::token::mint(
+            secrets.token_key.as_bytes(),
+            &config.namespace,
+            jiff::Timestamp::now().as_second() + 24 * 3600,
+        )?;
+        tracing::info!(api = %emulator.url(), store = %store.url(), signer = %signer.url(), "dev stack ready");
+        Ok(DevStack { store, signer, emulator, platform, token, namespace: config.namespace.clone() })
+    }
+
+    /// The platform API URL (`api_url` of a build).
+    pub fn api_url(&self) -> String {
+        self.emulator.url()
+    }
+
+    /// Deletes every sandbox and stops the servers.
+    pub async fn shutdown(self) {
+        self.platform.delete_all_sandboxes().await;
+        self.emulator.shutdown().await;
+        self.signer.shutdown().await;
+        self.store.shutdown().await;
+    }
+}

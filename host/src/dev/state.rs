@@ -1,0 +1,301 @@
+//! The emulator's durable state (builds, templates, sandboxes) in SQLite, so
+//! registered templates survive a restart of the stack.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// A prepared build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    /// `build-…`
+    pub id: String,
+    /// Namespace of the token that prepared it.
+    pub namespace: String,
+    /// Template name to register.
+    pub name: String,
+    /// `snap-…`
+    pub snapshot_id: String,
+    /// Where the snapshot must land (what the signer composes from the rel path).
+    pub snapshot_uri: String,
+    /// `base` or `diff`.
+    pub node_kind: String,
+    /// Parent manifest URI for diff builds.
+    pub parent_manifest_uri: Option<String>,
+    /// Register as public.
+    pub public: bool,
+    /// `prepared` or `completed`.
+    pub state: String,
+}
+
+/// A registered template (what `complete` answers and lookups return).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    /// `tpl-…`
+    pub id: String,
+    /// Namespace that owns it.
+    pub namespace: String,
+    /// Lookup name.
+    pub name: String,
+    /// Snapshot id.
+    pub snapshot_id: String,
+    /// Snapshot object URI.
+    pub snapshot_uri: String,
+    /// Snapshot format.
+    pub snapshot_format_version: String,
+    /// Archive size.
+    pub snapshot_size_bytes: u64,
+    /// Rootfs disk size.
+    pub rootfs_disk_bytes: u64,
+    /// `base` or `diff`.
+    pub rootfs_node_kind: String,
+    /// Parent manifest for diff templates.
+    pub parent_manifest_uri: Option<String>,
+    /// sha256 of the archive, computed by the emulator at completion.
+    pub snapshot_sha256: String,
+    /// Public template.
+    pub public: bool,
+    /// Build that produced it.
+    pub build_id: String,
+}
+
+/// The database.
+pub struct State {
+    db: Mutex<Connection>,
+}
+
+impl State {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Connection::open(path).with_context(|| format!("open state database {}", path.display()))?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS builds (
+               id TEXT PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL, snapshot_id TEXT NOT NULL,
+               snapshot_uri TEXT NOT NULL, node_kind TEXT NOT NULL, parent_manifest_uri TEXT,
+               public INTEGER NOT NULL, state TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS templates (
+               id TEXT PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL, snapshot_id TEXT NOT NULL,
+               snapshot_uri TEXT NOT NULL, snapshot_format_version TEXT NOT NULL, snapshot_size_bytes INTEGER NOT NULL,
+               rootfs_disk_bytes INTEGER NOT NULL, rootfs_node_kind TEXT NOT NULL, parent_manifest_uri TEXT,
+               snapshot_sha256 TEXT NOT NULL, public INTEGER NOT NULL, build_id TEXT NOT NULL,
+               UNIQUE (namespace, name));
+             CREATE TABLE IF NOT EXISTS sandboxes (
+               id TEXT PRIMARY KEY, namespace TEXT NOT NULL, image TEXT, state TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+        )
+        .context("create the state schema")?;
+        Ok(State { db: Mutex::new(db) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Next value of a named counter (ids stay unique across restarts).
+    pub fn next_id(&self, name: &str) -> Result<u64> {
+        let db = self.db();
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES (?1, 1)
+             ON CONFLICT(name) DO UPDATE SET value = value + 1",
+            params![name],
+        )
+        .context("bump an id counter")?;
+        let value: i64 = db.query_row("SELECT value FROM counters WHERE name = ?1", params![name], |r| r.get(0))?;
+        Ok(value as u64)
+    }
+
+    /// Records a prepared build.
+    pub fn insert_build(&self, build: &Build) -> Result<()> {
+        self.db()
+            .execute(
+                "INSERT INTO builds (id, namespace, name, snapshot_id, snapshot_uri, node_kind, parent_manifest_uri, public, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    build.id,
+                    build.namespace,
+                    build.name,
+                    build.snapshot_id,
+                    build.snapshot_uri,
+                    build.node_kind,
+                    build.parent_manifest_uri,
+                    build.public,
+                    build.state
+                ],
+            )
+            .with_context(|| format!("record build {}", build.id))?;
+        Ok(())
+    }
+
+    /// A build by id.
+    pub fn build(&self, id: &str) -> Result<Option<Build>> {
+        self.db()
+            .query_row(
+                "SELECT id, namespace, name, snapshot_id, snapshot_uri, node_kind, parent_manifest_uri, public, state
+                 FROM builds WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(Build {
+                        id: r.get(0)?,
+                        namespace: r.get(1)?,
+                        name: r.get(2)?,
+                        snapshot_id: r.get(3)?,
+                        snapshot_uri: r.get(4)?,
+                        node_kind: r.get(5)?,
+                        parent_manifest_uri: r.get(6)?,
+                        public: r.get(7)?,
+                        state: r.get(8)?,
+                    })
+                },
+            )
+            .optional()
+            .with_context(|| format!("read build {id}"))
+    }
+
+    /// Marks the build completed and registers its template, atomically;
+    /// false when the build was already completed.
+    pub fn complete(&self, build_id: &str, template: &Template) -> Result<bool> {
+        let mut db = self.db();
+        let tx = db.transaction().context("begin completion")?;
+        let changed = tx
+            .execute("UPDATE builds SET state = 'completed' WHERE id = ?1 AND state = 'prepared'", params![build_id])?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO templates (id, namespace, name, snapshot_id, snapshot_uri, snapshot_format_version,
+               snapshot_size_bytes, rootfs_disk_bytes, rootfs_node_kind, parent_manifest_uri, snapshot_sha256, public, build_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT(namespace, name) DO UPDATE SET id = excluded.id, snapshot_id = excluded.snapshot_id,
+               snapshot_uri = excluded.snapshot_uri, snapshot_format_version = excluded.snapshot_format_version,
+               snapshot_size_bytes = excluded.snapshot_size_bytes, rootfs_disk_bytes = excluded.rootfs_disk_bytes,
+               rootfs_node_kind = excluded.rootfs_node_kind, parent_manifest_uri = excluded.parent_manifest_uri,
+               snapshot_sha256 = excluded.snapshot_sha256, public = excluded.public, build_id = excluded.build_id",
+            params![
+                template.id,
+                template.namespace,
+                template.name,
+                template.snapshot_id,
+                template.snapshot_uri,
+                template.snapshot_format_version,
+                template.snapshot_size_bytes as i64,
+                template.rootfs_disk_bytes as i64,
+                template.rootfs_node_kind,
+                template.parent_manifest_uri,
+                template.snapshot_sha256,
+                template.public,
+                template.build_id
+            ],
+        )?;
+        tx.commit().context("commit completion")?;
+        Ok(true)
+    }
+
+    /// A template by namespace and name (or any public one of that name).
+    pub fn template_by_name(&self, namespace: &str, name: &str) -> Result<Option<Template>> {
+        self.db()
+            .query_row(
+                "SELECT id, namespace, name, snapshot_id, snapshot_uri, snapshot_format_version, snapshot_size_bytes,
+                   rootfs_disk_bytes, rootfs_node_kind, parent_manifest_uri, snapshot_sha256, public, build_id
+                 FROM templates WHERE name = ?2 AND (namespace = ?1 OR public = 1)
+                 ORDER BY namespace = ?1 DESC LIMIT 1",
+                params![namespace, name],
+                |r| {
+                    Ok(Template {
+                        id: r.get(0)?,
+                        namespace: r.get(1)?,
+                        name: r.get(2)?,
+                        snapshot_id: r.get(3)?,
+                        snapshot_uri: r.get(4)?,
+                        snapshot_format_version: r.get(5)?,
+                        snapshot_size_bytes: r.get::<_, i64>(6)? as u64,
+                        rootfs_disk_bytes: r.get::<_, i64>(7)? as u64,
+                        rootfs_node_kind: r.get(8)?,
+                        parent_manifest_uri: r.get(9)?,
+                        snapshot_sha256: r.get(10)?,
+                        public: r.get(11)?,
+                        build_id: r.get(12)?,
+                    })
+                },
+            )
+            .optional()
+            .with_context(|| format!("look up template {name}"))
+    }
+
+    /// Records a sandbox's lifecycle state.
+    pub fn put_sandbox(&self, id: &str, namespace: &str, image: &str, state: &str) -> Result<()> {
+        self.db()
+            .execute(
+                "INSERT INTO sandboxes (id, namespace, image, state) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET state = excluded.state",
+                params![id, namespace, image, state],
+            )
+            .with_context(|| format!("record sandbox {id}"))?;
+        Ok(())
+    }
+
+    /// Sandboxes not yet deleted (left from a previous run, for clean-up).
+    pub fn live_sandboxes(&self) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT id FROM sandboxes WHERE state != 'deleted'")?;
+        let ids = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template(id: &str, build: &str) -> Template {
+        Template {
+            id: id.into(),
+            namespace: "ns".into(),
+            name: "base".into(),
+            snapshot_id: "snap-1".into(),
+            snapshot_uri: "s3://b/k".into(),
+            snapshot_format_version: "v1".into(),
+            snapshot_size_bytes: 10,
+            rootfs_disk_bytes: 20,
+            rootfs_node_kind: "base".into(),
+            parent_manifest_uri: None,
+            snapshot_sha256: "ab".into(),
+            public: false,
+            build_id: build.into(),
+        }
+    }
+
+    #[test]
+    fn a_build_completes_once_and_its_template_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let state = State::open(&path).unwrap();
+            assert_eq!(state.next_id("build").unwrap(), 1);
+            state
+                .insert_build(&Build {
+                    id: "build-1".into(),
+                    namespace: "ns".into(),
+                    name: "base".into(),
+                    snapshot_id: "snap-1".into(),
+                    snapshot_uri: "s3://b/k".into(),
+                    node_kind: "base".into(),
+                    parent_manifest_uri: None,
+                    public: false,
+                    state: "prepared".into(),
+                })
+                .unwrap();
+            assert!(state.complete("build-1", &template("tpl-1", "build-1")).unwrap());
+            assert!(!state.complete("build-1", &template("tpl-2", "build-1")).unwrap());
+        }
+        let state = State::open(&path).unwrap();
+        assert_eq!(state.next_id("build").unwrap(), 2, "counters survive");
+        assert_eq!(state.template_by_name("ns", "base").unwrap().unwrap().id, "tpl-1");
+        assert_eq!(state.template_by_name("other", "base").unwrap(), None, "private to its namespace");
+        assert_eq!(state.build("build-1").unwrap().unwrap().state, "completed");
+    }
+}
