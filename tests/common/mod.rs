@@ -2,6 +2,8 @@
 //! signer component in the real host, on 127.0.0.1:0, stopped on drop.
 #![allow(dead_code)]
 
+pub mod dev;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,133 @@
+//! A client of the dev stack that speaks PROTOCOL.md over plain HTTP, as
+//! any client of the real platform would.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use snapsign_host::dev::{DevConfig, DevStack};
+
+pub async fn start_stack(data_dir: &std::path::Path, edit: impl FnOnce(&mut DevConfig)) -> DevStack {
+    let mut config = DevConfig::new(data_dir.to_owned(), env!("CARGO_BIN_EXE_snapsign").into());
+    config.pending = Duration::from_millis(300);
+    config.cache_dir = super::cache_dir();
+    edit(&mut config);
+    DevStack::start(&config).await.expect("start the dev stack")
+}
+
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+    pub namespace: String,
+}
+
+impl Api {
+    pub fn new(stack: &DevStack) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            base: stack.api_url(),
+            token: stack.token.clone(),
+            namespace: stack.namespace.clone(),
+        }
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.bearer_auth(&self.token).send().await.expect("reach the emulator");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(&body)).await
+    }
+
+    pub async fn prepare(
+        &self,
+        name: &str,
+        dockerfile: &str,
+        parent: Option<&str>,
+        shape: Option<&str>,
+    ) -> (u16, Value) {
+        let body = json!({
+            "name": name, "dockerfile": dockerfile, "baseImage": parent.unwrap_or("scratch"), "public": false,
+            "rootfsNodeKind": if parent.is_some() { "diff" } else { "base" },
+            "parentTemplate": parent.map(|p| json!({"name": p, "reference": p})),
+            "additionalLocalImages": [],
+        });
+        let mut request = self.http.post(format!("{}/platform/v1/sandbox-template-builds", self.base)).json(&body);
+        if let Some(shape) = shape {
+            request = request.header("x-snapsign-prepare-shape", shape);
+        }
+        self.send(request).await
+    }
+
+    pub fn lifecycle(&self, rest: &str) -> String {
+        format!("{}/v1/namespaces/{}/sandboxes{rest}", self.base, self.namespace)
+    }
+
+    pub async fn create_sandbox(&self) -> String {
+        let body = json!({"image": "snapsign/rootfs-builder", "resources": {"cpus": 1.0, "memory_mb": 1024, "disk_mb": 2048}, "timeout_secs": 300});
+        let (status, created) = self.send(self.http.post(self.lifecycle("")).json(&body)).await;
+        assert_eq!(status, 200, "{created}");
+        assert_eq!(created["status"], "pending");
+        assert_eq!(created["sandbox_url"], self.base.as_str());
+        created["sandbox_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls GET until running; returns how many transient 502s it saw.
+    pub async fn wait_running(&self, id: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut transient = 0;
+        loop {
+            assert!(Instant::now() < deadline, "sandbox {id} never ran");
+            let (status, info) = self.send(self.http.get(self.lifecycle(&format!("/{id}")))).await;
+            match status {
+                200 if info["status"] == "running" => return transient,
+                502 => {
+                    assert!(info.to_string().contains("PROXY_ERROR"), "{info}");
+                    transient += 1;
+                }
+                _ => panic!("GET sandbox {id}: {status} {info}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn proxy(&self, method: reqwest::Method, id: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).header("x-tensorlake-sandbox-id", id)
+    }
+
+    /// Runs a process to its end through start + follow + get (PROTOCOL.md §4.3).
+    pub async fn run(&self, id: &str, command: &str, args: &[&str], root: bool) -> (Vec<Value>, Value) {
+        let mut spec = json!({"command": command, "args": args});
+        if root {
+            spec["user"] = json!("root");
+        }
+        let (status, started) = self.send(self.proxy(reqwest::Method::POST, id, "/api/v1/processes").json(&spec)).await;
+        assert_eq!(status, 200, "{started}");
+        let pid = started["pid"].as_i64().unwrap();
+        let events = self.follow(id, pid).await;
+        let (status, info) = self.send(self.proxy(reqwest::Method::GET, id, &format!("/api/v1/processes/{pid}"))).await;
+        assert_eq!(status, 200);
+        (events, info)
+    }
+
+    pub async fn follow(&self, id: &str, pid: i64) -> Vec<Value> {
+        let response = self
+            .proxy(reqwest::Method::GET, id, &format!("/api/v1/processes/{pid}/output/follow"))
+            .header("accept", "text/event-stream")
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.headers()["content-type"].to_str().unwrap().contains("text/event-stream"));
+        let text = tokio::time::timeout(Duration::from_secs(120), response.text()).await.expect("follow ends").unwrap();
+        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect()
+    }
+}

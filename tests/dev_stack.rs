@@ -1,0 +1,293 @@
+//! The dev stack driven over HTTP as a client of PROTOCOL.md would: the
+//! platform emulator, local bubblewrap sandboxes, the store and the signer.
+
+mod common;
+
+use common::dev::{Api, start_stack};
+use reqwest::Method;
+use serde_json::{Value, json};
+use snapsign_host::dev::Faults;
+
+const SCRATCH: &str = "FROM scratch\nCOPY hello.txt /hello.txt\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepare_answers_in_legacy_new_and_both_shapes_and_lookup_404s_unknown_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+
+    let (status, new) = api.prepare("base", SCRATCH, None, None).await;
+    assert_eq!(status, 200, "{new}");
+    let rel = new["snapshotRelPath"].as_str().unwrap();
+    assert!(rel.starts_with("sandbox-template-builds/build-") && rel.ends_with(".tlsnap"), "{rel}");
+    assert!(new.get("snapshotUri").is_none() && new.get("upload").is_none(), "{new}");
+    for field in ["buildId", "snapshotId", "rootfsNodeKind", "builder", "runtimeContract"] {
+        assert!(new.get(field).is_some(), "prepare lacks {field}: {new}");
+    }
+    assert_eq!(new["builder"]["command"], "tl-rootfs-build");
+
+    let (_, legacy) = api.prepare("base", SCRATCH, None, Some("legacy")).await;
+    assert!(legacy.get("snapshotRelPath").is_none());
+    let uri = legacy["snapshotUri"].as_str().unwrap();
+    assert!(uri.starts_with("s3://snapshots/builds/default/sandbox-template-builds/"), "{uri}");
+    assert_eq!(legacy["upload"]["kind"], "single_put");
+    assert!(legacy["upload"]["url"].as_str().unwrap().contains("X-Amz-Signature="));
+
+    let (_, both) = api.prepare("base", SCRATCH, None, Some("both")).await;
+    assert!(both["snapshotRelPath"].is_string() && both["snapshotUri"].as_str().unwrap().contains("/stale/"), "{both}");
+
+    let (status, bad) = api.prepare("base", SCRATCH, None, Some("sideways")).await;
+    assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_header")));
+    let (status, missing) = api.prepare("child", "FROM base\n", Some("no-such-template"), None).await;
+    assert_eq!((status, missing["code"].as_str()), (400, Some("unknown_parent")), "{missing}");
+    let (status, json) = api.get("/platform/v1/sandbox-templates/by-name/tensorlake%2Fpython%3A3.12").await;
+    assert_eq!((status, json["code"].as_str()), (404, Some("template_not_found")));
+    // PAT mode path, and no token at all.
+    let (status, _) = api.get("/platform/v1/organizations/o/projects/p/sandbox-templates/by-name/x").await;
+    assert_eq!(status, 404);
+    let anonymous = reqwest::get(format!("{}/platform/v1/sandbox-templates/by-name/x", api.base)).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_answers_502_proxy_error_while_pending_then_runs_and_delete_tears_it_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |c| c.faults.pending_502s = 3).await;
+    let api = Api::new(&stack);
+    let id = api.create_sandbox().await;
+    let (status, early) = api.send(api.proxy(Method::GET, &id, "/api/v1/health")).await;
+    assert_eq!((status, early["code"].as_str()), (502, Some("PROXY_ERROR")), "the proxy is pending too");
+    let transient = api.wait_running(&id).await;
+    assert!(transient >= 3, "saw {transient} transient 502s, the fault asks for 3 after pending");
+    let (status, health) = api.send(api.proxy(Method::GET, &id, "/api/v1/health")).await;
+    assert_eq!((status, &health), (200, &json!({"healthy": true})));
+    let (status, info) = api.send(api.http.get(api.lifecycle(&format!("/{id}")))).await;
+    assert_eq!(status, 200);
+    assert_eq!((info["namespace"].as_str(), info["resources"]["memory_mb"].as_i64()), (Some("default"), Some(1024)));
+
+    let sandbox_dir = dir.path().join("sandboxes").join(&id);
+    assert!(sandbox_dir.exists());
+    let (status, _) = api.send(api.http.delete(api.lifecycle(&format!("/{id}")))).await;
+    assert_eq!(status, 200);
+    assert!(!sandbox_dir.exists(), "delete removes the sandbox");
+    let (status, _) = api.send(api.http.get(api.lifecycle(&format!("/{id}")))).await;
+    assert_eq!(status, 404);
+    // Another namespace's path is refused.
+    let (status, _) = api.send(api.http.get(format!("{}/v1/namespaces/other/sandboxes/{id}", api.base))).await;
+    assert_eq!(status, 403);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_stream_over_sse_with_replay_and_report_their_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let id = api.create_sandbox().await;
+    api.wait_running(&id).await;
+
+    let (events, info) = api.run(&id, "/bin/sh", &["-c", "echo one; echo two >&2; exit 7"], false).await;
+    let lines: Vec<(&str, &str)> =
+        events.iter().map(|e| (e["stream"].as_str().unwrap(), e["line"].as_str().unwrap())).collect();
+    assert!(lines.contains(&("stdout", "one")) && lines.contains(&("stderr", "two")), "{lines:?}");
+    assert!(events.iter().all(|e| e["timestamp"].is_number()));
+    assert_eq!((info["exit_code"].as_i64(), info["status"].as_str()), (Some(7), Some("exited")));
+    let pid = info["pid"].as_i64().unwrap();
+    assert_eq!(api.follow(&id, pid).await, events, "a second follow replays from the start");
+
+    let (status, list) = api.send(api.proxy(Method::GET, &id, "/api/v1/processes")).await;
+    assert_eq!(status, 200);
+    let listed = &list["processes"][0];
+    assert_eq!(
+        (listed["command"].as_str(), &listed["args"]),
+        (Some("/bin/sh"), &json!(["-c", "echo one; echo two >&2; exit 7"]))
+    );
+
+    let (_, root) = api.run(&id, "/usr/bin/id", &["-u"], true).await;
+    assert_eq!(root["exit_code"], 0);
+
+    // One-shot run: Started, Output, Exited events.
+    let response = api
+        .proxy(Method::POST, &id, "/api/v1/processes/run")
+        .bearer_auth(&api.token)
+        .json(&json!({"command": "/bin/sh", "args": ["-lc", "echo diag"], "user": "root", "timeout": 5}))
+        .send()
+        .await
+        .unwrap();
+    let text = response.text().await.unwrap();
+    let frames: Vec<Value> =
+        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(frames[0]["pid"].is_i64() && frames[0]["started_at"].is_number(), "{frames:?}");
+    assert!(frames.iter().any(|f| f["line"] == "diag"));
+    assert_eq!(frames.last().unwrap()["exit_code"], 0);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_round_trip_through_the_proxy_and_sign_goes_to_the_signer() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let id = api.create_sandbox().await;
+    api.wait_running(&id).await;
+    let path = "/var/lib/tensorlake/rootfs-builder/build/spec.json";
+    let put = api
+        .proxy(Method::PUT, &id, "/api/v1/files")
+        .query(&[("path", path)])
+        .bearer_auth(&api.token)
+        .body("{\"spec\": true}")
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let (events, _) = api.run(&id, "/bin/cat", &[path], false).await;
+    assert_eq!(events[0]["line"], "{\"spec\": true}");
+    let get = api
+        .proxy(Method::GET, &id, "/api/v1/files")
+        .query(&[("path", path)])
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.text().await.unwrap(), "{\"spec\": true}");
+    let del = api
+        .proxy(Method::DELETE, &id, "/api/v1/files")
+        .query(&[("path", path)])
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert!(del.status().is_success());
+    let gone = api
+        .proxy(Method::GET, &id, "/api/v1/files")
+        .query(&[("path", path)])
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+
+    let sign = json!({"target": {"kind": "artifact", "rel_path": "projects/p/sandbox-template-builds/b/s.tlsnap"},
+                      "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": 2, "part_size_bytes": 67108864}}});
+    let (status, signed) = api.send(api.proxy(Method::POST, &id, "/api/v1/blob/sign").json(&sign)).await;
+    assert_eq!(status, 200, "{signed}");
+    assert_eq!(signed["uri"], "s3://snapshots/builds/default/projects/p/sandbox-template-builds/b/s.tlsnap");
+    assert_eq!(signed["partUrls"].as_array().unwrap().len(), 2);
+    stack.shutdown().await;
+}
+
+/// Uploads `bytes` through the legacy presigned PUT of `prepared`.
+async fn upload_legacy(api: &Api, prepared: &Value, bytes: &[u8]) {
+    let response = api.http.put(prepared["upload"]["url"].as_str().unwrap()).body(bytes.to_vec()).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+fn completion(prepared: &Value, size: usize) -> Value {
+    json!({"snapshotId": prepared["snapshotId"], "snapshotUri": prepared["snapshotUri"],
+           "snapshotFormatVersion": "snapsign_tar_zstd_v1", "snapshotSizeBytes": size,
+           "rootfsDiskBytes": 10737418240u64, "rootfsNodeKind": "base"})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn complete_checks_the_object_registers_once_and_the_template_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let (_, prepared) = api.prepare("base-image", SCRATCH, None, Some("legacy")).await;
+    let build = prepared["buildId"].as_str().unwrap().to_owned();
+    let complete = format!("/platform/v1/sandbox-template-builds/{build}/complete");
+
+    let (status, missing) = api.post(&complete, completion(&prepared, 5)).await;
+    assert_eq!((status, missing["code"].as_str()), (400, Some("object_missing")), "{missing}");
+    upload_legacy(&api, &prepared, b"snapshot-bytes").await;
+    let (status, wrong) = api.post(&complete, completion(&prepared, 999)).await;
+    assert_eq!((status, wrong["code"].as_str()), (400, Some("size_mismatch")));
+    assert!(wrong["message"].as_str().unwrap().contains("999") && wrong["message"].as_str().unwrap().contains("14"));
+    let mut elsewhere = completion(&prepared, 14);
+    elsewhere["snapshotUri"] = json!("s3://snapshots/builds/default/other.tlsnap");
+    let (status, wrong_uri) = api.post(&complete, elsewhere).await;
+    assert_eq!((status, wrong_uri["code"].as_str()), (400, Some("wrong_snapshot_uri")));
+    let mut no_size = completion(&prepared, 14);
+    no_size.as_object_mut().unwrap().remove("snapshotSizeBytes");
+    let (status, _) = api.post(&complete, no_size).await;
+    assert_eq!(status, 400);
+    let (status, lookup) = api.get("/platform/v1/sandbox-templates/by-name/base-image").await;
+    assert_eq!(status, 404, "nothing registered by failed completions: {lookup}");
+
+    let (status, template) = api.post(&complete, completion(&prepared, 14)).await;
+    assert_eq!(status, 200, "{template}");
+    assert!(template["id"].as_str().unwrap().starts_with("tpl-"));
+    let (status, again) = api.post(&complete, completion(&prepared, 14)).await;
+    assert_eq!((status, again["code"].as_str()), (409, Some("already_completed")));
+    stack.shutdown().await;
+
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let (status, found) = api.get("/platform/v1/sandbox-templates/by-name/base-image").await;
+    assert_eq!(status, 200, "template survives a restart: {found}");
+    assert_eq!(
+        (found["id"].as_str(), found["snapshotId"].as_str()),
+        (template["id"].as_str(), prepared["snapshotId"].as_str())
+    );
+    assert_eq!(found["snapshotSizeBytes"], 14);
+    // A diff build now gets the parent block.
+    let (status, child) = api.prepare("child", "FROM base-image\n", Some("base-image"), None).await;
+    assert_eq!(status, 200, "{child}");
+    assert_eq!(child["rootfsNodeKind"], "diff");
+    assert_eq!(child["parent"]["parentManifestUri"], prepared["snapshotUri"]);
+    assert_eq!(child["parent"]["rootfsDiskBytes"], 10737418240u64);
+    assert_eq!(child["parent"]["snapshotSha256"].as_str().unwrap().len(), 64);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_platform_fault_switch_fails_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let set = |faults: Faults| {
+        let request = api.http.put(format!("{}/_snapsign/faults", api.base)).json(&faults);
+        api.send(request)
+    };
+
+    assert_eq!(set(Faults { terminate_sandbox: true, ..Faults::default() }).await.0, 200);
+    let id = api.create_sandbox().await;
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    let (status, info) = api.send(api.http.get(api.lifecycle(&format!("/{id}")))).await;
+    assert_eq!((status, info["status"].as_str()), (200, Some("terminated")));
+
+    set(Faults::default()).await;
+    api.wait_running(&id).await;
+    let sign = json!({"target": {"kind": "artifact", "rel_path": "s.tlsnap"},
+                      "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": 2, "part_size_bytes": 5242880}}});
+    set(Faults { sign_fail: true, ..Faults::default() }).await;
+    let (status, failed) = api.send(api.proxy(Method::POST, &id, "/api/v1/blob/sign").json(&sign)).await;
+    assert_eq!((status, failed["code"].as_str()), (502, Some("sign_failed")));
+
+    set(Faults { sign_without_uri: true, ..Faults::default() }).await;
+    let (status, no_uri) = api.send(api.proxy(Method::POST, &id, "/api/v1/blob/sign").json(&sign)).await;
+    assert_eq!(status, 200);
+    assert!(no_uri.get("uri").is_none() && no_uri["uploadId"].is_string(), "{no_uri}");
+
+    set(Faults { store_fail_part: Some(2), ..Faults::default() }).await;
+    let (_, signed) = api.send(api.proxy(Method::POST, &id, "/api/v1/blob/sign").json(&sign)).await;
+    let part = |n: usize| signed["partUrls"][n]["url"].as_str().unwrap().to_owned();
+    assert_eq!(api.http.put(part(0)).body(vec![0u8; 5242880]).send().await.unwrap().status(), 200);
+    let second = api.http.put(part(1)).body(vec![1u8; 100]).send().await.unwrap();
+    assert_eq!(second.status(), 500);
+    assert!(second.text().await.unwrap().contains("injected fault"));
+
+    set(Faults { complete_fail: true, ..Faults::default() }).await;
+    let (_, prepared) = api.prepare("faulty", SCRATCH, None, Some("legacy")).await;
+    upload_legacy(&api, &prepared, b"abc").await;
+    let complete = format!("/platform/v1/sandbox-template-builds/{}/complete", prepared["buildId"].as_str().unwrap());
+    let (status, failed) = api.post(&complete, completion(&prepared, 3)).await;
+    assert_eq!((status, failed["code"].as_str()), (500, Some("injected_fault")));
+    let (status, _) = api.get("/platform/v1/sandbox-templates/by-name/faulty").await;
+    assert_eq!(status, 404, "a failed complete registers nothing");
+    let (status, bad) =
+        api.send(api.http.put(format!("{}/_snapsign/faults", api.base)).json(&json!({"nope": 1}))).await;
+    assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_faults")));
+    stack.shutdown().await;
+}
