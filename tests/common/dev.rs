@@ -131,3 +131,113 @@ impl Api {
         text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect()
     }
 }
+
+pub const BUILD_DIR: &str = "/var/lib/tensorlake/rootfs-builder/build";
+
+/// What a test build produced.
+pub struct Built {
+    pub prepared: Value,
+    pub spec: Value,
+    pub metadata: Value,
+    pub builder_lines: Vec<String>,
+    pub builder_exit: Value,
+    pub complete: (u16, Value),
+    pub sandbox: String,
+}
+
+impl Api {
+    /// A whole build as PROTOCOL.md §0 runs it, in plain HTTP calls: prepare,
+    /// sandbox, sign (new shape), context files, spec.json, the reference
+    /// builder, metadata.json, complete, delete.
+    pub async fn build(
+        &self,
+        name: &str,
+        dockerfile: &str,
+        context: &[(&str, &[u8])],
+        parent: Option<&str>,
+        shape: &str,
+        disk_mb: u64,
+    ) -> Built {
+        let (status, prepared) = self.prepare(name, dockerfile, parent, Some(shape)).await;
+        assert_eq!(status, 200, "prepare: {prepared}");
+        let sandbox = self.create_sandbox().await;
+        self.wait_running(&sandbox).await;
+        let mut spec = prepared.clone();
+        if let Some(rel) = prepared["snapshotRelPath"].as_str() {
+            let parts = disk_mb.div_ceil(64).clamp(1, 10_000);
+            let request = json!({"target": {"kind": "artifact", "rel_path": rel},
+                                 "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": parts, "part_size_bytes": 67108864u64}}});
+            let (status, signed) = self.send(self.proxy(reqwest::Method::POST, &sandbox, "/api/v1/blob/sign").json(&request)).await;
+            assert_eq!(status, 200, "sign: {signed}");
+            spec["snapshotUri"] = signed["uri"].clone();
+            spec["upload"] = signed;
+            if let Some(parent_uri) = prepared["parent"]["parentManifestUri"].as_str() {
+                let request = json!({"target": {"kind": "blob", "uri": parent_uri}, "op": {"kind": "get_blob"}});
+                let (status, read) = self.send(self.proxy(reqwest::Method::POST, &sandbox, "/api/v1/blob/sign").json(&request)).await;
+                assert_eq!(status, 200, "sign parent: {read}");
+                spec["parent"]["download"] = read;
+            }
+        }
+        let (_, made) = self.run(&sandbox, "mkdir", &["-p", BUILD_DIR], true).await;
+        assert_eq!(made["exit_code"], 0);
+        self.run(&sandbox, "chmod", &["0777", BUILD_DIR], true).await;
+        for (path, bytes) in context {
+            self.put_file(&sandbox, &format!("{BUILD_DIR}/context/{path}"), bytes.to_vec()).await;
+        }
+        spec["dockerfile"] = json!(dockerfile);
+        spec["contextDir"] = json!(format!("{BUILD_DIR}/context"));
+        spec["baseImage"] = json!(parent.unwrap_or("scratch"));
+        spec["rootfsDiskBytes"] = json!(disk_mb * 1024 * 1024);
+        self.put_file(&sandbox, &format!("{BUILD_DIR}/spec.json"), serde_json::to_vec_pretty(&spec).unwrap()).await;
+        let spec_path = format!("{BUILD_DIR}/spec.json");
+        let metadata_path = format!("{BUILD_DIR}/metadata.json");
+        let (events, builder_exit) = self
+            .run(&sandbox, "/usr/local/bin/tl-rootfs-build", &["--spec", &spec_path, "--metadata-out", &metadata_path], true)
+            .await;
+        let builder_lines = events.iter().map(|e| e["line"].as_str().unwrap_or_default().to_owned()).collect();
+        let metadata = match self.get_file(&sandbox, &metadata_path).await {
+            Some(bytes) => serde_json::from_slice(&bytes).expect("metadata.json is JSON"),
+            None => Value::Null,
+        };
+        let complete = if builder_exit["exit_code"] == 0 && !metadata.is_null() {
+            let mut body = json!({
+                "snapshotId": metadata["snapshot_id"], "snapshotUri": metadata["snapshot_uri"],
+                "snapshotFormatVersion": metadata["snapshot_format_version"], "snapshotSizeBytes": metadata["snapshot_size_bytes"],
+                "rootfsDiskBytes": metadata["rootfs_disk_bytes"], "rootfsNodeKind": metadata["rootfs_node_kind"],
+            });
+            if let Some(parent) = metadata.get("parent_manifest_uri").filter(|p| p.is_string()) {
+                body["parentManifestUri"] = parent.clone();
+            }
+            let path = format!("/platform/v1/sandbox-template-builds/{}/complete", prepared["buildId"].as_str().unwrap());
+            self.post(&path, body).await
+        } else {
+            (0, Value::Null)
+        };
+        let (status, _) = self.send(self.http.delete(self.lifecycle(&format!("/{sandbox}")))).await;
+        assert_eq!(status, 200);
+        Built { prepared, spec, metadata, builder_lines, builder_exit, complete, sandbox }
+    }
+
+    pub async fn put_file(&self, sandbox: &str, path: &str, bytes: Vec<u8>) {
+        let response = self
+            .proxy(reqwest::Method::PUT, sandbox, "/api/v1/files")
+            .query(&[("path", path)])
+            .bearer_auth(&self.token)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "PUT {path}: {}", response.status());
+    }
+
+    pub async fn get_file(&self, sandbox: &str, path: &str) -> Option<Vec<u8>> {
+        let response = self
+            .proxy(reqwest::Method::GET, sandbox, "/api/v1/files")
+            .query(&[("path", path)])
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        response.status().is_success().then_some(response.bytes().await.unwrap().to_vec())
+    }
+}

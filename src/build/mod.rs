@@ -1,0 +1,27 @@
+//! The build client's decisions (PROTOCOL.md §0, §2, §5), free of I/O:
+//! Dockerfile planning, sizing, the spec splices, the completion rules, the
+//! builder invocation and the transient-error rule. The builder component
+//! is the shell that performs the calls these decide.
+
+pub mod command;
+pub mod complete;
+pub mod plan;
+pub mod sizing;
+pub mod splice;
+pub mod transient;
+
+/// Decorates a failure after the builder sandbox exists (PROTOCOL.md §5.9).
+pub fn decorate(message: &str, sandbox_id: &str, build_id: &str) -> String {
+    format!("{message} (builder sandbox: {sandbox_id}, build: {build_id})")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn decoration_names_sandbox_and_build() {
+        assert_eq!(
+            super::decorate("boom", "rtmmkcw33uvsbep6hn03u", "sandbox_template_build_123"),
+            "boom (builder sandbox: rtmmkcw33uvsbep6hn03u, build: sandbox_template_build_123)"
+        );
+    }
+}
