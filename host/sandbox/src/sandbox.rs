@@ -7,7 +7,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
-use futures_util::Stream;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use tokio::io::AsyncRead;
 
 use crate::confinement::Confinement;
@@ -182,8 +183,8 @@ impl Sandbox {
     }
 
     /// All output of `pid` from the start, then live, until it ended.
-    pub fn follow(&self, pid: i64) -> Option<impl Stream<Item = OutputEvent> + Send + 'static + use<>> {
-        self.find(pid).map(|p| p.follow())
+    pub fn follow(&self, pid: i64) -> Option<BoxStream<'static, OutputEvent>> {
+        self.find(pid).map(|p| p.follow().boxed())
     }
 
     /// Waits for `pid` to end.
