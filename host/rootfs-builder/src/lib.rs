@@ -1,1 +1,125 @@
-//! Reference rootfs builder.
+//! The snapsign reference rootfs builder, `tl-rootfs-build`.
+//!
+//! The dev stack installs it in every local sandbox as
+//! `/usr/local/bin/tl-rootfs-build`; a build client runs
+//! `tl-rootfs-build [words…] --spec …/spec.json --metadata-out …/metadata.json`
+//! (PROTOCOL.md §5.5–§5.8). It has no container runtime: it builds the final
+//! stage of the Dockerfile from the build context (COPY/ADD, WORKDIR and the
+//! config instructions; RUN fails the build), writes a snapshot archive,
+//! uploads it through `spec.upload` and writes metadata.json. Everything it
+//! prints is the user's build log.
+//!
+//! # Snapshot archive format `snapsign_tar_zstd_v1`
+//!
+//! A tar stream (GNU headers) compressed with zstd:
+//! - the first entry is `snapshot.json`
+//!   ([`snapshot::SnapshotManifest`]: `formatVersion`, `snapshotId`,
+//!   `nodeKind`, `parentManifestUri`, `config`, `files`);
+//! - then the rootfs as `rootfs/<path>` entries: directories (with a trailing
+//!   `/`), regular files and symlinks only, depth first with the children of
+//!   each directory sorted by name, `files` of them;
+//! - deterministic: mtime 0, no user or group names, uid/gid 0 unless
+//!   `COPY --chown` (or the parent) recorded otherwise, so the same inputs give
+//!   the same bytes and the same sha256.
+//!
+//! A **base** archive (`FROM scratch`) holds the whole tree. A **diff**
+//! archive (`FROM <template>`) holds only the entries this build added or
+//! changed relative to the parent archive (compared by kind, mode, owner, size
+//! and content or link target) plus `snapshot.json` with the merged config: it
+//! is a layer to unpack over its parent. The Dockerfile subset never deletes,
+//! so there are no whiteouts. When the parent is itself a diff, it is compared
+//! against as it is (its own layer), so a file that only the grandparent had
+//! is written again: more than needed, never less.
+//!
+//! # Fault injection
+//!
+//! The `SNAPSIGN_BUILDER_FAULT` environment variable; see [`faults`].
+//!
+//! # Exit status
+//!
+//! 0 built, uploaded, metadata written; 1 the build failed (one `error: …`
+//! line on stderr, presigned queries redacted); 2 usage error; 3 the
+//! `exit_nonzero` fault.
+
+use std::process::ExitCode;
+
+pub mod archive;
+pub mod cli;
+pub mod dockerfile;
+pub mod download;
+pub mod faults;
+pub mod http;
+pub mod metadata;
+pub mod multipart;
+pub mod plan;
+pub mod run;
+pub mod snapshot;
+pub mod spec;
+pub mod tree;
+pub mod upload;
+
+use cli::{Command, USAGE};
+use faults::Faults;
+use run::Outcome;
+
+/// Runs the builder with `args` (without argv[0]) and the fault switches of
+/// `SNAPSIGN_BUILDER_FAULT`.
+pub fn run_cli(args: Vec<String>) -> ExitCode {
+    let faults = std::env::var(faults::ENV).ok();
+    ExitCode::from(run(&args, faults.as_deref()))
+}
+
+/// [`run_cli`] with the fault value passed in; returns the exit status.
+pub fn run(args: &[String], fault_env: Option<&str>) -> u8 {
+    let build_args = match cli::parse_args(args) {
+        Ok(Command::Help) => {
+            println!("{USAGE}");
+            return 0;
+        }
+        Ok(Command::Build(build_args)) => build_args,
+        Err(message) => {
+            eprintln!("error: {message} (see tl-rootfs-build --help)");
+            return 2;
+        }
+    };
+    let faults = match Faults::parse(fault_env.unwrap_or_default()) {
+        Ok(faults) => faults,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return 2;
+        }
+    };
+    match run::build(&build_args, &faults) {
+        Ok(Outcome::Done) => 0,
+        Ok(Outcome::InjectedExit) => {
+            eprintln!("injected fault: exit_nonzero");
+            3
+        }
+        Err(err) => {
+            let message = format!("{err:#}").replace('\n', " ");
+            eprintln!("error: {}", http::scrub_urls(&message));
+            1
+        }
+    }
+}
+
+/// `12.3 MiB`.
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_bytes_picks_a_unit() {
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(5 * 1024 * 1024 + 512 * 1024), "5.5 MiB");
+    }
+}

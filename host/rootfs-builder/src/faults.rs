@@ -1,0 +1,74 @@
+//! Fault injection for the dev stack's tests, read from the environment
+//! variable `SNAPSIGN_BUILDER_FAULT`: comma-separated entries
+//!
+//! - `exit_nonzero`: after the upload succeeded, print
+//!   `injected fault: exit_nonzero` to stderr and exit 3 without writing metadata;
+//! - `metadata_missing:<field>`: write metadata.json without `<field>`
+//!   (one of the snake_case fields of [`crate::metadata`]);
+//! - `metadata_uri:<uri>`: write metadata.json with `snapshot_uri` = `<uri>`.
+//!
+//! An entry that is none of these is a usage error (exit 2), so a typo in a
+//! test cannot pass silently.
+
+use crate::metadata::FIELDS;
+
+/// The environment variable read by [`crate::run_cli`].
+pub const ENV: &str = "SNAPSIGN_BUILDER_FAULT";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub exit_nonzero: bool,
+    pub metadata_missing: Vec<String>,
+    pub metadata_uri: Option<String>,
+}
+
+impl Faults {
+    pub fn parse(value: &str) -> Result<Faults, String> {
+        let mut faults = Faults::default();
+        for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            if entry == "exit_nonzero" {
+                faults.exit_nonzero = true;
+            } else if let Some(field) = entry.strip_prefix("metadata_missing:") {
+                if !FIELDS.contains(&field) {
+                    return Err(format!(
+                        "{ENV}: metadata_missing:{field} names no metadata field ({})",
+                        FIELDS.join(", ")
+                    ));
+                }
+                faults.metadata_missing.push(field.to_owned());
+            } else if let Some(uri) = entry.strip_prefix("metadata_uri:") {
+                faults.metadata_uri = Some(uri.to_owned());
+            } else {
+                return Err(format!(
+                    "{ENV}: unknown entry '{entry}' (known: exit_nonzero, metadata_missing:<field>, metadata_uri:<uri>)"
+                ));
+            }
+        }
+        Ok(faults)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Faults::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_entries_the_dev_stack_sends() {
+        let faults =
+            Faults::parse("exit_nonzero,metadata_missing:rootfs_disk_bytes, metadata_uri:s3://b/other").unwrap();
+        assert!(faults.exit_nonzero);
+        assert_eq!(faults.metadata_missing, ["rootfs_disk_bytes"]);
+        assert_eq!(faults.metadata_uri.as_deref(), Some("s3://b/other"));
+        assert!(Faults::parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn unknown_entries_and_fields_are_refused() {
+        assert!(Faults::parse("exit_zero").unwrap_err().contains("unknown entry 'exit_zero'"));
+        assert!(Faults::parse("metadata_missing:size").unwrap_err().contains("names no metadata field"));
+    }
+}

@@ -1,0 +1,583 @@
+//! What a Dockerfile asks for: the final stage's base, the tree steps (COPY,
+//! ADD, WORKDIR) and the image config the other instructions record. No I/O.
+
+use std::collections::BTreeMap;
+
+use crate::dockerfile::{DockerfileError, Instruction, Vars, exec_form, expand, words};
+use crate::snapshot::ImageConfig;
+
+/// What the final stage starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    /// `FROM scratch`: an empty tree, a base snapshot.
+    Scratch,
+    /// `FROM <reference>`: a diff build on the parent snapshot the platform resolved.
+    Image(String),
+}
+
+/// The stage that gets built, and what the earlier text contributed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    pub base: Base,
+    /// `AS name`, if given.
+    pub name: Option<String>,
+    pub from: Instruction,
+    /// Instructions after the final FROM.
+    pub body: Vec<Instruction>,
+    /// ARGs declared before the first FROM (value `None`: declared without default).
+    pub global_args: BTreeMap<String, Option<String>>,
+    /// Things the build log should say (ignored stages, ignored flags).
+    pub notes: Vec<String>,
+}
+
+/// One step of the build, printed as `Step i/n : <text>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub line: usize,
+    pub text: String,
+    pub action: Action,
+}
+
+/// What a step does to the tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The FROM step: the base tree is already in place.
+    From,
+    /// COPY or ADD from the build context.
+    Copy(CopyOp),
+    /// WORKDIR: create this absolute directory.
+    MakeDir(String),
+    /// Only the image config changes.
+    Config,
+}
+
+/// A COPY or ADD of context files into the tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyOp {
+    /// `COPY` or `ADD`.
+    pub instruction: &'static str,
+    pub line: usize,
+    /// Context-relative sources as written (after substitution); may hold `*`, `?`.
+    pub sources: Vec<String>,
+    /// Absolute destination in the image.
+    pub dest: String,
+    /// The destination is a directory: it ended in `/` (or `.`), or there are several sources.
+    pub dest_is_dir: bool,
+    pub chmod: Option<u32>,
+    pub chown: Option<Chown>,
+}
+
+/// `--chown=user[:group]`, ids or names (names are looked up in the tree's /etc files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chown {
+    pub user: String,
+    pub group: Option<String>,
+}
+
+/// The build: steps in order and the final image config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub config: ImageConfig,
+    pub notes: Vec<String>,
+}
+
+/// Finds the final stage. Only ARG may precede the first FROM; earlier stages
+/// are dropped with a note, and the final one may not build on them.
+pub fn final_stage(instructions: &[Instruction]) -> Result<Stage, DockerfileError> {
+    let mut global_args = BTreeMap::new();
+    let mut stages: Vec<(usize, Option<String>)> = Vec::new(); // (index of FROM, name)
+    for (index, ins) in instructions.iter().enumerate() {
+        match (ins.keyword.as_str(), stages.is_empty()) {
+            ("FROM", _) => {
+                let (_, name, _) = parse_from(ins, &global_vars(&global_args))?;
+                stages.push((index, name));
+            }
+            ("ARG", true) => {
+                for (name, value) in parse_args(ins, &global_vars(&global_args))? {
+                    global_args.insert(name, value);
+                }
+            }
+            (keyword, true) => {
+                return Err(invalid(ins, format!("{keyword} before the first FROM (only ARG may come first)")));
+            }
+            _ => {}
+        }
+    }
+    let Some((from_index, _)) = stages.last().cloned() else {
+        return Err(DockerfileError::NoFrom);
+    };
+    let from = instructions[from_index].clone();
+    let (reference, name, mut notes) = parse_from(&from, &global_vars(&global_args))?;
+    let earlier: Vec<&str> = stages[..stages.len() - 1].iter().filter_map(|(_, n)| n.as_deref()).collect();
+    if earlier.iter().any(|n| n.eq_ignore_ascii_case(&reference)) {
+        return Err(DockerfileError::Unsupported {
+            line: from.line,
+            instruction: format!("FROM {reference}"),
+            reason: format!("only the final stage is built, so it cannot start from the earlier stage '{reference}'"),
+            text: from.text.clone(),
+        });
+    }
+    if stages.len() > 1 {
+        notes.push(format!(
+            "the Dockerfile has {} stages; only the final stage (line {}) is built, the earlier ones are ignored",
+            stages.len(),
+            from.line
+        ));
+    }
+    let base = if reference.eq_ignore_ascii_case("scratch") { Base::Scratch } else { Base::Image(reference) };
+    Ok(Stage { base, name, from, body: instructions[from_index + 1..].to_vec(), global_args, notes })
+}
+
+fn global_vars(global_args: &BTreeMap<String, Option<String>>) -> Vars {
+    Vars {
+        args: global_args.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect(),
+        env: BTreeMap::new(),
+    }
+}
+
+/// `FROM [--platform=…] <image> [AS <name>]` → (image, name, notes).
+fn parse_from(ins: &Instruction, vars: &Vars) -> Result<(String, Option<String>, Vec<String>), DockerfileError> {
+    let mut notes = Vec::new();
+    let mut tokens: Vec<String> = words(&ins.args, vars, true).map_err(|m| invalid(ins, m))?;
+    while tokens.first().is_some_and(|t| t.starts_with("--")) {
+        let flag = tokens.remove(0);
+        notes.push(format!("line {}: FROM flag {flag} is ignored", ins.line));
+    }
+    match tokens.as_slice() {
+        [image] if !image.is_empty() => Ok((image.clone(), None, notes)),
+        [image, as_word, name] if as_word.eq_ignore_ascii_case("as") && !image.is_empty() => {
+            Ok((image.clone(), Some(name.clone()), notes))
+        }
+        _ => Err(invalid(ins, "expected FROM <image> [AS <name>]".into())),
+    }
+}
+
+/// `ARG NAME[=default] ...` → (name, default).
+fn parse_args(ins: &Instruction, vars: &Vars) -> Result<Vec<(String, Option<String>)>, DockerfileError> {
+    let tokens = words(&ins.args, vars, true).map_err(|m| invalid(ins, m))?;
+    if tokens.is_empty() {
+        return Err(invalid(ins, "ARG needs a name".into()));
+    }
+    tokens
+        .into_iter()
+        .map(|t| match t.split_once('=') {
+            Some((name, value)) if valid_name(name) => Ok((name.to_owned(), Some(value.to_owned()))),
+            None if valid_name(&t) => Ok((t, None)),
+            _ => Err(invalid(ins, format!("'{t}' is not NAME or NAME=default"))),
+        })
+        .collect()
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn invalid(ins: &Instruction, message: String) -> DockerfileError {
+    DockerfileError::Invalid { line: ins.line, instruction: ins.keyword.clone(), message }
+}
+
+fn unsupported(ins: &Instruction, instruction: &str, reason: &str) -> DockerfileError {
+    DockerfileError::Unsupported {
+        line: ins.line,
+        instruction: instruction.to_owned(),
+        reason: reason.to_owned(),
+        text: ins.text.clone(),
+    }
+}
+
+/// Plans the final stage on top of `base_config` (empty for scratch, the
+/// parent's for diff builds).
+pub fn plan(stage: &Stage, base_config: ImageConfig) -> Result<Plan, DockerfileError> {
+    let mut config = base_config;
+    let mut notes = stage.notes.clone();
+    let mut args: BTreeMap<String, String> = BTreeMap::new();
+    let mut cmd_set_here = false;
+    let mut steps = vec![Step { line: stage.from.line, text: stage.from.text.clone(), action: Action::From }];
+    for ins in &stage.body {
+        let vars = Vars { args: args.clone(), env: config.env_map() };
+        let word = |split: bool| words(&ins.args, &vars, split).map_err(|m| invalid(ins, m));
+        let action = match ins.keyword.as_str() {
+            "RUN" => return Err(unsupported(ins, "RUN", "it has no container runtime")),
+            "HEALTHCHECK" | "ONBUILD" => {
+                return Err(unsupported(ins, &ins.keyword, "it only builds a filesystem tree"));
+            }
+            "FROM" => unreachable!("final_stage splits stages at FROM"),
+            "COPY" | "ADD" => Action::Copy(copy_op(ins, &vars, config.workdir_or_root(), &mut notes)?),
+            "WORKDIR" => {
+                let path = single(ins, word(false)?)?;
+                config.workdir = clean_image_path(config.workdir_or_root(), &path);
+                Action::MakeDir(config.workdir.clone())
+            }
+            "ENV" => {
+                for (key, value) in pairs(ins, &vars)? {
+                    config.set_env(&key, &value);
+                }
+                Action::Config
+            }
+            "LABEL" => {
+                config.labels.extend(pairs(ins, &vars)?);
+                Action::Config
+            }
+            "ARG" => {
+                for (name, value) in parse_args(ins, &vars)? {
+                    let value = value.or_else(|| stage.global_args.get(&name).cloned().flatten()).unwrap_or_default();
+                    args.insert(name, value);
+                }
+                Action::Config
+            }
+            "USER" => {
+                config.user = single(ins, word(false)?)?.trim().to_owned();
+                Action::Config
+            }
+            "CMD" => {
+                config.cmd = Some(command(ins, &config)?);
+                cmd_set_here = true;
+                Action::Config
+            }
+            "ENTRYPOINT" => {
+                config.entrypoint = Some(command(ins, &config)?);
+                // Docker: a new ENTRYPOINT drops the CMD inherited from the base image.
+                if !cmd_set_here {
+                    config.cmd = None;
+                }
+                Action::Config
+            }
+            "SHELL" => {
+                config.shell = exec_form(&ins.args)
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| invalid(ins, "SHELL needs the JSON form, e.g. [\"/bin/bash\", \"-c\"]".into()))?;
+                Action::Config
+            }
+            "EXPOSE" => {
+                for port in word(true)? {
+                    config.exposed_ports.insert(port_spec(&port).map_err(|m| invalid(ins, m))?);
+                }
+                Action::Config
+            }
+            "VOLUME" => {
+                let volumes = match exec_form(&ins.args) {
+                    Some(list) => list.iter().map(|v| expand(v, &vars)).collect::<Result<Vec<_>, _>>(),
+                    None => words(&ins.args, &vars, true),
+                }
+                .map_err(|m| invalid(ins, m))?;
+                if volumes.is_empty() {
+                    return Err(invalid(ins, "VOLUME needs a path".into()));
+                }
+                config.volumes.extend(volumes.iter().map(|v| clean_image_path("/", v)));
+                Action::Config
+            }
+            "STOPSIGNAL" => {
+                config.stop_signal = Some(single(ins, word(false)?)?);
+                Action::Config
+            }
+            "MAINTAINER" => {
+                notes.push(format!("line {}: MAINTAINER is deprecated and ignored (use a LABEL)", ins.line));
+                Action::Config
+            }
+            other => return Err(DockerfileError::UnknownInstruction { line: ins.line, instruction: other.to_owned() }),
+        };
+        steps.push(Step { line: ins.line, text: ins.text.clone(), action });
+    }
+    Ok(Plan { steps, config, notes })
+}
+
+/// Exactly one non-empty word.
+fn single(ins: &Instruction, words: Vec<String>) -> Result<String, DockerfileError> {
+    match words.as_slice() {
+        [w] if !w.trim().is_empty() => Ok(w.clone()),
+        _ => Err(invalid(ins, format!("{} needs one value", ins.keyword))),
+    }
+}
+
+/// CMD/ENTRYPOINT: the exec form as given, the shell form wrapped in the shell.
+fn command(ins: &Instruction, config: &ImageConfig) -> Result<Vec<String>, DockerfileError> {
+    if let Some(exec) = exec_form(&ins.args) {
+        return Ok(exec);
+    }
+    if ins.args.is_empty() {
+        return Err(invalid(ins, format!("{} needs a command", ins.keyword)));
+    }
+    let mut shell = config.shell_or_default();
+    shell.push(ins.args.clone());
+    Ok(shell)
+}
+
+/// ENV and LABEL: `k=v k2="v 2"` or the legacy `k value with spaces`.
+fn pairs(ins: &Instruction, vars: &Vars) -> Result<Vec<(String, String)>, DockerfileError> {
+    let first = ins.args.split_whitespace().next().ok_or_else(|| invalid(ins, "needs KEY=value".into()))?;
+    if !first.contains('=') {
+        let rest = ins.args[first.len()..].trim();
+        if rest.is_empty() {
+            return Err(invalid(ins, format!("'{first}' has no value (use {first}=value)")));
+        }
+        let key = words(first, vars, false).map_err(|m| invalid(ins, m))?.concat();
+        let value = words(rest, vars, false).map_err(|m| invalid(ins, m))?.concat();
+        return Ok(vec![(key, value)]);
+    }
+    words(&ins.args, vars, true)
+        .map_err(|m| invalid(ins, m))?
+        .into_iter()
+        .map(|w| match w.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(invalid(ins, format!("expected KEY=value, got '{w}'"))),
+        })
+        .collect()
+}
+
+/// `80`, `80/tcp`, `53/UDP`, `8000-8010` → `port[-port]/proto`.
+fn port_spec(spec: &str) -> Result<String, String> {
+    let (ports, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
+    let proto = proto.to_ascii_lowercase();
+    let port_ok = |p: &str| p.parse::<u16>().is_ok_and(|n| n > 0);
+    let ports_ok = match ports.split_once('-') {
+        Some((a, b)) => port_ok(a) && port_ok(b),
+        None => port_ok(ports),
+    };
+    if !ports_ok || !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("'{spec}' is not a port, port/tcp, port/udp or a port range"));
+    }
+    Ok(format!("{ports}/{proto}"))
+}
+
+fn copy_op(ins: &Instruction, vars: &Vars, workdir: &str, notes: &mut Vec<String>) -> Result<CopyOp, DockerfileError> {
+    let instruction = if ins.keyword == "ADD" { "ADD" } else { "COPY" };
+    let mut rest = ins.args.as_str();
+    let mut chmod = None;
+    let mut chown = None;
+    loop {
+        let trimmed = rest.trim_start();
+        if !trimmed.starts_with("--") {
+            rest = trimmed;
+            break;
+        }
+        let (flag, after) = trimmed.split_once(char::is_whitespace).unwrap_or((trimmed, ""));
+        rest = after;
+        let (name, value) = flag.split_once('=').unwrap_or((flag, ""));
+        let value = words(value, vars, false).map_err(|m| invalid(ins, m))?.concat();
+        match name {
+            "--from" => {
+                return Err(unsupported(
+                    ins,
+                    &format!("{instruction} --from"),
+                    "only the final stage is built and there is no other image to copy from",
+                ));
+            }
+            "--chmod" => chmod = Some(parse_chmod(&value).map_err(|m| invalid(ins, m))?),
+            "--chown" => {
+                let (user, group) = match value.split_once(':') {
+                    Some((u, g)) => (u.to_owned(), Some(g.to_owned())),
+                    None => (value.clone(), None),
+                };
+                if user.is_empty() {
+                    return Err(invalid(ins, "--chown needs user[:group]".into()));
+                }
+                chown = Some(Chown { user, group });
+            }
+            "--link" => notes.push(format!("line {}: {instruction} --link has no effect here", ins.line)),
+            _ => return Err(unsupported(ins, &format!("{instruction} {name}"), "the flag is not implemented")),
+        }
+    }
+    let mut list = match exec_form(rest) {
+        Some(list) => list.iter().map(|w| expand(w, vars)).collect::<Result<Vec<_>, _>>(),
+        None => words(rest, vars, true),
+    }
+    .map_err(|m| invalid(ins, m))?;
+    if list.len() < 2 || list.iter().any(String::is_empty) {
+        return Err(invalid(ins, format!("{instruction} needs at least one source and a destination")));
+    }
+    let raw_dest = list.pop().expect("checked length");
+    if instruction == "ADD"
+        && let Some(url) =
+            list.iter().find(|s| ["http://", "https://", "git@", "git://"].iter().any(|p| s.starts_with(p)))
+    {
+        return Err(unsupported(
+            ins,
+            &format!("ADD {url}"),
+            "it does not fetch URLs; download the file into the build context and COPY it",
+        ));
+    }
+    let dest_is_dir = list.len() > 1 || raw_dest.ends_with('/') || raw_dest == "." || raw_dest.ends_with("/.");
+    Ok(CopyOp {
+        instruction,
+        line: ins.line,
+        sources: list,
+        dest: clean_image_path(workdir, &raw_dest),
+        dest_is_dir,
+        chmod,
+        chown,
+    })
+}
+
+fn parse_chmod(value: &str) -> Result<u32, String> {
+    if (3..=4).contains(&value.len()) && value.chars().all(|c| ('0'..='7').contains(&c)) {
+        return u32::from_str_radix(value, 8).map_err(|e| e.to_string());
+    }
+    Err(format!("--chmod={value}: only octal modes such as 0755 or 644 are supported"))
+}
+
+/// Joins `path` onto `base` if relative and cleans it lexically (`.`, `..`
+/// stop at `/`). Always absolute, no trailing slash except for `/` itself.
+pub fn clean_image_path(base: &str, path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    let joined = if path.starts_with('/') { path.to_owned() } else { format!("{base}/{path}") };
+    for part in joined.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dockerfile::parse;
+
+    fn plan_text(text: &str) -> Result<Plan, DockerfileError> {
+        let stage = final_stage(&parse(text)?)?;
+        plan(&stage, ImageConfig::default())
+    }
+
+    #[test]
+    fn run_is_refused_naming_the_line_and_the_text() {
+        let err =
+            plan_text("FROM scratch\nCOPY a /a\nRUN apt-get update && \\\n    apt-get install -y curl\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 3: RUN is not supported by the reference builder (it has no container runtime): \
+             RUN apt-get update &&     apt-get install -y curl"
+        );
+    }
+
+    #[test]
+    fn copy_from_is_refused_clearly() {
+        let err = plan_text("FROM scratch AS build\nCOPY a /a\nFROM scratch\nCOPY --from=build /a /a\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.starts_with("line 4: COPY --from is not supported by the reference builder"), "{message}");
+    }
+
+    #[test]
+    fn add_url_is_refused() {
+        let err = plan_text("FROM scratch\nADD https://example.com/x.tgz?sig=1 /x\n").unwrap_err();
+        assert!(err.to_string().contains("ADD https://example.com/x.tgz?sig=1 is not supported"), "{err}");
+    }
+
+    #[test]
+    fn only_the_final_stage_is_planned_and_a_note_says_so() {
+        let stage =
+            final_stage(&parse("FROM scratch AS a\nRUN make\nFROM base-template\nCOPY x /x\n").unwrap()).unwrap();
+        assert_eq!(stage.base, Base::Image("base-template".into()));
+        assert_eq!(stage.body.len(), 1);
+        assert!(stage.notes[0].contains("2 stages"), "{:?}", stage.notes);
+        let err = final_stage(&parse("FROM scratch AS build\nFROM build\n").unwrap()).unwrap_err();
+        assert!(err.to_string().contains("earlier stage 'build'"), "{err}");
+    }
+
+    #[test]
+    fn from_substitutes_global_args_and_refuses_other_instructions_before_it() {
+        let stage = final_stage(&parse("ARG BASE=my-template\nFROM ${BASE} AS final\n").unwrap()).unwrap();
+        assert_eq!(stage.base, Base::Image("my-template".into()));
+        assert_eq!(stage.name.as_deref(), Some("final"));
+        let err = final_stage(&parse("ENV A=1\nFROM scratch\n").unwrap()).unwrap_err();
+        assert!(err.to_string().contains("line 1: ENV: ENV before the first FROM"), "{err}");
+        assert_eq!(final_stage(&parse("# empty\n").unwrap()).unwrap_err(), DockerfileError::NoFrom);
+    }
+
+    #[test]
+    fn exec_and_shell_forms_of_cmd_and_entrypoint() {
+        let plan = plan_text("FROM scratch\nCMD [\"/app\", \"--serve\"]\nENTRYPOINT exec /init \"$X\"\n").unwrap();
+        // A later ENTRYPOINT keeps a CMD set in the same Dockerfile.
+        assert_eq!(plan.config.cmd, Some(vec!["/app".into(), "--serve".into()]));
+        assert_eq!(plan.config.entrypoint, Some(vec!["/bin/sh".into(), "-c".into(), "exec /init \"$X\"".into()]));
+        let plan = plan_text("FROM scratch\nSHELL [\"/bin/bash\", \"-lc\"]\nCMD echo hi\n").unwrap();
+        assert_eq!(plan.config.cmd, Some(vec!["/bin/bash".into(), "-lc".into(), "echo hi".into()]));
+    }
+
+    #[test]
+    fn entrypoint_drops_the_inherited_cmd() {
+        let stage = final_stage(&parse("FROM parent\nENTRYPOINT [\"/new\"]\n").unwrap()).unwrap();
+        let base = ImageConfig { cmd: Some(vec!["/old".into()]), ..Default::default() };
+        assert_eq!(plan(&stage, base).unwrap().config.cmd, None);
+    }
+
+    #[test]
+    fn config_instructions_are_recorded_with_substitution() {
+        let text = "FROM scratch\nARG VERSION=1.2\nENV APP_HOME=/srv/app PATH=/bin\nENV GREETING hello \"big\" world\n\
+                    WORKDIR $APP_HOME\nWORKDIR sub\nUSER app:app\nLABEL version=$VERSION \"org.name\"=\"x y\"\n\
+                    EXPOSE 8080 53/UDP 9000-9001\nVOLUME [\"/data\"]\nSTOPSIGNAL SIGTERM\nENV PATH=$PATH:/usr/bin\n";
+        let plan = plan_text(text).unwrap();
+        let c = &plan.config;
+        assert_eq!(c.env, ["APP_HOME=/srv/app", "PATH=/bin:/usr/bin", "GREETING=hello big world"]);
+        assert_eq!(c.workdir, "/srv/app/sub");
+        assert_eq!(c.user, "app:app");
+        assert_eq!(c.labels["version"], "1.2");
+        assert_eq!(c.labels["org.name"], "x y");
+        assert_eq!(c.exposed_ports.iter().collect::<Vec<_>>(), ["53/udp", "8080/tcp", "9000-9001/tcp"]);
+        assert_eq!(c.volumes.iter().collect::<Vec<_>>(), ["/data"]);
+        assert_eq!(c.stop_signal.as_deref(), Some("SIGTERM"));
+        let dirs: Vec<_> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::MakeDir(d) => Some(d.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dirs, ["/srv/app", "/srv/app/sub"]);
+        assert_eq!(plan.steps.len(), 12);
+        assert_eq!(plan.steps[0].action, Action::From);
+    }
+
+    #[test]
+    fn copy_destinations_flags_and_forms() {
+        let text = "FROM scratch\nWORKDIR /app\nCOPY a.txt .\nCOPY --chmod=0750 --chown=10:20 bin/ tools\n\
+                    COPY [\"x y\", \"z\", \"/opt/\"]\nADD one /etc/one\n";
+        let plan = plan_text(text).unwrap();
+        let ops: Vec<&CopyOp> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Copy(op) => Some(op),
+                _ => None,
+            })
+            .collect();
+        assert_eq!((ops[0].dest.as_str(), ops[0].dest_is_dir), ("/app", true));
+        assert_eq!((ops[1].dest.as_str(), ops[1].dest_is_dir), ("/app/tools", false));
+        assert_eq!(ops[1].chmod, Some(0o750));
+        assert_eq!(ops[1].chown, Some(Chown { user: "10".into(), group: Some("20".into()) }));
+        assert_eq!(ops[2].sources, ["x y", "z"]);
+        assert_eq!((ops[2].dest.as_str(), ops[2].dest_is_dir), ("/opt", true));
+        assert_eq!((ops[3].instruction, ops[3].dest.as_str(), ops[3].dest_is_dir), ("ADD", "/etc/one", false));
+        let err = plan_text("FROM scratch\nCOPY --chmod=u+x a /a\n").unwrap_err();
+        assert!(err.to_string().contains("only octal modes"), "{err}");
+        let err = plan_text("FROM scratch\nCOPY onlyone\n").unwrap_err();
+        assert!(err.to_string().contains("line 2: COPY: COPY needs at least one source and a destination"), "{err}");
+        let err = plan_text("FROM scratch\nCOPY --parents a /a\n").unwrap_err();
+        assert!(err.to_string().contains("COPY --parents is not supported"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_instructions_and_bad_arguments_name_the_line() {
+        let err = plan_text("FROM scratch\nHEALTHCHECK CMD true\n").unwrap_err();
+        assert!(err.to_string().starts_with("line 2: HEALTHCHECK is not supported"), "{err}");
+        let err = plan_text("FROM scratch\nEXPOSE http\n").unwrap_err();
+        assert!(err.to_string().contains("line 2: EXPOSE: 'http' is not a port"), "{err}");
+        let err = plan_text("FROM scratch\nENV =x\n").unwrap_err();
+        assert!(err.to_string().contains("line 2: ENV: expected KEY=value"), "{err}");
+    }
+
+    #[test]
+    fn image_paths_are_cleaned_and_stay_under_root() {
+        assert_eq!(clean_image_path("/app", "x/../y/./z/"), "/app/y/z");
+        assert_eq!(clean_image_path("/app", "../../../etc"), "/etc");
+        assert_eq!(clean_image_path("/", "."), "/");
+        assert_eq!(clean_image_path("/a", "/b//c"), "/b/c");
+    }
+}

@@ -1,0 +1,285 @@
+//! One build, start to end: spec → Dockerfile → (parent) → tree → archive →
+//! upload → metadata. The decisions live in the other modules; this file
+//! sequences them and prints the build log.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::archive::{ParentIndex, read_archive, write_archive};
+use crate::cli::BuildArgs;
+use crate::download::{check_sha256, download_parent};
+use crate::faults::Faults;
+use crate::metadata::{Metadata, metadata_json};
+use crate::plan::{Action, Base, final_stage, plan};
+use crate::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
+use crate::spec::Spec;
+use crate::tree::{Context, Tree};
+use crate::{dockerfile, http, human_bytes, upload};
+
+/// How a build that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Uploaded and metadata written.
+    Done,
+    /// Uploaded, then stopped by the `exit_nonzero` fault (no metadata).
+    InjectedExit,
+}
+
+/// The build's scratch directory next to metadata.json, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create(build_dir: &Path) -> Result<WorkDir> {
+        // Unique per call too: a host may run several builds in one process.
+        static CALLS: AtomicU32 = AtomicU32::new(0);
+        let call = CALLS.fetch_add(1, Ordering::Relaxed);
+        let path = build_dir.join(format!(".tl-rootfs-build-{}-{call}", std::process::id()));
+        if path.exists() {
+            remove_tree(&path);
+        }
+        fs::create_dir_all(&path).with_context(|| format!("create the work directory {}", path.display()))?;
+        Ok(WorkDir(path))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        remove_tree(&self.0);
+    }
+}
+
+/// `rm -rf`, first making read-only directories (copied from the context) writable.
+fn remove_tree(path: &Path) {
+    fn open_up(path: &Path) {
+        if let Ok(meta) = fs::symlink_metadata(path)
+            && meta.is_dir()
+        {
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o755));
+            if let Ok(children) = fs::read_dir(path) {
+                children.flatten().for_each(|c| open_up(&c.path()));
+            }
+        }
+    }
+    open_up(path);
+    let _ = fs::remove_dir_all(path);
+}
+
+pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
+    let text = fs::read_to_string(&args.spec).with_context(|| format!("read the spec {}", args.spec.display()))?;
+    let spec = Spec::from_json(&text).with_context(|| format!("parse the spec {}", args.spec.display()))?;
+    println!(
+        "tl-rootfs-build {} (snapsign reference builder): build {}, snapshot {}, {} node",
+        env!("CARGO_PKG_VERSION"),
+        spec.build_id.as_deref().unwrap_or("-"),
+        spec.snapshot_id,
+        spec.rootfs_node_kind
+    );
+    if !args.ignored.is_empty() {
+        println!("note: ignoring arguments not meant for this builder: {}", args.ignored.join(" "));
+    }
+    if !faults.is_empty() {
+        println!("note: fault injection is on: {faults:?}");
+    }
+    if let Some(reference) = &spec.import_image_reference {
+        bail!("spec.importImageReference is {reference}: image imports are not supported by the reference builder");
+    }
+    let diff = match spec.rootfs_node_kind.as_str() {
+        "base" => false,
+        "diff" => true,
+        other => bail!("spec.rootfsNodeKind is \"{other}\"; expected \"base\" or \"diff\""),
+    };
+    if diff && spec.parent.is_none() {
+        bail!("spec.rootfsNodeKind is \"diff\" but spec.parent is missing (a diff build needs its parent)");
+    }
+    let upload = spec
+        .upload
+        .as_ref()
+        .ok_or_else(|| anyhow!("spec.upload is missing: there is nowhere to upload the snapshot"))?;
+    let snapshot_uri = spec.snapshot_uri().map(str::to_owned);
+    for (field, url) in upload::urls(upload) {
+        http::check_plain_http(&field, url).map_err(|m| anyhow!(m))?;
+    }
+    if let Some(url) = spec.parent.as_ref().and_then(|p| p.download.as_ref()).and_then(|d| d.url.as_deref()) {
+        http::check_plain_http("spec.parent.download.url", url).map_err(|m| anyhow!(m))?;
+    }
+
+    let instructions = dockerfile::parse(&spec.dockerfile).context("spec.dockerfile")?;
+    let stage = final_stage(&instructions).context("spec.dockerfile")?;
+    if let (Some(base_image), Base::Image(reference)) = (&spec.base_image, &stage.base)
+        && base_image != reference
+    {
+        println!(
+            "note: spec.baseImage is {base_image} but the final FROM names {reference}; building FROM {reference}"
+        );
+    }
+
+    let build_dir = match args.metadata_out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&build_dir).with_context(|| format!("create {}", build_dir.display()))?;
+    let work = WorkDir::create(&build_dir)?;
+    let mut tree = Tree::create(work.0.join("rootfs"))?;
+    let agent = http::agent();
+
+    let (base_config, parent_index): (ImageConfig, Option<ParentIndex>) = match &stage.base {
+        Base::Scratch => {
+            if diff {
+                println!(
+                    "note: FROM scratch in a diff build: the archive holds the whole tree as a layer over the parent"
+                );
+            }
+            (ImageConfig::default(), None)
+        }
+        Base::Image(reference) => {
+            let parent = spec.parent.as_ref().filter(|p| p.download.is_some()).ok_or_else(|| {
+                anyhow!(
+                    "FROM {reference} needs parent.download in spec.json (a diff build); \
+                     the platform or client did not provide it"
+                )
+            })?;
+            if !diff {
+                bail!(
+                    "FROM {reference} (line {}) builds on a parent snapshot, but spec.rootfsNodeKind is \"base\"; \
+                     a build on a parent must be a diff build",
+                    stage.from.line
+                );
+            }
+            let download = parent.download.as_ref().expect("filtered above");
+            let path = work.0.join("parent.tar.zst");
+            println!("Parent snapshot {} (FROM {reference})", parent.parent_manifest_uri);
+            let (size, sha256) = download_parent(&agent, download, &path)?;
+            check_sha256(parent.snapshot_sha256.as_deref(), &sha256, size).map_err(|m| anyhow!(m))?;
+            let snapshot = read_archive(&path, Some(&mut tree)).with_context(|| {
+                format!("the parent archive {} is not a valid {FORMAT_VERSION} snapshot", parent.parent_manifest_uri)
+            })?;
+            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+            println!(
+                "Parent snapshot {} ({} node): {} entries unpacked, sha256 verified: {}",
+                snapshot.manifest.snapshot_id,
+                snapshot.manifest.node_kind,
+                snapshot.manifest.files,
+                if parent.snapshot_sha256.is_some() { "yes" } else { "no (spec.parent.snapshotSha256 absent)" }
+            );
+            (snapshot.manifest.config, Some(snapshot.index))
+        }
+    };
+
+    let plan = plan(&stage, base_config).context("spec.dockerfile")?;
+    for note in &plan.notes {
+        println!("note: {note}");
+    }
+    let mut context = None;
+    let total = plan.steps.len();
+    for (index, step) in plan.steps.iter().enumerate() {
+        println!("Step {}/{total} : {}", index + 1, step.text);
+        let located = || format!("spec.dockerfile line {}: {}", step.line, step.text);
+        match &step.action {
+            Action::From => match &stage.base {
+                Base::Scratch => println!(" ---> empty tree"),
+                Base::Image(_) => println!(" ---> the parent snapshot's tree and config"),
+            },
+            Action::Copy(op) => {
+                if context.is_none() {
+                    context = Some(open_context(&spec, &args.spec).with_context(located)?);
+                }
+                let stats = tree.copy(context.as_ref().expect("set above"), op).with_context(located)?;
+                for note in &stats.notes {
+                    println!("note: {note}");
+                }
+                println!(
+                    " ---> files: {} ({}), directories: {}, symlinks: {}",
+                    stats.files,
+                    human_bytes(stats.bytes),
+                    stats.dirs,
+                    stats.symlinks
+                );
+            }
+            Action::MakeDir(path) => {
+                tree.make_dirs(path).with_context(located)?;
+                println!(" ---> {path}");
+            }
+            Action::Config => {}
+        }
+    }
+
+    let entries = tree.entries().context("list the tree")?;
+    let tree_bytes: u64 = entries.iter().map(|e| e.size).sum();
+    println!(
+        "Rootfs: {} entries, {} of files (rootfsDiskBytes {})",
+        entries.len(),
+        human_bytes(tree_bytes),
+        spec.rootfs_disk_bytes
+    );
+    if tree_bytes > spec.rootfs_disk_bytes {
+        bail!(
+            "the rootfs holds {tree_bytes} bytes of files, more than spec.rootfsDiskBytes ({})",
+            spec.rootfs_disk_bytes
+        );
+    }
+    let parent_manifest_uri = if diff { spec.parent.as_ref().map(|p| p.parent_manifest_uri.clone()) } else { None };
+    let manifest = SnapshotManifest {
+        format_version: FORMAT_VERSION.into(),
+        snapshot_id: spec.snapshot_id.clone(),
+        node_kind: spec.rootfs_node_kind.clone(),
+        parent_manifest_uri: parent_manifest_uri.clone(),
+        config: plan.config.clone(),
+        files: 0,
+    };
+    let archive_path = work.0.join("snapshot.tar.zst");
+    println!(
+        "Writing the snapshot archive ({FORMAT_VERSION}{})",
+        if diff { ", changes over the parent only" } else { "" }
+    );
+    let summary =
+        write_archive(&archive_path, manifest, &tree, parent_index.as_ref()).context("write the snapshot archive")?;
+    println!(
+        "Snapshot archive: {} entries, {} ({} bytes), sha256 {}",
+        summary.files,
+        human_bytes(summary.size_bytes),
+        summary.size_bytes,
+        summary.sha256
+    );
+    drop(tree);
+
+    upload::upload(&agent, upload, &archive_path, summary.size_bytes).context("upload the snapshot archive")?;
+    if faults.exit_nonzero {
+        return Ok(Outcome::InjectedExit);
+    }
+
+    let metadata = Metadata {
+        snapshot_id: spec.snapshot_id.clone(),
+        snapshot_uri: snapshot_uri.clone(),
+        snapshot_size_bytes: summary.size_bytes,
+        rootfs_disk_bytes: spec.rootfs_disk_bytes,
+        rootfs_node_kind: spec.rootfs_node_kind.clone(),
+        parent_manifest_uri,
+        sha256: summary.sha256.clone(),
+    };
+    let json = serde_json::to_string_pretty(&metadata_json(&metadata, faults)).expect("metadata serializes");
+    let temporary = work.0.join("metadata.json");
+    fs::write(&temporary, json + "\n").with_context(|| format!("write {}", temporary.display()))?;
+    fs::rename(&temporary, &args.metadata_out).with_context(|| format!("write {}", args.metadata_out.display()))?;
+    match &snapshot_uri {
+        Some(uri) => println!("Wrote {}: snapshot {uri}, sha256 {}", args.metadata_out.display(), summary.sha256),
+        None => println!(
+            "Wrote {} without snapshot_uri (neither spec.snapshotUri nor spec.upload.uri was given)",
+            args.metadata_out.display()
+        ),
+    }
+    Ok(Outcome::Done)
+}
+
+/// `contextDir`, relative to the spec file's directory when not absolute.
+fn open_context(spec: &Spec, spec_path: &Path) -> Result<Context> {
+    let dir = if spec.context_dir.is_absolute() {
+        spec.context_dir.clone()
+    } else {
+        spec_path.parent().unwrap_or(Path::new(".")).join(&spec.context_dir)
+    };
+    Context::open(&dir).context("spec.contextDir")
+}

@@ -1,0 +1,524 @@
+//! The `tl-rootfs-build` binary against an in-test fake HTTP store: what goes
+//! over the wire for single_put, s3_multipart and parent downloads, and what
+//! a failure prints and leaves behind.
+
+mod fake_http;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use fake_http::{FakeHttp, Recorded, Reply};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use snapsign_rootfs_builder::archive::{read_archive, write_archive};
+use snapsign_rootfs_builder::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
+use snapsign_rootfs_builder::tree::Tree;
+
+/// Bytes zstd cannot shrink, so archives span several small parts.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+struct Build {
+    dir: tempfile::TempDir,
+}
+
+impl Build {
+    /// A build directory with a context holding `app/blob.bin` (noise), `app/hello.txt`, `run.sh`.
+    fn new() -> Build {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("build/context");
+        fs::create_dir_all(ctx.join("app")).unwrap();
+        fs::write(ctx.join("app/blob.bin"), noise(5000, 7)).unwrap();
+        fs::write(ctx.join("app/hello.txt"), "hello\n").unwrap();
+        fs::write(ctx.join("run.sh"), "#!/bin/sh\necho run\n").unwrap();
+        fs::set_permissions(ctx.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        Build { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join("build").join(rel)
+    }
+
+    /// Writes spec.json: the fields the platform and client provide, plus `extra`.
+    fn spec(&self, dockerfile: &str, extra: Value) -> PathBuf {
+        let mut spec = json!({
+            "buildId": "build-7", "snapshotId": "snap-7", "rootfsNodeKind": "base",
+            "rootfsDiskBytes": 10_485_760, "dockerfile": dockerfile,
+            "contextDir": self.path("context"), "builder": {"image": "x", "command": "tl-rootfs-build"},
+            "runtimeContract": {"opaque": true}
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        let path = self.path("spec.json");
+        fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+        path
+    }
+
+    fn run(&self, fault: Option<&str>) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tl-rootfs-build"));
+        command
+            .args(["builder-word", "--spec"])
+            .arg(self.path("spec.json"))
+            .arg("--metadata-out")
+            .arg(self.metadata_path());
+        command.env_remove("SNAPSIGN_BUILDER_FAULT");
+        if let Some(fault) = fault {
+            command.env("SNAPSIGN_BUILDER_FAULT", fault);
+        }
+        command.output().unwrap()
+    }
+
+    fn metadata_path(&self) -> PathBuf {
+        self.path("metadata.json")
+    }
+
+    fn metadata(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.metadata_path()).unwrap()).unwrap()
+    }
+
+    /// No work directory is left in the build directory.
+    fn assert_clean(&self) {
+        let leftovers: Vec<_> = fs::read_dir(self.path(""))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".tl-rootfs-build"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Reads an uploaded archive back; returns snapshot.json and the rootfs paths.
+fn open_archive(bytes: &[u8]) -> (SnapshotManifest, Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.tar.zst");
+    fs::write(&path, bytes).unwrap();
+    let mut tree = Tree::create(dir.path().join("tree")).unwrap();
+    let parent = read_archive(&path, Some(&mut tree)).unwrap();
+    (parent.manifest, parent.index.keys().cloned().collect(), dir)
+}
+
+const DOCKERFILE: &str = "FROM scratch\nWORKDIR /srv\nCOPY app ./app/\nCOPY --chmod=0700 run.sh /usr/local/bin/run\n\
+                          ENV MODE=prod\nCMD [\"/usr/local/bin/run\"]\nEXPOSE 8080\n";
+
+fn multipart_spec(fake: &FakeHttp, part_size: u64, parts: u32) -> Value {
+    let urls: Vec<Value> = (1..=parts)
+        .map(|n| json!({"partNumber": n, "url": fake.url(&format!("/bucket/key?partNumber={n}&uploadId=u-1&X-Amz-Signature=secret{n}"))}))
+        .collect();
+    json!({"upload": {"kind": "s3_multipart", "uri": "s3://bucket/key", "uploadId": "u-1", "partSizeBytes": part_size,
+                      "maxParts": parts, "partUrls": urls,
+                      "completeUrl": fake.url("/bucket/key?uploadId=u-1&X-Amz-Signature=secretc"),
+                      "abortUrl": fake.url("/bucket/key?uploadId=u-1&abort=1&X-Amz-Signature=secreta"),
+                      "expiresAt": "2030-01-01T00:00:00Z"}})
+}
+
+/// A store fake: parts answer `"e&<n>"` ETags (one that needs XML escaping),
+/// part `fail_part` answers 500, completion answers `complete`.
+fn store(fail_part: Option<u32>, complete: Reply) -> FakeHttp {
+    let complete = std::sync::Mutex::new(Some(complete));
+    FakeHttp::start(move |request| {
+        let query = request.target.split_once('?').map(|(_, q)| q).unwrap_or_default().to_owned();
+        let part = query.split('&').find_map(|kv| kv.strip_prefix("partNumber=")).map(|n| n.parse::<u32>().unwrap());
+        match (request.method.as_str(), part) {
+            ("PUT", Some(n)) if Some(n) == fail_part => {
+                Reply::status(500).with_body("<Error><Code>InternalError</Code><Message>disk on fire</Message></Error>")
+            }
+            ("PUT", Some(n)) => Reply::status(200).with_header("ETag", &format!("\"e&{n}\"")),
+            ("POST", _) => complete.lock().unwrap().take().unwrap_or_else(|| Reply::status(500)),
+            ("DELETE", _) => Reply::status(204),
+            _ => Reply::status(404),
+        }
+    })
+}
+
+fn parts_of(requests: &[Recorded]) -> Vec<(u32, Recorded)> {
+    let mut parts: Vec<(u32, Recorded)> = requests
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| {
+            let n = r.target.split("partNumber=").nth(1).unwrap().split('&').next().unwrap().parse().unwrap();
+            (n, r.clone())
+        })
+        .collect();
+    parts.sort_by_key(|(n, _)| *n);
+    parts
+}
+
+#[test]
+fn multipart_parts_carry_their_bytes_and_completion_carries_the_returned_etags() {
+    let build = Build::new();
+    let fake = store(None, Reply::status(200).with_body("<CompleteMultipartUploadResult/>"));
+    build.spec(DOCKERFILE, multipart_spec(&fake, 1024, 10));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&output.stdout), text(&output.stderr));
+
+    let requests = fake.requests();
+    let parts = parts_of(&requests);
+    assert!(parts.len() >= 5, "the noise spans several 1 KiB parts: {}", parts.len());
+    let numbers: Vec<u32> = parts.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, (1..=parts.len() as u32).collect::<Vec<_>>());
+    let mut archive = Vec::new();
+    for (i, (n, part)) in parts.iter().enumerate() {
+        assert!(part.target.starts_with("/bucket/key?partNumber="), "{}", part.target);
+        assert_eq!(part.header("content-length"), Some(part.body.len().to_string().as_str()));
+        assert_eq!(part.header("transfer-encoding"), None, "parts are sent with a length, not chunked");
+        if i + 1 < parts.len() {
+            assert_eq!(part.body.len(), 1024, "part {n} is not exactly partSizeBytes");
+        } else {
+            assert!(!part.body.is_empty() && part.body.len() <= 1024);
+        }
+        archive.extend_from_slice(&part.body);
+    }
+
+    let completes: Vec<&Recorded> = requests.iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(completes.len(), 1);
+    assert!(completes[0].target.contains("X-Amz-Signature=secretc"));
+    let expected: String = (1..=parts.len())
+        .map(|n| format!("<Part><PartNumber>{n}</PartNumber><ETag>&quot;e&amp;{n}&quot;</ETag></Part>"))
+        .collect();
+    assert_eq!(text(&completes[0].body), format!("<CompleteMultipartUpload>{expected}</CompleteMultipartUpload>"));
+    assert!(requests.iter().all(|r| r.method != "DELETE"), "a successful upload is not aborted");
+
+    let metadata = build.metadata();
+    assert_eq!(
+        metadata,
+        json!({"snapshot_id": "snap-7", "snapshot_uri": "s3://bucket/key", "snapshot_format_version": FORMAT_VERSION,
+               "snapshot_size_bytes": archive.len(), "rootfs_disk_bytes": 10_485_760, "rootfs_node_kind": "base",
+               "sha256": sha256_hex(&archive)})
+    );
+    let (manifest, paths, dir) = open_archive(&archive);
+    assert_eq!(
+        paths,
+        [
+            "srv",
+            "srv/app",
+            "srv/app/blob.bin",
+            "srv/app/hello.txt",
+            "usr",
+            "usr/local",
+            "usr/local/bin",
+            "usr/local/bin/run"
+        ]
+    );
+    assert_eq!(manifest.config.cmd, Some(vec!["/usr/local/bin/run".to_owned()]));
+    assert_eq!(manifest.config.env, ["MODE=prod"]);
+    assert_eq!(manifest.config.workdir, "/srv");
+    assert_eq!(fs::read(dir.path().join("tree/srv/app/blob.bin")).unwrap(), noise(5000, 7));
+    let mode = fs::metadata(dir.path().join("tree/usr/local/bin/run")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("Step 3/7 : COPY app ./app/"), "{stdout}");
+    assert!(stdout.contains(&format!("sha256 {}", sha256_hex(&archive))), "{stdout}");
+    assert!(stdout.contains(&format!("Uploaded part {}/{}", parts.len(), parts.len())), "{stdout}");
+    assert!(stdout.contains("ignoring arguments not meant for this builder: builder-word"), "{stdout}");
+    assert!(!stdout.contains("secret"), "presigned signatures must not be logged:\n{stdout}");
+    build.assert_clean();
+}
+
+#[test]
+fn the_same_build_twice_uploads_the_same_bytes() {
+    let build = Build::new();
+    let fake = FakeHttp::start(|_| Reply::status(200));
+    let spec = json!({"snapshotUri": "s3://b/k",
+                      "upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}}});
+    build.spec(DOCKERFILE, spec.clone());
+    assert_eq!(build.run(None).status.code(), Some(0));
+    // A fresh build directory: other paths, other mtimes.
+    let again = Build::new();
+    again.spec(DOCKERFILE, spec);
+    assert_eq!(again.run(None).status.code(), Some(0));
+    let bodies: Vec<Vec<u8>> = fake.requests().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies.len(), 2);
+    assert_eq!(sha256_hex(&bodies[0]), sha256_hex(&bodies[1]));
+    assert_eq!(build.metadata()["sha256"], again.metadata()["sha256"]);
+}
+
+#[test]
+fn a_failing_part_aborts_the_upload_and_fails_the_build() {
+    let build = Build::new();
+    let fake = store(Some(2), Reply::status(200));
+    build.spec(DOCKERFILE, multipart_spec(&fake, 1024, 10));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("UploadPart part 2"), "{stderr}");
+    assert!(stderr.contains("answered HTTP 500: <Error><Code>InternalError</Code><Message>disk on fire"), "{stderr}");
+    assert!(stderr.contains("Aborted multipart upload u-1"), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("error: ")).count(), 1, "{stderr}");
+    let requests = fake.requests();
+    let aborts: Vec<&Recorded> = requests.iter().filter(|r| r.method == "DELETE").collect();
+    assert_eq!(aborts.len(), 1);
+    assert!(aborts[0].target.contains("abort=1"));
+    assert!(requests.iter().all(|r| r.method != "POST"), "no completion after a failed part");
+    assert!(!build.metadata_path().exists());
+    build.assert_clean();
+}
+
+#[test]
+fn a_completion_error_document_aborts_the_upload() {
+    let build = Build::new();
+    let fake = store(None, Reply::status(200).with_body("<Error><Code>InvalidPart</Code></Error>"));
+    build.spec(DOCKERFILE, multipart_spec(&fake, 4096, 10));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("CompleteMultipartUpload answered HTTP 200 with an error document"), "{stderr}");
+    assert!(fake.requests().iter().any(|r| r.method == "DELETE"));
+    assert!(!build.metadata_path().exists());
+}
+
+#[test]
+fn an_archive_needing_more_parts_than_signed_fails_and_aborts() {
+    let build = Build::new();
+    let fake = store(None, Reply::status(200));
+    build.spec(DOCKERFILE, multipart_spec(&fake, 1024, 2));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("parts of 1024 bytes, but spec.upload has only 2 part URLs (maxParts 2)"), "{stderr}");
+    let requests = fake.requests();
+    assert!(requests.iter().all(|r| r.method != "PUT"), "nothing is uploaded");
+    assert_eq!(requests.iter().filter(|r| r.method == "DELETE").count(), 1);
+}
+
+#[test]
+fn single_put_sends_the_whole_archive_with_the_given_headers() {
+    let build = Build::new();
+    let fake = FakeHttp::start(|_| Reply::status(200).with_header("ETag", "\"whole\""));
+    build.spec(
+        DOCKERFILE,
+        json!({"snapshotUri": "s3://bucket/legacy.tlsnap",
+               "upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/bucket/legacy.tlsnap?X-Amz-Signature=zzz"),
+                          "headers": {"x-amz-meta-build": "build-7", "content-type": "application/octet-stream"},
+                          "expiresAt": "2030-01-01T00:00:00Z"}}),
+    );
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 1);
+    let put = &requests[0];
+    assert_eq!((put.method.as_str(), put.path()), ("PUT", "/bucket/legacy.tlsnap"));
+    assert_eq!(put.header("x-amz-meta-build"), Some("build-7"));
+    assert_eq!(put.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(put.header("content-length"), Some(put.body.len().to_string().as_str()));
+    assert_eq!(put.header("transfer-encoding"), None);
+    let metadata = build.metadata();
+    assert_eq!(metadata["sha256"], sha256_hex(&put.body));
+    assert_eq!(metadata["snapshot_size_bytes"], put.body.len());
+    assert_eq!(metadata["snapshot_uri"], "s3://bucket/legacy.tlsnap");
+    let (manifest, paths, _dir) = open_archive(&put.body);
+    assert_eq!(manifest.node_kind, "base");
+    assert_eq!(manifest.files as usize, paths.len());
+    assert!(!text(&output.stdout).contains("zzz"));
+}
+
+/// A parent archive as an earlier base build would have uploaded it.
+fn parent_archive() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tree = Tree::create(dir.path().join("tree")).unwrap();
+    tree.make_dirs("/srv/app").unwrap();
+    fs::write(tree.host("srv/app/hello.txt"), "hello\n").unwrap();
+    fs::set_permissions(tree.host("srv/app/hello.txt"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(tree.host("srv/app/old.txt"), "old\n").unwrap();
+    fs::set_permissions(tree.host("srv/app/old.txt"), fs::Permissions::from_mode(0o644)).unwrap();
+    let mut config = ImageConfig { workdir: "/srv".into(), cmd: Some(vec!["/old".into()]), ..Default::default() };
+    config.set_env("FROM_PARENT", "yes");
+    let manifest = SnapshotManifest {
+        format_version: FORMAT_VERSION.into(),
+        snapshot_id: "snap-parent".into(),
+        node_kind: "base".into(),
+        parent_manifest_uri: None,
+        config,
+        files: 0,
+    };
+    let path = dir.path().join("parent.tar.zst");
+    write_archive(&path, manifest, &tree, None).unwrap();
+    fs::read(path).unwrap()
+}
+
+fn diff_spec(fake: &FakeHttp, sha256: &str) -> Value {
+    json!({
+        "rootfsNodeKind": "diff", "snapshotUri": "s3://bucket/child.tlsnap",
+        "parent": {"parentManifestUri": "s3://bucket/parent.tlsnap", "rootfsDiskBytes": 10_485_760, "snapshotSha256": sha256,
+                   "download": {"kind": "single_get", "uri": "s3://bucket/parent.tlsnap", "method": "GET",
+                                "url": fake.url("/bucket/parent.tlsnap?X-Amz-Signature=getsecret"), "expiresAt": "x"}},
+        "upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/bucket/child.tlsnap"), "headers": {}}
+    })
+}
+
+fn parent_store(parent: Vec<u8>) -> FakeHttp {
+    FakeHttp::start(move |request| match request.method.as_str() {
+        "GET" if request.path() == "/bucket/parent.tlsnap" => Reply::status(200).with_body(parent.clone()),
+        "PUT" => Reply::status(200),
+        _ => Reply::status(404),
+    })
+}
+
+#[test]
+fn diff_build_downloads_checks_and_extends_the_parent() {
+    let parent = parent_archive();
+    let fake = parent_store(parent.clone());
+    let build = Build::new();
+    fs::write(build.path("context/app/new.txt"), "brand new\n").unwrap();
+    let dockerfile = "FROM base-template\nCOPY app/hello.txt app/\nCOPY app/new.txt /srv/app/new.txt\nENV MODE=dev\n";
+    build.spec(dockerfile, diff_spec(&fake, &sha256_hex(&parent)));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&output.stdout), text(&output.stderr));
+    let requests = fake.requests();
+    assert_eq!(requests[0].method, "GET");
+    let upload = requests.iter().find(|r| r.method == "PUT").unwrap();
+    let (manifest, paths, dir) = open_archive(&upload.body);
+    // hello.txt was copied again with the same content and mode: not in the layer.
+    assert_eq!(paths, ["srv/app/new.txt"]);
+    assert_eq!(fs::read_to_string(dir.path().join("tree/srv/app/new.txt")).unwrap(), "brand new\n");
+    assert_eq!(manifest.node_kind, "diff");
+    assert_eq!(manifest.parent_manifest_uri.as_deref(), Some("s3://bucket/parent.tlsnap"));
+    assert_eq!(manifest.config.env, ["FROM_PARENT=yes", "MODE=dev"]);
+    assert_eq!(manifest.config.workdir, "/srv");
+    assert_eq!(manifest.config.cmd, Some(vec!["/old".to_owned()]));
+    let metadata = build.metadata();
+    assert_eq!(metadata["rootfs_node_kind"], "diff");
+    assert_eq!(metadata["parent_manifest_uri"], "s3://bucket/parent.tlsnap");
+    assert_eq!(metadata["sha256"], sha256_hex(&upload.body));
+    assert!(!text(&output.stdout).contains("getsecret"));
+}
+
+#[test]
+fn a_parent_with_the_wrong_sha256_fails_naming_both_hashes() {
+    let parent = parent_archive();
+    let fake = parent_store(parent.clone());
+    let build = Build::new();
+    let wrong = "0".repeat(64);
+    build.spec("FROM base-template\nCOPY run.sh /run.sh\n", diff_spec(&fake, &wrong));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains(&wrong) && stderr.contains(&sha256_hex(&parent)), "{stderr}");
+    assert!(fake.requests().iter().all(|r| r.method != "PUT"), "nothing is uploaded");
+    assert!(!build.metadata_path().exists());
+    build.assert_clean();
+}
+
+#[test]
+fn a_parent_that_is_not_a_snapshot_archive_is_refused() {
+    let junk = b"<html>not an archive</html>".to_vec();
+    let fake = parent_store(junk.clone());
+    let build = Build::new();
+    build.spec("FROM base-template\n", diff_spec(&fake, &sha256_hex(&junk)));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("the parent archive s3://bucket/parent.tlsnap is not a valid snapsign_tar_zstd_v1 snapshot"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_diff_build_without_parent_download_says_what_is_missing() {
+    let build = Build::new();
+    build.spec(
+        "FROM base-template\n",
+        json!({"rootfsNodeKind": "diff", "parent": {"parentManifestUri": "s3://b/p"},
+               "upload": {"kind": "single_put", "url": "http://127.0.0.1:9/x"}}),
+    );
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(
+            "FROM base-template needs parent.download in spec.json (a diff build); the platform or client did not provide it"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_fails_before_any_request_naming_the_line() {
+    let build = Build::new();
+    let fake = FakeHttp::start(|_| Reply::status(200));
+    build.spec(
+        "FROM scratch\nRUN make install\n",
+        json!({"upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}}}),
+    );
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        stderr.trim(),
+        "error: spec.dockerfile: line 2: RUN is not supported by the reference builder (it has no container runtime): \
+         RUN make install"
+    );
+    assert!(fake.requests().is_empty());
+}
+
+#[test]
+fn exit_nonzero_fault_uploads_then_exits_3_without_metadata() {
+    let build = Build::new();
+    let fake = FakeHttp::start(|_| Reply::status(200));
+    build.spec(
+        DOCKERFILE,
+        json!({"snapshotUri": "s3://b/k", "upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}}}),
+    );
+    let output = build.run(Some("exit_nonzero"));
+    assert_eq!(output.status.code(), Some(3));
+    assert!(text(&output.stderr).contains("injected fault: exit_nonzero"));
+    assert_eq!(fake.requests().len(), 1, "the upload happened");
+    assert!(!build.metadata_path().exists());
+}
+
+#[test]
+fn metadata_faults_drop_a_field_and_replace_the_uri() {
+    let build = Build::new();
+    let fake = FakeHttp::start(|_| Reply::status(200));
+    build.spec(
+        DOCKERFILE,
+        json!({"snapshotUri": "s3://b/k", "upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}}}),
+    );
+    let output = build.run(Some("metadata_missing:rootfs_disk_bytes,metadata_uri:s3://b/elsewhere"));
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let metadata = build.metadata();
+    assert!(metadata.get("rootfs_disk_bytes").is_none());
+    assert_eq!(metadata["snapshot_uri"], "s3://b/elsewhere");
+    let output = build.run(Some("bogus"));
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_exits_0() {
+    let bin = env!("CARGO_BIN_EXE_tl-rootfs-build");
+    let output = Command::new(bin).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).starts_with("error: missing --spec"));
+    let output = Command::new(bin).arg("--help").output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(text(&output.stdout).starts_with("usage: tl-rootfs-build"));
+    let missing = Path::new("/nonexistent/spec.json");
+    let output = Command::new(bin).arg("--spec").arg(missing).args(["--metadata-out", "/tmp/m.json"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).starts_with("error: read the spec /nonexistent/spec.json"),
+        "{}",
+        text(&output.stderr)
+    );
+}
