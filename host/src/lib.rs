@@ -8,6 +8,7 @@
 //! - [`serve`]: the HTTP server loop they share.
 
 pub mod bench;
+pub mod build;
 pub mod demo;
 pub mod dev;
 pub mod engine;

@@ -45,6 +45,59 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// Build a sandbox image: prepare, builder sandbox, dataplane signing, build, complete.
+    ///
+    /// Exit codes: 0 registered, 1 build failed, 2 usage error, 3 credentials refused.
+    Build {
+        /// The Dockerfile.
+        #[arg(long, short = 'f', default_value = "Dockerfile")]
+        dockerfile: PathBuf,
+        /// The build context directory.
+        #[arg(long, default_value = ".")]
+        context: PathBuf,
+        /// Template name to register.
+        #[arg(long)]
+        name: String,
+        /// Rootfs size, MiB [default: the parent's for diff builds, else 10240].
+        #[arg(long)]
+        disk_mb: Option<u64>,
+        /// Builder sandbox CPUs [default: the platform's].
+        #[arg(long)]
+        builder_cpus: Option<f64>,
+        /// Builder sandbox memory, MiB [default: the platform's].
+        #[arg(long)]
+        builder_memory_mb: Option<i64>,
+        /// Builder sandbox disk, MiB [default: the platform's].
+        #[arg(long)]
+        builder_disk_mb: Option<u64>,
+        /// Register the template as public.
+        #[arg(long)]
+        public: bool,
+        /// Platform API URL.
+        #[arg(long, env = "SNAPSIGN_API_URL")]
+        api_url: String,
+        /// Bearer token for the platform, lifecycle and proxy.
+        #[arg(long, env = "SNAPSIGN_API_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Sandbox namespace.
+        #[arg(long, env = "SNAPSIGN_NAMESPACE", default_value = "default")]
+        namespace: String,
+        /// Extra host[:port] the build may reach besides the platform and its sandbox proxies (repeatable).
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
+        /// Seconds to wait for the builder sandbox to run and answer.
+        #[arg(long, default_value_t = 120)]
+        sandbox_wait_secs: u64,
+        /// Guest memory limit, MiB.
+        #[arg(long, default_value_t = 256)]
+        max_memory_mb: usize,
+        /// Whole-build time limit, seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+        /// Print the registered template as JSON (only that) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the dev stack: store, signer, platform emulator and local sandboxes on loopback.
     Dev {
         /// Store data, state database and secrets (kept across restarts)
@@ -161,8 +214,75 @@ async fn wait_for_stop() {
     let _ = ctrl_c.await;
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Build {
+            dockerfile,
+            context,
+            name,
+            disk_mb,
+            builder_cpus,
+            builder_memory_mb,
+            builder_disk_mb,
+            public,
+            api_url,
+            token,
+            namespace,
+            allow_hosts,
+            sandbox_wait_secs,
+            max_memory_mb,
+            timeout_secs,
+            json,
+        } => {
+            let text = match std::fs::read_to_string(&dockerfile) {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("error: cannot read the Dockerfile {}: {e}; pass --dockerfile", dockerfile.display());
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            if !context.is_dir() {
+                eprintln!("error: the build context {} is not a directory; pass --context", context.display());
+                return Ok(ExitCode::from(2));
+            }
+            let options = snapsign_host::build::BuildOptions {
+                api_url,
+                token,
+                namespace,
+                name: name.clone(),
+                dockerfile: text,
+                context_dir: context,
+                disk_mb,
+                builder_cpus,
+                builder_memory_mb,
+                builder_disk_mb,
+                public,
+                sandbox_wait: Duration::from_secs(sandbox_wait_secs),
+                allow_hosts,
+                max_memory_bytes: max_memory_mb << 20,
+                timeout: Duration::from_secs(timeout_secs),
+                cache_dir: engine::default_cache_dir(),
+            };
+            let (outcome, _) = snapsign_host::build::run(&options, snapsign_host::build::progress_printer()).await?;
+            return Ok(match outcome {
+                Ok(template) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&template)?);
+                    } else {
+                        println!("Image '{name}' registered ({})", template["id"].as_str().unwrap_or("-"));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(failure) => {
+                    eprintln!("error: {failure}");
+                    match failure {
+                        snapsign_host::build::BuildFailure::Usage(_) => ExitCode::from(2),
+                        snapsign_host::build::BuildFailure::Auth(_) => ExitCode::from(3),
+                        snapsign_host::build::BuildFailure::Failed(_) => ExitCode::from(1),
+                    }
+                }
+            });
+        }
         Command::ServeSigner { listen, env, max_memory_mb, timeout_secs, max_concurrency, cache_dir } => {
             let config = signer::SignerServerConfig {
                 listen,
@@ -247,10 +367,15 @@ async fn run(cli: Cli) -> Result<()> {
             server.shutdown().await;
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
+    // Installed in sandboxes as /usr/local/bin/tl-rootfs-build: be the reference builder.
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "tl-rootfs-build") {
+        return snapsign_rootfs_builder::run_cli(std::env::args().skip(1).collect());
+    }
     let cli = Cli::parse();
     // Servers log requests by default; one-shot commands only warnings.
     let default_filter = match cli.command {
@@ -273,7 +398,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

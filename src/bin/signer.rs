@@ -6,7 +6,7 @@
 use snapsign::signer::{self, Answer, Incoming, MAX_BODY_BYTES, SignError, SignerConfig, Step};
 use wstd::http::body::Body;
 use wstd::http::body::util::BodyExt as _;
-use wstd::http::{Client, Error, Request, Response, StatusCode};
+use wstd::http::{Error, Request, Response, StatusCode};
 use wstd::time::Instant;
 
 #[wstd::http_server]
@@ -32,21 +32,15 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
     match signer::handle(&config, &incoming, jiff::Timestamp::now()) {
         Step::Respond(answer) => respond(answer, None),
         Step::CreateMultipartUpload(pending) => {
-            let store = async {
-                let request = Request::post(pending.store_url.as_str()).body(Body::empty())?;
-                let mut response = Client::new().send(request).await?;
-                let status = response.status().as_u16();
-                let text = String::from_utf8_lossy(&response.body_mut().contents().await?.to_vec()).into_owned();
-                Ok::<_, Error>((status, text))
-            };
-            match store.await {
-                Ok((status, text)) => {
+            match snapsign::wasi_http::send("POST", &pending.store_url, &[], &[]) {
+                Ok((status, body)) => {
+                    let text = String::from_utf8_lossy(&body);
                     // Server-Timing reports the signing itself, for `snapsign bench`.
                     let started = Instant::now();
                     let answer = pending.finish(status, &text);
                     respond(answer, Some(started.elapsed().as_micros()))
                 }
-                Err(e) => respond(pending.unreachable(&format!("{e:#}")), None),
+                Err(e) => respond(pending.unreachable(&e), None),
             }
         }
     }

@@ -1,0 +1,208 @@
+//! End-to-end: the builder component in the host, against the dev stack
+//! (platform emulator, bubblewrap sandboxes, the reference builder, the
+//! store and the signer), all on loopback.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::dev::start_stack;
+use serde_json::Value;
+use snapsign_host::build::{BuildEvent, BuildFailure, BuildOptions};
+use snapsign_host::dev::{DevConfig, DevStack, Faults, PrepareShape};
+
+fn options(stack: &DevStack, name: &str, dockerfile: &str, context: &Path) -> BuildOptions {
+    BuildOptions {
+        api_url: stack.api_url(),
+        token: stack.token.clone(),
+        namespace: stack.namespace.clone(),
+        name: name.into(),
+        dockerfile: dockerfile.into(),
+        context_dir: context.to_owned(),
+        disk_mb: Some(512),
+        builder_cpus: None,
+        builder_memory_mb: None,
+        builder_disk_mb: None,
+        public: false,
+        sandbox_wait: Duration::from_secs(30),
+        allow_hosts: vec![stack.store.addr().to_string()],
+        max_memory_bytes: 128 << 20,
+        timeout: Duration::from_secs(300),
+        cache_dir: common::cache_dir(),
+    }
+}
+
+struct Run {
+    outcome: Result<Value, BuildFailure>,
+    events: Vec<BuildEvent>,
+}
+
+async fn build(options: &BuildOptions) -> Run {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let (outcome, _) = snapsign_host::build::run(options, Arc::new(move |e| sink.lock().unwrap().push(e)))
+        .await
+        .expect("the host runs the builder component");
+    let events = events.lock().unwrap().clone();
+    Run { outcome, events }
+}
+
+fn context(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    dir
+}
+
+async fn stack_with(dir: &Path, edit: impl FnOnce(&mut DevConfig)) -> DevStack {
+    start_stack(dir, edit).await
+}
+
+fn open_uploads(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("store"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".upload-") && n.ends_with(".json"))
+        .collect()
+}
+
+async fn lookup(stack: &DevStack, name: &str) -> u16 {
+    let url = format!("{}/platform/v1/sandbox-templates/by-name/{name}", stack.api_url());
+    reqwest::Client::new().get(url).bearer_auth(&stack.token).send().await.unwrap().status().as_u16()
+}
+
+const BASE: &str = "FROM scratch\nCOPY hello.txt /etc/hello.txt\nENV GREETING=hi\nCMD [\"/bin/sh\"]\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn base_then_diff_build_through_the_new_shape_with_parent_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ctx = context(&[("hello.txt", b"hello from the base image\n")]);
+    let run = build(&options(&stack, "base", BASE, ctx.path())).await;
+    let base = run.outcome.unwrap_or_else(|e| panic!("base build failed: {e}\n{:#?}", run.events));
+    assert!(base["id"].as_str().unwrap().starts_with("tpl-"));
+    let uri = base["snapshotUri"].as_str().unwrap();
+    assert!(uri.starts_with("s3://snapshots/builds/default/sandbox-template-builds/build-"), "signed uri: {uri}");
+    assert_eq!(base["rootfsNodeKind"], "base");
+    assert!(run.events.iter().any(|e| matches!(e, BuildEvent::Log(_, line) if line.contains("COPY"))), "builder log streamed");
+    for stage in ["prepare", "sandbox", "sign", "upload", "build", "complete"] {
+        assert!(run.events.contains(&BuildEvent::Stage(stage.into())), "stage {stage} reported");
+    }
+    assert!(stack.platform.live_sandboxes().is_empty(), "builder sandbox deleted");
+
+    let child_ctx = context(&[("more.txt", b"added by the child\n")]);
+    let child = build(&options(&stack, "child", "FROM base\nCOPY more.txt /etc/more.txt\n", child_ctx.path())).await;
+    let child = child.outcome.unwrap_or_else(|e| panic!("diff build failed: {e}\n{:#?}", child.events));
+    assert_eq!(child["rootfsNodeKind"], "diff");
+    assert_eq!(child["parentManifestUri"], base["snapshotUri"]);
+    assert!(open_uploads(dir.path()).is_empty());
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_shape_is_unchanged_and_both_fields_let_the_signed_uri_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |c| c.shape = PrepareShape::Legacy).await;
+    let ctx = context(&[("hello.txt", b"legacy\n")]);
+    let run = build(&options(&stack, "legacy", BASE, ctx.path())).await;
+    let legacy = run.outcome.unwrap_or_else(|e| panic!("legacy build failed: {e}\n{:#?}", run.events));
+    assert!(!run.events.contains(&BuildEvent::Stage("sign".into())), "legacy builds do not sign");
+    assert!(legacy["snapshotUri"].as_str().unwrap().starts_with("s3://snapshots/builds/default/"));
+    stack.shutdown().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |c| c.shape = PrepareShape::Both).await;
+    let run = build(&options(&stack, "both", BASE, ctx.path())).await;
+    let both = run.outcome.unwrap_or_else(|e| panic!("both-fields build failed: {e}\n{:#?}", run.events));
+    let uri = both["snapshotUri"].as_str().unwrap();
+    assert!(!uri.contains("/stale/"), "the signed uri wins over the stale snapshotUri: {uri}");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_pending_with_502s_then_running_still_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |c| c.faults.pending_502s = 4).await;
+    let ctx = context(&[("hello.txt", b"patience\n")]);
+    let run = build(&options(&stack, "patient", BASE, ctx.path())).await;
+    run.outcome.unwrap_or_else(|e| panic!("build failed: {e}"));
+    stack.shutdown().await;
+}
+
+/// Runs a build under `faults` and checks the failure is clean.
+async fn failing(faults: Faults, expect: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |c| c.faults = faults).await;
+    let ctx = context(&[("hello.txt", b"doomed\n")]);
+    let run = build(&options(&stack, "doomed", BASE, ctx.path())).await;
+    let Err(BuildFailure::Failed(message)) = &run.outcome else {
+        panic!("expected a build failure containing {expect:?}, got {:?}", run.outcome)
+    };
+    assert!(message.contains(expect), "{message:?} should contain {expect:?}");
+    assert!(message.contains("(builder sandbox: sbx-") && message.contains(", build: build-"), "{message}");
+    assert!(stack.platform.live_sandboxes().is_empty(), "sandbox left behind after: {message}");
+    assert!(open_uploads(dir.path()).is_empty(), "multipart upload left open after: {message}");
+    assert_eq!(lookup(&stack, "doomed").await, 404, "a template was registered after: {message}");
+    stack.shutdown().await;
+    run
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_fault_ends_in_a_clear_error_with_nothing_left_behind() {
+    failing(Faults { terminate_sandbox: true, ..Faults::default() }, "terminated before reaching 'running'").await;
+    failing(Faults { sign_fail: true, ..Faults::default() }, "dataplane sign request failed (HTTP 502)").await;
+    let run = failing(Faults { sign_without_uri: true, ..Faults::default() }, "dataplane signed upload response is missing uri").await;
+    assert!(!run.events.contains(&BuildEvent::Stage("build".into())), "the builder never ran");
+    assert!(!run.events.iter().any(|e| matches!(e, BuildEvent::Log(..))), "the builder never ran");
+    failing(Faults { store_fail_part: Some(1), ..Faults::default() }, "failed with exit code").await;
+    failing(Faults { builder_exit_nonzero: true, ..Faults::default() }, "failed with exit code 3").await;
+    failing(Faults { builder_oom: true, ..Faults::default() }, "(process was killed by the kernel OOM killer)").await;
+    failing(
+        Faults { metadata_missing_field: Some("rootfs_disk_bytes".into()), ..Faults::default() },
+        "rootfs builder metadata is missing numeric rootfs_disk_bytes",
+    )
+    .await;
+    failing(Faults { metadata_uri: Some("s3://snapshots/elsewhere.tlsnap".into()), ..Faults::default() }, "did not match dataplane signed uri").await;
+    failing(Faults { complete_fail: true, ..Faults::default() }, "failed to complete sandbox image build (HTTP 500").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_context_larger_than_the_guest_memory_limit_is_streamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let mut big = vec![0u8; 40 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in big.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let ctx = context(&[("blob.bin", &big)]);
+    let mut opts = options(&stack, "big", "FROM scratch\nCOPY blob.bin /blob.bin\n", ctx.path());
+    opts.max_memory_bytes = 24 << 20;
+    let run = build(&opts).await;
+    let template = run.outcome.unwrap_or_else(|e| panic!("big build failed: {e}"));
+    assert!(template["snapshotSizeBytes"].as_u64().unwrap() > 30 << 20, "{template}");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_and_auth_errors_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ctx = context(&[]);
+    let run = build(&options(&stack, "x", "COPY a b\n", ctx.path())).await;
+    assert!(matches!(&run.outcome, Err(BuildFailure::Usage(m)) if m.contains("no FROM")), "{:?}", run.outcome);
+    let mut bad = options(&stack, "x", BASE, ctx.path());
+    bad.token = "sst1.forged.token".into();
+    let run = build(&bad).await;
+    assert!(matches!(&run.outcome, Err(BuildFailure::Auth(_))), "{:?}", run.outcome);
+    stack.shutdown().await;
+}
+
