@@ -57,7 +57,9 @@ pub fn send(method_name: &str, url: &str, headers: &[(String, String)], body: &[
             match stream.blocking_write_and_flush(chunk) {
                 Ok(()) => {}
                 Err(StreamError::Closed) => break,
-                Err(StreamError::LastOperationFailed(e)) => return Err(format!("{url}: sending the body: {}", e.to_debug_string())),
+                Err(StreamError::LastOperationFailed(e)) => {
+                    return Err(format!("{url}: sending the body: {}", e.to_debug_string()));
+                }
             }
         }
     }

@@ -89,7 +89,10 @@ async fn base_then_diff_build_through_the_new_shape_with_parent_download() {
     let uri = base["snapshotUri"].as_str().unwrap();
     assert!(uri.starts_with("s3://snapshots/builds/default/sandbox-template-builds/build-"), "signed uri: {uri}");
     assert_eq!(base["rootfsNodeKind"], "base");
-    assert!(run.events.iter().any(|e| matches!(e, BuildEvent::Log(_, line) if line.contains("COPY"))), "builder log streamed");
+    assert!(
+        run.events.iter().any(|e| matches!(e, BuildEvent::Log(_, line) if line.contains("COPY"))),
+        "builder log streamed"
+    );
     for stage in ["prepare", "sandbox", "sign", "upload", "build", "complete"] {
         assert!(run.events.contains(&BuildEvent::Stage(stage.into())), "stage {stage} reported");
     }
@@ -156,7 +159,11 @@ async fn failing(faults: Faults, expect: &str) -> Run {
 async fn each_fault_ends_in_a_clear_error_with_nothing_left_behind() {
     failing(Faults { terminate_sandbox: true, ..Faults::default() }, "terminated before reaching 'running'").await;
     failing(Faults { sign_fail: true, ..Faults::default() }, "dataplane sign request failed (HTTP 502)").await;
-    let run = failing(Faults { sign_without_uri: true, ..Faults::default() }, "dataplane signed upload response is missing uri").await;
+    let run = failing(
+        Faults { sign_without_uri: true, ..Faults::default() },
+        "dataplane signed upload response is missing uri",
+    )
+    .await;
     assert!(!run.events.contains(&BuildEvent::Stage("build".into())), "the builder never ran");
     assert!(!run.events.iter().any(|e| matches!(e, BuildEvent::Log(..))), "the builder never ran");
     failing(Faults { store_fail_part: Some(1), ..Faults::default() }, "failed with exit code").await;
@@ -167,8 +174,13 @@ async fn each_fault_ends_in_a_clear_error_with_nothing_left_behind() {
         "rootfs builder metadata is missing numeric rootfs_disk_bytes",
     )
     .await;
-    failing(Faults { metadata_uri: Some("s3://snapshots/elsewhere.tlsnap".into()), ..Faults::default() }, "did not match dataplane signed uri").await;
-    failing(Faults { complete_fail: true, ..Faults::default() }, "failed to complete sandbox image build (HTTP 500").await;
+    failing(
+        Faults { metadata_uri: Some("s3://snapshots/elsewhere.tlsnap".into()), ..Faults::default() },
+        "did not match dataplane signed uri",
+    )
+    .await;
+    failing(Faults { complete_fail: true, ..Faults::default() }, "failed to complete sandbox image build (HTTP 500")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -205,4 +217,3 @@ async fn usage_and_auth_errors_are_told_apart() {
     assert!(matches!(&run.outcome, Err(BuildFailure::Auth(_))), "{:?}", run.outcome);
     stack.shutdown().await;
 }
-

@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the whole flow on the embedded stack (store + signer) and check the result.
+    /// Run the whole flow on the embedded dev stack: a base, a diff and a legacy build, each verified.
     Demo,
     /// Serve the signer component (POST /api/v1/blob/sign) over HTTP.
     ///
@@ -297,7 +297,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tracing::info!("stopping the signer");
             server.shutdown().await;
         }
-        Command::Demo => snapsign_host::demo::run().await?,
+        Command::Demo => {
+            let builder = std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
+            snapsign_host::demo::run(builder).await?
+        }
         Command::Dev {
             data_dir,
             listen,

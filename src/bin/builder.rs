@@ -6,8 +6,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value, json};
 use ::snapsign::build::{command, complete, decorate, plan, sizing, splice, transient};
+use serde_json::{Map, Value, json};
 
 mod bindings {
     wit_bindgen::generate!({ world: "builder", path: "wit", pub_export_macro: true });
@@ -53,7 +53,12 @@ fn sandbox_error(e: &SandboxError) -> String {
 }
 
 /// An HTTP exchange: status and body text.
-async fn call(method: &str, url: &str, headers: &[(String, String)], body: Option<&Value>) -> Result<(u16, String), String> {
+async fn call(
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    body: Option<&Value>,
+) -> Result<(u16, String), String> {
     let mut headers = headers.to_vec();
     let bytes = match body {
         Some(json) => {
@@ -75,7 +80,13 @@ impl Platform {
     async fn lookup(&self, reference: &str) -> Result<Option<Value>, BuildError> {
         let encoded: String = reference
             .bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
             .collect();
         let url = format!("{}/platform/v1/sandbox-templates/by-name/{encoded}", self.api);
         // A lookup is idempotent: one retry when the connection itself failed.
@@ -87,9 +98,13 @@ impl Platform {
             }
         };
         match status {
-            200 => serde_json::from_str(&text).map(Some).map_err(|e| failed(format!("template lookup for '{reference}': {e}"))),
+            200 => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| failed(format!("template lookup for '{reference}': {e}"))),
             404 => Ok(None),
-            401 | 403 => Err(BuildError::Auth(format!("template lookup for '{reference}' refused (HTTP {status}): {text}"))),
+            401 | 403 => {
+                Err(BuildError::Auth(format!("template lookup for '{reference}' refused (HTTP {status}): {text}")))
+            }
             _ => Err(failed(format!("template lookup for '{reference}' failed (HTTP {status}): {text}"))),
         }
     }
@@ -167,7 +182,9 @@ async fn run(request: BuildRequest) -> Result<String, BuildError> {
             Ok((status, _)) if (200..300).contains(&status) => {
                 emit(&Event::Warning(format!("aborted the multipart upload of build {}", live.build_id)))
             }
-            Ok((status, text)) => emit(&Event::Warning(format!("abort of the multipart upload answered HTTP {status}: {text}"))),
+            Ok((status, text)) => {
+                emit(&Event::Warning(format!("abort of the multipart upload answered HTTP {status}: {text}")))
+            }
             Err(e) => emit(&Event::Warning(format!("cannot abort the multipart upload: {e}"))),
         }
     }
@@ -189,7 +206,11 @@ async fn run(request: BuildRequest) -> Result<String, BuildError> {
 }
 
 /// Retries `attempt` while it fails transiently, until `deadline`.
-async fn until_ready<T>(deadline: Instant, what: &str, mut attempt: impl FnMut() -> Result<Option<T>, SandboxError>) -> Result<T, BuildError> {
+async fn until_ready<T>(
+    deadline: Instant,
+    what: &str,
+    mut attempt: impl FnMut() -> Result<Option<T>, SandboxError>,
+) -> Result<T, BuildError> {
     loop {
         match attempt() {
             Ok(Some(value)) => return Ok(value),
@@ -259,18 +280,25 @@ async fn in_sandbox(
         stage("sign");
         let endpoint = sx::proxy(&id).map_err(|e| failed(format!("sandbox proxy endpoint: {}", sandbox_error(&e))))?;
         let hint = sizing::multipart_hint(rootfs_bytes);
-        let answer = sign(&endpoint, json!({"target": {"kind": "artifact", "rel_path": rel_path},
-                                            "op": {"kind": "put_artifact", "multipart_hint": hint}})).await?;
+        let answer = sign(
+            &endpoint,
+            json!({"target": {"kind": "artifact", "rel_path": rel_path},
+                                            "op": {"kind": "put_artifact", "multipart_hint": hint}}),
+        )
+        .await?;
         if answer.get("kind").and_then(Value::as_str) == Some("s3_multipart") {
             live.abort_url = answer.get("abortUrl").and_then(Value::as_str).map(str::to_owned);
         }
         signed_uri = Some(splice::splice_upload(&mut spec_json, answer).map_err(|e| failed(e.to_string()))?);
         if let Some((parent_uri, _)) = &prepared.parent {
-            let read = sign(&endpoint, json!({"target": {"kind": "blob", "uri": parent_uri}, "op": {"kind": "get_blob"}})).await?;
+            let read =
+                sign(&endpoint, json!({"target": {"kind": "blob", "uri": parent_uri}, "op": {"kind": "get_blob"}}))
+                    .await?;
             splice::splice_parent_download(&mut spec_json, read).map_err(|e| failed(e.to_string()))?;
         }
         for (index, uri) in splice::local_images_to_sign(&spec_json) {
-            let read = sign(&endpoint, json!({"target": {"kind": "blob", "uri": uri}, "op": {"kind": "get_blob"}})).await?;
+            let read =
+                sign(&endpoint, json!({"target": {"kind": "blob", "uri": uri}, "op": {"kind": "get_blob"}})).await?;
             splice::splice_local_image(&mut spec_json, index, read);
         }
     }
@@ -287,7 +315,8 @@ async fn in_sandbox(
     run_ok(&id, spec("rm", &["-f", &archive], false), false)?;
     spec_json.insert("dockerfile".into(), json!(request.dockerfile));
     spec_json.insert("contextDir".into(), json!(context));
-    spec_json.insert("baseImage".into(), json!(plan::plan(&request.dockerfile).map(|p| p.base_image).unwrap_or_default()));
+    spec_json
+        .insert("baseImage".into(), json!(plan::plan(&request.dockerfile).map(|p| p.base_image).unwrap_or_default()));
     spec_json.insert("rootfsDiskBytes".into(), json!(rootfs_bytes));
     let spec_bytes = serde_json::to_vec_pretty(&Value::Object(spec_json)).expect("JSON");
     sx::write_file(&id, &format!("{build_dir}/spec.json"), &spec_bytes)
@@ -306,8 +335,10 @@ async fn in_sandbox(
     stage("complete");
     let metadata = sx::read_file(&id, &format!("{build_dir}/metadata.json"))
         .map_err(|e| failed(format!("read metadata.json: {}", sandbox_error(&e))))?;
-    let metadata: Value = serde_json::from_slice(&metadata).map_err(|e| failed(format!("metadata.json is not JSON: {e}")))?;
-    let body = complete::completion(prepared, signed_uri.as_deref(), &metadata, rootfs_bytes).map_err(|e| failed(e.to_string()))?;
+    let metadata: Value =
+        serde_json::from_slice(&metadata).map_err(|e| failed(format!("metadata.json is not JSON: {e}")))?;
+    let body = complete::completion(prepared, signed_uri.as_deref(), &metadata, rootfs_bytes)
+        .map_err(|e| failed(e.to_string()))?;
     let url = format!("{}/platform/v1/sandbox-template-builds/{}/complete", platform.api, prepared.build_id);
     let (status, text) = call("POST", &url, &platform.auth, Some(&body)).await.map_err(failed)?;
     if !(200..300).contains(&status) {
@@ -347,15 +378,15 @@ impl Write for Upload {
 }
 
 fn upload_context(id: &str, path: &str) -> Result<(), BuildError> {
-    let writer = sx::open_file_writer(id, path).map_err(|e| failed(format!("upload the context: {}", sandbox_error(&e))))?;
+    let writer =
+        sx::open_file_writer(id, path).map_err(|e| failed(format!("upload the context: {}", sandbox_error(&e))))?;
     let upload = Upload { writer, buffer: Vec::with_capacity(CHUNK), sent: 0 };
     let gz = flate2::write::GzEncoder::new(upload, flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
-    append_tree(&mut tar, std::path::Path::new(CONTEXT_DIR), "").map_err(|e| failed(format!("archive the build context: {e}")))?;
-    let mut upload = tar
-        .into_inner()
-        .and_then(|gz| gz.finish())
+    append_tree(&mut tar, std::path::Path::new(CONTEXT_DIR), "")
         .map_err(|e| failed(format!("archive the build context: {e}")))?;
+    let mut upload =
+        tar.into_inner().and_then(|gz| gz.finish()).map_err(|e| failed(format!("archive the build context: {e}")))?;
     upload.flush().map_err(|e| failed(format!("upload the context: {e}")))?;
     let written = upload.writer.finish().map_err(|e| failed(format!("upload the context: {}", sandbox_error(&e))))?;
     emit(&Event::UploadProgress((written, written)));

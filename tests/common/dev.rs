@@ -167,13 +167,15 @@ impl Api {
             let parts = disk_mb.div_ceil(64).clamp(1, 10_000);
             let request = json!({"target": {"kind": "artifact", "rel_path": rel},
                                  "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": parts, "part_size_bytes": 67108864u64}}});
-            let (status, signed) = self.send(self.proxy(reqwest::Method::POST, &sandbox, "/api/v1/blob/sign").json(&request)).await;
+            let (status, signed) =
+                self.send(self.proxy(reqwest::Method::POST, &sandbox, "/api/v1/blob/sign").json(&request)).await;
             assert_eq!(status, 200, "sign: {signed}");
             spec["snapshotUri"] = signed["uri"].clone();
             spec["upload"] = signed;
             if let Some(parent_uri) = prepared["parent"]["parentManifestUri"].as_str() {
                 let request = json!({"target": {"kind": "blob", "uri": parent_uri}, "op": {"kind": "get_blob"}});
-                let (status, read) = self.send(self.proxy(reqwest::Method::POST, &sandbox, "/api/v1/blob/sign").json(&request)).await;
+                let (status, read) =
+                    self.send(self.proxy(reqwest::Method::POST, &sandbox, "/api/v1/blob/sign").json(&request)).await;
                 assert_eq!(status, 200, "sign parent: {read}");
                 spec["parent"]["download"] = read;
             }
@@ -192,7 +194,12 @@ impl Api {
         let spec_path = format!("{BUILD_DIR}/spec.json");
         let metadata_path = format!("{BUILD_DIR}/metadata.json");
         let (events, builder_exit) = self
-            .run(&sandbox, "/usr/local/bin/tl-rootfs-build", &["--spec", &spec_path, "--metadata-out", &metadata_path], true)
+            .run(
+                &sandbox,
+                "/usr/local/bin/tl-rootfs-build",
+                &["--spec", &spec_path, "--metadata-out", &metadata_path],
+                true,
+            )
             .await;
         let builder_lines = events.iter().map(|e| e["line"].as_str().unwrap_or_default().to_owned()).collect();
         let metadata = match self.get_file(&sandbox, &metadata_path).await {
@@ -208,7 +215,8 @@ impl Api {
             if let Some(parent) = metadata.get("parent_manifest_uri").filter(|p| p.is_string()) {
                 body["parentManifestUri"] = parent.clone();
             }
-            let path = format!("/platform/v1/sandbox-template-builds/{}/complete", prepared["buildId"].as_str().unwrap());
+            let path =
+                format!("/platform/v1/sandbox-template-builds/{}/complete", prepared["buildId"].as_str().unwrap());
             self.post(&path, body).await
         } else {
             (0, Value::Null)

@@ -3,7 +3,9 @@
 
 use std::future::Future;
 
-pub use super::bindings::snapsign::components::types::{ExitStatus, ProcessSpec, ProxyEndpoint, Resources, SandboxError};
+pub use super::bindings::snapsign::components::types::{
+    ExitStatus, ProcessSpec, ProxyEndpoint, Resources, SandboxError,
+};
 
 /// Receives a process's output lines: (stream, line).
 pub type LineSink<'a> = dyn FnMut(&str, &str) + Send + 'a;
@@ -46,15 +48,30 @@ impl FileSink {
 /// Sandbox mechanics one backend provides.
 pub trait SandboxBackend: Send + Sync + 'static {
     /// Creates a sandbox; returns its id and status.
-    fn create(&self, image: &str, resources: Resources, timeout_secs: i64) -> impl Future<Output = Result<(String, String), SandboxError>> + Send;
+    fn create(
+        &self,
+        image: &str,
+        resources: Resources,
+        timeout_secs: i64,
+    ) -> impl Future<Output = Result<(String, String), SandboxError>> + Send;
     /// Lifecycle status.
     fn status(&self, id: &str) -> impl Future<Output = Result<String, SandboxError>> + Send;
     /// Proxy endpoint for the component's own calls.
     fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError>;
     /// Runs a process to completion, feeding its output to `sink`.
-    fn run(&self, id: &str, spec: ProcessSpec, sink: &mut LineSink<'_>) -> impl Future<Output = Result<ExitStatus, SandboxError>> + Send;
+    fn run(
+        &self,
+        id: &str,
+        spec: ProcessSpec,
+        sink: &mut LineSink<'_>,
+    ) -> impl Future<Output = Result<ExitStatus, SandboxError>> + Send;
     /// Writes a whole file.
-    fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> impl Future<Output = Result<(), SandboxError>> + Send;
+    fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        contents: Vec<u8>,
+    ) -> impl Future<Output = Result<(), SandboxError>> + Send;
     /// Starts streaming a file.
     fn open_file(&self, id: &str, path: &str) -> impl Future<Output = Result<FileSink, SandboxError>> + Send;
     /// Reads a file.

@@ -88,7 +88,12 @@ impl<B: SandboxBackend> events::Host for BuildState<B> {
 }
 
 impl<B: SandboxBackend> sandbox_exec::Host for BuildState<B> {
-    async fn create(&mut self, image: String, resources: types::Resources, timeout_secs: i64) -> Result<types::Sandbox, SandboxError> {
+    async fn create(
+        &mut self,
+        image: String,
+        resources: types::Resources,
+        timeout_secs: i64,
+    ) -> Result<types::Sandbox, SandboxError> {
         let (id, status) = self.backend.create(&image, resources, timeout_secs).await?;
         tracing::info!(sandbox = %id, "builder sandbox created");
         Ok(types::Sandbox { id, status })
@@ -102,7 +107,12 @@ impl<B: SandboxBackend> sandbox_exec::Host for BuildState<B> {
         self.backend.proxy(&id)
     }
 
-    async fn run(&mut self, id: String, spec: types::ProcessSpec, log_output: bool) -> Result<types::ExitStatus, SandboxError> {
+    async fn run(
+        &mut self,
+        id: String,
+        spec: types::ProcessSpec,
+        log_output: bool,
+    ) -> Result<types::ExitStatus, SandboxError> {
         let events = self.events.clone();
         let mut sink = |stream: &str, line: &str| {
             if log_output {
@@ -224,9 +234,17 @@ fn authority(url: &str) -> Option<String> {
 }
 
 /// Runs one build with the `proxy` backend against `options.api_url`.
-pub async fn run(options: &BuildOptions, events: EventFn) -> Result<(Result<serde_json::Value, BuildFailure>, RunTimings)> {
+pub async fn run(
+    options: &BuildOptions,
+    events: EventFn,
+) -> Result<(Result<serde_json::Value, BuildFailure>, RunTimings)> {
     let outbound = AllowList::new(authority(&options.api_url).into_iter().chain(options.allow_hosts.iter().cloned()));
-    let backend = Arc::new(proxy_backend::ProxyBackend::new(&options.api_url, &options.token, &options.namespace, outbound.clone()));
+    let backend = Arc::new(proxy_backend::ProxyBackend::new(
+        &options.api_url,
+        &options.token,
+        &options.namespace,
+        outbound.clone(),
+    ));
     run_with(options, backend, outbound, events).await
 }
 
@@ -244,10 +262,13 @@ pub async fn run_with<B: SandboxBackend>(
     let mut linker: Linker<BuildState<B>> = Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).anyhow().context("link WASI")?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).anyhow().context("link WASI HTTP")?;
-    bindings::Builder::add_to_linker::<_, HasSelf<BuildState<B>>>(&mut linker, |s| s).anyhow().context("link sandbox-exec")?;
-    let pre = bindings::BuilderPre::new(linker.instantiate_pre(&component).anyhow().context("pre-instantiate the builder")?)
+    bindings::Builder::add_to_linker::<_, HasSelf<BuildState<B>>>(&mut linker, |s| s)
         .anyhow()
-        .context("the builder does not export snapsign:components/build")?;
+        .context("link sandbox-exec")?;
+    let pre =
+        bindings::BuilderPre::new(linker.instantiate_pre(&component).anyhow().context("pre-instantiate the builder")?)
+            .anyhow()
+            .context("the builder does not export snapsign:components/build")?;
 
     let instantiating = Instant::now();
     let mut wasi = WasiCtx::builder();
@@ -311,7 +332,7 @@ pub fn progress_printer() -> EventFn {
         BuildEvent::Upload(sent, total) => {
             let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
             if total > 0 {
-                eprintln!("  context uploaded: {:.1} MiB", total as f64 / 1048576.0);
+                eprintln!("  context uploaded: {total} bytes (gzip tar)");
             } else if sent >= *last + (8 << 20) {
                 *last = sent;
                 eprintln!("  context upload: {:.1} MiB sent", sent as f64 / 1048576.0);

@@ -10,7 +10,9 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use snapsign::build::transient::is_transient;
 
-use super::backend::{ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError};
+use super::backend::{
+    ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
+};
 use crate::outbound::AllowList;
 
 /// Start attempts of a process (PROTOCOL.md §4.3).
@@ -95,7 +97,12 @@ impl ProxyBackend {
         if (200..300).contains(&status) { Ok(text) } else { Err(classify(what, status, &text)) }
     }
 
-    fn proxy_request(&self, id: &str, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder, SandboxError> {
+    fn proxy_request(
+        &self,
+        id: &str,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, SandboxError> {
         let endpoint = self.endpoint(id)?;
         let mut request = self.http.request(method, format!("{}{path}", endpoint.base_url));
         for (name, value) in endpoint.headers {
@@ -117,7 +124,9 @@ impl ProxyBackend {
             .map(|u| u.trim().trim_end_matches('/').to_owned())
             .filter(|u| !u.is_empty())
             .ok_or_else(|| {
-                SandboxError::Failed("server response did not include sandbox_url; refusing to derive a proxy URL".into())
+                SandboxError::Failed(
+                    "server response did not include sandbox_url; refusing to derive a proxy URL".into(),
+                )
             })?;
         let mut headers = vec![
             ("authorization".to_owned(), format!("Bearer {}", self.token)),
@@ -137,7 +146,9 @@ impl ProxyBackend {
                 Ok(text) => {
                     let info: Value = serde_json::from_str(&text)
                         .map_err(|e| SandboxError::Failed(format!("process start answer is not JSON: {e}")))?;
-                    return info["pid"].as_i64().ok_or_else(|| SandboxError::Failed(format!("process start answer has no pid: {text}")));
+                    return info["pid"]
+                        .as_i64()
+                        .ok_or_else(|| SandboxError::Failed(format!("process start answer has no pid: {text}")));
                 }
                 Err(e @ (SandboxError::Denied(_) | SandboxError::Gone(_))) => return Err(e),
                 Err(e) => {
@@ -179,9 +190,12 @@ impl ProxyBackend {
             let text = response.text().await.unwrap_or_default();
             return Err(classify("follow process output", status, &text));
         }
-        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let content_type =
+            response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         if !content_type.contains("text/event-stream") {
-            return Err(SandboxError::Failed(format!("expected text/event-stream response, got content-type: {content_type}")));
+            return Err(SandboxError::Failed(format!(
+                "expected text/event-stream response, got content-type: {content_type}"
+            )));
         }
         let mut seen = 0usize;
         let mut pending = String::new();
@@ -208,7 +222,12 @@ impl ProxyBackend {
 }
 
 impl SandboxBackend for ProxyBackend {
-    async fn create(&self, image: &str, resources: Resources, timeout_secs: i64) -> Result<(String, String), SandboxError> {
+    async fn create(
+        &self,
+        image: &str,
+        resources: Resources,
+        timeout_secs: i64,
+    ) -> Result<(String, String), SandboxError> {
         let body = json!({"image": image, "resources": {"cpus": resources.cpus, "memory_mb": resources.memory_mb,
                           "disk_mb": resources.disk_mb}, "timeout_secs": timeout_secs});
         let request = self.http.post(&self.lifecycle).json(&body);
@@ -221,7 +240,9 @@ impl SandboxBackend for ProxyBackend {
         }
         let created: Value = serde_json::from_str(&text)
             .map_err(|e| SandboxError::Failed(format!("create sandbox answer is not JSON ({e}): {text}")))?;
-        let id = created["sandbox_id"].as_str().ok_or_else(|| SandboxError::Failed(format!("create sandbox answer has no sandbox_id: {text}")))?;
+        let id = created["sandbox_id"]
+            .as_str()
+            .ok_or_else(|| SandboxError::Failed(format!("create sandbox answer has no sandbox_id: {text}")))?;
         let known = Known {
             sandbox_url: created["sandbox_url"].as_str().map(str::to_owned),
             routing_hint: created["routing_hint"].as_str().map(str::to_owned),
@@ -250,7 +271,10 @@ impl SandboxBackend for ProxyBackend {
         if entry.routing_hint.is_none() {
             entry.routing_hint = info["routing_hint"].as_str().map(str::to_owned);
         }
-        info["status"].as_str().map(str::to_owned).ok_or_else(|| SandboxError::Failed(format!("sandbox {id} answer has no status")))
+        info["status"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| SandboxError::Failed(format!("sandbox {id} answer has no status")))
     }
 
     fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError> {
@@ -287,7 +311,9 @@ impl SandboxBackend for ProxyBackend {
             }
             let request = self.proxy_request(id, reqwest::Method::GET, &format!("/api/v1/processes/{pid}"))?;
             let info: Value = match self.send("get process", request).await {
-                Ok(text) => serde_json::from_str(&text).map_err(|e| SandboxError::Failed(format!("process answer: {e}")))?,
+                Ok(text) => {
+                    serde_json::from_str(&text).map_err(|e| SandboxError::Failed(format!("process answer: {e}")))?
+                }
                 Err(e) => {
                     failures += 1;
                     if failures >= REATTACH_ATTEMPTS {
@@ -313,13 +339,18 @@ impl SandboxBackend for ProxyBackend {
             if let Some(code) = code {
                 return Ok(ExitStatus { code, oom_killed: oom });
             }
-            tracing::info!(sandbox = id, pid, "Process output stream ended before process {pid} exited; reattaching...");
+            tracing::info!(
+                sandbox = id,
+                pid,
+                "Process output stream ended before process {pid} exited; reattaching..."
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
     async fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> Result<(), SandboxError> {
-        let request = self.proxy_request(id, reqwest::Method::PUT, "/api/v1/files")?.query(&[("path", path)]).body(contents);
+        let request =
+            self.proxy_request(id, reqwest::Method::PUT, "/api/v1/files")?.query(&[("path", path)]).body(contents);
         self.send(&format!("write {path}"), request).await.map(drop)
     }
 
@@ -342,7 +373,10 @@ impl SandboxBackend for ProxyBackend {
     }
 
     async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>, SandboxError> {
-        let request = self.proxy_request(id, reqwest::Method::GET, "/api/v1/files")?.query(&[("path", path)]).bearer_auth(&self.token);
+        let request = self
+            .proxy_request(id, reqwest::Method::GET, "/api/v1/files")?
+            .query(&[("path", path)])
+            .bearer_auth(&self.token);
         let response = request.send().await.map_err(|e| http_error(&format!("read {path}"), e))?;
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(|e| http_error(&format!("read {path}"), e))?;
@@ -366,7 +400,10 @@ mod tests {
     fn lifecycle_base_follows_the_protocol() {
         assert_eq!(lifecycle_base("http://127.0.0.1:8080/", "ns"), "http://127.0.0.1:8080/v1/namespaces/ns/sandboxes");
         assert_eq!(lifecycle_base("https://api.tensorlake.ai", "ns"), "https://sandbox.tensorlake.ai/sandboxes");
-        assert_eq!(lifecycle_base("https://api.eu.example.com:8443/x", "ns"), "https://sandbox.eu.example.com/sandboxes");
+        assert_eq!(
+            lifecycle_base("https://api.eu.example.com:8443/x", "ns"),
+            "https://sandbox.eu.example.com/sandboxes"
+        );
         assert_eq!(lifecycle_base("https://platform.example", "ns"), "https://sandbox.tensorlake.ai/sandboxes");
     }
 

@@ -42,7 +42,7 @@ pub struct Emulator {
     pub(crate) http: reqwest::Client,
     pub(crate) base_url: OnceLock<String>,
     pub(crate) pending: Duration,
-    pub(crate) shape: PrepareShape,
+    shape: Mutex<PrepareShape>,
     faults: Mutex<Faults>,
     store_faults: Arc<StoreFaults>,
 }
@@ -70,7 +70,7 @@ impl Emulator {
             http: reqwest::Client::new(),
             base_url: OnceLock::new(),
             pending,
-            shape,
+            shape: Mutex::new(shape),
             faults: Mutex::new(faults),
             store_faults,
         }
@@ -85,6 +85,16 @@ impl Emulator {
     pub fn set_faults(&self, faults: Faults) {
         self.store_faults.fail_upload_part(faults.store_fail_part);
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+    }
+
+    /// The prepare shape answered when a request does not pick one.
+    pub fn shape(&self) -> PrepareShape {
+        *self.shape.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the default prepare shape.
+    pub fn set_shape(&self, shape: PrepareShape) {
+        *self.shape.lock().unwrap_or_else(|p| p.into_inner()) = shape;
     }
 
     /// The emulator's own URL (also every sandbox's `sandbox_url`).
@@ -127,7 +137,8 @@ impl Emulator {
         let response = match self.clone().dispatch(request).await {
             Ok(response) => response,
             Err(error) => {
-                if error.status.is_server_error() {
+                // A pending sandbox's 502 PROXY_ERROR is expected, not worth a warning.
+                if error.status.is_server_error() && error.code != "PROXY_ERROR" {
                     tracing::warn!(%method, %path, status = error.status.as_u16(), "{}", error.message);
                 }
                 error.into_response()
@@ -163,7 +174,7 @@ impl Emulator {
                         Some(value) => {
                             PrepareShape::parse(value).map_err(|e| ApiError::bad_request("invalid_header", e))?
                         }
-                        None => self.shape,
+                        None => self.shape(),
                     };
                     let body = read_json(request).await?;
                     Ok(super::http::json(StatusCode::OK, &self.prepare(&ns, &body, shape)?))

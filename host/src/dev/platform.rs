@@ -222,7 +222,7 @@ impl Emulator {
     }
 
     /// Size and sha256 of an object, read through a presigned GET.
-    async fn object_digest(&self, uri: &str) -> Result<(u64, String), ApiError> {
+    pub async fn object_digest(&self, uri: &str) -> Result<(u64, String), ApiError> {
         let url = self.presigned_get(uri)?["url"].as_str().unwrap_or_default().to_owned();
         let mut response =
             self.http.get(&url).send().await.map_err(|e| anyhow::anyhow!("read {uri} from the store: {e}"))?;
