@@ -177,3 +177,69 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir)
 }
+
+/// `snapsign bench build`: orchestration overhead of demo builds (total minus
+/// the builder process), warm instantiation, and a cold start from the cache.
+pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
+    use crate::build::{BuildOptions, run};
+    use crate::dev::{DevConfig, DevStack};
+
+    let dir = tempfile_dir()?;
+    let mut config = DevConfig::new(dir.join("dev"), builder);
+    config.pending = Duration::ZERO;
+    config.cache_dir = dir.join("cache");
+    let stack = DevStack::start(&config).await?;
+    let context = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/base");
+    let dockerfile = std::fs::read_to_string(context.join("Dockerfile"))?;
+    let mut overhead = Vec::new();
+    let mut instantiate = Vec::new();
+    let mut total = Vec::new();
+    let mut cold = Vec::new();
+    for round in 0..rounds.max(1) {
+        let options = BuildOptions {
+            api_url: stack.api_url(),
+            token: stack.token.clone(),
+            namespace: stack.namespace.clone(),
+            name: format!("bench-{round}"),
+            dockerfile: dockerfile.clone(),
+            context_dir: context.clone(),
+            disk_mb: Some(256),
+            builder_cpus: None,
+            builder_memory_mb: None,
+            builder_disk_mb: None,
+            public: false,
+            sandbox_wait: Duration::from_secs(60),
+            allow_hosts: vec![stack.store.addr().to_string()],
+            max_memory_bytes: 128 << 20,
+            timeout: Duration::from_secs(600),
+            cache_dir: config.cache_dir.clone(),
+        };
+        let (outcome, timings) = run(&options, std::sync::Arc::new(|_| {})).await?;
+        outcome.map_err(|e| anyhow::anyhow!("bench build failed: {e}"))?;
+        if round == 0 {
+            continue; // the first round compiles the component
+        }
+        total.push(timings.run);
+        overhead.push(timings.run.saturating_sub(timings.builder));
+        instantiate.push(timings.instantiate);
+        cold.push(timings.load + timings.instantiate);
+    }
+    stack.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let (total_median, _) = stats(total);
+    let (overhead_median, overhead_p99) = stats(overhead);
+    let (instantiate_median, _) = stats(instantiate);
+    let (cold_median, _) = stats(cold);
+    println!(
+        "snapsign bench build ({} build of the host, {} measured rounds of examples/base on the dev stack)",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        rounds.max(2) - 1
+    );
+    println!("  whole build (export call):                        median {total_median:8.1} ms");
+    println!(
+        "  orchestration overhead (total minus the builder): median {overhead_median:8.1} ms  p99 {overhead_p99:8.1} ms"
+    );
+    println!("  component instantiate, warm (Store + instantiate): median {:8.1} µs", instantiate_median * 1e3);
+    println!("  cold start from the compiled cache (engine, deserialize, instantiate): median {cold_median:8.2} ms");
+    Ok(())
+}

@@ -180,6 +180,12 @@ enum BenchWhat {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// Orchestration overhead of demo builds, warm instantiation and cold start.
+    Build {
+        /// Builds to run (the first only warms the cache).
+        #[arg(long, default_value_t = 11)]
+        rounds: usize,
+    },
 }
 
 fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
@@ -354,6 +360,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bench { what: BenchWhat::Sign { rounds, requests, concurrency } } => {
             snapsign_host::bench::sign(rounds, requests, concurrency).await?;
+        }
+        Command::Bench { what: BenchWhat::Build { rounds } } => {
+            let builder = std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
+            snapsign_host::bench::build(rounds, builder).await?;
         }
         Command::Store { dir, listen, access_key_id, secret_access_key, buckets } => {
             let config = store::StoreConfig {
