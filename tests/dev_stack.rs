@@ -291,3 +291,42 @@ async fn each_platform_fault_switch_fails_its_step() {
     assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_faults")));
     stack.shutdown().await;
 }
+
+/// Checks the object a build left in the store against its metadata.json.
+async fn assert_object_matches_metadata(stack: &snapsign_host::dev::DevStack, built: &common::dev::Built) {
+    assert_eq!(built.builder_exit["exit_code"], 0, "builder failed: {:#?}", built.builder_lines);
+    let uri = built.metadata["snapshot_uri"].as_str().expect("metadata names the snapshot");
+    let (size, sha256) = stack.platform.object_digest(uri).await.map_err(|e| e.message).unwrap();
+    assert_eq!(Some(size), built.metadata["snapshot_size_bytes"].as_u64(), "{uri}");
+    assert_eq!(Some(sha256.as_str()), built.metadata["sha256"].as_str(), "{uri}");
+    assert_eq!(built.complete.0, 200, "complete: {}", built.complete.1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reference_builder_uploads_by_single_put_multipart_and_diff_and_metadata_matches_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let hello: &[u8] = b"hello\n";
+    let dockerfile = "FROM scratch\nCOPY hello.txt /hello.txt\nCMD [\"/hello\"]\n";
+
+    let legacy = api.build("legacy-put", dockerfile, &[("hello.txt", hello)], None, "legacy", 256).await;
+    assert_eq!(legacy.spec["upload"]["kind"], "single_put");
+    assert_object_matches_metadata(&stack, &legacy).await;
+    assert!(legacy.builder_lines.iter().any(|l| l.contains("one PUT")), "{:#?}", legacy.builder_lines);
+
+    let multipart = api.build("base", dockerfile, &[("hello.txt", hello)], None, "new", 256).await;
+    assert_eq!(multipart.spec["upload"]["kind"], "s3_multipart");
+    assert_eq!(multipart.spec["upload"]["partUrls"].as_array().unwrap().len(), 4, "256 MiB / 64 MiB parts");
+    assert_eq!(multipart.metadata["snapshot_uri"], multipart.spec["snapshotUri"]);
+    assert_object_matches_metadata(&stack, &multipart).await;
+
+    let more: &[u8] = b"more\n";
+    let diff = api.build("child", "FROM base\nCOPY more.txt /more.txt\n", &[("more.txt", more)], Some("base"), "new", 256).await;
+    assert_eq!(diff.spec["parent"]["download"]["kind"], "single_get");
+    assert_eq!(diff.metadata["rootfs_node_kind"], "diff");
+    assert_eq!(diff.metadata["parent_manifest_uri"], multipart.metadata["snapshot_uri"]);
+    assert_object_matches_metadata(&stack, &diff).await;
+    assert_eq!(diff.complete.1["parentManifestUri"], multipart.metadata["snapshot_uri"]);
+    stack.shutdown().await;
+}
