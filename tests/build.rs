@@ -217,3 +217,86 @@ async fn usage_and_auth_errors_are_told_apart() {
     assert!(matches!(&run.outcome, Err(BuildFailure::Auth(_))), "{:?}", run.outcome);
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_local_backend_builds_in_bubblewrap_sandboxes_of_its_own() {
+    use snapsign_host::build::local_backend::LocalBackend;
+    use snapsign_host::outbound::AllowList;
+    use snapsign_sandbox::{Confinement, Sandboxes, SandboxesConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let boxes = Arc::new(
+        Sandboxes::new(SandboxesConfig {
+            root_dir: dir.path().join("local-sandboxes"),
+            confinement: Confinement::detect(false).unwrap(),
+            builder_binary: Some(env!("CARGO_BIN_EXE_snapsign").into()),
+        })
+        .unwrap(),
+    );
+    let backend = Arc::new(LocalBackend::new(boxes.clone(), &stack.signer.url(), &stack.token));
+    let ctx = context(&[("hello.txt", b"built by the local backend\n")]);
+    let opts = options(&stack, "local", BASE, ctx.path());
+    let outbound = AllowList::new([
+        stack.emulator.addr().to_string(),
+        stack.signer.addr().to_string(),
+        stack.store.addr().to_string(),
+    ]);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let (outcome, timings) =
+        snapsign_host::build::run_with(&opts, backend, outbound, Arc::new(move |e| sink.lock().unwrap().push(e)))
+            .await
+            .unwrap();
+    let template = outcome.unwrap_or_else(|e| panic!("local build failed: {e}\n{:#?}", events.lock().unwrap()));
+    assert!(template["snapshotUri"].as_str().unwrap().starts_with("s3://snapshots/builds/default/"));
+    assert!(timings.builder > Duration::ZERO && timings.run >= timings.builder);
+    assert!(stack.platform.live_sandboxes().is_empty(), "no emulator sandbox was used");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("local-sandboxes")).unwrap().collect();
+    assert!(left.is_empty(), "local sandbox deleted after the build");
+    stack.shutdown().await;
+}
+
+fn cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("SNAPSIGN_CACHE_DIR", common::cache_dir())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ctx = context(&[("hello.txt", b"from the CLI\n"), ("Dockerfile", BASE.as_bytes())]);
+    let dockerfile = ctx.path().join("Dockerfile").display().to_string();
+    let context_dir = ctx.path().display().to_string();
+    let (api, token, store) = (stack.api_url(), stack.token.clone(), stack.store.addr().to_string());
+    let run = move |name: &'static str, token: String, dockerfile: String| {
+        let (api, store, context_dir) = (api.clone(), store.clone(), context_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            cli(
+                &["build", "--name", name, "-f", &dockerfile, "--context", &context_dir, "--disk-mb", "256", "--allow-host", &store, "--json"],
+                &[("SNAPSIGN_API_URL", &api), ("SNAPSIGN_API_TOKEN", &token)],
+            )
+        })
+    };
+    let ok = run("cli-image", token.clone(), dockerfile.clone()).await.unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let template: Value = serde_json::from_slice(&ok.stdout).expect("--json prints only the template");
+    assert_eq!(template["name"], "cli-image");
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(stderr.contains("==> build") && stderr.contains("[builder stdout] Step 1/"), "progress and log lines: {stderr}");
+
+    let missing = run("x", token.clone(), "/no/such/Dockerfile".into()).await.unwrap();
+    assert_eq!(missing.status.code(), Some(2), "{}", String::from_utf8_lossy(&missing.stderr));
+    let refused = run("x", "sst1.not.valid".into(), dockerfile.clone()).await.unwrap();
+    assert_eq!(refused.status.code(), Some(3), "{}", String::from_utf8_lossy(&refused.stderr));
+    stack.platform.set_faults(Faults { builder_exit_nonzero: true, ..Faults::default() });
+    let failed = run("y", token, dockerfile).await.unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("(builder sandbox: sbx-"));
+    stack.shutdown().await;
+}

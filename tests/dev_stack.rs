@@ -322,7 +322,9 @@ async fn the_reference_builder_uploads_by_single_put_multipart_and_diff_and_meta
     assert_object_matches_metadata(&stack, &multipart).await;
 
     let more: &[u8] = b"more\n";
-    let diff = api.build("child", "FROM base\nCOPY more.txt /more.txt\n", &[("more.txt", more)], Some("base"), "new", 256).await;
+    let diff = api
+        .build("child", "FROM base\nCOPY more.txt /more.txt\n", &[("more.txt", more)], Some("base"), "new", 256)
+        .await;
     assert_eq!(diff.spec["parent"]["download"]["kind"], "single_get");
     assert_eq!(diff.metadata["rootfs_node_kind"], "diff");
     assert_eq!(diff.metadata["parent_manifest_uri"], multipart.metadata["snapshot_uri"]);

@@ -97,6 +97,22 @@ enum Command {
         /// Print the registered template as JSON (only that) on stdout.
         #[arg(long)]
         json: bool,
+        /// Where builder sandboxes come from: `proxy` (the platform's lifecycle API and
+        /// sandbox proxy) or `local` (bubblewrap sandboxes on this machine).
+        #[arg(long, default_value = "proxy")]
+        backend: String,
+        /// local backend: the signer sign calls go to.
+        #[arg(long, env = "SNAPSIGN_SIGNER_URL")]
+        signer_url: Option<String>,
+        /// local backend: bearer token for the signer (`snapsign token`).
+        #[arg(long, env = "SNAPSIGN_SIGNER_TOKEN", hide_env_values = true)]
+        signer_token: Option<String>,
+        /// local backend: directory for sandboxes [default: a temporary directory].
+        #[arg(long)]
+        sandboxes_dir: Option<PathBuf>,
+        /// local backend: run without bubblewrap when it is missing (no confinement).
+        #[arg(long)]
+        allow_unconfined: bool,
     },
     /// Run the dev stack: store, signer, platform emulator and local sandboxes on loopback.
     Dev {
@@ -239,6 +255,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             max_memory_mb,
             timeout_secs,
             json,
+            backend,
+            signer_url,
+            signer_token,
+            sandboxes_dir,
+            allow_unconfined,
         } => {
             let text = match std::fs::read_to_string(&dockerfile) {
                 Ok(text) => text,
@@ -269,7 +290,39 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 timeout: Duration::from_secs(timeout_secs),
                 cache_dir: engine::default_cache_dir(),
             };
-            let (outcome, _) = snapsign_host::build::run(&options, snapsign_host::build::progress_printer()).await?;
+            let printer = snapsign_host::build::progress_printer();
+            let (outcome, _) = match backend.as_str() {
+                "proxy" => snapsign_host::build::run(&options, printer).await?,
+                "local" => {
+                    let (Some(url), Some(token)) = (signer_url, signer_token) else {
+                        eprintln!(
+                            "error: --backend local needs --signer-url and --signer-token (or SNAPSIGN_SIGNER_URL/TOKEN)"
+                        );
+                        return Ok(ExitCode::from(2));
+                    };
+                    let dir = sandboxes_dir.unwrap_or_else(|| {
+                        std::env::temp_dir().join(format!("snapsign-sandboxes-{}", std::process::id()))
+                    });
+                    let builder =
+                        std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
+                    let result = snapsign_host::build::run_local(
+                        &options,
+                        &dir,
+                        builder,
+                        allow_unconfined,
+                        &url,
+                        &token,
+                        printer,
+                    )
+                    .await;
+                    let _ = std::fs::remove_dir(&dir);
+                    result?
+                }
+                other => {
+                    eprintln!("error: --backend '{other}' is not proxy or local");
+                    return Ok(ExitCode::from(2));
+                }
+            };
             return Ok(match outcome {
                 Ok(template) => {
                     if json {

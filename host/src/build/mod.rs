@@ -3,6 +3,7 @@
 //! read-only preopen, and the `sandbox-exec` capability over a backend.
 
 pub mod backend;
+pub mod local_backend;
 pub mod proxy_backend;
 
 use std::path::PathBuf;
@@ -254,6 +255,28 @@ pub async fn run(
         &options.namespace,
         outbound.clone(),
     ));
+    run_with(options, backend, outbound, events).await
+}
+
+/// Runs one build with the `local` backend: bubblewrap sandboxes under
+/// `sandboxes_dir` running `builder`, sign calls straight to `signer_url`.
+pub async fn run_local(
+    options: &BuildOptions,
+    sandboxes_dir: &std::path::Path,
+    builder: PathBuf,
+    allow_unconfined: bool,
+    signer_url: &str,
+    signer_token: &str,
+    events: EventFn,
+) -> Result<(Result<serde_json::Value, BuildFailure>, RunTimings)> {
+    let sandboxes = snapsign_sandbox::Sandboxes::new(snapsign_sandbox::SandboxesConfig {
+        root_dir: sandboxes_dir.to_owned(),
+        confinement: snapsign_sandbox::Confinement::detect(allow_unconfined)?,
+        builder_binary: Some(builder),
+    })?;
+    let backend = Arc::new(local_backend::LocalBackend::new(Arc::new(sandboxes), signer_url, signer_token));
+    let allowed = [authority(&options.api_url), authority(signer_url)];
+    let outbound = AllowList::new(allowed.into_iter().flatten().chain(options.allow_hosts.iter().cloned()));
     run_with(options, backend, outbound, events).await
 }
 

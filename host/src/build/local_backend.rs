@@ -1,0 +1,115 @@
+//! The `local` sandbox backend: bubblewrap sandboxes on this machine, the
+//! same code the dev stack's proxy serves. Sandboxes are running as soon as
+//! they exist; the sign call goes straight to a signer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::StreamExt;
+use snapsign_sandbox::Sandboxes;
+
+use super::backend::{
+    ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
+};
+
+/// Local sandboxes plus the signer the component's sign calls go to.
+pub struct LocalBackend {
+    sandboxes: Arc<Sandboxes>,
+    signer_url: String,
+    signer_token: String,
+    next: AtomicU64,
+}
+
+impl LocalBackend {
+    /// Sandboxes from `sandboxes`; sign calls to `signer_url` with `signer_token`.
+    pub fn new(sandboxes: Arc<Sandboxes>, signer_url: &str, signer_token: &str) -> Self {
+        LocalBackend {
+            sandboxes,
+            signer_url: signer_url.trim_end_matches('/').to_owned(),
+            signer_token: signer_token.to_owned(),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn sandbox(&self, id: &str) -> Result<Arc<snapsign_sandbox::Sandbox>, SandboxError> {
+        self.sandboxes.get(id).ok_or_else(|| SandboxError::Gone(format!("no local sandbox {id}")))
+    }
+}
+
+fn failed(e: anyhow::Error) -> SandboxError {
+    SandboxError::Failed(format!("{e:#}"))
+}
+
+impl SandboxBackend for LocalBackend {
+    async fn create(
+        &self,
+        _image: &str,
+        _resources: Resources,
+        _timeout_secs: i64,
+    ) -> Result<(String, String), SandboxError> {
+        let id = format!("local-{}-{}", std::process::id(), self.next.fetch_add(1, Ordering::SeqCst));
+        self.sandboxes.create(&id).map_err(failed)?;
+        Ok((id, "running".into()))
+    }
+
+    async fn status(&self, id: &str) -> Result<String, SandboxError> {
+        self.sandbox(id).map(|_| "running".into())
+    }
+
+    fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError> {
+        self.sandbox(id)?;
+        Ok(ProxyEndpoint {
+            base_url: self.signer_url.clone(),
+            headers: vec![("authorization".into(), format!("Bearer {}", self.signer_token))],
+        })
+    }
+
+    async fn run(&self, id: &str, spec: ProcessSpec, sink: &mut LineSink<'_>) -> Result<ExitStatus, SandboxError> {
+        let sandbox = self.sandbox(id)?;
+        let process = snapsign_sandbox::ProcessSpec {
+            command: spec.command,
+            args: spec.args,
+            env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
+            working_dir: spec.working_dir,
+            user: spec.as_root.then(|| "root".to_owned()),
+        };
+        let info = sandbox.start(process).map_err(failed)?;
+        if let Some(mut output) = sandbox.follow(info.pid) {
+            while let Some(event) = output.next().await {
+                sink(&event.stream, &event.line);
+            }
+        }
+        let done =
+            sandbox.wait(info.pid).await.ok_or_else(|| SandboxError::Gone(format!("process {} vanished", info.pid)))?;
+        let code = done.exit_code.or(done.signal.map(|s| -s)).unwrap_or(-9);
+        Ok(ExitStatus { code, oom_killed: done.oom_killed })
+    }
+
+    async fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> Result<(), SandboxError> {
+        self.sandbox(id)?.write_file(path, &contents[..]).await.map(drop).map_err(failed)
+    }
+
+    async fn open_file(&self, id: &str, path: &str) -> Result<FileSink, SandboxError> {
+        let sandbox = self.sandbox(id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let reader = tokio_util::io::StreamReader::new(Box::pin(stream));
+        let path = path.to_owned();
+        let done = tokio::spawn(async move { sandbox.write_file(&path, reader).await.map(drop).map_err(failed) });
+        Ok(FileSink::new(tx, done))
+    }
+
+    async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>, SandboxError> {
+        let mut file = self.sandbox(id)?.read_file(path).await.map_err(failed)?;
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut file, &mut bytes)
+            .await
+            .map_err(|e| SandboxError::Failed(format!("read {path}: {e}")))?;
+        Ok(bytes)
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), SandboxError> {
+        self.sandboxes.delete(id).await.map(drop).map_err(failed)
+    }
+}
