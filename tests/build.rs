@@ -278,7 +278,20 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
         let (api, store, context_dir) = (api.clone(), store.clone(), context_dir.clone());
         tokio::task::spawn_blocking(move || {
             cli(
-                &["build", "--name", name, "-f", &dockerfile, "--context", &context_dir, "--disk-mb", "256", "--allow-host", &store, "--json"],
+                &[
+                    "build",
+                    "--name",
+                    name,
+                    "-f",
+                    &dockerfile,
+                    "--context",
+                    &context_dir,
+                    "--disk-mb",
+                    "256",
+                    "--allow-host",
+                    &store,
+                    "--json",
+                ],
                 &[("SNAPSIGN_API_URL", &api), ("SNAPSIGN_API_TOKEN", &token)],
             )
         })
@@ -288,7 +301,10 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
     let template: Value = serde_json::from_slice(&ok.stdout).expect("--json prints only the template");
     assert_eq!(template["name"], "cli-image");
     let stderr = String::from_utf8_lossy(&ok.stderr);
-    assert!(stderr.contains("==> build") && stderr.contains("[builder stdout] Step 1/"), "progress and log lines: {stderr}");
+    assert!(
+        stderr.contains("==> build") && stderr.contains("[builder stdout] Step 1/"),
+        "progress and log lines: {stderr}"
+    );
 
     let missing = run("x", token.clone(), "/no/such/Dockerfile".into()).await.unwrap();
     assert_eq!(missing.status.code(), Some(2), "{}", String::from_utf8_lossy(&missing.stderr));

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use ::snapsign::build::{command, complete, decorate, plan, sizing, splice, transient};
+use ::snapsign::build::{command, complete, decorate, plan, sizing, splice};
 use serde_json::{Map, Value, json};
 
 mod bindings {
@@ -176,7 +176,8 @@ async fn run(request: BuildRequest) -> Result<String, BuildError> {
     )
     .map_err(|e| failed(format!("create the builder sandbox: {}", sandbox_error(&e))))?;
     let mut live = Live { sandbox: created.id.clone(), build_id: prepared.build_id.clone(), abort_url: None };
-    let result = in_sandbox(&request, &platform, &prepared, rootfs_bytes, invocation, &mut live).await;
+    let result =
+        in_sandbox(&request, &platform, &prepared, &plan.base_image, rootfs_bytes, invocation, &mut live).await;
     if let (Err(_), Some(abort)) = (&result, &live.abort_url) {
         match call("DELETE", abort, &[], None).await {
             Ok((status, _)) if (200..300).contains(&status) => {
@@ -252,10 +253,12 @@ async fn sign(endpoint: &sx::ProxyEndpoint, body: Value) -> Result<Value, BuildE
     serde_json::from_str(&text).map_err(|e| failed(format!("dataplane sign answer is not JSON: {e}")))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn in_sandbox(
     request: &BuildRequest,
     platform: &Platform,
     prepared: &splice::Prepared,
+    base_image: &str,
     rootfs_bytes: u64,
     (program, args): (String, Vec<String>),
     live: &mut Live,
@@ -315,8 +318,7 @@ async fn in_sandbox(
     run_ok(&id, spec("rm", &["-f", &archive], false), false)?;
     spec_json.insert("dockerfile".into(), json!(request.dockerfile));
     spec_json.insert("contextDir".into(), json!(context));
-    spec_json
-        .insert("baseImage".into(), json!(plan::plan(&request.dockerfile).map(|p| p.base_image).unwrap_or_default()));
+    spec_json.insert("baseImage".into(), json!(base_image));
     spec_json.insert("rootfsDiskBytes".into(), json!(rootfs_bytes));
     let spec_bytes = serde_json::to_vec_pretty(&Value::Object(spec_json)).expect("JSON");
     sx::write_file(&id, &format!("{build_dir}/spec.json"), &spec_bytes)
@@ -427,9 +429,4 @@ fn append_tree<W: Write>(tar: &mut tar::Builder<W>, dir: &std::path::Path, prefi
         }
     }
     Ok(())
-}
-
-#[allow(dead_code)]
-fn transient_rule_is_shared(status: u16, body: &str) -> bool {
-    transient::is_transient(status, body)
 }

@@ -154,6 +154,11 @@ impl Emulator {
             return self.proxy(request).await;
         }
         let method = request.method().clone();
+        // Read the (bounded) body before any check: answering early and
+        // closing on an unread body makes clients see a reset, not the answer.
+        let (parts, body) = request.into_parts();
+        let body = read_body(body).await?;
+        let headers = &parts.headers;
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         // PAT mode puts organizations/{org}/projects/{proj} after /platform/v1; same handlers.
         let platform: Option<Vec<&str>> = match segments.as_slice() {
@@ -163,26 +168,24 @@ impl Emulator {
         };
         let key = self.signer.token_key.clone();
         if let Some(rest) = platform {
-            let ns = namespace(request.headers(), &key)?;
+            let ns = namespace(headers, &key)?;
             return match (&method, rest.as_slice()) {
                 (&Method::GET, ["sandbox-templates", "by-name", name]) => {
                     let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy().into_owned();
                     Ok(super::http::json(StatusCode::OK, &self.lookup_template(&ns, &name)?))
                 }
                 (&Method::POST, ["sandbox-template-builds"]) => {
-                    let shape = match request.headers().get(SHAPE_HEADER).and_then(|v| v.to_str().ok()) {
+                    let shape = match headers.get(SHAPE_HEADER).and_then(|v| v.to_str().ok()) {
                         Some(value) => {
                             PrepareShape::parse(value).map_err(|e| ApiError::bad_request("invalid_header", e))?
                         }
                         None => self.shape(),
                     };
-                    let body = read_json(request).await?;
-                    Ok(super::http::json(StatusCode::OK, &self.prepare(&ns, &body, shape)?))
+                    Ok(super::http::json(StatusCode::OK, &self.prepare(&ns, &parse_json(&body)?, shape)?))
                 }
                 (&Method::POST, ["sandbox-template-builds", build_id, "complete"]) => {
                     let build_id = build_id.to_string();
-                    let body = read_json(request).await?;
-                    Ok(super::http::json(StatusCode::OK, &self.complete(&ns, &build_id, &body).await?))
+                    Ok(super::http::json(StatusCode::OK, &self.complete(&ns, &build_id, &parse_json(&body)?).await?))
                 }
                 _ => Err(ApiError::not_found("no_route", format!("no platform route {method} {path}"))),
             };
@@ -190,15 +193,14 @@ impl Emulator {
         match (&method, segments.as_slice()) {
             (&Method::GET, ["_snapsign", "faults"]) => Ok(super::http::json(StatusCode::OK, &self.faults())),
             (&Method::PUT, ["_snapsign", "faults"]) => {
-                namespace(request.headers(), &key)?;
-                let body = read_json(request).await?;
-                let faults: Faults = serde_json::from_value(body)
+                namespace(headers, &key)?;
+                let faults: Faults = serde_json::from_value(parse_json(&body)?)
                     .map_err(|e| ApiError::bad_request("invalid_faults", format!("fault switches: {e}")))?;
                 self.set_faults(faults.clone());
                 Ok(super::http::json(StatusCode::OK, &faults))
             }
             (_, ["v1", "namespaces", ns, "sandboxes", rest @ ..]) => {
-                let caller = namespace(request.headers(), &key)?;
+                let caller = namespace(headers, &key)?;
                 if *ns != caller {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,
@@ -207,26 +209,34 @@ impl Emulator {
                     ));
                 }
                 let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
-                self.lifecycle(&caller, request, &rest).await
+                self.lifecycle(&caller, &method, &body, &rest).await
             }
             (_, ["sandboxes", rest @ ..]) => {
-                let caller = namespace(request.headers(), &key)?;
+                let caller = namespace(headers, &key)?;
                 let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
-                self.lifecycle(&caller, request, &rest).await
+                self.lifecycle(&caller, &method, &body, &rest).await
             }
             _ => Err(ApiError::not_found("no_route", format!("no route {method} {path}"))),
         }
     }
 }
 
-/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes.
-pub(crate) async fn read_json(request: Request<Incoming>) -> Result<Value, ApiError> {
-    let limited = http_body_util::Limited::new(request.into_body(), MAX_JSON_BODY);
-    let bytes = limited
+/// Reads a body of at most [`MAX_JSON_BODY`] bytes.
+pub(crate) async fn read_body(body: Incoming) -> Result<bytes::Bytes, ApiError> {
+    Ok(http_body_util::Limited::new(body, MAX_JSON_BODY)
         .collect()
         .await
         .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body: {e}")))?
-        .to_bytes();
-    serde_json::from_slice(&bytes)
+        .to_bytes())
+}
+
+/// Parses a JSON body.
+pub(crate) fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("request body is not JSON: {e}")))
+}
+
+/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes.
+pub(crate) async fn read_json(request: Request<Incoming>) -> Result<Value, ApiError> {
+    parse_json(&read_body(request.into_body()).await?)
 }

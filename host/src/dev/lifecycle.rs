@@ -3,11 +3,10 @@
 
 use std::time::Instant;
 
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::emulator::{Emulator, SandboxRecord, read_json};
+use super::emulator::{Emulator, SandboxRecord, parse_json};
 use super::http::{ApiError, Body};
 
 /// What the gateway answers while a sandbox is not running yet.
@@ -19,13 +18,13 @@ impl Emulator {
     pub(crate) async fn lifecycle(
         &self,
         namespace: &str,
-        request: Request<Incoming>,
+        method: &Method,
+        body: &[u8],
         rest: &[String],
     ) -> Result<Response<Body>, ApiError> {
-        let method = request.method().clone();
-        match (&method, rest) {
+        match (method, rest) {
             (&Method::POST, []) => {
-                let body = read_json(request).await?;
+                let body = parse_json(body)?;
                 Ok(super::http::json(StatusCode::OK, &self.create_sandbox(namespace, &body).await?))
             }
             (&Method::GET, [id]) => Ok(super::http::json(StatusCode::OK, &self.sandbox_info(namespace, id)?)),

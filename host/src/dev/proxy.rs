@@ -33,21 +33,16 @@ fn is_builder(command: &str) -> bool {
 
 impl Emulator {
     pub(crate) async fn proxy(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        let id = sandbox_id(&request).ok_or_else(|| {
-            ApiError::bad_request(
-                "no_sandbox",
-                "proxy request names no sandbox: send X-Tensorlake-Sandbox-Id or Host: {id}.local",
-            )
-        })?;
-        let caller = namespace(request.headers(), &self.signer.token_key)?;
-        let record = self.record(&caller, &id)?;
-        if !self.running(&id, false) {
-            return Err(pending_error(&id));
-        }
-        let sandbox = self
-            .sandboxes
-            .get(&id)
-            .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("sandbox {id} has no local sandbox")))?;
+        let sandbox = match self.admit(&request) {
+            Ok(found) => found,
+            Err(error) => {
+                // Drain what the client sends before refusing, so it reads the answer, not a reset.
+                let (_, body) = request.into_parts();
+                let _ = http_body_util::Limited::new(body, 64 << 20).collect().await;
+                return Err(error);
+            }
+        };
+        let (id, record) = (sandbox.id().to_owned(), self.record_of(&sandbox)?);
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let segments: Vec<String> = path.trim_start_matches("/api/v1/").split('/').map(str::to_owned).collect();
@@ -127,6 +122,32 @@ impl Emulator {
             }
             _ => Err(ApiError::not_found("no_route", format!("no proxy route {method} {path}"))),
         }
+    }
+
+    /// The sandbox a proxy request may use (its namespace is the token's, and it runs).
+    fn admit(&self, request: &Request<Incoming>) -> Result<Arc<Sandbox>, ApiError> {
+        let id = sandbox_id(request).ok_or_else(|| {
+            ApiError::bad_request(
+                "no_sandbox",
+                "proxy request names no sandbox: send X-Tensorlake-Sandbox-Id or Host: {id}.local",
+            )
+        })?;
+        let caller = namespace(request.headers(), &self.signer.token_key)?;
+        self.record(&caller, &id)?;
+        if !self.running(&id, false) {
+            return Err(pending_error(&id));
+        }
+        self.sandboxes
+            .get(&id)
+            .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("sandbox {id} has no local sandbox")))
+    }
+
+    fn record_of(&self, sandbox: &Sandbox) -> Result<super::emulator::SandboxRecord, ApiError> {
+        let lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        lifecycle
+            .get(sandbox.id())
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("sandbox {} was deleted", sandbox.id())))
     }
 
     fn start_process(&self, sandbox: &Sandbox, spec: ProcessSpec) -> Result<snapsign_sandbox::ProcessInfo, ApiError> {

@@ -1,0 +1,286 @@
+//! A sandbox's directories on the host, and file access by in-sandbox path
+//! (PROTOCOL.md §4.5) that never leaves them.
+//!
+//! The sandbox controls what is in its areas, symlinks included, while this
+//! process (often root) does the reading and writing. So every open
+//! resolves the path with `openat2(RESOLVE_BENEATH)` from the area's
+//! directory: a symlink that points out of the area (`/var/x -> /etc/shadow`)
+//! makes the call fail instead of reaching the host file.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// The in-sandbox directories a sandbox may write, each a directory of its
+/// own on the host (`root_dir/{id}/fs/{area}`), bound at `/{area}` inside.
+pub const AREAS: [&str; 4] = ["var", "tmp", "root", "home"];
+
+/// Host directory (under `fs/`) bound read-only at `/usr/local/bin` inside.
+pub(crate) const BUILDER_DIR: &str = "usr-local-bin";
+
+/// Where the builder binary appears inside every sandbox.
+pub const BUILDER_PATH: &str = "/usr/local/bin/tl-rootfs-build";
+
+/// Creates a sandbox's directory `dir` with its `fs/` areas (owned by
+/// `owner` when given) and, when given, the builder binary; returns `fs/`.
+pub(crate) fn create_areas(dir: &Path, owner: Option<u32>, builder: Option<&Path>) -> Result<PathBuf> {
+    // 0700: what the sandbox writes (set-uid files included) stays out of other host users' reach.
+    make_dir(dir, 0o700, None)?;
+    let fs = dir.join("fs");
+    make_dir(&fs, 0o755, None)?;
+    for area in AREAS {
+        make_dir(&fs.join(area), if area == "tmp" { 0o1777 } else { 0o755 }, owner)?;
+    }
+    let bin = fs.join(BUILDER_DIR);
+    make_dir(&bin, 0o755, None)?;
+    if let Some(builder) = builder {
+        install_builder(builder, &bin.join("tl-rootfs-build"))?;
+    }
+    Ok(fs)
+}
+
+fn make_dir(path: &Path, mode: u32, owner: Option<u32>) -> Result<()> {
+    std::fs::create_dir(path).with_context(|| format!("create {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("set the mode of {}", path.display()))?;
+    if let Some(uid) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(uid))
+            .with_context(|| format!("hand {} to uid {uid}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A hard link when the binary is world-executable (no copy of a large
+/// binary per sandbox), else a copy with mode 0755.
+fn install_builder(builder: &Path, dest: &Path) -> Result<()> {
+    let meta = std::fs::metadata(builder).with_context(|| format!("read builder binary {}", builder.display()))?;
+    if meta.permissions().mode() & 0o005 == 0o005 && std::fs::hard_link(builder, dest).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(builder, dest)
+        .with_context(|| format!("copy builder binary {} to {}", builder.display(), dest.display()))?;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("make {} executable", dest.display()))
+}
+
+/// Splits an absolute in-sandbox path into its area and the path below it.
+/// Refuses relative paths, `.` and `..`, and paths outside the areas.
+pub(crate) fn split(id: &str, path: &str) -> Result<(&'static str, PathBuf)> {
+    if !path.starts_with('/') {
+        bail!("sandbox {id}: path '{path}' is relative; send an absolute path such as /tmp/file");
+    }
+    if path.split('/').any(|segment| segment == "." || segment == "..") {
+        bail!("sandbox {id}: path '{path}' has a '.' or '..' component; send it without them");
+    }
+    let mut parts = Path::new(path).components().filter(|c| *c != Component::RootDir);
+    let area = parts.next().and_then(|c| AREAS.iter().find(|a| c.as_os_str() == **a));
+    let Some(area) = area else {
+        bail!(
+            "sandbox {id}: path '{path}' is outside the writable areas (/{}); use a path under one",
+            AREAS.join(", /")
+        );
+    };
+    Ok((area, parts.collect()))
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// Opens an area's own directory (created by us, so trusted).
+pub(crate) fn open_area(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    // SAFETY: open(2) on a NUL-terminated path; the result is a fresh descriptor we own.
+    let fd = check(unsafe {
+        libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+    })?;
+    // SAFETY: fd was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `struct open_how` of openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// openat2(2) of `rel` under `dir`, never resolving outside `dir`.
+fn open_beneath(dir: BorrowedFd, rel: &Path, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let path = c_path(rel)?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: mode.into(),
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    for _ in 0..16 {
+        // SAFETY: openat2 with a valid dirfd, a NUL-terminated path and an open_how of the size passed.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_openat2, dir.as_raw_fd(), path.as_ptr(), &how, std::mem::size_of::<OpenHow>())
+        };
+        if fd >= 0 {
+            // SAFETY: fd was just opened and is owned by nobody else.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) });
+        }
+        let err = io::Error::last_os_error();
+        // EAGAIN: a concurrent rename made the kernel unsure; try again.
+        if err.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(err);
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+}
+
+/// Clears O_NONBLOCK (opened with it so that a FIFO cannot block us) once
+/// the descriptor is known to be a regular file.
+fn regular_file(fd: OwnedFd) -> io::Result<File> {
+    let file = File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = check(libc::fcntl(file.as_raw_fd(), libc::F_GETFL))?;
+        check(libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK))?;
+    }
+    Ok(file)
+}
+
+/// Opens `rel` under the area `area` for reading.
+pub(crate) fn open_file(area: &Path, rel: &Path) -> io::Result<File> {
+    let dir = open_area(area)?;
+    regular_file(open_beneath(dir.as_fd(), rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)?)
+}
+
+/// Creates or truncates `rel` under `area`, with its missing parent
+/// directories, all owned by `owner` when given.
+pub(crate) fn create_file(area: &Path, rel: &Path, owner: Option<u32>) -> io::Result<File> {
+    let dir = open_area(area)?;
+    let mut done = PathBuf::new();
+    for part in rel.parent().into_iter().flat_map(Path::components) {
+        let parent = open_beneath(dir.as_fd(), &done, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let name = c_path(Path::new(part.as_os_str()))?;
+        // SAFETY: mkdirat/fchownat relative to a directory we hold, on a single NUL-terminated name;
+        // neither follows a symlink in that name.
+        unsafe {
+            match check(libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o755)) {
+                Ok(_) => {
+                    if let Some(uid) = owner {
+                        let flags = libc::AT_SYMLINK_NOFOLLOW;
+                        check(libc::fchownat(parent.as_raw_fd(), name.as_ptr(), uid, uid, flags))?;
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        done.push(part);
+    }
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NONBLOCK;
+    let file = regular_file(open_beneath(dir.as_fd(), rel, flags, 0o644)?)?;
+    if let Some(uid) = owner {
+        // SAFETY: fchown on a descriptor we own.
+        check(unsafe { libc::fchown(file.as_raw_fd(), uid, uid) })?;
+    }
+    Ok(file)
+}
+
+/// Removes the file (or symlink) `rel` under `area`.
+pub(crate) fn remove_file(area: &Path, rel: &Path) -> io::Result<()> {
+    let dir = open_area(area)?;
+    let name = rel.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let parent = open_beneath(dir.as_fd(), rel.parent().unwrap_or(Path::new("")), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let name = c_path(Path::new(name))?;
+    // SAFETY: unlinkat relative to a directory we hold; it does not follow a symlink in `name`.
+    check(unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
+}
+
+/// Says what an I/O error of the file API means for the caller.
+pub(crate) fn explain(e: io::Error) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::EXDEV) => anyhow::anyhow!("{e}: a symlink on the way leads out of the sandbox's area; not followed"),
+        Some(libc::ENOSYS) => {
+            anyhow::anyhow!("{e}: this kernel lacks openat2 (Linux 5.6+), needed for safe file access")
+        }
+        _ => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_paths_under_the_writable_areas() {
+        assert_eq!(split("s", "/var/lib/x/spec.json").unwrap(), ("var", PathBuf::from("lib/x/spec.json")));
+        assert_eq!(split("s", "/tmp//a/").unwrap(), ("tmp", PathBuf::from("a")));
+        assert_eq!(split("s", "/home").unwrap(), ("home", PathBuf::new()));
+    }
+
+    #[test]
+    fn refuses_relative_dotted_and_outside_paths_naming_the_sandbox() {
+        for bad in [
+            "relative/x",
+            "var/x",
+            "",
+            "/var/../etc/passwd",
+            "/var/./x",
+            "/tmp/..",
+            "/usr/bin/sh",
+            "/etc/x",
+            "/",
+            "/variable/x",
+        ] {
+            let err = split("sbx-9", bad).unwrap_err().to_string();
+            assert!(err.starts_with("sandbox sbx-9: path '"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn file_access_does_not_follow_symlinks_out_of_the_area() {
+        let dir = tempfile::tempdir().unwrap();
+        let area = dir.path().join("var");
+        std::fs::create_dir(&area).unwrap();
+        std::fs::write(dir.path().join("host-secret"), "secret").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("host-secret"), area.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../host-secret", area.join("rel")).unwrap();
+        std::os::unix::fs::symlink("..", area.join("up")).unwrap();
+        for link in ["abs", "rel", "up/host-secret"] {
+            let err = open_file(&area, Path::new(link)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{link}: {err}");
+            assert!(create_file(&area, Path::new(link), None).is_err(), "{link}");
+        }
+        assert!(create_file(&area, Path::new("up/new-dir/x"), None).is_err());
+        assert!(!dir.path().join("new-dir").exists());
+        assert_eq!(std::fs::read_to_string(dir.path().join("host-secret")).unwrap(), "secret");
+        // Removing a link removes the link, not what it points to.
+        remove_file(&area, Path::new("abs")).unwrap();
+        assert!(dir.path().join("host-secret").exists());
+    }
+
+    #[test]
+    fn follows_symlinks_that_stay_in_the_area_and_refuses_fifos() {
+        let dir = tempfile::tempdir().unwrap();
+        let area = dir.path().join("tmp");
+        std::fs::create_dir_all(area.join("real")).unwrap();
+        std::os::unix::fs::symlink("real", area.join("link")).unwrap();
+        std::io::Write::write_all(&mut create_file(&area, Path::new("link/deep/f"), None).unwrap(), b"hi").unwrap();
+        assert_eq!(std::fs::read_to_string(area.join("real/deep/f")).unwrap(), "hi");
+        let fifo = c_path(&area.join("fifo")).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        assert_eq!(open_file(&area, Path::new("fifo")).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+}

@@ -1,0 +1,69 @@
+//! Helpers of the tests that run real processes in real bubblewrap sandboxes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use snapsign_sandbox::{Confinement, ProcessInfo, ProcessSpec, Sandbox, Sandboxes, SandboxesConfig};
+
+/// Every wait of these tests ends by this deadline.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Sandboxes under `root`, confined by the bwrap on PATH.
+pub fn sandboxes(root: &Path, builder: Option<PathBuf>) -> Sandboxes {
+    let confinement = Confinement::detect(false).expect("these tests need bubblewrap (apt-get install bubblewrap)");
+    Sandboxes::new(SandboxesConfig { root_dir: root.to_owned(), confinement, builder_binary: builder }).unwrap()
+}
+
+/// `/bin/sh -c script` as the sandbox user.
+pub fn sh(script: &str) -> ProcessSpec {
+    ProcessSpec { command: "/bin/sh".into(), args: vec!["-c".into(), script.into()], ..Default::default() }
+}
+
+/// `/bin/sh -c script` as root.
+pub fn root_sh(script: &str) -> ProcessSpec {
+    ProcessSpec { user: Some("root".into()), ..sh(script) }
+}
+
+/// Runs `spec` to its end: its output as `stream:line`, and its final status.
+pub async fn run(sandbox: &Sandbox, spec: ProcessSpec) -> (Vec<String>, ProcessInfo) {
+    let info = sandbox.start(spec).unwrap();
+    assert_eq!(info.status, "running");
+    let lines = within(sandbox.follow(info.pid).unwrap().map(|e| format!("{}:{}", e.stream, e.line)).collect()).await;
+    let done = within(sandbox.wait(info.pid)).await.unwrap();
+    (lines, done)
+}
+
+/// Runs `spec` and returns its stdout lines, failing unless it exits 0.
+pub async fn run_ok(sandbox: &Sandbox, spec: ProcessSpec) -> Vec<String> {
+    let (lines, info) = run(sandbox, spec).await;
+    assert_eq!((info.status.as_str(), info.exit_code), ("exited", Some(0)), "{lines:?}");
+    lines.into_iter().filter_map(|l| l.strip_prefix("stdout:").map(str::to_owned)).collect()
+}
+
+/// Awaits `future`, failing the test after [`DEADLINE`].
+pub async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, future).await.expect("finished before the deadline")
+}
+
+/// Polls `check` every 10 ms until it holds, failing the test after [`DEADLINE`].
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A temporary directory that is not also a path inside sandboxes (as
+/// anything under the host's /tmp would be: /tmp is an area there).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+/// True when this test process is root (the sandboxes then run as snapsign_sandbox::HOST_UID).
+pub fn host_is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
