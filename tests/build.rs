@@ -316,3 +316,35 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
     assert!(String::from_utf8_lossy(&failed.stderr).contains("(builder sandbox: sbx-"));
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_backend_pings_health_while_a_silent_process_runs() {
+    use snapsign_host::build::backend::SandboxBackend;
+    use snapsign_host::build::backend::{ProcessSpec, Resources};
+    use snapsign_host::build::proxy_backend::ProxyBackend;
+
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |c| c.pending = Duration::ZERO).await;
+    let outbound = snapsign_host::outbound::AllowList::new([stack.api_url()]);
+    let backend = ProxyBackend::new(&stack.api_url(), &stack.token, &stack.namespace, outbound)
+        .with_keepalive(Duration::from_millis(100));
+    let (id, _) = backend.create("img", Resources { cpus: 1.0, memory_mb: 64, disk_mb: 64 }, 60).await.unwrap();
+    assert_eq!(backend.status(&id).await.unwrap(), "running");
+    let spec = ProcessSpec {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), "sleep 1; echo done".into()],
+        env: vec![],
+        working_dir: None,
+        as_root: false,
+    };
+    let before = stack.platform.health_checks();
+    let mut lines = Vec::new();
+    let exit = backend.run(&id, spec, &mut |_, line| lines.push(line.to_owned())).await.unwrap();
+    assert_eq!((exit.code, lines.as_slice()), (0, &["done".to_owned()][..]));
+    let pings = stack.platform.health_checks() - before;
+    assert!(pings >= 5, "expected keepalive pings during a 1 s silent run, saw {pings}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stack.platform.health_checks() - before, pings, "pings stop when the run ends");
+    backend.delete(&id).await.unwrap();
+    stack.shutdown().await;
+}

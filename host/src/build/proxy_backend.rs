@@ -19,6 +19,8 @@ use crate::outbound::AllowList;
 const START_ATTEMPTS: usize = 3;
 /// Follow/get failures tolerated before giving up.
 const REATTACH_ATTEMPTS: usize = 10;
+/// Health pings while a process runs keep the sandbox's lifetime budget fresh (PROTOCOL.md §5.4).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Default)]
 struct Known {
@@ -34,6 +36,7 @@ pub struct ProxyBackend {
     localhost: bool,
     known: Mutex<HashMap<String, Known>>,
     outbound: AllowList,
+    keepalive: Duration,
 }
 
 fn is_local(host: &str) -> bool {
@@ -83,7 +86,31 @@ impl ProxyBackend {
             localhost,
             known: Mutex::new(HashMap::new()),
             outbound,
+            keepalive: KEEPALIVE_INTERVAL,
         }
+    }
+
+    /// Changes the keepalive interval (tests use a short one).
+    pub fn with_keepalive(mut self, interval: Duration) -> Self {
+        self.keepalive = interval;
+        self
+    }
+
+    /// Pings `GET /api/v1/health` every interval until dropped; results are ignored.
+    fn keepalive(&self, id: &str) -> Option<tokio::task::JoinHandle<()>> {
+        let request = self.proxy_request(id, reqwest::Method::GET, "/api/v1/health").ok()?.bearer_auth(&self.token);
+        let interval = self.keepalive;
+        Some(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            ticks.tick().await; // the first tick is immediate: skip it
+            loop {
+                ticks.tick().await;
+                if let Some(ping) = request.try_clone() {
+                    let _ = ping.send().await;
+                }
+            }
+        }))
     }
 
     fn known(&self, id: &str) -> Known {
@@ -293,6 +320,8 @@ impl SandboxBackend for ProxyBackend {
             payload["user"] = json!("root");
         }
         let pid = self.start(id, &payload).await?;
+        let keepalive = self.keepalive(id);
+        let _stop = AbortOnDrop(keepalive);
         let mut delivered = 0usize;
         let mut failures = 0usize;
         loop {
@@ -389,6 +418,17 @@ impl SandboxBackend for ProxyBackend {
 
     async fn delete(&self, id: &str) -> Result<(), SandboxError> {
         self.send(&format!("delete sandbox {id}"), self.http.delete(format!("{}/{id}", self.lifecycle))).await.map(drop)
+    }
+}
+
+/// Aborts the keepalive task when the run ends, however it ends.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 

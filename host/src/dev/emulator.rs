@@ -45,6 +45,7 @@ pub struct Emulator {
     shape: Mutex<PrepareShape>,
     faults: Mutex<Faults>,
     store_faults: Arc<StoreFaults>,
+    pub(crate) health_checks: std::sync::atomic::AtomicU64,
 }
 
 impl Emulator {
@@ -73,6 +74,7 @@ impl Emulator {
             shape: Mutex::new(shape),
             faults: Mutex::new(faults),
             store_faults,
+            health_checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -85,6 +87,11 @@ impl Emulator {
     pub fn set_faults(&self, faults: Faults) {
         self.store_faults.fail_upload_part(faults.store_fail_part);
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+    }
+
+    /// How many `GET /api/v1/health` the proxy answered (keepalive pings).
+    pub fn health_checks(&self) -> u64 {
+        self.health_checks.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The prepare shape answered when a request does not pick one.

@@ -48,7 +48,10 @@ impl Emulator {
         let segments: Vec<String> = path.trim_start_matches("/api/v1/").split('/').map(str::to_owned).collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["health"]) => Ok(super::http::json(StatusCode::OK, &json!({"healthy": true}))),
+            (&Method::GET, ["health"]) => {
+                self.health_checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(super::http::json(StatusCode::OK, &json!({"healthy": true})))
+            }
             (&Method::POST, ["blob", "sign"]) => self.forward_sign(&record.namespace, request).await,
             (&Method::POST, ["processes"]) => {
                 let spec = process_spec(read_json(request).await?)?;
