@@ -14,24 +14,11 @@ use snapsign_host::build::{BuildEvent, BuildFailure, BuildOptions};
 use snapsign_host::dev::{DevConfig, DevStack, Faults, PrepareShape};
 
 fn options(stack: &DevStack, name: &str, dockerfile: &str, context: &Path) -> BuildOptions {
-    BuildOptions {
-        api_url: stack.api_url(),
-        token: stack.token.clone(),
-        namespace: stack.namespace.clone(),
-        name: name.into(),
-        dockerfile: dockerfile.into(),
-        context_dir: context.to_owned(),
-        disk_mb: Some(512),
-        builder_cpus: None,
-        builder_memory_mb: None,
-        builder_disk_mb: None,
-        public: false,
-        sandbox_wait: Duration::from_secs(30),
-        allow_hosts: vec![stack.store.addr().to_string()],
-        max_memory_bytes: 128 << 20,
-        timeout: Duration::from_secs(300),
-        cache_dir: common::cache_dir(),
-    }
+    let mut options = stack.build_options(name, dockerfile, context);
+    options.sandbox_wait = Duration::from_secs(30);
+    options.timeout = Duration::from_secs(300);
+    options.cache_dir = common::cache_dir();
+    options
 }
 
 struct Run {

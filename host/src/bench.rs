@@ -181,7 +181,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 /// `snapsign bench build`: orchestration overhead of demo builds (total minus
 /// the builder process), warm instantiation, and a cold start from the cache.
 pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
-    use crate::build::{BuildOptions, run};
+    use crate::build::run;
     use crate::dev::{DevConfig, DevStack};
 
     let dir = tempfile_dir()?;
@@ -196,24 +196,8 @@ pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
     let mut total = Vec::new();
     let mut cold = Vec::new();
     for round in 0..rounds.max(1) {
-        let options = BuildOptions {
-            api_url: stack.api_url(),
-            token: stack.token.clone(),
-            namespace: stack.namespace.clone(),
-            name: format!("bench-{round}"),
-            dockerfile: dockerfile.clone(),
-            context_dir: context.clone(),
-            disk_mb: Some(256),
-            builder_cpus: None,
-            builder_memory_mb: None,
-            builder_disk_mb: None,
-            public: false,
-            sandbox_wait: Duration::from_secs(60),
-            allow_hosts: vec![stack.store.addr().to_string()],
-            max_memory_bytes: 128 << 20,
-            timeout: Duration::from_secs(600),
-            cache_dir: config.cache_dir.clone(),
-        };
+        let mut options = stack.build_options(&format!("bench-{round}"), &dockerfile, &context);
+        options.cache_dir = config.cache_dir.clone();
         let (outcome, timings) = run(&options, std::sync::Arc::new(|_| {})).await?;
         outcome.map_err(|e| anyhow::anyhow!("bench build failed: {e}"))?;
         if round == 0 {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::build::{BuildEvent, BuildOptions};
+use crate::build::BuildEvent;
 use crate::dev::{DevConfig, DevStack, PrepareShape};
 
 /// The example images shipped in the repository.
@@ -53,24 +53,7 @@ async fn build(stack: &DevStack, name: &str, context: &Path, shape: &str) -> Res
     println!("\n=== {name}: {shape}");
     let dockerfile = std::fs::read_to_string(context.join("Dockerfile"))
         .with_context(|| format!("read {}/Dockerfile", context.display()))?;
-    let options = BuildOptions {
-        api_url: stack.api_url(),
-        token: stack.token.clone(),
-        namespace: stack.namespace.clone(),
-        name: name.into(),
-        dockerfile,
-        context_dir: context.to_owned(),
-        disk_mb: Some(256),
-        builder_cpus: None,
-        builder_memory_mb: None,
-        builder_disk_mb: None,
-        public: false,
-        sandbox_wait: Duration::from_secs(60),
-        allow_hosts: vec![stack.store.addr().to_string()],
-        max_memory_bytes: 128 << 20,
-        timeout: Duration::from_secs(600),
-        cache_dir: crate::engine::default_cache_dir(),
-    };
+    let options = stack.build_options(name, &dockerfile, context);
     let declared = Arc::new(Mutex::new(None::<String>));
     let seen = declared.clone();
     let printer = crate::build::progress_printer();

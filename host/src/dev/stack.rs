@@ -209,6 +209,29 @@ impl DevStack {
         self.emulator.url()
     }
 
+    /// Options for a build against this stack: its token and namespace, a
+    /// 256 MiB rootfs, the store admitted (so an unfinished upload can be aborted).
+    pub fn build_options(&self, name: &str, dockerfile: &str, context: &Path) -> crate::build::BuildOptions {
+        crate::build::BuildOptions {
+            api_url: self.api_url(),
+            token: self.token.clone(),
+            namespace: self.namespace.clone(),
+            name: name.into(),
+            dockerfile: dockerfile.into(),
+            context_dir: context.to_owned(),
+            disk_mb: Some(256),
+            builder_cpus: None,
+            builder_memory_mb: None,
+            builder_disk_mb: None,
+            public: false,
+            sandbox_wait: Duration::from_secs(60),
+            allow_hosts: vec![self.store.addr().to_string()],
+            max_memory_bytes: 128 << 20,
+            timeout: Duration::from_secs(600),
+            cache_dir: crate::engine::default_cache_dir(),
+        }
+    }
+
     /// Deletes every sandbox and stops the servers.
     pub async fn shutdown(self) {
         self.platform.delete_all_sandboxes().await;
