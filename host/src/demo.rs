@@ -19,11 +19,12 @@ fn examples_dir() -> PathBuf {
 }
 
 /// Runs the demo; `builder` is the executable installed as tl-rootfs-build.
-pub async fn run(builder: PathBuf) -> Result<()> {
+pub async fn run(builder: PathBuf, allow_unconfined: bool) -> Result<()> {
     let started = Instant::now();
     let data_dir = std::env::temp_dir().join(format!("snapsign-demo-{}", std::process::id()));
     let mut config = DevConfig::new(data_dir.clone(), builder);
     config.pending = Duration::from_millis(500);
+    config.allow_unconfined = allow_unconfined;
     println!(
         "Starting the dev stack (store, signer component, platform emulator, bubblewrap sandboxes) on 127.0.0.1 ..."
     );

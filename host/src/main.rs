@@ -20,7 +20,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole flow on the embedded dev stack: a base, a diff and a legacy build, each verified.
-    Demo,
+    Demo {
+        /// Run sandbox processes without bubblewrap when it is missing (no confinement at all).
+        #[arg(long)]
+        allow_unconfined: bool,
+    },
     /// Serve the signer component (POST /api/v1/blob/sign) over HTTP.
     ///
     /// The guest's configuration is every SNAPSIGN_* variable of this
@@ -356,9 +360,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tracing::info!("stopping the signer");
             server.shutdown().await;
         }
-        Command::Demo => {
+        Command::Demo { allow_unconfined } => {
             let builder = std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
-            snapsign_host::demo::run(builder).await?
+            snapsign_host::demo::run(builder, allow_unconfined).await?
         }
         Command::Dev {
             data_dir,
