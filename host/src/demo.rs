@@ -81,7 +81,7 @@ async fn build(stack: &DevStack, name: &str, context: &Path, shape: &str) -> Res
         );
     }
     println!(
-        "verified: {uri} in the store is {size} bytes with sha256 {sha256}, as metadata.json declared (build {:.2} s, instantiate {} µs)",
+        "verified: {uri} in the store is {size} bytes with sha256 {sha256}, as metadata.json declared (build {:.2} s, component instantiate {} µs)",
         timings.run.as_secs_f64(),
         timings.instantiate.as_micros()
     );

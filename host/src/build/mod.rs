@@ -226,7 +226,9 @@ impl std::fmt::Display for BuildFailure {
 pub struct RunTimings {
     /// Loading the component (compile or cache).
     pub load: Duration,
-    /// Store creation and instantiation.
+    /// WASI context (with the preopen) and Store creation.
+    pub setup: Duration,
+    /// Instantiation of the pre-instantiated component.
     pub instantiate: Duration,
     /// The export call (the whole build).
     pub run: Duration,
@@ -322,6 +324,8 @@ pub async fn run_with<B: SandboxBackend>(
     store.limiter(|s| &mut s.limits);
     store.set_epoch_deadline(engine::deadline_ticks(options.timeout));
     store.epoch_deadline_trap();
+    let setup = instantiating.elapsed();
+    let instantiating = Instant::now();
     let builder = pre.instantiate_async(&mut store).await.anyhow().context("instantiate the builder")?;
     let instantiate = instantiating.elapsed();
 
@@ -345,7 +349,7 @@ pub async fn run_with<B: SandboxBackend>(
         .map_err(|_| anyhow::anyhow!("the build did not finish within {:?}", options.timeout))?
         .anyhow()
         .context("run the builder component")?;
-    let timings = RunTimings { load, instantiate, run: running.elapsed(), builder: store.data().builder_time };
+    let timings = RunTimings { load, setup, instantiate, run: running.elapsed(), builder: store.data().builder_time };
     let outcome = match outcome {
         Ok(text) => Ok(serde_json::from_str(&text).context("the registered template is not JSON")?),
         Err(BuildError::Usage(m)) => Err(BuildFailure::Usage(m)),
