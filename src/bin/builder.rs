@@ -206,7 +206,8 @@ async fn run(request: BuildRequest) -> Result<String, BuildError> {
     Ok(registered)
 }
 
-/// Retries `attempt` while it fails transiently, until `deadline`.
+/// Retries `attempt` while it is not ready or fails transiently, until
+/// `deadline` (then fails with `what`); any other error fails at once.
 async fn until_ready<T>(
     deadline: Instant,
     what: &str,
@@ -218,8 +219,8 @@ async fn until_ready<T>(
             Ok(None) | Err(SandboxError::Transient(_)) if Instant::now() < deadline => {
                 wstd::task::sleep(wstd::time::Duration::from_millis(250)).await;
             }
-            Ok(None) | Err(SandboxError::Transient(_)) => return Err(failed(format!("{what}: deadline passed"))),
-            Err(e) => return Err(failed(format!("{what}: {}", sandbox_error(&e)))),
+            Ok(None) | Err(SandboxError::Transient(_)) => return Err(failed(what)),
+            Err(e) => return Err(failed(sandbox_error(&e))),
         }
     }
 }
@@ -264,14 +265,17 @@ async fn in_sandbox(
     live: &mut Live,
 ) -> Result<String, BuildError> {
     let id = live.sandbox.clone();
-    let deadline = Instant::now() + Duration::from_secs(u64::from(request.sandbox_wait_secs.max(1)));
-    until_ready(deadline, &format!("Sandbox {id} did not reach 'running'"), || match sx::status(&id)?.as_str() {
+    let wait = u64::from(request.sandbox_wait_secs.max(1));
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    let not_running = format!("Sandbox {id} did not reach 'running' within {wait}s");
+    until_ready(deadline, &not_running, || match sx::status(&id)?.as_str() {
         "running" => Ok(Some(())),
         "terminated" => Err(SandboxError::Gone(format!("Sandbox {id} terminated before reaching 'running'"))),
         _ => Ok(None),
     })
     .await?;
-    until_ready(deadline, "sandbox proxy not ready", || {
+    let not_answering = format!("Sandbox {id} is running but its proxy did not answer within {wait}s");
+    until_ready(deadline, &not_answering, || {
         let exit = sx::run(&id, &spec("/bin/true", &[], false), false)?;
         Ok((exit.code == 0).then_some(()))
     })
