@@ -155,7 +155,14 @@ async fn each_fault_ends_in_a_clear_error_with_nothing_left_behind() {
     assert!(!run.events.iter().any(|e| matches!(e, BuildEvent::Log(..))), "the builder never ran");
     failing(Faults { store_fail_part: Some(1), ..Faults::default() }, "failed with exit code").await;
     failing(Faults { builder_exit_nonzero: true, ..Faults::default() }, "failed with exit code 3").await;
-    failing(Faults { builder_oom: true, ..Faults::default() }, "(process was killed by the kernel OOM killer)").await;
+    let oom =
+        failing(Faults { builder_oom: true, ..Faults::default() }, "(process was killed by the kernel OOM killer)")
+            .await;
+    let Err(BuildFailure::Failed(message)) = &oom.outcome else { unreachable!() };
+    assert!(
+        message.contains("ran out of memory: retry with a larger --builder-memory-mb"),
+        "diagnostics advise: {message}"
+    );
     failing(
         Faults { metadata_missing_field: Some("rootfs_disk_bytes".into()), ..Faults::default() },
         "rootfs builder metadata is missing numeric rootfs_disk_bytes",

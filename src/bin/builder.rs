@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use ::snapsign::build::{command, complete, decorate, plan, sizing, splice};
+use ::snapsign::build::{command, complete, decorate, diagnose, plan, sizing, splice};
 use serde_json::{Map, Value, json};
 
 mod bindings {
@@ -115,6 +115,8 @@ struct Live {
     sandbox: String,
     build_id: String,
     abort_url: Option<String>,
+    /// The sandbox answered: failures from here on get diagnostics.
+    ready: bool,
 }
 
 async fn run(request: BuildRequest) -> Result<String, BuildError> {
@@ -175,7 +177,8 @@ async fn run(request: BuildRequest) -> Result<String, BuildError> {
         300,
     )
     .map_err(|e| failed(format!("create the builder sandbox: {}", sandbox_error(&e))))?;
-    let mut live = Live { sandbox: created.id.clone(), build_id: prepared.build_id.clone(), abort_url: None };
+    let mut live =
+        Live { sandbox: created.id.clone(), build_id: prepared.build_id.clone(), abort_url: None, ready: false };
     let result =
         in_sandbox(&request, &platform, &prepared, &plan.base_image, rootfs_bytes, invocation, &mut live).await;
     if let (Err(_), Some(abort)) = (&result, &live.abort_url) {
@@ -189,6 +192,10 @@ async fn run(request: BuildRequest) -> Result<String, BuildError> {
             Err(e) => emit(&Event::Warning(format!("cannot abort the multipart upload: {e}"))),
         }
     }
+    let result = match result {
+        Err(BuildError::Failed(message)) if live.ready => Err(BuildError::Failed(diagnosed(&live.sandbox, &message))),
+        other => other,
+    };
     stage("cleanup");
     if let Err(e) = sx::delete(&live.sandbox) {
         emit(&Event::Warning(format!(
@@ -204,6 +211,16 @@ async fn run(request: BuildRequest) -> Result<String, BuildError> {
     })?;
     emit(&Event::Stage(format!("done in {:.1} s", started.elapsed().as_secs_f64())));
     Ok(registered)
+}
+
+/// The failure with advice from the sandbox's dmesg and df (PROTOCOL.md §5.9).
+fn diagnosed(id: &str, failure: &str) -> String {
+    let mut outputs = Vec::new();
+    for script in diagnose::COMMANDS {
+        let process = spec("/bin/sh", &["-lc", script], true);
+        outputs.push(sx::run_captured(id, &process, 5).map(|(_, lines)| lines).unwrap_or_default());
+    }
+    diagnose::with_advice(failure, &diagnose::advice(failure, &outputs[0], &outputs[1]))
 }
 
 /// Retries `attempt` while it is not ready or fails transiently, until
@@ -281,6 +298,7 @@ async fn in_sandbox(
     })
     .await?;
 
+    live.ready = true;
     let mut spec_json: Map<String, Value> = prepared.raw.clone();
     let mut signed_uri = None;
     if let Some(rel_path) = &prepared.snapshot_rel_path {

@@ -5,6 +5,7 @@
 
 pub mod command;
 pub mod complete;
+pub mod diagnose;
 pub mod plan;
 pub mod sizing;
 pub mod splice;

@@ -130,6 +130,25 @@ impl<B: SandboxBackend> sandbox_exec::Host for BuildState<B> {
         result
     }
 
+    async fn run_captured(
+        &mut self,
+        id: String,
+        spec: types::ProcessSpec,
+        timeout_secs: u32,
+    ) -> Result<(types::ExitStatus, Vec<String>), SandboxError> {
+        let mut lines = Vec::new();
+        let mut sink = |stream: &str, line: &str| {
+            if stream != "stderr" {
+                lines.push(line.to_owned());
+            }
+        };
+        let limit = Duration::from_secs(u64::from(timeout_secs.max(1)));
+        let exit = tokio::time::timeout(limit, self.backend.run(&id, spec, &mut sink))
+            .await
+            .map_err(|_| SandboxError::Failed(format!("diagnostic process did not finish within {limit:?}")))??;
+        Ok((exit, lines))
+    }
+
     async fn write_file(&mut self, id: String, path: String, contents: Vec<u8>) -> Result<(), SandboxError> {
         self.backend.write_file(&id, &path, contents).await
     }
