@@ -38,19 +38,25 @@ pub async fn run(builder: PathBuf, allow_unconfined: bool) -> Result<()> {
     Ok(())
 }
 
+type Runtime = crate::build::BuilderRuntime<crate::build::proxy_backend::ProxyBackend>;
+
 async fn builds(stack: &DevStack) -> Result<()> {
     let examples = examples_dir();
-    let base = build(stack, "demo-base", &examples.join("base"), "new (dataplane-signed multipart upload)").await?;
-    let app = build(stack, "demo-app", &examples.join("app"), "new, diff build on demo-base").await?;
+    // The builder component is loaded and pre-instantiated once for the three builds.
+    let runtime = Runtime::new(128 << 20, &crate::engine::default_cache_dir())?;
+    let runtime = &runtime;
+    let base =
+        build(runtime, stack, "demo-base", &examples.join("base"), "new (dataplane-signed multipart upload)").await?;
+    let app = build(runtime, stack, "demo-app", &examples.join("app"), "new, diff build on demo-base").await?;
     if app["parentManifestUri"] != base["snapshotUri"] {
         bail!("demo-app's parent is {} but demo-base's snapshot is {}", app["parentManifestUri"], base["snapshotUri"]);
     }
     stack.platform.set_shape(PrepareShape::Legacy);
-    build(stack, "demo-legacy", &examples.join("base"), "legacy (platform-presigned single PUT)").await?;
+    build(runtime, stack, "demo-legacy", &examples.join("base"), "legacy (platform-presigned single PUT)").await?;
     Ok(())
 }
 
-async fn build(stack: &DevStack, name: &str, context: &Path, shape: &str) -> Result<Value> {
+async fn build(runtime: &Runtime, stack: &DevStack, name: &str, context: &Path, shape: &str) -> Result<Value> {
     println!("\n=== {name}: {shape}");
     let dockerfile = std::fs::read_to_string(context.join("Dockerfile"))
         .with_context(|| format!("read {}/Dockerfile", context.display()))?;
@@ -68,7 +74,8 @@ async fn build(stack: &DevStack, name: &str, context: &Path, shape: &str) -> Res
         }
         printer(event);
     });
-    let (outcome, timings) = crate::build::run(&options, events).await?;
+    let (backend, outbound) = crate::build::proxy_backend(&options);
+    let (outcome, timings) = runtime.run(&options, backend, outbound, events).await?;
     let template = outcome.map_err(|failure| anyhow::anyhow!("{name} failed: {failure}"))?;
     println!("registered: {}", serde_json::to_string_pretty(&template)?);
     let uri = template["snapshotUri"].as_str().context("template has a snapshotUri")?;

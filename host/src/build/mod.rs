@@ -269,14 +269,17 @@ pub async fn run(
     options: &BuildOptions,
     events: EventFn,
 ) -> Result<(Result<serde_json::Value, BuildFailure>, RunTimings)> {
-    let outbound = AllowList::new(authority(&options.api_url).into_iter().chain(options.allow_hosts.iter().cloned()));
-    let backend = Arc::new(proxy_backend::ProxyBackend::new(
-        &options.api_url,
-        &options.token,
-        &options.namespace,
-        outbound.clone(),
-    ));
+    let (backend, outbound) = proxy_backend(options);
     run_with(options, backend, outbound, events).await
+}
+
+/// The `proxy` backend for `options.api_url`, and the allow-list it feeds
+/// (the platform, the extra hosts, and each sandbox proxy it learns of).
+pub fn proxy_backend(options: &BuildOptions) -> (Arc<proxy_backend::ProxyBackend>, AllowList) {
+    let outbound = AllowList::new(authority(&options.api_url).into_iter().chain(options.allow_hosts.iter().cloned()));
+    let backend =
+        proxy_backend::ProxyBackend::new(&options.api_url, &options.token, &options.namespace, outbound.clone());
+    (Arc::new(backend), outbound)
 }
 
 /// Runs one build with the `local` backend: bubblewrap sandboxes under
@@ -301,81 +304,111 @@ pub async fn run_local(
     run_with(options, backend, outbound, events).await
 }
 
-/// Runs one build over any backend.
+/// The builder component compiled and pre-instantiated once, for any
+/// number of builds over backends of type `B` (a fresh Store per build).
+pub struct BuilderRuntime<B: SandboxBackend> {
+    engine: wasmtime::Engine,
+    pre: bindings::BuilderPre<BuildState<B>>,
+    max_memory_bytes: usize,
+    /// How long loading (compile or cache) and pre-instantiation took.
+    pub load: Duration,
+}
+
+impl<B: SandboxBackend> BuilderRuntime<B> {
+    /// Loads the builder component (from `cache_dir` when compiled before) and pre-instantiates it.
+    pub fn new(max_memory_bytes: usize, cache_dir: &std::path::Path) -> Result<Self> {
+        let started = Instant::now();
+        let engine = engine::engine(EngineLimits { max_concurrency: 4, max_memory_bytes })?;
+        let (component, _) = engine::load_component(&engine, "builder", BUILDER_WASM, cache_dir)?;
+        let mut linker: Linker<BuildState<B>> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).anyhow().context("link WASI")?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).anyhow().context("link WASI HTTP")?;
+        bindings::Builder::add_to_linker::<_, HasSelf<BuildState<B>>>(&mut linker, |s| s)
+            .anyhow()
+            .context("link sandbox-exec")?;
+        let pre = bindings::BuilderPre::new(
+            linker.instantiate_pre(&component).anyhow().context("pre-instantiate the builder")?,
+        )
+        .anyhow()
+        .context("the builder does not export snapsign:components/build")?;
+        Ok(BuilderRuntime { engine, pre, max_memory_bytes, load: started.elapsed() })
+    }
+
+    /// Runs one build.
+    pub async fn run(
+        &self,
+        options: &BuildOptions,
+        backend: Arc<B>,
+        outbound: AllowList,
+        events: EventFn,
+    ) -> Result<(Result<serde_json::Value, BuildFailure>, RunTimings)> {
+        let (engine, pre, load) = (&self.engine, &self.pre, self.load);
+        let max_memory_bytes = options.max_memory_bytes.min(self.max_memory_bytes);
+        let instantiating = Instant::now();
+        let mut wasi = WasiCtx::builder();
+        wasi.inherit_stderr();
+        wasi.preopened_dir(&options.context_dir, "/context", FsPerms::ReadOnly)
+            .anyhow()
+            .with_context(|| format!("open the build context {}", options.context_dir.display()))?;
+        let state = BuildState {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            outbound,
+            limits: StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(8).build(),
+            backend,
+            events,
+            builder_time: Duration::ZERO,
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(engine::deadline_ticks(options.timeout));
+        store.epoch_deadline_trap();
+        let setup = instantiating.elapsed();
+        let instantiating = Instant::now();
+        let builder = pre.instantiate_async(&mut store).await.anyhow().context("instantiate the builder")?;
+        let instantiate = instantiating.elapsed();
+
+        let request = BuildRequest {
+            api_url: options.api_url.clone(),
+            token: options.token.clone(),
+            namespace: options.namespace.clone(),
+            name: options.name.clone(),
+            dockerfile: options.dockerfile.clone(),
+            disk_mb: options.disk_mb,
+            builder_cpus: options.builder_cpus,
+            builder_memory_mb: options.builder_memory_mb,
+            builder_disk_mb: options.builder_disk_mb,
+            public: options.public,
+            sandbox_wait_secs: options.sandbox_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
+        };
+        let running = Instant::now();
+        let call = builder.snapsign_components_build().call_run(&mut store, &request);
+        let outcome = tokio::time::timeout(options.timeout, call)
+            .await
+            .map_err(|_| anyhow::anyhow!("the build did not finish within {:?}", options.timeout))?
+            .anyhow()
+            .context("run the builder component")?;
+        let timings =
+            RunTimings { load, setup, instantiate, run: running.elapsed(), builder: store.data().builder_time };
+        let outcome = match outcome {
+            Ok(text) => Ok(serde_json::from_str(&text).context("the registered template is not JSON")?),
+            Err(BuildError::Usage(m)) => Err(BuildFailure::Usage(m)),
+            Err(BuildError::Auth(m)) => Err(BuildFailure::Auth(m)),
+            Err(BuildError::Failed(m)) => Err(BuildFailure::Failed(m)),
+        };
+        Ok((outcome, timings))
+    }
+}
+
+/// Runs one build over any backend (loading the component for it).
 pub async fn run_with<B: SandboxBackend>(
     options: &BuildOptions,
     backend: Arc<B>,
     outbound: AllowList,
     events: EventFn,
 ) -> Result<(Result<serde_json::Value, BuildFailure>, RunTimings)> {
-    let started = Instant::now();
-    let engine = engine::engine(EngineLimits { max_concurrency: 2, max_memory_bytes: options.max_memory_bytes })?;
-    let (component, _) = engine::load_component(&engine, "builder", BUILDER_WASM, &options.cache_dir)?;
-    let load = started.elapsed();
-    let mut linker: Linker<BuildState<B>> = Linker::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).anyhow().context("link WASI")?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).anyhow().context("link WASI HTTP")?;
-    bindings::Builder::add_to_linker::<_, HasSelf<BuildState<B>>>(&mut linker, |s| s)
-        .anyhow()
-        .context("link sandbox-exec")?;
-    let pre =
-        bindings::BuilderPre::new(linker.instantiate_pre(&component).anyhow().context("pre-instantiate the builder")?)
-            .anyhow()
-            .context("the builder does not export snapsign:components/build")?;
-
-    let instantiating = Instant::now();
-    let mut wasi = WasiCtx::builder();
-    wasi.inherit_stderr();
-    wasi.preopened_dir(&options.context_dir, "/context", FsPerms::ReadOnly)
-        .anyhow()
-        .with_context(|| format!("open the build context {}", options.context_dir.display()))?;
-    let state = BuildState {
-        wasi: wasi.build(),
-        http: WasiHttpCtx::new(),
-        table: ResourceTable::new(),
-        outbound,
-        limits: StoreLimitsBuilder::new().memory_size(options.max_memory_bytes).instances(8).build(),
-        backend,
-        events,
-        builder_time: Duration::ZERO,
-    };
-    let mut store = Store::new(&engine, state);
-    store.limiter(|s| &mut s.limits);
-    store.set_epoch_deadline(engine::deadline_ticks(options.timeout));
-    store.epoch_deadline_trap();
-    let setup = instantiating.elapsed();
-    let instantiating = Instant::now();
-    let builder = pre.instantiate_async(&mut store).await.anyhow().context("instantiate the builder")?;
-    let instantiate = instantiating.elapsed();
-
-    let request = BuildRequest {
-        api_url: options.api_url.clone(),
-        token: options.token.clone(),
-        namespace: options.namespace.clone(),
-        name: options.name.clone(),
-        dockerfile: options.dockerfile.clone(),
-        disk_mb: options.disk_mb,
-        builder_cpus: options.builder_cpus,
-        builder_memory_mb: options.builder_memory_mb,
-        builder_disk_mb: options.builder_disk_mb,
-        public: options.public,
-        sandbox_wait_secs: options.sandbox_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
-    };
-    let running = Instant::now();
-    let call = builder.snapsign_components_build().call_run(&mut store, &request);
-    let outcome = tokio::time::timeout(options.timeout, call)
-        .await
-        .map_err(|_| anyhow::anyhow!("the build did not finish within {:?}", options.timeout))?
-        .anyhow()
-        .context("run the builder component")?;
-    let timings = RunTimings { load, setup, instantiate, run: running.elapsed(), builder: store.data().builder_time };
-    let outcome = match outcome {
-        Ok(text) => Ok(serde_json::from_str(&text).context("the registered template is not JSON")?),
-        Err(BuildError::Usage(m)) => Err(BuildFailure::Usage(m)),
-        Err(BuildError::Auth(m)) => Err(BuildFailure::Auth(m)),
-        Err(BuildError::Failed(m)) => Err(BuildFailure::Failed(m)),
-    };
-    Ok((outcome, timings))
+    BuilderRuntime::new(options.max_memory_bytes, &options.cache_dir)?.run(options, backend, outbound, events).await
 }
 
 /// Prints events to stderr: stages, builder log lines, upload progress every 8 MiB, warnings.
