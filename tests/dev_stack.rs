@@ -132,25 +132,10 @@ async fn files_round_trip_through_the_proxy_and_sign_goes_to_the_signer() {
     let id = api.create_sandbox().await;
     api.wait_running(&id).await;
     let path = "/var/lib/tensorlake/rootfs-builder/build/spec.json";
-    let put = api
-        .proxy(Method::PUT, &id, "/api/v1/files")
-        .query(&[("path", path)])
-        .bearer_auth(&api.token)
-        .body("{\"spec\": true}")
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
+    api.put_file(&id, path, b"{\"spec\": true}".to_vec()).await;
     let (events, _) = api.run(&id, "/bin/cat", &[path], false).await;
     assert_eq!(events[0]["line"], "{\"spec\": true}");
-    let get = api
-        .proxy(Method::GET, &id, "/api/v1/files")
-        .query(&[("path", path)])
-        .bearer_auth(&api.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(get.text().await.unwrap(), "{\"spec\": true}");
+    assert_eq!(api.get_file(&id, path).await.as_deref(), Some(&b"{\"spec\": true}"[..]));
     let del = api
         .proxy(Method::DELETE, &id, "/api/v1/files")
         .query(&[("path", path)])
@@ -159,14 +144,8 @@ async fn files_round_trip_through_the_proxy_and_sign_goes_to_the_signer() {
         .await
         .unwrap();
     assert!(del.status().is_success());
-    let gone = api
-        .proxy(Method::GET, &id, "/api/v1/files")
-        .query(&[("path", path)])
-        .bearer_auth(&api.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gone.status(), 404);
+    let gone = api.send(api.proxy(Method::GET, &id, "/api/v1/files").query(&[("path", path)])).await;
+    assert_eq!(gone.0, 404, "a deleted file is gone: {}", gone.1);
 
     let sign = json!({"target": {"kind": "artifact", "rel_path": "projects/p/sandbox-template-builds/b/s.tlsnap"},
                       "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": 2, "part_size_bytes": 67108864}}});

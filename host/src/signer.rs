@@ -144,17 +144,25 @@ impl SignerHost {
         let timeout = self.request_timeout;
         let task = tokio::spawn(async move {
             let run = async {
-                let proxy = pre.instantiate_async(&mut store).await.anyhow().context("instantiate the signer")?;
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, req, out)
-                    .await
-                    .anyhow()
-                    .context("run the signer")
+                let proxy = pre.instantiate_async(&mut store).await.map_err(|e| Failure {
+                    status: 503,
+                    code: "signer_busy",
+                    error: anyhow::Error::from(e).context("instantiate the signer"),
+                })?;
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await.map_err(|e| {
+                    // The epoch deadline traps the guest when it computes too long.
+                    let interrupted = e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
+                    let (status, code) = if interrupted { (504, "signer_timeout") } else { (500, "signer_trap") };
+                    Failure { status, code, error: anyhow::Error::from(e).context("run the signer") }
+                })
             };
             match tokio::time::timeout(timeout, run).await {
                 Ok(result) => result,
-                Err(_) => Err(anyhow::anyhow!("signer did not finish within {timeout:?}")),
+                Err(_) => Err(Failure {
+                    status: 504,
+                    code: "signer_timeout",
+                    error: anyhow::anyhow!("signer did not finish within {timeout:?}"),
+                }),
             }
         });
         match receiver.await {
@@ -162,22 +170,11 @@ impl SignerHost {
             Ok(Err(code)) => {
                 Err(Failure { status: 502, code: "guest_error", error: anyhow::anyhow!("signer failed: {code:?}") })
             }
-            Err(_) => {
-                let error = match task.await {
-                    Ok(Ok(())) => anyhow::anyhow!("signer returned without setting a response"),
-                    Ok(Err(e)) => e,
-                    Err(e) => anyhow::Error::from(e).context("signer task panicked"),
-                };
-                let text = format!("{error:#}");
-                let (status, code) = if text.contains("within") || text.contains("interrupt") {
-                    (504, "signer_timeout")
-                } else if text.contains("instantiate") {
-                    (503, "signer_busy")
-                } else {
-                    (500, "signer_trap")
-                };
-                Err(Failure { status, code, error })
-            }
+            Err(_) => Err(match task.await {
+                Ok(Ok(())) => Failure::internal(anyhow::anyhow!("signer returned without setting a response")),
+                Ok(Err(failure)) => failure,
+                Err(e) => Failure::internal(anyhow::Error::from(e).context("signer task panicked")),
+            }),
         }
     }
 }
