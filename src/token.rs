@@ -2,8 +2,10 @@
 //! carry the caller's namespace and an expiry, verifiable by the signer alone.
 //!
 //! Format: `sst1.<payload>.<mac>`, where `payload` is base64url (no padding)
-//! of `{"ns":"<namespace>","exp":<unix seconds>}` and `mac` is base64url of
-//! HMAC-SHA256(key, `sst1.<payload>`). The MAC is compared in constant time.
+//! of `{"ns":"<namespace>","exp":<unix seconds>}` (plus, in a read grant the
+//! platform mints, `"read":["s3://bucket/key",…]`) and `mac` is base64url of
+//! HMAC-SHA256(key, `sst1.<payload>`). The MAC is compared in constant time
+//! (wit/protocol.md §10).
 
 use std::fmt;
 
@@ -18,6 +20,13 @@ const VERSION: &str = "sst1";
 /// Shortest token key accepted (bytes).
 pub const MIN_KEY_LEN: usize = 32;
 
+/// Longest lifetime a token may have left when it is verified, unless the
+/// verifier is configured otherwise: 7 days.
+pub const DEFAULT_MAX_TTL_SECS: i64 = 7 * 24 * 3600;
+
+/// Most URIs one read grant may name.
+pub const MAX_READ_GRANTS: usize = 64;
+
 /// What a valid token says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -27,6 +36,18 @@ pub struct Claims {
     /// Unix seconds after which the token is refused.
     #[serde(rename = "exp")]
     pub expires_at: i64,
+    /// Exact object URIs outside the namespace that this token may read
+    /// (`get_blob`): a short-lived grant the platform mints, e.g. for the
+    /// snapshot of another namespace's public template.
+    #[serde(rename = "read", default, skip_serializing_if = "Vec::is_empty")]
+    pub read: Vec<String>,
+}
+
+impl Claims {
+    /// Claims for `namespace` until `expires_at`, with no read grant.
+    pub fn new(namespace: &str, expires_at: i64) -> Self {
+        Claims { namespace: namespace.to_owned(), expires_at, read: Vec::new() }
+    }
 }
 
 /// Why a token was refused.
@@ -40,6 +61,10 @@ pub enum TokenError {
     Expired { expired_at: i64 },
     /// The namespace is not a valid namespace name.
     BadNamespace(String),
+    /// The token's expiry lies further ahead than the verifier allows.
+    TooLong { expires_at: i64, max_ttl_secs: i64 },
+    /// The read grant names too many URIs.
+    TooManyGrants { count: usize },
 }
 
 impl fmt::Display for TokenError {
@@ -53,6 +78,14 @@ impl fmt::Display for TokenError {
                 write!(f, "bearer token expired at unix time {expired_at}; mint a new one")
             }
             TokenError::BadNamespace(ns) => write!(f, "bearer token names an invalid namespace '{ns}'"),
+            TokenError::TooLong { expires_at, max_ttl_secs } => write!(
+                f,
+                "bearer token expires at unix time {expires_at}, more than {max_ttl_secs} s from now; \
+                 mint one with a shorter lifetime"
+            ),
+            TokenError::TooManyGrants { count } => {
+                write!(f, "bearer token grants reads of {count} objects; at most {MAX_READ_GRANTS} are allowed")
+            }
         }
     }
 }
@@ -75,18 +108,27 @@ fn mac(key: &[u8], signed: &str) -> Hmac<Sha256> {
 
 /// Mints a token for `namespace` valid until `expires_at` (unix seconds).
 pub fn mint(key: &[u8], namespace: &str, expires_at: i64) -> Result<String, TokenError> {
-    if !valid_namespace(namespace) {
-        return Err(TokenError::BadNamespace(namespace.to_owned()));
+    mint_claims(key, &Claims::new(namespace, expires_at))
+}
+
+/// Mints a token carrying `claims` (a read grant included).
+pub fn mint_claims(key: &[u8], claims: &Claims) -> Result<String, TokenError> {
+    if !valid_namespace(&claims.namespace) {
+        return Err(TokenError::BadNamespace(claims.namespace.clone()));
     }
-    let claims = Claims { namespace: namespace.to_owned(), expires_at };
+    if claims.read.len() > MAX_READ_GRANTS {
+        return Err(TokenError::TooManyGrants { count: claims.read.len() });
+    }
     let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
     let signed = format!("{VERSION}.{payload}");
     let tag = URL_SAFE_NO_PAD.encode(mac(key, &signed).finalize().into_bytes());
     Ok(format!("{signed}.{tag}"))
 }
 
-/// Verifies `token` under `key` at `now` (unix seconds) and returns its claims.
-pub fn verify(key: &[u8], token: &str, now: i64) -> Result<Claims, TokenError> {
+/// Verifies `token` under `key` at `now` (unix seconds) and returns its
+/// claims. A token whose expiry lies more than `max_ttl_secs` ahead is
+/// refused: a leaked token must not be good forever.
+pub fn verify(key: &[u8], token: &str, now: i64, max_ttl_secs: i64) -> Result<Claims, TokenError> {
     let mut parts = token.split('.');
     let (Some(version), Some(payload), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -103,8 +145,14 @@ pub fn verify(key: &[u8], token: &str, now: i64) -> Result<Claims, TokenError> {
     if !valid_namespace(&claims.namespace) {
         return Err(TokenError::BadNamespace(claims.namespace));
     }
+    if claims.read.len() > MAX_READ_GRANTS {
+        return Err(TokenError::TooManyGrants { count: claims.read.len() });
+    }
     if now >= claims.expires_at {
         return Err(TokenError::Expired { expired_at: claims.expires_at });
+    }
+    if claims.expires_at.saturating_sub(now) > max_ttl_secs {
+        return Err(TokenError::TooLong { expires_at: claims.expires_at, max_ttl_secs });
     }
     Ok(claims)
 }
@@ -118,20 +166,50 @@ mod tests {
     #[test]
     fn round_trips_namespace_and_expiry() {
         let token = mint(KEY, "team-a", 2_000).unwrap();
-        assert_eq!(verify(KEY, &token, 1_999).unwrap(), Claims { namespace: "team-a".into(), expires_at: 2_000 });
+        assert_eq!(verify(KEY, &token, 1_999, 3600).unwrap(), Claims::new("team-a", 2_000));
+    }
+
+    #[test]
+    fn read_grants_round_trip_and_are_covered_by_the_mac() {
+        let claims = Claims { read: vec!["s3://b/builds/other/x.tlsnap".into()], ..Claims::new("team-a", 2_000) };
+        let token = mint_claims(KEY, &claims).unwrap();
+        assert_eq!(verify(KEY, &token, 1_000, 3600).unwrap(), claims);
+        // Widening the grant without the key breaks the MAC.
+        let (_, tag) = token.rsplit_once('.').unwrap();
+        let widened = URL_SAFE_NO_PAD
+            .encode(br#"{"ns":"team-a","exp":2000,"read":["s3://b/builds/other/x.tlsnap","s3://b/builds/c/y"]}"#);
+        assert_eq!(verify(KEY, &format!("sst1.{widened}.{tag}"), 1_000, 3600), Err(TokenError::BadSignature));
+        // A token without the claim has no grant.
+        assert!(verify(KEY, &mint(KEY, "team-a", 2_000).unwrap(), 1_000, 3600).unwrap().read.is_empty());
+        let many = Claims { read: vec!["s3://b/k".into(); MAX_READ_GRANTS + 1], ..Claims::new("team-a", 2_000) };
+        assert_eq!(mint_claims(KEY, &many), Err(TokenError::TooManyGrants { count: MAX_READ_GRANTS + 1 }));
+    }
+
+    #[test]
+    fn refuses_tokens_that_live_longer_than_the_maximum() {
+        let forever = mint(KEY, "team-a", i64::MAX).unwrap();
+        assert_eq!(
+            verify(KEY, &forever, 1_000, DEFAULT_MAX_TTL_SECS),
+            Err(TokenError::TooLong { expires_at: i64::MAX, max_ttl_secs: DEFAULT_MAX_TTL_SECS })
+        );
+        let day = mint(KEY, "team-a", 1_000 + 86_400).unwrap();
+        assert!(verify(KEY, &day, 1_000, 86_400).is_ok());
+        assert!(matches!(verify(KEY, &day, 1_000, 86_399), Err(TokenError::TooLong { .. })));
+        // The bound is on what is left: later, the same token passes.
+        assert!(verify(KEY, &day, 1_001, 86_399).is_ok());
     }
 
     #[test]
     fn refuses_expired_forged_and_other_key_tokens() {
         let token = mint(KEY, "team-a", 2_000).unwrap();
-        assert_eq!(verify(KEY, &token, 2_000), Err(TokenError::Expired { expired_at: 2_000 }));
-        assert_eq!(verify(b"another key, 32 bytes long......", &token, 0), Err(TokenError::BadSignature));
+        assert_eq!(verify(KEY, &token, 2_000, 3600), Err(TokenError::Expired { expired_at: 2_000 }));
+        assert_eq!(verify(b"another key, 32 bytes long......", &token, 0, 3600), Err(TokenError::BadSignature));
         // Same MAC, payload swapped to claim another namespace.
         let (_, tag) = token.rsplit_once('.').unwrap();
         let forged_payload = URL_SAFE_NO_PAD.encode(br#"{"ns":"team-b","exp":2000}"#);
-        assert_eq!(verify(KEY, &format!("sst1.{forged_payload}.{tag}"), 0), Err(TokenError::BadSignature));
-        assert!(matches!(verify(KEY, "sst1.abc", 0), Err(TokenError::Malformed(_))));
-        assert!(matches!(verify(KEY, "jwt.a.b", 0), Err(TokenError::Malformed(_))));
+        assert_eq!(verify(KEY, &format!("sst1.{forged_payload}.{tag}"), 0, 3600), Err(TokenError::BadSignature));
+        assert!(matches!(verify(KEY, "sst1.abc", 0, 3600), Err(TokenError::Malformed(_))));
+        assert!(matches!(verify(KEY, "jwt.a.b", 0, 3600), Err(TokenError::Malformed(_))));
     }
 
     #[test]

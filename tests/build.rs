@@ -114,10 +114,87 @@ async fn legacy_shape_is_unchanged_and_both_fields_let_the_signed_uri_win() {
     stack.shutdown().await;
 }
 
+/// Builds `dockerfile` as namespace `namespace` (its own token), in `shape`.
+async fn build_as(stack: &DevStack, namespace: &str, name: &str, dockerfile: &str, public: bool, shape: &str) -> Run {
+    let ctx = context(&[("hello.txt", format!("{namespace}/{name}\n").as_bytes())]);
+    let mut options = options(stack, name, dockerfile, ctx.path());
+    options.namespace = namespace.into();
+    options.token = stack.token_for(namespace).unwrap();
+    options.public = public;
+    stack.platform.set_shape(PrepareShape::parse(shape).unwrap());
+    build(&options).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_namespaces_public_template_is_a_parent_in_both_shapes_and_a_private_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let published = build_as(&stack, "other", "pub-base", BASE, true, "new").await;
+    let published = published.outcome.unwrap_or_else(|e| panic!("public base: {e}\n{:#?}", published.events));
+    let secret = build_as(&stack, "other", "secret-base", BASE, false, "new").await;
+    let secret = secret.outcome.unwrap_or_else(|e| panic!("private base: {e}"));
+    let secret_uri = secret["snapshotUri"].as_str().unwrap();
+
+    // FROM other/pub-base: a diff build on it, new shape (the proxy grants the
+    // one read) and legacy shape (the platform presigns the read itself).
+    for shape in ["new", "legacy"] {
+        let name = format!("child-{shape}");
+        let run =
+            build_as(&stack, "default", &name, "FROM other/pub-base\nCOPY hello.txt /etc/child.txt\n", false, shape)
+                .await;
+        let child =
+            run.outcome.unwrap_or_else(|e| panic!("{shape}: diff on a public template: {e}\n{:#?}", run.events));
+        assert_eq!((child["rootfsNodeKind"].as_str(), child["namespace"].as_str()), (Some("diff"), Some("default")));
+        assert_eq!(child["parentManifestUri"], published["snapshotUri"], "{shape}");
+        assert!(child["snapshotUri"].as_str().unwrap().starts_with("s3://snapshots/builds/default/"), "{child}");
+    }
+
+    // FROM other/secret-base: refused before anything is prepared, in both shapes.
+    for shape in ["new", "legacy"] {
+        let run = build_as(&stack, "default", "thief", "FROM other/secret-base\n", false, shape).await;
+        let failure = run.outcome.expect_err("a private template of another namespace is not a parent");
+        let message = failure.to_string();
+        assert!(message.contains("template_private") && message.contains("other/secret-base"), "{shape}: {message}");
+        assert!(!run.events.contains(&BuildEvent::Stage("sandbox".into())), "{shape}: no sandbox was made");
+    }
+    assert_eq!(lookup(&stack, "thief").await, 404, "nothing registered");
+
+    // Straight to the platform, past the lookup: prepare refuses the parent by id and by reference.
+    let api = common::dev::Api::new(&stack);
+    for shape in ["new", "legacy", "both"] {
+        for parent in [
+            serde_json::json!({"templateId": secret["id"], "name": "secret-base"}),
+            serde_json::json!({"reference": "other/secret-base", "name": "secret-base"}),
+        ] {
+            let body = serde_json::json!({"name": "thief", "dockerfile": "FROM other/secret-base\n",
+                "baseImage": "other/secret-base", "public": false, "rootfsNodeKind": "diff", "parentTemplate": parent});
+            let request = api.http.post(format!("{}/platform/v1/sandbox-template-builds", api.base));
+            let (status, refused) = api.send(request.header("x-snapsign-prepare-shape", shape).json(&body)).await;
+            assert_eq!((status, refused["code"].as_str()), (403, Some("template_private")), "{shape}: {refused}");
+        }
+    }
+    // And the signer gives no read of the private snapshot through a sandbox's proxy.
+    let sandbox = api.create_sandbox().await;
+    api.wait_running(&sandbox).await;
+    let sign = |uri: &str| {
+        let body = serde_json::json!({"target": {"kind": "blob", "uri": uri}, "op": {"kind": "get_blob"}});
+        api.send(api.proxy(reqwest::Method::POST, &sandbox, "/api/v1/blob/sign").json(&body))
+    };
+    let (status, refused) = sign(secret_uri).await;
+    assert_eq!((status, refused["code"].as_str()), (403, Some("outside_namespace")), "{refused}");
+    let (status, granted) = sign(published["snapshotUri"].as_str().unwrap()).await;
+    assert_eq!((status, granted["kind"].as_str()), (200, Some("single_get")), "{granted}");
+    stack.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sandbox_pending_with_502s_then_running_still_builds() {
     let dir = tempfile::tempdir().unwrap();
-    let stack = stack_with(dir.path(), |c| c.faults.pending_502s = 4).await;
+    let stack = stack_with(dir.path(), |c| {
+        c.faults.lifecycle_502_while_pending = true;
+        c.faults.pending_502s = 4;
+    })
+    .await;
     let ctx = context(&[("hello.txt", b"patience\n")]);
     let run = build(&options(&stack, "patient", BASE, ctx.path())).await;
     run.outcome.unwrap_or_else(|e| panic!("build failed: {e}"));

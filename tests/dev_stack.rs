@@ -51,19 +51,25 @@ async fn prepare_answers_in_legacy_new_and_both_shapes_and_lookup_404s_unknown_n
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_sandbox_answers_502_proxy_error_while_pending_then_runs_and_delete_tears_it_down() {
+async fn a_pending_sandbox_answers_200_pending_its_proxy_502_then_runs_and_delete_tears_it_down() {
     let dir = tempfile::tempdir().unwrap();
-    let stack = start_stack(dir.path(), |c| c.faults.pending_502s = 3).await;
+    let stack = start_stack(dir.path(), |c| c.pending = std::time::Duration::from_secs(2)).await;
     let api = Api::new(&stack);
     let id = api.create_sandbox().await;
+    let (status, info) = api.send(api.http.get(api.lifecycle(&format!("/{id}")))).await;
+    assert_eq!((status, info["status"].as_str(), info["id"].as_str()), (200, Some("pending"), Some(id.as_str())));
+    assert!(info.get("sandbox_id").is_none(), "one id field (the public client refuses two): {info}");
+    assert_eq!(info["resources"]["disk_mb"], info["resources"]["ephemeral_disk_mb"], "{info}");
+    assert!(info["resources"]["disk_mb"].is_u64(), "{info}");
     let (status, early) = api.send(api.proxy(Method::GET, &id, "/api/v1/health")).await;
-    assert_eq!((status, early["code"].as_str()), (502, Some("PROXY_ERROR")), "the proxy is pending too");
-    let transient = api.wait_running(&id).await;
-    assert!(transient >= 3, "saw {transient} transient 502s, the fault asks for 3 after pending");
+    assert_eq!((status, early["code"].as_str()), (502, Some("PROXY_ERROR")), "the proxy is not ready yet");
+    assert!(early["message"].as_str().unwrap().contains("Failed to proxy request"), "{early}");
+    let waited = api.wait_running(&id).await;
+    assert!(waited.pending >= 1 && waited.transient == 0, "{waited:?}");
     let (status, health) = api.send(api.proxy(Method::GET, &id, "/api/v1/health")).await;
     assert_eq!((status, &health), (200, &json!({"healthy": true})));
     let (status, info) = api.send(api.http.get(api.lifecycle(&format!("/{id}")))).await;
-    assert_eq!(status, 200);
+    assert_eq!((status, info["status"].as_str()), (200, Some("running")));
     assert_eq!((info["namespace"].as_str(), info["resources"]["memory_mb"].as_i64()), (Some("default"), Some(1024)));
 
     let sandbox_dir = dir.path().join("sandboxes").join(&id);
@@ -76,6 +82,22 @@ async fn a_sandbox_answers_502_proxy_error_while_pending_then_runs_and_delete_te
     // Another namespace's path is refused.
     let (status, _) = api.send(api.http.get(format!("{}/v1/namespaces/other/sandboxes/{id}", api.base))).await;
     assert_eq!(status, 403);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_faults_answer_502_while_pending_and_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |c| {
+        c.faults.lifecycle_502_while_pending = true;
+        c.faults.pending_502s = 3;
+    })
+    .await;
+    let api = Api::new(&stack);
+    let id = api.create_sandbox().await;
+    let waited = api.wait_running(&id).await;
+    assert_eq!(waited.pending, 0, "no 200 pending under the seed-era gateway fault: {waited:?}");
+    assert!(waited.transient >= 4, "502s while pending, then the 3 extra ones: {waited:?}");
     stack.shutdown().await;
 }
 
@@ -227,7 +249,7 @@ async fn each_platform_fault_switch_fails_its_step() {
     let api = Api::new(&stack);
     let set = |faults: Faults| {
         let request = api.http.put(format!("{}/_snapsign/faults", api.base)).json(&faults);
-        api.send(request)
+        api.send_as(&stack.admin_token, request)
     };
 
     assert_eq!(set(Faults { terminate_sandbox: true, ..Faults::default() }).await.0, 200);
@@ -265,9 +287,34 @@ async fn each_platform_fault_switch_fails_its_step() {
     assert_eq!((status, failed["code"].as_str()), (500, Some("injected_fault")));
     let (status, _) = api.get("/platform/v1/sandbox-templates/by-name/faulty").await;
     assert_eq!(status, 404, "a failed complete registers nothing");
-    let (status, bad) =
-        api.send(api.http.put(format!("{}/_snapsign/faults", api.base)).json(&json!({"nope": 1}))).await;
+    let unknown = api.http.put(format!("{}/_snapsign/faults", api.base)).json(&json!({"nope": 1}));
+    let (status, bad) = api.send_as(&stack.admin_token, unknown).await;
     assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_faults")));
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_faults_endpoint_is_for_the_operator_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let url = format!("{}/_snapsign/faults", api.base);
+    let evil = Faults { complete_fail: true, ..Faults::default() };
+    // A namespace token (any tenant's) can neither set nor read the switches.
+    let (status, refused) = api.send(api.http.put(&url).json(&evil)).await;
+    assert_eq!((status, refused["code"].as_str()), (403, Some("operator_only")), "{refused}");
+    let (status, _) = api.send(api.http.get(&url)).await;
+    assert_eq!(status, 403);
+    // No token at all, or a forged one.
+    assert_eq!(reqwest::get(&url).await.unwrap().status(), 401);
+    let (status, _) = api.send_as("ssadm.0000", api.http.put(&url).json(&evil)).await;
+    assert_eq!(status, 403);
+    assert_eq!(stack.platform.faults(), Faults::default(), "nothing was switched");
+    // The operator can.
+    let (status, set) = api.send_as(&stack.admin_token, api.http.put(&url).json(&evil)).await;
+    assert_eq!((status, set["complete_fail"].as_bool()), (200, Some(true)));
+    let (status, read) = api.send_as(&stack.admin_token, api.http.get(&url)).await;
+    assert_eq!((status, read["complete_fail"].as_bool()), (200, Some(true)));
     stack.shutdown().await;
 }
 
@@ -310,4 +357,77 @@ async fn the_reference_builder_uploads_by_single_put_multipart_and_diff_and_meta
     assert_object_matches_metadata(&stack, &diff).await;
     assert_eq!(diff.complete.1["parentManifestUri"], multipart.metadata["snapshot_uri"]);
     stack.shutdown().await;
+}
+
+/// Every file under `dir` whose name contains `needle`.
+fn files_named(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_named(&path, needle));
+        } else if entry.file_name().to_string_lossy().contains(needle) {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stack_killed_mid_build_fails_the_build_and_aborts_its_upload_at_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let mut dev = common::process::DevProcess::start(data.path(), &["--pending-ms", "100"]);
+    let api = Api {
+        http: reqwest::Client::new(),
+        base: dev.api.clone(),
+        token: dev.token.clone(),
+        namespace: "default".into(),
+    };
+    let (status, prepared) = api.prepare("doomed", SCRATCH, None, Some("new")).await;
+    assert_eq!(status, 200, "{prepared}");
+    let build_id = prepared["buildId"].as_str().unwrap().to_owned();
+    let sandbox = api.create_sandbox().await;
+    api.wait_running(&sandbox).await;
+    let rel = prepared["snapshotRelPath"].as_str().unwrap();
+    let sign = json!({"target": {"kind": "artifact", "rel_path": rel},
+                      "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": 2, "part_size_bytes": 5242880}}});
+    let (status, signed) = api.send(api.proxy(Method::POST, &sandbox, "/api/v1/blob/sign").json(&sign)).await;
+    assert_eq!(status, 200, "{signed}");
+    let upload_id = signed["uploadId"].as_str().unwrap().to_owned();
+    let part = |n: usize| signed["partUrls"][n]["url"].as_str().unwrap().to_owned();
+    let first = api.http.put(part(0)).body(vec![7u8; 5 << 20]).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(!files_named(&data.path().join("store"), &upload_id).is_empty(), "the part is on disk before the kill");
+
+    // The stack dies mid-build, as `kill -9` or a power cut would do it.
+    dev.stop(9);
+    // Same store address, so the old part URLs (signed for that host) address it.
+    let store = dev.store.trim_start_matches("http://").to_owned();
+    let mut dev = common::process::DevProcess::start(data.path(), &["--store-listen", &store]);
+    assert!(
+        dev.banner.iter().any(|l| l.contains("recovered") && l.contains(&build_id)),
+        "the restart says what it cleaned: {:#?}",
+        dev.banner
+    );
+    // The upload is gone: no part file left, and its part URLs no longer take bytes.
+    assert!(files_named(&data.path().join("store"), &upload_id).is_empty(), "parts and record removed");
+    let late = api.http.put(part(1)).body(vec![8u8; 1024]).send().await.unwrap();
+    assert!(!late.status().is_success(), "an aborted upload takes no part: {}", late.status());
+    // The build can no longer complete, and says why.
+    let api = Api { base: dev.api.clone(), ..api };
+    let complete = format!("/platform/v1/sandbox-template-builds/{build_id}/complete");
+    let (status, refused) = api.post(&complete, json!({})).await;
+    assert_eq!((status, refused["code"].as_str()), (409, Some("build_failed")), "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains(&upload_id), "{refused}");
+    // No sandbox survives the dead stack.
+    let sandboxes = data.path().join("sandboxes");
+    assert!(std::fs::read_dir(&sandboxes).map(|d| d.count()).unwrap_or(0) == 0, "sandboxes cleaned");
+
+    dev.stop(15);
+    let state = snapsign_host::dev::state::State::open(&data.path().join("state.db")).unwrap();
+    let build = state.build(&build_id).unwrap().unwrap();
+    assert_eq!(build.state, "failed");
+    assert!(build.failure.as_deref().unwrap().contains("interrupted"), "{build:?}");
+    assert!(state.open_uploads(&build_id).unwrap().is_empty());
+    assert!(state.prepared_builds().unwrap().is_empty(), "a second restart has nothing to do");
 }

@@ -386,7 +386,7 @@ fn token_command_mints_a_token_the_signer_verifies() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let token = String::from_utf8(output.stdout).unwrap();
     let claims =
-        snapsign::token::verify(TOKEN_KEY.as_bytes(), token.trim(), jiff::Timestamp::now().as_second()).unwrap();
+        snapsign::token::verify(TOKEN_KEY.as_bytes(), token.trim(), jiff::Timestamp::now().as_second(), 7200).unwrap();
     assert_eq!(claims.namespace, "team-z");
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"))
         .args(["token", "--namespace", "../x", "--key", TOKEN_KEY])

@@ -396,6 +396,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("  signer        {}/api/v1/blob/sign", stack.signer.url());
             println!("  namespace     {}", stack.namespace);
             println!("  token         {}", stack.token);
+            println!("  admin token   {}   (operator only: PUT /_snapsign/faults)", stack.admin_token);
             println!();
             println!(
                 "  export SNAPSIGN_API_URL={} SNAPSIGN_NAMESPACE={} SNAPSIGN_API_TOKEN={}",
@@ -403,6 +404,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 stack.namespace,
                 stack.token
             );
+            for build in &stack.recovered.builds {
+                println!(
+                    "  recovered     {build} was left prepared by a stack that died: marked failed, its upload aborted"
+                );
+            }
             println!("Ctrl-C stops the stack and deletes its sandboxes.");
             wait_for_stop().await;
             stack.shutdown().await;
@@ -410,6 +416,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token { namespace, ttl_secs, key } => {
             if key.len() < snapsign::token::MIN_KEY_LEN {
                 bail!("the token key is {} bytes; use at least {}", key.len(), snapsign::token::MIN_KEY_LEN);
+            }
+            if !(1..=366 * 24 * 3600).contains(&ttl_secs) {
+                bail!("--ttl-secs {ttl_secs} is out of range; use 1..={}", 366 * 24 * 3600);
+            }
+            if ttl_secs > snapsign::token::DEFAULT_MAX_TTL_SECS {
+                eprintln!(
+                    "warning: a signer refuses tokens that live longer than SNAPSIGN_TOKEN_MAX_TTL_SECS ({} s unless set)",
+                    snapsign::token::DEFAULT_MAX_TTL_SECS
+                );
             }
             let expires = jiff::Timestamp::now().as_second() + ttl_secs;
             let token = snapsign::token::mint(key.as_bytes(), &namespace, expires).context("mint the token")?;

@@ -102,6 +102,10 @@ impl Platform {
                 .map(Some)
                 .map_err(|e| failed(format!("template lookup for '{reference}': {e}"))),
             404 => Ok(None),
+            // Another namespace's private template: a refusal of the reference, not of the credentials.
+            403 if text.contains("template_private") => {
+                Err(failed(format!("FROM {reference}: the platform refused it (HTTP 403): {text}")))
+            }
             401 | 403 => {
                 Err(BuildError::Auth(format!("template lookup for '{reference}' refused (HTTP {status}): {text}")))
             }

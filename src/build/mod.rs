@@ -7,6 +7,7 @@ pub mod command;
 pub mod complete;
 pub mod diagnose;
 pub mod plan;
+pub mod sandbox_info;
 pub mod sizing;
 pub mod splice;
 pub mod transient;

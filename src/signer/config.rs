@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::presign::{Addressing, Credentials, Endpoint, MAX_EXPIRES_SECS};
-use crate::token::MIN_KEY_LEN;
+use crate::token::{DEFAULT_MAX_TTL_SECS, MIN_KEY_LEN};
 
 /// Shortest URL lifetime accepted, in seconds.
 pub const MIN_URL_TTL_SECS: u32 = 60;
@@ -25,6 +25,7 @@ pub mod vars {
     pub const URL_TTL_SECS: &str = "SNAPSIGN_URL_TTL_SECS";
     pub const TOKEN_KEY: &str = "SNAPSIGN_TOKEN_KEY";
     pub const SHARED_PREFIXES: &str = "SNAPSIGN_SHARED_PREFIXES";
+    pub const TOKEN_MAX_TTL_SECS: &str = "SNAPSIGN_TOKEN_MAX_TTL_SECS";
 }
 
 /// A missing or invalid setting: names the variable, the value and the fix.
@@ -63,6 +64,8 @@ pub struct SignerConfig {
     pub token_key: Vec<u8>,
     /// Key prefixes (ending in `/`) every namespace may read with get_blob.
     pub shared_prefixes: Vec<String>,
+    /// Longest lifetime a caller token may have left (`SNAPSIGN_TOKEN_MAX_TTL_SECS`, default 7 days).
+    pub token_max_ttl_secs: i64,
 }
 
 impl fmt::Debug for SignerConfig {
@@ -76,6 +79,7 @@ impl fmt::Debug for SignerConfig {
             .field("url_ttl_secs", &self.url_ttl_secs)
             .field("token_key", &"<redacted>")
             .field("shared_prefixes", &self.shared_prefixes)
+            .field("token_max_ttl_secs", &self.token_max_ttl_secs)
             .finish()
     }
 }
@@ -148,7 +152,23 @@ impl SignerConfig {
             })?;
             shared_prefixes.push(format!("{prefix}/"));
         }
-        Ok(SignerConfig { region, bucket, key_prefix, endpoint, credentials, url_ttl_secs, token_key, shared_prefixes })
+        let token_max_ttl_secs = match get(vars::TOKEN_MAX_TTL_SECS) {
+            None => DEFAULT_MAX_TTL_SECS,
+            Some(v) => v.parse::<i64>().ok().filter(|s| (60..=366 * 24 * 3600).contains(s)).ok_or_else(|| {
+                err(vars::TOKEN_MAX_TTL_SECS, format!("is '{v}'; use seconds in 60..={}", 366 * 24 * 3600))
+            })?,
+        };
+        Ok(SignerConfig {
+            region,
+            bucket,
+            key_prefix,
+            endpoint,
+            credentials,
+            url_ttl_secs,
+            token_key,
+            shared_prefixes,
+            token_max_ttl_secs,
+        })
     }
 
     /// The key prefix (ending in `/`) of `namespace`'s artifacts.
@@ -213,5 +233,9 @@ mod tests {
         assert_eq!(with(vars::S3_ADDRESSING, "sideways").unwrap_err().var, vars::S3_ADDRESSING);
         assert_eq!(with(vars::S3_ADDRESSING, "virtual").unwrap_err().var, vars::S3_ENDPOINT);
         assert_eq!(with(vars::KEY_PREFIX, "a/../b").unwrap_err().var, vars::KEY_PREFIX);
+        assert_eq!(with(vars::TOKEN_MAX_TTL_SECS, "forever").unwrap_err().var, vars::TOKEN_MAX_TTL_SECS);
+        assert_eq!(with(vars::TOKEN_MAX_TTL_SECS, "59").unwrap_err().var, vars::TOKEN_MAX_TTL_SECS);
+        assert_eq!(with(vars::TOKEN_MAX_TTL_SECS, "86400").unwrap().token_max_ttl_secs, 86400);
+        assert_eq!(SignerConfig::from_vars(base()).unwrap().token_max_ttl_secs, DEFAULT_MAX_TTL_SECS);
     }
 }

@@ -210,7 +210,8 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or(SignError::MissingToken)?;
-    let claims = token::verify(&config.token_key, bearer, now.as_second()).map_err(SignError::BadToken)?;
+    let claims = token::verify(&config.token_key, bearer, now.as_second(), config.token_max_ttl_secs)
+        .map_err(SignError::BadToken)?;
     let request = SignBlobRequest::parse(incoming.body)?;
 
     let expires_at = Timestamp::from_second(now.as_second() + i64::from(config.url_ttl_secs))
@@ -255,9 +256,12 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
             if parsed.bucket != config.bucket {
                 return Err(SignError::ForeignBucket { uri, bucket: config.bucket.clone() });
             }
+            // Own namespace, a shared prefix, or an exact URI the platform granted
+            // in the token (another namespace's public template, wit/protocol.md §11).
             let own = config.namespace_prefix(&claims.namespace);
-            let readable =
-                parsed.key.starts_with(&own) || config.shared_prefixes.iter().any(|p| parsed.key.starts_with(p));
+            let readable = parsed.key.starts_with(&own)
+                || config.shared_prefixes.iter().any(|p| parsed.key.starts_with(p))
+                || claims.read.iter().any(|granted| *granted == uri);
             if !readable {
                 return Err(SignError::OutsideNamespace { uri, namespace: claims.namespace });
             }
@@ -405,6 +409,37 @@ mod tests {
             assert_eq!((s, body["code"].as_str()), (status, Some(code)), "{uri}");
             assert!(body["message"].as_str().unwrap().contains(uri), "{uri}: {body}");
         }
+    }
+
+    #[test]
+    fn get_blob_outside_the_namespace_needs_an_exact_grant_in_the_token() {
+        let granted = "s3://snaps/builds/team-b/pub.tlsnap";
+        let claims = token::Claims { read: vec![granted.into()], ..token::Claims::new("team-a", 1_800_000_300) };
+        let auth = format!("Bearer {}", token::mint_claims(KEY.as_bytes(), &claims).unwrap());
+        let get = |uri: &str| {
+            let body = format!(r#"{{"target":{{"kind":"blob","uri":"{uri}"}},"op":{{"kind":"get_blob"}}}}"#);
+            let incoming =
+                Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: body.as_bytes() };
+            answer(handle(&config(), &incoming, now()))
+        };
+        let (status, body) = get(granted);
+        assert_eq!((status, body["uri"].as_str()), (200, Some(granted)));
+        assert!(body["url"].as_str().unwrap().contains("/snaps/builds/team-b/pub.tlsnap?"));
+        // Only that object: not its neighbours, not a longer key, not another bucket.
+        for uri in [
+            "s3://snaps/builds/team-b/pub.tlsnap2",
+            "s3://snaps/builds/team-b/other.tlsnap",
+            "s3://snaps/builds/team-b/pub.tlsnap/x",
+        ] {
+            assert_eq!(get(uri).1["code"].as_str(), Some("outside_namespace"), "{uri}");
+        }
+        // A grant is for reading only: put_artifact still composes under the caller's namespace.
+        let put = r#"{"target":{"kind":"artifact","rel_path":"x.tlsnap"},"op":{"kind":"put_artifact"}}"#;
+        let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: put.as_bytes() };
+        assert_eq!(
+            answer(handle(&config(), &incoming, now())).1["uri"].as_str(),
+            Some("s3://snaps/builds/team-a/x.tlsnap")
+        );
     }
 
     #[test]

@@ -15,6 +15,15 @@ pub async fn start_stack(data_dir: &std::path::Path, edit: impl FnOnce(&mut DevC
     DevStack::start(&config).await.expect("start the dev stack")
 }
 
+/// What a wait for `running` saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Waited {
+    /// 200 answers with `"status":"pending"`.
+    pub pending: u32,
+    /// 502 PROXY_ERROR answers.
+    pub transient: u32,
+}
+
 pub struct Api {
     pub http: reqwest::Client,
     pub base: String,
@@ -33,7 +42,12 @@ impl Api {
     }
 
     pub async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
-        let response = request.bearer_auth(&self.token).send().await.expect("reach the emulator");
+        self.send_as(&self.token, request).await
+    }
+
+    /// Sends with another bearer token (the operator's, another namespace's).
+    pub async fn send_as(&self, token: &str, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.bearer_auth(token).send().await.expect("reach the emulator");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
@@ -80,18 +94,24 @@ impl Api {
         created["sandbox_id"].as_str().unwrap().to_owned()
     }
 
-    /// Polls GET until running; returns how many transient 502s it saw.
-    pub async fn wait_running(&self, id: &str) -> u32 {
+    /// Polls the lifecycle GET until `running`; counts the 200 `pending`
+    /// answers and the 502 PROXY_ERROR answers seen on the way.
+    pub async fn wait_running(&self, id: &str) -> Waited {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut transient = 0;
+        let mut waited = Waited::default();
         loop {
             assert!(Instant::now() < deadline, "sandbox {id} never ran");
             let (status, info) = self.send(self.http.get(self.lifecycle(&format!("/{id}")))).await;
             match status {
-                200 if info["status"] == "running" => return transient,
+                200 if info["status"] == "running" => return waited,
+                200 if info["status"] == "pending" => {
+                    assert_eq!(info["id"].as_str(), Some(id), "{info}");
+                    assert!(info.get("sandbox_id").is_none(), "one id field only: {info}");
+                    waited.pending += 1;
+                }
                 502 => {
                     assert!(info.to_string().contains("PROXY_ERROR"), "{info}");
-                    transient += 1;
+                    waited.transient += 1;
                 }
                 _ => panic!("GET sandbox {id}: {status} {info}"),
             }

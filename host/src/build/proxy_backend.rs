@@ -288,20 +288,16 @@ impl SandboxBackend for ProxyBackend {
 
     async fn status(&self, id: &str) -> Result<String, SandboxError> {
         let text = self.send(&format!("get sandbox {id}"), self.http.get(format!("{}/{id}", self.lifecycle))).await?;
-        let info: Value = serde_json::from_str(&text)
-            .map_err(|e| SandboxError::Failed(format!("sandbox {id} answer is not JSON ({e}): {text}")))?;
+        let info = snapsign::build::sandbox_info::parse(id, &text).map_err(SandboxError::Failed)?;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let entry = known.entry(id.to_owned()).or_default();
         if entry.sandbox_url.is_none() {
-            entry.sandbox_url = info["sandbox_url"].as_str().map(str::to_owned);
+            entry.sandbox_url = info.sandbox_url;
         }
         if entry.routing_hint.is_none() {
-            entry.routing_hint = info["routing_hint"].as_str().map(str::to_owned);
+            entry.routing_hint = info.routing_hint;
         }
-        info["status"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| SandboxError::Failed(format!("sandbox {id} answer has no status")))
+        Ok(info.status)
     }
 
     fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError> {

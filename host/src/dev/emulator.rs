@@ -9,6 +9,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use snapsign::presign::Presigner;
 use snapsign::signer::SignerConfig;
 use snapsign_sandbox::Sandboxes;
@@ -45,6 +46,7 @@ pub struct Emulator {
     shape: Mutex<PrepareShape>,
     faults: Mutex<Faults>,
     store_faults: Arc<StoreFaults>,
+    admin_token: String,
     pub(crate) health_checks: std::sync::atomic::AtomicU64,
 }
 
@@ -60,6 +62,7 @@ impl Emulator {
         shape: PrepareShape,
         faults: Faults,
         store_faults: Arc<StoreFaults>,
+        admin_token: String,
     ) -> Self {
         store_faults.fail_upload_part(faults.store_fail_part);
         Emulator {
@@ -74,6 +77,7 @@ impl Emulator {
             shape: Mutex::new(shape),
             faults: Mutex::new(faults),
             store_faults,
+            admin_token,
             health_checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -198,9 +202,15 @@ impl Emulator {
             };
         }
         match (&method, segments.as_slice()) {
+            (_, ["_snapsign", ..]) if !operator(headers, &self.admin_token)? => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "operator_only",
+                format!(
+                    "{path} is for the stack's operator: send the admin token `snapsign dev` printed, not a namespace token"
+                ),
+            )),
             (&Method::GET, ["_snapsign", "faults"]) => Ok(super::http::json(StatusCode::OK, &self.faults())),
             (&Method::PUT, ["_snapsign", "faults"]) => {
-                namespace(headers, &key)?;
                 let faults: Faults = serde_json::from_value(parse_json(&body)?)
                     .map_err(|e| ApiError::bad_request("invalid_faults", format!("fault switches: {e}")))?;
                 self.set_faults(faults.clone());
@@ -226,6 +236,20 @@ impl Emulator {
             _ => Err(ApiError::not_found("no_route", format!("no route {method} {path}"))),
         }
     }
+}
+
+/// Whether the request carries the operator's admin token (compared in
+/// constant time); 401 when it carries no token at all.
+fn operator(headers: &http::HeaderMap, admin_token: &str) -> Result<bool, ApiError> {
+    let token = super::http::bearer(headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing 'Authorization: Bearer <admin token>'; use the admin token `snapsign dev` printed",
+        )
+    })?;
+    let (given, wanted) = (Sha256::digest(token.as_bytes()), Sha256::digest(admin_token.as_bytes()));
+    Ok(!admin_token.is_empty() && given.iter().zip(wanted.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
 }
 
 /// Reads a body of at most [`MAX_JSON_BODY`] bytes.

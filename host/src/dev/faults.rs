@@ -11,6 +11,9 @@ pub struct Faults {
     /// Extra 502 PROXY_ERROR answers from `GET /sandboxes/{id}` after the
     /// pending time, before it reports running.
     pub pending_502s: u32,
+    /// `GET /sandboxes/{id}` answers 502 PROXY_ERROR while the sandbox is
+    /// pending, as the platform's gateway once did, instead of 200 `pending`.
+    pub lifecycle_502_while_pending: bool,
     /// `GET /sandboxes/{id}` reports `terminated` (the sandbox died while starting).
     pub terminate_sandbox: bool,
     /// The proxy's `POST /api/v1/blob/sign` answers 502 instead of forwarding.

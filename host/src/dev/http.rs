@@ -84,7 +84,7 @@ pub fn namespace(headers: &HeaderMap, key: &[u8]) -> Result<String, ApiError> {
             "missing 'Authorization: Bearer <token>'; use the token `snapsign dev` printed",
         )
     })?;
-    snapsign::token::verify(key, token, jiff::Timestamp::now().as_second())
+    snapsign::token::verify(key, token, jiff::Timestamp::now().as_second(), snapsign::token::DEFAULT_MAX_TTL_SECS)
         .map(|claims| claims.namespace)
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
 }

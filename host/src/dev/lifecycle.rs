@@ -1,5 +1,6 @@
-//! The sandbox lifecycle API (PROTOCOL.md §3): create, get (pending with
-//! 502 PROXY_ERROR, as the real gateway answers), delete.
+//! The sandbox lifecycle API (PROTOCOL.md §3, §12): create, get (200
+//! `pending` until the sandbox runs, as the platform answers now; 502
+//! PROXY_ERROR while pending only under a fault switch), delete.
 
 use std::time::Instant;
 
@@ -94,19 +95,30 @@ impl Emulator {
 
     fn sandbox_info(&self, namespace: &str, id: &str) -> Result<Value, ApiError> {
         let record = self.record(namespace, id)?;
-        let status = if self.faults().terminate_sandbox {
+        let faults = self.faults();
+        let status = if faults.terminate_sandbox {
             "terminated"
+        } else if Instant::now() < record.ready_at {
+            if faults.lifecycle_502_while_pending {
+                return Err(pending_error(id));
+            }
+            "pending"
         } else if self.running(id, true) {
             "running"
         } else {
+            // `pending_502s`: the gateway's 502s after the sandbox started.
             return Err(pending_error(id));
         };
+        let disk_mb = record.resources.get("disk_mb").cloned().unwrap_or(json!(0));
         let resources = json!({
             "cpus": record.resources["cpus"],
             "memory_mb": record.resources["memory_mb"],
-            "ephemeral_disk_mb": record.resources.get("disk_mb").cloned().unwrap_or(json!(0)),
+            "disk_mb": disk_mb,
+            "ephemeral_disk_mb": disk_mb,
         });
-        Ok(json!({"id": id, "sandbox_id": id, "namespace": namespace, "status": status, "image": record.image,
+        // One id field: the public client reads `id` and `sandbox_id` as
+        // aliases and refuses an answer that has both (wit/protocol.md §12).
+        Ok(json!({"id": id, "namespace": namespace, "status": status, "image": record.image,
                   "resources": resources, "routing_hint": format!("local-{id}"), "sandbox_url": self.base_url()}))
     }
 

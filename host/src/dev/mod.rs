@@ -8,10 +8,12 @@ pub mod http;
 pub mod lifecycle;
 pub mod platform;
 pub mod proxy;
+pub mod recover;
 pub mod stack;
 pub mod state;
 
 pub use emulator::Emulator;
 pub use faults::Faults;
 pub use platform::PrepareShape;
+pub use recover::Recovered;
 pub use stack::{DevConfig, DevStack};

@@ -48,13 +48,60 @@ fn number(body: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
     })
 }
 
+/// A template reference: `name` names the caller's own template, `owner/name`
+/// namespace `owner`'s (wit/protocol.md §11).
+fn split_reference<'a>(caller: &'a str, reference: &'a str) -> (&'a str, &'a str) {
+    reference.split_once('/').unwrap_or((caller, reference))
+}
+
+/// Why `caller` may not build on `template`, if it may not.
+fn refuse_private(caller: &str, template: &Template) -> Result<(), ApiError> {
+    if template.namespace == caller || template.public {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "template_private",
+        format!(
+            "template '{}/{}' ({}) is private to namespace '{}'; namespace '{caller}' cannot build on it. \
+             Ask its owner to publish it (build it with public: true), or build from a template of your own",
+            template.namespace, template.name, template.id, template.namespace
+        ),
+    ))
+}
+
 impl Emulator {
-    /// `GET …/sandbox-templates/by-name/{name}`.
-    pub fn lookup_template(&self, namespace: &str, name: &str) -> Result<Value, ApiError> {
-        let template = self.state.template_by_name(namespace, name)?.ok_or_else(|| {
-            ApiError::not_found("template_not_found", format!("no template named '{name}' in namespace '{namespace}'"))
+    /// `GET …/sandbox-templates/by-name/{reference}`: the caller's own template,
+    /// or another namespace's public one (`owner/name`).
+    pub fn lookup_template(&self, caller: &str, reference: &str) -> Result<Value, ApiError> {
+        let (owner, name) = split_reference(caller, reference);
+        let template = self.state.template_by_name(owner, name)?.ok_or_else(|| {
+            ApiError::not_found("template_not_found", format!("no template named '{name}' in namespace '{owner}'"))
         })?;
+        refuse_private(caller, &template)?;
         Ok(serde_json::to_value(&template).expect("templates serialize"))
+    }
+
+    /// The parent a diff build names, if `caller` may build on it: by
+    /// `templateId`, else by `reference` or `name` (`owner/name` for another namespace's).
+    fn parent_template(&self, caller: &str, parent: &Map<String, Value>) -> Result<Template, ApiError> {
+        let by_id = parent.get("templateId").and_then(Value::as_str).filter(|s| !s.is_empty());
+        let reference = parent.get("reference").or(parent.get("name")).and_then(Value::as_str).unwrap_or_default();
+        let template = match by_id {
+            Some(id) => self.state.template_by_id(id)?,
+            None => {
+                let (owner, name) = split_reference(caller, reference);
+                self.state.template_by_name(owner, name)?
+            }
+        };
+        let template = template.ok_or_else(|| {
+            ApiError::bad_request(
+                "unknown_parent",
+                format!("parentTemplate '{}' is not a registered template", by_id.unwrap_or(reference)),
+            )
+        })?;
+        refuse_private(caller, &template)?;
+        Ok(template)
     }
 
     /// `POST …/sandbox-template-builds`.
@@ -62,6 +109,14 @@ impl Emulator {
         let body =
             body.as_object().ok_or_else(|| ApiError::bad_request("invalid_body", "body must be a JSON object"))?;
         let name = string(body, "name")?;
+        if name.contains('/') {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                format!(
+                    "name '{name}' contains '/'; template names are plain (other namespaces refer to it as '{namespace}/{name}')"
+                ),
+            ));
+        }
         string(body, "dockerfile")?;
         let node_kind = string(body, "rootfsNodeKind")?;
         if node_kind != "base" && node_kind != "diff" {
@@ -72,16 +127,7 @@ impl Emulator {
         }
         let public = body.get("public").and_then(Value::as_bool).unwrap_or(false);
         let parent_template = match (node_kind, body.get("parentTemplate")) {
-            ("diff", Some(Value::Object(parent))) => {
-                let wanted = parent.get("name").or(parent.get("reference")).and_then(Value::as_str).unwrap_or_default();
-                let template = self.state.template_by_name(namespace, wanted)?.ok_or_else(|| {
-                    ApiError::bad_request(
-                        "unknown_parent",
-                        format!("parentTemplate '{wanted}' is not a registered template"),
-                    )
-                })?;
-                Some(template)
-            }
+            ("diff", Some(Value::Object(parent))) => Some(self.parent_template(namespace, parent)?),
             ("diff", _) => {
                 return Err(ApiError::bad_request("missing_field", "a diff build needs parentTemplate {name, ...}"));
             }
@@ -141,6 +187,7 @@ impl Emulator {
             parent_manifest_uri: parent_template.map(|t| t.snapshot_uri),
             public,
             state: "prepared".into(),
+            failure: None,
         })?;
         Ok(prepared)
     }
@@ -155,6 +202,13 @@ impl Emulator {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "injected_fault",
                 format!("injected fault: complete of {build_id} fails"),
+            ));
+        }
+        if build.state == "failed" {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "build_failed",
+                format!("build {build_id} failed: {}", build.failure.as_deref().unwrap_or("no reason recorded")),
             ));
         }
         if build.state != "prepared" {

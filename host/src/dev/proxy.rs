@@ -222,7 +222,11 @@ impl Emulator {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("sign request body: {e}"))
             })?
             .to_bytes();
-        let token = snapsign::token::mint(&self.signer.token_key, namespace, jiff::Timestamp::now().as_second() + 300)
+        let claims = snapsign::token::Claims {
+            read: self.read_grant(namespace, &body)?,
+            ..snapsign::token::Claims::new(namespace, jiff::Timestamp::now().as_second() + 300)
+        };
+        let token = snapsign::token::mint_claims(&self.signer.token_key, &claims)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("mint a signer token for {namespace}: {e}")))?;
         let response = self
             .http
@@ -256,11 +260,59 @@ impl Emulator {
             tracing::warn!("injected fault: dropped uri from the signer's answer");
             bytes = Bytes::from(serde_json::to_vec(&answer).expect("JSON"));
         }
+        if status.is_success() {
+            self.note_upload(namespace, &bytes)?;
+        }
         Ok(Response::builder()
             .status(status)
             .header("content-type", "application/json")
             .body(super::http::full(bytes))
             .expect("valid"))
+    }
+
+    /// Remembers the multipart upload the signer created for one of this
+    /// namespace's prepared builds, so a restart can abort it if the stack
+    /// dies before the build ends.
+    fn note_upload(&self, namespace: &str, answer: &[u8]) -> Result<(), ApiError> {
+        let Ok(answer) = serde_json::from_slice::<Value>(answer) else { return Ok(()) };
+        let (Some("s3_multipart"), Some(uri), Some(upload_id)) =
+            (answer["kind"].as_str(), answer["uri"].as_str(), answer["uploadId"].as_str())
+        else {
+            return Ok(());
+        };
+        if let Some(build) = self.state.build_by_snapshot_uri(uri)?
+            && build.namespace == namespace
+            && build.state == "prepared"
+        {
+            self.state.record_upload(&super::state::Upload {
+                upload_id: upload_id.to_owned(),
+                build_id: build.id,
+                uri: uri.to_owned(),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Emulator {
+    /// The read grant a forwarded sign request gets: the one object it asks
+    /// to `get_blob` when that object is the snapshot of another namespace's
+    /// public template (wit/protocol.md §11). Everything else: no grant, so
+    /// the signer's namespace rule decides.
+    fn read_grant(&self, namespace: &str, body: &[u8]) -> Result<Vec<String>, ApiError> {
+        let Ok(request) = serde_json::from_slice::<Value>(body) else { return Ok(Vec::new()) };
+        let (Some("blob"), Some("get_blob"), Some(uri)) =
+            (request["target"]["kind"].as_str(), request["op"]["kind"].as_str(), request["target"]["uri"].as_str())
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(match self.state.template_by_snapshot_uri(uri)? {
+            Some(template) if template.public && template.namespace != namespace => {
+                tracing::info!(%namespace, template = %template.id, owner = %template.namespace, "read grant for a public template");
+                vec![uri.to_owned()]
+            }
+            _ => Vec::new(),
+        })
     }
 }
 

@@ -79,6 +79,10 @@ struct Secrets {
     access_key_id: String,
     secret_access_key: String,
     token_key: String,
+    /// The operator's credential for `/_snapsign/*` (absent in data dirs
+    /// made before it existed: then it is generated and saved).
+    #[serde(default)]
+    admin_token: String,
 }
 
 fn random_hex(label: &str) -> String {
@@ -99,13 +103,20 @@ fn random_hex(label: &str) -> String {
 fn secrets(data_dir: &Path) -> Result<Secrets> {
     let path = data_dir.join("secrets.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return serde_json::from_str(&text)
-            .with_context(|| format!("read {}; delete it to start afresh", path.display()));
+        let mut secrets: Secrets = serde_json::from_str(&text)
+            .with_context(|| format!("read {}; delete it to start afresh", path.display()))?;
+        if secrets.admin_token.is_empty() {
+            secrets.admin_token = format!("ssadm.{}", random_hex("adm"));
+            std::fs::write(&path, serde_json::to_vec_pretty(&secrets)?)
+                .with_context(|| format!("write {}", path.display()))?;
+        }
+        return Ok(secrets);
     }
     let secrets = Secrets {
         access_key_id: format!("AKIDDEV{}", &random_hex("ak")[..13].to_uppercase()),
         secret_access_key: random_hex("sk"),
         token_key: random_hex("tk"),
+        admin_token: format!("ssadm.{}", random_hex("adm")),
     };
     std::fs::write(&path, serde_json::to_vec_pretty(&secrets)?).with_context(|| format!("write {}", path.display()))?;
     Ok(secrets)
@@ -125,6 +136,10 @@ pub struct DevStack {
     pub token: String,
     /// The namespace of `token`.
     pub namespace: String,
+    /// The operator's credential for `/_snapsign/faults` (no namespace token is).
+    pub admin_token: String,
+    /// What this start cleaned up after a previous run that died.
+    pub recovered: super::Recovered,
 }
 
 impl DevStack {
@@ -190,7 +205,12 @@ impl DevStack {
             config.shape,
             config.faults.clone(),
             store_faults,
+            secrets.admin_token.clone(),
         ));
+        let recovered = platform.recover_interrupted_builds().await.unwrap_or_else(|e| {
+            tracing::warn!("cannot clean up after the previous run yet (next start tries again): {e:#}");
+            super::Recovered::default()
+        });
         let routed = platform.clone();
         let service = hyper::service::service_fn(move |request| routed.clone().route(request));
         let emulator = serve::spawn("emulator", config.listen, service).await?;
@@ -201,7 +221,23 @@ impl DevStack {
             jiff::Timestamp::now().as_second() + 24 * 3600,
         )?;
         tracing::info!(api = %emulator.url(), store = %store.url(), signer = %signer.url(), "dev stack ready");
-        Ok(DevStack { store, signer, emulator, platform, token, namespace: config.namespace.clone() })
+        Ok(DevStack {
+            store,
+            signer,
+            emulator,
+            platform,
+            token,
+            namespace: config.namespace.clone(),
+            admin_token: secrets.admin_token,
+            recovered,
+        })
+    }
+
+    /// A token for another namespace (24 h), as the platform would issue
+    /// to another tenant.
+    pub fn token_for(&self, namespace: &str) -> Result<String> {
+        let expires = jiff::Timestamp::now().as_second() + 24 * 3600;
+        Ok(snapsign::token::mint(&self.platform.signer.token_key, namespace, expires)?)
     }
 
     /// The platform API URL (`api_url` of a build).

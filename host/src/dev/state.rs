@@ -27,8 +27,21 @@ pub struct Build {
     pub parent_manifest_uri: Option<String>,
     /// Register as public.
     pub public: bool,
-    /// `prepared` or `completed`.
+    /// `prepared`, `completed`, or `failed` (see `failure`).
     pub state: String,
+    /// Why the build failed, when the platform knows (e.g. the stack died while it was prepared).
+    pub failure: Option<String>,
+}
+
+/// A multipart upload the signer created for a build (seen by the proxy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// S3's UploadId.
+    pub upload_id: String,
+    /// The build it belongs to.
+    pub build_id: String,
+    /// The object it writes.
+    pub uri: String,
 }
 
 /// A registered template (what `complete` answers and lookups return).
@@ -86,9 +99,19 @@ impl State {
                UNIQUE (namespace, name));
              CREATE TABLE IF NOT EXISTS sandboxes (
                id TEXT PRIMARY KEY, namespace TEXT NOT NULL, image TEXT, state TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS uploads (
+               upload_id TEXT PRIMARY KEY, build_id TEXT NOT NULL, uri TEXT NOT NULL, state TEXT NOT NULL);",
         )
         .context("create the state schema")?;
+        // Databases from before builds could fail gain the column.
+        let has_failure: bool = db
+            .prepare("SELECT 1 FROM pragma_table_info('builds') WHERE name = 'failure'")?
+            .exists([])
+            .context("read the builds schema")?;
+        if !has_failure {
+            db.execute_batch("ALTER TABLE builds ADD COLUMN failure TEXT").context("add builds.failure")?;
+        }
         Ok(State { db: Mutex::new(db) })
     }
 
@@ -131,29 +154,87 @@ impl State {
         Ok(())
     }
 
+    fn builds_where(&self, condition: &str, args: impl rusqlite::Params) -> Result<Vec<Build>> {
+        let db = self.db();
+        let mut statement = db.prepare(&format!(
+            "SELECT id, namespace, name, snapshot_id, snapshot_uri, node_kind, parent_manifest_uri, public, state, failure
+             FROM builds WHERE {condition} ORDER BY id"
+        ))?;
+        let rows = statement.query_map(args, |r| {
+            Ok(Build {
+                id: r.get(0)?,
+                namespace: r.get(1)?,
+                name: r.get(2)?,
+                snapshot_id: r.get(3)?,
+                snapshot_uri: r.get(4)?,
+                node_kind: r.get(5)?,
+                parent_manifest_uri: r.get(6)?,
+                public: r.get(7)?,
+                state: r.get(8)?,
+                failure: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<Build>>>()?)
+    }
+
     /// A build by id.
     pub fn build(&self, id: &str) -> Result<Option<Build>> {
+        Ok(self.builds_where("id = ?1", params![id]).with_context(|| format!("read build {id}"))?.pop())
+    }
+
+    /// The build whose snapshot goes to `uri`.
+    pub fn build_by_snapshot_uri(&self, uri: &str) -> Result<Option<Build>> {
+        Ok(self
+            .builds_where("snapshot_uri = ?1", params![uri])
+            .with_context(|| format!("find the build of {uri}"))?
+            .pop())
+    }
+
+    /// Builds prepared and neither completed nor failed.
+    pub fn prepared_builds(&self) -> Result<Vec<Build>> {
+        self.builds_where("state = 'prepared'", []).context("list prepared builds")
+    }
+
+    /// Marks a prepared build failed, saying why.
+    pub fn fail_build(&self, id: &str, failure: &str) -> Result<()> {
         self.db()
-            .query_row(
-                "SELECT id, namespace, name, snapshot_id, snapshot_uri, node_kind, parent_manifest_uri, public, state
-                 FROM builds WHERE id = ?1",
-                params![id],
-                |r| {
-                    Ok(Build {
-                        id: r.get(0)?,
-                        namespace: r.get(1)?,
-                        name: r.get(2)?,
-                        snapshot_id: r.get(3)?,
-                        snapshot_uri: r.get(4)?,
-                        node_kind: r.get(5)?,
-                        parent_manifest_uri: r.get(6)?,
-                        public: r.get(7)?,
-                        state: r.get(8)?,
-                    })
-                },
+            .execute(
+                "UPDATE builds SET state = 'failed', failure = ?2 WHERE id = ?1 AND state = 'prepared'",
+                params![id, failure],
             )
-            .optional()
-            .with_context(|| format!("read build {id}"))
+            .with_context(|| format!("mark build {id} failed"))?;
+        Ok(())
+    }
+
+    /// Records a multipart upload created for a build.
+    pub fn record_upload(&self, upload: &Upload) -> Result<()> {
+        self.db()
+            .execute(
+                "INSERT INTO uploads (upload_id, build_id, uri, state) VALUES (?1, ?2, ?3, 'open')
+                 ON CONFLICT(upload_id) DO NOTHING",
+                params![upload.upload_id, upload.build_id, upload.uri],
+            )
+            .with_context(|| format!("record upload {} of build {}", upload.upload_id, upload.build_id))?;
+        Ok(())
+    }
+
+    /// The uploads of a build not yet closed (completed or aborted).
+    pub fn open_uploads(&self, build_id: &str) -> Result<Vec<Upload>> {
+        let db = self.db();
+        let mut statement =
+            db.prepare("SELECT upload_id, build_id, uri FROM uploads WHERE build_id = ?1 AND state = 'open'")?;
+        let rows = statement.query_map(params![build_id], |r| {
+            Ok(Upload { upload_id: r.get(0)?, build_id: r.get(1)?, uri: r.get(2)? })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<Upload>>>()?)
+    }
+
+    /// Closes an upload (`completed` or `aborted`).
+    pub fn close_upload(&self, upload_id: &str, state: &str) -> Result<()> {
+        self.db()
+            .execute("UPDATE uploads SET state = ?2 WHERE upload_id = ?1", params![upload_id, state])
+            .with_context(|| format!("close upload {upload_id}"))?;
+        Ok(())
     }
 
     /// Marks the build completed and registers its template, atomically;
@@ -166,6 +247,7 @@ impl State {
         if changed == 0 {
             return Ok(false);
         }
+        tx.execute("UPDATE uploads SET state = 'completed' WHERE build_id = ?1 AND state = 'open'", params![build_id])?;
         tx.execute(
             "INSERT INTO templates (id, namespace, name, snapshot_id, snapshot_uri, snapshot_format_version,
                snapshot_size_bytes, rootfs_disk_bytes, rootfs_node_kind, parent_manifest_uri, snapshot_sha256, public, build_id)
@@ -195,35 +277,47 @@ impl State {
         Ok(true)
     }
 
-    /// A template by namespace and name (or any public one of that name).
-    pub fn template_by_name(&self, namespace: &str, name: &str) -> Result<Option<Template>> {
+    fn template_where(&self, condition: &str, args: impl rusqlite::Params, what: &str) -> Result<Option<Template>> {
+        let sql = format!(
+            "SELECT id, namespace, name, snapshot_id, snapshot_uri, snapshot_format_version, snapshot_size_bytes,
+               rootfs_disk_bytes, rootfs_node_kind, parent_manifest_uri, snapshot_sha256, public, build_id
+             FROM templates WHERE {condition} LIMIT 1"
+        );
         self.db()
-            .query_row(
-                "SELECT id, namespace, name, snapshot_id, snapshot_uri, snapshot_format_version, snapshot_size_bytes,
-                   rootfs_disk_bytes, rootfs_node_kind, parent_manifest_uri, snapshot_sha256, public, build_id
-                 FROM templates WHERE name = ?2 AND (namespace = ?1 OR public = 1)
-                 ORDER BY namespace = ?1 DESC LIMIT 1",
-                params![namespace, name],
-                |r| {
-                    Ok(Template {
-                        id: r.get(0)?,
-                        namespace: r.get(1)?,
-                        name: r.get(2)?,
-                        snapshot_id: r.get(3)?,
-                        snapshot_uri: r.get(4)?,
-                        snapshot_format_version: r.get(5)?,
-                        snapshot_size_bytes: r.get::<_, i64>(6)? as u64,
-                        rootfs_disk_bytes: r.get::<_, i64>(7)? as u64,
-                        rootfs_node_kind: r.get(8)?,
-                        parent_manifest_uri: r.get(9)?,
-                        snapshot_sha256: r.get(10)?,
-                        public: r.get(11)?,
-                        build_id: r.get(12)?,
-                    })
-                },
-            )
+            .query_row(&sql, args, |r| {
+                Ok(Template {
+                    id: r.get(0)?,
+                    namespace: r.get(1)?,
+                    name: r.get(2)?,
+                    snapshot_id: r.get(3)?,
+                    snapshot_uri: r.get(4)?,
+                    snapshot_format_version: r.get(5)?,
+                    snapshot_size_bytes: r.get::<_, i64>(6)? as u64,
+                    rootfs_disk_bytes: r.get::<_, i64>(7)? as u64,
+                    rootfs_node_kind: r.get(8)?,
+                    parent_manifest_uri: r.get(9)?,
+                    snapshot_sha256: r.get(10)?,
+                    public: r.get(11)?,
+                    build_id: r.get(12)?,
+                })
+            })
             .optional()
-            .with_context(|| format!("look up template {name}"))
+            .with_context(|| format!("look up template {what}"))
+    }
+
+    /// The template `name` of namespace `namespace` (whoever asks: visibility is the caller's check).
+    pub fn template_by_name(&self, namespace: &str, name: &str) -> Result<Option<Template>> {
+        self.template_where("namespace = ?1 AND name = ?2", params![namespace, name], &format!("{namespace}/{name}"))
+    }
+
+    /// A template by its id (`tpl-…`).
+    pub fn template_by_id(&self, id: &str) -> Result<Option<Template>> {
+        self.template_where("id = ?1", params![id], id)
+    }
+
+    /// The template whose snapshot is the object `uri`.
+    pub fn template_by_snapshot_uri(&self, uri: &str) -> Result<Option<Template>> {
+        self.template_where("snapshot_uri = ?1", params![uri], uri)
     }
 
     /// Records a sandbox's lifecycle state.
@@ -287,6 +381,7 @@ mod tests {
                     parent_manifest_uri: None,
                     public: false,
                     state: "prepared".into(),
+                    failure: None,
                 })
                 .unwrap();
             assert!(state.complete("build-1", &template("tpl-1", "build-1")).unwrap());
@@ -295,7 +390,40 @@ mod tests {
         let state = State::open(&path).unwrap();
         assert_eq!(state.next_id("build").unwrap(), 2, "counters survive");
         assert_eq!(state.template_by_name("ns", "base").unwrap().unwrap().id, "tpl-1");
-        assert_eq!(state.template_by_name("other", "base").unwrap(), None, "private to its namespace");
+        assert_eq!(state.template_by_name("other", "base").unwrap(), None, "names are per namespace");
+        assert_eq!(state.template_by_id("tpl-1").unwrap().unwrap().name, "base");
+        assert_eq!(state.template_by_snapshot_uri("s3://b/k").unwrap().unwrap().id, "tpl-1");
+        assert_eq!(state.template_by_snapshot_uri("s3://b/k2").unwrap(), None);
         assert_eq!(state.build("build-1").unwrap().unwrap().state, "completed");
+    }
+
+    #[test]
+    fn uploads_and_failures_are_recorded_and_an_older_database_gains_the_failure_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(
+                "CREATE TABLE builds (id TEXT PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL,
+                   snapshot_id TEXT NOT NULL, snapshot_uri TEXT NOT NULL, node_kind TEXT NOT NULL,
+                   parent_manifest_uri TEXT, public INTEGER NOT NULL, state TEXT NOT NULL);
+                 INSERT INTO builds VALUES ('build-7', 'ns', 'n', 'snap-7', 's3://b/k7', 'base', NULL, 0, 'prepared');",
+            )
+            .unwrap();
+        }
+        let state = State::open(&path).unwrap();
+        let build = state.build("build-7").unwrap().unwrap();
+        assert_eq!((build.state.as_str(), build.failure), ("prepared", None));
+        assert_eq!(state.build_by_snapshot_uri("s3://b/k7").unwrap().unwrap().id, "build-7");
+        let upload = Upload { upload_id: "up-1".into(), build_id: "build-7".into(), uri: "s3://b/k7".into() };
+        state.record_upload(&upload).unwrap();
+        state.record_upload(&upload).unwrap();
+        assert_eq!(state.open_uploads("build-7").unwrap(), vec![upload]);
+        assert_eq!(state.prepared_builds().unwrap().len(), 1);
+        state.fail_build("build-7", "the stack died").unwrap();
+        state.close_upload("up-1", "aborted").unwrap();
+        assert!(state.prepared_builds().unwrap().is_empty() && state.open_uploads("build-7").unwrap().is_empty());
+        let failed = state.build("build-7").unwrap().unwrap();
+        assert_eq!((failed.state.as_str(), failed.failure.as_deref()), ("failed", Some("the stack died")));
     }
 }

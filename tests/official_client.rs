@@ -1,0 +1,172 @@
+//! The public Tensorlake client against `snapsign dev`: PyPI
+//! `tensorlake==0.5.163` (its image builder is the SDK's compiled Rust core),
+//! installed into a venv, driving the `snapsign dev` process over loopback
+//! exactly as its users call it. Nobody here wrote that client: when it
+//! builds, the dev stack speaks the protocol.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::process::DevProcess as Dev;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use snapsign::presign::{Addressing, Credentials, Endpoint, Method, Presigner};
+
+/// The client, pinned.
+const CLIENT: &str = "tensorlake==0.5.163";
+
+/// A venv with the pinned client, made once under target/ (a second run downloads nothing).
+fn client_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("official-client").join(CLIENT.replace("==", "-"));
+    let python = venv.join("bin").join("python");
+    let installed = venv.join(".installed");
+    if installed.exists() {
+        return python;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).output();
+    match made {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!(
+            "`python3 -m venv {}` failed: {}\nInstall Python's venv module (Debian: apt-get install python3-venv; .ci/run does).",
+            venv.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!("cannot run python3 ({e}); this test needs Python 3 with venv to install {CLIENT}"),
+    }
+    let pip = Command::new(venv.join("bin").join("pip"))
+        .args(["install", "--disable-pip-version-check", "--quiet", "--timeout", "60", CLIENT])
+        .output()
+        .expect("run pip");
+    assert!(
+        pip.status.success(),
+        "installing {CLIENT} from PyPI failed: is the registry reachable? This test needs the public client \
+         and does not pass without it.\npip said:\n{}{}",
+        String::from_utf8_lossy(&pip.stdout),
+        String::from_utf8_lossy(&pip.stderr)
+    );
+    std::fs::write(&installed, CLIENT).unwrap();
+    python
+}
+
+struct Built {
+    ok: bool,
+    result: Value,
+    error: String,
+    events: Vec<Value>,
+}
+
+/// One build by the public client, in a context holding `files` and `dockerfile`.
+fn client_build(
+    python: &Path,
+    dev: &Dev,
+    token: &str,
+    namespace: &str,
+    name: &str,
+    dockerfile: &str,
+    public: bool,
+) -> Built {
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(context.path().join("Dockerfile"), dockerfile).unwrap();
+    std::fs::write(context.path().join("hello.txt"), format!("{namespace}/{name}\n")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/official_client/build.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([&dev.api, token, namespace])
+        .arg(context.path())
+        .args([name, if public { "1" } else { "0" }])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the client");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let outcome: Value = serde_json::from_str(line.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("the client driver printed no outcome ({e}): {line}"));
+    Built {
+        ok: outcome["ok"] == true,
+        result: outcome["result"].clone(),
+        error: outcome["error"].as_str().unwrap_or_default().to_owned(),
+        events: outcome["events"].as_array().cloned().unwrap_or_default(),
+    }
+}
+
+/// Checks the registered template (through the lookup, as its namespace sees
+/// it) and the stored object (size, and the sha256 the builder declared).
+async fn check_registered(dev: &Dev, token: &str, built: &Built, name: &str) -> Value {
+    assert!(built.ok, "build {name} failed: {}\nevents: {:#?}", built.error, built.events);
+    let http = reqwest::Client::new();
+    let url = format!("{}/platform/v1/sandbox-templates/by-name/{name}", dev.api);
+    let template: Value = http.get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        template["id"], built.result["id"],
+        "the client's answer is the registered template: {template}\nclient: {}",
+        built.result
+    );
+    assert_eq!(template["snapshotUri"], built.result["snapshotUri"]);
+
+    let uri = template["snapshotUri"].as_str().unwrap();
+    let declared = built
+        .events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .find_map(|m| m.contains(uri).then(|| m.rsplit_once("sha256 ").map(|(_, h)| h.trim().to_owned())).flatten())
+        .unwrap_or_else(|| panic!("the builder's log never declared the sha256 of {uri}: {:#?}", built.events));
+
+    let secrets = dev.secrets();
+    let key = uri.strip_prefix("s3://snapshots/").unwrap();
+    let endpoint = Endpoint::parse(&dev.store, Addressing::Path).unwrap();
+    let credentials = Credentials {
+        access_key_id: secrets["access_key_id"].as_str().unwrap().into(),
+        secret_access_key: secrets["secret_access_key"].as_str().unwrap().into(),
+        session_token: None,
+    };
+    let presigner = Presigner::new(&credentials, "us-east-1", jiff::Timestamp::now(), 300);
+    let get = presigner.presign(Method::Get, &endpoint.object("snapshots", key), &[]);
+    let bytes = http.get(get).send().await.unwrap().error_for_status().unwrap().bytes().await.unwrap();
+    assert_eq!(Some(bytes.len() as u64), template["snapshotSizeBytes"].as_u64(), "{uri}: size");
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    assert_eq!(sha256, declared, "{uri}: the stored bytes are what the builder wrote");
+    assert_eq!(template["snapshotSha256"].as_str(), Some(sha256.as_str()));
+    template
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_public_tensorlake_client_builds_base_diff_and_a_diff_on_another_namespaces_public_template() {
+    let python = tokio::task::spawn_blocking(client_python).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let dev = Dev::start(data.path(), &[]);
+    let default = dev.token.clone();
+    let other = dev.token_for("other");
+
+    let run = |token: String, namespace: &'static str, name: &'static str, dockerfile: &'static str, public: bool| {
+        let (python, dev) = (python.clone(), &dev);
+        async move {
+            tokio::task::block_in_place(|| client_build(&python, dev, &token, namespace, name, dockerfile, public))
+        }
+    };
+    const BASE: &str = "FROM scratch\nCOPY hello.txt /etc/hello.txt\nCMD [\"/bin/sh\"]\n";
+
+    // A base image FROM scratch.
+    let base = run(default.clone(), "default", "hello", BASE, false).await;
+    let base = check_registered(&dev, &default, &base, "hello").await;
+    assert_eq!(base["rootfsNodeKind"], "base");
+    assert!(base["snapshotUri"].as_str().unwrap().starts_with("s3://snapshots/builds/default/"), "{base}");
+
+    // A diff image FROM it.
+    let diff =
+        run(default.clone(), "default", "hello-diff", "FROM hello\nCOPY hello.txt /etc/again.txt\n", false).await;
+    let diff = check_registered(&dev, &default, &diff, "hello-diff").await;
+    assert_eq!((diff["rootfsNodeKind"].as_str(), &diff["parentManifestUri"]), (Some("diff"), &base["snapshotUri"]));
+
+    // A diff image FROM another namespace's public template.
+    let shared = run(other.clone(), "other", "shared", BASE, true).await;
+    let shared = check_registered(&dev, &other, &shared, "shared").await;
+    assert_eq!(shared["public"], true);
+    let child =
+        run(default.clone(), "default", "on-shared", "FROM other/shared\nCOPY hello.txt /etc/mine.txt\n", false).await;
+    let child = check_registered(&dev, &default, &child, "on-shared").await;
+    assert_eq!(child["parentManifestUri"], shared["snapshotUri"]);
+    assert_eq!(child["namespace"], "default");
+    assert!(child["snapshotUri"].as_str().unwrap().starts_with("s3://snapshots/builds/default/"), "{child}");
+}
