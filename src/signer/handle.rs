@@ -261,7 +261,7 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
             let own = config.namespace_prefix(&claims.namespace);
             let readable = parsed.key.starts_with(&own)
                 || config.shared_prefixes.iter().any(|p| parsed.key.starts_with(p))
-                || claims.read.iter().any(|granted| *granted == uri);
+                || claims.read.contains(&uri);
             if !readable {
                 return Err(SignError::OutsideNamespace { uri, namespace: claims.namespace });
             }
