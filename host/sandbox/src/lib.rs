@@ -52,10 +52,10 @@ use anyhow::{Context, Result, bail};
 pub use confinement::Confinement;
 pub use files::{AREAS, BUILDER_PATH};
 pub use identity::{FIRST_HOST_UID, SANDBOX_UID, UIDS_PER_SANDBOX};
-pub use limits::{Cgroups, DEFAULT_PIDS, Limits};
-pub use network::{Network, NetworkPolicy};
+pub use limits::{Cgroups, DEFAULT_PIDS, Limits, Resources};
+pub use network::{Network, NetworkPolicy, loopback_port};
 pub use process::{DEFAULT_PATH, MAX_LINE_BYTES, MAX_OUTPUT_BYTES, OutputEvent, ProcessInfo, ProcessSpec};
-pub use sandbox::{Sandbox, SandboxSpec};
+pub use sandbox::{CreateRequest, Sandbox, SandboxSpec};
 
 use sandbox::Host;
 
@@ -80,6 +80,8 @@ pub struct Sandboxes {
 struct Inner {
     root_dir: PathBuf,
     host: Arc<Host>,
+    /// Host loopback ports every sandbox reaches ([`Sandboxes::grant_ports`]).
+    granted: Mutex<Vec<u16>>,
     live: Mutex<HashMap<String, Arc<Sandbox>>>,
 }
 
@@ -131,7 +133,34 @@ impl Sandboxes {
             cgroups,
             uid_locks: identity::lock_dir()?,
         };
-        Ok(Sandboxes { inner: Arc::new(Inner { root_dir, host: Arc::new(host), live: Mutex::new(HashMap::new()) }) })
+        Ok(Sandboxes {
+            inner: Arc::new(Inner {
+                root_dir,
+                host: Arc::new(host),
+                granted: Mutex::new(Vec::new()),
+                live: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Host loopback ports forwarded into every sandbox made from now on
+    /// (the dev stack's store and sandbox proxy), besides those its policy adds.
+    pub fn grant_ports(&self, ports: &[u16]) {
+        *self.inner.granted.lock().unwrap_or_else(|p| p.into_inner()) = ports.to_vec();
+    }
+
+    /// The [`SandboxSpec`] for a create request: its limits, its network
+    /// (with the granted ports) and its timeout; refuses what it cannot honour.
+    pub fn spec_for(&self, request: &CreateRequest) -> Result<SandboxSpec> {
+        let limits = Limits::from_request(&request.resources.clone().unwrap_or_default())?;
+        let granted = self.inner.granted.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let network = Network::from_policy(&request.network.clone().unwrap_or_default(), &granted)?;
+        let timeout = match request.timeout_secs {
+            None => None,
+            Some(secs) if secs > 0 => Some(std::time::Duration::from_secs(secs as u64)),
+            Some(secs) => bail!("timeout_secs is {secs}; send a positive number of seconds, or none for no timeout"),
+        };
+        Ok(SandboxSpec { limits, network, timeout })
     }
 
     /// The cgroup controllers that enforce limits here ([`Cgroups::None`]: rlimits only).

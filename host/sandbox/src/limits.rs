@@ -39,10 +39,49 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The limits a create request's `resources` asks for (PROTOCOL.md
+    /// §3.3); absent values are not limited, invalid ones refused.
+    pub fn from_request(resources: &Resources) -> anyhow::Result<Limits> {
+        let mut limits = Limits::default();
+        if let Some(cpus) = resources.cpus {
+            if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
+                anyhow::bail!("resources.cpus is {cpus}; send a number of CPUs above 0 (e.g. 1.5)");
+            }
+            limits.cpus = Some(cpus);
+        }
+        if let Some(mb) = resources.memory_mb {
+            if !(1..=(1 << 30)).contains(&mb) {
+                anyhow::bail!("resources.memory_mb is {mb}; send a positive number of MiB");
+            }
+            limits.memory_mb = Some(mb as u64);
+        }
+        if let Some(mb) = resources.disk_mb {
+            if !(1..=(1 << 30)).contains(&mb) {
+                anyhow::bail!("resources.disk_mb is {mb}; send a positive number of MiB");
+            }
+            limits.disk_mb = Some(mb);
+        }
+        Ok(limits)
+    }
+
     /// Bytes the memory controller allows: memory plus the RAM-backed disk.
     pub(crate) fn memory_bytes(&self) -> Option<u64> {
         self.memory_mb.map(|m| (m + self.disk_mb.unwrap_or(0)).saturating_mul(1 << 20))
     }
+}
+
+/// The create request's `resources` (PROTOCOL.md §3.3).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct Resources {
+    /// CPUs.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory, MiB.
+    #[serde(default)]
+    pub memory_mb: Option<i64>,
+    /// Disk, MiB.
+    #[serde(default)]
+    pub disk_mb: Option<u64>,
 }
 
 /// The cgroup controllers this process can use for sandboxes.
@@ -366,6 +405,24 @@ mod tests {
         assert_eq!(own_group(own, "cpu"), Some("/"));
         assert_eq!(own_group(own, "pids"), None);
         assert_eq!(own_group(own, ""), Some("/"));
+    }
+
+    #[test]
+    fn limits_come_from_the_request_and_nonsense_is_refused() {
+        let asked = Resources { cpus: Some(2.0), memory_mb: Some(4096), disk_mb: Some(30720) };
+        let limits = Limits::from_request(&asked).unwrap();
+        assert_eq!((limits.cpus, limits.memory_mb, limits.disk_mb), (Some(2.0), Some(4096), Some(30720)));
+        assert_eq!(limits.pids, DEFAULT_PIDS);
+        assert_eq!(Limits::from_request(&Resources::default()).unwrap(), Limits::default());
+        for (bad, field) in [
+            (Resources { cpus: Some(0.0), ..Resources::default() }, "cpus"),
+            (Resources { cpus: Some(f64::NAN), ..Resources::default() }, "cpus"),
+            (Resources { memory_mb: Some(-1), ..Resources::default() }, "memory_mb"),
+            (Resources { disk_mb: Some(0), ..Resources::default() }, "disk_mb"),
+        ] {
+            let err = Limits::from_request(&bad).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
     }
 
     #[test]

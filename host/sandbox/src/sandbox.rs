@@ -43,6 +43,20 @@ pub struct SandboxSpec {
     pub timeout: Option<Duration>,
 }
 
+/// The part of a create request (PROTOCOL.md §3.3) that shapes a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct CreateRequest {
+    /// `resources{cpus, memory_mb, disk_mb}`.
+    #[serde(default)]
+    pub resources: Option<crate::limits::Resources>,
+    /// `timeout_secs`.
+    #[serde(default)]
+    pub timeout_secs: Option<i64>,
+    /// `network{allow_internet_access, allow_out, deny_out}`.
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkPolicy>,
+}
+
 #[derive(Default)]
 struct Processes {
     list: Vec<Arc<Process>>,
