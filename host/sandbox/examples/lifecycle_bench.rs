@@ -1,7 +1,11 @@
 //! Benchmark (not a test): sandbox create → first process start → delete,
 //! over 100 sandboxes, with the confinement `Confinement::detect` picks.
 //!
-//! `cargo run --release -p snapsign-sandbox --example lifecycle_bench [-- N]`
+//! `cargo run --release -p snapsign-sandbox --example lifecycle_bench [-- N [limits]]`
+//!
+//! With `limits`, each sandbox asks for what a build's builder sandbox gets
+//! from the dev stack (1 CPU, 1024 MiB memory, 2048 MiB disk): memory and cpu
+//! cgroups and a tmpfs disk are then made and removed too.
 //!
 //! Prints, for each phase, the median and p99 in milliseconds:
 //! - create: `Sandboxes::create` returned;
@@ -13,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use snapsign_sandbox::{Confinement, ProcessSpec, Sandboxes, SandboxesConfig};
+use snapsign_sandbox::{Confinement, Limits, ProcessSpec, SandboxSpec, Sandboxes, SandboxesConfig};
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -23,6 +27,11 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::args().nth(1).map(|n| n.parse()).transpose()?.unwrap_or(100);
+    let limits = if std::env::args().nth(2).as_deref() == Some("limits") {
+        Limits { cpus: Some(1.0), memory_mb: Some(1024), disk_mb: Some(2048), ..Limits::default() }
+    } else {
+        Limits::default()
+    };
     let dir = tempfile::tempdir()?;
     let confinement = Confinement::detect(false)?;
     let boxes = Sandboxes::new(SandboxesConfig {
@@ -36,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
     for round in 0..=rounds {
         let id = format!("bench-{round}");
         let t0 = Instant::now();
-        let sandbox = boxes.create(&id)?;
+        let sandbox = boxes.create_with(&id, SandboxSpec { limits, ..SandboxSpec::default() })?;
         let created = t0.elapsed();
         let info = sandbox.start(spec.clone())?;
         let spawned = t0.elapsed();
@@ -54,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
             delete.push(deleted);
         }
     }
-    println!("confinement: {confinement:?}, {rounds} sandboxes");
+    println!("confinement: {confinement:?}, {rounds} sandboxes, {limits:?}, {}", boxes.cgroups().describe());
     println!("{:<40} {:>10} {:>10}", "phase", "median ms", "p99 ms");
     for (name, samples) in [
         ("create", &mut create),

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 /// own on the host (`root_dir/{id}/fs/{area}`), bound at `/{area}` inside.
 pub const AREAS: [&str; 4] = ["var", "tmp", "root", "home"];
 
-/// Host directory (under `fs/`) bound read-only at `/usr/local/bin` inside.
+/// Host directory (beside `fs/`, off the sandbox's disk) bound read-only at `/usr/local/bin` inside.
 pub(crate) const BUILDER_DIR: &str = "usr-local-bin";
 
 /// Where the builder binary appears inside every sandbox.
@@ -59,7 +59,7 @@ pub(crate) fn create_areas(
         };
         make_dir(&fs.join(area), mode, owner)?;
     }
-    let bin = fs.join(BUILDER_DIR);
+    let bin = dir.join(BUILDER_DIR);
     make_dir(&bin, 0o755, None)?;
     if let Some(builder) = builder {
         install_builder(builder, &bin.join("tl-rootfs-build"))?;

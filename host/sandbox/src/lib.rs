@@ -274,6 +274,37 @@ mod tests {
     }
 
     #[test]
+    fn a_create_request_becomes_limits_a_network_with_the_granted_ports_and_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let boxes = Sandboxes::new(SandboxesConfig {
+            root_dir: dir.path().to_owned(),
+            confinement: Confinement::Unconfined,
+            builder_binary: None,
+        })
+        .unwrap();
+        boxes.grant_ports(&[9000, 9001]);
+        let request: CreateRequest = serde_json::from_str(
+            r#"{"resources":{"cpus":2.0,"memory_mb":4096,"disk_mb":30720},"timeout_secs":300,
+                "network":{"allow_internet_access":false,"allow_out":["localhost:7000"],"deny_out":["127.0.0.1:9001"]}}"#,
+        )
+        .unwrap();
+        let spec = boxes.spec_for(&request).unwrap();
+        assert_eq!(
+            (spec.limits.cpus, spec.limits.memory_mb, spec.limits.disk_mb),
+            (Some(2.0), Some(4096), Some(30720))
+        );
+        assert_eq!(spec.network, Network::Private { ports: vec![7000, 9000] });
+        assert_eq!(spec.timeout, Some(std::time::Duration::from_secs(300)));
+        let bare = boxes.spec_for(&CreateRequest::default()).unwrap();
+        assert_eq!(
+            (bare.limits, bare.network, bare.timeout),
+            (Limits::default(), Network::Private { ports: vec![9000, 9001] }, None)
+        );
+        let bad = CreateRequest { timeout_secs: Some(0), ..CreateRequest::default() };
+        assert!(boxes.spec_for(&bad).unwrap_err().to_string().contains("timeout_secs is 0"));
+    }
+
+    #[test]
     fn handles_are_shareable_across_tasks() {
         fn is<T: Send + Sync + 'static>() {}
         is::<Sandboxes>();

@@ -293,14 +293,16 @@ impl SandboxGroups {
     pub(crate) fn create(cgroups: &Cgroups, name: &str, limits: &Limits) -> Result<SandboxGroups> {
         let mut groups = SandboxGroups { dirs: Vec::new(), process_parent: None, shared: Vec::new(), v2: false };
         match cgroups {
+            // Only the hierarchies with a limit to enforce: each one a process joins costs a migration.
             Cgroups::V1 { memory, pids, cpu } => {
+                let memory = memory.as_ref().filter(|_| limits.memory_bytes().is_some());
+                let cpu = cpu.as_ref().filter(|_| limits.cpus.is_some());
                 if let Some(parent) = memory {
                     let dir = parent.join(name);
                     fresh(&dir)?;
                     groups.dirs.push(dir.clone());
-                    if let Some(bytes) = limits.memory_bytes() {
-                        write(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
-                    }
+                    let bytes = limits.memory_bytes().unwrap_or(u64::MAX);
+                    write(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
                     groups.process_parent = Some(dir);
                 }
                 if let Some(parent) = pids {

@@ -104,8 +104,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // Never deleted (its `Sandboxes` went away): the holder dies with its `Jail`; the disk must not stay mounted.
-        if lock(&self.jail).take().is_some() {
+        // Never deleted (its `Sandboxes` went away): the holder dies with its `Jail`;
+        // the disk must not stay mounted, nor the groups stay behind.
+        if let Some(jail) = lock(&self.jail).take() {
+            jail.holder.kill();
+            jail.groups.remove();
             files::unmount_disk(&self.fs);
         }
     }
@@ -164,7 +167,7 @@ impl Sandbox {
             root: &root,
             fs: &fs,
             areas: &AREAS,
-            builder_dir: &fs.join(BUILDER_DIR),
+            builder_dir: &dir.join(BUILDER_DIR),
             layout: &host.layout,
             base_uid: uids.base,
             private_network: matches!(spec.network, Network::Private { .. }),
@@ -368,7 +371,7 @@ impl Sandbox {
         env: &BTreeMap<String, String>,
         working_dir: &str,
     ) -> Result<std::process::Command> {
-        let builder = self.fs.join(BUILDER_DIR).join("tl-rootfs-build");
+        let builder = self.dir.join(BUILDER_DIR).join("tl-rootfs-build");
         let program =
             if self.host.builder.is_some() && (spec.command == BUILDER_PATH || spec.command == "tl-rootfs-build") {
                 builder.into_os_string()
