@@ -164,7 +164,9 @@ async fn a_sandbox_reaches_only_the_store_and_the_proxy_not_another_sandbox_nor_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let connect = |port: u16| {
-        format!("if exec 3<>/dev/tcp/127.0.0.1/{port}; then echo reached-{port}; else echo refused-{port}; fi 2>/dev/null")
+        format!(
+            "if exec 3<>/dev/tcp/127.0.0.1/{port}; then echo reached-{port}; else echo refused-{port}; fi 2>/dev/null"
+        )
     };
     let outcome = |events: Vec<Value>| stdout(&events).last().cloned().unwrap_or_default();
     let (events, _) = api.run(&b, "/bin/bash", &["-c", &connect(7777)], false).await;
@@ -180,16 +182,28 @@ async fn a_sandbox_reaches_only_the_store_and_the_proxy_not_another_sandbox_nor_
         assert_eq!(outcome(events), want, "{addr}");
     }
     // Only lo and no route (inspected, no packet sent anywhere).
-    let (events, _) = api.run(&a, "/bin/sh", &["-c", "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; tail -n +2 /proc/net/route | wc -l"], false).await;
+    let (events, _) = api
+        .run(
+            &a,
+            "/bin/sh",
+            &["-c", "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; tail -n +2 /proc/net/route | wc -l"],
+            false,
+        )
+        .await;
     assert_eq!(stdout(&events), ["lo", "0"]);
 
     // A policy can add a loopback port, and a non-loopback destination is refused at create.
     let (status, refused) = api
-        .send(api.http.post(api.lifecycle("")).json(&json!({"network": {"allow_internet_access": false, "allow_out": ["10.0.0.1:80"]}})))
+        .send(
+            api.http
+                .post(api.lifecycle(""))
+                .json(&json!({"network": {"allow_internet_access": false, "allow_out": ["10.0.0.1:80"]}})),
+        )
         .await;
     assert_eq!(status, 400, "{refused}");
     assert!(refused.to_string().contains("10.0.0.1:80"), "{refused}");
-    let c = create(&api, json!({"network": {"allow_out": [format!("127.0.0.1:{}", stack.signer.addr().port())]}})).await;
+    let c =
+        create(&api, json!({"network": {"allow_out": [format!("127.0.0.1:{}", stack.signer.addr().port())]}})).await;
     let (events, _) = api.run(&c, "/bin/bash", &["-c", &connect(stack.signer.addr().port())], false).await;
     assert_eq!(outcome(events), format!("reached-{}", stack.signer.addr().port()));
     stack.shutdown().await;

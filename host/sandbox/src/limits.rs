@@ -9,7 +9,10 @@
 //!
 //! Disk (`disk_mb`) is a size-limited tmpfs and needs no cgroup. The
 //! controllers are found in `/proc/self/mountinfo`; a sandbox's groups are
-//! made under this process's own group of each hierarchy (`snapsign-sandboxes/{slot}`).
+//! made under this process's own group of each hierarchy (v1:
+//! `snapsign-sandbox-{slot}`, removed with the sandbox, so nothing is left
+//! in a group this process was given; v2: `snapsign-sandboxes/{slot}`, as a
+//! v2 group that enables controllers for its children may hold no process).
 
 use std::path::{Path, PathBuf};
 
@@ -87,13 +90,13 @@ pub struct Resources {
 /// The cgroup controllers this process can use for sandboxes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Cgroups {
-    /// cgroup v1: the parent directory of sandbox groups in each hierarchy found.
+    /// cgroup v1: this process's own group in each hierarchy found, where sandbox groups go.
     V1 {
-        /// `…/memory/…/snapsign-sandboxes`
+        /// `/sys/fs/cgroup/memory/…`
         memory: Option<PathBuf>,
-        /// `…/pids/…/snapsign-sandboxes`
+        /// `/sys/fs/cgroup/pids/…`
         pids: Option<PathBuf>,
-        /// `…/cpu/…/snapsign-sandboxes`
+        /// `/sys/fs/cgroup/cpu/…`
         cpu: Option<PathBuf>,
     },
     /// cgroup v2: the parent of sandbox groups, with these controllers enabled for them.
@@ -181,14 +184,15 @@ fn own_group<'a>(own: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-fn prepare(dir: &Path) -> Option<PathBuf> {
-    let parent = dir.join("snapsign-sandboxes");
-    match std::fs::create_dir_all(&parent) {
-        Ok(()) => Some(parent),
+/// `dir` when this process may make groups in it.
+fn writable(dir: PathBuf) -> Option<PathBuf> {
+    let probe = dir.join(format!("snapsign-probe-{}", std::process::id()));
+    match std::fs::create_dir(&probe).and_then(|()| std::fs::remove_dir(&probe)) {
+        Ok(()) => Some(dir),
         Err(e) => {
             tracing::warn!(
-                "cannot create cgroup {}: {e}; that controller's limit falls back to an rlimit",
-                parent.display()
+                "cannot create cgroups in {}: {e}; that controller's limit falls back to an rlimit",
+                dir.display()
             );
             None
         }
@@ -201,15 +205,17 @@ fn detect_v1(mountinfo: &str, own: &str) -> Cgroups {
             (fstype == "cgroup" && options.split(',').any(|o| o == name)).then_some(point)
         })?;
         let group = own_group(own, name)?;
-        prepare(&Path::new(point).join(group.trim_start_matches('/')))
+        writable(Path::new(point).join(group.trim_start_matches('/')))
     };
     let (memory, pids, cpu) = (find("memory"), find("pids"), find("cpu"));
     if memory.is_none() && pids.is_none() && cpu.is_none() {
         return Cgroups::None;
     }
     if let Some(memory) = &memory {
-        // Older kernels default to a flat hierarchy, where a sandbox's limit would not cover its processes' groups.
-        let _ = std::fs::write(memory.join("memory.use_hierarchy"), "1");
+        // Older kernels may default to a flat hierarchy, where a sandbox's limit would not cover its processes' groups.
+        if std::fs::read_to_string(memory.join("memory.use_hierarchy")).is_ok_and(|v| v.trim() != "1") {
+            tracing::warn!("memory.use_hierarchy is off in {}: memory limits may not hold", memory.display());
+        }
     }
     Cgroups::V1 { memory, pids, cpu }
 }
@@ -295,6 +301,8 @@ impl SandboxGroups {
         match cgroups {
             // Only the hierarchies with a limit to enforce: each one a process joins costs a migration.
             Cgroups::V1 { memory, pids, cpu } => {
+                let name = format!("snapsign-sandbox-{name}");
+                let name = name.as_str();
                 let memory = memory.as_ref().filter(|_| limits.memory_bytes().is_some());
                 let cpu = cpu.as_ref().filter(|_| limits.cpus.is_some());
                 if let Some(parent) = memory {
