@@ -83,10 +83,9 @@ impl Network {
             }
         }
         for entry in &policy.deny_out {
-            match loopback_port(entry) {
-                Some(port) => ports.retain(|p| *p != port),
-                // Nothing but the forwarded ports is reachable: any other destination is denied already.
-                None => {}
+            // Nothing but the forwarded ports is reachable: any other destination is denied already.
+            if let Some(port) = loopback_port(entry) {
+                ports.retain(|p| *p != port);
             }
         }
         ports.sort_unstable();
