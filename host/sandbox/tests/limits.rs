@@ -204,3 +204,24 @@ fn host_processes_with(marker: &str) -> Vec<String> {
     }
     found
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cpus_become_a_cfs_quota_that_throttles_a_busy_loop() {
+    let dir = scratch();
+    let boxes = sandboxes(dir.path(), None);
+    let sandbox = boxes.create_with("sbx-cpu", spec(Limits { cpus: Some(0.2), ..Limits::default() })).unwrap();
+    // This machine's cpu controller is cgroup v1; the sandbox's group sits under this process's own.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.split(':').nth(1).filter(|c| c.split(',').any(|c| c == "cpu")).and(l.split(':').nth(2)));
+    let own = own.expect("this test reads a cgroup v1 cpu hierarchy, which this machine lacks");
+    let group =
+        format!("/sys/fs/cgroup/cpu{}/snapsign-sandbox-{}", own.trim_end_matches('/'), sandbox.host_uid(0).unwrap());
+    let quota = std::fs::read_to_string(format!("{group}/cpu.cfs_quota_us")).unwrap();
+    assert_eq!(quota.trim(), "20000", "0.2 CPU = 20 ms per 100 ms");
+    run(&sandbox, sh("timeout 1 sh -c 'while :; do :; done'")).await;
+    let stat = std::fs::read_to_string(format!("{group}/cpu.stat")).unwrap();
+    let throttled: u64 = stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")).unwrap().parse().unwrap();
+    assert!(throttled > 0, "a busy loop under 0.2 CPU was never throttled: {stat}");
+}
