@@ -216,13 +216,6 @@ impl Emulator {
 
     async fn forward_sign(&self, namespace: &str, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         let faults = self.faults();
-        if faults.sign_fail {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "sign_failed",
-                "injected fault: the dataplane signer failed",
-            ));
-        }
         let body = http_body_util::Limited::new(request.into_body(), snapsign::signer::MAX_BODY_BYTES + 1)
             .collect()
             .await
@@ -230,6 +223,14 @@ impl Emulator {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("sign request body: {e}"))
             })?
             .to_bytes();
+        // After reading the body: a client still sending it would see a reset, not the 502.
+        if faults.sign_fail {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "sign_failed",
+                "injected fault: the dataplane signer failed",
+            ));
+        }
         let token = snapsign::token::mint(&self.signer.token_key, namespace, jiff::Timestamp::now().as_second() + 300)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("mint a signer token for {namespace}: {e}")))?;
         let response = self
