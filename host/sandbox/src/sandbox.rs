@@ -2,6 +2,7 @@
 //! processes, and file access by in-sandbox path.
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -81,6 +82,10 @@ pub struct Sandbox {
     spec: SandboxSpec,
     owners: Option<Owners>,
     jail: Mutex<Option<Jail>>,
+    /// The sandbox's disk (a tmpfs no longer mounted on the host: see
+    /// [`Sandbox::confine`]), reached as `/proc/self/fd/N`; held as long as
+    /// this value lives, so that N never names another file meanwhile.
+    _disk: Option<OwnedFd>,
     processes: Mutex<Processes>,
     extra_env: Mutex<BTreeMap<String, String>>,
     last_activity: Mutex<Instant>,
@@ -109,7 +114,7 @@ impl Drop for Sandbox {
         if let Some(jail) = lock(&self.jail).take() {
             jail.holder.kill();
             jail.groups.remove();
-            files::unmount_disk(&self.fs);
+            files::unmount_disk(&self.dir.join("fs"));
         }
     }
 }
@@ -134,7 +139,11 @@ impl Sandbox {
                 let owners = Owners { root: uids.host(0), user: uids.host(SANDBOX_UID) };
                 let made = Sandbox::confine(id, &dir, &host, &spec, uids, owners);
                 match made {
-                    Ok((fs, jail)) => Ok(Sandbox::assemble(id, dir, fs, host, spec, Some(owners), Some(jail))),
+                    Ok((fs, jail, disk)) => {
+                        let mut sandbox = Sandbox::assemble(id, dir, fs, host, spec, Some(owners), Some(jail));
+                        sandbox._disk = disk;
+                        Ok(sandbox)
+                    }
                     Err(e) => {
                         files::unmount_disk(&dir.join("fs"));
                         let _ = std::fs::remove_dir_all(&dir);
@@ -152,7 +161,7 @@ impl Sandbox {
         spec: &SandboxSpec,
         uids: UidRange,
         owners: Owners,
-    ) -> Result<(PathBuf, Jail)> {
+    ) -> Result<(PathBuf, Jail, Option<OwnedFd>)> {
         let fs = files::create_areas(dir, Some(owners), host.builder.as_deref(), spec.limits.disk_mb)
             .with_context(|| format!("create the directories of sandbox {id} in {}", dir.display()))?;
         let root = dir.join("root");
@@ -192,7 +201,16 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        Ok((fs, Jail { holder, uids, groups, _forwarders: forwarders }))
+        let jail = Jail { holder, uids, groups, _forwarders: forwarders };
+        if spec.limits.disk_mb.is_none() {
+            return Ok((fs, jail, None));
+        }
+        // The disk leaves the host's mount table (nothing to clean up on the host if this
+        // process dies); the holder's binds and a descriptor keep it, the file API goes through it.
+        let disk = files::open_area(&fs).with_context(|| format!("sandbox {id}: open its disk {}", fs.display()))?;
+        files::unmount_disk(&fs);
+        let through = PathBuf::from(format!("/proc/self/fd/{}", disk.as_raw_fd()));
+        Ok((through, jail, Some(disk)))
     }
 
     fn assemble(
@@ -212,6 +230,7 @@ impl Sandbox {
             spec,
             owners,
             jail: Mutex::new(jail),
+            _disk: None,
             processes: Mutex::new(Processes::default()),
             extra_env: Mutex::new(BTreeMap::new()),
             last_activity: Mutex::new(Instant::now()),
@@ -256,7 +275,9 @@ impl Sandbox {
     }
 
     /// Maps an absolute in-sandbox path under `/var`, `/tmp`, `/root` or
-    /// `/home` to its host file. Refuses relative paths, `.` and `..`
+    /// `/home` to its host file: under `root_dir/{id}/fs/`, or for a sandbox
+    /// with a disk (`disk_mb`) under `/proc/self/fd/N/` (its tmpfs is not
+    /// mounted on the host), valid in this process while the sandbox lives. Refuses relative paths, `.` and `..`
     /// components, and paths elsewhere.
     ///
     /// The host path may pass through symlinks the sandbox made, which may

@@ -107,6 +107,9 @@ async fn writes_past_disk_mb_fail_with_enospc() {
     let written: u64 = lines.last().and_then(|l| l.strip_prefix("stdout:")).unwrap().trim().parse().unwrap();
     assert!(written <= 8 << 20, "{written} bytes on an 8 MiB disk");
     assert_eq!(info.exit_code, Some(0));
+    // The disk is the sandbox's alone: not in the host's mount table (nothing to clean up if the host dies).
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(sandbox.dir().to_str().unwrap()), "{mounts}");
     // The areas share the disk, and the file API meets the same limit.
     let err = sandbox.write_file("/home/more", &vec![1u8; 1 << 20][..]).await.unwrap_err();
     assert!(format!("{err:#}").contains("No space left on device"), "{err:#}");
