@@ -298,6 +298,19 @@ impl SandboxGroups {
     /// Makes the groups of sandbox slot `name` with `limits` applied.
     pub(crate) fn create(cgroups: &Cgroups, name: &str, limits: &Limits) -> Result<SandboxGroups> {
         let mut groups = SandboxGroups { dirs: Vec::new(), process_parent: None, shared: Vec::new(), v2: false };
+        for (asked, controller, fallback) in [
+            (limits.memory_bytes().is_some(), "memory", "RLIMIT_AS per process, no OOM kill"),
+            (limits.cpus.is_some(), "cpu", "no CPU limit"),
+            (true, "pids", "RLIMIT_NPROC only"),
+        ] {
+            if asked && !cgroups.has(controller) {
+                tracing::warn!(
+                    sandbox_group = name,
+                    "no {controller} controller here ({}): {fallback}",
+                    cgroups.describe()
+                );
+            }
+        }
         match cgroups {
             // Only the hierarchies with a limit to enforce: each one a process joins costs a migration.
             Cgroups::V1 { memory, pids, cpu } => {
