@@ -1,5 +1,5 @@
 //! End-to-end: the builder component in the host, against the dev stack
-//! (platform emulator, bubblewrap sandboxes, the reference builder, the
+//! (platform emulator, local sandboxes, the reference builder, the
 //! store and the signer), all on loopback.
 
 mod common;
@@ -203,10 +203,16 @@ async fn a_sandbox_pending_with_502s_then_running_still_builds() {
 
 /// Runs a build under `faults` and checks the failure is clean.
 async fn failing(faults: Faults, expect: &str) -> Run {
+    failing_with(faults, |_| {}, expect).await
+}
+
+async fn failing_with(faults: Faults, edit: impl FnOnce(&mut BuildOptions), expect: &str) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_with(dir.path(), |c| c.faults = faults).await;
     let ctx = context(&[("hello.txt", b"doomed\n")]);
-    let run = build(&options(&stack, "doomed", BASE, ctx.path())).await;
+    let mut opts = options(&stack, "doomed", BASE, ctx.path());
+    edit(&mut opts);
+    let run = build(&opts).await;
     let Err(BuildFailure::Failed(message)) = &run.outcome else {
         panic!("expected a build failure containing {expect:?}, got {:?}", run.outcome)
     };
@@ -232,9 +238,13 @@ async fn each_fault_ends_in_a_clear_error_with_nothing_left_behind() {
     assert!(!run.events.iter().any(|e| matches!(e, BuildEvent::Log(..))), "the builder never ran");
     failing(Faults { store_fail_part: Some(1), ..Faults::default() }, "failed with exit code").await;
     failing(Faults { builder_exit_nonzero: true, ..Faults::default() }, "failed with exit code 3").await;
-    let oom =
-        failing(Faults { builder_oom: true, ..Faults::default() }, "(process was killed by the kernel OOM killer)")
-            .await;
+    // A real OOM kill: the builder uses memory past its sandbox's 64 MiB (+ 256 MiB RAM-backed disk).
+    let oom = failing_with(
+        Faults { builder_oom: true, ..Faults::default() },
+        |o| (o.builder_memory_mb, o.builder_disk_mb) = (Some(64), Some(64)),
+        "(process was killed by the kernel OOM killer)",
+    )
+    .await;
     let Err(BuildFailure::Failed(message)) = &oom.outcome else { unreachable!() };
     assert!(
         message.contains("ran out of memory: retry with a larger --builder-memory-mb"),
@@ -290,7 +300,7 @@ async fn usage_and_auth_errors_are_told_apart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_local_backend_builds_in_bubblewrap_sandboxes_of_its_own() {
+async fn the_local_backend_builds_in_sandboxes_of_its_own() {
     use snapsign_host::build::local_backend::LocalBackend;
     use snapsign_host::outbound::AllowList;
     use snapsign_sandbox::{Confinement, Sandboxes, SandboxesConfig};
@@ -305,6 +315,8 @@ async fn the_local_backend_builds_in_bubblewrap_sandboxes_of_its_own() {
         })
         .unwrap(),
     );
+    // The builder reaches the store through the port forwarded into its sandbox.
+    boxes.grant_ports(&[stack.store.addr().port()]);
     let backend = Arc::new(LocalBackend::new(boxes.clone(), &stack.signer.url(), &stack.token));
     let ctx = context(&[("hello.txt", b"built by the local backend\n")]);
     let opts = options(&stack, "local", BASE, ctx.path());

@@ -1,5 +1,5 @@
 //! The dev stack driven over HTTP as a client of PROTOCOL.md would: the
-//! platform emulator, local bubblewrap sandboxes, the store and the signer.
+//! platform emulator, local sandboxes, the store and the signer.
 
 mod common;
 

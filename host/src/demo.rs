@@ -25,9 +25,7 @@ pub async fn run(builder: PathBuf, allow_unconfined: bool) -> Result<()> {
     let mut config = DevConfig::new(data_dir.clone(), builder);
     config.pending = Duration::from_millis(500);
     config.allow_unconfined = allow_unconfined;
-    println!(
-        "Starting the dev stack (store, signer component, platform emulator, bubblewrap sandboxes) on 127.0.0.1 ..."
-    );
+    println!("Starting the dev stack (store, signer component, platform emulator, local sandboxes) on 127.0.0.1 ...");
     let stack = DevStack::start(&config).await?;
     println!("  platform {}   store {}   signer {}", stack.api_url(), stack.store.url(), stack.signer.url());
     let result = builds(&stack).await;

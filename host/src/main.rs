@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Run the whole flow on the embedded dev stack: a base, a diff and a legacy build, each verified.
     Demo {
-        /// Run sandbox processes without bubblewrap when it is missing (no confinement at all).
+        /// Run sandbox processes unconfined when this process is not root (no confinement, no limits at all).
         #[arg(long)]
         allow_unconfined: bool,
     },
@@ -102,7 +102,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Where builder sandboxes come from: `proxy` (the platform's lifecycle API and
-        /// sandbox proxy) or `local` (bubblewrap sandboxes on this machine).
+        /// sandbox proxy) or `local` (sandboxes on this machine: namespaces, limits, private network).
         #[arg(long, default_value = "proxy")]
         backend: String,
         /// local backend: the signer sign calls go to.
@@ -114,7 +114,7 @@ enum Command {
         /// local backend: directory for sandboxes [default: a temporary directory].
         #[arg(long)]
         sandboxes_dir: Option<PathBuf>,
-        /// local backend: run without bubblewrap when it is missing (no confinement).
+        /// local backend: run sandbox processes unconfined when this process is not root (no confinement).
         #[arg(long)]
         allow_unconfined: bool,
     },
@@ -145,7 +145,7 @@ enum Command {
         /// Fault switches as JSON, e.g. '{"sign_fail":true}' (see the README).
         #[arg(long)]
         faults: Option<String>,
-        /// Run sandbox processes without bubblewrap when it is missing (no confinement at all).
+        /// Run sandbox processes unconfined when this process is not root (no confinement, no limits at all).
         #[arg(long)]
         allow_unconfined: bool,
     },

@@ -18,7 +18,7 @@ options:
   -h, --help              print this help
 
 Other words (the platform's builder.command may carry some) are ignored.
-Environment: SNAPSIGN_BUILDER_FAULT=exit_nonzero,metadata_missing:<field>,
+Environment: SNAPSIGN_BUILDER_FAULT=exit_nonzero,allocate,metadata_missing:<field>,
 metadata_uri:<uri> injects faults for tests.
 Exit status: 0 built and uploaded, 1 build failed, 2 usage error.";
 

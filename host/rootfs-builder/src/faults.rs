@@ -5,7 +5,11 @@
 //!   `injected fault: exit_nonzero` to stderr and exit 3 without writing metadata;
 //! - `metadata_missing:<field>`: write metadata.json without `<field>`
 //!   (one of the snake_case fields of [`crate::metadata`]);
-//! - `metadata_uri:<uri>`: write metadata.json with `snapshot_uri` = `<uri>`.
+//! - `metadata_uri:<uri>`: write metadata.json with `snapshot_uri` = `<uri>`;
+//! - `allocate`: before anything else, use memory without bound (touching
+//!   every page, up to [`ALLOCATE_LIMIT`]) so that the sandbox's memory limit
+//!   makes the kernel OOM-kill the builder; a builder still alive past the
+//!   bound says so and exits 4.
 //!
 //! An entry that is none of these is a usage error (exit 2), so a typo in a
 //! test cannot pass silently.
@@ -15,9 +19,13 @@ use crate::metadata::FIELDS;
 /// The environment variable read by [`crate::run_cli`].
 pub const ENV: &str = "SNAPSIGN_BUILDER_FAULT";
 
+/// Most the `allocate` fault uses before giving up (the machine's sake).
+pub const ALLOCATE_LIMIT: usize = 16 << 30;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Faults {
     pub exit_nonzero: bool,
+    pub allocate: bool,
     pub metadata_missing: Vec<String>,
     pub metadata_uri: Option<String>,
 }
@@ -28,6 +36,8 @@ impl Faults {
         for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             if entry == "exit_nonzero" {
                 faults.exit_nonzero = true;
+            } else if entry == "allocate" {
+                faults.allocate = true;
             } else if let Some(field) = entry.strip_prefix("metadata_missing:") {
                 if !FIELDS.contains(&field) {
                     return Err(format!(
@@ -40,7 +50,7 @@ impl Faults {
                 faults.metadata_uri = Some(uri.to_owned());
             } else {
                 return Err(format!(
-                    "{ENV}: unknown entry '{entry}' (known: exit_nonzero, metadata_missing:<field>, metadata_uri:<uri>)"
+                    "{ENV}: unknown entry '{entry}' (known: exit_nonzero, allocate, metadata_missing:<field>, metadata_uri:<uri>)"
                 ));
             }
         }
@@ -52,6 +62,19 @@ impl Faults {
     }
 }
 
+/// The `allocate` fault: touches 16 MiB chunks until killed or at
+/// [`ALLOCATE_LIMIT`]; returns the bytes held when it stopped.
+pub fn allocate() -> usize {
+    const CHUNK: usize = 16 << 20;
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    while held.len() * CHUNK < ALLOCATE_LIMIT {
+        // Non-zero bytes: every page is really backed by memory.
+        held.push(vec![1u8; CHUNK]);
+    }
+    std::hint::black_box(&held);
+    held.len() * CHUNK
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,7 +83,8 @@ mod tests {
     fn parses_the_entries_the_dev_stack_sends() {
         let faults =
             Faults::parse("exit_nonzero,metadata_missing:rootfs_disk_bytes, metadata_uri:s3://b/other").unwrap();
-        assert!(faults.exit_nonzero);
+        assert!(faults.exit_nonzero && !faults.allocate);
+        assert!(Faults::parse("allocate").unwrap().allocate);
         assert_eq!(faults.metadata_missing, ["rootfs_disk_bytes"]);
         assert_eq!(faults.metadata_uri.as_deref(), Some("s3://b/other"));
         assert!(Faults::parse("").unwrap().is_empty());

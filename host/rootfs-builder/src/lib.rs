@@ -89,6 +89,14 @@ pub fn run(args: &[String], fault_env: Option<&str>) -> u8 {
             return 2;
         }
     };
+    if faults.allocate {
+        let held = faults::allocate();
+        eprintln!(
+            "injected fault: allocate: held {} MiB without being OOM-killed; the sandbox has no memory limit",
+            held >> 20
+        );
+        return 4;
+    }
     match run::build(&build_args, &faults) {
         Ok(Outcome::Done) => 0,
         Ok(Outcome::InjectedExit) => {

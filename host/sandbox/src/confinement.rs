@@ -1,61 +1,51 @@
-//! How processes are confined: bubblewrap, or (only when the operator
-//! accepted it) nothing at all.
-
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+//! How processes are confined: Linux namespaces made by this process (no
+//! helper binary, no system package), or (only when the operator accepted
+//! it) nothing at all.
 
 use anyhow::{Result, bail};
 
 /// The confinement of every process of every sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Confinement {
-    /// bubblewrap at this path: own mount, pid, ipc, uts, cgroup and user
-    /// namespaces, only the sandbox's own directories writable. The network
-    /// namespace is the host's: see the crate documentation.
-    Bwrap {
-        /// The `bwrap` executable.
-        path: PathBuf,
-    },
+    /// Own user (a host uid range per sandbox), mount, pid, network, ipc and
+    /// uts namespaces; only the sandbox's own directories writable; the
+    /// limits of [`crate::Limits`]. Needs root. See the crate documentation.
+    Namespaces,
     /// Processes run directly on the host, as the host process's user and
-    /// with the host's filesystem; only the working directory is mapped to
-    /// the sandbox's directory, no other path is. For machines without
-    /// bubblewrap, and only when the operator said so.
+    /// with the host's filesystem and network; only the working directory is
+    /// mapped to the sandbox's directory. No limits. Only when the operator
+    /// said so.
     Unconfined,
 }
 
 impl Confinement {
-    /// Finds `bwrap` on `PATH`. When it is missing: an error that says what to
-    /// do, unless `allow_unconfined`, in which case [`Confinement::Unconfined`]
+    /// Namespaces when this process is root. Otherwise an error that says
+    /// what to do, unless `allow_unconfined`: then [`Confinement::Unconfined`]
     /// and a warning.
     pub fn detect(allow_unconfined: bool) -> Result<Confinement> {
-        detect_in(std::env::var_os("PATH").as_deref().map(Path::new), allow_unconfined)
+        // SAFETY: geteuid cannot fail.
+        detect_as(unsafe { libc::geteuid() } == 0, allow_unconfined)
     }
 }
 
-/// [`Confinement::detect`] over an explicit search path (`PATH` syntax).
-pub(crate) fn detect_in(search: Option<&Path>, allow_unconfined: bool) -> Result<Confinement> {
-    let found = search.and_then(|paths| {
-        std::env::split_paths(paths.as_os_str()).map(|dir| dir.join("bwrap")).find(|p| is_executable(p))
-    });
-    match found {
-        Some(path) => Ok(Confinement::Bwrap { path }),
-        None if allow_unconfined => {
+/// [`Confinement::detect`] for a process that is root or not.
+pub(crate) fn detect_as(root: bool, allow_unconfined: bool) -> Result<Confinement> {
+    match (root, allow_unconfined) {
+        (true, _) => Ok(Confinement::Namespaces),
+        (false, true) => {
             tracing::warn!(
-                "bubblewrap (bwrap) is not on PATH: sandbox processes will run UNCONFINED, directly on this \
-                 host with this process's user and rights, because unconfined sandboxes were allowed"
+                "this process is not root, so local sandboxes cannot be confined: sandbox processes will run \
+                 UNCONFINED, directly on this host with this process's user and rights, because unconfined \
+                 sandboxes were allowed"
             );
             Ok(Confinement::Unconfined)
         }
-        None => bail!(
-            "bubblewrap (bwrap) is not on PATH, so local sandboxes cannot be confined. Install it \
-             (e.g. apt-get install bubblewrap), or pass --allow-unconfined to run sandbox processes \
-             directly on this host without any confinement"
+        (false, false) => bail!(
+            "local sandboxes are confined with Linux namespaces, a host uid range per sandbox and cgroups, which \
+             needs root: run as root (nothing needs installing), or pass --allow-unconfined to run sandbox \
+             processes directly on this host without any confinement"
         ),
     }
-}
-
-fn is_executable(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]
@@ -64,23 +54,10 @@ mod tests {
 
     #[test]
     fn refuses_to_run_unconfined_unless_told() {
-        let empty = tempfile::tempdir().unwrap();
-        let err = detect_in(Some(empty.path()), false).unwrap_err().to_string();
-        assert!(err.contains("bwrap") && err.contains("--allow-unconfined"), "{err}");
-        assert_eq!(detect_in(Some(empty.path()), true).unwrap(), Confinement::Unconfined);
-        assert!(detect_in(None, false).is_err());
-    }
-
-    #[test]
-    fn finds_an_executable_bwrap_on_the_search_path() {
-        let empty = tempfile::tempdir().unwrap();
-        let with = tempfile::tempdir().unwrap();
-        let bwrap = with.path().join("bwrap");
-        std::fs::write(&bwrap, "").unwrap();
-        let search = std::env::join_paths([empty.path(), with.path()]).unwrap();
-        // Not executable: not a bwrap.
-        assert!(detect_in(Some(Path::new(&search)), false).is_err());
-        std::fs::set_permissions(&bwrap, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(detect_in(Some(Path::new(&search)), false).unwrap(), Confinement::Bwrap { path: bwrap });
+        let err = detect_as(false, false).unwrap_err().to_string();
+        assert!(err.contains("root") && err.contains("--allow-unconfined"), "{err}");
+        assert_eq!(detect_as(false, true).unwrap(), Confinement::Unconfined);
+        assert_eq!(detect_as(true, false).unwrap(), Confinement::Namespaces);
+        assert_eq!(detect_as(true, true).unwrap(), Confinement::Namespaces);
     }
 }

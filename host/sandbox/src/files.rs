@@ -21,28 +21,81 @@ use anyhow::{Context, Result, bail};
 /// own on the host (`root_dir/{id}/fs/{area}`), bound at `/{area}` inside.
 pub const AREAS: [&str; 4] = ["var", "tmp", "root", "home"];
 
-/// Host directory (under `fs/`) bound read-only at `/usr/local/bin` inside.
+/// Host directory (beside `fs/`, off the sandbox's disk) bound read-only at `/usr/local/bin` inside.
 pub(crate) const BUILDER_DIR: &str = "usr-local-bin";
 
 /// Where the builder binary appears inside every sandbox.
 pub const BUILDER_PATH: &str = "/usr/local/bin/tl-rootfs-build";
 
-/// Creates a sandbox's directory `dir` with its `fs/` areas (owned by
-/// `owner` when given) and, when given, the builder binary; returns `fs/`.
-pub(crate) fn create_areas(dir: &Path, owner: Option<u32>, builder: Option<&Path>) -> Result<PathBuf> {
+/// Host owners of a sandbox's areas: its root, and its user (who owns
+/// `/home` and what the file API writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Owners {
+    pub root: u32,
+    pub user: u32,
+}
+
+/// Creates a sandbox's directory `dir` with its `fs/` areas (on a tmpfs of
+/// `disk_mb` MiB when given, so that writes past it fail with ENOSPC; owned
+/// by `owners` when given) and, when given, the builder binary; returns `fs/`.
+pub(crate) fn create_areas(
+    dir: &Path,
+    owners: Option<Owners>,
+    builder: Option<&Path>,
+    disk_mb: Option<u64>,
+) -> Result<PathBuf> {
     // 0700: what the sandbox writes (set-uid files included) stays out of other host users' reach.
     make_dir(dir, 0o700, None)?;
     let fs = dir.join("fs");
     make_dir(&fs, 0o755, None)?;
-    for area in AREAS {
-        make_dir(&fs.join(area), if area == "tmp" { 0o1777 } else { 0o755 }, owner)?;
+    if let Some(mb) = disk_mb {
+        mount_disk(&fs, mb)?;
     }
-    let bin = fs.join(BUILDER_DIR);
+    for area in AREAS {
+        let (mode, owner) = match area {
+            "tmp" => (0o1777, owners.map(|o| o.root)),
+            "home" => (0o755, owners.map(|o| o.user)),
+            _ => (0o755, owners.map(|o| o.root)),
+        };
+        make_dir(&fs.join(area), mode, owner)?;
+    }
+    let bin = dir.join(BUILDER_DIR);
     make_dir(&bin, 0o755, None)?;
     if let Some(builder) = builder {
         install_builder(builder, &bin.join("tl-rootfs-build"))?;
     }
     Ok(fs)
+}
+
+/// The sandbox's disk: a tmpfs of `mb` MiB on `fs` (RAM-backed: the memory
+/// limit counts it, see [`crate::Limits`]).
+fn mount_disk(fs: &Path, mb: u64) -> Result<()> {
+    let target = c_path(fs)?;
+    let options = CString::new(format!("size={}m,mode=0755", mb.max(1))).expect("no NUL");
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"snapsign-sandbox".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NODEV | libc::MS_NOSUID,
+            options.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| {
+            format!("mount a {mb} MiB tmpfs on {} for the sandbox's disk (needs root)", fs.display())
+        });
+    }
+    Ok(())
+}
+
+/// Detaches the sandbox's disk mounted on `fs`, if any (what was on it is gone).
+pub(crate) fn unmount_disk(fs: &Path) {
+    if let Ok(target) = c_path(fs) {
+        // SAFETY: umount2 on a NUL-terminated path; EINVAL when nothing is mounted there.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
 }
 
 fn make_dir(path: &Path, mode: u32, owner: Option<u32>) -> Result<()> {

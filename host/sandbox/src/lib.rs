@@ -1,32 +1,45 @@
 //! Local sandboxes for snapsign's dev stack and its `local` sandbox-exec
 //! backend: a sandbox is a directory on this host (`root_dir/{id}/`); its
-//! processes run under bubblewrap, and a platform emulator serves them as
-//! the sandbox proxy API of PROTOCOL.md §4 (processes, output replay, files).
+//! processes are confined with Linux namespaces made by this process (no
+//! helper binary, nothing to install; see `namespaces.rs`), and a platform
+//! emulator serves them as the sandbox proxy API of PROTOCOL.md §4
+//! (processes, output replay, files).
 //!
 //! Inside a sandbox: `/usr` and `/etc` read-only from the host (`/bin`,
-//! `/lib`… as the host lays them out), a fresh `/proc` and `/dev`, the
-//! sandbox's own writable `/var`, `/tmp`, `/root` and `/home` ([`AREAS`]),
+//! `/lib`… as the host lays them out), a fresh `/proc` and a minimal `/dev`,
+//! the sandbox's own writable `/var`, `/tmp`, `/root` and `/home` ([`AREAS`]),
 //! the builder binary read-only at [`BUILDER_PATH`], and nothing else
-//! writable. Processes get their own mount, pid, ipc, uts, cgroup and user
-//! namespaces, cannot make more user namespaces, see none of the host's
-//! environment, and run as uid 0 (`user: "root"`) or [`SANDBOX_UID`].
+//! writable; no process can change a mount. Processes share the sandbox's
+//! pid, mount, network, ipc, uts and user namespaces, cannot make more user
+//! namespaces, see none of the host's environment nor any of its
+//! descriptors (only 0, 1 and 2), and run as uid 0 (`user: "root"`) or
+//! [`SANDBOX_UID`].
 //!
-//! On the host, when this process is root, bwrap and everything in the
-//! sandbox run as the unused uid [`HOST_UID`], so that even a sandbox's root
-//! owns nothing of the host. The file methods of [`Sandbox`] never follow
-//! a symlink out of the sandbox.
+//! Identities: each sandbox has a range of host uids of its own
+//! ([`UIDS_PER_SANDBOX`] from [`FIRST_HOST_UID`] up): sandbox root is one
+//! host uid, the sandbox user another, and no two sandboxes share one, so a
+//! sandbox's root owns nothing of the host nor of another sandbox. The file
+//! methods of [`Sandbox`] never follow a symlink out of the sandbox.
 //!
-//! Network: processes share the host's network namespace (`--share-net`),
-//! because the dev stack's builder must reach the object store on the host's
-//! 127.0.0.1. bubblewrap cannot limit a shared namespace to loopback; on the
-//! machines this runs on, loopback is the only network there is.
+//! Limits ([`Limits`], from the create request's `resources`): memory,
+//! processes and CPU by cgroups (v1 or v2, whichever this kernel offers this
+//! process), with rlimits where a controller is missing; disk by a
+//! size-limited tmpfs. A real OOM kill is reported as `oom_killed`. A
+//! sandbox with a timeout is deleted once it passed without activity.
 //!
-//! Not confined: CPU, memory and disk use (no limits are applied), and
-//! [`Confinement::Unconfined`], which the operator must ask for.
+//! Network ([`Network`], from the create request's `network`): a namespace
+//! of its own with only `lo`, and the allowed host loopback ports forwarded
+//! in (see `network.rs`).
+//!
+//! [`Confinement::Unconfined`], which the operator must ask for, confines
+//! and limits nothing.
 
-mod bwrap;
 mod confinement;
 mod files;
+mod identity;
+mod limits;
+mod namespaces;
+mod network;
 mod process;
 mod sandbox;
 
@@ -36,13 +49,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
 
-pub use bwrap::{HOST_UID, SANDBOX_UID};
 pub use confinement::Confinement;
 pub use files::{AREAS, BUILDER_PATH};
+pub use identity::{FIRST_HOST_UID, SANDBOX_UID, UIDS_PER_SANDBOX};
+pub use limits::{Cgroups, DEFAULT_PIDS, Limits, Resources};
+pub use network::{Network, NetworkPolicy, loopback_port};
 pub use process::{DEFAULT_PATH, MAX_LINE_BYTES, MAX_OUTPUT_BYTES, OutputEvent, ProcessInfo, ProcessSpec};
-pub use sandbox::Sandbox;
+pub use sandbox::{CreateRequest, Sandbox, SandboxSpec};
 
-use bwrap::Identity;
 use sandbox::Host;
 
 /// Settings shared by all sandboxes.
@@ -66,6 +80,8 @@ pub struct Sandboxes {
 struct Inner {
     root_dir: PathBuf,
     host: Arc<Host>,
+    /// Host loopback ports every sandbox reaches ([`Sandboxes::grant_ports`]).
+    granted: Mutex<Vec<u16>>,
     live: Mutex<HashMap<String, Arc<Sandbox>>>,
 }
 
@@ -86,29 +102,70 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl Sandboxes {
-    /// Prepares `root_dir` and, with bubblewrap, checks by running a process
-    /// that it works here (and as which host user, see [`HOST_UID`]).
+    /// Prepares `root_dir`, and with [`Confinement::Namespaces`] checks
+    /// this process is root and finds the cgroup controllers it may use.
     pub fn new(config: SandboxesConfig) -> Result<Self> {
         let root_dir = config.root_dir;
         std::fs::create_dir_all(&root_dir).with_context(|| format!("create sandboxes dir {}", root_dir.display()))?;
         if let Some(builder) = config.builder_binary.as_ref().filter(|b| !b.is_file()) {
             bail!("builder binary {} is not a file; build it or fix the path", builder.display());
         }
-        // Left by a run that stopped in the middle of deleting or probing.
+        // Left by a run that stopped in the middle of deleting.
         for entry in std::fs::read_dir(&root_dir).with_context(|| format!("list {}", root_dir.display()))? {
             let path = entry?.path();
             if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".trash-")) {
+                files::unmount_disk(&path.join("fs"));
                 std::fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
             }
         }
-        let layout = bwrap::host_layout();
-        let identity = match &config.confinement {
-            Confinement::Bwrap { path } => Identity::choose(path, &layout, &root_dir.join(".probe"))?,
-            Confinement::Unconfined => Identity::Caller,
+        let cgroups = match config.confinement {
+            Confinement::Namespaces => {
+                namespaces::check_privileges()?;
+                Cgroups::detect()
+            }
+            Confinement::Unconfined => Cgroups::None,
         };
-        tracing::debug!(?identity, root_dir = %root_dir.display(), "local sandboxes ready");
-        let host = Host { confinement: config.confinement, identity, layout, builder: config.builder_binary };
-        Ok(Sandboxes { inner: Arc::new(Inner { root_dir, host: Arc::new(host), live: Mutex::new(HashMap::new()) }) })
+        tracing::debug!(confinement = ?config.confinement, limits = %cgroups.describe(), root_dir = %root_dir.display(), "local sandboxes ready");
+        let host = Host {
+            confinement: config.confinement,
+            layout: namespaces::host_layout(),
+            builder: config.builder_binary,
+            cgroups,
+            uid_locks: identity::lock_dir()?,
+        };
+        Ok(Sandboxes {
+            inner: Arc::new(Inner {
+                root_dir,
+                host: Arc::new(host),
+                granted: Mutex::new(Vec::new()),
+                live: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Host loopback ports forwarded into every sandbox made from now on
+    /// (the dev stack's store and sandbox proxy), besides those its policy adds.
+    pub fn grant_ports(&self, ports: &[u16]) {
+        *self.inner.granted.lock().unwrap_or_else(|p| p.into_inner()) = ports.to_vec();
+    }
+
+    /// The [`SandboxSpec`] for a create request: its limits, its network
+    /// (with the granted ports) and its timeout; refuses what it cannot honour.
+    pub fn spec_for(&self, request: &CreateRequest) -> Result<SandboxSpec> {
+        let limits = Limits::from_request(&request.resources.clone().unwrap_or_default())?;
+        let granted = self.inner.granted.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let network = Network::from_policy(&request.network.clone().unwrap_or_default(), &granted)?;
+        let timeout = match request.timeout_secs {
+            None => None,
+            Some(secs) if secs > 0 => Some(std::time::Duration::from_secs(secs as u64)),
+            Some(secs) => bail!("timeout_secs is {secs}; send a positive number of seconds, or none for no timeout"),
+        };
+        Ok(SandboxSpec { limits, network, timeout })
+    }
+
+    /// The cgroup controllers that enforce limits here ([`Cgroups::None`]: rlimits only).
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.inner.host.cgroups
     }
 
     fn live(&self) -> MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
@@ -120,8 +177,16 @@ impl Sandboxes {
         &self.inner.host.confinement
     }
 
-    /// Creates sandbox `id` (`[a-z0-9-]{1,64}`).
+    /// Creates sandbox `id` (`[a-z0-9-]{1,64}`) with default limits, no
+    /// forwarded port and no timeout.
     pub fn create(&self, id: &str) -> Result<Arc<Sandbox>> {
+        self.create_with(id, SandboxSpec::default())
+    }
+
+    /// Creates sandbox `id` with `spec`. Call it inside a Tokio runtime, from
+    /// a thread that outlives the sandbox (a runtime worker, not a
+    /// `spawn_blocking` thread): its processes die with that thread.
+    pub fn create_with(&self, id: &str, spec: SandboxSpec) -> Result<Arc<Sandbox>> {
         if !valid_id(id) {
             bail!("sandbox id '{id}' is not 1 to 64 of a-z, 0-9 and '-'; pick another id");
         }
@@ -129,9 +194,41 @@ impl Sandboxes {
         if live.contains_key(id) {
             bail!("sandbox {id} already exists; delete it first or pick another id");
         }
-        let sandbox = Arc::new(Sandbox::create(id, self.inner.root_dir.join(id), self.inner.host.clone())?);
+        let sandbox = Arc::new(Sandbox::create(id, self.inner.root_dir.join(id), self.inner.host.clone(), spec)?);
         live.insert(id.to_owned(), sandbox.clone());
+        drop(live);
+        if sandbox.deadline().is_some() {
+            self.expire_when_idle(&sandbox)?;
+        }
         Ok(sandbox)
+    }
+
+    /// Deletes `sandbox` once its timeout passed without [`Sandbox::renew`].
+    fn expire_when_idle(&self, sandbox: &Arc<Sandbox>) -> Result<()> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .with_context(|| format!("sandbox {}: a timeout needs a Tokio runtime", sandbox.id()))?;
+        let (weak, inner) = (Arc::downgrade(sandbox), Arc::downgrade(&self.inner));
+        runtime.spawn(async move {
+            loop {
+                let Some(deadline) = weak.upgrade().and_then(|s| s.deadline()) else { return };
+                tokio::time::sleep_until(deadline.into()).await;
+                let (Some(sandbox), Some(inner)) = (weak.upgrade(), inner.upgrade()) else { return };
+                if sandbox.deadline().is_some_and(|d| d > std::time::Instant::now()) {
+                    continue;
+                }
+                let sandboxes = Sandboxes { inner };
+                // Only if `id` is still this sandbox (not deleted and made again).
+                if !sandboxes.get(sandbox.id()).is_some_and(|live| Arc::ptr_eq(&live, &sandbox)) {
+                    return;
+                }
+                tracing::info!(sandbox = %sandbox.id(), timeout = ?sandbox.spec().timeout, "sandbox timed out without activity; deleting it");
+                if let Err(e) = sandboxes.delete(sandbox.id()).await {
+                    tracing::warn!(sandbox = %sandbox.id(), "deleting the timed-out sandbox failed: {e:#}");
+                }
+                return;
+            }
+        });
+        Ok(())
     }
 
     /// A live sandbox.
@@ -139,8 +236,9 @@ impl Sandboxes {
         self.live().get(id).cloned()
     }
 
-    /// Kills every process of sandbox `id` (bwrap and, with it, everything
-    /// in the sandbox) and removes its directory; false when unknown.
+    /// Kills every process of sandbox `id`, releases what it held (its
+    /// namespaces, groups, forwarded ports, disk and uid range) and removes
+    /// its directory; false when unknown.
     pub async fn delete(&self, id: &str) -> Result<bool> {
         let (sandbox, processes, trash) = {
             let mut live = self.live();
@@ -153,7 +251,7 @@ impl Sandboxes {
                 .with_context(|| format!("delete sandbox {id}: move {} aside", sandbox.dir().display()))?;
             (sandbox, processes, trash)
         };
-        sandbox.kill_all(processes).await;
+        sandbox.kill_all(processes, &trash).await;
         tokio::fs::remove_dir_all(&trash)
             .await
             .with_context(|| format!("delete sandbox {id}: remove {}", trash.display()))?;
@@ -173,6 +271,37 @@ mod tests {
         for bad in ["", "Sbx", "sbx_1", "a/b", "..", ".trash-x", &"x".repeat(65), "é"] {
             assert!(!valid_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_create_request_becomes_limits_a_network_with_the_granted_ports_and_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let boxes = Sandboxes::new(SandboxesConfig {
+            root_dir: dir.path().to_owned(),
+            confinement: Confinement::Unconfined,
+            builder_binary: None,
+        })
+        .unwrap();
+        boxes.grant_ports(&[9000, 9001]);
+        let request: CreateRequest = serde_json::from_str(
+            r#"{"resources":{"cpus":2.0,"memory_mb":4096,"disk_mb":30720},"timeout_secs":300,
+                "network":{"allow_internet_access":false,"allow_out":["localhost:7000"],"deny_out":["127.0.0.1:9001"]}}"#,
+        )
+        .unwrap();
+        let spec = boxes.spec_for(&request).unwrap();
+        assert_eq!(
+            (spec.limits.cpus, spec.limits.memory_mb, spec.limits.disk_mb),
+            (Some(2.0), Some(4096), Some(30720))
+        );
+        assert_eq!(spec.network, Network::Private { ports: vec![7000, 9000] });
+        assert_eq!(spec.timeout, Some(std::time::Duration::from_secs(300)));
+        let bare = boxes.spec_for(&CreateRequest::default()).unwrap();
+        assert_eq!(
+            (bare.limits, bare.network, bare.timeout),
+            (Limits::default(), Network::Private { ports: vec![9000, 9001] }, None)
+        );
+        let bad = CreateRequest { timeout_secs: Some(0), ..CreateRequest::default() };
+        assert!(boxes.spec_for(&bad).unwrap_err().to_string().contains("timeout_secs is 0"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::watch;
 
-use crate::bwrap::User;
+use crate::identity::User;
 
 /// Output kept per process, counting 64 bytes per line besides its text; past it,
 /// lines are dropped after one marker line.
@@ -67,12 +67,13 @@ pub struct ProcessInfo {
     pub started_at: f64,
     /// Exit code, once exited on its own.
     pub exit_code: Option<i64>,
-    /// Signal number, once killed by a signal. With bubblewrap, that is a
-    /// signal sent by [`crate::Sandbox::kill`]: bwrap reports a process
-    /// killed by a signal from inside the sandbox as exit code 128 + signal.
+    /// Signal number, once killed by a signal sent by [`crate::Sandbox::kill`]
+    /// or by the kernel's OOM killer (9). A process killed by a signal from
+    /// inside the sandbox is reported as exit code 128 + signal, as a shell would.
     pub signal: Option<i64>,
-    /// Reported as killed by the OOM killer. Simulated: only
-    /// [`crate::Sandbox::kill`] with `mark_oom` sets it.
+    /// The kernel's OOM killer killed this process or one of its
+    /// descendants at the sandbox's memory limit (or, only where no memory
+    /// controller exists, [`crate::Sandbox::kill`] with `mark_oom` simulated it).
     pub oom_killed: bool,
     /// Always false: processes get no stdin.
     pub stdin_writable: bool,
@@ -141,7 +142,7 @@ pub(crate) struct Process {
     state: Mutex<State>,
     /// Bumped on every change; followers and waiters watch it.
     tick: watch::Sender<u64>,
-    /// Host process group of the child (bwrap, or the command when unconfined).
+    /// Host process group of the child (its launcher, or the command when unconfined).
     group: Option<i32>,
 }
 
@@ -236,11 +237,11 @@ impl Process {
         self.bump();
     }
 
-    /// Records how the process ended.
-    pub(crate) fn finish(&self, status: std::io::Result<std::process::ExitStatus>) {
+    /// Records how the process ended; `oom_killed`: its group counted an OOM kill.
+    pub(crate) fn finish(&self, status: std::io::Result<std::process::ExitStatus>, oom_killed: bool) {
         use std::os::unix::process::ExitStatusExt;
         let mut state = self.lock();
-        let oom = state.oom;
+        let oom = state.oom || oom_killed;
         let info = &mut state.info;
         info.ended_at = Some(now());
         match status {
@@ -254,6 +255,10 @@ impl Process {
             }
         }
         info.oom_killed = oom;
+        if oom_killed && info.exit_code == Some(128 + i64::from(libc::SIGKILL)) {
+            // The launcher reports the kill as 137; it was the kernel's SIGKILL.
+            (info.exit_code, info.signal) = (None, Some(i64::from(libc::SIGKILL)));
+        }
         info.status = if oom {
             "oom_killed"
         } else if info.signal.is_some() {
@@ -430,7 +435,7 @@ mod tests {
         process.record(b"one", "stdout");
         let mut follower = Box::pin(process.follow());
         assert_eq!(follower.next().await.unwrap().line, "one");
-        process.finish(Ok(std::os::unix::process::ExitStatusExt::from_raw(0)));
+        process.finish(Ok(std::os::unix::process::ExitStatusExt::from_raw(0)), false);
         process.record(b"two", "stderr");
         process.lock().open_streams = 1;
         process.bump();

@@ -2,28 +2,60 @@
 //! processes, and file access by in-sandbox path.
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use tokio::io::AsyncRead;
 
-use crate::bwrap::{Identity, Launch, RootEntry};
 use crate::confinement::Confinement;
-use crate::files::{self, BUILDER_DIR, BUILDER_PATH};
+use crate::files::{self, AREAS, BUILDER_DIR, BUILDER_PATH, Owners};
+use crate::identity::{SANDBOX_UID, UidRange};
+use crate::limits::{Cgroups, Limits, SandboxGroups};
+use crate::namespaces::{Holder, HolderSpec, Launch, RootEntry};
+use crate::network::{Forwarders, Network};
 use crate::process::{self, OutputEvent, Process, ProcessInfo, ProcessSpec};
 
 /// How every sandbox of a [`crate::Sandboxes`] runs its processes.
 #[derive(Debug)]
 pub(crate) struct Host {
     pub confinement: Confinement,
-    pub identity: Identity,
     pub layout: Vec<RootEntry>,
     pub builder: Option<PathBuf>,
+    pub cgroups: Cgroups,
+    /// Where host uid ranges are locked.
+    pub uid_locks: PathBuf,
+}
+
+/// What a sandbox is given at creation (PROTOCOL.md §3.3).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SandboxSpec {
+    /// `resources`: CPU, memory, disk, processes.
+    pub limits: Limits,
+    /// `network`, as [`Network::from_policy`] resolved it.
+    pub network: Network,
+    /// `timeout_secs`: the sandbox is deleted once this long passed without
+    /// activity ([`Sandbox::renew`]); `None`: never.
+    pub timeout: Option<Duration>,
+}
+
+/// The part of a create request (PROTOCOL.md §3.3) that shapes a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct CreateRequest {
+    /// `resources{cpus, memory_mb, disk_mb}`.
+    #[serde(default)]
+    pub resources: Option<crate::limits::Resources>,
+    /// `timeout_secs`.
+    #[serde(default)]
+    pub timeout_secs: Option<i64>,
+    /// `network{allow_internet_access, allow_out, deny_out}`.
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkPolicy>,
 }
 
 #[derive(Default)]
@@ -33,14 +65,30 @@ struct Processes {
     closed: bool,
 }
 
+/// The namespaces, identities, groups and forwarders of a confined sandbox.
+struct Jail {
+    holder: Holder,
+    uids: UidRange,
+    groups: Arc<SandboxGroups>,
+    _forwarders: Option<Forwarders>,
+}
+
 /// A sandbox. Shared (`Arc`) between the proxy's handlers; `Send + Sync`.
 pub struct Sandbox {
     id: String,
     dir: PathBuf,
     fs: PathBuf,
     host: Arc<Host>,
+    spec: SandboxSpec,
+    owners: Option<Owners>,
+    jail: Mutex<Option<Jail>>,
+    /// The sandbox's disk (a tmpfs no longer mounted on the host: see
+    /// [`Sandbox::confine`]), reached as `/proc/self/fd/N`; held as long as
+    /// this value lives, so that N never names another file meanwhile.
+    _disk: Option<OwnedFd>,
     processes: Mutex<Processes>,
     extra_env: Mutex<BTreeMap<String, String>>,
+    last_activity: Mutex<Instant>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -48,6 +96,8 @@ impl std::fmt::Debug for Sandbox {
         f.debug_struct("Sandbox")
             .field("id", &self.id)
             .field("dir", &self.dir)
+            .field("spec", &self.spec)
+            .field("owners", &self.owners)
             .field("processes", &lock(&self.processes).list.len())
             .finish_non_exhaustive()
     }
@@ -57,22 +107,134 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Never deleted (its `Sandboxes` went away): the holder dies with its `Jail`;
+        // the disk must not stay mounted, nor the groups stay behind.
+        if let Some(jail) = lock(&self.jail).take() {
+            jail.holder.kill();
+            jail.groups.remove();
+            files::unmount_disk(&self.dir.join("fs"));
+        }
+    }
+}
+
 impl Sandbox {
-    pub(crate) fn create(id: &str, dir: PathBuf, host: Arc<Host>) -> Result<Self> {
+    pub(crate) fn create(id: &str, dir: PathBuf, host: Arc<Host>, spec: SandboxSpec) -> Result<Self> {
         if dir.exists() {
             tracing::warn!(sandbox = id, "removing the stale directory {} of an earlier sandbox {id}", dir.display());
+            files::unmount_disk(&dir.join("fs"));
             std::fs::remove_dir_all(&dir).with_context(|| format!("remove stale {}", dir.display()))?;
         }
-        let fs = files::create_areas(&dir, host.identity.owner(), host.builder.as_deref())
+        match host.confinement {
+            Confinement::Unconfined => {
+                let fs = files::create_areas(&dir, None, host.builder.as_deref(), None)
+                    .with_context(|| format!("create the directories of sandbox {id} in {}", dir.display()))?;
+                Ok(Sandbox::assemble(id, dir, fs, host, spec, None, None))
+            }
+            Confinement::Namespaces => {
+                let hint = u64::from(std::process::id()) << 16
+                    ^ id.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b));
+                let uids = UidRange::take(&host.uid_locks, hint)?;
+                let owners = Owners { root: uids.host(0), user: uids.host(SANDBOX_UID) };
+                let made = Sandbox::confine(id, &dir, &host, &spec, uids, owners);
+                match made {
+                    Ok((fs, jail, disk)) => {
+                        let mut sandbox = Sandbox::assemble(id, dir, fs, host, spec, Some(owners), Some(jail));
+                        sandbox._disk = disk;
+                        Ok(sandbox)
+                    }
+                    Err(e) => {
+                        files::unmount_disk(&dir.join("fs"));
+                        let _ = std::fs::remove_dir_all(&dir);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn confine(
+        id: &str,
+        dir: &Path,
+        host: &Host,
+        spec: &SandboxSpec,
+        uids: UidRange,
+        owners: Owners,
+    ) -> Result<(PathBuf, Jail, Option<OwnedFd>)> {
+        let fs = files::create_areas(dir, Some(owners), host.builder.as_deref(), spec.limits.disk_mb)
             .with_context(|| format!("create the directories of sandbox {id} in {}", dir.display()))?;
-        Ok(Sandbox {
+        let root = dir.join("root");
+        std::fs::create_dir(&root).with_context(|| format!("create {}", root.display()))?;
+        let slot = format!("{}", uids.base);
+        let groups = Arc::new(
+            SandboxGroups::create(&host.cgroups, &slot, &spec.limits)
+                .with_context(|| format!("sandbox {id}: create its cgroups ({})", host.cgroups.describe()))?,
+        );
+        let holder = Holder::start(&HolderSpec {
+            id,
+            root: &root,
+            fs: &fs,
+            areas: &AREAS,
+            builder_dir: &dir.join(BUILDER_DIR),
+            layout: &host.layout,
+            base_uid: uids.base,
+            private_network: matches!(spec.network, Network::Private { .. }),
+        });
+        let holder = match holder {
+            Ok(holder) => holder,
+            Err(e) => {
+                groups.remove();
+                return Err(e);
+            }
+        };
+        let forwarders = match (&spec.network, holder.net()) {
+            (Network::Private { ports }, Some(net)) => Some(crate::network::forward(id, net, ports)),
+            _ => None,
+        }
+        .transpose();
+        let forwarders = match forwarders {
+            Ok(f) => f,
+            Err(e) => {
+                holder.kill();
+                groups.remove();
+                return Err(e);
+            }
+        };
+        let jail = Jail { holder, uids, groups, _forwarders: forwarders };
+        if spec.limits.disk_mb.is_none() {
+            return Ok((fs, jail, None));
+        }
+        // The disk leaves the host's mount table (nothing to clean up on the host if this
+        // process dies); the holder's binds and a descriptor keep it, the file API goes through it.
+        let disk = files::open_area(&fs).with_context(|| format!("sandbox {id}: open its disk {}", fs.display()))?;
+        files::unmount_disk(&fs);
+        let through = PathBuf::from(format!("/proc/self/fd/{}", disk.as_raw_fd()));
+        Ok((through, jail, Some(disk)))
+    }
+
+    fn assemble(
+        id: &str,
+        dir: PathBuf,
+        fs: PathBuf,
+        host: Arc<Host>,
+        spec: SandboxSpec,
+        owners: Option<Owners>,
+        jail: Option<Jail>,
+    ) -> Sandbox {
+        Sandbox {
             id: id.to_owned(),
             dir,
             fs,
             host,
+            spec,
+            owners,
+            jail: Mutex::new(jail),
+            _disk: None,
             processes: Mutex::new(Processes::default()),
             extra_env: Mutex::new(BTreeMap::new()),
-        })
+            last_activity: Mutex::new(Instant::now()),
+        }
     }
 
     /// The sandbox's id.
@@ -85,6 +247,27 @@ impl Sandbox {
         &self.dir
     }
 
+    /// What the sandbox was given at creation.
+    pub fn spec(&self) -> &SandboxSpec {
+        &self.spec
+    }
+
+    /// Host uid of `uid` inside (sandbox root is 0, the sandbox user
+    /// [`SANDBOX_UID`]); `None` when unconfined (everything is this process's user).
+    pub fn host_uid(&self, uid: u32) -> Option<u32> {
+        self.owners.map(|o| o.root + uid)
+    }
+
+    /// Counts as activity: the timeout starts again from now.
+    pub fn renew(&self) {
+        *lock(&self.last_activity) = Instant::now();
+    }
+
+    /// When the sandbox expires unless renewed; `None` without a timeout.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.spec.timeout.map(|t| *lock(&self.last_activity) + t)
+    }
+
     /// Environment added to every process started from now on, over the
     /// spec's own (the emulator's fault injection). Replaces the previous one.
     pub fn set_process_env(&self, env: BTreeMap<String, String>) {
@@ -92,7 +275,9 @@ impl Sandbox {
     }
 
     /// Maps an absolute in-sandbox path under `/var`, `/tmp`, `/root` or
-    /// `/home` to its host file. Refuses relative paths, `.` and `..`
+    /// `/home` to its host file: under `root_dir/{id}/fs/`, or for a sandbox
+    /// with a disk (`disk_mb`) under `/proc/self/fd/N/` (its tmpfs is not
+    /// mounted on the host), valid in this process while the sandbox lives. Refuses relative paths, `.` and `..`
     /// components, and paths elsewhere.
     ///
     /// The host path may pass through symlinks the sandbox made, which may
@@ -116,42 +301,85 @@ impl Sandbox {
         if !working_dir.starts_with('/') {
             bail!("sandbox {id}: working_dir '{working_dir}' is relative; send an absolute path");
         }
-        let command = match &self.host.confinement {
-            Confinement::Bwrap { path } => {
-                let launch = Launch {
-                    hostname: id,
-                    layout: &self.host.layout,
-                    user,
-                    working_dir,
-                    env: &env,
-                    command: &spec.command,
-                    args: &spec.args,
-                };
-                self.host.identity.command(path, &self.fs, &launch)?
-            }
-            Confinement::Unconfined => self.unconfined(&spec, &env, working_dir)?,
-        };
-        let mut command = tokio::process::Command::from(command);
-        command.kill_on_drop(true);
+        if spec.command.contains('\0') || spec.args.iter().any(|a| a.contains('\0')) || working_dir.contains('\0') {
+            bail!("sandbox {id}: the command, an argument or working_dir has a NUL byte; remove it");
+        }
 
         // Under the lock: pids follow start order, and `close` cannot miss a process.
         let mut processes = lock(&self.processes);
         if processes.closed {
             bail!("sandbox {id} is being deleted; create a new sandbox to run '{}'", spec.command);
         }
-        let mut child = command.spawn().with_context(|| format!("sandbox {id}: start '{}'", spec.command))?;
         let pid = processes.list.len() as i64 + 1;
+        let (command, group) = match self.host.confinement {
+            Confinement::Namespaces => {
+                let jail = lock(&self.jail);
+                let jail = jail.as_ref().ok_or_else(|| anyhow!("sandbox {id} was terminated; create a new one"))?;
+                let (own_group, cgroup_procs) = jail.groups.for_process(pid)?;
+                let launch = Launch {
+                    display: spec.command.clone(),
+                    user,
+                    working_dir: working_dir.to_owned(),
+                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    command: spec.command.clone(),
+                    args: spec.args.clone(),
+                    cgroup_procs,
+                    rlimits: self.rlimits(),
+                };
+                let mut command = jail.holder.command(launch);
+                command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+                (command, own_group.map(|dir| (dir, jail.groups.clone())))
+            }
+            Confinement::Unconfined => (self.unconfined(&spec, &env, working_dir)?, None),
+        };
+        let mut command = tokio::process::Command::from(command);
+        command.kill_on_drop(true);
+        let spawned = command.spawn().with_context(|| format!("sandbox {id}: start '{}'", spec.command));
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some((dir, _)) = &group {
+                    crate::limits::remove_tree(dir);
+                }
+                return Err(e);
+            }
+        };
         let process = Process::new(pid, &spec, child.id().map(|pid| pid as i32));
         processes.list.push(process.clone());
         drop(processes);
 
+        // Taken now: a quick process may end before this returns.
+        let info = process.info();
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         tokio::spawn(process.clone().collect(stdout.expect("stdout is piped"), "stdout"));
         tokio::spawn(process.clone().collect(stderr.expect("stderr is piped"), "stderr"));
         let waiter = process.clone();
-        tokio::spawn(async move { waiter.finish(child.wait().await) });
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let oom_killed = group.as_ref().is_some_and(|(dir, groups)| groups.oom_kills(dir) > 0);
+            waiter.finish(status, oom_killed);
+            if let Some((dir, _)) = group {
+                // Once nothing holds its output, nothing of it runs: its group can go.
+                waiter.wait_drained().await;
+                let _ = tokio::task::spawn_blocking(move || crate::limits::remove_tree(&dir)).await;
+            }
+        });
         tracing::debug!(sandbox = %id, pid, command = %spec.command, ?user, "process started");
-        Ok(process.info())
+        Ok(info)
+    }
+
+    /// The rlimits of every process: the process bound (per sandbox, as each
+    /// has its own uids), no core files, and address space in place of a
+    /// missing memory controller.
+    fn rlimits(&self) -> Vec<(libc::__rlimit_resource_t, u64)> {
+        let limits = &self.spec.limits;
+        let mut rlimits = vec![(libc::RLIMIT_NPROC, u64::from(limits.pids)), (libc::RLIMIT_CORE, 0)];
+        if !self.host.cgroups.has_memory()
+            && let Some(bytes) = limits.memory_bytes()
+        {
+            rlimits.push((libc::RLIMIT_AS, bytes));
+        }
+        rlimits
     }
 
     /// Unconfined: the command runs on the host, in the host directory of
@@ -164,7 +392,7 @@ impl Sandbox {
         env: &BTreeMap<String, String>,
         working_dir: &str,
     ) -> Result<std::process::Command> {
-        let builder = self.fs.join(BUILDER_DIR).join("tl-rootfs-build");
+        let builder = self.dir.join(BUILDER_DIR).join("tl-rootfs-build");
         let program =
             if self.host.builder.is_some() && (spec.command == BUILDER_PATH || spec.command == "tl-rootfs-build") {
                 builder.into_os_string()
@@ -181,6 +409,14 @@ impl Sandbox {
         cmd.args(&spec.args).env_clear().envs(env).current_dir(cwd);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: close_range(2) only. The descriptors this process opens are close-on-exec
+        // already; this also covers any that a library opened without the flag.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+                Ok(())
+            })
+        };
         Ok(cmd)
     }
 
@@ -213,10 +449,10 @@ impl Sandbox {
         Some(process.wait().await)
     }
 
-    /// Sends `signal` to the process (with bubblewrap: to bwrap, which takes
-    /// the whole sandboxed process tree down with it). With `mark_oom` the
-    /// process is reported as killed by the kernel OOM killer: a simulation
-    /// for the emulator's fault switch, no memory limit is involved. Does
+    /// Sends `signal` to the process (to its launcher and itself: the process
+    /// dies with its launcher). With `mark_oom` the process is reported as
+    /// killed by the kernel OOM killer: a simulation, for the emulator's
+    /// fault switch where no memory controller can make a real kill. Does
     /// nothing once the process has ended.
     pub fn kill(&self, pid: i64, signal: i32, mark_oom: bool) -> Result<()> {
         let id = &self.id;
@@ -237,13 +473,25 @@ impl Sandbox {
         processes.list.clone()
     }
 
-    /// Kills `processes` (from [`Sandbox::close`]) and waits until they
-    /// ended and their output closed, which with bubblewrap means every
-    /// process of their pid namespace is gone.
-    pub(crate) async fn kill_all(&self, processes: Vec<Arc<Process>>) {
+    /// Kills `processes` (from [`Sandbox::close`]) and everything else in
+    /// the sandbox, and waits until they ended and their output closed;
+    /// then releases the namespaces, groups, forwarders and uid range, and
+    /// the disk mounted on `dir/fs` (`dir`: where the sandbox's directory is now).
+    pub(crate) async fn kill_all(&self, processes: Vec<Arc<Process>>, dir: &Path) {
         for process in &processes {
             process.signal(libc::SIGKILL, false);
         }
+        let jail = lock(&self.jail).take();
+        // Killing the holder ends every process of the sandbox's pid namespace (blocking until reaped).
+        let jail = match jail {
+            Some(jail) => tokio::task::spawn_blocking(move || {
+                jail.holder.kill();
+                jail
+            })
+            .await
+            .ok(),
+            None => None,
+        };
         for process in processes {
             if tokio::time::timeout(Duration::from_secs(10), process.wait_drained()).await.is_err() {
                 tracing::warn!(
@@ -253,6 +501,14 @@ impl Sandbox {
                 );
             }
         }
+        if let Some(jail) = jail {
+            let Jail { holder, uids, groups, _forwarders } = jail;
+            drop(_forwarders);
+            let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
+            // The uid range is free again only once nothing of the sandbox runs.
+            drop((holder, uids));
+        }
+        files::unmount_disk(&dir.join("fs"));
     }
 
     fn area_file(&self, path: &str) -> Result<(PathBuf, PathBuf)> {
@@ -268,7 +524,7 @@ impl Sandbox {
     /// returns the bytes written.
     pub async fn write_file(&self, path: &str, mut body: impl AsyncRead + Unpin) -> Result<u64> {
         let (area, rel) = self.area_file(path)?;
-        let owner = self.host.identity.owner();
+        let owner = self.owners.map(|o| o.user);
         let file = tokio::task::spawn_blocking(move || files::create_file(&area, &rel, owner))
             .await?
             .map_err(files::explain)

@@ -93,12 +93,10 @@ async fn sandbox_root_is_not_host_root() {
     let owner = std::os::unix::fs::MetadataExt::uid(
         &std::fs::metadata(sandbox.host_path("/tmp/made-by-root").unwrap()).unwrap(),
     );
-    if host_is_root() {
-        assert_eq!(owner, snapsign_sandbox::HOST_UID, "sandbox processes run as the unused host uid");
-    } else {
-        // SAFETY: geteuid cannot fail.
-        assert_eq!(owner, unsafe { libc::geteuid() });
-    }
+    // Sandbox root is a host uid of the sandbox's own range, not host root.
+    let root = sandbox.host_uid(0).unwrap();
+    assert_eq!(owner, root, "files of sandbox root belong to the sandbox's own host uid");
+    assert!(root >= snapsign_sandbox::FIRST_HOST_UID, "{root}");
     // It owns nothing of the host: not the device nodes it sees, not /etc/shadow.
     let probes = "chmod 666 /dev/null && echo CHMOD; head -c1 /etc/shadow >/dev/null && echo SHADOW; \
                   unshare -U true && echo USERNS; echo done";
@@ -116,7 +114,7 @@ async fn the_host_environment_does_not_leak_into_the_sandbox() {
     let dir = scratch();
     let boxes = sandboxes(dir.path(), None);
     let sandbox = boxes.create("sbx-env").unwrap();
-    // Every /proc/*/environ of the sandbox: bwrap's own included.
+    // Every /proc/*/environ of the sandbox: its pid 1's included.
     let lines = run_ok(&sandbox, root_sh("cat /proc/[0-9]*/environ | tr '\\0' '\\n' | cut -d= -f1 | sort -u")).await;
     let host: Vec<String> =
         std::env::vars().map(|(k, _)| k).filter(|k| k != "PATH" && k != "HOME" && k != "PWD").collect();

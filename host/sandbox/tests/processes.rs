@@ -31,7 +31,7 @@ async fn reports_exit_codes_and_signals() {
     let (_, failed) = run(&sandbox, sh("exit 3")).await;
     assert_eq!((failed.status.as_str(), failed.exit_code, failed.signal), ("exited", Some(3), None));
 
-    // A signal from inside reaches us through bwrap, as a shell would put it.
+    // A signal from inside reaches us through the launcher, as a shell would put it.
     let (_, inside) = run(&sandbox, sh("kill -9 $$")).await;
     assert_eq!((inside.status.as_str(), inside.exit_code, inside.signal), ("exited", Some(137), None));
 
@@ -159,7 +159,7 @@ async fn environment_working_dir_and_extra_env() {
         let err = sandbox.start(spec).unwrap_err().to_string();
         assert!(err.contains("sandbox sbx-env") && err.contains(complaint), "{err}");
     }
-    // A command that cannot run still yields a process, which fails with bwrap's reason.
+    // A command that cannot run still yields a process, which fails with the reason.
     let (lines, info) = run(&sandbox, ProcessSpec { command: "no-such-tool".into(), ..Default::default() }).await;
     assert_ne!(info.exit_code, Some(0));
     assert!(lines.iter().any(|l| l.starts_with("stderr:") && l.contains("no-such-tool")), "{lines:?}");

@@ -1,6 +1,8 @@
-//! The `local` sandbox backend: bubblewrap sandboxes on this machine, the
-//! same code the dev stack's proxy serves. Sandboxes are running as soon as
-//! they exist; the sign call goes straight to a signer.
+//! The `local` sandbox backend: sandboxes on this machine (namespaces,
+//! limits from the create call), the same code the dev stack's proxy serves.
+//! Sandboxes are running as soon as they exist; the sign call goes straight
+//! to a signer. Every call renews a sandbox's timeout, and so does a running
+//! `run` every [`RENEW_INTERVAL`] (the proxy backend's health pings).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,6 +14,9 @@ use snapsign_sandbox::Sandboxes;
 use super::backend::{
     ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
 };
+
+/// How often a `run` in progress renews its sandbox's timeout.
+pub const RENEW_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Local sandboxes plus the signer the component's sign calls go to.
 pub struct LocalBackend {
@@ -33,7 +38,9 @@ impl LocalBackend {
     }
 
     fn sandbox(&self, id: &str) -> Result<Arc<snapsign_sandbox::Sandbox>, SandboxError> {
-        self.sandboxes.get(id).ok_or_else(|| SandboxError::Gone(format!("no local sandbox {id}")))
+        let sandbox = self.sandboxes.get(id).ok_or_else(|| SandboxError::Gone(format!("no local sandbox {id}")))?;
+        sandbox.renew();
+        Ok(sandbox)
     }
 }
 
@@ -45,11 +52,21 @@ impl SandboxBackend for LocalBackend {
     async fn create(
         &self,
         _image: &str,
-        _resources: Resources,
-        _timeout_secs: i64,
+        resources: Resources,
+        timeout_secs: i64,
     ) -> Result<(String, String), SandboxError> {
         let id = format!("local-{}-{}", std::process::id(), self.next.fetch_add(1, Ordering::SeqCst));
-        self.sandboxes.create(&id).map_err(failed)?;
+        let request = snapsign_sandbox::CreateRequest {
+            resources: Some(snapsign_sandbox::Resources {
+                cpus: Some(resources.cpus),
+                memory_mb: Some(resources.memory_mb),
+                disk_mb: Some(resources.disk_mb),
+            }),
+            timeout_secs: (timeout_secs > 0).then_some(timeout_secs),
+            network: None,
+        };
+        let spec = self.sandboxes.spec_for(&request).map_err(failed)?;
+        self.sandboxes.create_with(&id, spec).map_err(failed)?;
         Ok((id, "running".into()))
     }
 
@@ -76,8 +93,15 @@ impl SandboxBackend for LocalBackend {
         };
         let info = sandbox.start(process).map_err(failed)?;
         if let Some(mut output) = sandbox.follow(info.pid) {
-            while let Some(event) = output.next().await {
-                sink(&event.stream, &event.line);
+            let mut renew = tokio::time::interval(RENEW_INTERVAL);
+            loop {
+                tokio::select! {
+                    event = output.next() => match event {
+                        Some(event) => sink(&event.stream, &event.line),
+                        None => break,
+                    },
+                    _ = renew.tick() => sandbox.renew(),
+                }
             }
         }
         let done =

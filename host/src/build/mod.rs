@@ -282,8 +282,9 @@ pub fn proxy_backend(options: &BuildOptions) -> (Arc<proxy_backend::ProxyBackend
     (Arc::new(backend), outbound)
 }
 
-/// Runs one build with the `local` backend: bubblewrap sandboxes under
-/// `sandboxes_dir` running `builder`, sign calls straight to `signer_url`.
+/// Runs one build with the `local` backend: sandboxes under `sandboxes_dir`
+/// running `builder`, sign calls straight to `signer_url`; the loopback
+/// `allow_hosts` (e.g. the store) are forwarded into the sandboxes.
 pub async fn run_local(
     options: &BuildOptions,
     sandboxes_dir: &std::path::Path,
@@ -298,6 +299,8 @@ pub async fn run_local(
         confinement: snapsign_sandbox::Confinement::detect(allow_unconfined)?,
         builder_binary: Some(builder),
     })?;
+    let ports: Vec<u16> = options.allow_hosts.iter().filter_map(|h| snapsign_sandbox::loopback_port(h)).collect();
+    sandboxes.grant_ports(&ports);
     let backend = Arc::new(local_backend::LocalBackend::new(Arc::new(sandboxes), signer_url, signer_token));
     let allowed = [authority(&options.api_url), authority(signer_url)];
     let outbound = AllowList::new(allowed.into_iter().flatten().chain(options.allow_hosts.iter().cloned()));

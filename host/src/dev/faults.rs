@@ -24,8 +24,10 @@ pub struct Faults {
     pub store_fail_part: Option<u32>,
     /// The reference builder uploads, then exits 3 without metadata.
     pub builder_exit_nonzero: bool,
-    /// The builder process is killed as the kernel OOM killer would
-    /// (simulated: SIGKILL, reported as `oom_killed`).
+    /// The builder process is OOM-killed: where sandboxes have a memory
+    /// controller, the builder uses memory until the kernel kills it at the
+    /// sandbox's limit (a real kill); elsewhere it is simulated (SIGKILL,
+    /// reported as `oom_killed`).
     pub builder_oom: bool,
     /// metadata.json lacks this field.
     pub metadata_missing_field: Option<String>,

@@ -48,8 +48,16 @@ impl Emulator {
                 "resources needs cpus (number) and memory_mb (integer)",
             ));
         }
+        // resources, timeout_secs and network become the local sandbox's limits, timeout and network.
+        let request = serde_json::from_value::<snapsign_sandbox::CreateRequest>(json!({
+            "resources": resources, "timeout_secs": body.get("timeout_secs"), "network": body.get("network")}))
+        .map_err(|e| ApiError::bad_request("invalid_field", format!("create request: {e}")))?;
+        let spec =
+            self.sandboxes.spec_for(&request).map_err(|e| ApiError::bad_request("invalid_field", format!("{e:#}")))?;
         let id = format!("sbx-{}", self.state.next_id("sandbox")?);
-        self.sandboxes.create(&id).map_err(|e| ApiError::internal(e.context(format!("create sandbox {id}"))))?;
+        self.sandboxes
+            .create_with(&id, spec)
+            .map_err(|e| ApiError::internal(e.context(format!("create sandbox {id}"))))?;
         self.state.put_sandbox(&id, namespace, &image, "pending")?;
         let record = SandboxRecord {
             namespace: namespace.to_owned(),
@@ -96,7 +104,8 @@ impl Emulator {
     fn sandbox_info(&self, namespace: &str, id: &str) -> Result<Value, ApiError> {
         let record = self.record(namespace, id)?;
         let faults = self.faults();
-        let status = if faults.terminate_sandbox {
+        let status = if faults.terminate_sandbox || self.sandboxes.get(id).is_none() {
+            // The local sandbox is gone: it timed out (see timeout_secs).
             "terminated"
         } else if Instant::now() < record.ready_at {
             if faults.lifecycle_502_while_pending {

@@ -42,6 +42,8 @@ impl Emulator {
                 return Err(error);
             }
         };
+        // Any proxy request is activity: it renews the sandbox's timeout (as the build's health pings do).
+        sandbox.renew();
         let (id, record) = (sandbox.id().to_owned(), self.record_of(&sandbox)?);
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
@@ -156,9 +158,15 @@ impl Emulator {
     fn start_process(&self, sandbox: &Sandbox, spec: ProcessSpec) -> Result<snapsign_sandbox::ProcessInfo, ApiError> {
         let faults = self.faults();
         let builder = is_builder(&spec.command);
+        // A real OOM kill where the sandbox has a memory controller: the builder uses memory until killed.
+        let real_oom = builder && faults.builder_oom && self.sandboxes.cgroups().has_memory();
+        let mut entries: Vec<String> = faults.builder_env().into_iter().collect();
+        if real_oom {
+            entries.push("allocate".into());
+        }
         let mut env = std::collections::BTreeMap::new();
-        if let (true, Some(value)) = (builder, faults.builder_env()) {
-            env.insert("SNAPSIGN_BUILDER_FAULT".to_owned(), value);
+        if builder && !entries.is_empty() {
+            env.insert("SNAPSIGN_BUILDER_FAULT".to_owned(), entries.join(","));
         }
         sandbox.set_process_env(env);
         let command = spec.command.clone();
@@ -169,8 +177,8 @@ impl Emulator {
                 format!("start {command} in sandbox {}: {e:#}", sandbox.id()),
             )
         })?;
-        if builder && faults.builder_oom {
-            tracing::warn!(sandbox = %sandbox.id(), pid = info.pid, "injected fault: builder killed as by the OOM killer");
+        if builder && faults.builder_oom && !real_oom {
+            tracing::warn!(sandbox = %sandbox.id(), pid = info.pid, "injected fault: builder killed as by the OOM killer (simulated: no memory controller here)");
             sandbox.kill(info.pid, 9, true).map_err(ApiError::internal)?;
         }
         Ok(info)
@@ -208,13 +216,6 @@ impl Emulator {
 
     async fn forward_sign(&self, namespace: &str, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         let faults = self.faults();
-        if faults.sign_fail {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "sign_failed",
-                "injected fault: the dataplane signer failed",
-            ));
-        }
         let body = http_body_util::Limited::new(request.into_body(), snapsign::signer::MAX_BODY_BYTES + 1)
             .collect()
             .await
@@ -222,6 +223,14 @@ impl Emulator {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("sign request body: {e}"))
             })?
             .to_bytes();
+        // After reading the body: a client still sending it would see a reset, not the 502.
+        if faults.sign_fail {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "sign_failed",
+                "injected fault: the dataplane signer failed",
+            ));
+        }
         let claims = snapsign::token::Claims {
             read: self.read_grant(namespace, &body)?,
             ..snapsign::token::Claims::new(namespace, jiff::Timestamp::now().as_second() + 300)

@@ -45,7 +45,7 @@ pub struct DevConfig {
     pub pending: Duration,
     /// Fault switches at start.
     pub faults: Faults,
-    /// Run sandboxes without bubblewrap when it is missing.
+    /// Run sandboxes unconfined when they cannot be confined (not root).
     pub allow_unconfined: bool,
     /// The executable installed as /usr/local/bin/tl-rootfs-build in sandboxes.
     pub builder_binary: PathBuf,
@@ -196,6 +196,7 @@ impl DevStack {
         })
         .await?;
 
+        let granted = sandboxes.clone();
         let platform = Arc::new(Emulator::new(
             state,
             signer_config,
@@ -215,6 +216,8 @@ impl DevStack {
         let service = hyper::service::service_fn(move |request| routed.clone().route(request));
         let emulator = serve::spawn("emulator", config.listen, service).await?;
         let _ = platform.base_url.set(emulator.url());
+        // A sandbox reaches the store (uploads) and the sandbox proxy, nothing else of this host.
+        granted.grant_ports(&[store.addr().port(), emulator.addr().port()]);
         let token = snapsign::token::mint(
             secrets.token_key.as_bytes(),
             &config.namespace,

@@ -1,4 +1,4 @@
-//! Helpers of the tests that run real processes in real bubblewrap sandboxes.
+//! Helpers of the tests that run real processes in real sandboxes (namespaces, cgroups).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -10,9 +10,10 @@ use snapsign_sandbox::{Confinement, ProcessInfo, ProcessSpec, Sandbox, Sandboxes
 /// Every wait of these tests ends by this deadline.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Sandboxes under `root`, confined by the bwrap on PATH.
+/// Sandboxes under `root`, confined with namespaces (these tests run as root).
 pub fn sandboxes(root: &Path, builder: Option<PathBuf>) -> Sandboxes {
-    let confinement = Confinement::detect(false).expect("these tests need bubblewrap (apt-get install bubblewrap)");
+    let confinement =
+        Confinement::detect(false).expect("these tests run sandboxes confined with namespaces: run them as root");
     Sandboxes::new(SandboxesConfig { root_dir: root.to_owned(), confinement, builder_binary: builder }).unwrap()
 }
 
@@ -62,7 +63,7 @@ pub fn scratch() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
 }
 
-/// True when this test process is root (the sandboxes then run as snapsign_sandbox::HOST_UID).
+/// True when this test process is root.
 pub fn host_is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
