@@ -174,7 +174,7 @@ impl Uploads {
     /// than `age` whose upload record is gone (left by s3s-fs's own complete).
     pub async fn reap(self: &Arc<Self>, age: Duration, now: SystemTime) -> Result<Vec<Reaped>, S3Error> {
         let uploads = self.clone();
-        let (records, orphans) = tokio::task::spawn_blocking(move || uploads.old_files(age, now))
+        let Stale { records, orphan_parts } = tokio::task::spawn_blocking(move || uploads.old_files(age, now))
             .await
             .map_err(|e| internal("scan for abandoned uploads", e))??;
         let mut reaped = Vec::new();
@@ -197,7 +197,7 @@ impl Uploads {
                 reaped.push(Reaped { upload_id: id, object, age, parts });
             }
         }
-        for (id, path) in orphans {
+        for (id, path) in orphan_parts {
             let lock = self.lock(id);
             let _exclusive = lock.write().await;
             if !self.layout.record(&id).exists() && fs::remove_file(&path).is_ok() {
@@ -207,11 +207,7 @@ impl Uploads {
         Ok(reaped)
     }
 
-    fn old_files(
-        &self,
-        age: Duration,
-        now: SystemTime,
-    ) -> Result<(Vec<(Uuid, SystemTime)>, Vec<(Uuid, PathBuf)>), S3Error> {
+    fn old_files(&self, age: Duration, now: SystemTime) -> Result<Stale, S3Error> {
         let root = self.layout.root();
         let entries = fs::read_dir(root).map_err(|e| internal(&format!("list {}", root.display()), e))?;
         let (mut records, mut parts) = (Vec::new(), Vec::new());
@@ -231,7 +227,7 @@ impl Uploads {
             }
         }
         parts.retain(|(id, _)| !self.layout.record(id).exists());
-        Ok((records, parts))
+        Ok(Stale { records, orphan_parts: parts })
     }
 
     /// Removes an upload's parts, attributes and temporary files, then its record.
@@ -378,6 +374,14 @@ fn listed_parts(listed: &[(Option<i32>, Option<String>)]) -> Result<Vec<(i32, St
         parts.push((number, etag.trim().trim_matches('"').to_ascii_lowercase()));
     }
     Ok(parts)
+}
+
+/// What the reaper found older than its age.
+struct Stale {
+    /// Upload records and when they were written (the upload's initiation).
+    records: Vec<(Uuid, SystemTime)>,
+    /// Part files whose upload record is gone.
+    orphan_parts: Vec<(Uuid, PathBuf)>,
 }
 
 /// Temporary files removed unless they were renamed away.
