@@ -431,3 +431,29 @@ async fn a_stack_killed_mid_build_fails_the_build_and_aborts_its_upload_at_resta
     assert!(state.open_uploads(&build_id).unwrap().is_empty());
     assert!(state.prepared_builds().unwrap().is_empty(), "a second restart has nothing to do");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_signer_refuses_at_sign_time_exactly_the_keys_the_store_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let id = api.create_sandbox().await;
+    api.wait_running(&id).await;
+    let limit = snapsign_host::store::max_key_bytes("snapshots");
+    let room = limit - "builds/default/".len();
+    let sign = |rel: String| {
+        let body = json!({"target": {"kind": "artifact", "rel_path": rel}, "op": {"kind": "put_artifact"}});
+        api.send(api.proxy(Method::POST, &id, "/api/v1/blob/sign").json(&body))
+    };
+    // The longest key the store holds is signed, and the store takes it.
+    let (status, signed) = sign("k".repeat(room)).await;
+    assert_eq!(status, 200, "{signed}");
+    let put = api.http.put(signed["url"].as_str().unwrap()).body("fits").send().await.unwrap();
+    assert_eq!(put.status(), 200);
+    // One byte more is refused before anything is signed.
+    let (status, refused) = sign("k".repeat(room + 1)).await;
+    assert_eq!((status, refused["code"].as_str()), (400, Some("invalid_rel_path")), "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains(&format!("at most {limit} bytes")), "{refused}");
+    assert!(!refused.to_string().contains("X-Amz-Signature"), "{refused}");
+    stack.shutdown().await;
+}

@@ -73,6 +73,7 @@ pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<
         secret_access_key: "bench-secret".into(),
         buckets: vec!["bench".into()],
         faults: Default::default(),
+        abort_incomplete_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
     })
     .await?;
     let env = env(&store.url());

@@ -148,6 +148,9 @@ enum Command {
         /// Run sandbox processes unconfined when this process is not root (no confinement, no limits at all).
         #[arg(long)]
         allow_unconfined: bool,
+        /// Abort the store's incomplete multipart uploads this many seconds after they began.
+        #[arg(long, default_value_t = 86_400)]
+        abort_incomplete_uploads_after_secs: u64,
     },
     /// Mint a bearer token for a namespace, signed with SNAPSIGN_TOKEN_KEY.
     Token {
@@ -183,6 +186,10 @@ enum Command {
         /// Buckets to create (repeatable).
         #[arg(long = "bucket")]
         buckets: Vec<String>,
+        /// Abort incomplete multipart uploads this many seconds after they began
+        /// (S3's AbortIncompleteMultipartUpload lifecycle rule).
+        #[arg(long, default_value_t = 86_400)]
+        abort_incomplete_uploads_after_secs: u64,
     },
 }
 
@@ -374,6 +381,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             pending_ms,
             faults,
             allow_unconfined,
+            abort_incomplete_uploads_after_secs,
         } => {
             use snapsign_host::dev::{DevConfig, DevStack, Faults, PrepareShape};
             let data_dir = data_dir.unwrap_or_else(default_data_dir);
@@ -386,6 +394,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config.shape = PrepareShape::parse(&prepare_shape).map_err(anyhow::Error::msg)?;
             config.pending = Duration::from_millis(pending_ms);
             config.allow_unconfined = allow_unconfined;
+            config.abort_incomplete_uploads_after = Duration::from_secs(abort_incomplete_uploads_after_secs);
             if let Some(json) = faults {
                 config.faults = serde_json::from_str::<Faults>(&json).context("parse --faults")?;
             }
@@ -437,7 +446,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let builder = std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
             snapsign_host::bench::build(rounds, builder).await?;
         }
-        Command::Store { dir, listen, access_key_id, secret_access_key, buckets } => {
+        Command::Store {
+            dir,
+            listen,
+            access_key_id,
+            secret_access_key,
+            buckets,
+            abort_incomplete_uploads_after_secs,
+        } => {
             let config = store::StoreConfig {
                 root: dir,
                 listen,
@@ -445,6 +461,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 secret_access_key,
                 buckets,
                 faults: Default::default(),
+                abort_incomplete_after: Duration::from_secs(abort_incomplete_uploads_after_secs),
             };
             let server = store::start(&config).await?;
             println!("store listening on {}", server.url());

@@ -26,6 +26,7 @@ pub mod vars {
     pub const TOKEN_KEY: &str = "SNAPSIGN_TOKEN_KEY";
     pub const SHARED_PREFIXES: &str = "SNAPSIGN_SHARED_PREFIXES";
     pub const TOKEN_MAX_TTL_SECS: &str = "SNAPSIGN_TOKEN_MAX_TTL_SECS";
+    pub const MAX_KEY_BYTES: &str = "SNAPSIGN_MAX_KEY_BYTES";
 }
 
 /// A missing or invalid setting: names the variable, the value and the fix.
@@ -66,6 +67,8 @@ pub struct SignerConfig {
     pub shared_prefixes: Vec<String>,
     /// Longest lifetime a caller token may have left (`SNAPSIGN_TOKEN_MAX_TTL_SECS`, default 7 days).
     pub token_max_ttl_secs: i64,
+    /// Longest object key the store holds (`SNAPSIGN_MAX_KEY_BYTES`, default S3's 1,024).
+    pub max_key_bytes: usize,
 }
 
 impl fmt::Debug for SignerConfig {
@@ -80,6 +83,7 @@ impl fmt::Debug for SignerConfig {
             .field("token_key", &"<redacted>")
             .field("shared_prefixes", &self.shared_prefixes)
             .field("token_max_ttl_secs", &self.token_max_ttl_secs)
+            .field("max_key_bytes", &self.max_key_bytes)
             .finish()
     }
 }
@@ -158,6 +162,14 @@ impl SignerConfig {
                 err(vars::TOKEN_MAX_TTL_SECS, format!("is '{v}'; use seconds in 60..={}", 366 * 24 * 3600))
             })?,
         };
+        let max_key_bytes = match get(vars::MAX_KEY_BYTES) {
+            None => super::validate::MAX_KEY_LEN,
+            Some(v) => {
+                v.parse::<usize>().ok().filter(|n| (1..=super::validate::MAX_KEY_LEN).contains(n)).ok_or_else(|| {
+                    err(vars::MAX_KEY_BYTES, format!("is '{v}'; use bytes in 1..={}", super::validate::MAX_KEY_LEN))
+                })?
+            }
+        };
         Ok(SignerConfig {
             region,
             bucket,
@@ -168,6 +180,7 @@ impl SignerConfig {
             token_key,
             shared_prefixes,
             token_max_ttl_secs,
+            max_key_bytes,
         })
     }
 
@@ -237,5 +250,9 @@ mod tests {
         assert_eq!(with(vars::TOKEN_MAX_TTL_SECS, "59").unwrap_err().var, vars::TOKEN_MAX_TTL_SECS);
         assert_eq!(with(vars::TOKEN_MAX_TTL_SECS, "86400").unwrap().token_max_ttl_secs, 86400);
         assert_eq!(SignerConfig::from_vars(base()).unwrap().token_max_ttl_secs, DEFAULT_MAX_TTL_SECS);
+        assert_eq!(SignerConfig::from_vars(base()).unwrap().max_key_bytes, 1024);
+        assert_eq!(with(vars::MAX_KEY_BYTES, "126").unwrap().max_key_bytes, 126);
+        assert_eq!(with(vars::MAX_KEY_BYTES, "1025").unwrap_err().var, vars::MAX_KEY_BYTES);
+        assert_eq!(with(vars::MAX_KEY_BYTES, "0").unwrap_err().var, vars::MAX_KEY_BYTES);
     }
 }

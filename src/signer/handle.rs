@@ -224,10 +224,17 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
             validate::rel_path(&rel_path)
                 .map_err(|problem| SignError::InvalidRelPath { rel_path: rel_path.clone(), problem })?;
             let key = format!("{}{rel_path}", config.namespace_prefix(&claims.namespace));
-            if key.len() > validate::MAX_KEY_LEN {
+            // The store's limit (SNAPSIGN_MAX_KEY_BYTES, at most S3's 1,024): a
+            // key it cannot hold is refused here, before anything is signed.
+            if key.len() > config.max_key_bytes {
                 return Err(SignError::InvalidRelPath {
+                    problem: format!(
+                        "makes the {}-byte key '{key}'; the store holds keys of at most {} bytes, so shorten the rel_path to {} bytes or less",
+                        key.len(),
+                        config.max_key_bytes,
+                        config.max_key_bytes.saturating_sub(key.len() - rel_path.len()),
+                    ),
                     rel_path,
-                    problem: format!("makes a {}-byte key; S3's limit is {}", key.len(), validate::MAX_KEY_LEN),
                 });
             }
             let uri = format!("s3://{}/{key}", config.bucket);
@@ -440,6 +447,26 @@ mod tests {
             answer(handle(&config(), &incoming, now())).1["uri"].as_str(),
             Some("s3://snaps/builds/team-a/x.tlsnap")
         );
+    }
+
+    #[test]
+    fn a_key_longer_than_the_store_holds_is_refused_at_sign_time() {
+        let mut config = config();
+        config.max_key_bytes = 40;
+        let auth = format!("Bearer {}", token::mint(KEY.as_bytes(), "team-a", 1_800_000_600).unwrap());
+        let sign = |rel: &str| {
+            let body =
+                format!(r#"{{"target":{{"kind":"artifact","rel_path":"{rel}"}},"op":{{"kind":"put_artifact"}}}}"#);
+            let incoming =
+                Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: body.as_bytes() };
+            answer(handle(&config, &incoming, now()))
+        };
+        // "builds/team-a/" is 14 bytes: 26 bytes of rel_path fit, 27 do not.
+        assert_eq!(sign(&"a".repeat(26)).0, 200);
+        let (status, refused) = sign(&"a".repeat(27));
+        assert_eq!((status, refused["code"].as_str()), (400, Some("invalid_rel_path")), "{refused}");
+        assert!(refused["message"].as_str().unwrap().contains("at most 40 bytes"), "{refused}");
+        assert!(!refused.to_string().contains("X-Amz-Signature"));
     }
 
     #[test]

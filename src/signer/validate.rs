@@ -4,10 +4,16 @@
 pub const MAX_KEY_LEN: usize = 1024;
 /// Longest `rel_path` accepted (bytes).
 pub const MAX_REL_PATH_LEN: usize = 512;
+/// Longest `/`-separated key segment (bytes). File-backed S3 stores (s3s-fs,
+/// MinIO) keep each segment as a file name, and file systems cap those at
+/// 255 bytes: a longer segment is refused at sign time rather than failing
+/// at the store after the URL was handed out.
+pub const MAX_SEGMENT_LEN: usize = 255;
 
 /// Checks that `key` is made of clean `/`-separated segments: none empty,
-/// `.` or `..`; no backslash or control character; no percent-encoded
-/// dot, slash or backslash (which some clients decode before routing).
+/// `.` or `..`, none over [`MAX_SEGMENT_LEN`] bytes; no backslash or control
+/// character; no percent-encoded dot, slash or backslash (which some clients
+/// decode before routing).
 pub fn key_segments(key: &str) -> Result<(), String> {
     if key.starts_with('/') {
         return Err("must be relative (starts with '/')".into());
@@ -28,6 +34,14 @@ pub fn key_segments(key: &str) -> Result<(), String> {
         match segment {
             "" => return Err("has an empty segment ('//' or a trailing '/')".into()),
             "." | ".." => return Err(format!("has a '{segment}' segment")),
+            long if long.len() > MAX_SEGMENT_LEN => {
+                let start: String = long.chars().take(16).collect();
+                return Err(format!(
+                    "has a {}-byte segment ('{start}...'); the limit is {MAX_SEGMENT_LEN} bytes per '/'-separated \
+                     segment, a file name on file-backed stores: split it with '/'",
+                    long.len()
+                ));
+            }
             _ => {}
         }
     }
@@ -110,6 +124,19 @@ mod tests {
         ] {
             assert!(rel_path(bad).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn segments_are_limited_to_a_file_name() {
+        let at_limit = format!("a/{}/b", "s".repeat(MAX_SEGMENT_LEN));
+        assert_eq!(rel_path(&at_limit), Ok(()));
+        let over = format!("a/{}/b", "s".repeat(MAX_SEGMENT_LEN + 1));
+        let why = rel_path(&over).unwrap_err();
+        assert!(why.contains("256-byte segment") && why.contains("limit is 255"), "{why}");
+        let uri = format!("s3://b/p/ns/{}", "s".repeat(MAX_SEGMENT_LEN + 1));
+        assert!(s3_uri(&uri).unwrap_err().contains("limit is 255"));
+        let key_over = format!("s3://b/{}", "a/".repeat(MAX_KEY_LEN / 2 + 1));
+        assert!(s3_uri(&key_over).unwrap_err().contains("S3's limit is 1024"));
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub async fn start_store(root: &Path) -> Server {
         secret_access_key: SECRET_KEY.into(),
         buckets: vec![BUCKET.into()],
         faults: Default::default(),
+        abort_incomplete_after: store::DEFAULT_ABORT_INCOMPLETE_AFTER,
     })
     .await
     .expect("start the store")

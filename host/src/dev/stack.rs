@@ -51,6 +51,8 @@ pub struct DevConfig {
     pub builder_binary: PathBuf,
     /// Compiled-component cache.
     pub cache_dir: PathBuf,
+    /// The store aborts multipart uploads older than this (S3's AbortIncompleteMultipartUpload).
+    pub abort_incomplete_uploads_after: Duration,
 }
 
 impl DevConfig {
@@ -69,6 +71,7 @@ impl DevConfig {
             allow_unconfined: false,
             builder_binary,
             cache_dir: crate::engine::default_cache_dir(),
+            abort_incomplete_uploads_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
         }
     }
 }
@@ -172,6 +175,7 @@ impl DevStack {
             secret_access_key: secrets.secret_access_key.clone(),
             buckets: vec![BUCKET.into()],
             faults: store_faults.clone(),
+            abort_incomplete_after: config.abort_incomplete_uploads_after,
         })
         .await?;
         let env: Vec<(String, String)> = [
@@ -182,6 +186,8 @@ impl DevStack {
             ("SNAPSIGN_ACCESS_KEY_ID", &secrets.access_key_id),
             ("SNAPSIGN_SECRET_ACCESS_KEY", &secrets.secret_access_key),
             ("SNAPSIGN_TOKEN_KEY", &secrets.token_key),
+            // The signer refuses keys this store cannot hold (KeyTooLongError) at sign time.
+            ("SNAPSIGN_MAX_KEY_BYTES", &crate::store::max_key_bytes(BUCKET).to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

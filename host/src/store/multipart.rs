@@ -1,0 +1,443 @@
+//! Multipart uploads as S3 runs them, over s3s-fs's files (see `layout`).
+//!
+//! s3s-fs's own CompleteMultipartUpload deleted the upload record first,
+//! accepted any ETag, wanted parts numbered 1..n, and deleted parts while it
+//! assembled: a failed or killed complete left parts nobody could abort. Ours:
+//!
+//! - **InvalidPartOrder** (400) unless part numbers ascend strictly;
+//! - **InvalidPart** (400) when a listed part was not uploaded or its ETag
+//!   is not the MD5 of what was uploaded; parts need not be contiguous (S3
+//!   completes 1 and 3 of 3 and discards part 2);
+//! - **EntityTooSmall** (400) when a part other than the last listed is
+//!   under 5 MiB;
+//! - the object is assembled in a temporary file and renamed into place; the
+//!   upload record is dropped only after that, then the parts. Until then the
+//!   upload can be completed again or aborted; a killed store's temporary
+//!   file is removed by s3s-fs when it reopens the root;
+//! - **NoSuchUpload** (404) for an upload that was completed, aborted or
+//!   never existed (s3s-fs said 403).
+//!
+//! Complete, abort and the reaper hold an upload's lock exclusively; an
+//! UploadPart takes it shared only to check, after writing, that the upload
+//! still exists (else it removes its part), so a slow part never blocks them.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use s3s::crypto::{Checksum, Md5};
+use s3s::{S3Error, s3_error};
+use tokio::sync::RwLock;
+use uuid::Uuid;
+
+use super::layout::Layout;
+
+/// S3's smallest part other than the last.
+pub const MIN_PART_BYTES: u64 = 5 * 1024 * 1024;
+/// S3's part numbers run from 1 to this.
+pub const MAX_PART_NUMBER: i32 = 10_000;
+
+/// The open uploads of one store root.
+#[derive(Debug)]
+pub struct Uploads {
+    layout: Layout,
+    locks: Mutex<HashMap<Uuid, Weak<RwLock<()>>>>,
+}
+
+/// A CompleteMultipartUpload to run.
+#[derive(Debug, Clone)]
+pub struct Complete {
+    /// Upload id as sent.
+    pub upload_id: String,
+    /// Bucket.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    /// Access key of the request.
+    pub access_key: Option<String>,
+    /// Parts as listed: number and ETag.
+    pub parts: Vec<(Option<i32>, Option<String>)>,
+}
+
+/// An upload the reaper aborted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reaped {
+    /// Its id.
+    pub upload_id: Uuid,
+    /// Bucket and key, when its attributes file names them.
+    pub object: Option<(String, String)>,
+    /// How old it was.
+    pub age: Duration,
+    /// Part files removed.
+    pub parts: usize,
+}
+
+impl Uploads {
+    /// Uploads under `layout`'s root.
+    pub fn new(layout: Layout) -> Self {
+        Uploads { layout, locks: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self, id: Uuid) -> Arc<RwLock<()>> {
+        let mut locks = self.locks.lock().expect("upload locks poisoned");
+        if let Some(lock) = locks.get(&id).and_then(Weak::upgrade) {
+            return lock;
+        }
+        locks.retain(|_, weak| weak.strong_count() > 0);
+        let lock = Arc::new(RwLock::new(()));
+        locks.insert(id, Arc::downgrade(&lock));
+        lock
+    }
+
+    /// The upload id as s3s-fs reads it; one it cannot read names no upload.
+    pub fn parse_id(raw: &str) -> Result<Uuid, S3Error> {
+        Uuid::parse_str(raw).map_err(|_| no_such_upload(raw))
+    }
+
+    /// NoSuchUpload unless the upload is open, AccessDenied if another access key opened it.
+    pub fn check_open(&self, id: &Uuid, access_key: Option<&str>) -> Result<(), S3Error> {
+        let path = self.layout.record(id);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(no_such_upload(&id.to_string())),
+            Err(e) => return Err(internal(&format!("read upload record {}", path.display()), e)),
+        };
+        let owner: Option<String> = serde_json::from_slice(&bytes)
+            .map_err(|e| internal(&format!("parse upload record {}", path.display()), e))?;
+        if owner.as_deref() != access_key {
+            return Err(s3_error!(AccessDenied, "upload {id} belongs to another access key"));
+        }
+        Ok(())
+    }
+
+    /// After s3s-fs wrote part `part`: if the upload was completed or aborted
+    /// meanwhile, removes the part and answers NoSuchUpload.
+    pub async fn part_written(&self, id: Uuid, part: i32) -> Result<(), S3Error> {
+        let lock = self.lock(id);
+        let _shared = lock.read().await;
+        if self.layout.record(&id).exists() {
+            return Ok(());
+        }
+        let path = self.layout.part(&id, part);
+        if let Err(e) = fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(internal(&format!("remove late part {}", path.display()), e));
+        }
+        Err(no_such_upload(&id.to_string()))
+    }
+
+    /// CompleteMultipartUpload; returns the multipart ETag (`md5-of-md5s-N`).
+    pub async fn complete(self: &Arc<Self>, request: Complete) -> Result<String, S3Error> {
+        let id = Self::parse_id(&request.upload_id)?;
+        let parts = listed_parts(&request.parts)?;
+        let lock = self.lock(id);
+        let uploads = self.clone();
+        // Its own task: a client that hangs up does not stop a complete half way.
+        let task = tokio::spawn(async move {
+            let exclusive = lock.write_owned().await;
+            tokio::task::spawn_blocking(move || {
+                let _exclusive = exclusive;
+                uploads.check_open(&id, request.access_key.as_deref())?;
+                uploads.assemble(&id, &request.bucket, &request.key, &parts)
+            })
+            .await
+            .map_err(|e| internal("run CompleteMultipartUpload", e))?
+        });
+        task.await.map_err(|e| internal("run CompleteMultipartUpload", e))?
+    }
+
+    /// AbortMultipartUpload: parts, attributes and temporary files go, the record last.
+    pub async fn abort(self: &Arc<Self>, upload_id: &str, access_key: Option<&str>) -> Result<usize, S3Error> {
+        let id = Self::parse_id(upload_id)?;
+        let lock = self.lock(id);
+        let uploads = self.clone();
+        let access_key = access_key.map(str::to_owned);
+        let task = tokio::spawn(async move {
+            let exclusive = lock.write_owned().await;
+            tokio::task::spawn_blocking(move || {
+                let _exclusive = exclusive;
+                uploads.check_open(&id, access_key.as_deref())?;
+                uploads.remove_upload(&id).map(|(parts, _)| parts)
+            })
+            .await
+            .map_err(|e| internal("run AbortMultipartUpload", e))?
+        });
+        task.await.map_err(|e| internal("run AbortMultipartUpload", e))?
+    }
+
+    /// S3's AbortIncompleteMultipartUpload lifecycle rule: aborts every upload
+    /// initiated more than `age` before `now`, and removes part files older
+    /// than `age` whose upload record is gone (left by s3s-fs's own complete).
+    pub async fn reap(self: &Arc<Self>, age: Duration, now: SystemTime) -> Result<Vec<Reaped>, S3Error> {
+        let uploads = self.clone();
+        let Stale { records, orphan_parts } = tokio::task::spawn_blocking(move || uploads.old_files(age, now))
+            .await
+            .map_err(|e| internal("scan for abandoned uploads", e))??;
+        let mut reaped = Vec::new();
+        for (id, initiated) in records {
+            let lock = self.lock(id);
+            let exclusive = lock.write_owned().await;
+            let uploads = self.clone();
+            let removed = tokio::task::spawn_blocking(move || {
+                let _exclusive = exclusive;
+                // Completed or aborted while we waited for the lock.
+                if !uploads.layout.record(&id).exists() {
+                    return Ok(None);
+                }
+                uploads.remove_upload(&id).map(Some)
+            })
+            .await
+            .map_err(|e| internal("abort an abandoned upload", e))??;
+            if let Some((parts, object)) = removed {
+                let age = now.duration_since(initiated).unwrap_or_default();
+                reaped.push(Reaped { upload_id: id, object, age, parts });
+            }
+        }
+        for (id, path) in orphan_parts {
+            let lock = self.lock(id);
+            let _exclusive = lock.write().await;
+            if !self.layout.record(&id).exists() && fs::remove_file(&path).is_ok() {
+                tracing::info!(upload_id = %id, path = %path.display(), "store: removed a part file without an upload");
+            }
+        }
+        Ok(reaped)
+    }
+
+    fn old_files(&self, age: Duration, now: SystemTime) -> Result<Stale, S3Error> {
+        let root = self.layout.root();
+        let entries = fs::read_dir(root).map_err(|e| internal(&format!("list {}", root.display()), e))?;
+        let (mut records, mut parts) = (Vec::new(), Vec::new());
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
+            let old = now.duration_since(modified).is_ok_and(|elapsed| elapsed >= age);
+            if let Some(id) = Layout::parse_record(&name) {
+                // The record is written once, at CreateMultipartUpload: its mtime is the initiation.
+                if old {
+                    records.push((id, modified));
+                }
+            } else if let Some(id) = Layout::parse_part(&name)
+                && old
+            {
+                parts.push((id, entry.path()));
+            }
+        }
+        parts.retain(|(id, _)| !self.layout.record(id).exists());
+        Ok(Stale { records, orphan_parts: parts })
+    }
+
+    /// Removes an upload's parts, attributes and temporary files, then its record.
+    /// Returns the parts removed and the object it was for.
+    fn remove_upload(&self, id: &Uuid) -> Result<(usize, Option<(String, String)>), S3Error> {
+        let root = self.layout.root();
+        let part_prefix = Layout::part_prefix(id);
+        let attrs_suffix = Layout::upload_attrs_suffix(id);
+        let temp_suffix = format!("-{id}.internal.part");
+        let (mut parts, mut object) = (0, None);
+        let entries = fs::read_dir(root).map_err(|e| internal(&format!("list {}", root.display()), e))?;
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let is_part = name.starts_with(&part_prefix);
+            let is_attrs = name.starts_with(".bucket-") && name.ends_with(&attrs_suffix);
+            let is_temp = name.starts_with(".tmp.") && name.ends_with(&temp_suffix);
+            if !(is_part || is_attrs || is_temp) {
+                continue;
+            }
+            if is_attrs {
+                object = Layout::parse_upload_attrs(&name, id);
+            }
+            match fs::remove_file(entry.path()) {
+                Ok(()) => parts += usize::from(is_part),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(internal(&format!("remove {}", entry.path().display()), e)),
+            }
+        }
+        let record = self.layout.record(id);
+        match fs::remove_file(&record) {
+            Ok(()) => Ok((parts, object)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((parts, object)),
+            Err(e) => Err(internal(&format!("remove upload record {}", record.display()), e)),
+        }
+    }
+
+    /// Builds the object from `parts` in a temporary file, checking each
+    /// part's ETag as it goes, then moves it into place and drops the upload.
+    fn assemble(&self, id: &Uuid, bucket: &str, key: &str, parts: &[(i32, String)]) -> Result<String, S3Error> {
+        let layout = &self.layout;
+        if !layout.root().join(bucket).is_dir() {
+            return Err(s3_error!(NoSuchBucket, "The specified bucket does not exist: {bucket:?}"));
+        }
+        let last = parts.len() - 1;
+        for (i, (number, _)) in parts.iter().enumerate() {
+            let path = layout.part(id, *number);
+            let size = match fs::metadata(&path) {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(invalid_part(*number, "was not uploaded"));
+                }
+                Err(e) => return Err(internal(&format!("stat part {}", path.display()), e)),
+            };
+            if i != last && size < MIN_PART_BYTES {
+                return Err(s3_error!(
+                    EntityTooSmall,
+                    "Your proposed upload is smaller than the minimum allowed object size: part {number} is {size} \
+                     bytes; every part but the last must be at least {MIN_PART_BYTES}"
+                ));
+            }
+        }
+
+        let temps = Temps(vec![layout.temp(id, "complete"), layout.temp(id, "complete-info")]);
+        let mut out = File::create(&temps.0[0]).map_err(|e| internal("create the object's temporary file", e))?;
+        let mut md5_of_md5s = Md5::new();
+        let mut buf = vec![0u8; 1024 * 1024];
+        for (number, etag) in parts {
+            let path = layout.part(id, *number);
+            let mut part = File::open(&path).map_err(|e| internal(&format!("open part {}", path.display()), e))?;
+            let mut md5 = Md5::new();
+            loop {
+                let n = part.read(&mut buf).map_err(|e| internal(&format!("read part {}", path.display()), e))?;
+                if n == 0 {
+                    break;
+                }
+                md5.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(|e| internal("write the object's temporary file", e))?;
+            }
+            let digest = md5.finalize();
+            if hex::encode(digest) != *etag {
+                return Err(invalid_part(*number, &format!("has ETag \"{}\", not \"{etag}\"", hex::encode(digest))));
+            }
+            md5_of_md5s.update(&digest);
+        }
+        out.flush().map_err(|e| internal("write the object's temporary file", e))?;
+        drop(out);
+        let etag = format!("{}-{}", hex::encode(md5_of_md5s.finalize()), parts.len());
+        let info = serde_json::json!({ "e_tag": etag }).to_string();
+        fs::write(&temps.0[1], info).map_err(|e| internal("write the object's temporary info", e))?;
+
+        // From here on the object is replaced; the record stays until it is.
+        let object = layout.object(bucket, key);
+        if let Some(dir) = object.parent() {
+            fs::create_dir_all(dir).map_err(|e| internal(&format!("create {}", dir.display()), e))?;
+        }
+        fs::rename(&temps.0[0], &object)
+            .map_err(|e| internal(&format!("move the object to {}", object.display()), e))?;
+        let info = layout.internal_info(bucket, key);
+        fs::rename(&temps.0[1], &info).map_err(|e| internal(&format!("move {}", info.display()), e))?;
+        let (upload_attrs, object_attrs) = (layout.upload_attrs(bucket, key, id), layout.object_attrs(bucket, key));
+        let moved = match fs::rename(&upload_attrs, &object_attrs) {
+            Ok(()) => Ok(()),
+            // No attributes were given: the old object's must not outlive it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match fs::remove_file(&object_attrs) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        moved.map_err(|e| internal(&format!("move attributes to {}", object_attrs.display()), e))?;
+        self.remove_upload(id)?;
+        Ok(etag)
+    }
+}
+
+/// Checks the listed parts as S3 does before reading any: numbered, in
+/// strictly ascending order, each with an ETag.
+fn listed_parts(listed: &[(Option<i32>, Option<String>)]) -> Result<Vec<(i32, String)>, S3Error> {
+    if listed.is_empty() {
+        return Err(s3_error!(MalformedXML, "CompleteMultipartUpload names no part; list at least one"));
+    }
+    let mut parts: Vec<(i32, String)> = Vec::with_capacity(listed.len());
+    for (number, etag) in listed {
+        let Some(number) = *number else {
+            return Err(s3_error!(MalformedXML, "a Part of CompleteMultipartUpload has no PartNumber"));
+        };
+        if !(1..=MAX_PART_NUMBER).contains(&number) {
+            return Err(s3_error!(
+                InvalidArgument,
+                "Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive (got {number})"
+            ));
+        }
+        let Some(etag) = etag else {
+            return Err(s3_error!(MalformedXML, "part {number} of CompleteMultipartUpload has no ETag"));
+        };
+        if parts.last().is_some_and(|(previous, _)| *previous >= number) {
+            return Err(s3_error!(
+                InvalidPartOrder,
+                "The list of parts was not in ascending order. The parts list must be specified in order by part \
+                 number (part {number} follows part {}).",
+                parts.last().map_or(0, |p| p.0)
+            ));
+        }
+        parts.push((number, etag.trim().trim_matches('"').to_ascii_lowercase()));
+    }
+    Ok(parts)
+}
+
+/// What the reaper found older than its age.
+struct Stale {
+    /// Upload records and when they were written (the upload's initiation).
+    records: Vec<(Uuid, SystemTime)>,
+    /// Part files whose upload record is gone.
+    orphan_parts: Vec<(Uuid, PathBuf)>,
+}
+
+/// Temporary files removed unless they were renamed away.
+struct Temps(Vec<PathBuf>);
+
+impl Drop for Temps {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+fn invalid_part(number: i32, why: &str) -> S3Error {
+    s3_error!(
+        InvalidPart,
+        "One or more of the specified parts could not be found. The part may not have been uploaded, or the \
+         specified entity tag may not have matched the part's entity tag: part {number} {why}."
+    )
+}
+
+fn no_such_upload(id: &str) -> S3Error {
+    s3_error!(
+        NoSuchUpload,
+        "The specified upload does not exist. The upload ID may be invalid, or the upload may have been aborted \
+         or completed (upload id {id:?})."
+    )
+}
+
+/// The detail goes to the log; the caller learns only that the store failed.
+fn internal(what: &str, e: impl std::fmt::Display) -> S3Error {
+    tracing::error!("store: {what}: {e}");
+    s3_error!(InternalError, "We encountered an internal error ({what} failed). Please try again.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use s3s::S3ErrorCode;
+
+    fn listed(parts: &[(i32, &str)]) -> Vec<(Option<i32>, Option<String>)> {
+        parts.iter().map(|(n, e)| (Some(*n), Some((*e).to_owned()))).collect()
+    }
+
+    #[test]
+    fn part_lists_must_ascend_strictly_but_may_skip() {
+        assert_eq!(
+            listed_parts(&listed(&[(1, "\"AB\""), (3, "cd")])).unwrap(),
+            vec![(1, "ab".to_owned()), (3, "cd".to_owned())]
+        );
+        for bad in [&[(2, "a"), (1, "b")][..], &[(1, "a"), (1, "a")][..]] {
+            assert_eq!(*listed_parts(&listed(bad)).unwrap_err().code(), S3ErrorCode::InvalidPartOrder, "{bad:?}");
+        }
+        assert_eq!(*listed_parts(&[]).unwrap_err().code(), S3ErrorCode::MalformedXML);
+        assert_eq!(*listed_parts(&listed(&[(0, "a")])).unwrap_err().code(), S3ErrorCode::InvalidArgument);
+        assert_eq!(*listed_parts(&listed(&[(10_001, "a")])).unwrap_err().code(), S3ErrorCode::InvalidArgument);
+        assert_eq!(*listed_parts(&[(Some(1), None)]).unwrap_err().code(), S3ErrorCode::MalformedXML);
+    }
+}
