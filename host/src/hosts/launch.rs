@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::process::{HostProcess, free_loopback_port};
-use super::{JCO, NATS_SERVER, DOCKER_REGISTRY, Tools, WASH, WASMTIME};
+use super::{DOCKER_REGISTRY, JCO, NATS_SERVER, Tools, WASH, WASMTIME};
 
 /// How long a host gets from start to its first answer (compiling the
 /// component included; CI machines are slow and shared).
@@ -48,7 +48,12 @@ pub async fn wasmtime_serve(tools: &Tools, wasm: &Path, env: &[(String, String)]
     let wasmtime = tools.get(WASMTIME)?;
     let mut command = Command::new(&wasmtime);
     command.env_clear().envs(env.iter().cloned()).args(["serve", "--addr", "127.0.0.1:0", "-S", "cli"]);
-    command.args(["-W", &format!("max-memory-size={WASMTIME_MAX_MEMORY_BYTES}"), "-W", &format!("timeout={WASMTIME_TIMEOUT}")]);
+    command.args([
+        "-W",
+        &format!("max-memory-size={WASMTIME_MAX_MEMORY_BYTES}"),
+        "-W",
+        &format!("timeout={WASMTIME_TIMEOUT}"),
+    ]);
     for (key, _) in env {
         command.args(["--env", key]);
     }
@@ -68,16 +73,19 @@ pub async fn wasmtime_serve(tools: &Tools, wasm: &Path, env: &[(String, String)]
 /// `jco serve --host 127.0.0.1 --port P signer.wasm`: jco transpiles the
 /// component to JavaScript and serves it with Node's HTTP server. The whole
 /// node environment becomes the component's: it starts with only `PATH` and
-/// the signer's variables.
-pub async fn jco_serve(tools: &Tools, wasm: &Path, env: &[(String, String)]) -> Result<Served> {
+/// the signer's variables. The transpiled code goes under `work` (`--jco-dir`;
+/// jco's own temporary directory would outlive a killed jco).
+pub async fn jco_serve(tools: &Tools, wasm: &Path, env: &[(String, String)], work: &Path) -> Result<Served> {
     let jco = tools.get(JCO)?;
+    let out = super::scratch_dir(work, "jco")?;
     let port = free_loopback_port()?;
     let mut command = Command::new(&jco);
     command
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .envs(env.iter().cloned())
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--jco-dir"])
+        .arg(&out)
         .arg(wasm);
     let started = Instant::now();
     let mut process = HostProcess::spawn("jco serve", command)?;
@@ -95,8 +103,7 @@ pub async fn wash_dev(tools: &Tools, wasm: &Path, env: &[(String, String)], work
     let wash = tools.get(WASH)?;
     let project = super::scratch_dir(work, "wash-dev")?;
     std::fs::create_dir_all(project.join(".wash"))?;
-    std::fs::write(project.join(".wash/config.yaml"), wash_dev_config(wasm, env))
-        .context("write .wash/config.yaml")?;
+    std::fs::write(project.join(".wash/config.yaml"), wash_dev_config(wasm, env)).context("write .wash/config.yaml")?;
     let mut command = Command::new(&wash);
     command
         .env_clear()
@@ -141,7 +148,9 @@ async fn ready(
     let sign_url = format!("{url}{}", snapsign::signer::SIGN_PATH);
     match wait_for_signer(&sign_url, host_header.as_deref(), START_TIMEOUT, Some(&mut process)).await {
         Ok(()) => Ok(Served { host, process, url, host_header, first_answer: started.elapsed() }),
-        Err(e) => Err(e.context(format!("{host} at {url} never answered as the signer; its last output:\n{}", process.tail(30)))),
+        Err(e) => Err(
+            e.context(format!("{host} at {url} never answered as the signer; its last output:\n{}", process.tail(30)))
+        ),
     }
 }
 
@@ -168,7 +177,9 @@ pub async fn wait_for_signer(
             Ok(response) => {
                 let status = response.status().as_u16();
                 let text = response.text().await.unwrap_or_default();
-                let code = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["code"].as_str().map(str::to_owned));
+                let code = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["code"].as_str().map(str::to_owned));
                 if status == 401 && code.as_deref() == Some("missing_token") {
                     return Ok(());
                 }

@@ -18,8 +18,8 @@ pub mod bench;
 pub mod cli;
 pub mod install;
 pub mod launch;
-pub mod nats;
 pub mod native;
+pub mod nats;
 pub mod process;
 pub mod wasmcloud;
 

@@ -23,14 +23,17 @@ pub async fn start(env: Vec<(String, String)>, listen: SocketAddr) -> Result<Ser
     serve::spawn("native signer", listen, service).await
 }
 
-async fn handle(config: &SignerConfig, store: &reqwest::Client, request: http::Request<hyper::body::Incoming>) -> Answer {
+async fn handle(
+    config: &SignerConfig,
+    store: &reqwest::Client,
+    request: http::Request<hyper::body::Incoming>,
+) -> Answer {
     let (parts, body) = request.into_parts();
     let Ok(body) = Limited::new(body, MAX_BODY_BYTES).collect().await.map(|b| b.to_bytes()) else {
         return SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.into();
     };
     let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
-    let incoming =
-        Incoming { method: parts.method.as_str(), path: parts.uri.path(), authorization, body: &body };
+    let incoming = Incoming { method: parts.method.as_str(), path: parts.uri.path(), authorization, body: &body };
     match signer::handle(config, &incoming, jiff::Timestamp::now()) {
         Step::Respond(answer) => answer,
         Step::CreateMultipartUpload(pending) => match store.post(&pending.store_url).send().await {

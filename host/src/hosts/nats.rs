@@ -149,11 +149,46 @@ impl Nats {
             match self.next_message(remaining).await? {
                 Some(message) if message.sid == sid => break Ok(message.payload),
                 Some(_) => continue, // another subscription's message
-                None => break Err(anyhow::anyhow!("no answer on {subject} within {timeout:?} (is anything serving it?)")),
+                None => {
+                    break Err(anyhow::anyhow!("no answer on {subject} within {timeout:?} (is anything serving it?)"));
+                }
             }
         };
         self.unsubscribe(sid).await?;
         answer
+    }
+
+    /// Sends each `(subject, payload)` at once and waits up to `timeout` for
+    /// all answers; answers come back in the order of `requests`.
+    pub async fn request_all(&mut self, requests: &[(String, Vec<u8>)], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        let mut sids = Vec::new();
+        for (subject, payload) in requests {
+            let inbox = format!("{}.{}", self.inbox_prefix, self.next_sid);
+            let sid = self.subscribe(&inbox).await?;
+            self.publish(subject, Some(&inbox), payload).await?;
+            sids.push(sid);
+        }
+        let mut answers: Vec<Option<Vec<u8>>> = vec![None; requests.len()];
+        let deadline = Instant::now() + timeout;
+        while answers.iter().any(Option::is_none) {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let Some(message) = self.next_message(remaining).await? else {
+                let missing: Vec<&str> = requests
+                    .iter()
+                    .zip(&answers)
+                    .filter(|(_, a)| a.is_none())
+                    .map(|((subject, _), _)| subject.as_str())
+                    .collect();
+                bail!("no answer on {} within {timeout:?} (is anything serving it?)", missing.join(", "));
+            };
+            if let Some(i) = sids.iter().position(|sid| *sid == message.sid) {
+                answers[i].get_or_insert(message.payload);
+            }
+        }
+        for sid in sids {
+            self.unsubscribe(sid).await?;
+        }
+        Ok(answers.into_iter().flatten().collect())
     }
 
     async fn read_line(&mut self, timeout: Duration) -> Result<String> {

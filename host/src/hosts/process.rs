@@ -81,7 +81,12 @@ impl HostProcess {
 
     /// Waits until a line of output gives `find` a value, the process exits,
     /// or `timeout` passes.
-    pub async fn wait_for_line<T>(&mut self, what: &str, timeout: Duration, find: impl Fn(&str) -> Option<T>) -> Result<T> {
+    pub async fn wait_for_line<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        find: impl Fn(&str) -> Option<T>,
+    ) -> Result<T> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.lines.try_recv() {

@@ -251,22 +251,34 @@ pub async fn deploy(options: &DeployOptions, wash: &Path, wasm: &Path, home: &Pa
         hosts
     };
 
+    // Replace earlier copies (the API refuses a live workload id), then start
+    // every copy at once: each host pulls and compiles in parallel.
+    let hosts: Vec<HostInfo> = hosts.into_iter().take(options.hosts).collect();
+    let workload_ids: Vec<String> = (1..=hosts.len()).map(|n| format!("{}-{n}", options.workload_prefix)).collect();
+    let api = |host: &HostInfo, verb: &str| format!("runtime.host.{}.workload.{verb}", host.id);
+    let stops: Vec<(String, Vec<u8>)> = hosts
+        .iter()
+        .zip(&workload_ids)
+        .map(|(host, id)| (api(host, "stop"), json!({"workloadId": id}).to_string().into_bytes()))
+        .collect();
+    for (answer, (host, id)) in
+        nats.request_all(&stops, Duration::from_secs(30)).await?.iter().zip(hosts.iter().zip(&workload_ids))
+    {
+        let (state, message) = workload_status(answer)?;
+        tracing::info!(host = %host.id, workload_id = %id, %state, %message, "stopped any earlier copy");
+    }
+    let starts: Vec<(String, Vec<u8>)> = hosts
+        .iter()
+        .zip(&workload_ids)
+        .map(|(host, id)| {
+            let request = start_request(id, &image, &options.env, &allowed_hosts, &options.http_host);
+            (api(host, "start"), request.to_string().into_bytes())
+        })
+        .collect();
+    let answers = nats.request_all(&starts, START_TIMEOUT).await.context("start the signer on the hosts")?;
     let mut placements = Vec::new();
-    for (n, host) in hosts.into_iter().take(options.hosts).enumerate() {
-        let workload_id = format!("{}-{}", options.workload_prefix, n + 1);
-        let api = |verb: &str| format!("runtime.host.{}.workload.{verb}", host.id);
-        // Replace an earlier copy: the API refuses a live workload id.
-        let stop = json!({"workloadId": workload_id}).to_string();
-        let answer = nats.request(&api("stop"), stop.as_bytes(), Duration::from_secs(30)).await?;
-        let (state, message) = workload_status(&answer)?;
-        tracing::info!(host = %host.id, %workload_id, %state, %message, "stopped any earlier copy");
-
-        let request = start_request(&workload_id, &image, &options.env, &allowed_hosts, &options.http_host);
-        let answer = nats
-            .request(&api("start"), request.to_string().as_bytes(), START_TIMEOUT)
-            .await
-            .with_context(|| format!("start {workload_id} on host {} ({})", host.hostname, host.id))?;
-        let (state, message) = workload_status(&answer)?;
+    for (answer, (host, workload_id)) in answers.iter().zip(hosts.into_iter().zip(workload_ids)) {
+        let (state, message) = workload_status(answer)?;
         if state != "WORKLOAD_STATE_RUNNING" {
             bail!("host {} ({}) did not start {workload_id}: {state}: {message}", host.hostname, host.id);
         }
@@ -309,7 +321,8 @@ mod tests {
 
     #[test]
     fn workload_status_reads_state_and_message() {
-        let answer = br#"{"workloadStatus":{"workloadId":"w","workloadState":"WORKLOAD_STATE_ERROR","message":"boom"}}"#;
+        let answer =
+            br#"{"workloadStatus":{"workloadId":"w","workloadState":"WORKLOAD_STATE_ERROR","message":"boom"}}"#;
         assert_eq!(workload_status(answer).unwrap(), ("WORKLOAD_STATE_ERROR".into(), "boom".into()));
         assert!(workload_status(b"nope").is_err());
     }
