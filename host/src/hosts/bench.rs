@@ -21,6 +21,8 @@ const GET_BLOB: &str =
     r#"{"target":{"kind":"blob","uri":"s3://bench/builds/ns/bench/s.tlsnap"},"op":{"kind":"get_blob"}}"#;
 /// No run sends more than this many requests, whatever the duration.
 const MAX_REQUESTS: usize = 2_000_000;
+/// A connection that fails more often than this fails the run.
+const MAX_RECONNECTS: usize = 100_000;
 
 /// The bench's settings.
 #[derive(Debug, Clone)]
@@ -40,6 +42,8 @@ pub struct Figures {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub first_answer: Option<Duration>,
+    /// Connections the host closed under the client (each one reopened).
+    pub reconnects: usize,
 }
 
 fn env(store_url: &str) -> Vec<(String, String)> {
@@ -65,10 +69,12 @@ pub async fn load(
     token: &str,
     concurrency: usize,
     duration: Duration,
-) -> Result<(usize, Vec<Duration>, Duration)> {
+) -> Result<(usize, Vec<Duration>, Duration, usize)> {
     let uri: http::Uri = sign_url.parse().with_context(|| format!("parse {sign_url}"))?;
     let authority = uri.authority().context("sign URL has no host")?.to_string();
     let host = host_header.unwrap_or(&authority).to_owned();
+    // Origin-form request target (`POST /path`), as browsers and proxies send it.
+    let uri: http::Uri = uri.path_and_query().context("sign URL has no path")?.as_str().parse()?;
     let started = Instant::now();
     let deadline = started + duration;
     let per_worker = MAX_REQUESTS / concurrency.max(1);
@@ -76,13 +82,19 @@ pub async fn load(
     for _ in 0..concurrency.max(1) {
         let (uri, authority, host, token) = (uri.clone(), authority.clone(), host.clone(), token.to_owned());
         workers.push(tokio::spawn(async move {
-            let stream =
-                tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connect {authority}"))?;
-            stream.set_nodelay(true)?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await?;
-            tokio::spawn(connection);
+            let connect = || async {
+                let stream =
+                    tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connect {authority}"))?;
+                stream.set_nodelay(true)?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await?;
+                tokio::spawn(connection);
+                Ok::<_, anyhow::Error>(sender)
+            };
+            let mut sender = connect().await?;
             let mut latencies = Vec::with_capacity(4096);
+            // A host that closes kept-alive connections costs a reconnect, counted.
+            let mut reconnects = 0usize;
             while Instant::now() < deadline && latencies.len() < per_worker {
                 let request = http::Request::post(uri.clone())
                     .header("host", &host)
@@ -90,8 +102,24 @@ pub async fn load(
                     .header("content-type", "application/json")
                     .body(Full::new(Bytes::from_static(GET_BLOB.as_bytes())))?;
                 let sent = Instant::now();
-                sender.ready().await.context("connection closed")?;
-                let response = sender.send_request(request).await.context("send get_blob")?;
+                let response = match sender.ready().await {
+                    Ok(()) => sender.send_request(request).await,
+                    Err(e) => Err(e),
+                };
+                let response = match response {
+                    Ok(response) => response,
+                    Err(e) if reconnects < MAX_RECONNECTS => {
+                        tracing::debug!("reconnecting after: {e}");
+                        reconnects += 1;
+                        sender = connect().await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(
+                            anyhow::Error::from(e).context(format!("send get_blob ({reconnects} reconnects already)"))
+                        );
+                    }
+                };
                 let status = response.status();
                 let body = response.into_body().collect().await.context("read the answer")?.to_bytes();
                 latencies.push(sent.elapsed());
@@ -99,14 +127,17 @@ pub async fn load(
                     bail!("get_blob answered {status}: {}", String::from_utf8_lossy(&body));
                 }
             }
-            Ok::<_, anyhow::Error>(latencies)
+            Ok::<_, anyhow::Error>((latencies, reconnects))
         }));
     }
     let mut all = Vec::new();
+    let mut reconnects = 0;
     for worker in workers {
-        all.extend(worker.await.context("bench worker panicked")??);
+        let (latencies, again) = worker.await.context("bench worker panicked")??;
+        all.extend(latencies);
+        reconnects += again;
     }
-    Ok((all.len(), all, started.elapsed()))
+    Ok((all.len(), all, started.elapsed(), reconnects))
 }
 
 async fn measure(
@@ -120,7 +151,7 @@ async fn measure(
     load(sign_url, host_header, token, options.concurrency, Duration::from_secs_f64(options.warmup_seconds))
         .await
         .with_context(|| format!("warm up {host}"))?;
-    let (count, mut latencies, elapsed) =
+    let (count, mut latencies, elapsed, reconnects) =
         load(sign_url, host_header, token, options.concurrency, Duration::from_secs_f64(options.seconds))
             .await
             .with_context(|| format!("load {host}"))?;
@@ -133,8 +164,9 @@ async fn measure(
         p50_ms: at(0.5),
         p99_ms: at(0.99),
         first_answer,
+        reconnects,
     };
-    eprintln!("  {host}: {:.0} req/s", figures.per_second);
+    eprintln!("  {host}: {:.0} req/s, {reconnects} reconnects", figures.per_second);
     Ok(figures)
 }
 
@@ -155,7 +187,7 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
     for tool in [super::WASMTIME, super::WASH, super::JCO] {
         tools.get(tool)?;
     }
-    let wasm = super::signer_wasm(&options.tools_dir)?;
+    let wasm = super::signer_wasm(tools.dir())?;
     let store = crate::store::start(&StoreConfig {
         root: work.join("store"),
         listen: "127.0.0.1:0".parse()?,
@@ -210,7 +242,8 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
             options,
             Some(served.first_answer),
         )
-        .await;
+        .await
+        .with_context(|| format!("{host}'s last output:\n{}", served.process.tail(20)));
         drop(served);
         figures.push(result?);
     }
@@ -226,18 +259,19 @@ fn print_table(options: &BenchOptions, figures: &[Figures]) {
         options.concurrency,
         options.seconds
     );
-    println!("| host | req/s | × native | p50 ms | p99 ms | requests | start to first answer |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| host | req/s | × native | p50 ms | p99 ms | requests | reconnects | start to first answer |");
+    println!("|---|---|---|---|---|---|---|---|");
     for f in figures {
         let first = f.first_answer.map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
         println!(
-            "| {} | {:.0} | {:.2} | {:.3} | {:.3} | {} | {first} |",
+            "| {} | {:.0} | {:.2} | {:.3} | {:.3} | {} | {} | {first} |",
             f.host,
             f.per_second,
             f.per_second / ceiling,
             f.p50_ms,
             f.p99_ms,
-            f.requests
+            f.requests,
+            f.reconnects
         );
     }
 }

@@ -78,7 +78,10 @@ pub struct Tools {
 impl Tools {
     /// Tools cached under `dir` (created on first use).
     pub fn new(dir: impl Into<PathBuf>) -> Tools {
-        Tools { dir: dir.into(), install_env: Vec::new() }
+        // Absolute: hosts run in directories of their own.
+        let dir = dir.into();
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        Tools { dir, install_env: Vec::new() }
     }
 
     /// Runs the installers with these variables too (`PIP_INDEX_URL`,

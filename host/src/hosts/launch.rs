@@ -101,6 +101,7 @@ pub async fn jco_serve(tools: &Tools, wasm: &Path, env: &[(String, String)], wor
 /// `HOME` is `work` so wash keeps its state there.
 pub async fn wash_dev(tools: &Tools, wasm: &Path, env: &[(String, String)], work: &Path) -> Result<Served> {
     let wash = tools.get(WASH)?;
+    let wasm = &std::path::absolute(wasm).context("make the component path absolute")?;
     let project = super::scratch_dir(work, "wash-dev")?;
     std::fs::create_dir_all(project.join(".wash"))?;
     std::fs::write(project.join(".wash/config.yaml"), wash_dev_config(wasm, env)).context("write .wash/config.yaml")?;
