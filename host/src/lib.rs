@@ -5,13 +5,15 @@
 //! - [`outbound`]: the outbound HTTP allow-list guests get;
 //! - [`signer`]: `serve-signer`, the signer component behind wasi:http;
 //! - [`store`]: the embedded S3-compatible store;
-//! - [`serve`]: the HTTP server loop they share.
+//! - [`serve`]: the HTTP server loop they share;
+//! - [`hosts`]: the signer on third-party hosts (wasmtime serve, jco, wasmCloud).
 
 pub mod bench;
 pub mod build;
 pub mod demo;
 pub mod dev;
 pub mod engine;
+pub mod hosts;
 pub mod outbound;
 pub mod serve;
 pub mod signer;

@@ -164,6 +164,11 @@ enum Command {
         #[arg(long, env = "SNAPSIGN_TOKEN_KEY", hide_env_values = true)]
         key: String,
     },
+    /// Deploy the signer component onto a distributed host.
+    Deploy {
+        #[command(subcommand)]
+        target: snapsign_host::hosts::cli::Deploy,
+    },
     /// Print benchmark figures (run with --release).
     Bench {
         #[command(subcommand)]
@@ -207,6 +212,8 @@ enum BenchWhat {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// get_blob throughput and latency on every host of the signer, native ceiling included.
+    Hosts(snapsign_host::hosts::cli::BenchHosts),
     /// Orchestration overhead of demo builds, warm instantiation and cold start.
     Build {
         /// Builds to run (the first only warms the cache).
@@ -442,6 +449,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench { what: BenchWhat::Sign { rounds, requests, concurrency } } => {
             snapsign_host::bench::sign(rounds, requests, concurrency).await?;
         }
+        Command::Bench { what: BenchWhat::Hosts(args) } => snapsign_host::hosts::cli::bench_hosts(args).await?,
+        Command::Deploy { target } => snapsign_host::hosts::cli::deploy(target).await?,
         Command::Bench { what: BenchWhat::Build { rounds } } => {
             let builder = std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
             snapsign_host::bench::build(rounds, builder).await?;
