@@ -195,6 +195,7 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
         secret_access_key: "bench-secret".into(),
         buckets: vec!["bench".into()],
         faults: Default::default(),
+        abort_incomplete_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
     })
     .await?;
     let env = env(&store.url());
