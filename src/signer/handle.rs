@@ -609,8 +609,28 @@ mod tests {
                     .prop_map(|(p, s)| json!({"max_parts": p, "part_size_bytes": s})),
                 json_value(),
             ];
-            (word(), word(), word(), word(), hint, prop::option::of(json_value())).prop_map(
-                |(target_kind, location, op_kind, field, hint, extra)| {
+            // Mostly well-formed kinds and fields, so the deeper steps (policy,
+            // the store call, its answer) are reached, not only the parser.
+            let either = |valid: &'static [&'static str]| prop_oneof![3 => prop::sample::select(valid).prop_map(str::to_owned), 1 => word()];
+            let location = prop_oneof![
+                3 => hostile_rel_path(),
+                2 => prop::sample::select(&[
+                    "s3://snaps/builds/team-a/x",
+                    "s3://snaps/builds/team-b/x",
+                    "s3://snaps/public/x",
+                    "s3://other/builds/team-a/x",
+                ][..]).prop_map(str::to_owned),
+                1 => word(),
+            ];
+            (
+                either(&["artifact", "blob"]),
+                location,
+                either(&["put_artifact", "get_blob"]),
+                either(&["rel_path", "uri"]),
+                hint,
+                prop::option::of(json_value()),
+            )
+                .prop_map(|(target_kind, location, op_kind, field, hint, extra)| {
                     let mut body = json!({
                         "target": {"kind": target_kind, field: location},
                         "op": {"kind": op_kind, "multipart_hint": hint},
@@ -619,8 +639,7 @@ mod tests {
                         body["extra"] = extra;
                     }
                     body.to_string()
-                },
-            )
+                })
         }
 
         fn body() -> impl Strategy<Value = Vec<u8>> {
@@ -692,6 +711,43 @@ mod tests {
                 }
                 prop_assert!(!rel.contains('\\') && !rel.chars().any(char::is_control));
                 prop_assert!(!rel.to_ascii_lowercase().contains("%2e") && !rel.to_ascii_lowercase().contains("%2f"));
+            }
+
+            /// Whatever the store answers CreateMultipartUpload (or when it is
+            /// unreachable), an error answer signs nothing.
+            #[test]
+            fn no_store_answer_makes_an_error_carry_a_signature(
+                ns in namespace(),
+                max_parts in 1u64..=50,
+                store_status in prop_oneof![Just(200u16), 100u16..600],
+                store_body in prop_oneof![
+                    Just(String::new()),
+                    "<Error><Code>[A-Za-z]{1,20}</Code><Message>[ -~]{0,40}</Message></Error>",
+                    "<Error><Code>[ -~]{0,80}</Code></Error>",
+                    Just("<InitiateMultipartUploadResult><UploadId>u-1</UploadId></InitiateMultipartUploadResult>".to_owned()),
+                    any::<String>(),
+                ],
+            ) {
+                let body = json!({"target": {"kind": "artifact", "rel_path": "s.tlsnap"},
+                    "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": max_parts, "part_size_bytes": 5_242_880}}});
+                let Step::CreateMultipartUpload(pending) = run_as(&ns, &body.to_string()) else {
+                    panic!("a valid multipart request asks the store");
+                };
+                let store_url = pending.store_url.clone();
+                let answer = pending.finish(store_status, &store_body);
+                if answer.status == 200 {
+                    prop_assert!((200..300).contains(&store_status));
+                    prop_assert!(answer.body.contains("X-Amz-Signature="));
+                } else {
+                    assert_signs_nothing(&answer)?;
+                }
+                let Step::CreateMultipartUpload(again) = run_as(&ns, &body.to_string()) else {
+                    panic!("the same request decided differently");
+                };
+                // The transport error names the presigned URL; only the log may see it.
+                let answer = again.unreachable(&format!("{store_url}: {store_body}"));
+                assert_signs_nothing(&answer)?;
+                prop_assert!(!answer.body.contains("127.0.0.1"), "{}", answer.body);
             }
 
             /// Whatever is sent, an error answer signs nothing; a signed answer
