@@ -22,9 +22,22 @@ fn method(name: &str) -> Method {
     }
 }
 
+/// `url` without its query: presigned URLs carry their signature there,
+/// and error messages end up in logs.
+pub fn redact_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?(query redacted)"),
+        None => url.to_owned(),
+    }
+}
+
 /// Sends `method url` with `headers` and `body`; waits for the whole response.
+/// Errors name the URL without its query.
 pub fn send(method_name: &str, url: &str, headers: &[(String, String)], body: &[u8]) -> Exchange {
-    let parsed = url::Url::parse(url).map_err(|e| format!("{url} is not a URL: {e}"))?;
+    let parsed = url::Url::parse(url).map_err(|e| format!("{} is not a URL: {e}", redact_query(url)))?;
+    // From here on `url` only names the request in errors.
+    let shown = redact_query(url);
+    let url = shown.as_str();
     let scheme = match parsed.scheme() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,

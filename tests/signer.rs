@@ -156,6 +156,7 @@ async fn bad_requests_get_their_status_and_a_json_error_and_sign_nothing() {
 
     let cases: Vec<(&str, Option<&str>, String, u16, &str)> = vec![
         ("malformed JSON", Some(&token), "{\"target\":".into(), 400, "malformed_json"),
+        ("duplicate key", Some(&token), r#"{"target":{"kind":"artifact","rel_path":"mine","rel_path":"../team-b/x"},"op":{"kind":"put_artifact"}}"#.into(), 400, "duplicate_key"),
         ("unknown target kind", Some(&token), json!({"target":{"kind":"bucket","uri":"s3://snaps/x"},"op":{"kind":"get_blob"}}).to_string(), 400, "unknown_kind"),
         ("unknown op kind", Some(&token), json!({"target":{"kind":"artifact","rel_path":"x"},"op":{"kind":"delete_artifact"}}).to_string(), 400, "unknown_kind"),
         ("missing target", Some(&token), json!({"op":{"kind":"get_blob"}}).to_string(), 400, "missing_field"),

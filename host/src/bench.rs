@@ -49,7 +49,13 @@ fn native_sign(config: &SignerConfig, token: &str, rounds: usize) -> Result<Vec<
     let body = put_body();
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
-        let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: body.as_bytes() };
+        let incoming = Incoming {
+            method: "POST",
+            path: SIGN_PATH,
+            authorization: Some(&auth),
+            body: body.as_bytes(),
+            request_id: "bench",
+        };
         let Step::CreateMultipartUpload(pending) = signer::handle(config, &incoming, jiff::Timestamp::now()) else {
             bail!("native core did not ask for CreateMultipartUpload");
         };
@@ -168,6 +174,187 @@ pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<
     );
     println!("  get_blob throughput, {concurrency} concurrent loopback clients: {rps:8.0} req/s");
     server.shutdown().await;
+    store.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A `serve-signer` child process, killed on drop.
+struct SignerProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl SignerProcess {
+    fn start(binary: &std::path::Path, env: &[(String, String)], cache_dir: &std::path::Path) -> Result<Self> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(binary)
+            .args(["serve-signer", "--listen", "127.0.0.1:0", "--cache-dir"])
+            .arg(cache_dir)
+            .envs(env.iter().cloned())
+            // Both servers log at the same level: the figures measure serving, not logging.
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start {} serve-signer", binary.display()))?;
+        let stdout = child.stdout.take().context("serve-signer stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    bail!("{} serve-signer printed no address within 120 s", binary.display());
+                }
+            };
+            if let Some(url) = line.strip_prefix("signer listening on ") {
+                break url.to_owned();
+            }
+        };
+        Ok(SignerProcess { child, url })
+    }
+}
+
+impl Drop for SignerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const GET_BODY: &str =
+    r#"{"target":{"kind":"blob","uri":"s3://bench/builds/ns/bench/s.tlsnap"},"op":{"kind":"get_blob"}}"#;
+
+async fn sequential(client: &reqwest::Client, url: &str, token: &str, requests: usize) -> Result<Vec<Duration>> {
+    let mut latency = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let started = Instant::now();
+        let response = client.post(url).bearer_auth(token).body(GET_BODY).send().await?;
+        let status = response.status();
+        response.bytes().await?;
+        latency.push(started.elapsed());
+        if status != 200 {
+            bail!("get_blob answered {status}");
+        }
+    }
+    Ok(latency)
+}
+
+async fn load(client: &reqwest::Client, url: &str, token: &str, requests: usize, concurrency: usize) -> Result<f64> {
+    let per_worker = requests / concurrency.max(1);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, url, token) = (client.clone(), url.to_owned(), token.to_owned());
+        workers.push(tokio::spawn(async move {
+            for _ in 0..per_worker {
+                let response = client.post(&url).bearer_auth(&token).body(GET_BODY).send().await?;
+                if !response.status().is_success() {
+                    bail!("get_blob under load answered {}", response.status());
+                }
+                response.bytes().await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok((per_worker * concurrency.max(1)) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `snapsign bench serve`: get_blob latency and throughput through
+/// `serve-signer` processes started from `this` binary and, when given, a
+/// `baseline` binary, measured in alternating rounds of one run so that both
+/// see the same machine.
+pub async fn serve(
+    this: std::path::PathBuf,
+    baseline: Option<std::path::PathBuf>,
+    rounds: usize,
+    requests: usize,
+    concurrency: usize,
+) -> Result<()> {
+    let dir = tempfile_dir()?;
+    let store = crate::store::start(&StoreConfig {
+        root: dir.join("store"),
+        listen: "127.0.0.1:0".parse()?,
+        access_key_id: "AKIDBENCH".into(),
+        secret_access_key: "bench-secret".into(),
+        buckets: vec!["bench".into()],
+        faults: Default::default(),
+    })
+    .await?;
+    let env = env(&store.url());
+    let token = snapsign::token::mint(TOKEN_KEY.as_bytes(), "ns", jiff::Timestamp::now().as_second() + 3600)?;
+    let mut servers = Vec::new();
+    if let Some(baseline) = &baseline {
+        servers.push((
+            "baseline",
+            baseline.clone(),
+            SignerProcess::start(baseline, &env, &dir.join("cache-baseline"))?,
+        ));
+    }
+    servers.push(("this build", this.clone(), SignerProcess::start(&this, &env, &dir.join("cache-this"))?));
+
+    let client = reqwest::Client::new();
+    let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); servers.len()];
+    let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); servers.len()];
+    for (_, _, server) in &servers {
+        let url = format!("{}{SIGN_PATH}", server.url);
+        sequential(&client, &url, &token, 200).await.context("warm up")?;
+    }
+    for round in 0..rounds.max(1) {
+        // Alternate who goes first, so drift on the machine hits both alike.
+        let mut order: Vec<usize> = (0..servers.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let url = format!("{}{SIGN_PATH}", servers[i].2.url);
+            latency[i].extend(sequential(&client, &url, &token, requests).await?);
+            throughput[i].push(load(&client, &url, &token, requests, concurrency).await?);
+        }
+    }
+
+    println!(
+        "snapsign bench serve ({} build of the bench client, {} rounds of {requests} sequential get_blob requests and {requests} from {concurrency} concurrent clients per server)",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        rounds.max(1)
+    );
+    for (label, binary, _) in &servers {
+        println!("  {label}: {}", binary.display());
+    }
+    let figures: Vec<(f64, f64, f64)> = latency
+        .into_iter()
+        .zip(throughput)
+        .map(|(samples, mut rps)| {
+            let (p50, p99) = stats(samples);
+            rps.sort_by(f64::total_cmp);
+            (p50, p99, rps[rps.len() / 2])
+        })
+        .collect();
+    let header: Vec<String> = servers.iter().map(|(label, _, _)| format!("{label:>14}")).collect();
+    println!("  {:<38}{}{}", "", header.join(""), if servers.len() == 2 { "        change" } else { "" });
+    let row = |name: &str, unit: &str, pick: &dyn Fn(&(f64, f64, f64)) -> f64, digits: usize| {
+        let cells: Vec<String> = figures.iter().map(|f| format!("{:>10.digits$} {unit:<3}", pick(f))).collect();
+        let change = match figures.as_slice() {
+            [before, after] => format!("    {:+7.1} %", (pick(after) / pick(before) - 1.0) * 100.0),
+            _ => String::new(),
+        };
+        println!("  {name:<38}{}{change}", cells.join(""));
+    };
+    row("get_blob latency p50 (sequential)", "ms", &|f| f.0, 3);
+    row("get_blob latency p99 (sequential)", "ms", &|f| f.1, 3);
+    row(&format!("get_blob throughput ({concurrency} clients, median)"), "r/s", &|f| f.2, 0);
+    drop(servers);
     store.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -48,6 +48,8 @@ enum Command {
         /// Compiled-component cache [default: $SNAPSIGN_CACHE_DIR, ~/.cache/snapsign].
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// Build a sandbox image: prepare, builder sandbox, dataplane signing, build, complete.
     ///
@@ -198,6 +200,38 @@ enum Command {
     },
 }
 
+/// What a server tolerates from its clients (see `serve::ServeLimits`).
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Seconds a request's head may take to arrive (from the connection opening, or its first byte).
+    #[arg(long, default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit idle between requests.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout_secs: u64,
+    /// Seconds a request body may take to arrive, before the request takes an instance.
+    #[arg(long, default_value_t = 10)]
+    body_timeout_secs: u64,
+    /// Open connections allowed from one client IP (behind a proxy every client shares one).
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_ip: usize,
+    /// Open connections allowed in total.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+}
+
+impl ServeArgs {
+    fn limits(&self) -> snapsign_host::serve::ServeLimits {
+        snapsign_host::serve::ServeLimits {
+            header_read_timeout: Duration::from_secs(self.header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            body_read_timeout: Duration::from_secs(self.body_timeout_secs),
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchWhat {
     /// Signing cost natively and in the component; serve-signer latency and throughput.
@@ -214,6 +248,22 @@ enum BenchWhat {
     },
     /// get_blob throughput and latency on every host of the signer, native ceiling included.
     Hosts(snapsign_host::hosts::cli::BenchHosts),
+    /// get_blob latency and throughput through serve-signer processes: this
+    /// binary and, side by side, a --baseline binary (e.g. an older build).
+    Serve {
+        /// Another snapsign binary to measure in the same run, in alternating rounds.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Rounds per server (each: a sequential latency run and a concurrent load run).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// get_blob requests per run.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Concurrent clients in the load runs.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Orchestration overhead of demo builds, warm instantiation and cold start.
     Build {
         /// Builds to run (the first only warms the cache).
@@ -360,7 +410,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             });
         }
-        Command::ServeSigner { listen, env, max_memory_mb, timeout_secs, max_concurrency, cache_dir } => {
+        Command::ServeSigner { listen, env, max_memory_mb, timeout_secs, max_concurrency, cache_dir, serve } => {
             let config = signer::SignerServerConfig {
                 listen,
                 env: parse_env(&env)?,
@@ -368,7 +418,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 request_timeout: Duration::from_secs(timeout_secs),
                 cache_dir: cache_dir.unwrap_or_else(engine::default_cache_dir),
             };
-            let (server, _host) = signer::start(&config).await?;
+            let (server, _host) = signer::start_with(&config, serve.limits()).await?;
             println!("signer listening on {}", server.url());
             wait_for_stop().await;
             tracing::info!("stopping the signer");
@@ -451,6 +501,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bench { what: BenchWhat::Hosts(args) } => snapsign_host::hosts::cli::bench_hosts(args).await?,
         Command::Deploy { target } => snapsign_host::hosts::cli::deploy(target).await?,
+        Command::Bench { what: BenchWhat::Serve { baseline, rounds, requests, concurrency } } => {
+            let this = std::env::current_exe().context("find this executable")?;
+            snapsign_host::bench::serve(this, baseline, rounds, requests, concurrency).await?;
+        }
         Command::Bench { what: BenchWhat::Build { rounds } } => {
             let builder = std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
             snapsign_host::bench::build(rounds, builder).await?;

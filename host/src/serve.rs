@@ -1,19 +1,65 @@
 //! A small HTTP/1 server loop shared by every server the host runs (the
-//! store, the signer): bind, serve connections, stop gracefully.
+//! store, the signer, the dev stack's emulator): bind, serve connections,
+//! stop gracefully, and keep slow or idle clients from holding the server.
+//!
+//! Every connection is watched: a request's head must arrive within
+//! [`ServeLimits::header_read_timeout`] of the connection opening (or of its
+//! first byte, for later requests on a kept-alive connection), a kept-alive
+//! connection with no request in flight is closed after
+//! [`ServeLimits::idle_timeout`], and connections are counted per client IP
+//! and in total. A connection over either count is answered `503` with a JSON
+//! `{code, message}` and closed before any of its bytes are read.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// How long open connections get to finish when a server stops.
 pub const GRACE: Duration = Duration::from_secs(5);
+
+/// What a server tolerates from its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// Time for a request's head (request line and headers) to arrive, counted
+    /// from the connection opening for the first request and from the first
+    /// byte for later ones. Slow or half-sent heads are cut off after it.
+    pub header_read_timeout: Duration,
+    /// A kept-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Time a handler that buffers a whole request body (the signer) allows
+    /// for it, before the request takes any scarce resource.
+    pub body_read_timeout: Duration,
+    /// Open connections allowed from one client IP address. Behind a proxy or
+    /// on loopback every client shares one address: size it for that.
+    pub max_connections_per_ip: usize,
+    /// Open connections allowed in total.
+    pub max_connections: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 256,
+            max_connections: 1024,
+        }
+    }
+}
 
 /// A running server. Dropping it stops the server.
 #[derive(Debug)]
@@ -21,6 +67,7 @@ pub struct Server {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    counts: Arc<ConnectionCounts>,
 }
 
 impl Server {
@@ -32,6 +79,11 @@ impl Server {
     /// `http://addr`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Connections open right now (accepted and not yet closed).
+    pub fn open_connections(&self) -> usize {
+        self.counts.total.load(Ordering::SeqCst)
     }
 
     /// Stops accepting, lets open connections finish (up to [`GRACE`]), and waits.
@@ -53,8 +105,251 @@ impl Drop for Server {
     }
 }
 
-/// Binds `addr` and serves `service` on it until the returned [`Server`] stops.
+/// Open connections, per client IP and in total.
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; uncounts itself on drop.
+struct Counted {
+    counts: Arc<ConnectionCounts>,
+    ip: IpAddr,
+}
+
+impl ConnectionCounts {
+    /// Counts a new connection from `ip`, or says which bound it would cross.
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ServeLimits) -> Result<Counted, &'static str> {
+        let mut per_ip = self.per_ip.lock().expect("connection counts lock");
+        if self.total.load(Ordering::SeqCst) >= limits.max_connections {
+            return Err("the server has as many open connections as it allows");
+        }
+        let from_ip = per_ip.entry(ip).or_insert(0);
+        if *from_ip >= limits.max_connections_per_ip {
+            return Err("this client address has as many open connections as the server allows");
+        }
+        *from_ip += 1;
+        self.total.fetch_add(1, Ordering::SeqCst);
+        Ok(Counted { counts: self.clone(), ip })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut per_ip = self.counts.per_ip.lock().expect("connection counts lock");
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        self.counts.total.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the watchdog of one connection knows. Times are milliseconds since `opened`.
+#[derive(Debug)]
+struct Activity {
+    opened: Instant,
+    /// Requests whose response has not been fully sent.
+    in_flight: AtomicUsize,
+    /// When the last request finished (or the connection opened).
+    idle_since_ms: AtomicU64,
+    /// 0 while idle; else 1 + when the current request's head began.
+    head_started_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        // The first request's head is due from the moment the connection opens.
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(1),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn on_read(&self) {
+        if self.in_flight.load(Ordering::SeqCst) == 0 && self.head_started_ms.load(Ordering::SeqCst) == 0 {
+            self.head_started_ms.store(self.now_ms() + 1, Ordering::SeqCst);
+        }
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn request_finished(&self) {
+        self.idle_since_ms.store(self.now_ms(), Ordering::SeqCst);
+        self.head_started_ms.store(0, Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// When the connection must be closed unless a request starts, and why; `None` while one runs.
+    fn deadline(&self, limits: &ServeLimits) -> Option<(Instant, &'static str)> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        match self.head_started_ms.load(Ordering::SeqCst) {
+            0 => {
+                let idle = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
+                Some((self.opened + idle + limits.idle_timeout, "idle"))
+            }
+            started => {
+                let started = Duration::from_millis(started - 1);
+                Some((self.opened + started + limits.header_read_timeout, "request head not received in time"))
+            }
+        }
+    }
+}
+
+/// The socket, noting when bytes arrive.
+struct WatchedIo {
+    socket: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.socket).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.socket).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+}
+
+/// Marks a request in flight until its response body is dropped (sent or abandoned).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.request_started();
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// A response body that keeps its request in flight while it is being sent.
+pub struct WatchedBody<B> {
+    inner: Pin<Box<B>>,
+    _in_flight: InFlight,
+}
+
+impl<B: http_body::Body> http_body::Body for WatchedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.inner.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The service, counting its requests in flight on one connection.
+struct WatchedService<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> hyper::service::Service<http::Request<Incoming>> for WatchedService<S>
+where
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+{
+    type Response = http::Response<WatchedBody<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        let in_flight = InFlight::start(&self.activity);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| WatchedBody { inner: Box::pin(body), _in_flight: in_flight }))
+        })
+    }
+}
+
+/// The answer to a connection over a bound: written without waiting, then the socket is closed.
+fn refusal(reason: &str) -> Vec<u8> {
+    let body =
+        serde_json::json!({"code": "too_many_connections", "message": format!("{reason}; retry later")}).to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Binds `addr` and serves `service` on it with [`ServeLimits::default`].
 pub async fn spawn<S, B>(name: &'static str, addr: SocketAddr, service: S) -> Result<Server>
+where
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    spawn_with(name, addr, ServeLimits::default(), service).await
+}
+
+/// Binds `addr` and serves `service` on it, under `limits`, until the returned [`Server`] stops.
+pub async fn spawn_with<S, B>(name: &'static str, addr: SocketAddr, limits: ServeLimits, service: S) -> Result<Server>
 where
     S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
@@ -66,21 +361,46 @@ where
     let listener = TcpListener::bind(addr).await.with_context(|| format!("bind the {name} to {addr}"))?;
     let addr = listener.local_addr().context("read the bound address")?;
     let (stop_tx, mut stop_rx) = oneshot::channel();
+    let counts = Arc::new(ConnectionCounts::default());
+    let task_counts = counts.clone();
+    let watched = Arc::new(Watched::default());
+    // One reaper per server, off the connections' own poll path (a timer polled
+    // with every connection wake-up cost a fifth of the throughput).
+    let reaper = tokio::spawn(watched.clone().reap(name, limits));
     let task = tokio::spawn(async move {
-        let builder = ConnBuilder::new(TokioExecutor::new());
+        let counts = task_counts;
+        let builder = hyper::server::conn::http1::Builder::new();
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((socket, _)) => {
+                    Ok((socket, peer)) => {
+                        let counted = match counts.admit(peer.ip(), &limits) {
+                            Ok(counted) => counted,
+                            Err(reason) => {
+                                tracing::warn!(%peer, "{name} refused a connection: {reason}");
+                                // Best effort: a fresh socket's send buffer takes this without blocking.
+                                let _ = socket.try_write(&refusal(reason));
+                                continue;
+                            }
+                        };
                         let _ = socket.set_nodelay(true);
-                        let conn = builder.serve_connection(TokioIo::new(socket), service.clone());
-                        let conn = graceful.watch(conn.into_owned());
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!("{name} connection ended: {e}");
+                        let activity = Arc::new(Activity::new());
+                        let io = TokioIo::new(WatchedIo { socket, activity: activity.clone() });
+                        let service = WatchedService { inner: service.clone(), activity: activity.clone() };
+                        let conn = graceful.watch(builder.serve_connection(io, service));
+                        let id = watched.next_id();
+                        let task = tokio::spawn({
+                            let watched = watched.clone();
+                            async move {
+                                let _counted = counted;
+                                let _registered = Registered { watched, id };
+                                if let Err(e) = conn.await {
+                                    tracing::debug!(%peer, "{name} connection ended: {e}");
+                                }
                             }
                         });
+                        watched.register(id, activity, task.abort_handle());
                     }
                     Err(e) => {
                         tracing::warn!("{name} accept failed: {e}");
@@ -91,10 +411,63 @@ where
             }
         }
         drop(listener);
+        reaper.abort();
         if tokio::time::timeout(GRACE, graceful.shutdown()).await.is_err() {
             tracing::warn!("{name}: connections still open after {GRACE:?}; closing them");
         }
         tracing::debug!("{name} on {addr} stopped");
     });
-    Ok(Server { addr, stop: Some(stop_tx), task: Some(task) })
+    Ok(Server { addr, stop: Some(stop_tx), task: Some(task), counts })
+}
+
+/// The open connections of one server, for the reaper.
+#[derive(Default)]
+struct Watched {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, (Arc<Activity>, tokio::task::AbortHandle)>>,
+}
+
+/// Removes its connection from [`Watched`] when the connection's task ends.
+struct Registered {
+    watched: Arc<Watched>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.watched.open.lock().expect("watched connections lock").remove(&self.id);
+    }
+}
+
+impl Watched {
+    fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn register(&self, id: u64, activity: Arc<Activity>, task: tokio::task::AbortHandle) {
+        if !task.is_finished() {
+            self.open.lock().expect("watched connections lock").insert(id, (activity, task));
+        }
+    }
+
+    /// Every tick, closes (aborts) each connection past its deadline.
+    async fn reap(self: Arc<Self>, name: &'static str, limits: ServeLimits) {
+        let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 8)
+            .clamp(Duration::from_millis(20), Duration::from_millis(500));
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let now = Instant::now();
+            let mut open = self.open.lock().expect("watched connections lock");
+            open.retain(|_, (activity, task)| match activity.deadline(&limits) {
+                Some((deadline, why)) if deadline <= now => {
+                    tracing::debug!("{name} closed a connection: {why}");
+                    task.abort();
+                    false
+                }
+                _ => !task.is_finished(),
+            });
+        }
+    }
 }

@@ -94,14 +94,15 @@ pub fn plan(dockerfile: &str) -> Result<Plan, PlanError> {
                 }
             }
             "COPY" | "ADD" => {
-                for flag in rest.iter().filter_map(|w| w.strip_prefix("--from=")) {
+                // An empty `--from=` names nothing to look up (found by fuzzing: it was looked up as "").
+                for flag in rest.iter().filter_map(|w| w.strip_prefix("--from=")).filter(|f| !f.is_empty()) {
                     others.push(flag.to_owned());
                 }
             }
             "RUN" => {
                 for mount in rest.iter().filter_map(|w| w.strip_prefix("--mount=")) {
                     for option in mount.split(',') {
-                        if let Some(from) = option.strip_prefix("from=") {
+                        if let Some(from) = option.strip_prefix("from=").filter(|f| !f.is_empty()) {
                             others.push(from.to_owned());
                         }
                     }
@@ -154,5 +155,12 @@ mod tests {
         assert_eq!((p.base_image.as_str(), p.other_lookups.as_slice()), ("base", &["other".to_owned()][..]));
         assert_eq!(plan("COPY a b\n"), Err(PlanError::NoFrom));
         assert_eq!(plan("\nFROM\n"), Err(PlanError::EmptyFrom { line: 2 }));
+    }
+
+    #[test]
+    fn an_empty_from_flag_is_not_looked_up() {
+        let p = plan("FROM tensorlake/a\nCOPY --from= /x /y\nRUN --mount=type=cache,from=,target=/c true\n").unwrap();
+        assert_eq!(p.final_lookup.as_deref(), Some("tensorlake/a"));
+        assert!(p.other_lookups.is_empty(), "{p:?}");
     }
 }

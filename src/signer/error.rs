@@ -21,6 +21,8 @@ pub enum SignError {
     BodyTooLarge { limit: usize },
     /// The body is not JSON.
     MalformedJson(String),
+    /// An object in the body names the same key twice (JSON leaves the meaning open: refused).
+    DuplicateKey { field: String },
     /// A required field is absent or null.
     MissingField(&'static str),
     /// A field has the wrong JSON type or an invalid value.
@@ -39,11 +41,12 @@ pub enum SignError {
     ForeignBucket { uri: String, bucket: String },
     /// A blob outside the caller's namespace and the shared prefixes.
     OutsideNamespace { uri: String, namespace: String },
-    /// The store refused CreateMultipartUpload.
-    StoreFailed { status: u16, detail: String },
-    /// The store could not be reached.
+    /// The store refused CreateMultipartUpload: its status, its S3 error
+    /// code, and the whole story for the log.
+    StoreFailed { status: u16, s3_code: Option<String>, detail: String },
+    /// The store could not be reached (the detail is for the log).
     StoreUnreachable { detail: String },
-    /// The signer's own configuration is broken.
+    /// The signer's own configuration is broken (the detail is for the log).
     Misconfigured(String),
 }
 
@@ -57,6 +60,7 @@ impl SignError {
             MissingToken | BadToken(_) => 401,
             BodyTooLarge { .. } => 413,
             MalformedJson(_)
+            | DuplicateKey { .. }
             | MissingField(_)
             | InvalidField { .. }
             | UnknownKind { .. }
@@ -81,6 +85,7 @@ impl SignError {
             BadToken(_) => "invalid_token",
             BodyTooLarge { .. } => "body_too_large",
             MalformedJson(_) => "malformed_json",
+            DuplicateKey { .. } => "duplicate_key",
             MissingField(_) => "missing_field",
             InvalidField { .. } => "invalid_field",
             UnknownKind { .. } => "unknown_kind",
@@ -96,9 +101,24 @@ impl SignError {
         }
     }
 
-    /// The JSON body `{code, message}`.
-    pub fn body(&self) -> String {
-        json!({"code": self.code(), "message": self.to_string()}).to_string()
+    /// What only the operator's log gets: details a caller must not see
+    /// (store answers, connection errors, configuration).
+    pub fn log_detail(&self) -> Option<&str> {
+        use SignError::*;
+        match self {
+            StoreFailed { detail, .. } | StoreUnreachable { detail } | Misconfigured(detail) => Some(detail),
+            _ => None,
+        }
+    }
+
+    /// The JSON body `{code, message, request_id}`. The message is the
+    /// `Display` text, which never carries a URL, a backtrace or a secret.
+    pub fn body(&self, request_id: &str) -> String {
+        let mut message = self.to_string();
+        if self.log_detail().is_some() {
+            message.push_str(&format!("; the signer's log has the details under request id {request_id}"));
+        }
+        json!({"code": self.code(), "message": message, "request_id": request_id}).to_string()
     }
 }
 
@@ -112,6 +132,7 @@ impl fmt::Display for SignError {
             BadToken(e) => write!(f, "{e}"),
             BodyTooLarge { limit } => write!(f, "request body is over {limit} bytes"),
             MalformedJson(e) => write!(f, "request body is not valid JSON: {e}"),
+            DuplicateKey { field } => write!(f, "field '{field}' appears more than once; send each field once"),
             MissingField(field) => write!(f, "request is missing field '{field}'"),
             InvalidField { field, problem } => write!(f, "field '{field}' {problem}"),
             UnknownKind { field, value } => write!(f, "unknown {field} '{value}'"),
@@ -131,11 +152,19 @@ impl fmt::Display for SignError {
                 f,
                 "uri {uri:?} is outside namespace '{namespace}' and every shared prefix; ask its owner to share it"
             ),
-            StoreFailed { status, detail } => {
-                write!(f, "store refused CreateMultipartUpload (HTTP {status}): {detail}")
+            StoreFailed { status, s3_code: Some(code), .. } => {
+                write!(f, "store refused CreateMultipartUpload: HTTP {status}, S3 error code {code}")
             }
-            StoreUnreachable { detail } => write!(f, "store unreachable for CreateMultipartUpload: {detail}"),
-            Misconfigured(e) => write!(f, "signer is misconfigured: {e}"),
+            StoreFailed { status, s3_code: None, .. } if (200..300).contains(status) => {
+                write!(f, "store answered CreateMultipartUpload with HTTP {status} but no UploadId")
+            }
+            StoreFailed { status, s3_code: None, .. } => {
+                write!(f, "store refused CreateMultipartUpload: HTTP {status}, without an S3 error code")
+            }
+            StoreUnreachable { .. } => {
+                write!(f, "store did not answer CreateMultipartUpload (no connection or no answer); retry later")
+            }
+            Misconfigured(_) => write!(f, "signer is misconfigured; its operator must fix its environment"),
         }
     }
 }

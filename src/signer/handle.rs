@@ -29,6 +29,8 @@ pub struct Incoming<'a> {
     pub authorization: Option<&'a str>,
     /// Body (at most `MAX_BODY_BYTES + 1` bytes read).
     pub body: &'a [u8],
+    /// The id error bodies and log lines carry (the host's `x-request-id`).
+    pub request_id: &'a str,
 }
 
 /// A finished HTTP answer.
@@ -38,11 +40,16 @@ pub struct Answer {
     pub status: u16,
     /// JSON body.
     pub body: String,
+    /// For the operator's log: status, code and the detail the caller does not get.
+    pub log: Option<String>,
 }
 
-impl From<SignError> for Answer {
-    fn from(e: SignError) -> Self {
-        Answer { status: e.status(), body: e.body() }
+impl SignError {
+    /// The error as an answer to the request `request_id`, with a log line
+    /// when it holds detail the caller does not get.
+    pub fn answer(&self, request_id: &str) -> Answer {
+        let log = self.log_detail().map(|detail| format!("{} {}: {self}: {detail}", self.status(), self.code()));
+        Answer { status: self.status(), body: self.body(request_id), log }
     }
 }
 
@@ -64,6 +71,7 @@ pub struct PendingUpload {
     hint: MultipartHint,
     presigner: Presigner,
     expires_at: String,
+    request_id: String,
 }
 
 impl std::fmt::Debug for PendingUpload {
@@ -99,7 +107,7 @@ enum Signed<'a> {
 }
 
 fn ok(signed: &Signed<'_>) -> Answer {
-    Answer { status: 200, body: serde_json::to_string(signed).expect("answers serialize") }
+    Answer { status: 200, body: serde_json::to_string(signed).expect("answers serialize"), log: None }
 }
 
 impl PendingUpload {
@@ -111,16 +119,22 @@ impl PendingUpload {
     /// Turns the store's answer to CreateMultipartUpload into the signer's answer.
     pub fn finish(self, store_status: u16, store_body: &str) -> Answer {
         if !(200..300).contains(&store_status) {
-            return SignError::StoreFailed { status: store_status, detail: s3_error_detail(store_body) }.into();
+            return SignError::StoreFailed {
+                status: store_status,
+                s3_code: s3_error_code(store_body),
+                detail: s3_error_detail(store_body),
+            }
+            .answer(&self.request_id);
         }
         let upload_id = match rusty_s3::actions::CreateMultipartUpload::parse_response(store_body) {
             Ok(parsed) => parsed.upload_id().to_owned(),
             Err(e) => {
                 return SignError::StoreFailed {
                     status: store_status,
+                    s3_code: None,
                     detail: format!("answer has no UploadId ({e}): {}", excerpt(store_body)),
                 }
-                .into();
+                .answer(&self.request_id);
             }
         };
         let p = &self.presigner;
@@ -147,12 +161,12 @@ impl PendingUpload {
             let _ = write!(body, "{{\"partNumber\":{part},\"url\":\"{url}\"}}");
         });
         body.push_str("]}");
-        Answer { status: 200, body }
+        Answer { status: 200, body, log: None }
     }
 
-    /// The store could not be reached at all.
+    /// The store could not be reached at all; `detail` goes to the log only.
     pub fn unreachable(self, detail: &str) -> Answer {
-        SignError::StoreUnreachable { detail: detail.to_owned() }.into()
+        SignError::StoreUnreachable { detail: detail.to_owned() }.answer(&self.request_id)
     }
 }
 
@@ -168,6 +182,14 @@ fn xml_element<'a>(body: &'a str, name: &str) -> Option<&'a str> {
     let start = body.find(&format!("<{name}>"))? + name.len() + 2;
     let end = body[start..].find(&format!("</{name}>"))?;
     Some(&body[start..start + end])
+}
+
+/// The `<Code>` of an S3 error document, when it looks like one (letters, digits, dots).
+fn s3_error_code(body: &str) -> Option<String> {
+    xml_element(body, "Code")
+        .map(str::trim)
+        .filter(|c| (1..=64).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'))
+        .map(str::to_owned)
 }
 
 /// `Code: Message` of an S3 error document, else an excerpt of the body.
@@ -195,7 +217,7 @@ pub fn route(method: &str, path: &str) -> Result<(), SignError> {
 pub fn handle(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Step {
     match decide(config, incoming, now) {
         Ok(step) => step,
-        Err(e) => Step::Respond(e.into()),
+        Err(e) => Step::Respond(e.answer(incoming.request_id)),
     }
 }
 
@@ -254,6 +276,7 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
                     hint,
                     presigner,
                     expires_at,
+                    request_id: incoming.request_id.to_owned(),
                 }))),
             }
         }
@@ -316,7 +339,13 @@ mod tests {
 
     fn run(body: &str) -> Step {
         let auth = format!("Bearer {}", token::mint(KEY.as_bytes(), "team-a", 1_800_000_600).unwrap());
-        let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: body.as_bytes() };
+        let incoming = Incoming {
+            method: "POST",
+            path: SIGN_PATH,
+            authorization: Some(&auth),
+            body: body.as_bytes(),
+            request_id: "req-1",
+        };
         handle(&config(), &incoming, now())
     }
 
@@ -390,10 +419,29 @@ mod tests {
         );
         let body: Value = serde_json::from_str(&a.body).unwrap();
         assert_eq!((a.status, body["code"].as_str()), (502, Some("store_failed")));
-        assert!(
-            body["message"].as_str().unwrap().contains("HTTP 404): NoSuchBucket: The specified bucket does not exist")
-        );
+        assert_eq!(body["request_id"], "req-1");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("HTTP 404, S3 error code NoSuchBucket"), "{message}");
+        assert!(message.contains("request id req-1"), "{message}");
         assert!(!a.body.contains("X-Amz-Signature"));
+        // The store's own words go to the log, not to the caller.
+        assert!(!message.contains("does not exist"), "{message}");
+        assert!(a.log.as_deref().unwrap().contains("NoSuchBucket: The specified bucket does not exist"));
+    }
+
+    #[test]
+    fn an_unreachable_store_is_a_502_whose_detail_stays_in_the_log() {
+        let Step::CreateMultipartUpload(pending) = run(
+            r#"{"target":{"kind":"artifact","rel_path":"s"},"op":{"kind":"put_artifact","multipart_hint":{"max_parts":1,"part_size_bytes":5242880}}}"#,
+        ) else {
+            panic!("expected a store call")
+        };
+        let detail = format!("{}: ConnectionRefused", pending.store_url);
+        let a = pending.unreachable(&detail);
+        let body: Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!((a.status, body["code"].as_str()), (502, Some("store_unreachable")));
+        assert!(!a.body.contains("X-Amz-") && !a.body.contains("127.0.0.1"), "{}", a.body);
+        assert!(a.log.as_deref().unwrap().contains("ConnectionRefused"));
     }
 
     #[test]
@@ -480,16 +528,18 @@ mod tests {
             (Some(expired.as_str()), "expired_token"),
             (Some(other_key.as_str()), "invalid_token"),
         ] {
-            let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: auth, body };
+            let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: auth, body, request_id: "req-1" };
             let (status, json) = answer(handle(&config(), &incoming, now()));
             assert_eq!((status, json["code"].as_str()), (401, Some(code)));
         }
-        let incoming = Incoming { method: "GET", path: SIGN_PATH, authorization: None, body };
+        let incoming = Incoming { method: "GET", path: SIGN_PATH, authorization: None, body, request_id: "req-1" };
         assert_eq!(answer(handle(&config(), &incoming, now())).0, 405);
-        let incoming = Incoming { method: "POST", path: "/api/v1/blob", authorization: None, body };
+        let incoming =
+            Incoming { method: "POST", path: "/api/v1/blob", authorization: None, body, request_id: "req-1" };
         assert_eq!(answer(handle(&config(), &incoming, now())).0, 404);
         let big = vec![b' '; MAX_BODY_BYTES + 1];
-        let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: None, body: &big };
+        let incoming =
+            Incoming { method: "POST", path: SIGN_PATH, authorization: None, body: &big, request_id: "req-1" };
         assert_eq!(answer(handle(&config(), &incoming, now())).0, 413);
     }
 
@@ -501,6 +551,314 @@ mod tests {
             )));
             assert_eq!((status, body["code"].as_str()), (400, Some("invalid_rel_path")), "{rel}");
             assert!(!body.to_string().contains("X-Amz-Signature"));
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        use super::*;
+
+        fn percent_decode(path: &str) -> Vec<u8> {
+            let bytes = path.as_bytes();
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i] == b'%' && i + 2 < bytes.len() {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                    out.push(u8::from_str_radix(hex, 16).unwrap());
+                    i += 3;
+                } else {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+            out
+        }
+
+        /// Paths built from the pieces traversal attacks use.
+        fn hostile_rel_path() -> impl Strategy<Value = String> {
+            let segment = prop_oneof![
+                4 => "[a-z0-9-]{1,6}",
+                1 => Just("..".to_owned()),
+                1 => Just(".".to_owned()),
+                1 => Just(String::new()),
+                1 => "%2[eEfF]|%5[cC]|%00|%25",
+                1 => "[\\\\\u{0}-\u{1f}\u{7f}]",
+                1 => "[.]{1,4}[a-z]{0,2}",
+                1 => any::<String>().prop_map(|s| s.chars().take(8).collect::<String>()),
+            ];
+            (prop::bool::weighted(0.1), prop::collection::vec(segment, 1..8))
+                .prop_map(|(absolute, segments)| format!("{}{}", if absolute { "/" } else { "" }, segments.join("/")))
+        }
+
+        fn namespace() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9._-]{1,20}".prop_filter("valid namespace", |ns| token::valid_namespace(ns))
+        }
+
+        fn run_as(namespace: &str, body: &str) -> Step {
+            let auth = format!("Bearer {}", token::mint(KEY.as_bytes(), namespace, 1_800_000_600).unwrap());
+            let incoming = Incoming {
+                method: "POST",
+                path: SIGN_PATH,
+                authorization: Some(&auth),
+                body: body.as_bytes(),
+                request_id: "p",
+            };
+            handle(&config(), &incoming, now())
+        }
+
+        /// The words a sign request is made of, and some that are not.
+        fn word() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("target".to_owned()),
+                Just("op".to_owned()),
+                Just("kind".to_owned()),
+                Just("rel_path".to_owned()),
+                Just("uri".to_owned()),
+                Just("namespace".to_owned()),
+                Just("multipart_hint".to_owned()),
+                Just("max_parts".to_owned()),
+                Just("part_size_bytes".to_owned()),
+                Just("artifact".to_owned()),
+                Just("blob".to_owned()),
+                Just("put_artifact".to_owned()),
+                Just("get_blob".to_owned()),
+                Just("s3://snaps/builds/team-a/x".to_owned()),
+                Just("s3://snaps/builds/team-b/x".to_owned()),
+                Just("s3://snaps/public/x".to_owned()),
+                Just("s3://other/builds/team-a/x".to_owned()),
+                Just("s3://snaps/builds/team-a/../team-b/x".to_owned()),
+                hostile_rel_path(),
+                any::<String>(),
+            ]
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                prop_oneof![
+                    Just(0u64),
+                    Just(1),
+                    Just(10_000),
+                    Just(10_001),
+                    Just(5_242_880),
+                    Just(5_368_709_121),
+                    any::<u64>()
+                ]
+                .prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                word().prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 24, 5, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::vec((word(), inner), 0..5)
+                        .prop_map(|fields| Value::Object(fields.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Request bodies shaped like sign requests, with every part open to attack.
+        fn shaped_body() -> impl Strategy<Value = String> {
+            let hint = prop_oneof![
+                Just(Value::Null),
+                (any::<u64>(), any::<u64>()).prop_map(|(p, s)| json!({"max_parts": p, "part_size_bytes": s})),
+                (1u64..=10_000, 5_242_880u64..=5_368_709_120)
+                    .prop_map(|(p, s)| json!({"max_parts": p, "part_size_bytes": s})),
+                json_value(),
+            ];
+            // Mostly well-formed kinds and fields, so the deeper steps (policy,
+            // the store call, its answer) are reached, not only the parser.
+            let either = |valid: &'static [&'static str]| prop_oneof![3 => prop::sample::select(valid).prop_map(str::to_owned), 1 => word()];
+            let location = prop_oneof![
+                3 => hostile_rel_path(),
+                2 => prop::sample::select(&[
+                    "s3://snaps/builds/team-a/x",
+                    "s3://snaps/builds/team-b/x",
+                    "s3://snaps/public/x",
+                    "s3://other/builds/team-a/x",
+                ][..]).prop_map(str::to_owned),
+                1 => word(),
+            ];
+            (
+                either(&["artifact", "blob"]),
+                location,
+                either(&["put_artifact", "get_blob"]),
+                either(&["rel_path", "uri"]),
+                hint,
+                prop::option::of(json_value()),
+            )
+                .prop_map(|(target_kind, location, op_kind, field, hint, extra)| {
+                    let mut body = json!({
+                        "target": {"kind": target_kind, field: location},
+                        "op": {"kind": op_kind, "multipart_hint": hint},
+                    });
+                    if let Some(extra) = extra {
+                        body["extra"] = extra;
+                    }
+                    body.to_string()
+                })
+        }
+
+        fn body() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                3 => shaped_body().prop_map(String::into_bytes),
+                1 => json_value().prop_map(|v| v.to_string().into_bytes()),
+                // The same key twice, the second one hostile.
+                1 => (shaped_body(), hostile_rel_path()).prop_map(|(b, rel)| {
+                    b.replacen("\"kind\":", &format!("\"rel_path\":{},\"kind\":", Value::from(rel)), 1).into_bytes()
+                }),
+                1 => prop::collection::vec(any::<u8>(), 0..200),
+            ]
+        }
+
+        /// (Authorization header, whether it verifies)
+        fn authorization() -> impl Strategy<Value = (Option<String>, bool)> {
+            prop_oneof![
+                3 => namespace().prop_map(|ns| {
+                    (Some(format!("Bearer {}", token::mint(KEY.as_bytes(), &ns, 1_800_000_600).unwrap())), true)
+                }),
+                1 => namespace().prop_map(|ns| {
+                    (Some(format!("Bearer {}", token::mint(KEY.as_bytes(), &ns, 1_799_999_999).unwrap())), false)
+                }),
+                1 => namespace().prop_map(|ns| {
+                    (Some(format!("Bearer {}", token::mint(&[9u8; 32], &ns, 1_800_000_600).unwrap())), false)
+                }),
+                1 => "[ -~]{0,80}".prop_map(|t| (Some(format!("Bearer {t}")), false)),
+                1 => Just((None, false)),
+            ]
+        }
+
+        fn assert_signs_nothing(answer: &Answer) -> Result<(), TestCaseError> {
+            prop_assert!(!answer.body.contains("X-Amz-"), "signed on an error path: {}", answer.body);
+            let json: Value = serde_json::from_str(&answer.body).unwrap();
+            prop_assert!(json["code"].is_string() && json["message"].is_string(), "{}", answer.body);
+            prop_assert_eq!(json["request_id"].as_str(), Some("p"));
+            Ok(())
+        }
+
+        proptest! {
+            // No regression files: the repository's top level is fixed; a failure prints its input.
+            #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+            /// Every rel_path the signer accepts composes to a key under
+            /// `prefix/namespace/`, and the URL names exactly that key.
+            #[test]
+            fn every_accepted_rel_path_stays_under_the_callers_namespace(ns in namespace(), rel in hostile_rel_path()) {
+                let body = json!({"target": {"kind": "artifact", "rel_path": rel}, "op": {"kind": "put_artifact"}});
+                let Step::Respond(answer) = run_as(&ns, &body.to_string()) else {
+                    panic!("no store call without a multipart hint");
+                };
+                if answer.status != 200 {
+                    assert_signs_nothing(&answer)?;
+                    let json: Value = serde_json::from_str(&answer.body).unwrap();
+                    prop_assert_eq!(json["code"].as_str(), Some("invalid_rel_path"));
+                    return Ok(());
+                }
+                let json: Value = serde_json::from_str(&answer.body).unwrap();
+                let key = format!("builds/{ns}/{rel}");
+                let uri = format!("s3://snaps/{key}");
+                prop_assert_eq!(json["uri"].as_str(), Some(uri.as_str()));
+                let url = json["url"].as_str().unwrap();
+                let path = url.strip_prefix("http://127.0.0.1:9000").unwrap().split('?').next().unwrap();
+                let decoded = String::from_utf8(percent_decode(path)).unwrap();
+                prop_assert_eq!(&decoded, &format!("/snaps/{key}"));
+                let under = decoded.strip_prefix(&format!("/snaps/builds/{ns}/")).unwrap();
+                for segment in under.split('/') {
+                    prop_assert!(!matches!(segment, "" | "." | ".."), "segment {segment:?} in {decoded}");
+                }
+                prop_assert!(!rel.contains('\\') && !rel.chars().any(char::is_control));
+                prop_assert!(!rel.to_ascii_lowercase().contains("%2e") && !rel.to_ascii_lowercase().contains("%2f"));
+            }
+
+            /// Whatever the store answers CreateMultipartUpload (or when it is
+            /// unreachable), an error answer signs nothing.
+            #[test]
+            fn no_store_answer_makes_an_error_carry_a_signature(
+                ns in namespace(),
+                max_parts in 1u64..=50,
+                store_status in prop_oneof![Just(200u16), 100u16..600],
+                store_body in prop_oneof![
+                    Just(String::new()),
+                    "<Error><Code>[A-Za-z]{1,20}</Code><Message>[ -~]{0,40}</Message></Error>",
+                    "<Error><Code>[ -~]{0,80}</Code></Error>",
+                    Just("<InitiateMultipartUploadResult><UploadId>u-1</UploadId></InitiateMultipartUploadResult>".to_owned()),
+                    any::<String>(),
+                ],
+            ) {
+                let body = json!({"target": {"kind": "artifact", "rel_path": "s.tlsnap"},
+                    "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": max_parts, "part_size_bytes": 5_242_880}}});
+                let Step::CreateMultipartUpload(pending) = run_as(&ns, &body.to_string()) else {
+                    panic!("a valid multipart request asks the store");
+                };
+                let store_url = pending.store_url.clone();
+                let answer = pending.finish(store_status, &store_body);
+                if answer.status == 200 {
+                    prop_assert!((200..300).contains(&store_status));
+                    prop_assert!(answer.body.contains("X-Amz-Signature="));
+                } else {
+                    assert_signs_nothing(&answer)?;
+                }
+                let Step::CreateMultipartUpload(again) = run_as(&ns, &body.to_string()) else {
+                    panic!("the same request decided differently");
+                };
+                // The transport error names the presigned URL; only the log may see it.
+                let answer = again.unreachable(&format!("{store_url}: {store_body}"));
+                assert_signs_nothing(&answer)?;
+                prop_assert!(!answer.body.contains("127.0.0.1"), "{}", answer.body);
+            }
+
+            /// Whatever is sent, an error answer signs nothing; a signed answer
+            /// needs a token that verifies.
+            #[test]
+            fn nothing_is_signed_on_any_error_path(
+                (authorization, verifies) in authorization(),
+                method in prop_oneof![4 => Just("POST".to_owned()), 1 => "[A-Z]{1,7}"],
+                path in prop_oneof![4 => Just(SIGN_PATH.to_owned()), 1 => "/[a-z/]{0,20}"],
+                body in body(),
+                store_status in prop_oneof![Just(200u16), 100u16..600],
+                store_body in prop_oneof![
+                    Just(String::new()),
+                    "<Error><Code>[A-Za-z]{1,20}</Code><Message>[ -~]{0,40}</Message></Error>",
+                    Just("<InitiateMultipartUploadResult><UploadId>u-1</UploadId></InitiateMultipartUploadResult>".to_owned()),
+                    any::<String>(),
+                ],
+            ) {
+                let incoming = Incoming {
+                    method: &method,
+                    path: &path,
+                    authorization: authorization.as_deref(),
+                    body: &body,
+                    request_id: "p",
+                };
+                match handle(&config(), &incoming, now()) {
+                    Step::Respond(answer) if answer.status == 200 => {
+                        prop_assert!(verifies, "signed for a token that does not verify: {}", answer.body);
+                        prop_assert!(answer.body.contains("X-Amz-Signature="));
+                    }
+                    Step::Respond(answer) => assert_signs_nothing(&answer)?,
+                    Step::CreateMultipartUpload(pending) => {
+                        prop_assert!(verifies);
+                        let store_url = pending.store_url.clone();
+                        let answer = pending.finish(store_status, &store_body);
+                        if answer.status == 200 {
+                            prop_assert!((200..300).contains(&store_status));
+                        } else {
+                            assert_signs_nothing(&answer)?;
+                        }
+                        // The transport error names the URL; the caller must not see it.
+                        let Step::CreateMultipartUpload(again) = handle(&config(), &incoming, now()) else {
+                            panic!("the same request decided differently");
+                        };
+                        let answer = again.unreachable(&format!("{store_url}: connection refused"));
+                        assert_signs_nothing(&answer)?;
+                    }
+                }
+            }
         }
     }
 }

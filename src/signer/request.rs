@@ -1,7 +1,11 @@
 //! The `POST /api/v1/blob/sign` request (PROTOCOL.md §4.7), parsed with
 //! errors that name the field.
 
-use serde_json::{Map, Value};
+use std::cell::RefCell;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 use super::error::SignError;
 
@@ -79,7 +83,7 @@ fn number(parent: &Map<String, Value>, name: &str, field: &'static str) -> Resul
 impl SignBlobRequest {
     /// Parses and checks a request body (everything but policy, which needs the caller).
     pub fn parse(body: &[u8]) -> Result<Self, SignError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| SignError::MalformedJson(e.to_string()))?;
+        let value = strict_json(body)?;
         let Value::Object(root) = value else {
             return Err(SignError::InvalidField { field: "(body)", problem: "must be a JSON object".into() });
         };
@@ -108,6 +112,96 @@ impl SignBlobRequest {
             }
         }
         Ok(SignBlobRequest { target, op })
+    }
+}
+
+/// Parses JSON as `serde_json` does, but refuses an object that names a key
+/// twice: parsers disagree on which one wins (serde keeps the last, others
+/// the first), so a request a proxy reads one way must not mean another here.
+pub fn strict_json(body: &[u8]) -> Result<Value, SignError> {
+    let duplicate = RefCell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed = Strict { path: String::new(), duplicate: &duplicate }
+        .deserialize(&mut deserializer)
+        .and_then(|value| deserializer.end().map(|()| value));
+    match (parsed, duplicate.into_inner()) {
+        (_, Some(field)) => Err(SignError::DuplicateKey { field }),
+        (Ok(value), None) => Ok(value),
+        (Err(e), None) => Err(SignError::MalformedJson(e.to_string())),
+    }
+}
+
+/// A JSON value at `path`; records the first duplicate key it meets.
+struct Strict<'a> {
+    path: String,
+    duplicate: &'a RefCell<Option<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Strict<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq
+            .next_element_seed(Strict { path: format!("{}[{}]", self.path, items.len()), duplicate: self.duplicate })?
+        {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() { key.clone() } else { format!("{}.{key}", self.path) };
+            if object.contains_key(&key) {
+                *self.duplicate.borrow_mut() = Some(path);
+                return Err(de::Error::custom("duplicate key"));
+            }
+            let value = map.next_value_seed(Strict { path, duplicate: self.duplicate })?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
     }
 }
 
@@ -175,6 +269,7 @@ mod tests {
     fn names_what_is_wrong() {
         let code = |s: &str| parse(s).unwrap_err().code();
         assert_eq!(code("{not json"), "malformed_json");
+        assert_eq!(code(r#"{"target":{"kind":"blob","uri":"x"},"op":{"kind":"get_blob"}} trailing"#), "malformed_json");
         assert_eq!(code("[1]"), "invalid_field");
         assert_eq!(code(r#"{"op":{"kind":"get_blob"}}"#), "missing_field");
         assert_eq!(code(r#"{"target":{"kind":"artifact"},"op":{"kind":"put_artifact"}}"#), "missing_field");
@@ -206,5 +301,44 @@ mod tests {
                 .to_string()
                 .contains("object limit")
         );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth_naming_the_field() {
+        for (body, field) in [
+            (
+                r#"{"target":{"kind":"artifact","rel_path":"mine","rel_path":"../b/x"},"op":{"kind":"put_artifact"}}"#,
+                "target.rel_path",
+            ),
+            (
+                r#"{"target":{"kind":"blob","uri":"x"},"target":{"kind":"blob","uri":"y"},"op":{"kind":"get_blob"}}"#,
+                "target",
+            ),
+            (r#"{"target":{"kind":"blob","kind":"artifact","uri":"x"},"op":{"kind":"get_blob"}}"#, "target.kind"),
+            // The same key spelled with an escape is still the same key.
+            (r#"{"target":{"kind":"blob","uri":"x","\u0075ri":"y"},"op":{"kind":"get_blob"}}"#, "target.uri"),
+            (r#"{"target":{"kind":"blob","uri":"x"},"op":{"kind":"get_blob"},"pad":[{"a":1,"a":2}]}"#, "pad[0].a"),
+        ] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e, SignError::DuplicateKey { field: field.into() }, "{body}");
+            assert_eq!((e.status(), e.code()), (400, "duplicate_key"));
+        }
+        // Equal values at different places are not duplicates.
+        assert!(parse(r#"{"target":{"kind":"blob","uri":"x"},"op":{"kind":"get_blob"},"x":{"kind":1}}"#).is_ok());
+    }
+
+    #[test]
+    fn strict_json_reads_what_serde_json_reads() {
+        for text in
+            ["null", "true", "-1", "18446744073709551615", "1e400", "1.5", r#""a\u00e9""#, r#"[1,[2,{"a":[]}]]"#]
+        {
+            let ours = strict_json(text.as_bytes());
+            let theirs: Result<Value, _> = serde_json::from_str(text);
+            match (ours, theirs) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+                (Err(_), Err(_)) => {}
+                (a, b) => panic!("{text}: ours {a:?}, serde_json {b:?}"),
+            }
+        }
     }
 }

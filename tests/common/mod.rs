@@ -123,8 +123,14 @@ impl Stack {
             Some("application/json"),
             "status {status}"
         );
+        let request_id = response.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned());
+        assert!(request_id.is_some(), "status {status}: no x-request-id");
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")))
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        if status >= 400 {
+            assert_eq!(json["request_id"].as_str(), request_id.as_deref(), "error body and header name one request");
+        }
+        (status, json)
     }
 
     pub async fn sign(&self, namespace: &str, body: serde_json::Value) -> (u16, serde_json::Value) {

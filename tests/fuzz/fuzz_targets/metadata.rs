@@ -1,0 +1,35 @@
+//! The builder-metadata reader (`completion`) on arbitrary metadata.json,
+//! with a signed uri or without. When a uri was signed, the completion names
+//! exactly it, or fails naming the mismatch; sizes are numbers.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::{Value, json};
+use snapsign::build::{complete, splice};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let Ok(metadata) = serde_json::from_slice::<Value>(rest) else { return };
+    let kind = if mode & 1 == 0 { "base" } else { "diff" };
+    let mut spec = json!({"buildId": "b", "snapshotId": "s", "rootfsNodeKind": kind, "snapshotUri": "s3://bucket/prepared",
+        "builder": {"image": "i", "command": "c", "cpus": 1, "memoryMb": 1, "diskMb": 1}});
+    if mode & 2 != 0 {
+        spec["parent"] = json!({"parentManifestUri": "s3://bucket/parent"});
+    }
+    let prepared = splice::Prepared::parse(spec).unwrap();
+    let signed = (mode & 4 != 0).then_some("s3://bucket/signed");
+    match complete::completion(&prepared, signed, &metadata, u64::from(mode)) {
+        Ok(body) => {
+            if let Some(signed) = signed {
+                assert_eq!(body["snapshotUri"].as_str(), Some(signed));
+            }
+            assert!(!body["snapshotUri"].as_str().unwrap().is_empty());
+            assert!(body["snapshotSizeBytes"].is_u64() && body["rootfsDiskBytes"].is_u64(), "{body}");
+            if body["rootfsNodeKind"] == "diff" {
+                assert!(body["parentManifestUri"].is_string(), "{body}");
+            }
+        }
+        Err(complete::CompleteError::UriMismatch { signed: s, .. }) => assert_eq!(Some(s.as_str()), signed),
+        Err(_) => {}
+    }
+});
