@@ -290,6 +290,7 @@ pub async fn serve(
         secret_access_key: "bench-secret".into(),
         buckets: vec!["bench".into()],
         faults: Default::default(),
+        abort_incomplete_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
     })
     .await?;
     let env = env(&store.url());

@@ -82,13 +82,13 @@ impl WasiHttpView for Guest {
 
 /// Request ids: a per-process random base plus a counter, so ids are unique
 /// within a process and unlikely to repeat across processes.
-struct RequestIds {
+pub(crate) struct RequestIds {
     base: u64,
     next: AtomicU64,
 }
 
 impl RequestIds {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         use std::hash::{BuildHasher, Hasher};
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u128(
@@ -98,7 +98,7 @@ impl RequestIds {
         RequestIds { base: hasher.finish(), next: AtomicU64::new(0) }
     }
 
-    fn next(&self) -> String {
+    pub(crate) fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{:016x}", self.base.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
     }

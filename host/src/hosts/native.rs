@@ -28,12 +28,21 @@ async fn handle(
     store: &reqwest::Client,
     request: http::Request<hyper::body::Incoming>,
 ) -> Answer {
+    // Request ids as serve-signer makes them, so the ceiling does the same work.
+    static IDS: std::sync::OnceLock<crate::signer::RequestIds> = std::sync::OnceLock::new();
+    let request_id = IDS.get_or_init(crate::signer::RequestIds::new).next();
     let (parts, body) = request.into_parts();
     let Ok(body) = Limited::new(body, MAX_BODY_BYTES).collect().await.map(|b| b.to_bytes()) else {
-        return SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.into();
+        return SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.answer(&request_id);
     };
     let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
-    let incoming = Incoming { method: parts.method.as_str(), path: parts.uri.path(), authorization, body: &body };
+    let incoming = Incoming {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        authorization,
+        body: &body,
+        request_id: &request_id,
+    };
     match signer::handle(config, &incoming, jiff::Timestamp::now()) {
         Step::Respond(answer) => answer,
         Step::CreateMultipartUpload(pending) => match store.post(&pending.store_url).send().await {
