@@ -9,6 +9,9 @@ use wstd::http::body::util::BodyExt as _;
 use wstd::http::{Error, Request, Response, StatusCode};
 use wstd::time::Instant;
 
+#[path = "shell/wasi_http.rs"]
+mod wasi_http;
+
 #[wstd::http_server]
 async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
     let (parts, body) = request.into_parts();
@@ -32,7 +35,7 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
     match signer::handle(&config, &incoming, jiff::Timestamp::now()) {
         Step::Respond(answer) => respond(answer, None),
         Step::CreateMultipartUpload(pending) => {
-            match snapsign::wasi_http::send("POST", &pending.store_url, &[], &[]) {
+            match wasi_http::send("POST", &pending.store_url, &[], &[]) {
                 Ok((status, body)) => {
                     let text = String::from_utf8_lossy(&body);
                     // Server-Timing reports the signing itself, for `snapsign bench`.

@@ -332,9 +332,9 @@ impl Flow {
                         let call = self.probe_call();
                         self.go(State::Probe, call)
                     }
-                    Ok("terminated") => {
-                        Err(failed(SandboxError::Gone(format!("Sandbox {id} terminated before reaching 'running'")).to_string()))
-                    }
+                    Ok("terminated") => Err(failed(
+                        SandboxError::Gone(format!("Sandbox {id} terminated before reaching 'running'")).to_string(),
+                    )),
                     Ok(_) | Err(SandboxError::Transient(_)) => self.again_or_late(State::StatusPause, late, now),
                     Err(e) => Err(failed(e.to_string())),
                 }
@@ -345,8 +345,11 @@ impl Flow {
             }
             // Proxy readiness (§5.3): the same deadline covers both waits.
             (State::Probe, Answer::Exit(exit)) => {
-                let late =
-                    format!("Sandbox {} is running but its proxy did not answer within {}s", self.id(), self.wait_secs());
+                let late = format!(
+                    "Sandbox {} is running but its proxy did not answer within {}s",
+                    self.id(),
+                    self.wait_secs()
+                );
                 match exit {
                     Ok(exit) if exit.code == 0 => {
                         self.ready = true;
@@ -400,7 +403,9 @@ impl Flow {
                 self.setup()
             }
             (State::Setup(i), Answer::Exit(exit)) => {
-                let Call::Run { process, .. } = self.setup_call(i) else { return Err(unexpected(self.state, &Answer::Exit(exit))) };
+                let Call::Run { process, .. } = self.setup_call(i) else {
+                    return Err(unexpected(self.state, &Answer::Exit(exit)));
+                };
                 run_ok(&process.command, exit)?;
                 self.setup_next(i + 1)
             }
@@ -447,7 +452,8 @@ impl Flow {
                     return Err(failed(format!("failed to complete sandbox image build (HTTP {status}): {body}")));
                 }
                 self.abort_url = None; // completed: nothing left to abort
-                serde_json::from_str::<Value>(&body).map_err(|e| failed(format!("complete answer is not JSON: {e}")))?;
+                serde_json::from_str::<Value>(&body)
+                    .map_err(|e| failed(format!("complete answer is not JSON: {e}")))?;
                 self.outcome = Some(Ok(body));
                 Ok(self.cleanup())
             }
@@ -463,7 +469,8 @@ impl Flow {
             "rootfsNodeKind": if self.parent_template.is_some() { "diff" } else { "base" },
             "parentTemplate": self.parent_template, "additionalLocalImages": [],
         });
-        let call = self.http("POST", format!("{}/platform/v1/sandbox-template-builds", self.api), &self.auth, Some(&body));
+        let call =
+            self.http("POST", format!("{}/platform/v1/sandbox-template-builds", self.api), &self.auth, Some(&body));
         self.go(State::Prepare, call)
     }
 

@@ -90,7 +90,10 @@ impl World {
             complete: (200, r#"{"id":"tmpl-1","name":"base"}"#.into()),
             abort: (204, String::new()),
             dmesg: vec!["[ 0.1] booted".into()],
-            df: vec!["Filesystem 1024-blocks Used Available Capacity Mounted on".into(), "/dev/vda 100 10 90 10% /".into()],
+            df: vec![
+                "Filesystem 1024-blocks Used Available Capacity Mounted on".into(),
+                "/dev/vda 100 10 90 10% /".into(),
+            ],
             delete: Ok(()),
             spec: None,
             prepare_body: None,
@@ -154,9 +157,11 @@ impl World {
             }
             Call::Run { process, .. } if process.command == BUILDER => Answer::Exit(Ok(self.builder_exit)),
             Call::Run { .. } => Answer::Exit(Ok(Exit { code: 0, oom_killed: false })),
-            Call::RunCaptured { process, .. } => {
-                Answer::Captured(Ok(if process.args[1].starts_with("dmesg") { self.dmesg.clone() } else { self.df.clone() }))
-            }
+            Call::RunCaptured { process, .. } => Answer::Captured(Ok(if process.args[1].starts_with("dmesg") {
+                self.dmesg.clone()
+            } else {
+                self.df.clone()
+            })),
             Call::UploadContext { .. } => Answer::Uploaded(Ok(())),
             Call::WriteFile { contents, .. } => {
                 self.spec = Some(serde_json::from_slice(contents).unwrap());
@@ -318,7 +323,9 @@ fn both_fields_shape_replaces_the_stale_snapshot_uri_with_the_signed_one() {
 fn diff_build_looks_up_the_parent_and_signs_its_download() {
     let mut world = World::new();
     let parent_uri = "s3://snapshots/builds/other/sandbox-template-builds/b0/s0.tlsnap";
-    world.lookups.push_back(Ok((200, json!({"id": "t-0", "name": "base", "snapshotId": "s0", "public": true}).to_string())));
+    world
+        .lookups
+        .push_back(Ok((200, json!({"id": "t-0", "name": "base", "snapshotId": "s0", "public": true}).to_string())));
     world.prepared["rootfsNodeKind"] = json!("diff");
     world.prepared["parent"] = json!({"parentManifestUri": parent_uri, "rootfsDiskBytes": 2147483648u64});
     world.metadata["rootfs_node_kind"] = json!("diff");
@@ -326,7 +333,8 @@ fn diff_build_looks_up_the_parent_and_signs_its_download() {
     let run = drive(request("FROM other/base\nCOPY b /b\n"), &mut world);
     assert!(run.outcome.is_ok(), "{:?}", run.outcome);
     let lookup = "GET http://api/platform/v1/sandbox-templates/by-name/other%2Fbase";
-    let expected = calls(&[&[lookup], START, &["proxy sbx-1", SIGN_PUT, SIGN_GET], SETUP, READ_METADATA, &[COMPLETE], DELETE]);
+    let expected =
+        calls(&[&[lookup], START, &["proxy sbx-1", SIGN_PUT, SIGN_GET], SETUP, READ_METADATA, &[COMPLETE], DELETE]);
     assert_eq!(run.calls, expected);
     let prepare = world.prepare_body.unwrap();
     assert_eq!(prepare["rootfsNodeKind"], "diff");
@@ -336,7 +344,10 @@ fn diff_build_looks_up_the_parent_and_signs_its_download() {
     );
     // The parent's size sizes the rootfs: 2 GiB is 32 parts.
     assert_eq!(world.sign_bodies[0]["op"]["multipart_hint"]["max_parts"], 32);
-    assert_eq!(world.sign_bodies[1], json!({"target": {"kind": "blob", "uri": parent_uri}, "op": {"kind": "get_blob"}}));
+    assert_eq!(
+        world.sign_bodies[1],
+        json!({"target": {"kind": "blob", "uri": parent_uri}, "op": {"kind": "get_blob"}})
+    );
     let spec = world.spec.unwrap();
     assert_eq!(spec["parent"]["download"]["url"], format!("http://store/get/{parent_uri}"));
     assert_eq!(world.complete_body.unwrap()["parentManifestUri"], parent_uri);
@@ -372,12 +383,14 @@ fn pending_502s_and_lifecycle_502_while_pending_are_retried_until_running() {
     request.sandbox_wait_secs = 10;
     let gateway = || Err(SandboxError::Transient("HTTP 502: PROXY_ERROR Failed to proxy request".into()));
     world.statuses = VecDeque::from([gateway(), Ok("pending".into()), gateway(), gateway()]);
-    world.probes = VecDeque::from([Err(SandboxError::Transient("HTTP 502".into())), Ok(Exit { code: 1, oom_killed: false })]);
+    world.probes =
+        VecDeque::from([Err(SandboxError::Transient("HTTP 502".into())), Ok(Exit { code: 1, oom_killed: false })]);
     let run = drive(request, &mut world);
     assert!(run.outcome.is_ok(), "{:?}", run.outcome);
     let wait: Vec<&str> = [["status sbx-1", "sleep 250ms"]; 4].concat();
     let probe: Vec<&str> = [["run /bin/true", "sleep 250ms"]; 2].concat();
-    let start = calls(&[&[PREPARE, "create tensorlake/rootfs-builder"], &wait, &["status sbx-1"], &probe, &["run /bin/true"]]);
+    let start =
+        calls(&[&[PREPARE, "create tensorlake/rootfs-builder"], &wait, &["status sbx-1"], &probe, &["run /bin/true"]]);
     assert_eq!(run.calls[..start.len()], start[..]);
     assert_eq!(run.calls.last().map(String::as_str), Some("delete sbx-1"));
 }
@@ -411,10 +424,7 @@ fn a_terminated_sandbox_fails_naming_sandbox_and_build_and_is_deleted() {
     let run = drive(request("FROM scratch\n"), &mut world);
     let start = [PREPARE, "create tensorlake/rootfs-builder", "status sbx-1", "sleep 250ms", "status sbx-1"];
     assert_eq!(run.calls, calls(&[&start, DELETE]));
-    assert_eq!(
-        run.failure(),
-        format!("sandbox gone: Sandbox sbx-1 terminated before reaching 'running'{DECORATION}")
-    );
+    assert_eq!(run.failure(), format!("sandbox gone: Sandbox sbx-1 terminated before reaching 'running'{DECORATION}"));
 }
 
 #[test]
@@ -519,7 +529,9 @@ fn metadata_with_another_uri_fails_naming_both() {
     assert_eq!(run.calls, expected);
     assert_eq!(
         run.failure(),
-        format!("rootfs builder metadata snapshot_uri s3://elsewhere/x.tlsnap did not match dataplane signed uri {URI}{DECORATION}")
+        format!(
+            "rootfs builder metadata snapshot_uri s3://elsewhere/x.tlsnap did not match dataplane signed uri {URI}{DECORATION}"
+        )
     );
 }
 
@@ -533,7 +545,9 @@ fn a_failed_complete_aborts_the_upload_and_registers_nothing() {
     assert_eq!(run.calls, expected);
     assert_eq!(
         run.failure(),
-        format!(r#"failed to complete sandbox image build (HTTP 500): {{"code":"complete_failed","message":"fault"}}{DECORATION}"#)
+        format!(
+            r#"failed to complete sandbox image build (HTTP 500): {{"code":"complete_failed","message":"fault"}}{DECORATION}"#
+        )
     );
 }
 
@@ -556,7 +570,10 @@ fn a_private_template_of_another_namespace_fails_the_build_not_the_credentials()
     world.lookups.push_back(Ok((403, refusal.into())));
     let run = drive(request("FROM other/base\n"), &mut world);
     assert_eq!(run.calls, ["GET http://api/platform/v1/sandbox-templates/by-name/other%2Fbase"]);
-    assert_eq!(run.outcome, Err(BuildError::Failed(format!("FROM other/base: the platform refused it (HTTP 403): {refusal}"))));
+    assert_eq!(
+        run.outcome,
+        Err(BuildError::Failed(format!("FROM other/base: the platform refused it (HTTP 403): {refusal}")))
+    );
 }
 
 #[test]
