@@ -198,6 +198,25 @@ pub enum Answer {
     File(Result<Vec<u8>, SandboxError>),
 }
 
+impl Answer {
+    /// The variant's name, without its contents (which may hold presigned URLs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Answer::Start => "Start",
+            Answer::Http(_) => "Http",
+            Answer::Created(_) => "Created",
+            Answer::Status(_) => "Status",
+            Answer::Slept => "Slept",
+            Answer::Proxy(_) => "Proxy",
+            Answer::Exit(_) => "Exit",
+            Answer::Captured(_) => "Captured",
+            Answer::Uploaded(_) => "Uploaded",
+            Answer::Done(_) => "Done",
+            Answer::File(_) => "File",
+        }
+    }
+}
+
 /// Progress the flow reports (the WIT `events` it owns; the shell reports
 /// upload progress and builder log lines itself).
 #[derive(Debug, Clone, PartialEq, Eq)]

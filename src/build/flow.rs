@@ -115,7 +115,7 @@ fn failed(message: impl Into<String>) -> BuildError {
 }
 
 fn unexpected(state: State, answer: &Answer) -> BuildError {
-    failed(format!("build flow: answer {answer:?} does not fit step {state:?} (a shell bug)"))
+    failed(format!("build flow: a {} answer does not fit step {state:?} (a shell bug)", answer.kind()))
 }
 
 fn text(bytes: &[u8]) -> String {
