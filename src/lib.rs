@@ -7,7 +7,3 @@ pub mod build;
 pub mod presign;
 pub mod signer;
 pub mod token;
-
-/// The components' wasi:http client (wasm only).
-#[cfg(all(feature = "component", target_os = "wasi"))]
-pub mod wasi_http;

@@ -13,6 +13,8 @@ use wstd::http::{Error, Request, Response, StatusCode};
 use wstd::time::Instant;
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
+#[path = "shell/wasi_http.rs"]
+mod wasi_http;
 
 #[wstd::http_server]
 async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
@@ -39,7 +41,7 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
     match signer::handle(&config, &incoming, jiff::Timestamp::now()) {
         Step::Respond(answer) => respond(answer, &request_id, None),
         Step::CreateMultipartUpload(pending) => {
-            match snapsign::wasi_http::send("POST", &pending.store_url, &[], &[]) {
+            match wasi_http::send("POST", &pending.store_url, &[], &[]) {
                 Ok((status, body)) => {
                     let text = String::from_utf8_lossy(&body);
                     // Server-Timing reports the signing itself, for `snapsign bench`.

@@ -1,18 +1,25 @@
-//! The build client's decisions (PROTOCOL.md §0, §2, §5), free of I/O:
-//! Dockerfile planning, sizing, the spec splices, the completion rules, the
-//! builder invocation and the transient-error rule. The builder component
-//! is the shell that performs the calls these decide.
+//! The build client's decisions (wit/protocol.md §0, §2, §5), free of I/O:
+//! the flow's step machine and the rules it applies (Dockerfile planning,
+//! lookup, sizing, the spec splices, the completion rules, the builder
+//! invocation, diagnostics, the transient-error rule). The builder
+//! component is the shell that performs the calls the flow asks for.
 
+pub mod call;
 pub mod command;
 pub mod complete;
 pub mod diagnose;
+pub mod flow;
+pub mod lookup;
 pub mod plan;
 pub mod sandbox_info;
 pub mod sizing;
 pub mod splice;
 pub mod transient;
 
-/// Decorates a failure after the builder sandbox exists (PROTOCOL.md §5.9).
+pub use call::{Answer, BuildError, Call, Event, Request};
+pub use flow::{Flow, Next, Step};
+
+/// Decorates a failure after the builder sandbox exists (wit/protocol.md §5.9).
 pub fn decorate(message: &str, sandbox_id: &str, build_id: &str) -> String {
     format!("{message} (builder sandbox: {sandbox_id}, build: {build_id})")
 }

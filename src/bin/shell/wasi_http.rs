@@ -1,8 +1,9 @@
-//! A small blocking wasi:http client for the components. Unlike a client
-//! that fails the exchange when the request body stream is closed, it
-//! treats a closed body stream as "the server stopped reading" and still
-//! reads the response: a server may answer (and close) before the end of
-//! an empty or unwanted body has gone out.
+//! A small blocking wasi:http client, shared by both components' shells
+//! (included with `#[path]`: it is I/O, so it stays out of the core
+//! library). Unlike a client that fails the exchange when the request body
+//! stream is closed, it treats a closed body stream as "the server stopped
+//! reading" and still reads the response: a server may answer (and close)
+//! before the end of an empty or unwanted body has gone out.
 
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};

@@ -1,0 +1,619 @@
+//! The build flow as a sans-IO step machine (wit/protocol.md §0): plan,
+//! lookup, prepare, create the builder sandbox and wait for it, sign and
+//! splice, upload the context, run the builder, complete; on failure abort
+//! the multipart upload, diagnose, delete the sandbox and decorate the error.
+//!
+//! [`Flow::step`] takes the answer to the last call and `now` (monotonic
+//! time since any fixed origin) and says the next call. The shell performs
+//! calls and reports events; every decision is here.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use super::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Process, Request, SandboxError};
+use super::splice::{self, Prepared};
+use super::{command, complete, decorate, diagnose, lookup, plan, sizing};
+
+/// Pause between two polls of a starting sandbox (wit/protocol.md §5.2).
+pub const POLL: Duration = Duration::from_millis(250);
+/// Lifetime asked for the builder sandbox at create, seconds.
+pub const SANDBOX_TIMEOUT_SECS: i64 = 300;
+/// Each diagnostics command is killed after this many seconds (§5.9).
+pub const DIAGNOSE_TIMEOUT_SECS: u32 = 5;
+
+/// What the flow wants next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Perform this call and feed its answer to [`Flow::step`].
+    Call(Call),
+    /// The flow is over: the registered template (complete's JSON answer) or why not.
+    Finished(Result<String, BuildError>),
+}
+
+/// One step's output: events to report, then the next call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Events, in order, to report before performing `next`.
+    pub events: Vec<Event>,
+    /// The next call, or the outcome.
+    pub next: Next,
+}
+
+/// Where the flow stands: which answer it waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Start,
+    Lookup { index: usize, retried: bool },
+    Prepare,
+    Create,
+    Status,
+    StatusPause,
+    Probe,
+    ProbePause,
+    Proxy,
+    SignUpload,
+    SignParent,
+    SignLocal(usize),
+    Setup(usize),
+    WriteSpec,
+    Build,
+    ReadMetadata,
+    Complete,
+    Abort,
+    Diagnose(usize),
+    Delete,
+    Finished,
+}
+
+/// The setup runs between proxy readiness and spec.json (wit/protocol.md
+/// §5.5): the build directory, the context archive, its unpacking.
+const SETUP_STEPS: usize = 6;
+
+/// One build, from request to outcome.
+pub struct Flow {
+    request: Request,
+    api: String,
+    auth: Vec<(String, String)>,
+    state: State,
+    started: Duration,
+    base_image: String,
+    lookups: Vec<String>,
+    /// The first lookup is the final stage's FROM: its template is the parent.
+    final_lookup: bool,
+    parent_template: Option<Value>,
+    prepared: Option<Prepared>,
+    rootfs_bytes: u64,
+    invocation: (String, Vec<String>),
+    sandbox: Option<String>,
+    deadline: Duration,
+    endpoint: Option<Endpoint>,
+    spec: Map<String, Value>,
+    signed_uri: Option<String>,
+    local_images: Vec<(usize, String)>,
+    /// Set by a multipart sign answer, cleared by a successful complete.
+    abort_url: Option<String>,
+    /// The sandbox answered: failures from here on get diagnostics.
+    ready: bool,
+    diagnostics: Vec<Vec<String>>,
+    outcome: Option<Result<String, BuildError>>,
+    events: Vec<Event>,
+}
+
+impl std::fmt::Debug for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flow")
+            .field("state", &self.state)
+            .field("sandbox", &self.sandbox)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+fn failed(message: impl Into<String>) -> BuildError {
+    BuildError::Failed(message.into())
+}
+
+fn unexpected(state: State, answer: &Answer) -> BuildError {
+    failed(format!("build flow: a {} answer does not fit step {state:?} (a shell bug)", answer.kind()))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn is_2xx(status: u16) -> bool {
+    (200..300).contains(&status)
+}
+
+/// `Ok` for exit code 0 without OOM kill, else the failure naming the command.
+fn run_ok(name: &str, exit: Result<Exit, SandboxError>) -> Result<(), BuildError> {
+    let exit = exit.map_err(|e| failed(format!("run '{name}': {e}")))?;
+    if exit.code != 0 || exit.oom_killed {
+        let oom = if exit.oom_killed { " (process was killed by the kernel OOM killer)" } else { "" };
+        return Err(failed(format!("Command '{name}' failed with exit code {}{oom}", exit.code)));
+    }
+    Ok(())
+}
+
+/// A sign answer's JSON (wit/protocol.md §4.7), or the failure.
+fn signed(answer: Result<(u16, Vec<u8>), String>) -> Result<Value, BuildError> {
+    let (status, body) = answer.map_err(failed)?;
+    if !is_2xx(status) {
+        return Err(failed(format!("dataplane sign request failed (HTTP {status}): {}", text(&body))));
+    }
+    serde_json::from_slice(&body).map_err(|e| failed(format!("dataplane sign answer is not JSON: {e}")))
+}
+
+impl Flow {
+    /// A flow for `request`, started at `now`.
+    pub fn new(request: Request, now: Duration) -> Self {
+        Flow {
+            api: request.api_url.trim_end_matches('/').to_owned(),
+            auth: vec![("authorization".into(), format!("Bearer {}", request.token))],
+            request,
+            state: State::Start,
+            started: now,
+            base_image: String::new(),
+            lookups: Vec::new(),
+            final_lookup: false,
+            parent_template: None,
+            prepared: None,
+            rootfs_bytes: 0,
+            invocation: (String::new(), Vec::new()),
+            sandbox: None,
+            deadline: now,
+            endpoint: None,
+            spec: Map::new(),
+            signed_uri: None,
+            local_images: Vec::new(),
+            abort_url: None,
+            ready: false,
+            diagnostics: Vec::new(),
+            outcome: None,
+            events: Vec::new(),
+        }
+    }
+
+    /// Takes the answer to the last call ([`Answer::Start`] first) and the
+    /// time, and says what to do next.
+    pub fn step(&mut self, answer: Answer, now: Duration) -> Step {
+        let next = match self.state {
+            State::Abort | State::Diagnose(_) | State::Delete | State::Finished => self.unwind(answer, now),
+            _ => self.advance(answer, now).unwrap_or_else(|e| self.fail(e)),
+        };
+        Step { events: std::mem::take(&mut self.events), next }
+    }
+
+    fn stage(&mut self, name: &str) {
+        self.events.push(Event::Stage(name.to_owned()));
+    }
+
+    fn warn(&mut self, message: String) {
+        self.events.push(Event::Warning(message));
+    }
+
+    fn go(&mut self, state: State, call: Call) -> Result<Next, BuildError> {
+        self.state = state;
+        Ok(Next::Call(call))
+    }
+
+    fn prepared(&self) -> &Prepared {
+        self.prepared.as_ref().expect("prepare precedes every sandbox step")
+    }
+
+    fn id(&self) -> String {
+        self.sandbox.clone().expect("create precedes every sandbox step")
+    }
+
+    fn http(&self, method: &'static str, url: String, headers: &[(String, String)], body: Option<&Value>) -> Call {
+        let mut headers = headers.to_vec();
+        let body = match body {
+            Some(json) => {
+                headers.push(("content-type".into(), "application/json".into()));
+                json.to_string().into_bytes()
+            }
+            None => Vec::new(),
+        };
+        Call::Http { method, url, headers, body }
+    }
+
+    fn lookup_call(&self, index: usize) -> Call {
+        self.http("GET", lookup::url(&self.api, &self.lookups[index]), &self.auth, None)
+    }
+
+    fn sign_call(&self, body: Value) -> Call {
+        let endpoint = self.endpoint.as_ref().expect("the proxy endpoint precedes signing");
+        let url = format!("{}/api/v1/blob/sign", endpoint.base_url.trim_end_matches('/'));
+        self.http("POST", url, &endpoint.headers, Some(&body))
+    }
+
+    fn get_blob(&self, uri: &str) -> Call {
+        self.sign_call(json!({"target": {"kind": "blob", "uri": uri}, "op": {"kind": "get_blob"}}))
+    }
+
+    /// Polls again after [`POLL`] while the deadline allows, else fails with `late`.
+    fn again_or_late(&mut self, pause: State, late: String, now: Duration) -> Result<Next, BuildError> {
+        if now < self.deadline { self.go(pause, Call::Sleep(POLL)) } else { Err(failed(late)) }
+    }
+
+    fn wait_secs(&self) -> u64 {
+        u64::from(self.request.sandbox_wait_secs.max(1))
+    }
+
+    fn status_call(&self) -> Call {
+        Call::Status { id: self.id() }
+    }
+
+    fn probe_call(&self) -> Call {
+        Call::Run { id: self.id(), process: Process::new("/bin/true", &[], false), log: false }
+    }
+
+    /// The main path: each arm reads the answer to the call its state made.
+    fn advance(&mut self, answer: Answer, now: Duration) -> Result<Next, BuildError> {
+        match (self.state, answer) {
+            (State::Start, Answer::Start) => {
+                self.stage("plan");
+                let plan = plan::plan(&self.request.dockerfile).map_err(|e| BuildError::Usage(e.to_string()))?;
+                self.final_lookup = plan.final_lookup.is_some();
+                self.lookups = plan.final_lookup.into_iter().chain(plan.other_lookups).collect();
+                self.base_image = plan.base_image;
+                if self.lookups.is_empty() {
+                    return self.prepare();
+                }
+                let call = self.lookup_call(0);
+                self.go(State::Lookup { index: 0, retried: false }, call)
+            }
+            (State::Lookup { index, retried }, Answer::Http(answer)) => {
+                let reference = self.lookups[index].clone();
+                let (status, body) = match answer {
+                    Ok(answer) => answer,
+                    // A lookup is idempotent: one retry when the connection itself failed.
+                    Err(first) if !retried => {
+                        self.warn(format!("template lookup for '{reference}' failed ({first}); retrying once"));
+                        let call = self.lookup_call(index);
+                        return self.go(State::Lookup { index, retried: true }, call);
+                    }
+                    Err(second) => return Err(failed(second)),
+                };
+                let template = lookup::classify(&reference, status, &text(&body))?;
+                if index == 0 && self.final_lookup {
+                    self.parent_template = template.map(|t| lookup::parent_template(&t, &reference));
+                }
+                if index + 1 < self.lookups.len() {
+                    let call = self.lookup_call(index + 1);
+                    return self.go(State::Lookup { index: index + 1, retried: false }, call);
+                }
+                self.prepare()
+            }
+            (State::Prepare, Answer::Http(answer)) => {
+                let (status, body) = answer.map_err(failed)?;
+                let what = format!("failed to prepare sandbox image build (HTTP {status}): {}", text(&body));
+                match status {
+                    401 | 403 => return Err(BuildError::Auth(what)),
+                    s if !is_2xx(s) => return Err(failed(what)),
+                    _ => {}
+                }
+                let raw: Value =
+                    serde_json::from_slice(&body).map_err(|e| failed(format!("prepare answer is not JSON: {e}")))?;
+                let prepared = Prepared::parse(raw).map_err(|e| failed(e.to_string()))?;
+                let parent_bytes = prepared.parent.as_ref().and_then(|p| p.1);
+                let r = &self.request;
+                self.rootfs_bytes = sizing::rootfs_disk_bytes(r.disk_mb, prepared.parent.is_some(), parent_bytes)
+                    .map_err(|e| BuildError::Usage(e.to_string()))?;
+                let b = &prepared.builder;
+                let resources = sizing::resources(
+                    self.rootfs_bytes,
+                    (b.cpus, b.memory_mb, b.disk_mb),
+                    r.builder_cpus,
+                    r.builder_memory_mb,
+                    r.builder_disk_mb,
+                );
+                self.invocation = command::builder_invocation(&b.command).map_err(|e| failed(e.to_string()))?;
+                let image = b.image.clone();
+                self.spec = prepared.raw.clone();
+                self.prepared = Some(prepared);
+                self.stage("sandbox");
+                self.go(State::Create, Call::Create { image, resources, timeout_secs: SANDBOX_TIMEOUT_SECS })
+            }
+            (State::Create, Answer::Created(created)) => {
+                let id = created.map_err(|e| failed(format!("create the builder sandbox: {e}")))?;
+                self.sandbox = Some(id);
+                self.deadline = now + Duration::from_secs(self.wait_secs());
+                let call = self.status_call();
+                self.go(State::Status, call)
+            }
+            // Waiting for `running` (§5.2): transient errors and other statuses are retried until the deadline.
+            (State::Status, Answer::Status(status)) => {
+                let id = self.id();
+                let late = format!("Sandbox {id} did not reach 'running' within {}s", self.wait_secs());
+                match status.as_deref() {
+                    Ok("running") => {
+                        let call = self.probe_call();
+                        self.go(State::Probe, call)
+                    }
+                    Ok("terminated") => Err(failed(
+                        SandboxError::Gone(format!("Sandbox {id} terminated before reaching 'running'")).to_string(),
+                    )),
+                    Ok(_) | Err(SandboxError::Transient(_)) => self.again_or_late(State::StatusPause, late, now),
+                    Err(e) => Err(failed(e.to_string())),
+                }
+            }
+            (State::StatusPause, Answer::Slept) => {
+                let call = self.status_call();
+                self.go(State::Status, call)
+            }
+            // Proxy readiness (§5.3): the same deadline covers both waits.
+            (State::Probe, Answer::Exit(exit)) => {
+                let late = format!(
+                    "Sandbox {} is running but its proxy did not answer within {}s",
+                    self.id(),
+                    self.wait_secs()
+                );
+                match exit {
+                    Ok(exit) if exit.code == 0 => {
+                        self.ready = true;
+                        if self.prepared().snapshot_rel_path.is_some() {
+                            self.stage("sign");
+                            let id = self.id();
+                            return self.go(State::Proxy, Call::Proxy { id });
+                        }
+                        self.setup()
+                    }
+                    Ok(_) | Err(SandboxError::Transient(_)) => self.again_or_late(State::ProbePause, late, now),
+                    Err(e) => Err(failed(e.to_string())),
+                }
+            }
+            (State::ProbePause, Answer::Slept) => {
+                let call = self.probe_call();
+                self.go(State::Probe, call)
+            }
+            (State::Proxy, Answer::Proxy(endpoint)) => {
+                self.endpoint = Some(endpoint.map_err(|e| failed(format!("sandbox proxy endpoint: {e}")))?);
+                let rel_path = self.prepared().snapshot_rel_path.clone();
+                let hint = sizing::multipart_hint(self.rootfs_bytes);
+                let call = self.sign_call(json!({"target": {"kind": "artifact", "rel_path": rel_path},
+                                                  "op": {"kind": "put_artifact", "multipart_hint": hint}}));
+                self.go(State::SignUpload, call)
+            }
+            // The splice (§5.6): the signed uri and upload replace whatever prepare said.
+            (State::SignUpload, Answer::Http(answer)) => {
+                let answer = signed(answer)?;
+                if answer.get("kind").and_then(Value::as_str) == Some("s3_multipart") {
+                    self.abort_url = answer.get("abortUrl").and_then(Value::as_str).map(str::to_owned);
+                }
+                let uri = splice::splice_upload(&mut self.spec, answer).map_err(|e| failed(e.to_string()))?;
+                self.signed_uri = Some(uri);
+                if let Some((parent_uri, _)) = &self.prepared().parent {
+                    let call = self.get_blob(parent_uri);
+                    return self.go(State::SignParent, call);
+                }
+                self.sign_local_images()
+            }
+            (State::SignParent, Answer::Http(answer)) => {
+                splice::splice_parent_download(&mut self.spec, signed(answer)?).map_err(|e| failed(e.to_string()))?;
+                self.sign_local_images()
+            }
+            (State::SignLocal(i), Answer::Http(answer)) => {
+                splice::splice_local_image(&mut self.spec, self.local_images[i].0, signed(answer)?);
+                if i + 1 < self.local_images.len() {
+                    let call = self.get_blob(&self.local_images[i + 1].1);
+                    return self.go(State::SignLocal(i + 1), call);
+                }
+                self.setup()
+            }
+            (State::Setup(i), Answer::Exit(exit)) => {
+                let Call::Run { process, .. } = self.setup_call(i) else {
+                    return Err(unexpected(self.state, &Answer::Exit(exit)));
+                };
+                run_ok(&process.command, exit)?;
+                self.setup_next(i + 1)
+            }
+            (State::Setup(i), Answer::Uploaded(done)) if matches!(self.setup_call(i), Call::UploadContext { .. }) => {
+                done.map_err(failed)?;
+                self.setup_next(i + 1)
+            }
+            (State::WriteSpec, Answer::Done(done)) => {
+                done.map_err(|e| failed(format!("write spec.json: {e}")))?;
+                self.stage("build");
+                let (program, args) = self.invocation.clone();
+                let process = Process {
+                    command: program,
+                    args,
+                    env: vec![("PATH".into(), command::BUILDER_PATH_ENV.into())],
+                    working_dir: Some(command::BUILD_DIR.into()),
+                    as_root: true,
+                };
+                let id = self.id();
+                self.go(State::Build, Call::Run { id, process, log: true })
+            }
+            (State::Build, Answer::Exit(exit)) => {
+                run_ok(&self.invocation.0, exit)?;
+                self.stage("complete");
+                let (id, path) = (self.id(), format!("{}/metadata.json", command::BUILD_DIR));
+                self.go(State::ReadMetadata, Call::ReadFile { id, path })
+            }
+            // Completion (§5.8): the signed uri wins and metadata must agree with it.
+            (State::ReadMetadata, Answer::File(file)) => {
+                let bytes = file.map_err(|e| failed(format!("read metadata.json: {e}")))?;
+                let metadata: Value =
+                    serde_json::from_slice(&bytes).map_err(|e| failed(format!("metadata.json is not JSON: {e}")))?;
+                let prepared = self.prepared();
+                let body = complete::completion(prepared, self.signed_uri.as_deref(), &metadata, self.rootfs_bytes)
+                    .map_err(|e| failed(e.to_string()))?;
+                let url = format!("{}/platform/v1/sandbox-template-builds/{}/complete", self.api, prepared.build_id);
+                let call = self.http("POST", url, &self.auth, Some(&body));
+                self.go(State::Complete, call)
+            }
+            (State::Complete, Answer::Http(answer)) => {
+                let (status, body) = answer.map_err(failed)?;
+                let body = text(&body);
+                if !is_2xx(status) {
+                    return Err(failed(format!("failed to complete sandbox image build (HTTP {status}): {body}")));
+                }
+                self.abort_url = None; // completed: nothing left to abort
+                serde_json::from_str::<Value>(&body)
+                    .map_err(|e| failed(format!("complete answer is not JSON: {e}")))?;
+                self.outcome = Some(Ok(body));
+                Ok(self.cleanup())
+            }
+            (state, answer) => Err(unexpected(state, &answer)),
+        }
+    }
+
+    fn prepare(&mut self) -> Result<Next, BuildError> {
+        self.stage("prepare");
+        let r = &self.request;
+        let body = json!({
+            "name": r.name, "dockerfile": r.dockerfile, "baseImage": self.base_image, "public": r.public,
+            "rootfsNodeKind": if self.parent_template.is_some() { "diff" } else { "base" },
+            "parentTemplate": self.parent_template, "additionalLocalImages": [],
+        });
+        let call =
+            self.http("POST", format!("{}/platform/v1/sandbox-template-builds", self.api), &self.auth, Some(&body));
+        self.go(State::Prepare, call)
+    }
+
+    /// Durable `additionalLocalImages` get a signed read each (§5.6).
+    fn sign_local_images(&mut self) -> Result<Next, BuildError> {
+        self.local_images = splice::local_images_to_sign(&self.spec);
+        match self.local_images.first() {
+            Some((_, uri)) => {
+                let call = self.get_blob(uri);
+                self.go(State::SignLocal(0), call)
+            }
+            None => self.setup(),
+        }
+    }
+
+    fn setup(&mut self) -> Result<Next, BuildError> {
+        self.stage("upload");
+        self.setup_next(0)
+    }
+
+    fn setup_call(&self, i: usize) -> Call {
+        let (id, dir) = (self.id(), command::BUILD_DIR);
+        let archive = format!("{dir}/context.tar.gz");
+        let context = format!("{dir}/context");
+        let process = match i {
+            0 => Process::new("mkdir", &["-p", dir], true),
+            1 => Process::new("chmod", &["0777", dir], true),
+            2 => return Call::UploadContext { id, path: archive },
+            3 => Process::new("mkdir", &["-p", &context], false),
+            4 => Process::new("tar", &["-xzf", &archive, "-C", &context], false),
+            _ => Process::new("rm", &["-f", &archive], false),
+        };
+        Call::Run { id, process, log: false }
+    }
+
+    fn setup_next(&mut self, i: usize) -> Result<Next, BuildError> {
+        if i < SETUP_STEPS {
+            let call = self.setup_call(i);
+            return self.go(State::Setup(i), call);
+        }
+        let context = format!("{}/context", command::BUILD_DIR);
+        self.spec.insert("dockerfile".into(), json!(self.request.dockerfile));
+        self.spec.insert("contextDir".into(), json!(context));
+        self.spec.insert("baseImage".into(), json!(self.base_image));
+        self.spec.insert("rootfsDiskBytes".into(), json!(self.rootfs_bytes));
+        let contents = serde_json::to_vec_pretty(&self.spec).expect("a JSON map always serializes");
+        let (id, path) = (self.id(), format!("{}/spec.json", command::BUILD_DIR));
+        self.go(State::WriteSpec, Call::WriteFile { id, path, contents })
+    }
+
+    /// A failure: before the sandbox exists it is the outcome; after, the
+    /// upload is aborted, the sandbox diagnosed and deleted first.
+    fn fail(&mut self, error: BuildError) -> Next {
+        self.outcome = Some(Err(error));
+        if self.sandbox.is_none() {
+            return self.finish(Duration::ZERO);
+        }
+        match self.abort_url.take() {
+            Some(url) => {
+                self.state = State::Abort;
+                Next::Call(self.http("DELETE", url, &[], None))
+            }
+            None => self.diagnose_or_cleanup(),
+        }
+    }
+
+    fn diagnose_or_cleanup(&mut self) -> Next {
+        let failed_build = matches!(self.outcome, Some(Err(BuildError::Failed(_))));
+        if self.ready && failed_build { self.diagnose(0) } else { self.cleanup() }
+    }
+
+    fn diagnose(&mut self, i: usize) -> Next {
+        self.state = State::Diagnose(i);
+        let process = Process::new("/bin/sh", &["-lc", diagnose::COMMANDS[i]], true);
+        Next::Call(Call::RunCaptured { id: self.id(), process, timeout_secs: DIAGNOSE_TIMEOUT_SECS })
+    }
+
+    fn cleanup(&mut self) -> Next {
+        self.stage("cleanup");
+        self.state = State::Delete;
+        Next::Call(Call::Delete { id: self.id() })
+    }
+
+    /// The unwinding steps: none of them can fail the build further.
+    fn unwind(&mut self, answer: Answer, now: Duration) -> Next {
+        match (self.state, answer) {
+            (State::Abort, Answer::Http(answer)) => {
+                let warning = match answer {
+                    Ok((status, _)) if is_2xx(status) => {
+                        format!("aborted the multipart upload of build {}", self.prepared().build_id)
+                    }
+                    Ok((status, body)) => {
+                        format!("abort of the multipart upload answered HTTP {status}: {}", text(&body))
+                    }
+                    Err(e) => format!("cannot abort the multipart upload: {e}"),
+                };
+                self.warn(warning);
+                self.diagnose_or_cleanup()
+            }
+            (State::Diagnose(i), Answer::Captured(lines)) => {
+                self.diagnostics.push(lines.unwrap_or_default());
+                if i + 1 < diagnose::COMMANDS.len() {
+                    return self.diagnose(i + 1);
+                }
+                if let Some(Err(BuildError::Failed(message))) = &mut self.outcome {
+                    let advice = diagnose::advice(message, &self.diagnostics[0], &self.diagnostics[1]);
+                    *message = diagnose::with_advice(message, &advice);
+                }
+                self.cleanup()
+            }
+            (State::Delete, Answer::Done(deleted)) => {
+                if let Err(e) = deleted {
+                    let id = self.id();
+                    self.warn(format!("Failed to terminate rootfs builder sandbox {id} during cleanup: {e}"));
+                }
+                self.finish(now)
+            }
+            (State::Finished, _) => Next::Finished(Err(failed("build flow: stepped after it finished (a shell bug)"))),
+            (state, answer) => {
+                // A shell bug while unwinding: keep the first failure, still delete the sandbox.
+                let bug = unexpected(state, &answer);
+                self.warn(bug.to_string());
+                if state == State::Delete { self.finish(now) } else { self.cleanup() }
+            }
+        }
+    }
+
+    fn finish(&mut self, now: Duration) -> Next {
+        self.state = State::Finished;
+        let outcome = self.outcome.take().unwrap_or_else(|| Err(failed("build flow: finished without an outcome")));
+        match (outcome, self.sandbox.clone()) {
+            (Ok(registered), _) => {
+                self.stage(&format!("done in {:.1} s", now.saturating_sub(self.started).as_secs_f64()));
+                Next::Finished(Ok(registered))
+            }
+            (Err(e), Some(id)) => {
+                let build_id = &self.prepared().build_id;
+                Next::Finished(Err(e.map(|m| decorate(m, &id, build_id))))
+            }
+            (Err(e), None) => Next::Finished(Err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,646 @@
+//! The whole flow driven from literal answers, one test per fault of the
+//! dev stack's fault matrix (host/src/dev/faults.rs) and per prepare shape.
+//! Each test asserts the calls the flow asks for, in order, and its outcome.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Request, SandboxError};
+
+const ID: &str = "sbx-1";
+const URI: &str = "s3://snapshots/builds/default/sandbox-template-builds/build-1/snap-1.tlsnap";
+const ABORT: &str = "http://store/snapshots/abort?uploadId=u-1";
+const BUILDER: &str = "/usr/local/bin/tl-rootfs-build";
+const DECORATION: &str = " (builder sandbox: sbx-1, build: build-1)";
+
+fn request(dockerfile: &str) -> Request {
+    Request {
+        api_url: "http://api/".into(),
+        token: "sst1.tok".into(),
+        name: "base".into(),
+        dockerfile: dockerfile.into(),
+        disk_mb: None,
+        builder_cpus: None,
+        builder_memory_mb: None,
+        builder_disk_mb: None,
+        public: false,
+        sandbox_wait_secs: 1,
+    }
+}
+
+fn new_shape() -> Value {
+    json!({"buildId": "build-1", "snapshotId": "snap-1", "snapshotRelPath": "sandbox-template-builds/build-1/snap-1.tlsnap",
+           "rootfsNodeKind": "base",
+           "builder": {"image": "tensorlake/rootfs-builder", "command": "tl-rootfs-build", "cpus": 1, "memoryMb": 1024, "diskMb": 2048},
+           "runtimeContract": {"guestRuntimeLayout": "embedded"}})
+}
+
+fn multipart(uri: Option<&str>) -> Value {
+    let mut answer = json!({"kind": "s3_multipart", "uploadId": "u-1", "partSizeBytes": 67108864, "maxParts": 160,
+        "completeUrl": "http://store/snapshots/complete?uploadId=u-1", "abortUrl": ABORT, "expiresAt": "2026-11-28T23:00:00Z",
+        "partUrls": [{"partNumber": 1, "url": "http://store/snapshots/part?partNumber=1"}]});
+    if let Some(uri) = uri {
+        answer["uri"] = json!(uri);
+    }
+    answer
+}
+
+fn metadata(uri: &str) -> Value {
+    json!({"snapshot_id": "snap-1", "snapshot_uri": uri, "snapshot_format_version": "snapsign_tar_zstd_v1",
+           "snapshot_size_bytes": 1234, "rootfs_disk_bytes": 10737418240u64, "rootfs_node_kind": "base"})
+}
+
+/// The platform, the sandbox and the proxy as literal answers; tests change one field each.
+struct World {
+    lookups: VecDeque<Result<(u16, String), String>>,
+    prepared: Value,
+    prepare_status: u16,
+    statuses: VecDeque<Result<String, SandboxError>>,
+    probes: VecDeque<Result<Exit, SandboxError>>,
+    put_answer: (u16, Value),
+    builder_exit: Exit,
+    metadata: Value,
+    complete: (u16, String),
+    abort: (u16, String),
+    dmesg: Vec<String>,
+    df: Vec<String>,
+    delete: Result<(), SandboxError>,
+    /// What the flow sent: spec.json, prepare and complete bodies, sign requests.
+    spec: Option<Value>,
+    prepare_body: Option<Value>,
+    complete_body: Option<Value>,
+    sign_bodies: Vec<Value>,
+    platform_auth: Vec<String>,
+}
+
+impl World {
+    fn new() -> Self {
+        World {
+            lookups: VecDeque::new(),
+            prepared: new_shape(),
+            prepare_status: 200,
+            statuses: VecDeque::new(),
+            probes: VecDeque::new(),
+            put_answer: (200, multipart(Some(URI))),
+            builder_exit: Exit { code: 0, oom_killed: false },
+            metadata: metadata(URI),
+            complete: (200, r#"{"id":"tmpl-1","name":"base"}"#.into()),
+            abort: (204, String::new()),
+            dmesg: vec!["[ 0.1] booted".into()],
+            df: vec![
+                "Filesystem 1024-blocks Used Available Capacity Mounted on".into(),
+                "/dev/vda 100 10 90 10% /".into(),
+            ],
+            delete: Ok(()),
+            spec: None,
+            prepare_body: None,
+            complete_body: None,
+            sign_bodies: Vec::new(),
+            platform_auth: Vec::new(),
+        }
+    }
+
+    fn http(&mut self, method: &str, url: &str, headers: &[(String, String)], body: &[u8]) -> (u16, String) {
+        let json = || serde_json::from_slice::<Value>(body).unwrap();
+        if url.starts_with("http://api/") {
+            let auth = headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.clone());
+            self.platform_auth.push(auth.unwrap_or_default());
+        }
+        match (method, url) {
+            ("GET", u) if u.contains("/by-name/") => unreachable!("lookups are answered in answer()"),
+            ("POST", "http://api/platform/v1/sandbox-template-builds") => {
+                self.prepare_body = Some(json());
+                (self.prepare_status, self.prepared.to_string())
+            }
+            ("POST", "http://api/platform/v1/sandbox-template-builds/build-1/complete") => {
+                self.complete_body = Some(json());
+                self.complete.clone()
+            }
+            ("POST", "http://proxy/api/v1/blob/sign") => {
+                assert!(headers.contains(&("x-tensorlake-sandbox-id".into(), ID.into())), "{headers:?}");
+                let body = json();
+                self.sign_bodies.push(body.clone());
+                if body["op"]["kind"] == "put_artifact" {
+                    let (status, answer) = &self.put_answer;
+                    (*status, answer.to_string())
+                } else {
+                    let uri = body["target"]["uri"].as_str().unwrap();
+                    (200, json!({"kind": "single_get", "uri": uri, "method": "GET", "url": format!("http://store/get/{uri}")}).to_string())
+                }
+            }
+            ("DELETE", ABORT) => self.abort.clone(),
+            other => panic!("unexpected HTTP call {other:?}"),
+        }
+    }
+
+    fn answer(&mut self, call: &Call) -> Answer {
+        match call {
+            Call::Http { method, url, .. } if *method == "GET" && url.contains("/by-name/") => {
+                Answer::Http(self.lookups.pop_front().expect("a lookup answer").map(|(s, t)| (s, t.into_bytes())))
+            }
+            Call::Http { method, url, headers, body } => {
+                let (status, text) = self.http(method, url, headers, body);
+                Answer::Http(Ok((status, text.into_bytes())))
+            }
+            Call::Create { .. } => Answer::Created(Ok(ID.into())),
+            Call::Status { .. } => Answer::Status(self.statuses.pop_front().unwrap_or(Ok("running".into()))),
+            Call::Sleep(_) => Answer::Slept,
+            Call::Proxy { .. } => Answer::Proxy(Ok(Endpoint {
+                base_url: "http://proxy/".into(),
+                headers: vec![("x-tensorlake-sandbox-id".into(), ID.into())],
+            })),
+            Call::Run { process, .. } if process.command == "/bin/true" => {
+                Answer::Exit(self.probes.pop_front().unwrap_or(Ok(Exit { code: 0, oom_killed: false })))
+            }
+            Call::Run { process, .. } if process.command == BUILDER => Answer::Exit(Ok(self.builder_exit)),
+            Call::Run { .. } => Answer::Exit(Ok(Exit { code: 0, oom_killed: false })),
+            Call::RunCaptured { process, .. } => Answer::Captured(Ok(if process.args[1].starts_with("dmesg") {
+                self.dmesg.clone()
+            } else {
+                self.df.clone()
+            })),
+            Call::UploadContext { .. } => Answer::Uploaded(Ok(())),
+            Call::WriteFile { contents, .. } => {
+                self.spec = Some(serde_json::from_slice(contents).unwrap());
+                Answer::Done(Ok(()))
+            }
+            Call::ReadFile { .. } => Answer::File(Ok(self.metadata.to_string().into_bytes())),
+            Call::Delete { .. } => Answer::Done(self.delete.clone()),
+        }
+    }
+}
+
+/// A call as the tests name it.
+fn label(call: &Call) -> String {
+    match call {
+        Call::Http { method, url, body, .. } if url.ends_with("/blob/sign") => {
+            let body: Value = serde_json::from_slice(body).unwrap();
+            format!("{method} {url} {}", body["op"]["kind"].as_str().unwrap())
+        }
+        Call::Http { method, url, .. } => format!("{method} {url}"),
+        Call::Create { image, .. } => format!("create {image}"),
+        Call::Status { id } => format!("status {id}"),
+        Call::Sleep(d) => format!("sleep {}ms", d.as_millis()),
+        Call::Proxy { id } => format!("proxy {id}"),
+        Call::Run { process, log, .. } => format!("run {}{}", process.command, if *log { " (logged)" } else { "" }),
+        Call::RunCaptured { process, .. } => {
+            format!("diagnose {}", if process.args[1].starts_with("dmesg") { "dmesg" } else { "df" })
+        }
+        Call::UploadContext { path, .. } => format!("upload-context {path}"),
+        Call::WriteFile { path, .. } => format!("write {path}"),
+        Call::ReadFile { path, .. } => format!("read {path}"),
+        Call::Delete { id } => format!("delete {id}"),
+    }
+}
+
+struct Run {
+    calls: Vec<String>,
+    events: Vec<Event>,
+    outcome: Result<String, BuildError>,
+}
+
+impl Run {
+    fn warnings(&self) -> Vec<&str> {
+        self.events.iter().filter_map(|e| if let Event::Warning(w) = e { Some(w.as_str()) } else { None }).collect()
+    }
+
+    fn failure(&self) -> &str {
+        match &self.outcome {
+            Err(BuildError::Failed(m)) => m,
+            other => panic!("expected a build failure, got {other:?}"),
+        }
+    }
+}
+
+/// Drives the flow to its end; each call takes 1 ms of the clock, a sleep its duration.
+fn drive(request: Request, world: &mut World) -> Run {
+    let mut now = Duration::from_secs(100);
+    let mut flow = Flow::new(request, now);
+    let (mut calls, mut events, mut answer) = (Vec::new(), Vec::new(), Answer::Start);
+    for _ in 0..1000 {
+        let step = flow.step(answer, now);
+        events.extend(step.events);
+        match step.next {
+            Next::Finished(outcome) => return Run { calls, events, outcome },
+            Next::Call(call) => {
+                calls.push(label(&call));
+                now += if let Call::Sleep(d) = call { d } else { Duration::from_millis(1) };
+                answer = world.answer(&call);
+            }
+        }
+    }
+    panic!("the flow did not finish in 1000 steps: {calls:#?}");
+}
+
+const PREPARE: &str = "POST http://api/platform/v1/sandbox-template-builds";
+const COMPLETE: &str = "POST http://api/platform/v1/sandbox-template-builds/build-1/complete";
+const SIGN_PUT: &str = "POST http://proxy/api/v1/blob/sign put_artifact";
+const SIGN_GET: &str = "POST http://proxy/api/v1/blob/sign get_blob";
+
+fn calls(list: &[&[&str]]) -> Vec<String> {
+    list.iter().flat_map(|part| part.iter().map(|s| (*s).to_owned())).collect()
+}
+
+const START: &[&str] = &[PREPARE, "create tensorlake/rootfs-builder", "status sbx-1", "run /bin/true"];
+const SETUP: &[&str] = &[
+    "run mkdir",
+    "run chmod",
+    "upload-context /var/lib/tensorlake/rootfs-builder/build/context.tar.gz",
+    "run mkdir",
+    "run tar",
+    "run rm",
+    "write /var/lib/tensorlake/rootfs-builder/build/spec.json",
+    "run /usr/local/bin/tl-rootfs-build (logged)",
+];
+const READ_METADATA: &[&str] = &["read /var/lib/tensorlake/rootfs-builder/build/metadata.json"];
+const ABORT_CALL: &[&str] = &["DELETE http://store/snapshots/abort?uploadId=u-1"];
+const DIAGNOSE: &[&str] = &["diagnose dmesg", "diagnose df"];
+const DELETE: &[&str] = &["delete sbx-1"];
+
+#[test]
+fn new_shape_base_build_signs_splices_and_completes_with_the_signed_uri() {
+    let mut world = World::new();
+    let run = drive(request("FROM scratch\nCOPY a /a\n"), &mut world);
+    assert_eq!(run.outcome, Ok(r#"{"id":"tmpl-1","name":"base"}"#.into()));
+    let expected = calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, READ_METADATA, &[COMPLETE], DELETE]);
+    assert_eq!(run.calls, expected);
+    let stages: Vec<&str> =
+        run.events.iter().filter_map(|e| if let Event::Stage(s) = e { Some(s.as_str()) } else { None }).collect();
+    assert_eq!(stages[..8], ["plan", "prepare", "sandbox", "sign", "upload", "build", "complete", "cleanup"]);
+    assert!(stages[8].starts_with("done in "), "{stages:?}");
+    assert!(run.warnings().is_empty(), "{:?}", run.warnings());
+    // Every platform call carries the bearer token.
+    assert_eq!(world.platform_auth, ["Bearer sst1.tok", "Bearer sst1.tok"]);
+    let prepare = world.prepare_body.unwrap();
+    assert_eq!((prepare["rootfsNodeKind"].as_str(), &prepare["parentTemplate"]), (Some("base"), &Value::Null));
+    // The sign request asks for the default 10 GiB rootfs in 64 MiB parts (§5.7).
+    assert_eq!(
+        world.sign_bodies,
+        [json!({"target": {"kind": "artifact", "rel_path": "sandbox-template-builds/build-1/snap-1.tlsnap"},
+                "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": 160, "part_size_bytes": 67108864}}})]
+    );
+    let spec = world.spec.unwrap();
+    assert_eq!(spec["snapshotUri"], URI);
+    assert_eq!(spec["upload"], multipart(Some(URI)));
+    assert_eq!(spec["runtimeContract"]["guestRuntimeLayout"], "embedded", "unknown fields pass through");
+    assert_eq!(spec["contextDir"], "/var/lib/tensorlake/rootfs-builder/build/context");
+    assert_eq!((spec["baseImage"].as_str(), spec["rootfsDiskBytes"].as_u64()), (Some("scratch"), Some(10737418240)));
+    let complete = world.complete_body.unwrap();
+    assert_eq!((complete["snapshotUri"].as_str(), complete["snapshotSizeBytes"].as_u64()), (Some(URI), Some(1234)));
+}
+
+#[test]
+fn legacy_shape_signs_nothing_and_completes_with_the_prepared_uri() {
+    let mut world = World::new();
+    world.prepared = json!({"buildId": "build-1", "snapshotId": "snap-1", "snapshotUri": "s3://legacy/snap-1.tlsnap",
+        "rootfsNodeKind": "base", "upload": {"kind": "single_put", "method": "PUT", "url": "http://store/put", "headers": {}},
+        "builder": {"image": "tensorlake/rootfs-builder", "command": "tl-rootfs-build", "cpus": 1, "memoryMb": 1024, "diskMb": 2048}});
+    world.metadata = metadata("s3://legacy/snap-1.tlsnap");
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    assert_eq!(run.calls, calls(&[START, SETUP, READ_METADATA, &[COMPLETE], DELETE]));
+    assert!(world.sign_bodies.is_empty());
+    let spec = world.spec.unwrap();
+    assert_eq!(spec["upload"]["url"], "http://store/put", "the platform's upload is left as it was");
+    assert_eq!(world.complete_body.unwrap()["snapshotUri"], "s3://legacy/snap-1.tlsnap");
+}
+
+#[test]
+fn both_fields_shape_replaces_the_stale_snapshot_uri_with_the_signed_one() {
+    let mut world = World::new();
+    world.prepared["snapshotUri"] = json!("s3://stale/old.tlsnap");
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, READ_METADATA, &[COMPLETE], DELETE]));
+    assert_eq!(world.spec.unwrap()["snapshotUri"], URI);
+    assert_eq!(world.complete_body.unwrap()["snapshotUri"], URI);
+}
+
+#[test]
+fn diff_build_looks_up_the_parent_and_signs_its_download() {
+    let mut world = World::new();
+    let parent_uri = "s3://snapshots/builds/other/sandbox-template-builds/b0/s0.tlsnap";
+    world
+        .lookups
+        .push_back(Ok((200, json!({"id": "t-0", "name": "base", "snapshotId": "s0", "public": true}).to_string())));
+    world.prepared["rootfsNodeKind"] = json!("diff");
+    world.prepared["parent"] = json!({"parentManifestUri": parent_uri, "rootfsDiskBytes": 2147483648u64});
+    world.metadata["rootfs_node_kind"] = json!("diff");
+    world.metadata["parent_manifest_uri"] = json!(parent_uri);
+    let run = drive(request("FROM other/base\nCOPY b /b\n"), &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    let lookup = "GET http://api/platform/v1/sandbox-templates/by-name/other%2Fbase";
+    let expected =
+        calls(&[&[lookup], START, &["proxy sbx-1", SIGN_PUT, SIGN_GET], SETUP, READ_METADATA, &[COMPLETE], DELETE]);
+    assert_eq!(run.calls, expected);
+    let prepare = world.prepare_body.unwrap();
+    assert_eq!(prepare["rootfsNodeKind"], "diff");
+    assert_eq!(
+        prepare["parentTemplate"],
+        json!({"templateId": "t-0", "name": "base", "reference": "other/base", "snapshotId": "s0", "public": true})
+    );
+    // The parent's size sizes the rootfs: 2 GiB is 32 parts.
+    assert_eq!(world.sign_bodies[0]["op"]["multipart_hint"]["max_parts"], 32);
+    assert_eq!(
+        world.sign_bodies[1],
+        json!({"target": {"kind": "blob", "uri": parent_uri}, "op": {"kind": "get_blob"}})
+    );
+    let spec = world.spec.unwrap();
+    assert_eq!(spec["parent"]["download"]["url"], format!("http://store/get/{parent_uri}"));
+    assert_eq!(world.complete_body.unwrap()["parentManifestUri"], parent_uri);
+}
+
+#[test]
+fn durable_additional_local_images_are_signed_and_local_ones_are_not() {
+    let mut world = World::new();
+    world.prepared["additionalLocalImages"] = json!([
+        {"reference": "a", "snapshotUri": "s3://snapshots/builds/default/a.tlsnap"},
+        {"reference": "cas", "snapshotUri": "file:///var/lib/builder/cas.tlsnap"},
+        {"reference": "done", "snapshotUri": "s3://snapshots/d", "download": {"kind": "single_get", "url": "kept"}},
+        {"reference": "b", "snapshotUri": "s3://snapshots/builds/default/b.tlsnap"}
+    ]);
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    let expected =
+        calls(&[START, &["proxy sbx-1", SIGN_PUT, SIGN_GET, SIGN_GET], SETUP, READ_METADATA, &[COMPLETE], DELETE]);
+    assert_eq!(run.calls, expected);
+    let signed: Vec<&Value> = world.sign_bodies[1..].iter().map(|b| &b["target"]["uri"]).collect();
+    assert_eq!(signed, ["s3://snapshots/builds/default/a.tlsnap", "s3://snapshots/builds/default/b.tlsnap"]);
+    let images = &world.spec.unwrap()["additionalLocalImages"];
+    assert_eq!(images[0]["download"]["url"], "http://store/get/s3://snapshots/builds/default/a.tlsnap");
+    assert!(images[1].get("download").is_none());
+    assert_eq!(images[2]["download"]["url"], "kept");
+    assert_eq!(images[3]["download"]["url"], "http://store/get/s3://snapshots/builds/default/b.tlsnap");
+}
+
+#[test]
+fn pending_502s_and_lifecycle_502_while_pending_are_retried_until_running() {
+    let mut world = World::new();
+    let mut request = request("FROM scratch\n");
+    request.sandbox_wait_secs = 10;
+    let gateway = || Err(SandboxError::Transient("HTTP 502: PROXY_ERROR Failed to proxy request".into()));
+    world.statuses = VecDeque::from([gateway(), Ok("pending".into()), gateway(), gateway()]);
+    world.probes =
+        VecDeque::from([Err(SandboxError::Transient("HTTP 502".into())), Ok(Exit { code: 1, oom_killed: false })]);
+    let run = drive(request, &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    let wait: Vec<&str> = [["status sbx-1", "sleep 250ms"]; 4].concat();
+    let probe: Vec<&str> = [["run /bin/true", "sleep 250ms"]; 2].concat();
+    let start =
+        calls(&[&[PREPARE, "create tensorlake/rootfs-builder"], &wait, &["status sbx-1"], &probe, &["run /bin/true"]]);
+    assert_eq!(run.calls[..start.len()], start[..]);
+    assert_eq!(run.calls.last().map(String::as_str), Some("delete sbx-1"));
+}
+
+#[test]
+fn a_sandbox_that_never_runs_fails_at_the_deadline_without_diagnostics() {
+    let mut world = World::new();
+    world.statuses = std::iter::repeat_with(|| Ok("pending".to_owned())).take(100).collect();
+    let run = drive(request("FROM scratch\n"), &mut world);
+    // Polls at 1, 252, 503, 754 and 1005 ms after create: the last is past the 1 s deadline.
+    let wait: Vec<&str> = [["status sbx-1", "sleep 250ms"]; 4].concat();
+    assert_eq!(run.calls, calls(&[&[PREPARE, "create tensorlake/rootfs-builder"], &wait, &["status sbx-1"], DELETE]));
+    assert_eq!(run.failure(), format!("Sandbox sbx-1 did not reach 'running' within 1s{DECORATION}"));
+}
+
+#[test]
+fn a_proxy_that_never_answers_fails_at_the_same_deadline() {
+    let mut world = World::new();
+    world.probes = std::iter::repeat_with(|| Err(SandboxError::Transient("HTTP 502".into()))).take(100).collect();
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls.iter().filter(|c| *c == "run /bin/true").count(), 5);
+    assert_eq!(run.calls.last().map(String::as_str), Some("delete sbx-1"));
+    assert!(!run.calls.iter().any(|c| c.starts_with("diagnose")), "never ready: no diagnostics");
+    assert_eq!(run.failure(), format!("Sandbox sbx-1 is running but its proxy did not answer within 1s{DECORATION}"));
+}
+
+#[test]
+fn a_terminated_sandbox_fails_naming_sandbox_and_build_and_is_deleted() {
+    let mut world = World::new();
+    world.statuses = VecDeque::from([Ok("pending".into()), Ok("terminated".into())]);
+    let run = drive(request("FROM scratch\n"), &mut world);
+    let start = [PREPARE, "create tensorlake/rootfs-builder", "status sbx-1", "sleep 250ms", "status sbx-1"];
+    assert_eq!(run.calls, calls(&[&start, DELETE]));
+    assert_eq!(run.failure(), format!("sandbox gone: Sandbox sbx-1 terminated before reaching 'running'{DECORATION}"));
+}
+
+#[test]
+fn a_refused_status_call_fails_at_once() {
+    let mut world = World::new();
+    world.statuses = VecDeque::from([Err(SandboxError::Denied("HTTP 403".into()))]);
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[&[PREPARE, "create tensorlake/rootfs-builder", "status sbx-1"], DELETE]));
+    assert_eq!(run.failure(), format!("sandbox access denied: HTTP 403{DECORATION}"));
+}
+
+#[test]
+fn a_failed_sign_fails_the_build_with_diagnostics_and_nothing_to_abort() {
+    let mut world = World::new();
+    world.put_answer = (502, json!({"code": "PROXY_ERROR", "message": "sign failed (fault)"}));
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], DIAGNOSE, DELETE]));
+    assert_eq!(
+        run.failure(),
+        format!(
+            r#"dataplane sign request failed (HTTP 502): {{"code":"PROXY_ERROR","message":"sign failed (fault)"}}{DECORATION}"#
+        )
+    );
+}
+
+#[test]
+fn a_sign_answer_without_uri_fails_before_the_builder_and_aborts_the_upload() {
+    let mut world = World::new();
+    world.put_answer = (200, multipart(None));
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], ABORT_CALL, DIAGNOSE, DELETE]));
+    assert_eq!(run.failure(), format!("dataplane signed upload response is missing uri{DECORATION}"));
+    assert_eq!(run.warnings(), ["aborted the multipart upload of build build-1"]);
+}
+
+#[test]
+fn a_store_part_failure_fails_the_builder_and_the_flow_aborts_what_is_left() {
+    let mut world = World::new();
+    world.builder_exit = Exit { code: 1, oom_killed: false };
+    // The reference builder aborted the upload itself: the store no longer knows it.
+    world.abort = (404, "<Error><Code>NoSuchUpload</Code></Error>".into());
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DIAGNOSE, DELETE]));
+    assert_eq!(run.failure(), format!("Command '{BUILDER}' failed with exit code 1{DECORATION}"));
+    assert_eq!(
+        run.warnings(),
+        ["abort of the multipart upload answered HTTP 404: <Error><Code>NoSuchUpload</Code></Error>"]
+    );
+}
+
+#[test]
+fn a_builder_that_exits_nonzero_fails_aborts_and_reads_no_metadata() {
+    let mut world = World::new();
+    world.builder_exit = Exit { code: 3, oom_killed: false };
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DIAGNOSE, DELETE]));
+    assert_eq!(run.failure(), format!("Command '{BUILDER}' failed with exit code 3{DECORATION}"));
+    assert!(world.complete_body.is_none());
+}
+
+#[test]
+fn a_builder_killed_for_memory_gets_memory_advice() {
+    let mut world = World::new();
+    world.builder_exit = Exit { code: -9, oom_killed: true };
+    world.dmesg = vec!["[ 9.1] Out of memory: Killed process 42 (tl-rootfs-build)".into()];
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DIAGNOSE, DELETE]));
+    assert_eq!(
+        run.failure(),
+        format!(
+            "Command '{BUILDER}' failed with exit code -9 (process was killed by the kernel OOM killer)\n\
+             The builder sandbox ran out of memory: retry with a larger --builder-memory-mb.{DECORATION}"
+        )
+    );
+}
+
+#[test]
+fn a_full_disk_in_df_gets_disk_advice() {
+    let mut world = World::new();
+    world.builder_exit = Exit { code: 1, oom_killed: false };
+    world.df[1] = "/dev/vda 100 97 3 97% /var/lib/tensorlake/rootfs-builder/build".into();
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert!(run.failure().contains("\nThe builder sandbox's disk is full (97% used)"), "{}", run.failure());
+}
+
+#[test]
+fn metadata_missing_a_field_fails_before_complete_and_aborts() {
+    let mut world = World::new();
+    world.metadata.as_object_mut().unwrap().remove("snapshot_size_bytes");
+    let run = drive(request("FROM scratch\n"), &mut world);
+    let expected = calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, READ_METADATA, ABORT_CALL, DIAGNOSE, DELETE]);
+    assert_eq!(run.calls, expected);
+    assert_eq!(run.failure(), format!("rootfs builder metadata is missing numeric snapshot_size_bytes{DECORATION}"));
+}
+
+#[test]
+fn metadata_with_another_uri_fails_naming_both() {
+    let mut world = World::new();
+    world.metadata = metadata("s3://elsewhere/x.tlsnap");
+    let run = drive(request("FROM scratch\n"), &mut world);
+    let expected = calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, READ_METADATA, ABORT_CALL, DIAGNOSE, DELETE]);
+    assert_eq!(run.calls, expected);
+    assert_eq!(
+        run.failure(),
+        format!(
+            "rootfs builder metadata snapshot_uri s3://elsewhere/x.tlsnap did not match dataplane signed uri {URI}{DECORATION}"
+        )
+    );
+}
+
+#[test]
+fn a_failed_complete_aborts_the_upload_and_registers_nothing() {
+    let mut world = World::new();
+    world.complete = (500, r#"{"code":"complete_failed","message":"fault"}"#.into());
+    let run = drive(request("FROM scratch\n"), &mut world);
+    let expected =
+        calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, READ_METADATA, &[COMPLETE], ABORT_CALL, DIAGNOSE, DELETE]);
+    assert_eq!(run.calls, expected);
+    assert_eq!(
+        run.failure(),
+        format!(
+            r#"failed to complete sandbox image build (HTTP 500): {{"code":"complete_failed","message":"fault"}}{DECORATION}"#
+        )
+    );
+}
+
+#[test]
+fn a_refused_lookup_is_an_auth_failure_before_any_sandbox() {
+    let mut world = World::new();
+    world.lookups.push_back(Ok((401, r#"{"code":"unauthorized"}"#.into())));
+    let run = drive(request("FROM base\n"), &mut world);
+    assert_eq!(run.calls, ["GET http://api/platform/v1/sandbox-templates/by-name/base"]);
+    assert_eq!(
+        run.outcome,
+        Err(BuildError::Auth(r#"template lookup for 'base' refused (HTTP 401): {"code":"unauthorized"}"#.into()))
+    );
+}
+
+#[test]
+fn a_private_template_of_another_namespace_fails_the_build_not_the_credentials() {
+    let mut world = World::new();
+    let refusal = r#"{"code":"template_private","message":"template other/base is private"}"#;
+    world.lookups.push_back(Ok((403, refusal.into())));
+    let run = drive(request("FROM other/base\n"), &mut world);
+    assert_eq!(run.calls, ["GET http://api/platform/v1/sandbox-templates/by-name/other%2Fbase"]);
+    assert_eq!(
+        run.outcome,
+        Err(BuildError::Failed(format!("FROM other/base: the platform refused it (HTTP 403): {refusal}")))
+    );
+}
+
+#[test]
+fn a_lookup_whose_connection_fails_is_retried_once() {
+    let lookup = "GET http://api/platform/v1/sandbox-templates/by-name/base";
+    let mut world = World::new();
+    world.lookups = VecDeque::from([Err("connection refused".into()), Ok((404, String::new()))]);
+    let run = drive(request("FROM base\n"), &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    assert_eq!(run.calls[..3], [lookup, lookup, PREPARE]);
+    assert_eq!(run.warnings(), ["template lookup for 'base' failed (connection refused); retrying once"]);
+    assert_eq!(world.prepare_body.unwrap()["rootfsNodeKind"], "base", "404: not a template, a base build");
+
+    let mut world = World::new();
+    world.lookups = VecDeque::from([Err("connection refused".into()), Err("connection reset".into())]);
+    let run = drive(request("FROM base\n"), &mut world);
+    assert_eq!(run.calls, [lookup, lookup]);
+    assert_eq!(run.outcome, Err(BuildError::Failed("connection reset".into())));
+}
+
+#[test]
+fn a_refused_prepare_is_an_auth_failure_and_a_bad_dockerfile_a_usage_error() {
+    let mut world = World::new();
+    world.prepare_status = 403;
+    world.prepared = json!({"code": "forbidden"});
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, [PREPARE]);
+    assert_eq!(
+        run.outcome,
+        Err(BuildError::Auth(r#"failed to prepare sandbox image build (HTTP 403): {"code":"forbidden"}"#.into()))
+    );
+    let run = drive(request("# no FROM here\n"), &mut World::new());
+    assert!(run.calls.is_empty());
+    assert_eq!(run.outcome, Err(BuildError::Usage("the Dockerfile has no FROM instruction".into())));
+}
+
+#[test]
+fn failing_abort_and_delete_are_warnings_and_the_first_failure_stands() {
+    let mut world = World::new();
+    world.builder_exit = Exit { code: 2, oom_killed: false };
+    world.abort = (403, "AccessDenied".into());
+    world.delete = Err(SandboxError::Gone("HTTP 404".into()));
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DIAGNOSE, DELETE]));
+    assert_eq!(run.failure(), format!("Command '{BUILDER}' failed with exit code 2{DECORATION}"));
+    assert_eq!(
+        run.warnings(),
+        [
+            "abort of the multipart upload answered HTTP 403: AccessDenied",
+            "Failed to terminate rootfs builder sandbox sbx-1 during cleanup: sandbox gone: HTTP 404"
+        ]
+    );
+}
+
+#[test]
+fn an_answer_that_does_not_fit_the_step_fails_and_still_deletes_the_sandbox() {
+    let mut flow = Flow::new(request("FROM scratch\n"), Duration::ZERO);
+    let at = Duration::ZERO;
+    assert!(matches!(flow.step(Answer::Start, at).next, Next::Call(Call::Http { .. })));
+    let prepared = Answer::Http(Ok((200, new_shape().to_string().into_bytes())));
+    assert!(matches!(flow.step(prepared, at).next, Next::Call(Call::Create { .. })));
+    assert!(matches!(flow.step(Answer::Created(Ok(ID.into())), at).next, Next::Call(Call::Status { .. })));
+    let next = flow.step(Answer::Slept, at).next;
+    assert_eq!(next, Next::Call(Call::Delete { id: ID.into() }));
+    let Next::Finished(Err(BuildError::Failed(message))) = flow.step(Answer::Done(Ok(())), at).next else {
+        panic!("expected a failure")
+    };
+    assert!(message.contains("does not fit step Status") && message.ends_with(DECORATION), "{message}");
+    assert!(matches!(flow.step(Answer::Start, at).next, Next::Finished(Err(_))));
+}
