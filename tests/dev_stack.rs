@@ -1,4 +1,4 @@
-//! The dev stack driven over HTTP as a client of PROTOCOL.md would: the
+//! The dev stack driven over HTTP as a client of wit/protocol.md would: the
 //! platform emulator, local sandboxes, the store and the signer.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The builder invocation (PROTOCOL.md §5.5): shell words of the prepared
+//! The builder invocation (wit/protocol.md §5.5): shell words of the prepared
 //! command, with the well-known builder name made absolute.
 
 /// Where the builder's files live in the sandbox.

@@ -1,5 +1,5 @@
 //! The completion request, from metadata.json, the prepared spec and the
-//! signed uri (PROTOCOL.md §2.6, §5.8).
+//! signed uri (wit/protocol.md §2.6, §5.8).
 
 use serde_json::{Map, Value, json};
 

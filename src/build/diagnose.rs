@@ -1,4 +1,4 @@
-//! Failure diagnostics (PROTOCOL.md §5.9): after a failure past proxy
+//! Failure diagnostics (wit/protocol.md §5.9): after a failure past proxy
 //! readiness, the sandbox's `dmesg` and `df -P` say whether memory or disk
 //! ran out; the advice is appended to the error.
 

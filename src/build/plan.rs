@@ -1,4 +1,4 @@
-//! Planning a Dockerfile before prepare (PROTOCOL.md §2.2): which external
+//! Planning a Dockerfile before prepare (wit/protocol.md §2.2): which external
 //! references to look up, and which one is the final stage's base.
 
 /// What the build needs to know about a Dockerfile before prepare.

@@ -1,4 +1,4 @@
-//! Rootfs size, builder resources and the multipart hint (PROTOCOL.md §5.7).
+//! Rootfs size, builder resources and the multipart hint (wit/protocol.md §5.7).
 
 use serde::Serialize;
 

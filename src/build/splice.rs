@@ -1,5 +1,5 @@
 //! The prepared spec as opaque JSON with a small typed view, and the
-//! splices the new path makes into it (PROTOCOL.md §2.4, §4.7, §5.6).
+//! splices the new path makes into it (wit/protocol.md §2.4, §4.7, §5.6).
 
 use serde_json::{Map, Value};
 

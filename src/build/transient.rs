@@ -1,5 +1,5 @@
 //! Which failures of the lifecycle and proxy APIs are worth retrying
-//! while a sandbox starts (PROTOCOL.md §5.1).
+//! while a sandbox starts (wit/protocol.md §5.1).
 
 /// True for 502/503/504, 400 with "not running", and any body carrying
 /// `PROXY_ERROR` or `Failed to proxy request`. 401/403 and the rest are not.

@@ -1,4 +1,4 @@
-//! The `POST /api/v1/blob/sign` request (PROTOCOL.md §4.7), parsed with
+//! The `POST /api/v1/blob/sign` request (wit/protocol.md §4.7), parsed with
 //! errors that name the field.
 
 use std::cell::RefCell;

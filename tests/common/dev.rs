@@ -1,4 +1,4 @@
-//! A client of the dev stack that speaks PROTOCOL.md over plain HTTP, as
+//! A client of the dev stack that speaks wit/protocol.md over plain HTTP, as
 //! any client of the real platform would.
 #![allow(dead_code)]
 
@@ -123,7 +123,7 @@ impl Api {
         self.http.request(method, format!("{}{path}", self.base)).header("x-tensorlake-sandbox-id", id)
     }
 
-    /// Runs a process to its end through start + follow + get (PROTOCOL.md §4.3).
+    /// Runs a process to its end through start + follow + get (wit/protocol.md §4.3).
     pub async fn run(&self, id: &str, command: &str, args: &[&str], root: bool) -> (Vec<Value>, Value) {
         let mut spec = json!({"command": command, "args": args});
         if root {
@@ -166,7 +166,7 @@ pub struct Built {
 }
 
 impl Api {
-    /// A whole build as PROTOCOL.md §0 runs it, in plain HTTP calls: prepare,
+    /// A whole build as wit/protocol.md §0 runs it, in plain HTTP calls: prepare,
     /// sandbox, sign (new shape), context files, spec.json, the reference
     /// builder, metadata.json, complete, delete.
     pub async fn build(

@@ -3,7 +3,7 @@
 //! The dev stack installs it in every local sandbox as
 //! `/usr/local/bin/tl-rootfs-build`; a build client runs
 //! `tl-rootfs-build [words…] --spec …/spec.json --metadata-out …/metadata.json`
-//! (PROTOCOL.md §5.5–§5.8). It has no container runtime: it builds the final
+//! (wit/protocol.md §5.5–§5.8). It has no container runtime: it builds the final
 //! stage of the Dockerfile from the build context (COPY/ADD, WORKDIR and the
 //! config instructions; RUN fails the build), writes a snapshot archive,
 //! uploads it through `spec.upload` and writes metadata.json. Everything it

@@ -1,4 +1,4 @@
-//! metadata.json, the builder's answer to the build client (PROTOCOL.md §5.8).
+//! metadata.json, the builder's answer to the build client (wit/protocol.md §5.8).
 
 use serde_json::{Map, Value, json};
 

@@ -1,4 +1,4 @@
-//! The typed view of spec.json (PROTOCOL.md §2.4, §4.7, §5.6): only the fields
+//! The typed view of spec.json (wit/protocol.md §2.4, §4.7, §5.6): only the fields
 //! this builder reads; every other field of the prepared JSON is ignored.
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ pub struct Spec {
     pub build_id: Option<String>,
     #[serde(default)]
     pub base_image: Option<String>,
-    /// Set on image imports, which route to a different builder (PROTOCOL.md §5.6).
+    /// Set on image imports, which route to a different builder (wit/protocol.md §5.6).
     #[serde(default)]
     pub import_image_reference: Option<String>,
     #[serde(default)]

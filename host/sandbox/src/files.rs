@@ -1,5 +1,5 @@
 //! A sandbox's directories on the host, and file access by in-sandbox path
-//! (PROTOCOL.md §4.5) that never leaves them.
+//! (wit/protocol.md §4.5) that never leaves them.
 //!
 //! The sandbox controls what is in its areas, symlinks included, while this
 //! process (often root) does the reading and writing. So every open

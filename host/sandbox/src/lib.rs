@@ -2,7 +2,7 @@
 //! backend: a sandbox is a directory on this host (`root_dir/{id}/`); its
 //! processes are confined with Linux namespaces made by this process (no
 //! helper binary, nothing to install; see `namespaces.rs`), and a platform
-//! emulator serves them as the sandbox proxy API of PROTOCOL.md §4
+//! emulator serves them as the sandbox proxy API of wit/protocol.md §4
 //! (processes, output replay, files).
 //!
 //! Inside a sandbox: `/usr` and `/etc` read-only from the host (`/bin`,

@@ -1,4 +1,4 @@
-//! Resource limits of a sandbox (PROTOCOL.md §3.3 `resources`), enforced by
+//! Resource limits of a sandbox (wit/protocol.md §3.3 `resources`), enforced by
 //! the strongest mechanism the kernel offers here:
 //!
 //! | limit | with cgroups (v1 or v2) | without |
@@ -42,7 +42,7 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The limits a create request's `resources` asks for (PROTOCOL.md
+    /// The limits a create request's `resources` asks for (wit/protocol.md
     /// §3.3); absent values are not limited, invalid ones refused.
     pub fn from_request(resources: &Resources) -> anyhow::Result<Limits> {
         let mut limits = Limits::default();
@@ -73,7 +73,7 @@ impl Limits {
     }
 }
 
-/// The create request's `resources` (PROTOCOL.md §3.3).
+/// The create request's `resources` (wit/protocol.md §3.3).
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 pub struct Resources {
     /// CPUs.

@@ -7,7 +7,7 @@
 //! sandbox (each has its own `lo`), not the host's other ports, not any
 //! other address (there is no route).
 //!
-//! The policy is the create request's `network` (PROTOCOL.md §3.3):
+//! The policy is the create request's `network` (wit/protocol.md §3.3):
 //! `allow_out` entries `127.0.0.1:PORT` or `localhost:PORT` add a forwarded
 //! port, `deny_out` entries of the same form remove one (deny wins), and
 //! `allow_internet_access: true` puts the sandbox in the host's network

@@ -1,4 +1,4 @@
-//! One process of a sandbox: the JSON shapes of PROTOCOL.md §4.2–§4.3, its
+//! One process of a sandbox: the JSON shapes of wit/protocol.md §4.2–§4.3, its
 //! status, and every output line kept so that each follower replays from
 //! the start (§4.3 item 3).
 
@@ -27,7 +27,7 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 /// `PATH` when a process sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// A process to start: the JSON of `POST /api/v1/processes` (PROTOCOL.md
+/// A process to start: the JSON of `POST /api/v1/processes` (wit/protocol.md
 /// §4.2). Other keys (`timeout` of §4.4, `name`) are ignored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct ProcessSpec {
@@ -51,7 +51,7 @@ fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Str
     Ok(Option::deserialize(d)?.unwrap_or_default())
 }
 
-/// A process's status, serialized as PROTOCOL.md §4.2's `ProcessInfo`
+/// A process's status, serialized as wit/protocol.md §4.2's `ProcessInfo`
 /// (absent values as `null`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProcessInfo {
@@ -81,7 +81,7 @@ pub struct ProcessInfo {
     pub ended_at: Option<f64>,
 }
 
-/// One output line: the `data:` of the follow stream (PROTOCOL.md §4.3).
+/// One output line: the `data:` of the follow stream (wit/protocol.md §4.3).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutputEvent {
     /// The text, without its line ending (lossy UTF-8).

@@ -32,7 +32,7 @@ pub(crate) struct Host {
     pub uid_locks: PathBuf,
 }
 
-/// What a sandbox is given at creation (PROTOCOL.md §3.3).
+/// What a sandbox is given at creation (wit/protocol.md §3.3).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SandboxSpec {
     /// `resources`: CPU, memory, disk, processes.
@@ -44,7 +44,7 @@ pub struct SandboxSpec {
     pub timeout: Option<Duration>,
 }
 
-/// The part of a create request (PROTOCOL.md §3.3) that shapes a sandbox.
+/// The part of a create request (wit/protocol.md §3.3) that shapes a sandbox.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 pub struct CreateRequest {
     /// `resources{cpus, memory_mb, disk_mb}`.

@@ -1,4 +1,4 @@
-//! Files by in-sandbox path (PROTOCOL.md §4.5), shared with the processes.
+//! Files by in-sandbox path (wit/protocol.md §4.5), shared with the processes.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Processes: output, exit status, follow replay, list (PROTOCOL.md §4.2–§4.3).
+//! Processes: output, exit status, follow replay, list (wit/protocol.md §4.2–§4.3).
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! The `proxy` sandbox backend: a remote platform's lifecycle API and
-//! sandbox proxy over HTTP (PROTOCOL.md §3–§4). Transient failures
+//! sandbox proxy over HTTP (wit/protocol.md §3–§4). Transient failures
 //! (§5.1) come back as such; retries are the component's business.
 
 use std::collections::HashMap;
@@ -15,11 +15,11 @@ use super::backend::{
 };
 use crate::outbound::AllowList;
 
-/// Start attempts of a process (PROTOCOL.md §4.3).
+/// Start attempts of a process (wit/protocol.md §4.3).
 const START_ATTEMPTS: usize = 3;
 /// Follow/get failures tolerated before giving up.
 const REATTACH_ATTEMPTS: usize = 10;
-/// Health pings while a process runs keep the sandbox's lifetime budget fresh (PROTOCOL.md §5.4).
+/// Health pings while a process runs keep the sandbox's lifetime budget fresh (wit/protocol.md §5.4).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Default)]
@@ -43,7 +43,7 @@ fn is_local(host: &str) -> bool {
     host == "localhost" || host == "127.0.0.1"
 }
 
-/// The lifecycle base URL (PROTOCOL.md §3.1–§3.2), with its path prefix.
+/// The lifecycle base URL (wit/protocol.md §3.1–§3.2), with its path prefix.
 pub fn lifecycle_base(api_url: &str, namespace: &str) -> String {
     let api = api_url.trim_end_matches('/');
     match url::Url::parse(api) {
@@ -67,7 +67,7 @@ fn classify(what: &str, status: u16, body: &str) -> SandboxError {
 }
 
 fn http_error(what: &str, e: reqwest::Error) -> SandboxError {
-    // Timeouts are transient (PROTOCOL.md §5.1); other client errors are not.
+    // Timeouts are transient (wit/protocol.md §5.1); other client errors are not.
     if e.is_timeout() {
         SandboxError::Transient(format!("{what}: {e}"))
     } else {
@@ -261,7 +261,7 @@ impl SandboxBackend for ProxyBackend {
         let response = request.bearer_auth(&self.token).send().await.map_err(|e| http_error("create sandbox", e))?;
         let status = response.status().as_u16();
         let text = response.text().await.map_err(|e| http_error("create sandbox", e))?;
-        // 504 still carries the created sandbox (PROTOCOL.md §3.3).
+        // 504 still carries the created sandbox (wit/protocol.md §3.3).
         if !(200..300).contains(&status) && status != 504 {
             return Err(classify("create sandbox", status, &text));
         }

@@ -1,5 +1,5 @@
 //! The platform emulator: one loopback server that speaks platform-api,
-//! the sandbox lifecycle API and the sandbox proxy (PROTOCOL.md §0–§4, §8).
+//! the sandbox lifecycle API and the sandbox proxy (wit/protocol.md §0–§4, §8).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

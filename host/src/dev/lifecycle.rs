@@ -1,4 +1,4 @@
-//! The sandbox lifecycle API (PROTOCOL.md §3, §12): create, get (200
+//! The sandbox lifecycle API (wit/protocol.md §3, §12): create, get (200
 //! `pending` until the sandbox runs, as the platform answers now; 502
 //! PROXY_ERROR while pending only under a fault switch), delete.
 

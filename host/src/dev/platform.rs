@@ -1,5 +1,5 @@
 //! platform-api: template lookup by name, prepare and complete
-//! (PROTOCOL.md §2).
+//! (wit/protocol.md §2).
 
 use http::StatusCode;
 use serde_json::{Map, Value, json};
@@ -10,7 +10,7 @@ use super::emulator::Emulator;
 use super::http::ApiError;
 use super::state::{Build, Template};
 
-/// Which shape prepare answers in (PROTOCOL.md §2.4).
+/// Which shape prepare answers in (wit/protocol.md §2.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrepareShape {
     /// `snapshotUri` + an `upload` block presigned by the platform.
@@ -153,7 +153,7 @@ impl Emulator {
             let mut block = json!({"parentManifestUri": parent.snapshot_uri, "rootfsDiskBytes": parent.rootfs_disk_bytes,
                                    "snapshotSha256": parent.snapshot_sha256});
             if shape == PrepareShape::Legacy {
-                // (inferred, PROTOCOL.md §2.4) the legacy platform presigned parent reads itself.
+                // (inferred, wit/protocol.md §2.4) the legacy platform presigned parent reads itself.
                 block["download"] = self.presigned_get(&parent.snapshot_uri)?;
             }
             prepared["parent"] = block;

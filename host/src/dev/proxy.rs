@@ -1,4 +1,4 @@
-//! The sandbox proxy (PROTOCOL.md §4): processes, files, health, and
+//! The sandbox proxy (wit/protocol.md §4): processes, files, health, and
 //! `POST /api/v1/blob/sign` forwarded to the signer with a token for the
 //! sandbox's namespace. Routed by `Host: {id}.local` or `X-Tensorlake-Sandbox-Id`.
 
