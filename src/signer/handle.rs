@@ -473,8 +473,13 @@ mod tests {
         let auth = format!("Bearer {}", token::mint_claims(KEY.as_bytes(), &claims).unwrap());
         let get = |uri: &str| {
             let body = format!(r#"{{"target":{{"kind":"blob","uri":"{uri}"}},"op":{{"kind":"get_blob"}}}}"#);
-            let incoming =
-                Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: body.as_bytes() };
+            let incoming = Incoming {
+                method: "POST",
+                path: SIGN_PATH,
+                authorization: Some(&auth),
+                body: body.as_bytes(),
+                request_id: "req-1",
+            };
             answer(handle(&config(), &incoming, now()))
         };
         let (status, body) = get(granted);
@@ -490,7 +495,13 @@ mod tests {
         }
         // A grant is for reading only: put_artifact still composes under the caller's namespace.
         let put = r#"{"target":{"kind":"artifact","rel_path":"x.tlsnap"},"op":{"kind":"put_artifact"}}"#;
-        let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: put.as_bytes() };
+        let incoming = Incoming {
+            method: "POST",
+            path: SIGN_PATH,
+            authorization: Some(&auth),
+            body: put.as_bytes(),
+            request_id: "req-1",
+        };
         assert_eq!(
             answer(handle(&config(), &incoming, now())).1["uri"].as_str(),
             Some("s3://snaps/builds/team-a/x.tlsnap")
@@ -505,8 +516,13 @@ mod tests {
         let sign = |rel: &str| {
             let body =
                 format!(r#"{{"target":{{"kind":"artifact","rel_path":"{rel}"}},"op":{{"kind":"put_artifact"}}}}"#);
-            let incoming =
-                Incoming { method: "POST", path: SIGN_PATH, authorization: Some(&auth), body: body.as_bytes() };
+            let incoming = Incoming {
+                method: "POST",
+                path: SIGN_PATH,
+                authorization: Some(&auth),
+                body: body.as_bytes(),
+                request_id: "req-1",
+            };
             answer(handle(&config, &incoming, now()))
         };
         // "builds/team-a/" is 14 bytes: 26 bytes of rel_path fit, 27 do not.
