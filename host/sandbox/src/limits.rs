@@ -186,7 +186,11 @@ fn own_group<'a>(own: &'a str, name: &str) -> Option<&'a str> {
 
 /// `dir` when this process may make groups in it.
 fn writable(dir: PathBuf) -> Option<PathBuf> {
-    let probe = dir.join(format!("snapsign-probe-{}", std::process::id()));
+    // Unique per call: detections run concurrently (one per `Sandboxes`), and
+    // a shared name made one fail with EEXIST and lose its controller.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = dir.join(format!("snapsign-probe-{}-{n}", std::process::id()));
     match std::fs::create_dir(&probe).and_then(|()| std::fs::remove_dir(&probe)) {
         Ok(()) => Some(dir),
         Err(e) => {
