@@ -337,8 +337,9 @@ mod tests {
         Timestamp::from_second(1_800_000_000).unwrap()
     }
 
-    fn run(body: &str) -> Step {
-        let auth = format!("Bearer {}", token::mint(KEY.as_bytes(), "team-a", 1_800_000_600).unwrap());
+    /// One sign request with `token` against `config`, at [`now`].
+    fn sign(config: &SignerConfig, token: &str, body: &str) -> Step {
+        let auth = format!("Bearer {token}");
         let incoming = Incoming {
             method: "POST",
             path: SIGN_PATH,
@@ -346,7 +347,11 @@ mod tests {
             body: body.as_bytes(),
             request_id: "req-1",
         };
-        handle(&config(), &incoming, now())
+        handle(config, &incoming, now())
+    }
+
+    fn run(body: &str) -> Step {
+        sign(&config(), &token::mint(KEY.as_bytes(), "team-a", 1_800_000_600).unwrap(), body)
     }
 
     fn answer(step: Step) -> (u16, Value) {
@@ -470,17 +475,10 @@ mod tests {
     fn get_blob_outside_the_namespace_needs_an_exact_grant_in_the_token() {
         let granted = "s3://snaps/builds/team-b/pub.tlsnap";
         let claims = token::Claims { read: vec![granted.into()], ..token::Claims::new("team-a", 1_800_000_300) };
-        let auth = format!("Bearer {}", token::mint_claims(KEY.as_bytes(), &claims).unwrap());
+        let token = token::mint_claims(KEY.as_bytes(), &claims).unwrap();
         let get = |uri: &str| {
             let body = format!(r#"{{"target":{{"kind":"blob","uri":"{uri}"}},"op":{{"kind":"get_blob"}}}}"#);
-            let incoming = Incoming {
-                method: "POST",
-                path: SIGN_PATH,
-                authorization: Some(&auth),
-                body: body.as_bytes(),
-                request_id: "req-1",
-            };
-            answer(handle(&config(), &incoming, now()))
+            answer(sign(&config(), &token, &body))
         };
         let (status, body) = get(granted);
         assert_eq!((status, body["uri"].as_str()), (200, Some(granted)));
@@ -495,39 +493,22 @@ mod tests {
         }
         // A grant is for reading only: put_artifact still composes under the caller's namespace.
         let put = r#"{"target":{"kind":"artifact","rel_path":"x.tlsnap"},"op":{"kind":"put_artifact"}}"#;
-        let incoming = Incoming {
-            method: "POST",
-            path: SIGN_PATH,
-            authorization: Some(&auth),
-            body: put.as_bytes(),
-            request_id: "req-1",
-        };
-        assert_eq!(
-            answer(handle(&config(), &incoming, now())).1["uri"].as_str(),
-            Some("s3://snaps/builds/team-a/x.tlsnap")
-        );
+        assert_eq!(answer(sign(&config(), &token, put)).1["uri"].as_str(), Some("s3://snaps/builds/team-a/x.tlsnap"));
     }
 
     #[test]
     fn a_key_longer_than_the_store_holds_is_refused_at_sign_time() {
         let mut config = config();
         config.max_key_bytes = 40;
-        let auth = format!("Bearer {}", token::mint(KEY.as_bytes(), "team-a", 1_800_000_600).unwrap());
-        let sign = |rel: &str| {
+        let token = token::mint(KEY.as_bytes(), "team-a", 1_800_000_600).unwrap();
+        let put = |rel: &str| {
             let body =
                 format!(r#"{{"target":{{"kind":"artifact","rel_path":"{rel}"}},"op":{{"kind":"put_artifact"}}}}"#);
-            let incoming = Incoming {
-                method: "POST",
-                path: SIGN_PATH,
-                authorization: Some(&auth),
-                body: body.as_bytes(),
-                request_id: "req-1",
-            };
-            answer(handle(&config, &incoming, now()))
+            answer(sign(&config, &token, &body))
         };
         // "builds/team-a/" is 14 bytes: 26 bytes of rel_path fit, 27 do not.
-        assert_eq!(sign(&"a".repeat(26)).0, 200);
-        let (status, refused) = sign(&"a".repeat(27));
+        assert_eq!(put(&"a".repeat(26)).0, 200);
+        let (status, refused) = put(&"a".repeat(27));
         assert_eq!((status, refused["code"].as_str()), (400, Some("invalid_rel_path")), "{refused}");
         assert!(refused["message"].as_str().unwrap().contains("at most 40 bytes"), "{refused}");
         assert!(!refused.to_string().contains("X-Amz-Signature"));
@@ -614,15 +595,7 @@ mod tests {
         }
 
         fn run_as(namespace: &str, body: &str) -> Step {
-            let auth = format!("Bearer {}", token::mint(KEY.as_bytes(), namespace, 1_800_000_600).unwrap());
-            let incoming = Incoming {
-                method: "POST",
-                path: SIGN_PATH,
-                authorization: Some(&auth),
-                body: body.as_bytes(),
-                request_id: "p",
-            };
-            handle(&config(), &incoming, now())
+            sign(&config(), &token::mint(KEY.as_bytes(), namespace, 1_800_000_600).unwrap(), body)
         }
 
         /// The words a sign request is made of, and some that are not.
@@ -753,7 +726,7 @@ mod tests {
             prop_assert!(!answer.body.contains("X-Amz-"), "signed on an error path: {}", answer.body);
             let json: Value = serde_json::from_str(&answer.body).unwrap();
             prop_assert!(json["code"].is_string() && json["message"].is_string(), "{}", answer.body);
-            prop_assert_eq!(json["request_id"].as_str(), Some("p"));
+            prop_assert_eq!(json["request_id"].as_str(), Some("req-1"));
             Ok(())
         }
 
@@ -849,7 +822,7 @@ mod tests {
                     path: &path,
                     authorization: authorization.as_deref(),
                     body: &body,
-                    request_id: "p",
+                    request_id: "req-1",
                 };
                 match handle(&config(), &incoming, now()) {
                     Step::Respond(answer) if answer.status == 200 => {
