@@ -10,10 +10,25 @@ use crate::engine::EngineLimits;
 use crate::signer::SignerServerConfig;
 use crate::store::StoreConfig;
 
-const TOKEN_KEY: &str = "bench-token-key-0123456789abcdef01234";
+pub(crate) const TOKEN_KEY: &str = "bench-token-key-0123456789abcdef01234";
 const PARTS: u32 = 10_000;
 
-fn env(store_url: &str) -> Vec<(String, String)> {
+/// The store every bench signs for (bucket `bench`), under `dir`.
+pub(crate) async fn store(dir: &std::path::Path) -> Result<crate::serve::Server> {
+    crate::store::start(&StoreConfig {
+        root: dir.join("store"),
+        listen: "127.0.0.1:0".parse()?,
+        access_key_id: "AKIDBENCH".into(),
+        secret_access_key: "bench-secret".into(),
+        buckets: vec!["bench".into()],
+        faults: Default::default(),
+        abort_incomplete_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
+    })
+    .await
+}
+
+/// The signer's environment for the bench store.
+pub(crate) fn env(store_url: &str) -> Vec<(String, String)> {
     [
         ("SNAPSIGN_BUCKET", "bench"),
         ("SNAPSIGN_KEY_PREFIX", "builds"),
@@ -72,16 +87,7 @@ fn native_sign(config: &SignerConfig, token: &str, rounds: usize) -> Result<Vec<
 /// Runs the signing benchmark and prints its figures.
 pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<()> {
     let dir = tempfile_dir()?;
-    let store = crate::store::start(&StoreConfig {
-        root: dir.join("store"),
-        listen: "127.0.0.1:0".parse()?,
-        access_key_id: "AKIDBENCH".into(),
-        secret_access_key: "bench-secret".into(),
-        buckets: vec!["bench".into()],
-        faults: Default::default(),
-        abort_incomplete_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
-    })
-    .await?;
+    let store = store(&dir).await?;
     let env = env(&store.url());
     let config = SignerConfig::from_vars(env.clone())?;
     let token = snapsign::token::mint(TOKEN_KEY.as_bytes(), "ns", jiff::Timestamp::now().as_second() + 3600)?;
@@ -121,11 +127,10 @@ pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<
     let (guest_median, _) = stats(guest);
     let (whole_median, whole_p99) = stats(whole);
 
-    let get_body = r#"{"target":{"kind":"blob","uri":"s3://bench/builds/ns/bench/s.tlsnap"},"op":{"kind":"get_blob"}}"#;
     let mut latency = Vec::with_capacity(requests);
     for _ in 0..requests {
         let started = Instant::now();
-        let response = client.post(&url).bearer_auth(&token).body(get_body).send().await?;
+        let response = client.post(&url).bearer_auth(&token).body(GET_BODY).send().await?;
         let status = response.status();
         response.bytes().await?;
         latency.push(started.elapsed());
@@ -135,26 +140,7 @@ pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<
     }
     let (get_median, get_p99) = stats(latency);
 
-    let started = Instant::now();
-    let per_worker = requests / concurrency.max(1);
-    let mut workers = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let (client, url, token) = (client.clone(), url.clone(), token.clone());
-        workers.push(tokio::spawn(async move {
-            for _ in 0..per_worker {
-                let response = client.post(&url).bearer_auth(&token).body(get_body).send().await?;
-                if !response.status().is_success() {
-                    bail!("get_blob under load answered {}", response.status());
-                }
-                response.bytes().await?;
-            }
-            Ok::<_, anyhow::Error>(())
-        }));
-    }
-    for worker in workers {
-        worker.await??;
-    }
-    let rps = (per_worker * concurrency.max(1)) as f64 / started.elapsed().as_secs_f64();
+    let rps = load(&client, &url, &token, requests, concurrency).await?;
 
     println!(
         "snapsign bench sign ({} build of the host, {rounds} rounds)",
@@ -283,16 +269,7 @@ pub async fn serve(
     concurrency: usize,
 ) -> Result<()> {
     let dir = tempfile_dir()?;
-    let store = crate::store::start(&StoreConfig {
-        root: dir.join("store"),
-        listen: "127.0.0.1:0".parse()?,
-        access_key_id: "AKIDBENCH".into(),
-        secret_access_key: "bench-secret".into(),
-        buckets: vec!["bench".into()],
-        faults: Default::default(),
-        abort_incomplete_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
-    })
-    .await?;
+    let store = store(&dir).await?;
     let env = env(&store.url());
     let token = snapsign::token::mint(TOKEN_KEY.as_bytes(), "ns", jiff::Timestamp::now().as_second() + 3600)?;
     let mut servers = Vec::new();

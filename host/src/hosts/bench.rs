@@ -14,9 +14,8 @@ use hyper_util::rt::TokioIo;
 use super::{Tools, launch};
 use crate::engine::EngineLimits;
 use crate::signer::SignerServerConfig;
-use crate::store::StoreConfig;
 
-const TOKEN_KEY: &str = "bench-token-key-0123456789abcdef01234";
+use crate::bench::{TOKEN_KEY, env};
 const GET_BLOB: &str =
     r#"{"target":{"kind":"blob","uri":"s3://bench/builds/ns/bench/s.tlsnap"},"op":{"kind":"get_blob"}}"#;
 /// No run sends more than this many requests, whatever the duration.
@@ -44,21 +43,6 @@ pub struct Figures {
     pub first_answer: Option<Duration>,
     /// Connections the host closed under the client (each one reopened).
     pub reconnects: usize,
-}
-
-fn env(store_url: &str) -> Vec<(String, String)> {
-    [
-        ("SNAPSIGN_BUCKET", "bench"),
-        ("SNAPSIGN_KEY_PREFIX", "builds"),
-        ("SNAPSIGN_S3_ENDPOINT", store_url),
-        ("SNAPSIGN_S3_ADDRESSING", "path"),
-        ("SNAPSIGN_ACCESS_KEY_ID", "AKIDBENCH"),
-        ("SNAPSIGN_SECRET_ACCESS_KEY", "bench-secret"),
-        ("SNAPSIGN_TOKEN_KEY", TOKEN_KEY),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
 }
 
 /// Sends get_blob from `concurrency` connections for `duration`; every
@@ -188,16 +172,7 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
         tools.get(tool)?;
     }
     let wasm = super::signer_wasm(tools.dir())?;
-    let store = crate::store::start(&StoreConfig {
-        root: work.join("store"),
-        listen: "127.0.0.1:0".parse()?,
-        access_key_id: "AKIDBENCH".into(),
-        secret_access_key: "bench-secret".into(),
-        buckets: vec!["bench".into()],
-        faults: Default::default(),
-        abort_incomplete_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
-    })
-    .await?;
+    let store = crate::bench::store(work).await?;
     let env = env(&store.url());
     let token = snapsign::token::mint(TOKEN_KEY.as_bytes(), "ns", jiff::Timestamp::now().as_second() + 3600)?;
     let mut figures = Vec::new();
