@@ -272,18 +272,6 @@ enum BenchWhat {
     },
 }
 
-fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
-    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("SNAPSIGN_")).collect();
-    for pair in pairs {
-        let Some((key, value)) = pair.split_once('=') else {
-            bail!("--env '{pair}' is not KEY=VALUE");
-        };
-        env.retain(|(k, _)| k != key);
-        env.push((key.to_owned(), value.to_owned()));
-    }
-    Ok(env)
-}
-
 fn default_data_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
@@ -413,7 +401,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::ServeSigner { listen, env, max_memory_mb, timeout_secs, max_concurrency, cache_dir, serve } => {
             let config = signer::SignerServerConfig {
                 listen,
-                env: parse_env(&env)?,
+                env: snapsign_host::signer::guest_env(&env)?,
                 limits: EngineLimits { max_concurrency, max_memory_bytes: max_memory_mb << 20 },
                 request_timeout: Duration::from_secs(timeout_secs),
                 cache_dir: cache_dir.unwrap_or_else(engine::default_cache_dir),

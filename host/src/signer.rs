@@ -403,6 +403,23 @@ pub async fn start_with(config: &SignerServerConfig, limits: ServeLimits) -> Res
     Ok((server, host))
 }
 
+/// The signer's guest environment: every `SNAPSIGN_*` variable of this
+/// process except the host's own (`SNAPSIGN_CACHE_DIR`, `SNAPSIGN_HOSTS_CACHE`),
+/// overridden by `--env K=V` pairs. Shared by `serve-signer` and `deploy`.
+pub fn guest_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("SNAPSIGN_") && k != "SNAPSIGN_CACHE_DIR" && k != "SNAPSIGN_HOSTS_CACHE")
+        .collect();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            anyhow::bail!("--env '{pair}' is not KEY=VALUE; pass it as --env SNAPSIGN_BUCKET=snapshots");
+        };
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(env)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -100,7 +100,7 @@ pub async fn deploy(command: Deploy) -> Result<()> {
     let tools = Tools::new(args.tools_dir.clone().unwrap_or_else(Tools::default_dir));
     let wash = tools.get(super::WASH)?;
     let wasm = super::signer_wasm(tools.dir())?;
-    let env = guest_env(&args.env)?;
+    let env = crate::signer::guest_env(&args.env)?;
     let work = std::env::temp_dir().join(format!("snapsign-deploy-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
 
@@ -147,20 +147,6 @@ pub async fn deploy(command: Deploy) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
-}
-
-/// Every `SNAPSIGN_*` variable of this process, overridden by `--env K=V`.
-fn guest_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
-    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("SNAPSIGN_")).collect();
-    env.retain(|(k, _)| k != "SNAPSIGN_CACHE_DIR" && k != "SNAPSIGN_HOSTS_CACHE"); // the host's, not the guest's
-    for pair in pairs {
-        let Some((key, value)) = pair.split_once('=') else {
-            bail!("--env '{pair}' is not KEY=VALUE");
-        };
-        env.retain(|(k, _)| k != key);
-        env.push((key.to_owned(), value.to_owned()));
-    }
-    Ok(env)
 }
 
 async fn wait_for_stop() {
