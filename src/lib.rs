@@ -3,7 +3,7 @@
 //! components (`src/bin/`) are thin shells around it, and the host uses it
 //! natively (token minting, configuration checks, benchmarks).
 
-pub mod build;
+pub mod image_build;
 pub mod presign;
 pub mod signer;
 pub mod token;

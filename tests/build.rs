@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::dev::start_stack;
 use serde_json::Value;
-use snapsign_host::build::{BuildEvent, BuildFailure, BuildOptions};
 use snapsign_host::dev::{DevConfig, DevStack, Faults, PrepareShape};
+use snapsign_host::image_build::{BuildEvent, BuildFailure, BuildOptions};
 
 fn options(stack: &DevStack, name: &str, dockerfile: &str, context: &Path) -> BuildOptions {
     let mut options = stack.build_options(name, dockerfile, context);
@@ -29,7 +29,7 @@ struct Run {
 async fn build(options: &BuildOptions) -> Run {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
-    let (outcome, _) = snapsign_host::build::run(options, Arc::new(move |e| sink.lock().unwrap().push(e)))
+    let (outcome, _) = snapsign_host::image_build::run(options, Arc::new(move |e| sink.lock().unwrap().push(e)))
         .await
         .expect("the host runs the builder component");
     let events = events.lock().unwrap().clone();
@@ -301,7 +301,7 @@ async fn usage_and_auth_errors_are_told_apart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_local_backend_builds_in_sandboxes_of_its_own() {
-    use snapsign_host::build::local_backend::LocalBackend;
+    use snapsign_host::image_build::local_backend::LocalBackend;
     use snapsign_host::outbound::AllowList;
     use snapsign_sandbox::{Confinement, Sandboxes, SandboxesConfig};
 
@@ -328,7 +328,7 @@ async fn the_local_backend_builds_in_sandboxes_of_its_own() {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
     let (outcome, timings) =
-        snapsign_host::build::run_with(&opts, backend, outbound, Arc::new(move |e| sink.lock().unwrap().push(e)))
+        snapsign_host::image_build::run_with(&opts, backend, outbound, Arc::new(move |e| sink.lock().unwrap().push(e)))
             .await
             .unwrap();
     let template = outcome.unwrap_or_else(|e| panic!("local build failed: {e}\n{:#?}", events.lock().unwrap()));
@@ -402,9 +402,9 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_proxy_backend_pings_health_while_a_silent_process_runs() {
-    use snapsign_host::build::backend::SandboxBackend;
-    use snapsign_host::build::backend::{ProcessSpec, Resources};
-    use snapsign_host::build::proxy_backend::ProxyBackend;
+    use snapsign_host::image_build::backend::SandboxBackend;
+    use snapsign_host::image_build::backend::{ProcessSpec, Resources};
+    use snapsign_host::image_build::proxy_backend::ProxyBackend;
 
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_with(dir.path(), |c| c.pending = Duration::ZERO).await;

@@ -347,8 +347,8 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 /// `snapsign bench build`: orchestration overhead of demo builds (total minus
 /// the builder process), warm instantiation, and a cold start from the cache.
 pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
-    use crate::build::{BuilderRuntime, proxy_backend};
     use crate::dev::{DevConfig, DevStack};
+    use crate::image_build::{BuilderRuntime, proxy_backend};
 
     let dir = tempfile_dir()?;
     let mut config = DevConfig::new(dir.join("dev"), builder);
@@ -382,7 +382,7 @@ pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
     for _ in 0..10 {
         let started = Instant::now();
         let cold_runtime =
-            BuilderRuntime::<crate::build::proxy_backend::ProxyBackend>::new(128 << 20, &config.cache_dir)?;
+            BuilderRuntime::<crate::image_build::proxy_backend::ProxyBackend>::new(128 << 20, &config.cache_dir)?;
         cold.push(started.elapsed());
         drop(cold_runtime);
     }

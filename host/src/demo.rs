@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::build::BuildEvent;
 use crate::dev::{DevConfig, DevStack, PrepareShape};
+use crate::image_build::BuildEvent;
 
 /// The example images shipped in the repository.
 fn examples_dir() -> PathBuf {
@@ -36,7 +36,7 @@ pub async fn run(builder: PathBuf, allow_unconfined: bool) -> Result<()> {
     Ok(())
 }
 
-type Runtime = crate::build::BuilderRuntime<crate::build::proxy_backend::ProxyBackend>;
+type Runtime = crate::image_build::BuilderRuntime<crate::image_build::proxy_backend::ProxyBackend>;
 
 async fn builds(stack: &DevStack) -> Result<()> {
     let examples = examples_dir();
@@ -61,8 +61,8 @@ async fn build(runtime: &Runtime, stack: &DevStack, name: &str, context: &Path, 
     let options = stack.build_options(name, &dockerfile, context);
     let declared = Arc::new(Mutex::new(None::<String>));
     let seen = declared.clone();
-    let printer = crate::build::progress_printer();
-    let events: crate::build::EventFn = Arc::new(move |event: BuildEvent| {
+    let printer = crate::image_build::progress_printer();
+    let events: crate::image_build::EventFn = Arc::new(move |event: BuildEvent| {
         // The reference builder logs "Wrote …metadata.json: snapshot <uri>, sha256 <hex>".
         if let BuildEvent::Log(_, line) = &event
             && line.starts_with("Wrote ")
@@ -72,7 +72,7 @@ async fn build(runtime: &Runtime, stack: &DevStack, name: &str, context: &Path, 
         }
         printer(event);
     });
-    let (backend, outbound) = crate::build::proxy_backend(&options);
+    let (backend, outbound) = crate::image_build::proxy_backend(&options);
     let (outcome, timings) = runtime.run(&options, backend, outbound, events).await?;
     let template = outcome.map_err(|failure| anyhow::anyhow!("{name} failed: {failure}"))?;
     println!("registered: {}", serde_json::to_string_pretty(&template)?);

@@ -9,11 +9,11 @@
 //! - [`hosts`]: the signer on third-party hosts (wasmtime serve, jco, wasmCloud).
 
 pub mod bench;
-pub mod build;
 pub mod demo;
 pub mod dev;
 pub mod engine;
 pub mod hosts;
+pub mod image_build;
 pub mod outbound;
 pub mod serve;
 pub mod signer;

@@ -328,7 +328,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("error: the build context {} is not a directory; pass --context", context.display());
                 return Ok(ExitCode::from(2));
             }
-            let options = snapsign_host::build::BuildOptions {
+            let options = snapsign_host::image_build::BuildOptions {
                 api_url,
                 token,
                 namespace,
@@ -346,9 +346,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 timeout: Duration::from_secs(timeout_secs),
                 cache_dir: engine::default_cache_dir(),
             };
-            let printer = snapsign_host::build::progress_printer();
+            let printer = snapsign_host::image_build::progress_printer();
             let (outcome, _) = match backend.as_str() {
-                "proxy" => snapsign_host::build::run(&options, printer).await?,
+                "proxy" => snapsign_host::image_build::run(&options, printer).await?,
                 "local" => {
                     let (Some(url), Some(token)) = (signer_url, signer_token) else {
                         eprintln!(
@@ -361,7 +361,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     });
                     let builder =
                         std::env::current_exe().context("find this executable (installed as the sandbox builder)")?;
-                    let result = snapsign_host::build::run_local(
+                    let result = snapsign_host::image_build::run_local(
                         &options,
                         &dir,
                         builder,
@@ -391,9 +391,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Err(failure) => {
                     eprintln!("error: {failure}");
                     match failure {
-                        snapsign_host::build::BuildFailure::Usage(_) => ExitCode::from(2),
-                        snapsign_host::build::BuildFailure::Auth(_) => ExitCode::from(3),
-                        snapsign_host::build::BuildFailure::Failed(_) => ExitCode::from(1),
+                        snapsign_host::image_build::BuildFailure::Usage(_) => ExitCode::from(2),
+                        snapsign_host::image_build::BuildFailure::Auth(_) => ExitCode::from(3),
+                        snapsign_host::image_build::BuildFailure::Failed(_) => ExitCode::from(1),
                     }
                 }
             });

@@ -1,4 +1,4 @@
-//! The builder component: the shell of `snapsign::build::Flow` (wit/protocol.md
+//! The builder component: the shell of `snapsign::image_build::Flow` (wit/protocol.md
 //! §0). It makes no decisions: it performs the call the flow asks for
 //! (wasi:http to the platform and the sandbox proxy, `sandbox-exec`, a
 //! sleep), feeds the answer and the monotonic clock back, and reports the
@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use snapsign::build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Process, Request, SandboxError};
-use snapsign::build::{Flow, Next};
+use snapsign::image_build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Process, Request, SandboxError};
+use snapsign::image_build::{Flow, Next};
 
 mod bindings {
     wit_bindgen::generate!({ world: "builder", path: "wit", pub_export_macro: true });

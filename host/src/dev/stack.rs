@@ -256,8 +256,8 @@ impl DevStack {
 
     /// Options for a build against this stack: its token and namespace, a
     /// 256 MiB rootfs, the store admitted (so an unfinished upload can be aborted).
-    pub fn build_options(&self, name: &str, dockerfile: &str, context: &Path) -> crate::build::BuildOptions {
-        crate::build::BuildOptions {
+    pub fn build_options(&self, name: &str, dockerfile: &str, context: &Path) -> crate::image_build::BuildOptions {
+        crate::image_build::BuildOptions {
             api_url: self.api_url(),
             token: self.token.clone(),
             namespace: self.namespace.clone(),

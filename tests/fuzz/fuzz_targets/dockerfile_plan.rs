@@ -1,10 +1,10 @@
-//! The Dockerfile planner (`snapsign::build::plan`) on arbitrary text. A plan
+//! The Dockerfile planner (`snapsign::image_build::plan`) on arbitrary text. A plan
 //! names a base image that some FROM line holds, looks up nothing twice,
 //! nothing empty, and never `scratch`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use snapsign::build::plan::plan;
+use snapsign::image_build::plan::plan;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

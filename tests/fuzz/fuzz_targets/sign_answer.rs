@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
-use snapsign::build::splice;
+use snapsign::image_build::splice;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Value::Array(mut pair)) = serde_json::from_slice::<Value>(data) else { return };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use snapsign::build::transient::is_transient;
+use snapsign::image_build::transient::is_transient;
 
 use super::backend::{
     ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
@@ -288,7 +288,7 @@ impl SandboxBackend for ProxyBackend {
 
     async fn status(&self, id: &str) -> Result<String, SandboxError> {
         let text = self.send(&format!("get sandbox {id}"), self.http.get(format!("{}/{id}", self.lifecycle))).await?;
-        let info = snapsign::build::sandbox_info::parse(id, &text).map_err(SandboxError::Failed)?;
+        let info = snapsign::image_build::sandbox_info::parse(id, &text).map_err(SandboxError::Failed)?;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let entry = known.entry(id.to_owned()).or_default();
         if entry.sandbox_url.is_none() {

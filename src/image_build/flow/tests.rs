@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Request, SandboxError};
+use crate::image_build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Request, SandboxError};
 
 const ID: &str = "sbx-1";
 const URI: &str = "s3://snapshots/builds/default/sandbox-template-builds/build-1/snap-1.tlsnap";
