@@ -8,8 +8,12 @@ use std::process::Command;
 const TARGET: &str = "wasm32-wasip2";
 const PROFILE: &str = "component";
 /// (binary name in the root package, env var the host reads it from)
-const COMPONENTS: &[(&str, &str)] =
-    &[("snapsign-signer", "SNAPSIGN_SIGNER_WASM"), ("snapsign-builder", "SNAPSIGN_BUILDER_WASM")];
+const COMPONENTS: &[(&str, &str)] = &[
+    ("snapsign-signer", "SNAPSIGN_SIGNER_WASM"),
+    ("snapsign-builder", "SNAPSIGN_BUILDER_WASM"),
+    // Only the host's unit tests embed it (serve-signer's instance reuse tests).
+    ("snapsign-reuse-probe", "SNAPSIGN_REUSE_PROBE_WASM"),
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

@@ -13,7 +13,7 @@ use common::*;
 use serde_json::{Value, json};
 use snapsign_host::engine::EngineLimits;
 use snapsign_host::serve::{ServeLimits, Server};
-use snapsign_host::signer::{self, SignerServerConfig};
+use snapsign_host::signer::{self, DEFAULT_MAX_INSTANCE_REUSE, SignerServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -67,8 +67,14 @@ async fn start_signer_under(
     timeout: Duration,
     serve: ServeLimits,
 ) -> Server {
-    let config =
-        SignerServerConfig { listen: loopback(), env, limits, request_timeout: timeout, cache_dir: cache_dir() };
+    let config = SignerServerConfig {
+        listen: loopback(),
+        env,
+        limits,
+        request_timeout: timeout,
+        cache_dir: cache_dir(),
+        max_instance_reuse: DEFAULT_MAX_INSTANCE_REUSE,
+    };
     signer::start_with(&config, serve).await.expect("start the signer").0
 }
 

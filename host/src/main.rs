@@ -48,6 +48,11 @@ enum Command {
         /// Compiled-component cache [default: $SNAPSIGN_CACHE_DIR, ~/.cache/snapsign].
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Requests one instance serves before it is dropped; an instance only
+        /// ever serves one caller (one Authorization header). 1 = a fresh
+        /// instance per request.
+        #[arg(long, default_value_t = signer::DEFAULT_MAX_INSTANCE_REUSE, value_parser = clap::value_parser!(u32).range(1..))]
+        max_instance_reuse: u32,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -398,13 +403,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             });
         }
-        Command::ServeSigner { listen, env, max_memory_mb, timeout_secs, max_concurrency, cache_dir, serve } => {
+        Command::ServeSigner {
+            listen,
+            env,
+            max_memory_mb,
+            timeout_secs,
+            max_concurrency,
+            cache_dir,
+            max_instance_reuse,
+            serve,
+        } => {
             let config = signer::SignerServerConfig {
                 listen,
                 env: snapsign_host::signer::guest_env(&env)?,
                 limits: EngineLimits { max_concurrency, max_memory_bytes: max_memory_mb << 20 },
                 request_timeout: Duration::from_secs(timeout_secs),
                 cache_dir: cache_dir.unwrap_or_else(engine::default_cache_dir),
+                max_instance_reuse,
             };
             let (server, _host) = signer::start_with(&config, serve.limits()).await?;
             println!("signer listening on {}", server.url());

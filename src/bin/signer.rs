@@ -6,6 +6,8 @@
 //! Every answer carries `x-request-id` (the host's, else one made here);
 //! an error's detail is written to stderr, the host's log, under that id.
 
+use std::sync::OnceLock;
+
 use snapsign::signer::{self, Answer, Incoming, MAX_BODY_BYTES, SignError, SignerConfig, Step};
 use wstd::http::body::Body;
 use wstd::http::body::util::BodyExt as _;
@@ -31,14 +33,14 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
     let Some(bytes) = read_bounded(body).await? else {
         return respond(SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.answer(&request_id), &request_id, None);
     };
-    let config = match SignerConfig::from_vars(std::env::vars()) {
+    let config = match config() {
         Ok(config) => config,
-        Err(e) => return respond(SignError::Misconfigured(e.to_string()).answer(&request_id), &request_id, None),
+        Err(e) => return respond(SignError::Misconfigured(e.clone()).answer(&request_id), &request_id, None),
     };
     let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
     let incoming =
         Incoming { method: parts.method.as_str(), path: &path, authorization, body: &bytes, request_id: &request_id };
-    match signer::handle(&config, &incoming, jiff::Timestamp::now()) {
+    match signer::handle(config, &incoming, jiff::Timestamp::now()) {
         Step::Respond(answer) => respond(answer, &request_id, None),
         Step::CreateMultipartUpload(pending) => {
             match wasi_http::send("POST", &pending.store_url, &[], &[]) {
@@ -53,6 +55,15 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
             }
         }
     }
+}
+
+/// The configuration, read from the environment once per instance: hosts
+/// that reuse an instance (serve-signer, `wasmtime serve`) parse it and
+/// decode its keys once. This is the only state kept between requests, and it
+/// holds nothing a caller sent.
+fn config() -> Result<&'static SignerConfig, &'static String> {
+    static CONFIG: OnceLock<Result<SignerConfig, String>> = OnceLock::new();
+    CONFIG.get_or_init(|| SignerConfig::from_vars(std::env::vars()).map_err(|e| e.to_string())).as_ref()
 }
 
 /// The caller's (or host's) id when it is a plain token, else a fresh random one.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use snapsign_host::engine::EngineLimits;
 use snapsign_host::serve::Server;
-use snapsign_host::signer::{self, SignerServerConfig};
+use snapsign_host::signer::{self, DEFAULT_MAX_INSTANCE_REUSE, SignerServerConfig};
 use snapsign_host::store::{self, StoreConfig};
 
 pub const BUCKET: &str = "snaps";
@@ -67,8 +67,14 @@ pub async fn start_store(root: &Path) -> Server {
 }
 
 pub async fn start_signer(env: Vec<(String, String)>, limits: EngineLimits, timeout: Duration) -> Server {
-    let config =
-        SignerServerConfig { listen: loopback(), env, limits, request_timeout: timeout, cache_dir: cache_dir() };
+    let config = SignerServerConfig {
+        listen: loopback(),
+        env,
+        limits,
+        request_timeout: timeout,
+        cache_dir: cache_dir(),
+        max_instance_reuse: DEFAULT_MAX_INSTANCE_REUSE,
+    };
     signer::start(&config).await.expect("start the signer").0
 }
 

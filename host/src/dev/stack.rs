@@ -199,6 +199,7 @@ impl DevStack {
             limits: EngineLimits::default(),
             request_timeout: Duration::from_secs(30),
             cache_dir: config.cache_dir.clone(),
+            max_instance_reuse: crate::signer::DEFAULT_MAX_INSTANCE_REUSE,
         })
         .await?;
 

@@ -189,20 +189,26 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
     figures.push(measure("native core (hyper, no wasm)", &url, None, &token, options, Some(first)).await?);
     native.shutdown().await;
 
-    let started = Instant::now();
-    let (signer, _) = crate::signer::start(&SignerServerConfig {
-        listen: "127.0.0.1:0".parse()?,
-        env: env.clone(),
-        limits: EngineLimits::default(),
-        request_timeout: Duration::from_secs(30),
-        cache_dir: work.join("compiled"),
-    })
-    .await?;
-    let url = format!("{}{}", signer.url(), snapsign::signer::SIGN_PATH);
-    launch::wait_for_signer(&url, None, launch::START_TIMEOUT, None).await?;
-    let first = started.elapsed();
-    figures.push(measure("snapsign serve-signer", &url, None, &token, options, Some(first)).await?);
-    signer.shutdown().await;
+    // Reuse on (the default) and off (a fresh instance per request, as before reuse) side by side.
+    for (host, max_instance_reuse) in
+        [("snapsign serve-signer", crate::signer::DEFAULT_MAX_INSTANCE_REUSE), ("snapsign serve-signer, no reuse", 1)]
+    {
+        let started = Instant::now();
+        let (signer, _) = crate::signer::start(&SignerServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            env: env.clone(),
+            limits: EngineLimits::default(),
+            request_timeout: Duration::from_secs(30),
+            cache_dir: work.join("compiled"),
+            max_instance_reuse,
+        })
+        .await?;
+        let url = format!("{}{}", signer.url(), snapsign::signer::SIGN_PATH);
+        launch::wait_for_signer(&url, None, launch::START_TIMEOUT, None).await?;
+        let first = started.elapsed();
+        figures.push(measure(host, &url, None, &token, options, Some(first)).await?);
+        signer.shutdown().await;
+    }
 
     for host in ["wasmtime serve", "wash dev", "jco serve"] {
         let served = match host {

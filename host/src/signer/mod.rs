@@ -1,6 +1,8 @@
 //! `serve-signer`: the signer component behind a wasi:http server. Compiled
-//! once (cached on disk), pre-instantiated once, a fresh store per request
-//! with memory and time limits, outbound HTTP only to the configured store.
+//! once (cached on disk), pre-instantiated once; each request runs in an
+//! instance with memory and time limits and outbound HTTP only to the
+//! configured store. An instance serves one caller only: it is reused for
+//! that caller's next requests (bounded, see [`instance_pool`]) or dropped.
 //!
 //! A request takes an instance slot only once its body is in memory: the
 //! host reads it (at most [`MAX_BODY_BYTES`], within
@@ -8,6 +10,9 @@
 //! connection, never a guest. Every answer carries `x-request-id`; error
 //! bodies are `{code, message, request_id}` and the detail (traps, guest
 //! log lines) goes to the log under that id.
+
+mod guest_log;
+mod instance_pool;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,16 +28,17 @@ use snapsign::signer::{MAX_BODY_BYTES, SignerConfig};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::engine::{self, EngineLimits, Loaded, WasmtimeResultExt};
 use crate::outbound::AllowList;
 use crate::serve::{self, ServeLimits, Server};
+use guest_log::GuestLog;
+use instance_pool::{Caller, InstancePool};
 
 /// The signer component, built by `host/build.rs` from `src/bin/signer.rs`.
 pub const SIGNER_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_SIGNER_WASM"));
@@ -43,8 +49,14 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// What the guest may write to stderr in one request (its log lines).
 const GUEST_LOG_BYTES: usize = 64 * 1024;
 
+/// Requests one instance serves (for one caller) before it is dropped.
+pub const DEFAULT_MAX_INSTANCE_REUSE: u32 = 1000;
+
+/// How long an idle instance waits for its caller's next request.
+const IDLE_INSTANCE_TTL: Duration = Duration::from_secs(30);
+
 /// Settings of `serve-signer`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SignerServerConfig {
     /// Where to listen.
     pub listen: SocketAddr,
@@ -57,10 +69,30 @@ pub struct SignerServerConfig {
     pub request_timeout: Duration,
     /// Compiled-component cache.
     pub cache_dir: PathBuf,
+    /// Requests one instance serves, for one caller, before it is dropped;
+    /// 1 runs every request in a fresh instance.
+    pub max_instance_reuse: u32,
 }
 
-/// Per-request guest state.
+impl std::fmt::Debug for SignerServerConfig {
+    /// The environment holds the store's secret key and the token key: only names are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<String> = self.env.iter().map(|(k, _)| format!("{k}=<redacted>")).collect();
+        f.debug_struct("SignerServerConfig")
+            .field("listen", &self.listen)
+            .field("env", &env)
+            .field("limits", &self.limits)
+            .field("request_timeout", &self.request_timeout)
+            .field("cache_dir", &self.cache_dir)
+            .field("max_instance_reuse", &self.max_instance_reuse)
+            .finish()
+    }
+}
+
+/// Guest state of one instance.
 struct Guest {
+    /// Its stderr, drained after every request.
+    log: GuestLog,
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
@@ -118,6 +150,8 @@ pub struct SignerHost {
     slots: Arc<Semaphore>,
     max_concurrency: u32,
     ids: RequestIds,
+    /// Idle instances, each kept for the one caller it served.
+    pool: InstancePool<Guest>,
     /// How the component was loaded (compiled or from cache).
     pub loaded: Loaded,
 }
@@ -130,10 +164,15 @@ impl SignerHost {
 
     /// [`SignerHost::new`] with the body deadline of `serve`.
     pub fn with_limits(config: &SignerServerConfig, serve: &ServeLimits) -> Result<Self> {
+        Self::with_component(config, serve, "signer", SIGNER_WASM)
+    }
+
+    /// Serves `wasm` (any wasi:http proxy component) in the signer's place.
+    fn with_component(config: &SignerServerConfig, serve: &ServeLimits, name: &str, wasm: &[u8]) -> Result<Self> {
         let signer = SignerConfig::from_vars(config.env.iter().cloned()).context("check the signer configuration")?;
         let outbound = AllowList::new([signer.store_authority()]);
         let engine = engine::engine(config.limits)?;
-        let (component, loaded) = engine::load_component(&engine, "signer", SIGNER_WASM, &config.cache_dir)?;
+        let (component, loaded) = engine::load_component(&engine, name, wasm, &config.cache_dir)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).anyhow().context("link WASI")?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).anyhow().context("link WASI HTTP")?;
@@ -152,8 +191,39 @@ impl SignerHost {
             slots: Arc::new(Semaphore::new(config.limits.max_concurrency as usize)),
             max_concurrency: config.limits.max_concurrency,
             ids: RequestIds::new(),
+            pool: InstancePool::new(config.max_instance_reuse, IDLE_INSTANCE_TTL),
             loaded,
         })
+    }
+
+    /// Instances kept idle for their caller's next request.
+    pub fn idle_instances(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// Requests that hold an instance slot now (an answer may reach the
+    /// caller just before its instance is kept or dropped).
+    pub fn busy_slots(&self) -> usize {
+        self.max_concurrency as usize - self.slots.available_permits()
+    }
+
+    /// A store for a fresh instance.
+    fn new_store(&self) -> Store<Guest> {
+        let log = GuestLog::new(GUEST_LOG_BYTES);
+        let mut wasi = WasiCtx::builder();
+        wasi.envs(&self.env).stderr(log.clone());
+        let guest = Guest {
+            log,
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            outbound: self.outbound.clone(),
+            limits: StoreLimitsBuilder::new().memory_size(self.max_memory_bytes).instances(8).build(),
+        };
+        let mut store = Store::new(&self.engine, guest);
+        store.limiter(|g| &mut g.limits);
+        store.epoch_deadline_trap();
+        store
     }
 
     /// Serves one HTTP request: reads its body, then runs a fresh instance on it.
@@ -219,39 +289,38 @@ impl SignerHost {
         slot: tokio::sync::OwnedSemaphorePermit,
         deadline: Instant,
     ) -> Result<http::Response<HyperOutgoingBody>, Failure> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let log = MemoryOutputPipe::new(GUEST_LOG_BYTES);
-        let mut wasi = WasiCtx::builder();
-        wasi.envs(&self.env).stderr(log.clone());
-        let guest = Guest {
-            wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-            outbound: self.outbound.clone(),
-            limits: StoreLimitsBuilder::new().memory_size(self.max_memory_bytes).instances(8).build(),
+        let caller = if self.pool.reuses() { Caller::of(request.headers()) } else { None };
+        let (mut store, warm, uses) = match caller.and_then(|caller| self.pool.take(caller)) {
+            Some((store, proxy, uses)) => (store, Some(proxy), uses),
+            None => {
+                // Idle instances hold pool slots: they give way to this fresh one.
+                let running = self.max_concurrency as usize - self.slots.available_permits();
+                self.pool.shrink_to((self.max_concurrency as usize).saturating_sub(running));
+                (self.new_store(), None, 0)
+            }
         };
-        let mut store = Store::new(&self.engine, guest);
-        store.limiter(|g| &mut g.limits);
-        store.set_epoch_deadline(engine::deadline_ticks(left));
-        store.epoch_deadline_trap();
+        let reused = warm.is_some();
+        store.set_epoch_deadline(engine::deadline_ticks(deadline.saturating_duration_since(Instant::now())));
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let req =
             store.data_mut().http().new_incoming_request(Scheme::Http, request).anyhow().map_err(Failure::internal)?;
         let out = store.data_mut().http().new_response_outparam(sender).anyhow().map_err(Failure::internal)?;
-        let pre = self.pre.clone();
-        let timeout = self.request_timeout;
-        let task_id = id.clone();
+        let host = self.clone();
         let task = tokio::spawn(async move {
+            let timeout = host.request_timeout;
             let run = async {
-                let proxy = pre.instantiate_async(&mut store).await.map_err(|e| {
-                    Failure::new(
-                        503,
-                        "signer_busy",
-                        "no signer instance could be started; retry shortly".into(),
-                        anyhow::Error::from(e).context("instantiate the signer"),
-                    )
-                })?;
+                let proxy = match warm {
+                    Some(proxy) => proxy,
+                    None => host.pre.instantiate_async(&mut store).await.map_err(|e| {
+                        Failure::new(
+                            503,
+                            "signer_busy",
+                            "no signer instance could be started; retry shortly".into(),
+                            anyhow::Error::from(e).context("instantiate the signer"),
+                        )
+                    })?,
+                };
                 proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await.map_err(|e| {
                     // The epoch deadline traps the guest when it computes too long.
                     if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
@@ -264,19 +333,33 @@ impl SignerHost {
                             anyhow::Error::from(e).context("run the signer"),
                         )
                     }
-                })
+                })?;
+                Ok::<Proxy, Failure>(proxy)
             };
             let result = match tokio::time::timeout_at(deadline.into(), run).await {
                 Ok(result) => result,
                 Err(_) => Err(Failure::timeout(timeout)),
             };
-            // The instance is gone with the store; then its slot is free.
-            drop(store);
-            drop(slot);
-            for line in String::from_utf8_lossy(&log.contents()).lines().filter(|l| !l.trim().is_empty()) {
-                tracing::warn!(request_id = %task_id, "signer guest: {line}");
+            let log = store.data().log.take();
+            for line in String::from_utf8_lossy(&log).lines().filter(|l| !l.trim().is_empty()) {
+                tracing::warn!(request_id = %id, "signer guest: {line}");
             }
-            result
+            tracing::debug!(request_id = %id, reused, uses = uses + 1, "signer instance");
+            // Only an instance that finished cleanly serves its caller again;
+            // after a trap, a timeout or an error it is dropped with its store.
+            let outcome = match (result, caller) {
+                (Ok(proxy), Some(caller)) => {
+                    host.pool.give_back(caller, store, proxy, uses + 1);
+                    Ok(())
+                }
+                (result, _) => {
+                    drop(store);
+                    result.map(drop)
+                }
+            };
+            // The instance is kept or gone; then its slot is free.
+            drop(slot);
+            outcome
         });
         match receiver.await {
             Ok(Ok(response)) => Ok(response),
@@ -396,9 +479,17 @@ pub async fn start(config: &SignerServerConfig) -> Result<(Server, Arc<SignerHos
 /// Starts serving the signer on `config.listen` under `limits`.
 pub async fn start_with(config: &SignerServerConfig, limits: ServeLimits) -> Result<(Server, Arc<SignerHost>)> {
     let host = Arc::new(SignerHost::with_limits(config, &limits)?);
+    serve_host(host, config.listen, limits).await
+}
+
+async fn serve_host(
+    host: Arc<SignerHost>,
+    listen: SocketAddr,
+    limits: ServeLimits,
+) -> Result<(Server, Arc<SignerHost>)> {
     let service_host = host.clone();
     let service = hyper::service::service_fn(move |request| service_host.clone().handle(request));
-    let server = serve::spawn_with("signer", config.listen, limits, service).await?;
+    let server = serve::spawn_with("signer", listen, limits, service).await?;
     tracing::info!(url = %server.url(), "signer listening");
     Ok((server, host))
 }
@@ -439,5 +530,135 @@ mod tests {
         }
         let exports: Vec<String> = ty.exports(&engine).map(|(name, _)| name.to_owned()).collect();
         assert!(exports.iter().any(|e| e.starts_with("wasi:http/incoming-handler@0.2")), "{exports:?}");
+    }
+
+    /// A wasi:http handler that keeps the last request's caller and body in
+    /// a static and answers with them: the worst guest bug, on purpose.
+    const REUSE_PROBE_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_REUSE_PROBE_WASM"));
+
+    struct Probe {
+        server: Server,
+        host: Arc<SignerHost>,
+        client: reqwest::Client,
+        _cache: tempfile::TempDir,
+    }
+
+    impl Probe {
+        async fn start(max_instance_reuse: u32, max_concurrency: u32) -> Probe {
+            let cache = tempfile::tempdir().unwrap();
+            let config = SignerServerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                // The probe never calls the store; the address only has to be valid.
+                env: crate::bench::env("http://127.0.0.1:9"),
+                limits: EngineLimits { max_concurrency, max_memory_bytes: 16 << 20 },
+                request_timeout: Duration::from_secs(20),
+                cache_dir: cache.path().to_owned(),
+                max_instance_reuse,
+            };
+            let limits = ServeLimits::default();
+            let host = SignerHost::with_component(&config, &limits, "reuse-probe", REUSE_PROBE_WASM).unwrap();
+            let (server, host) = serve_host(Arc::new(host), config.listen, limits).await.unwrap();
+            Probe { server, host, client: reqwest::Client::new(), _cache: cache }
+        }
+
+        /// What the instance that served this request had seen before it.
+        async fn send(&self, caller: Option<&str>, body: &str) -> (u16, String) {
+            let mut request = self.client.post(format!("{}/probe", self.server.url())).body(body.to_owned());
+            if let Some(caller) = caller {
+                request = request.header("authorization", caller);
+            }
+            let response = request.send().await.unwrap();
+            let answer = (response.status().as_u16(), response.text().await.unwrap());
+            // The answer can arrive before its instance is back in the pool.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.host.busy_slots() > 0 {
+                assert!(Instant::now() < deadline, "the request's instance slot was never released");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            answer
+        }
+
+        async fn seen(&self, caller: Option<&str>, body: &str) -> String {
+            let (status, text) = self.send(caller, body).await;
+            assert_eq!(status, 200, "{text}");
+            text
+        }
+    }
+
+    #[tokio::test]
+    async fn an_instance_is_reused_only_for_the_caller_it_served() {
+        let probe = Probe::start(DEFAULT_MAX_INSTANCE_REUSE, 4).await;
+        assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "", "first request: fresh instance");
+        assert_eq!(probe.seen(Some("Bearer A"), "a2").await, "Bearer A|a1", "same caller: reused");
+        let b = probe.seen(Some("Bearer B"), "b1").await;
+        assert_eq!(b, "", "another caller gets a fresh instance, never A's");
+        assert_eq!(probe.seen(Some("Bearer A"), "a3").await, "Bearer A|a2");
+        assert_eq!(probe.seen(Some("Bearer B"), "b2").await, "Bearer B|b1");
+        // A token that differs in one byte is another caller.
+        assert_eq!(probe.seen(Some("Bearer a"), "a4").await, "");
+        assert_eq!(probe.host.idle_instances(), 3);
+        // Without an Authorization header nothing is kept or reused.
+        assert_eq!(probe.seen(None, "n1").await, "");
+        assert_eq!(probe.seen(None, "n2").await, "", "anonymous requests never share an instance");
+        assert_eq!(probe.host.idle_instances(), 3);
+        probe.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_trapped_is_dropped_not_reused() {
+        let probe = Probe::start(DEFAULT_MAX_INSTANCE_REUSE, 4).await;
+        assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "");
+        let (status, text) = probe.send(Some("Bearer A"), "trap").await;
+        assert_eq!(status, 500, "{text}");
+        assert!(text.contains("signer_trap"), "{text}");
+        assert_eq!(probe.host.idle_instances(), 0, "the trapped instance is gone");
+        assert_eq!(probe.seen(Some("Bearer A"), "a2").await, "", "the next request runs fresh");
+        probe.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn reuse_is_bounded_and_can_be_turned_off() {
+        let probe = Probe::start(2, 4).await;
+        assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "");
+        assert_eq!(probe.seen(Some("Bearer A"), "a2").await, "Bearer A|a1");
+        assert_eq!(probe.seen(Some("Bearer A"), "a3").await, "", "dropped after 2 requests");
+        probe.server.shutdown().await;
+
+        let probe = Probe::start(1, 4).await;
+        assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "");
+        assert_eq!(probe.seen(Some("Bearer A"), "a2").await, "", "reuse off: fresh every time");
+        assert_eq!(probe.host.idle_instances(), 0);
+        probe.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn idle_instances_give_way_to_new_callers() {
+        // Two pool slots: two idle instances must not lock out a third caller.
+        let probe = Probe::start(DEFAULT_MAX_INSTANCE_REUSE, 2).await;
+        for caller in ["Bearer A", "Bearer B", "Bearer C", "Bearer D"] {
+            assert_eq!(probe.seen(Some(caller), "x").await, "", "{caller}");
+        }
+        assert_eq!(probe.host.idle_instances(), 2, "at most the pool's size stays idle");
+        assert_eq!(probe.seen(Some("Bearer D"), "y").await, "Bearer D|x", "the newest stay");
+        probe.server.shutdown().await;
+    }
+
+    #[test]
+    fn debug_output_names_variables_but_not_their_values() {
+        let config = SignerServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            env: crate::bench::env("http://127.0.0.1:9"),
+            limits: EngineLimits::default(),
+            request_timeout: Duration::from_secs(1),
+            cache_dir: PathBuf::from("/tmp"),
+            max_instance_reuse: 1,
+        };
+        let printed = format!("{config:?}");
+        assert!(printed.contains("SNAPSIGN_SECRET_ACCESS_KEY=<redacted>"), "{printed}");
+        for (_, value) in &config.env {
+            if value.len() > 8 {
+                assert!(!printed.contains(value.as_str()), "{printed} shows {value}");
+            }
+        }
     }
 }
