@@ -254,9 +254,19 @@ async fn each_platform_fault_switch_fails_its_step() {
 
     assert_eq!(set(Faults { terminate_sandbox: true, ..Faults::default() }).await.0, 200);
     let id = api.create_sandbox().await;
-    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
-    let (status, info) = api.send(api.http.get(api.lifecycle(&format!("/{id}")))).await;
-    assert_eq!((status, info["status"].as_str()), (200, Some("terminated")));
+    // The fault terminates the sandbox once it would run: wait for that, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, info) = api.send(api.http.get(api.lifecycle(&format!("/{id}")))).await;
+        assert_eq!(status, 200, "{info}");
+        match info["status"].as_str() {
+            Some("terminated") => break,
+            Some("pending") => {}
+            other => panic!("sandbox {id} went to {other:?} instead of terminated: {info}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "sandbox {id} was never terminated: {info}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     set(Faults::default()).await;
     api.wait_running(&id).await;

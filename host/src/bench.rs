@@ -49,8 +49,19 @@ fn put_body() -> String {
     )
 }
 
-/// Median and p99 of samples, in milliseconds.
+/// Refuses counts of zero, which would leave nothing to measure.
+fn at_least_one(counts: &[(&str, usize)]) -> Result<()> {
+    for (flag, count) in counts {
+        anyhow::ensure!(*count > 0, "{flag} 0 leaves nothing to measure; pass {flag} 1 or more");
+    }
+    Ok(())
+}
+
+/// Median and p99 of samples, in milliseconds; zeros when there are none.
 fn stats(mut samples: Vec<Duration>) -> (f64, f64) {
+    if samples.is_empty() {
+        return (0.0, 0.0);
+    }
     samples.sort();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
     (at(0.5), at(0.99))
@@ -86,6 +97,7 @@ fn native_sign(config: &SignerConfig, token: &str, rounds: usize) -> Result<Vec<
 
 /// Runs the signing benchmark and prints its figures.
 pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<()> {
+    at_least_one(&[("--rounds", rounds), ("--requests", requests), ("--concurrency", concurrency)])?;
     let dir = tempfile_dir()?;
     let store = store(&dir).await?;
     let env = env(&store.url());
@@ -269,6 +281,7 @@ pub async fn serve(
     requests: usize,
     concurrency: usize,
 ) -> Result<()> {
+    at_least_one(&[("--rounds", rounds), ("--requests", requests), ("--concurrency", concurrency)])?;
     let dir = tempfile_dir()?;
     let store = store(&dir).await?;
     let env = env(&store.url());
@@ -348,6 +361,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 /// `snapsign bench build`: orchestration overhead of demo builds (total minus
 /// the builder process), warm instantiation, and a cold start from the cache.
 pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
+    at_least_one(&[("--rounds", rounds)])?;
     use crate::dev::{DevConfig, DevStack};
     use crate::image_build::{BuilderRuntime, proxy_backend};
 
@@ -413,4 +427,20 @@ pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
         cold_median + (setup_median + instantiate_median)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn zero_counts_are_refused_before_anything_starts() {
+        let error = sign(0, 10, 1).await.unwrap_err().to_string();
+        assert!(error.contains("--rounds 0"), "{error}");
+        let error = serve("snapsign".into(), None, 1, 0, 1).await.unwrap_err().to_string();
+        assert!(error.contains("--requests 0"), "{error}");
+        let error = build(0, "tl-rootfs-build".into()).await.unwrap_err().to_string();
+        assert!(error.contains("--rounds 0"), "{error}");
+        assert_eq!(stats(Vec::new()), (0.0, 0.0));
+    }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use snapsign::signer::SignerConfig;
 use snapsign_sandbox::{Confinement, Sandboxes, SandboxesConfig};
 
@@ -88,19 +87,28 @@ struct Secrets {
     admin_token: String,
 }
 
-fn random_hex(label: &str) -> String {
-    let mut seed = Vec::new();
-    seed.extend_from_slice(label.as_bytes());
-    seed.extend_from_slice(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    seed.extend_from_slice(&now.as_nanos().to_le_bytes());
-    if let Ok(mut urandom) = std::fs::File::open("/dev/urandom") {
-        let mut bytes = [0u8; 32];
-        if std::io::Read::read_exact(&mut urandom, &mut bytes).is_ok() {
-            seed.extend_from_slice(&bytes);
-        }
-    }
-    hex::encode(Sha256::digest(&seed))
+/// 32 bytes from the operating system's generator, as hex. No fallback: a
+/// secret from a guessable seed is worse than no stack at all.
+fn random_hex() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("read the operating system's random generator for the stack's secrets")?;
+    Ok(hex::encode(bytes))
+}
+
+/// Writes `secrets.json` readable by its owner only.
+fn write_secrets(path: &Path, secrets: &Secrets) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    file.write_all(&serde_json::to_vec_pretty(secrets)?).with_context(|| format!("write {}", path.display()))
 }
 
 fn secrets(data_dir: &Path) -> Result<Secrets> {
@@ -109,19 +117,18 @@ fn secrets(data_dir: &Path) -> Result<Secrets> {
         let mut secrets: Secrets = serde_json::from_str(&text)
             .with_context(|| format!("read {}; delete it to start afresh", path.display()))?;
         if secrets.admin_token.is_empty() {
-            secrets.admin_token = format!("ssadm.{}", random_hex("adm"));
-            std::fs::write(&path, serde_json::to_vec_pretty(&secrets)?)
-                .with_context(|| format!("write {}", path.display()))?;
+            secrets.admin_token = format!("ssadm.{}", random_hex()?);
+            write_secrets(&path, &secrets)?;
         }
         return Ok(secrets);
     }
     let secrets = Secrets {
-        access_key_id: format!("AKIDDEV{}", &random_hex("ak")[..13].to_uppercase()),
-        secret_access_key: random_hex("sk"),
-        token_key: random_hex("tk"),
-        admin_token: format!("ssadm.{}", random_hex("adm")),
+        access_key_id: format!("AKIDDEV{}", &random_hex()?[..13].to_uppercase()),
+        secret_access_key: random_hex()?,
+        token_key: random_hex()?,
+        admin_token: format!("ssadm.{}", random_hex()?),
     };
-    std::fs::write(&path, serde_json::to_vec_pretty(&secrets)?).with_context(|| format!("write {}", path.display()))?;
+    write_secrets(&path, &secrets)?;
     Ok(secrets)
 }
 
@@ -284,5 +291,29 @@ impl DevStack {
         self.emulator.shutdown().await;
         self.signer.shutdown().await;
         self.store.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn secrets_are_random_private_to_the_owner_and_kept() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = secrets(a.path()).unwrap();
+        let mode = std::fs::metadata(a.path().join("secrets.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "secrets.json is readable by its owner only");
+        let again = secrets(a.path()).unwrap();
+        assert_eq!(
+            (first.token_key.as_str(), first.admin_token.as_str()),
+            (again.token_key.as_str(), again.admin_token.as_str())
+        );
+        let other = secrets(b.path()).unwrap();
+        assert_ne!(first.token_key, other.token_key, "two stacks never share a key");
+        assert_ne!(first.secret_access_key, first.token_key, "each secret is drawn on its own");
+        assert_eq!(first.token_key.len(), 64, "32 random bytes");
     }
 }

@@ -210,9 +210,14 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
         signer.shutdown().await;
     }
 
-    for host in ["wasmtime serve", "wash dev", "jco serve"] {
+    // wasmtime serve reuses p2 instances only when asked, and then across callers.
+    let reuse = crate::signer::DEFAULT_MAX_INSTANCE_REUSE.to_string();
+    for host in ["wasmtime serve", "wasmtime serve, reuse across callers", "wash dev", "jco serve"] {
         let served = match host {
             "wasmtime serve" => launch::wasmtime_serve(&tools, &wasm, &env).await?,
+            "wasmtime serve, reuse across callers" => {
+                launch::wasmtime_serve_with(&tools, &wasm, &env, &["--max-instance-reuse-count", &reuse]).await?
+            }
             "wash dev" => launch::wash_dev(&tools, &wasm, &env, work).await?,
             _ => launch::jco_serve(&tools, &wasm, &env, work).await?,
         };

@@ -45,6 +45,17 @@ impl Served {
 /// variable), so secrets stay off the command line; the rest of the parent's
 /// environment is cleared.
 pub async fn wasmtime_serve(tools: &Tools, wasm: &Path, env: &[(String, String)]) -> Result<Served> {
+    wasmtime_serve_with(tools, wasm, env, &[]).await
+}
+
+/// [`wasmtime_serve`] with extra `wasmtime serve` flags (the benchmark's
+/// `--max-instance-reuse-count`).
+pub async fn wasmtime_serve_with(
+    tools: &Tools,
+    wasm: &Path,
+    env: &[(String, String)],
+    extra: &[&str],
+) -> Result<Served> {
     let wasmtime = tools.get(WASMTIME)?;
     let mut command = Command::new(&wasmtime);
     command.env_clear().envs(env.iter().cloned()).args(["serve", "--addr", "127.0.0.1:0", "-S", "cli"]);
@@ -54,6 +65,7 @@ pub async fn wasmtime_serve(tools: &Tools, wasm: &Path, env: &[(String, String)]
         "-W",
         &format!("timeout={WASMTIME_TIMEOUT}"),
     ]);
+    command.args(extra);
     for (key, _) in env {
         command.args(["--env", key]);
     }
