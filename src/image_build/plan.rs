@@ -125,9 +125,11 @@ mod tests {
 
     #[test]
     fn a_global_arg_default_in_from_is_looked_up_like_the_name_itself() {
-        let p = plan("ARG BASE=tensorlake/base\nARG TOOLS=tensorlake/tools\nFROM $TOOLS AS tools\nFROM ${BASE}\n\
-                      COPY --from=tools /t /t\n")
-            .unwrap();
+        let p = plan(
+            "ARG BASE=tensorlake/base\nARG TOOLS=tensorlake/tools\nFROM $TOOLS AS tools\nFROM ${BASE}\n\
+                      COPY --from=tools /t /t\n",
+        )
+        .unwrap();
         assert_eq!(p.base_image, "tensorlake/base");
         assert_eq!(p.final_lookup.as_deref(), Some("tensorlake/base"));
         assert_eq!(p.other_lookups, ["tensorlake/tools"]);

@@ -107,7 +107,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         http::check_plain_http("spec.parent.download.url", url).map_err(|m| anyhow!(m))?;
     }
 
-    let instructions = dockerfile::parse(&spec.dockerfile).context("spec.dockerfile")?;
+    let instructions = dockerfile::parse(&spec.dockerfile);
     let stage = final_stage(&instructions).context("spec.dockerfile")?;
     if let (Some(base_image), Base::Image(reference)) = (&spec.base_image, &stage.base)
         && base_image != reference

@@ -119,7 +119,10 @@ mod tests {
     #[test]
     fn a_global_arg_default_is_substituted_into_from() {
         let f = &froms("ARG BASE=tensorlake/base\nFROM $BASE AS app\n")[0];
-        assert_eq!((f.image.as_str(), f.written.as_str(), f.name.as_deref()), ("tensorlake/base", "$BASE", Some("app")));
+        assert_eq!(
+            (f.image.as_str(), f.written.as_str(), f.name.as_deref()),
+            ("tensorlake/base", "$BASE", Some("app"))
+        );
         assert!(f.unset.is_empty());
         // Later global ARGs see earlier ones; `${…:-…}` supplies its own default.
         let f = &froms("ARG ORG=acme\nARG BASE=${ORG}/base\nARG TAG\nFROM ${BASE}:${TAG:-1}\n")[0];
