@@ -45,6 +45,7 @@ use std::process::ExitCode;
 
 pub mod archive;
 pub mod cli;
+pub mod context;
 /// The Dockerfile front end is the build client's, so both read a Dockerfile alike.
 pub use snapsign::image_build::dockerfile;
 pub mod download;

@@ -11,13 +11,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::archive::{ParentIndex, read_archive, write_archive};
 use crate::cli::BuildArgs;
+use crate::context::Context;
 use crate::download::{check_sha256, download_parent};
 use crate::faults::Faults;
 use crate::metadata::{Metadata, metadata_json};
 use crate::plan::{Action, Base, final_stage, plan};
 use crate::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
 use crate::spec::Spec;
-use crate::tree::{Context, Tree};
+use crate::tree::Tree;
 use crate::{dockerfile, http, human_bytes, upload};
 
 /// How a build that did not fail ended.
