@@ -112,6 +112,8 @@ mod tests {
         assert_eq!(staged.other_lookups, ["golang:1.22", "cachebase"]);
         assert_eq!(plan("FROM img@sha256:abc\n").unwrap().final_lookup, None);
         assert_eq!(plan("FROM --platform=linux/amd64 base\n").unwrap().final_lookup.as_deref(), Some("base"));
+        let p = plan("FROM --platform=$BUILDPLATFORM golang:1.22 AS build\nFROM tensorlake/base\n").unwrap();
+        assert_eq!((p.other_lookups.as_slice(), p.warnings.len()), (&["golang:1.22".to_owned()][..], 0));
     }
 
     #[test]

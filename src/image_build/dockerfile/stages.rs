@@ -68,12 +68,17 @@ pub fn stages(instructions: &[Instruction]) -> Result<Stages, DockerfileError> {
 }
 
 fn parse_from(index: usize, ins: &Instruction, vars: &Vars) -> Result<FromLine, DockerfileError> {
-    let (mut tokens, unset) = words_noting_unset(&ins.args, vars, true).map_err(|m| invalid(ins, m))?;
+    // Flags are split off first, so a variable only a flag reads (`--platform=$BUILDPLATFORM`)
+    // never keeps the image from being looked up.
+    let mut rest = ins.args.trim_start();
     let mut flags = Vec::new();
-    while tokens.first().is_some_and(|t| t.starts_with("--")) {
-        flags.push(tokens.remove(0));
+    while rest.starts_with("--") {
+        let (flag, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        flags.push(words(flag, vars, false).map_err(|m| invalid(ins, m))?.concat());
+        rest = after.trim_start();
     }
-    let written = ins.args.split_whitespace().find(|w| !w.starts_with("--")).unwrap_or_default().to_owned();
+    let (tokens, unset) = words_noting_unset(rest, vars, true).map_err(|m| invalid(ins, m))?;
+    let written = rest.split_whitespace().next().unwrap_or_default().to_owned();
     let (image, name) = match tokens.as_slice() {
         [image] => (image.clone(), None),
         [image, as_word, name] if as_word.eq_ignore_ascii_case("as") => (image.clone(), Some(name.clone())),
@@ -149,6 +154,10 @@ mod tests {
     fn flags_and_bad_shapes() {
         let f = &froms("FROM --platform=linux/amd64 base\n")[0];
         assert_eq!((f.flags.as_slice(), f.image.as_str()), (&["--platform=linux/amd64".to_owned()][..], "base"));
+        // A variable in a flag only is no reason to skip the image.
+        let f = &froms("ARG P=linux/arm64\nFROM --platform=$BUILDPLATFORM  --x=$P  golang:1.22 AS build\n")[0];
+        assert_eq!(f.flags, ["--platform=", "--x=linux/arm64"]);
+        assert_eq!((f.image.as_str(), f.written.as_str(), f.unset.len()), ("golang:1.22", "golang:1.22", 0));
         for bad in ["FROM\n", "FROM a b\n", "FROM a AS\n", "FROM \"\"\n"] {
             let err = stages(&parse(bad)).unwrap_err();
             assert!(matches!(err, DockerfileError::Invalid { line: 1, .. }), "{bad:?}: {err}");
