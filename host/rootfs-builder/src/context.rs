@@ -106,7 +106,7 @@ fn is_pattern(part: &str) -> bool {
 /// Docker's pattern for one path component (`*`, `?`, `[abc]`, `[a-z]`,
 /// `[!x]`, `\` escapes) as a globset matcher. globset compiles it to a
 /// regex automaton, so matching is linear in the name whatever the pattern.
-pub fn component_matcher(pattern: &str) -> Result<GlobMatcher> {
+fn component_matcher(pattern: &str) -> Result<GlobMatcher> {
     // `{a,b}` is globset syntax, not Docker's: escaped, braces match themselves.
     let docker = pattern.replace('{', "\\{").replace('}', "\\}");
     let glob = GlobBuilder::new(&docker)
@@ -119,16 +119,18 @@ pub fn component_matcher(pattern: &str) -> Result<GlobMatcher> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    fn write(path: &Path, text: &str) {
+    pub(crate) fn write(path: &Path, text: &str) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(path, text).unwrap();
     }
 
-    fn setup() -> (tempfile::TempDir, Context) {
+    /// A context (`app/main.py`, `app/lib/util.py`, `README.md`, `a.txt`, `b.txt`)
+    /// in a temporary directory that also holds `secret`, outside it.
+    pub(crate) fn setup() -> (tempfile::TempDir, Context) {
         let dir = tempfile::tempdir().unwrap();
         let ctx = dir.path().join("context");
         write(&ctx.join("app/main.py"), "print(1)\n");

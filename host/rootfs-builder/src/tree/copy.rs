@@ -154,6 +154,7 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::tests::write;
     use crate::plan::Chown;
 
     fn op(sources: &[&str], dest: &str, dest_is_dir: bool) -> CopyOp {
@@ -168,20 +169,8 @@ mod tests {
         }
     }
 
-    fn write(path: &Path, text: &str) {
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, text).unwrap();
-    }
-
     fn setup() -> (tempfile::TempDir, Context, Tree) {
-        let dir = tempfile::tempdir().unwrap();
-        let ctx = dir.path().join("context");
-        write(&ctx.join("app/main.py"), "print(1)\n");
-        write(&ctx.join("app/lib/util.py"), "x = 1\n");
-        write(&ctx.join("README.md"), "readme\n");
-        write(&ctx.join("a.txt"), "a\n");
-        write(&ctx.join("b.txt"), "bb\n");
-        let context = Context::open(&ctx).unwrap();
+        let (dir, context) = crate::context::tests::setup();
         let tree = Tree::create(dir.path().join("tree")).unwrap();
         (dir, context, tree)
     }
