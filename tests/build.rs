@@ -94,6 +94,52 @@ async fn base_then_diff_build_through_the_new_shape_with_parent_download() {
     stack.shutdown().await;
 }
 
+/// The client and the reference builder read a Dockerfile through one front end
+/// (src/image_build/dockerfile): a global ARG default in FROM names the parent
+/// template, a byte-order mark and CRLF change nothing, and an ARG without a
+/// value is a warning at lookup and a named failure in the builder.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_from_arg_default_and_a_byte_order_mark_build_on_the_template_they_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ctx = context(&[("hello.txt", b"hello from the base image\n"), ("more.txt", b"added by the child\n")]);
+    let run = build(&options(&stack, "base", BASE, ctx.path())).await;
+    let base = run.outcome.unwrap_or_else(|e| panic!("base build failed: {e}\n{:#?}", run.events));
+
+    let argued = "ARG BASE=base\nFROM $BASE\nCOPY more.txt /etc/more.txt\n";
+    let run = build(&options(&stack, "argued", argued, ctx.path())).await;
+    let child = run.outcome.unwrap_or_else(|e| panic!("ARG/FROM build failed: {e}\n{:#?}", run.events));
+    assert_eq!(child["rootfsNodeKind"], "diff", "a diff of the template the ARG names");
+    assert_eq!(child["parentManifestUri"], base["snapshotUri"]);
+    let warnings: Vec<_> = run.events.iter().filter(|e| matches!(e, BuildEvent::Warning(_))).collect();
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    let marked =
+        "\u{feff}# saved by an editor that writes a BOM\r\nFROM base\r\nCOPY \\\r\n  more.txt /etc/more.txt\r\n";
+    let run = build(&options(&stack, "marked", marked, ctx.path())).await;
+    let child = run.outcome.unwrap_or_else(|e| panic!("BOM/CRLF build failed: {e}\n{:#?}", run.events));
+    assert_eq!(child["rootfsNodeKind"], "diff");
+    assert_eq!(child["parentManifestUri"], base["snapshotUri"]);
+
+    let unset = "ARG BASE\nFROM $BASE\nCOPY more.txt /etc/more.txt\n";
+    let run = build(&options(&stack, "unset", unset, ctx.path())).await;
+    assert!(
+        run.events.contains(&BuildEvent::Warning(
+            "Dockerfile line 2: FROM $BASE is not looked up as a template: ARG BASE has no value \
+             (no default before the first FROM and no build argument)"
+                .into()
+        )),
+        "{:#?}",
+        run.events
+    );
+    assert!(matches!(run.outcome, Err(BuildFailure::Failed(_))), "{:?}", run.outcome);
+    let said = |needle: &str| run.events.iter().any(|e| matches!(e, BuildEvent::Log(_, line) if line.contains(needle)));
+    assert!(said("Dockerfile line 2: FROM $BASE: ARG BASE has no value"), "{:#?}", run.events);
+    assert_eq!(lookup(&stack, "unset").await, 404);
+    assert!(stack.platform.live_sandboxes().is_empty());
+    stack.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn legacy_shape_is_unchanged_and_both_fields_let_the_signed_uri_win() {
     let dir = tempfile::tempdir().unwrap();

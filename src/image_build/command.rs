@@ -18,65 +18,10 @@ impl std::fmt::Display for CommandError {
 
 impl std::error::Error for CommandError {}
 
-/// POSIX-shell-like word splitting: whitespace, single and double quotes, backslash escapes.
+/// POSIX shell word splitting (the `shlex` crate): blanks, single and double
+/// quotes, backslash escapes; a word starting with `#` starts a comment.
 pub fn split_words(input: &str) -> Result<Vec<String>, CommandError> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_word = false;
-    let mut chars = input.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => word.push(c),
-                        None => return Err(CommandError(format!("unclosed single quote in {input:?}"))),
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(c @ ('"' | '\\' | '$' | '`')) => word.push(c),
-                            Some(c) => {
-                                word.push('\\');
-                                word.push(c);
-                            }
-                            None => return Err(CommandError(format!("unclosed double quote in {input:?}"))),
-                        },
-                        Some(c) => word.push(c),
-                        None => return Err(CommandError(format!("unclosed double quote in {input:?}"))),
-                    }
-                }
-            }
-            '\\' => {
-                in_word = true;
-                match chars.next() {
-                    Some(c) => word.push(c),
-                    None => return Err(CommandError(format!("trailing backslash in {input:?}"))),
-                }
-            }
-            c if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
-            c => {
-                in_word = true;
-                word.push(c);
-            }
-        }
-    }
-    if in_word {
-        words.push(word);
-    }
-    Ok(words)
+    shlex::split(input).ok_or_else(|| CommandError(format!("unclosed quote or trailing backslash in {input:?}")))
 }
 
 /// (command, args) for the builder: `tl-rootfs-build` becomes
@@ -120,6 +65,11 @@ mod tests {
         );
         assert_eq!(builder_invocation("/opt/b").unwrap().0, "/opt/b");
         assert!(builder_invocation("   ").is_err());
-        assert!(builder_invocation("a 'b").is_err());
+        for broken in ["a 'b", "a \"b", "a\\"] {
+            let err = builder_invocation(broken).unwrap_err();
+            assert_eq!(err.0, format!("unclosed quote or trailing backslash in {broken:?}"));
+        }
+        assert_eq!(split_words("run # a comment").unwrap(), ["run"]);
+        assert_eq!(split_words("\t a\n\"b\\$c\"").unwrap(), ["a", "b$c"]);
     }
 }

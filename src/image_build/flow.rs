@@ -255,6 +255,9 @@ impl Flow {
             (State::Start, Answer::Start) => {
                 self.stage("plan");
                 let plan = plan::plan(&self.request.dockerfile).map_err(|e| BuildError::Usage(e.to_string()))?;
+                for warning in plan.warnings {
+                    self.warn(warning);
+                }
                 self.final_lookup = plan.final_lookup.is_some();
                 self.lookups = plan.final_lookup.into_iter().chain(plan.other_lookups).collect();
                 self.base_image = plan.base_image;

@@ -8,6 +8,7 @@ pub mod call;
 pub mod command;
 pub mod complete;
 pub mod diagnose;
+pub mod dockerfile;
 pub mod flow;
 pub mod lookup;
 pub mod plan;

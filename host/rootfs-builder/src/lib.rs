@@ -45,7 +45,9 @@ use std::process::ExitCode;
 
 pub mod archive;
 pub mod cli;
-pub mod dockerfile;
+pub mod context;
+/// The Dockerfile front end is the build client's, so both read a Dockerfile alike.
+pub use snapsign::image_build::dockerfile;
 pub mod download;
 pub mod faults;
 pub mod http;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::dockerfile::{DockerfileError, Instruction, Vars, exec_form, expand, words};
+use crate::dockerfile::{self, DockerfileError, Instruction, Vars, exec_form, expand, invalid, parse_args, words};
 use crate::snapshot::ImageConfig;
 
 /// What the final stage starts from.
@@ -83,34 +83,31 @@ pub struct Plan {
 }
 
 /// Finds the final stage. Only ARG may precede the first FROM; earlier stages
-/// are dropped with a note, and the final one may not build on them.
+/// are dropped with a note, and the final one may not build on them. Global
+/// ARGs reach FROM through the shared front end ([`dockerfile::stages`]), so
+/// the base is the one the build client looked up.
 pub fn final_stage(instructions: &[Instruction]) -> Result<Stage, DockerfileError> {
-    let mut global_args = BTreeMap::new();
-    let mut stages: Vec<(usize, Option<String>)> = Vec::new(); // (index of FROM, name)
-    for (index, ins) in instructions.iter().enumerate() {
-        match (ins.keyword.as_str(), stages.is_empty()) {
-            ("FROM", _) => {
-                let (_, name, _) = parse_from(ins, &global_vars(&global_args))?;
-                stages.push((index, name));
-            }
-            ("ARG", true) => {
-                for (name, value) in parse_args(ins, &global_vars(&global_args))? {
-                    global_args.insert(name, value);
-                }
-            }
-            (keyword, true) => {
-                return Err(invalid(ins, format!("{keyword} before the first FROM (only ARG may come first)")));
-            }
-            _ => {}
-        }
+    dockerfile::check_known(instructions)?;
+    if let Some(ins) = instructions.iter().take_while(|i| i.keyword != "FROM").find(|i| i.keyword != "ARG") {
+        return Err(invalid(ins, format!("{} before the first FROM (only ARG may come first)", ins.keyword)));
     }
-    let Some((from_index, _)) = stages.last().cloned() else {
+    let stages = dockerfile::stages(instructions)?;
+    let Some(last) = stages.froms.last() else {
         return Err(DockerfileError::NoFrom);
     };
-    let from = instructions[from_index].clone();
-    let (reference, name, mut notes) = parse_from(&from, &global_vars(&global_args))?;
-    let earlier: Vec<&str> = stages[..stages.len() - 1].iter().filter_map(|(_, n)| n.as_deref()).collect();
-    if earlier.iter().any(|n| n.eq_ignore_ascii_case(&reference)) {
+    let from = instructions[last.index].clone();
+    if !last.unset.is_empty() {
+        return Err(DockerfileError::UnsetInFrom {
+            line: from.line,
+            names: last.unset.clone(),
+            text: from.text.clone(),
+        });
+    }
+    let reference = last.image.clone();
+    let mut notes: Vec<String> =
+        last.flags.iter().map(|flag| format!("line {}: FROM flag {flag} is ignored", from.line)).collect();
+    let earlier = &stages.froms[..stages.froms.len() - 1];
+    if earlier.iter().filter_map(|f| f.name.as_deref()).any(|n| n.eq_ignore_ascii_case(&reference)) {
         return Err(DockerfileError::Unsupported {
             line: from.line,
             instruction: format!("FROM {reference}"),
@@ -118,65 +115,22 @@ pub fn final_stage(instructions: &[Instruction]) -> Result<Stage, DockerfileErro
             text: from.text.clone(),
         });
     }
-    if stages.len() > 1 {
+    if !earlier.is_empty() {
         notes.push(format!(
             "the Dockerfile has {} stages; only the final stage (line {}) is built, the earlier ones are ignored",
-            stages.len(),
+            stages.froms.len(),
             from.line
         ));
     }
     let base = if reference.eq_ignore_ascii_case("scratch") { Base::Scratch } else { Base::Image(reference) };
-    Ok(Stage { base, name, from, body: instructions[from_index + 1..].to_vec(), global_args, notes })
-}
-
-fn global_vars(global_args: &BTreeMap<String, Option<String>>) -> Vars {
-    Vars {
-        args: global_args.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect(),
-        env: BTreeMap::new(),
-    }
-}
-
-/// `FROM [--platform=…] <image> [AS <name>]` → (image, name, notes).
-fn parse_from(ins: &Instruction, vars: &Vars) -> Result<(String, Option<String>, Vec<String>), DockerfileError> {
-    let mut notes = Vec::new();
-    let mut tokens: Vec<String> = words(&ins.args, vars, true).map_err(|m| invalid(ins, m))?;
-    while tokens.first().is_some_and(|t| t.starts_with("--")) {
-        let flag = tokens.remove(0);
-        notes.push(format!("line {}: FROM flag {flag} is ignored", ins.line));
-    }
-    match tokens.as_slice() {
-        [image] if !image.is_empty() => Ok((image.clone(), None, notes)),
-        [image, as_word, name] if as_word.eq_ignore_ascii_case("as") && !image.is_empty() => {
-            Ok((image.clone(), Some(name.clone()), notes))
-        }
-        _ => Err(invalid(ins, "expected FROM <image> [AS <name>]".into())),
-    }
-}
-
-/// `ARG NAME[=default] ...` → (name, default).
-fn parse_args(ins: &Instruction, vars: &Vars) -> Result<Vec<(String, Option<String>)>, DockerfileError> {
-    let tokens = words(&ins.args, vars, true).map_err(|m| invalid(ins, m))?;
-    if tokens.is_empty() {
-        return Err(invalid(ins, "ARG needs a name".into()));
-    }
-    tokens
-        .into_iter()
-        .map(|t| match t.split_once('=') {
-            Some((name, value)) if valid_name(name) => Ok((name.to_owned(), Some(value.to_owned()))),
-            None if valid_name(&t) => Ok((t, None)),
-            _ => Err(invalid(ins, format!("'{t}' is not NAME or NAME=default"))),
-        })
-        .collect()
-}
-
-fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn invalid(ins: &Instruction, message: String) -> DockerfileError {
-    DockerfileError::Invalid { line: ins.line, instruction: ins.keyword.clone(), message }
+    Ok(Stage {
+        base,
+        name: last.name.clone(),
+        body: instructions[last.index + 1..].to_vec(),
+        from,
+        global_args: stages.global_args,
+        notes,
+    })
 }
 
 fn unsupported(ins: &Instruction, instruction: &str, reason: &str) -> DockerfileError {
@@ -441,7 +395,7 @@ mod tests {
     use crate::dockerfile::parse;
 
     fn plan_text(text: &str) -> Result<Plan, DockerfileError> {
-        let stage = final_stage(&parse(text)?)?;
+        let stage = final_stage(&parse(text))?;
         plan(&stage, ImageConfig::default())
     }
 
@@ -471,23 +425,56 @@ mod tests {
 
     #[test]
     fn only_the_final_stage_is_planned_and_a_note_says_so() {
-        let stage =
-            final_stage(&parse("FROM scratch AS a\nRUN make\nFROM base-template\nCOPY x /x\n").unwrap()).unwrap();
+        let stage = final_stage(&parse("FROM scratch AS a\nRUN make\nFROM base-template\nCOPY x /x\n")).unwrap();
         assert_eq!(stage.base, Base::Image("base-template".into()));
         assert_eq!(stage.body.len(), 1);
         assert!(stage.notes[0].contains("2 stages"), "{:?}", stage.notes);
-        let err = final_stage(&parse("FROM scratch AS build\nFROM build\n").unwrap()).unwrap_err();
+        let err = final_stage(&parse("FROM scratch AS build\nFROM build\n")).unwrap_err();
         assert!(err.to_string().contains("earlier stage 'build'"), "{err}");
     }
 
     #[test]
     fn from_substitutes_global_args_and_refuses_other_instructions_before_it() {
-        let stage = final_stage(&parse("ARG BASE=my-template\nFROM ${BASE} AS final\n").unwrap()).unwrap();
+        let stage = final_stage(&parse("ARG BASE=my-template\nFROM ${BASE} AS final\n")).unwrap();
         assert_eq!(stage.base, Base::Image("my-template".into()));
         assert_eq!(stage.name.as_deref(), Some("final"));
-        let err = final_stage(&parse("ENV A=1\nFROM scratch\n").unwrap()).unwrap_err();
+        let err = final_stage(&parse("ENV A=1\nFROM scratch\n")).unwrap_err();
         assert!(err.to_string().contains("line 1: ENV: ENV before the first FROM"), "{err}");
-        assert_eq!(final_stage(&parse("# empty\n").unwrap()).unwrap_err(), DockerfileError::NoFrom);
+        assert_eq!(final_stage(&parse("# empty\n")).unwrap_err(), DockerfileError::NoFrom);
+    }
+
+    #[test]
+    fn a_from_arg_without_a_value_is_refused_naming_it() {
+        let err = final_stage(&parse("ARG BASE\nFROM $BASE\nCOPY a /a\n")).unwrap_err();
+        assert_eq!(
+            err,
+            DockerfileError::UnsetInFrom { line: 2, names: vec!["BASE".into()], text: "FROM $BASE".into() }
+        );
+        assert!(err.to_string().starts_with("Dockerfile line 2: FROM $BASE: ARG BASE has no value"), "{err}");
+        assert!(err.to_string().ends_with("give it a default, e.g. ARG BASE=<template>"), "{err}");
+        // Not even half set: the client did not look `${ORG}/base` up, so it is not built on either.
+        let err = final_stage(&parse("FROM ${ORG}/base\n")).unwrap_err();
+        assert!(matches!(err, DockerfileError::UnsetInFrom { ref names, .. } if names == &["ORG"]), "{err}");
+        // An ARG declared inside a stage never reaches a later FROM.
+        let err = final_stage(&parse("FROM scratch AS a\nARG B=x\nFROM $B\n")).unwrap_err();
+        assert!(matches!(err, DockerfileError::UnsetInFrom { line: 3, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_and_crlf_build_like_plain_text() {
+        let plain = plan_text("ARG V=1\nFROM scratch\nARG V\nCOPY a \\\n  b /c/\nLABEL v=$V\n").unwrap();
+        let dos =
+            plan_text("\u{feff}ARG V=1\r\nFROM scratch\r\nARG V\r\nCOPY a \\\r\n  b /c/\r\nLABEL v=$V\r\n").unwrap();
+        assert_eq!(dos, plain);
+        assert_eq!(dos.config.labels["v"], "1");
+        let stage = final_stage(&parse("\u{feff}ARG BASE=t\r\nFROM $BASE\r\n")).unwrap();
+        assert_eq!(stage.base, Base::Image("t".into()));
+    }
+
+    #[test]
+    fn unknown_instructions_are_refused_in_any_stage() {
+        let err = final_stage(&parse("FROM scratch AS a\nFETCH x\nFROM scratch\n")).unwrap_err();
+        assert_eq!(err, DockerfileError::UnknownInstruction { line: 2, instruction: "FETCH".into() });
     }
 
     #[test]
@@ -502,7 +489,7 @@ mod tests {
 
     #[test]
     fn entrypoint_drops_the_inherited_cmd() {
-        let stage = final_stage(&parse("FROM parent\nENTRYPOINT [\"/new\"]\n").unwrap()).unwrap();
+        let stage = final_stage(&parse("FROM parent\nENTRYPOINT [\"/new\"]\n")).unwrap();
         let base = ImageConfig { cmd: Some(vec!["/old".into()]), ..Default::default() };
         assert_eq!(plan(&stage, base).unwrap().config.cmd, None);
     }

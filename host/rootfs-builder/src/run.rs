@@ -11,13 +11,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::archive::{ParentIndex, read_archive, write_archive};
 use crate::cli::BuildArgs;
+use crate::context::Context;
 use crate::download::{check_sha256, download_parent};
 use crate::faults::Faults;
 use crate::metadata::{Metadata, metadata_json};
 use crate::plan::{Action, Base, final_stage, plan};
 use crate::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
 use crate::spec::Spec;
-use crate::tree::{Context, Tree};
+use crate::tree::Tree;
 use crate::{dockerfile, http, human_bytes, upload};
 
 /// How a build that did not fail ended.
@@ -107,7 +108,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         http::check_plain_http("spec.parent.download.url", url).map_err(|m| anyhow!(m))?;
     }
 
-    let instructions = dockerfile::parse(&spec.dockerfile).context("spec.dockerfile")?;
+    let instructions = dockerfile::parse(&spec.dockerfile);
     let stage = final_stage(&instructions).context("spec.dockerfile")?;
     if let (Some(base_image), Base::Image(reference)) = (&spec.base_image, &stage.base)
         && base_image != reference

@@ -454,6 +454,69 @@ fn a_diff_build_without_parent_download_says_what_is_missing() {
 }
 
 #[test]
+fn a_from_arg_default_builds_on_the_parent_it_names() {
+    let parent = parent_archive();
+    let fake = parent_store(parent.clone());
+    let build = Build::new();
+    fs::write(build.path("context/app/new.txt"), "brand new\n").unwrap();
+    let mut spec = diff_spec(&fake, &sha256_hex(&parent));
+    // What the client sends for this Dockerfile: the substituted name it looked up.
+    spec["baseImage"] = json!("base-template");
+    build.spec("ARG BASE=base-template\nFROM $BASE\nCOPY app/new.txt /srv/app/new.txt\n", spec);
+    let output = build.run(None);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&output.stderr));
+    assert!(stdout.contains("Parent snapshot s3://bucket/parent.tlsnap (FROM base-template)"), "{stdout}");
+    assert!(!stdout.contains("spec.baseImage is"), "no mismatch note: {stdout}");
+    let upload = fake.requests().into_iter().find(|r| r.method == "PUT").unwrap();
+    let (manifest, paths, _dir) = open_archive(&upload.body);
+    assert_eq!((manifest.node_kind.as_str(), paths.as_slice()), ("diff", &["srv/app/new.txt".to_owned()][..]));
+}
+
+#[test]
+fn a_from_arg_without_a_value_fails_before_any_request_naming_it() {
+    let build = Build::new();
+    let fake = FakeHttp::start(|_| Reply::status(200));
+    build.spec(
+        "ARG BASE\nFROM $BASE\nCOPY run.sh /run.sh\n",
+        json!({"upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}}}),
+    );
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.starts_with("error: spec.dockerfile: Dockerfile line 2: FROM $BASE: ARG BASE has no value")
+            && stderr.trim_end().ends_with("give it a default, e.g. ARG BASE=<template>"),
+        "{stderr}"
+    );
+    assert!(fake.requests().is_empty());
+    build.assert_clean();
+}
+
+#[test]
+fn a_dockerfile_with_a_byte_order_mark_and_crlf_builds_the_same_archive() {
+    let archive = |dockerfile: &str| {
+        let build = Build::new();
+        let fake = FakeHttp::start(|_| Reply::status(200));
+        build.spec(
+            dockerfile,
+            json!({"upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}}}),
+        );
+        let output = build.run(None);
+        assert_eq!(output.status.code(), Some(0), "{dockerfile:?}: {}", text(&output.stderr));
+        fake.requests().into_iter().find(|r| r.method == "PUT").unwrap().body
+    };
+    let dos = format!("\u{feff}# built on Windows\n{}", DOCKERFILE.replace("COPY app ", "COPY \\\n  app "))
+        .replace('\n', "\r\n");
+    assert!(dos.starts_with('\u{feff}') && dos.contains("\\\r\n"), "{dos:?}");
+    let plain = archive(DOCKERFILE);
+    assert_eq!(archive(&dos), plain, "same tree, config and bytes");
+    let (manifest, paths, _dir) = open_archive(&plain);
+    assert_eq!(manifest.config.cmd, Some(vec!["/usr/local/bin/run".to_owned()]));
+    assert!(paths.contains(&"srv/app/hello.txt".to_owned()), "{paths:?}");
+}
+
+#[test]
 fn run_fails_before_any_request_naming_the_line() {
     let build = Build::new();
     let fake = FakeHttp::start(|_| Reply::status(200));

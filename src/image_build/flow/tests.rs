@@ -644,3 +644,22 @@ fn an_answer_that_does_not_fit_the_step_fails_and_still_deletes_the_sandbox() {
     assert!(message.contains("does not fit step Status") && message.ends_with(DECORATION), "{message}");
     assert!(matches!(flow.step(Answer::Start, at).next, Next::Finished(Err(_))));
 }
+
+#[test]
+fn a_from_arg_with_a_default_is_looked_up_and_one_without_is_a_warning() {
+    let mut world = World::new();
+    world.lookups.push_back(Ok((404, r#"{"code":"not_found"}"#.into())));
+    let run = drive(request("\u{feff}ARG BASE=other/base\r\nFROM $BASE\r\nCOPY b /b\r\n"), &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    assert_eq!(run.calls[0], "GET http://api/platform/v1/sandbox-templates/by-name/other%2Fbase");
+    assert_eq!(world.prepare_body.unwrap()["baseImage"], "other/base");
+    let mut world = World::new();
+    let run = drive(request("ARG BASE\nFROM $BASE\nCOPY b /b\n"), &mut world);
+    assert_eq!(run.calls[0], PREPARE, "no lookup");
+    assert_eq!(
+        run.warnings(),
+        ["Dockerfile line 2: FROM $BASE is not looked up as a template: ARG BASE has no value \
+          (no default before the first FROM and no build argument)"]
+    );
+    assert_eq!(world.prepare_body.unwrap()["baseImage"], "$BASE");
+}

@@ -1,0 +1,273 @@
+//! COPY and ADD from the build context into the tree, with Docker's
+//! destination rules, `--chmod` and `--chown`.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use super::{Owner, Tree};
+use crate::context::Context;
+use crate::plan::CopyOp;
+
+/// What one COPY did, for the build log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CopyStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub notes: Vec<String>,
+}
+
+/// ADD would unpack these in Docker; the reference builder refuses rather than copy them differently.
+fn looks_like_archive(name: &str) -> bool {
+    [".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+impl Tree {
+    /// Carries out a COPY/ADD from the context.
+    pub fn copy(&mut self, context: &Context, op: &CopyOp) -> Result<CopyStats> {
+        let mut stats = CopyStats::default();
+        let mut sources = Vec::new();
+        for source in &op.sources {
+            sources.extend(context.resolve(source)?);
+        }
+        let dest_exists_as_dir = fs::metadata(self.host(&self.resolve(&op.dest, true)?)).is_ok_and(|m| m.is_dir());
+        let dest_is_dir = op.dest_is_dir || sources.len() > 1 || dest_exists_as_dir;
+        let owner = match &op.chown {
+            Some(chown) => self.lookup_owner(chown, &mut stats.notes),
+            None => Owner::default(),
+        };
+        for source in &sources {
+            let meta = fs::metadata(&source.path).with_context(|| format!("stat source {}", source.display))?;
+            if meta.is_dir() {
+                let existed = fs::symlink_metadata(self.host(&self.resolve(&op.dest, true)?)).is_ok();
+                let rel = self.make_dirs(&op.dest)?;
+                if !existed {
+                    self.apply_meta(&rel, None, op.chmod, owner)?;
+                }
+                self.copy_dir(&source.path, &op.dest, op, owner, &mut stats)?;
+            } else if meta.is_file() {
+                if op.instruction == "ADD" && looks_like_archive(&source.name) {
+                    bail!(
+                        "ADD {}: unpacking local archives is not supported by the reference builder; \
+                         use COPY to copy the file as it is",
+                        source.display
+                    );
+                }
+                let target = if dest_is_dir {
+                    format!("{}/{}", op.dest.trim_end_matches('/'), source.name)
+                } else {
+                    op.dest.clone()
+                };
+                self.copy_file(&source.path, &target, op, owner, &mut stats)?;
+            } else {
+                bail!("source {} is not a regular file or a directory", source.display);
+            }
+        }
+        Ok(stats)
+    }
+
+    fn copy_dir(&mut self, src: &Path, dest: &str, op: &CopyOp, owner: Owner, stats: &mut CopyStats) -> Result<()> {
+        let mut children: Vec<_> = fs::read_dir(src)
+            .with_context(|| format!("list {}", src.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("list {}", src.display()))?;
+        children.sort_by_key(|e| e.file_name());
+        for child in children {
+            let name = child.file_name().into_string().map_err(|n| anyhow!("file name {n:?} is not UTF-8"))?;
+            let path = child.path();
+            let image_path = format!("{}/{name}", dest.trim_end_matches('/'));
+            let kind = child.file_type().with_context(|| format!("stat {}", path.display()))?;
+            if kind.is_dir() {
+                let rel = self.make_dirs(&image_path)?;
+                // Children first, so a read-only source directory is still writable while filled.
+                self.copy_dir(&path, &image_path, op, owner, stats)?;
+                let mode = fs::metadata(&path)?.permissions().mode();
+                self.apply_meta(&rel, Some(mode), op.chmod, owner)?;
+                stats.dirs += 1;
+            } else if kind.is_file() {
+                self.copy_file(&path, &image_path, op, owner, stats)?;
+            } else if kind.is_symlink() {
+                // Copied as a link and never followed, so it cannot reach outside the context.
+                let target = fs::read_link(&path).with_context(|| format!("read link {}", path.display()))?;
+                let rel = self.replaceable(&image_path)?;
+                symlink(&target, self.host(&rel)).with_context(|| format!("create symlink /{rel}"))?;
+                self.set_owner(&rel, owner);
+                stats.symlinks += 1;
+            } else {
+                stats.notes.push(format!("skipped {}: not a file, directory or symlink", path.display()));
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_file(
+        &mut self,
+        src: &Path,
+        image_path: &str,
+        op: &CopyOp,
+        owner: Owner,
+        stats: &mut CopyStats,
+    ) -> Result<()> {
+        let rel = self.replaceable(image_path)?;
+        let host = self.host(&rel);
+        let bytes = fs::copy(src, &host).with_context(|| format!("copy {} to /{rel}", src.display()))?;
+        let mode = fs::metadata(src)?.permissions().mode();
+        self.apply_meta(&rel, Some(mode), op.chmod, owner)?;
+        stats.files += 1;
+        stats.bytes += bytes;
+        Ok(())
+    }
+
+    /// Makes the parents of `image_path` and clears a file or link already there.
+    fn replaceable(&mut self, image_path: &str) -> Result<String> {
+        let (parent, name) = image_path.trim_end_matches('/').rsplit_once('/').unwrap_or(("", image_path));
+        if name.is_empty() {
+            bail!("cannot write a file at the image root");
+        }
+        let parent_rel = self.make_dirs(parent)?;
+        let rel = if parent_rel.is_empty() { name.to_owned() } else { format!("{parent_rel}/{name}") };
+        let host = self.host(&rel);
+        match fs::symlink_metadata(&host) {
+            Ok(meta) if meta.is_dir() => bail!("cannot replace the directory /{rel} with a file"),
+            Ok(_) => fs::remove_file(&host).with_context(|| format!("replace /{rel}"))?,
+            Err(_) => {}
+        }
+        Ok(rel)
+    }
+
+    fn apply_meta(&mut self, rel: &str, source_mode: Option<u32>, chmod: Option<u32>, owner: Owner) -> Result<()> {
+        if let Some(mode) = chmod.or(source_mode) {
+            fs::set_permissions(self.host(rel), fs::Permissions::from_mode(mode & 0o7777))
+                .with_context(|| format!("chmod /{rel}"))?;
+        }
+        self.set_owner(rel, owner);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::tests::write;
+    use crate::plan::Chown;
+
+    fn op(sources: &[&str], dest: &str, dest_is_dir: bool) -> CopyOp {
+        CopyOp {
+            instruction: "COPY",
+            line: 2,
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+            dest: dest.into(),
+            dest_is_dir,
+            chmod: None,
+            chown: None,
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Context, Tree) {
+        let (dir, context) = crate::context::tests::setup();
+        let tree = Tree::create(dir.path().join("tree")).unwrap();
+        (dir, context, tree)
+    }
+
+    fn read(tree: &Tree, image_path: &str) -> String {
+        fs::read_to_string(tree.host(image_path.trim_start_matches('/'))).unwrap()
+    }
+
+    #[test]
+    fn copy_follows_docker_destination_rules() {
+        let (_dir, context, mut tree) = setup();
+        // Directory source: its contents land in dest.
+        tree.copy(&context, &op(&["app"], "/srv", false)).unwrap();
+        assert_eq!(read(&tree, "/srv/main.py"), "print(1)\n");
+        assert_eq!(read(&tree, "/srv/lib/util.py"), "x = 1\n");
+        // File to a path not ending in / : that path is the file.
+        tree.copy(&context, &op(&["README.md"], "/docs/readme", false)).unwrap();
+        assert_eq!(read(&tree, "/docs/readme"), "readme\n");
+        // File into an existing directory or a dir destination keeps its name.
+        tree.copy(&context, &op(&["a.txt"], "/srv", false)).unwrap();
+        assert_eq!(read(&tree, "/srv/a.txt"), "a\n");
+        tree.copy(&context, &op(&["a.txt"], "/new", true)).unwrap();
+        assert_eq!(read(&tree, "/new/a.txt"), "a\n");
+        // Several sources mean a directory.
+        let stats = tree.copy(&context, &op(&["*.txt"], "/many", false)).unwrap();
+        assert_eq!((stats.files, stats.bytes), (2, 5));
+        assert_eq!(read(&tree, "/many/b.txt"), "bb\n");
+        // Overwriting a file replaces it.
+        tree.copy(&context, &op(&["b.txt"], "/docs/readme", false)).unwrap();
+        assert_eq!(read(&tree, "/docs/readme"), "bb\n");
+        let stats = tree.copy(&context, &op(&["a.txt"], "/srv/lib", false)).unwrap();
+        assert_eq!(stats.files, 1, "an existing directory destination receives the file");
+        assert_eq!(read(&tree, "/srv/lib/a.txt"), "a\n");
+    }
+
+    #[test]
+    fn chmod_applies_and_chown_is_recorded() {
+        let (_dir, context, mut tree) = setup();
+        write(&tree.host("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n");
+        let mut copy = op(&["app"], "/srv", false);
+        copy.chmod = Some(0o700);
+        copy.chown = Some(Chown { user: "app".into(), group: None });
+        tree.copy(&context, &copy).unwrap();
+        let mode = fs::metadata(tree.host("srv/main.py")).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(tree.owner("srv/main.py"), Owner { uid: 1000, gid: 1001 });
+        assert_eq!(tree.owner("srv/lib"), Owner { uid: 1000, gid: 1001 });
+        let mut copy = op(&["a.txt"], "/x", false);
+        copy.chown = Some(Chown { user: "7".into(), group: None });
+        tree.copy(&context, &copy).unwrap();
+        assert_eq!(tree.owner("x"), Owner { uid: 7, gid: 7 });
+        let mut copy = op(&["a.txt"], "/y", false);
+        copy.chown = Some(Chown { user: "nobody-here".into(), group: None });
+        let stats = tree.copy(&context, &copy).unwrap();
+        assert_eq!(tree.owner("y"), Owner::default());
+        assert!(stats.notes[0].contains("user not found"), "{:?}", stats.notes);
+    }
+
+    #[test]
+    fn tree_symlinks_resolve_inside_the_tree() {
+        let (_dir, context, mut tree) = setup();
+        tree.make_dirs("/usr/bin").unwrap();
+        symlink("/usr/bin", tree.host("bin")).unwrap();
+        symlink("../../../../..", tree.host("usr/up")).unwrap();
+        tree.copy(&context, &op(&["a.txt"], "/bin/", true)).unwrap();
+        assert_eq!(read(&tree, "/usr/bin/a.txt"), "a\n");
+        assert_eq!(tree.resolve("/usr/up/etc", true).unwrap(), "etc");
+        tree.copy(&context, &op(&["a.txt"], "/usr/up/escaped", false)).unwrap();
+        assert!(tree.host("escaped").is_file(), "writes through a climbing symlink stay in the tree");
+    }
+
+    #[test]
+    fn nested_symlinks_are_copied_as_links() {
+        let (_dir, context, mut tree) = setup();
+        symlink("/etc/shadow", context.root().join("app/shadow")).unwrap();
+        let stats = tree.copy(&context, &op(&["app"], "/srv", false)).unwrap();
+        assert_eq!(stats.symlinks, 1);
+        assert_eq!(fs::read_link(tree.host("srv/shadow")).unwrap(), Path::new("/etc/shadow"));
+    }
+
+    #[test]
+    fn add_refuses_local_archives() {
+        let (_dir, context, mut tree) = setup();
+        write(&context.root().join("x.tar.gz"), "not really");
+        let mut add = op(&["x.tar.gz"], "/x", false);
+        add.instruction = "ADD";
+        let err = tree.copy(&context, &add).unwrap_err().to_string();
+        assert!(err.contains("unpacking local archives is not supported"), "{err}");
+        let copy = op(&["x.tar.gz"], "/x", false);
+        tree.copy(&context, &copy).unwrap();
+    }
+
+    #[test]
+    fn entries_are_sorted_depth_first() {
+        let (_dir, context, mut tree) = setup();
+        tree.copy(&context, &op(&["."], "/", false)).unwrap();
+        let rels: Vec<String> = tree.entries().unwrap().into_iter().map(|e| e.rel).collect();
+        assert_eq!(rels, ["README.md", "a.txt", "app", "app/lib", "app/lib/util.py", "app/main.py", "b.txt"]);
+    }
+}
