@@ -6,21 +6,41 @@
 
 use std::sync::Mutex;
 
-use wstd::http::body::Body;
-use wstd::http::{Error, Request, Response};
+use wasip2::exports::http::incoming_handler::Guest;
+use wasip2::http::types::{IncomingRequest, ResponseOutparam};
+
+#[path = "shell/incoming.rs"]
+mod incoming;
 
 /// What the previous request on this instance carried.
 static LAST: Mutex<String> = Mutex::new(String::new());
 
-#[wstd::http_server]
-async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
-    let (parts, mut body) = request.into_parts();
-    let caller = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let text = body.str_contents().await?.to_owned();
-    if text == "trap" {
-        // A request that kills the instance: the host must not reuse it.
-        std::process::abort();
+struct Probe;
+
+wasip2::http::proxy::export!(Probe);
+
+impl Guest for Probe {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let request = incoming::Request::new(request);
+        if (request.method.as_str(), request.path.as_str()) != ("POST", "/probe") {
+            return incoming::respond(out, 404, &[], b"POST /probe only");
+        }
+        let caller = request.header("authorization").unwrap_or_default();
+        let text = match request.body(64 * 1024) {
+            Ok(incoming::Body::Read(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            Ok(incoming::Body::TooLarge) => return incoming::fail(out, "body too large".into()),
+            Err(e) => return incoming::fail(out, e),
+        };
+        if text == "trap" {
+            // A request that kills the instance: the host must not reuse it.
+            std::process::abort();
+        }
+        let previous = std::mem::replace(&mut *LAST.lock().unwrap(), format!("{caller}|{text}"));
+        incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes());
     }
-    let previous = std::mem::replace(&mut *LAST.lock().unwrap(), format!("{caller}|{text}"));
-    Ok(Response::builder().header("content-type", "text/plain").body(Body::from(previous))?)
+}
+
+/// Never called: hosts call `handle`. A binary crate needs a `main`.
+fn main() {
+    unreachable!("this component serves wasi:http; hosts call its incoming handler, not main")
 }

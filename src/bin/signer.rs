@@ -7,54 +7,71 @@
 //! an error's detail is written to stderr, the host's log, under that id.
 
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use snapsign::signer::{self, Answer, Incoming, MAX_BODY_BYTES, SignError, SignerConfig, Step};
-use wstd::http::body::Body;
-use wstd::http::body::util::BodyExt as _;
-use wstd::http::{Error, Request, Response, StatusCode};
-use wstd::time::Instant;
+use wasip2::exports::http::incoming_handler::Guest;
+use wasip2::http::types::{IncomingRequest, ResponseOutparam};
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
+#[path = "shell/incoming.rs"]
+mod incoming;
 #[path = "shell/wasi_http.rs"]
 mod wasi_http;
 
-#[wstd::http_server]
-async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
-    let (parts, body) = request.into_parts();
-    let request_id = request_id(parts.headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()));
-    let path = parts.uri.path().to_owned();
-    if let Err(e) = signer::handle::route(parts.method.as_str(), &path) {
-        return respond(e.answer(&request_id), &request_id, None);
-    }
-    let declared = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
-        return respond(SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.answer(&request_id), &request_id, None);
-    }
-    let Some(bytes) = read_bounded(body).await? else {
-        return respond(SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.answer(&request_id), &request_id, None);
-    };
-    let config = match config() {
-        Ok(config) => config,
-        Err(e) => return respond(SignError::Misconfigured(e.clone()).answer(&request_id), &request_id, None),
-    };
-    let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
-    let incoming =
-        Incoming { method: parts.method.as_str(), path: &path, authorization, body: &bytes, request_id: &request_id };
-    match signer::handle(config, &incoming, jiff::Timestamp::now()) {
-        Step::Respond(answer) => respond(answer, &request_id, None),
-        Step::CreateMultipartUpload(pending) => {
-            match wasi_http::send("POST", &pending.store_url, &[], &[]) {
-                Ok((status, body)) => {
-                    let text = String::from_utf8_lossy(&body);
-                    // Server-Timing reports the signing itself, for `snapsign bench`.
-                    let started = Instant::now();
-                    let answer = pending.finish(status, &text);
-                    respond(answer, &request_id, Some(started.elapsed().as_micros()))
-                }
-                Err(e) => respond(pending.unreachable(&e), &request_id, None),
+struct Signer;
+
+wasip2::http::proxy::export!(Signer);
+
+impl Guest for Signer {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let request = incoming::Request::new(request);
+        let request_id = request_id(request.header(REQUEST_ID_HEADER).as_deref());
+        match serve(request, &request_id) {
+            Ok((answer, sign_micros)) => respond(out, answer, &request_id, sign_micros),
+            Err(detail) => {
+                eprintln!("request {request_id}: {detail}");
+                incoming::fail(out, detail);
             }
         }
     }
+}
+
+/// The core's answer to `request`, and how long signing took when it called the store.
+fn serve(request: incoming::Request, request_id: &str) -> Result<(Answer, Option<u128>), String> {
+    let (method, path) = (request.method.clone(), request.path.clone());
+    if let Err(e) = signer::handle::route(&method, &path) {
+        return Ok((e.answer(request_id), None));
+    }
+    let too_large = || Ok((SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.answer(request_id), None));
+    let declared = request.header("content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let authorization = request.header("authorization");
+    let bytes = match request.body(MAX_BODY_BYTES)? {
+        incoming::Body::Read(bytes) => bytes,
+        incoming::Body::TooLarge => return too_large(),
+    };
+    let config = match config() {
+        Ok(config) => config,
+        Err(e) => return Ok((SignError::Misconfigured(e.clone()).answer(request_id), None)),
+    };
+    let incoming =
+        Incoming { method: &method, path: &path, authorization: authorization.as_deref(), body: &bytes, request_id };
+    Ok(match signer::handle(config, &incoming, jiff::Timestamp::now()) {
+        Step::Respond(answer) => (answer, None),
+        Step::CreateMultipartUpload(pending) => match wasi_http::send("POST", &pending.store_url, &[], &[]) {
+            Ok((status, body)) => {
+                let text = String::from_utf8_lossy(&body);
+                // Server-Timing reports the signing itself, for `snapsign bench`.
+                let started = Instant::now();
+                let answer = pending.finish(status, &text);
+                (answer, Some(started.elapsed().as_micros()))
+            }
+            Err(e) => (pending.unreachable(&e), None),
+        },
+    })
 }
 
 /// The configuration, read from the environment once per instance: hosts
@@ -79,33 +96,21 @@ fn request_id(given: Option<&str>) -> String {
     }
 }
 
-/// Reads at most `MAX_BODY_BYTES + 1` bytes; `None` when the body is longer.
-async fn read_bounded(body: Body) -> Result<Option<Vec<u8>>, Error> {
-    let mut body = body.into_boxed_body();
-    let mut bytes = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            if bytes.len() + data.len() > MAX_BODY_BYTES {
-                return Ok(None);
-            }
-            bytes.extend_from_slice(&data);
-        }
-    }
-    Ok(Some(bytes))
-}
-
-fn respond(answer: Answer, request_id: &str, sign_micros: Option<u128>) -> Result<Response<Body>, Error> {
+fn respond(out: ResponseOutparam, answer: Answer, request_id: &str, sign_micros: Option<u128>) {
     if let Some(line) = &answer.log {
         // One line each, bounded: the host keeps a guest's stderr per request.
         let line: String = line.chars().filter(|c| !c.is_control()).take(2000).collect();
         eprintln!("request {request_id}: {line}");
     }
-    let mut response = Response::builder()
-        .status(StatusCode::from_u16(answer.status)?)
-        .header("content-type", "application/json")
-        .header(REQUEST_ID_HEADER, request_id);
-    if let Some(us) = sign_micros {
-        response = response.header("server-timing", format!("sign;dur={:.3}", us as f64 / 1000.0));
+    let timing = sign_micros.map(|us| format!("sign;dur={:.3}", us as f64 / 1000.0));
+    let mut headers = vec![("content-type", "application/json"), (REQUEST_ID_HEADER, request_id)];
+    if let Some(timing) = &timing {
+        headers.push(("server-timing", timing));
     }
-    Ok(response.body(Body::from(answer.body))?)
+    incoming::respond(out, answer.status, &headers, answer.body.as_bytes());
+}
+
+/// Never called: hosts call `handle`. A binary crate needs a `main`.
+fn main() {
+    unreachable!("this component serves wasi:http; hosts call its incoming handler, not main")
 }
