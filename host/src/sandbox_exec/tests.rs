@@ -188,7 +188,7 @@ async fn enforces_its_limits() {
     let resources = types::Resources { cpus: 1.0, memory_mb: 1, disk_mb: 1 };
     let second = Host::create(&mut guest.view(), "img".into(), resources, 1).await;
     assert!(matches!(second, Err(WitError::Failed(m)) if m.contains("1 live sandboxes") && m.contains(&id)));
-    assert_eq!(guest.fake.live(), [id.clone()], "the refused create never reached the backend");
+    assert_eq!(guest.fake.live(), std::slice::from_ref(&id), "the refused create never reached the backend");
 
     let big = Host::write_file(&mut guest.view(), id.clone(), "/big".into(), vec![0; 9]).await;
     assert!(matches!(big, Err(WitError::Failed(m)) if m.contains("9 bytes") && m.contains("8-byte limit")));
@@ -226,10 +226,10 @@ async fn deleting_frees_the_sandbox_and_its_slot() {
     let id = guest.create().await;
     guest.fake.fail_next("delete", SandboxError::Transient("503".into()));
     assert!(matches!(Host::delete(&mut guest.view(), id.clone()).await, Err(WitError::Transient(_))));
-    assert_eq!(guest.ctx.live_sandboxes(), [id.clone()], "a failed delete may be retried");
+    assert_eq!(guest.ctx.live_sandboxes(), std::slice::from_ref(&id), "a failed delete may be retried");
     Host::delete(&mut guest.view(), id.clone()).await.unwrap();
     assert!(guest.ctx.live_sandboxes().is_empty() && guest.fake.live().is_empty());
-    assert_eq!(guest.fake.deleted(), [id.clone()]);
+    assert_eq!(guest.fake.deleted(), std::slice::from_ref(&id));
     assert!(Host::status(&mut guest.view(), id).await.is_err(), "a deleted sandbox is no longer reachable");
     guest.create().await; // the slot is free again
 }
