@@ -429,3 +429,24 @@ async fn the_proxy_backend_pings_health_while_a_silent_process_runs() {
     backend.delete(&id).await.unwrap();
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_backend_reads_a_file_only_up_to_the_limit_it_is_given() {
+    use snapsign_host::sandbox_exec::proxy::ProxyBackend;
+    use snapsign_host::sandbox_exec::{Resources, SandboxBackend, SandboxError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |c| c.pending = Duration::ZERO).await;
+    let backend = ProxyBackend::new(&stack.api_url(), &stack.token, &stack.namespace);
+    let id = backend.create("img", Resources { cpus: 1.0, memory_mb: 64, disk_mb: 64 }, 60).await.unwrap().id;
+    assert_eq!(backend.status(&id).await.unwrap(), "running");
+    backend.write_file(&id, "/tmp/hundred", vec![b'x'; 100]).await.unwrap();
+    assert_eq!(backend.read_file(&id, "/tmp/hundred", 100).await.unwrap(), vec![b'x'; 100]);
+    let refused = backend.read_file(&id, "/tmp/hundred", 99).await;
+    assert!(
+        matches!(&refused, Err(SandboxError::Failed(m)) if m.contains("/tmp/hundred") && m.contains("99-byte read limit")),
+        "{refused:?}"
+    );
+    backend.delete(&id).await.unwrap();
+    stack.shutdown().await;
+}

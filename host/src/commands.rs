@@ -38,16 +38,23 @@ fn default_data_dir() -> PathBuf {
     base.join("snapsign").join("dev")
 }
 
-async fn wait_for_stop() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Ctrl-C or SIGTERM, with the handlers installed now: a server calls this
+/// before it prints its address, so a signal sent once the address is read
+/// cannot arrive before the handler (and kill the process uncleanly).
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! { _ = term.recv() => {}, _ = interrupt.recv() => {} }
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// `snapsign build`: exit 0 registered, 1 build failed, 2 usage error, 3 credentials refused.
@@ -152,9 +159,10 @@ async fn serve_signer(args: ServeSignerArgs) -> Result<()> {
         request_timeout: Duration::from_secs(timeout_secs),
         cache_dir: cache_dir.unwrap_or_else(engine::default_cache_dir),
     };
+    let stop = stop_signal()?;
     let (server, _host) = signer::start_with(&config, serve.limits()).await?;
     println!("signer listening on {}", server.url());
-    wait_for_stop().await;
+    stop.await;
     tracing::info!("stopping the signer");
     server.shutdown().await;
     Ok(())
@@ -193,6 +201,7 @@ async fn dev(args: DevArgs) -> Result<()> {
     if let Some(json) = faults {
         config.faults = serde_json::from_str::<Faults>(&json).context("parse --faults")?;
     }
+    let stop = stop_signal()?;
     let stack = DevStack::start(&config).await?;
     println!("snapsign dev stack (data in {})", config.data_dir.display());
     println!("  platform api  {}   (lifecycle and sandbox proxy on the same address)", stack.api_url());
@@ -212,7 +221,7 @@ async fn dev(args: DevArgs) -> Result<()> {
         println!("  recovered     {build} was left prepared by a stack that died: marked failed, its upload aborted");
     }
     println!("Ctrl-C stops the stack and deletes its sandboxes.");
-    wait_for_stop().await;
+    stop.await;
     stack.shutdown().await;
     Ok(())
 }
@@ -266,9 +275,10 @@ async fn serve_store(args: StoreArgs) -> Result<()> {
         faults: Default::default(),
         abort_incomplete_after: Duration::from_secs(abort_incomplete_uploads_after_secs),
     };
+    let stop = stop_signal()?;
     let server = store::start(&config).await?;
     println!("store listening on {}", server.url());
-    wait_for_stop().await;
+    stop.await;
     server.shutdown().await;
     Ok(())
 }
