@@ -347,8 +347,8 @@ async fn usage_and_auth_errors_are_told_apart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_local_backend_builds_in_sandboxes_of_its_own() {
-    use snapsign_host::image_build::local_backend::LocalBackend;
     use snapsign_host::outbound::AllowList;
+    use snapsign_host::sandbox_exec::local::LocalBackend;
     use snapsign_sandbox::{Confinement, Sandboxes, SandboxesConfig};
 
     let dir = tempfile::tempdir().unwrap();
@@ -448,16 +448,14 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_proxy_backend_pings_health_while_a_silent_process_runs() {
-    use snapsign_host::image_build::backend::SandboxBackend;
-    use snapsign_host::image_build::backend::{ProcessSpec, Resources};
-    use snapsign_host::image_build::proxy_backend::ProxyBackend;
+    use snapsign_host::sandbox_exec::proxy::ProxyBackend;
+    use snapsign_host::sandbox_exec::{ProcessSpec, Resources, SandboxBackend};
 
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_with(dir.path(), |c| c.pending = Duration::ZERO).await;
-    let outbound = snapsign_host::outbound::AllowList::new([stack.api_url()]);
-    let backend = ProxyBackend::new(&stack.api_url(), &stack.token, &stack.namespace, outbound)
-        .with_keepalive(Duration::from_millis(100));
-    let (id, _) = backend.create("img", Resources { cpus: 1.0, memory_mb: 64, disk_mb: 64 }, 60).await.unwrap();
+    let backend =
+        ProxyBackend::new(&stack.api_url(), &stack.token, &stack.namespace).with_keepalive(Duration::from_millis(100));
+    let id = backend.create("img", Resources { cpus: 1.0, memory_mb: 64, disk_mb: 64 }, 60).await.unwrap().id;
     assert_eq!(backend.status(&id).await.unwrap(), "running");
     let spec = ProcessSpec {
         command: "/bin/sh".into(),
@@ -474,6 +472,27 @@ async fn the_proxy_backend_pings_health_while_a_silent_process_runs() {
     assert!(pings >= 5, "expected keepalive pings during a 1 s silent run, saw {pings}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stack.platform.health_checks() - before, pings, "pings stop when the run ends");
+    backend.delete(&id).await.unwrap();
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_backend_reads_a_file_only_up_to_the_limit_it_is_given() {
+    use snapsign_host::sandbox_exec::proxy::ProxyBackend;
+    use snapsign_host::sandbox_exec::{Resources, SandboxBackend, SandboxError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |c| c.pending = Duration::ZERO).await;
+    let backend = ProxyBackend::new(&stack.api_url(), &stack.token, &stack.namespace);
+    let id = backend.create("img", Resources { cpus: 1.0, memory_mb: 64, disk_mb: 64 }, 60).await.unwrap().id;
+    assert_eq!(backend.status(&id).await.unwrap(), "running");
+    backend.write_file(&id, "/tmp/hundred", vec![b'x'; 100]).await.unwrap();
+    assert_eq!(backend.read_file(&id, "/tmp/hundred", 100).await.unwrap(), vec![b'x'; 100]);
+    let refused = backend.read_file(&id, "/tmp/hundred", 99).await;
+    assert!(
+        matches!(&refused, Err(SandboxError::Failed(m)) if m.contains("/tmp/hundred") && m.contains("99-byte read limit")),
+        "{refused:?}"
+    );
     backend.delete(&id).await.unwrap();
     stack.shutdown().await;
 }

@@ -396,8 +396,7 @@ pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
     // A cold start: a new engine loading the compiled component from the cache.
     for _ in 0..10 {
         let started = Instant::now();
-        let cold_runtime =
-            BuilderRuntime::<crate::image_build::proxy_backend::ProxyBackend>::new(128 << 20, &config.cache_dir)?;
+        let cold_runtime = BuilderRuntime::new(128 << 20, &config.cache_dir)?;
         cold.push(started.elapsed());
         drop(cold_runtime);
     }

@@ -36,7 +36,7 @@ pub async fn run(builder: PathBuf, allow_unconfined: bool) -> Result<()> {
     Ok(())
 }
 
-type Runtime = crate::image_build::BuilderRuntime<crate::image_build::proxy_backend::ProxyBackend>;
+type Runtime = crate::image_build::BuilderRuntime;
 
 async fn builds(stack: &DevStack) -> Result<()> {
     let examples = examples_dir();

@@ -39,6 +39,11 @@ pub fn engine(limits: EngineLimits) -> Result<Engine> {
         .max_memory_size(limits.max_memory_bytes);
     let mut config = Config::new();
     config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    // `SNAPSIGN_PROFILE=perfmap` writes /tmp/perf-<pid>.map, so `perf report`
+    // names guest functions (README, "Profiling").
+    if std::env::var_os("SNAPSIGN_PROFILE").is_some_and(|v| v == "perfmap") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config).anyhow().context("create the wasmtime engine")?;
     let weak = engine.weak();
     std::thread::Builder::new()

@@ -2,7 +2,10 @@
 //! components with limits, and the embedded servers of the dev stack.
 //!
 //! - [`engine`]: engine, pooling allocator, epoch deadlines, compiled cache;
+//! - [`guest`]: one guest's WASI context and Store, shared by the runtimes;
 //! - [`outbound`]: the outbound HTTP allow-list guests get;
+//! - [`sandbox_exec`]: the `sandbox-exec` capability and its backends;
+//! - [`image_build`]: the builder component runner;
 //! - [`signer`]: `serve-signer`, the signer component behind wasi:http;
 //! - [`store`]: the embedded S3-compatible store;
 //! - [`serve`]: the HTTP server loop they share;
@@ -12,9 +15,11 @@ pub mod bench;
 pub mod demo;
 pub mod dev;
 pub mod engine;
+pub mod guest;
 pub mod hosts;
 pub mod image_build;
 pub mod outbound;
+pub mod sandbox_exec;
 pub mod serve;
 pub mod signer;
 pub mod store;

@@ -1,15 +1,16 @@
 //! Outbound HTTP policy for guests: an allow-list of `host:port`
 //! authorities, plugged in through wasi-http's hooks.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-/// Lets a guest reach only the listed authorities. Clones share the list,
-/// so a capability can admit a host it learned of (a sandbox's proxy).
+/// Lets a guest reach only the listed authorities. The embedder fixes the
+/// list when the guest starts; nothing can widen it afterwards (no
+/// capability or backend holds a way to).
 #[derive(Debug, Clone)]
 pub struct AllowList {
-    allowed: Arc<RwLock<Vec<String>>>,
+    allowed: Arc<[String]>,
 }
 
 fn normalise(authority: &str, https: bool) -> String {
@@ -33,24 +34,13 @@ impl AllowList {
                 }
             })
             .collect();
-        AllowList { allowed: Arc::new(RwLock::new(allowed)) }
-    }
-
-    /// Admits one more `host[:port]` authority (no port means 80 and 443).
-    pub fn allow(&self, authority: &str) {
-        let extra = AllowList::new([authority]);
-        let mut allowed = self.allowed.write().unwrap_or_else(|p| p.into_inner());
-        for a in extra.allowed.read().unwrap_or_else(|p| p.into_inner()).iter() {
-            if !allowed.contains(a) {
-                allowed.push(a.clone());
-            }
-        }
+        AllowList { allowed: allowed.into() }
     }
 
     /// Whether a request to `authority` over `https` (or http) may go out.
     pub fn permits(&self, authority: &str, https: bool) -> bool {
         let wanted = normalise(authority, https);
-        self.allowed.read().unwrap_or_else(|p| p.into_inner()).contains(&wanted)
+        self.allowed.contains(&wanted)
     }
 }
 

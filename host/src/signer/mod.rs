@@ -26,15 +26,16 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use snapsign::signer::{MAX_BODY_BYTES, SignerConfig};
 use tokio::sync::Semaphore;
-use wasmtime::component::{Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::Linker;
+use wasmtime::{Engine, Store, StoreLimitsBuilder};
+use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use wasmtime_wasi_http::WasiHttpView;
 
 use crate::engine::{self, EngineLimits, Loaded, WasmtimeResultExt};
+use crate::guest::{self, GuestState};
 use crate::outbound::AllowList;
 use crate::serve::{self, ServeLimits, Server};
 use guest_log::GuestLog;
@@ -89,28 +90,9 @@ impl std::fmt::Debug for SignerServerConfig {
     }
 }
 
-/// Guest state of one instance.
-struct Guest {
-    /// Its stderr, drained after every request.
-    log: GuestLog,
-    wasi: WasiCtx,
-    http: WasiHttpCtx,
-    table: ResourceTable,
-    outbound: AllowList,
-    limits: StoreLimits,
-}
-
-impl WasiView for Guest {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
-    }
-}
-
-impl WasiHttpView for Guest {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
-    }
-}
+/// Guest state of one instance: the shared guest set-up, with its stderr
+/// (drained after every request) as the runtime's own data.
+type Guest = GuestState<GuestLog>;
 
 /// Request ids: a per-process random base plus a counter, so ids are unique
 /// within a process and unlikely to repeat across processes.
@@ -174,8 +156,7 @@ impl SignerHost {
         let engine = engine::engine(config.limits)?;
         let (component, loaded) = engine::load_component(&engine, name, wasm, &config.cache_dir)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).anyhow().context("link WASI")?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).anyhow().context("link WASI HTTP")?;
+        guest::add_wasi_to_linker(&mut linker)?;
         let pre = ProxyPre::new(linker.instantiate_pre(&component).anyhow().context("pre-instantiate the signer")?)
             .anyhow()
             .context("the signer does not export wasi:http/incoming-handler")?;
@@ -212,18 +193,9 @@ impl SignerHost {
         let log = GuestLog::new(GUEST_LOG_BYTES);
         let mut wasi = WasiCtx::builder();
         wasi.envs(&self.env).stderr(log.clone());
-        let guest = Guest {
-            log,
-            wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-            outbound: self.outbound.clone(),
-            limits: StoreLimitsBuilder::new().memory_size(self.max_memory_bytes).instances(8).build(),
-        };
-        let mut store = Store::new(&self.engine, guest);
-        store.limiter(|g| &mut g.limits);
-        store.epoch_deadline_trap();
-        store
+        let limits = StoreLimitsBuilder::new().memory_size(self.max_memory_bytes).instances(8).build();
+        // The epoch deadline is set again for every request it serves.
+        guest::store(&self.engine, GuestState::new(wasi.build(), self.outbound.clone(), limits, log), self.request_timeout)
     }
 
     /// Serves one HTTP request: reads its body, then runs a fresh instance on it.
@@ -340,7 +312,7 @@ impl SignerHost {
                 Ok(result) => result,
                 Err(_) => Err(Failure::timeout(timeout)),
             };
-            let log = store.data().log.take();
+            let log = store.data().data.take();
             for line in String::from_utf8_lossy(&log).lines().filter(|l| !l.trim().is_empty()) {
                 tracing::warn!(request_id = %id, "signer guest: {line}");
             }

@@ -12,7 +12,8 @@ use futures_util::StreamExt;
 use snapsign_sandbox::Sandboxes;
 
 use super::backend::{
-    ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
+    Created, ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
+    too_large,
 };
 
 /// How often a `run` in progress renews its sandbox's timeout.
@@ -48,13 +49,9 @@ fn failed(e: anyhow::Error) -> SandboxError {
     SandboxError::Failed(format!("{e:#}"))
 }
 
+#[async_trait::async_trait]
 impl SandboxBackend for LocalBackend {
-    async fn create(
-        &self,
-        _image: &str,
-        resources: Resources,
-        timeout_secs: i64,
-    ) -> Result<(String, String), SandboxError> {
+    async fn create(&self, _image: &str, resources: Resources, timeout_secs: i64) -> Result<Created, SandboxError> {
         let id = format!("local-{}-{}", std::process::id(), self.next.fetch_add(1, Ordering::SeqCst));
         let request = snapsign_sandbox::CreateRequest {
             resources: Some(snapsign_sandbox::Resources {
@@ -67,7 +64,7 @@ impl SandboxBackend for LocalBackend {
         };
         let spec = self.sandboxes.spec_for(&request).map_err(failed)?;
         self.sandboxes.create_with(&id, spec).map_err(failed)?;
-        Ok((id, "running".into()))
+        Ok(Created { id, status: "running".into() })
     }
 
     async fn status(&self, id: &str) -> Result<String, SandboxError> {
@@ -116,20 +113,24 @@ impl SandboxBackend for LocalBackend {
 
     async fn open_file(&self, id: &str, path: &str) -> Result<FileSink, SandboxError> {
         let sandbox = self.sandbox(id)?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let (tx, stream) = FileSink::channel();
         let reader = tokio_util::io::StreamReader::new(Box::pin(stream));
         let path = path.to_owned();
         let done = tokio::spawn(async move { sandbox.write_file(&path, reader).await.map(drop).map_err(failed) });
         Ok(FileSink::new(tx, done))
     }
 
-    async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>, SandboxError> {
-        let mut file = self.sandbox(id)?.read_file(path).await.map_err(failed)?;
+    async fn read_file(&self, id: &str, path: &str, max_bytes: u64) -> Result<Vec<u8>, SandboxError> {
+        let file = self.sandbox(id)?.read_file(path).await.map_err(failed)?;
         let mut bytes = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut file, &mut bytes)
+        // One byte past the limit tells a file at the limit from a larger one.
+        let mut limited = tokio::io::AsyncReadExt::take(file, max_bytes.saturating_add(1));
+        tokio::io::AsyncReadExt::read_to_end(&mut limited, &mut bytes)
             .await
-            .map_err(|e| SandboxError::Failed(format!("read {path}: {e}")))?;
+            .map_err(|e| SandboxError::Failed(format!("read {path} in sandbox {id}: {e}")))?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(too_large(id, path, max_bytes));
+        }
         Ok(bytes)
     }
 

@@ -1,0 +1,320 @@
+//! The `snapsign` command line: clap types only (the commands run in `commands`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "snapsign", version, about = "Dataplane-signed sandbox image builds as WASI components")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the whole flow on the embedded dev stack: a base, a diff and a legacy build, each verified.
+    Demo {
+        /// Run sandbox processes unconfined when this process is not root (no confinement, no limits at all).
+        #[arg(long)]
+        allow_unconfined: bool,
+    },
+    /// Serve the signer component (POST /api/v1/blob/sign) over HTTP.
+    ///
+    /// The guest's configuration is every SNAPSIGN_* variable of this
+    /// process's environment, overridden by --env (see the README).
+    ServeSigner(ServeSignerArgs),
+    /// Build a sandbox image: prepare, builder sandbox, dataplane signing, build, complete.
+    ///
+    /// Exit codes: 0 registered, 1 build failed, 2 usage error, 3 credentials refused.
+    Build(BuildArgs),
+    /// Run the dev stack: store, signer, platform emulator and local sandboxes on loopback.
+    Dev(DevArgs),
+    /// Mint a bearer token for a namespace, signed with SNAPSIGN_TOKEN_KEY.
+    Token(TokenArgs),
+    /// Deploy the signer component onto a distributed host.
+    Deploy {
+        #[command(subcommand)]
+        target: snapsign_host::hosts::cli::Deploy,
+    },
+    /// Print benchmark figures (run with --release).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+    /// Serve the embedded S3-compatible store (SigV4 checked, multipart uploads).
+    Store(StoreArgs),
+}
+
+// `snapsign serve-signer`.
+#[derive(Args)]
+pub struct ServeSignerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+    /// Extra guest environment, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Linear memory limit of one request's instance, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_memory_mb: usize,
+    /// Wall-clock limit of one request, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    /// Requests served at once (size of the instance pool).
+    #[arg(long, default_value_t = 32)]
+    pub max_concurrency: u32,
+    /// Compiled-component cache [default: $SNAPSIGN_CACHE_DIR, ~/.cache/snapsign].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Requests one instance serves before it is dropped; an instance only
+    /// ever serves one caller (one Authorization header). 1 = a fresh
+    /// instance per request.
+    #[arg(long, default_value_t = snapsign_host::signer::DEFAULT_MAX_INSTANCE_REUSE, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_instance_reuse: u32,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Where builder sandboxes come from (variants undocumented on purpose:
+/// the `--backend` help says it, and keeps the short help form).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Proxy,
+    Local,
+}
+
+// `snapsign build`.
+#[derive(Args)]
+pub struct BuildArgs {
+    /// The Dockerfile.
+    #[arg(long, short = 'f', default_value = "Dockerfile")]
+    pub dockerfile: PathBuf,
+    /// The build context directory.
+    #[arg(long, default_value = ".")]
+    pub context: PathBuf,
+    /// Template name to register.
+    #[arg(long)]
+    pub name: String,
+    /// Rootfs size, MiB [default: the parent's for diff builds, else 10240].
+    #[arg(long)]
+    pub disk_mb: Option<u64>,
+    /// Builder sandbox CPUs [default: the platform's].
+    #[arg(long)]
+    pub builder_cpus: Option<f64>,
+    /// Builder sandbox memory, MiB [default: the platform's].
+    #[arg(long)]
+    pub builder_memory_mb: Option<i64>,
+    /// Builder sandbox disk, MiB [default: the platform's].
+    #[arg(long)]
+    pub builder_disk_mb: Option<u64>,
+    /// Register the template as public.
+    #[arg(long)]
+    pub public: bool,
+    /// Platform API URL.
+    #[arg(long, env = "SNAPSIGN_API_URL")]
+    pub api_url: String,
+    /// Bearer token for the platform, lifecycle and proxy.
+    #[arg(long, env = "SNAPSIGN_API_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Sandbox namespace.
+    #[arg(long, env = "SNAPSIGN_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Extra host[:port] the build may reach besides the platform and its sandbox proxies (repeatable).
+    #[arg(long = "allow-host")]
+    pub allow_hosts: Vec<String>,
+    /// Seconds to wait for the builder sandbox to run and answer.
+    #[arg(long, default_value_t = 120)]
+    pub sandbox_wait_secs: u64,
+    /// Guest memory limit, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub max_memory_mb: usize,
+    /// Whole-build time limit, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
+    /// Print the registered template as JSON (only that) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Where builder sandboxes come from: `proxy` (the platform's lifecycle API and
+    /// sandbox proxy) or `local` (sandboxes on this machine: namespaces, limits, private network).
+    #[arg(long, value_enum, default_value_t = Backend::Proxy)]
+    pub backend: Backend,
+    /// local backend: the signer sign calls go to.
+    #[arg(long, env = "SNAPSIGN_SIGNER_URL")]
+    pub signer_url: Option<String>,
+    /// local backend: bearer token for the signer (`snapsign token`).
+    #[arg(long, env = "SNAPSIGN_SIGNER_TOKEN", hide_env_values = true)]
+    pub signer_token: Option<String>,
+    /// local backend: directory for sandboxes [default: a temporary directory].
+    #[arg(long)]
+    pub sandboxes_dir: Option<PathBuf>,
+    /// local backend: run sandbox processes unconfined when this process is not root (no confinement).
+    #[arg(long)]
+    pub allow_unconfined: bool,
+}
+
+/// The dev stack's default prepare answer shape (`snapsign_host::dev::PrepareShape`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrepareShape {
+    New,
+    Legacy,
+    Both,
+}
+
+impl From<PrepareShape> for snapsign_host::dev::PrepareShape {
+    fn from(shape: PrepareShape) -> Self {
+        match shape {
+            PrepareShape::New => snapsign_host::dev::PrepareShape::New,
+            PrepareShape::Legacy => snapsign_host::dev::PrepareShape::Legacy,
+            PrepareShape::Both => snapsign_host::dev::PrepareShape::Both,
+        }
+    }
+}
+
+// `snapsign dev`.
+#[derive(Args)]
+pub struct DevArgs {
+    /// Store data, state database and secrets (kept across restarts)
+    /// [default: $XDG_DATA_HOME/snapsign/dev or ~/.local/share/snapsign/dev].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Emulator address (platform-api, lifecycle, sandbox proxy).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Store address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub store_listen: SocketAddr,
+    /// Signer address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub signer_listen: SocketAddr,
+    /// Namespace of the printed token.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Default prepare answer shape: new, legacy or both (per request: header X-Snapsign-Prepare-Shape).
+    #[arg(long, value_enum, default_value_t = PrepareShape::New)]
+    pub prepare_shape: PrepareShape,
+    /// How long a new sandbox stays pending (answering 502 PROXY_ERROR), milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub pending_ms: u64,
+    /// Fault switches as JSON, e.g. '{"sign_fail":true}' (see the README).
+    #[arg(long)]
+    pub faults: Option<String>,
+    /// Run sandbox processes unconfined when this process is not root (no confinement, no limits at all).
+    #[arg(long)]
+    pub allow_unconfined: bool,
+    /// Abort the store's incomplete multipart uploads this many seconds after they began.
+    #[arg(long, default_value_t = 86_400)]
+    pub abort_incomplete_uploads_after_secs: u64,
+}
+
+// `snapsign token`.
+#[derive(Args)]
+pub struct TokenArgs {
+    /// The namespace the token grants.
+    #[arg(long)]
+    pub namespace: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_secs: i64,
+    /// The signing key (at least 32 bytes).
+    #[arg(long, env = "SNAPSIGN_TOKEN_KEY", hide_env_values = true)]
+    pub key: String,
+}
+
+// `snapsign store`.
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Data directory (one sub-directory per bucket).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+    /// Access key id the store accepts.
+    #[arg(long, env = "SNAPSIGN_ACCESS_KEY_ID")]
+    pub access_key_id: String,
+    /// Its secret.
+    #[arg(long, env = "SNAPSIGN_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub secret_access_key: String,
+    /// Buckets to create (repeatable).
+    #[arg(long = "bucket")]
+    pub buckets: Vec<String>,
+    /// Abort incomplete multipart uploads this many seconds after they began
+    /// (S3's AbortIncompleteMultipartUpload lifecycle rule).
+    #[arg(long, default_value_t = 86_400)]
+    pub abort_incomplete_uploads_after_secs: u64,
+}
+
+/// What a server tolerates from its clients (see `serve::ServeLimits`).
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Seconds a request's head may take to arrive (from the connection opening, or its first byte).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit idle between requests.
+    #[arg(long, default_value_t = 30)]
+    pub idle_timeout_secs: u64,
+    /// Seconds a request body may take to arrive, before the request takes an instance.
+    #[arg(long, default_value_t = 10)]
+    pub body_timeout_secs: u64,
+    /// Open connections allowed from one client IP (behind a proxy every client shares one).
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+    /// Open connections allowed in total.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+}
+
+impl ServeArgs {
+    pub fn limits(&self) -> snapsign_host::serve::ServeLimits {
+        snapsign_host::serve::ServeLimits {
+            header_read_timeout: Duration::from_secs(self.header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            body_read_timeout: Duration::from_secs(self.body_timeout_secs),
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum BenchWhat {
+    /// Signing cost natively and in the component; serve-signer latency and throughput.
+    Sign {
+        /// Rounds of the 10,000-part signing.
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        /// get_blob requests for latency and for the load run.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Concurrent clients in the load run.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// get_blob throughput and latency on every host of the signer, native ceiling included.
+    Hosts(snapsign_host::hosts::cli::BenchHosts),
+    /// get_blob latency and throughput through serve-signer processes: this
+    /// binary and, side by side, a --baseline binary (e.g. an older build).
+    Serve {
+        /// Another snapsign binary to measure in the same run, in alternating rounds.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Rounds per server (each: a sequential latency run and a concurrent load run).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// get_blob requests per run.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Concurrent clients in the load runs.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// Orchestration overhead of demo builds, warm instantiation and cold start.
+    Build {
+        /// Builds to run (the first only warms the cache).
+        #[arg(long, default_value_t = 11)]
+        rounds: usize,
+    },
+}

@@ -1,0 +1,286 @@
+//! One function per `snapsign` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use snapsign_host::engine::{self, EngineLimits};
+use snapsign_host::image_build::{self, BuildFailure, BuildOptions};
+use snapsign_host::{signer, store};
+
+use crate::cli::{Backend, BenchWhat, BuildArgs, Command, DevArgs, ServeSignerArgs, StoreArgs, TokenArgs};
+
+/// Runs `command`; the exit code tells the outcome.
+pub async fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Build(args) => return build(args).await,
+        Command::ServeSigner(args) => serve_signer(args).await?,
+        Command::Demo { allow_unconfined } => demo(allow_unconfined).await?,
+        Command::Dev(args) => dev(args).await?,
+        Command::Token(args) => token(args)?,
+        Command::Deploy { target } => snapsign_host::hosts::cli::deploy(target).await?,
+        Command::Bench { what } => bench(what).await?,
+        Command::Store(args) => serve_store(args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn this_executable_as_builder() -> Result<PathBuf> {
+    std::env::current_exe().context("find this executable (installed as the sandbox builder)")
+}
+
+fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("snapsign").join("dev")
+}
+
+/// Ctrl-C or SIGTERM, with the handlers installed now: a server calls this
+/// before it prints its address, so a signal sent once the address is read
+/// cannot arrive before the handler (and kill the process uncleanly).
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! { _ = term.recv() => {}, _ = interrupt.recv() => {} }
+        })
+    }
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// `snapsign build`: exit 0 registered, 1 build failed, 2 usage error, 3 credentials refused.
+async fn build(args: BuildArgs) -> Result<ExitCode> {
+    let BuildArgs {
+        dockerfile,
+        context,
+        name,
+        disk_mb,
+        builder_cpus,
+        builder_memory_mb,
+        builder_disk_mb,
+        public,
+        api_url,
+        token,
+        namespace,
+        allow_hosts,
+        sandbox_wait_secs,
+        max_memory_mb,
+        timeout_secs,
+        json,
+        backend,
+        signer_url,
+        signer_token,
+        sandboxes_dir,
+        allow_unconfined,
+    } = args;
+    let text = match std::fs::read_to_string(&dockerfile) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: cannot read the Dockerfile {}: {e}; pass --dockerfile", dockerfile.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if !context.is_dir() {
+        eprintln!("error: the build context {} is not a directory; pass --context", context.display());
+        return Ok(ExitCode::from(2));
+    }
+    let options = BuildOptions {
+        api_url,
+        token,
+        namespace,
+        name: name.clone(),
+        dockerfile: text,
+        context_dir: context,
+        disk_mb,
+        builder_cpus,
+        builder_memory_mb,
+        builder_disk_mb,
+        public,
+        sandbox_wait: Duration::from_secs(sandbox_wait_secs),
+        allow_hosts,
+        max_memory_bytes: max_memory_mb << 20,
+        timeout: Duration::from_secs(timeout_secs),
+        cache_dir: engine::default_cache_dir(),
+    };
+    let printer = image_build::progress_printer();
+    let (outcome, _) = match backend {
+        Backend::Proxy => image_build::run(&options, printer).await?,
+        Backend::Local => {
+            let (Some(url), Some(token)) = (signer_url, signer_token) else {
+                eprintln!(
+                    "error: --backend local needs --signer-url and --signer-token (or SNAPSIGN_SIGNER_URL/TOKEN)"
+                );
+                return Ok(ExitCode::from(2));
+            };
+            let dir = sandboxes_dir
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("snapsign-sandboxes-{}", std::process::id())));
+            let builder = this_executable_as_builder()?;
+            let result = image_build::run_local(&options, &dir, builder, allow_unconfined, &url, &token, printer).await;
+            let _ = std::fs::remove_dir(&dir);
+            result?
+        }
+    };
+    Ok(match outcome {
+        Ok(template) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&template)?);
+            } else {
+                println!("Image '{name}' registered ({})", template["id"].as_str().unwrap_or("-"));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("error: {failure}");
+            match failure {
+                BuildFailure::Usage(_) => ExitCode::from(2),
+                BuildFailure::Auth(_) => ExitCode::from(3),
+                BuildFailure::Failed(_) => ExitCode::from(1),
+            }
+        }
+    })
+}
+
+/// `snapsign serve-signer`.
+async fn serve_signer(args: ServeSignerArgs) -> Result<()> {
+    let ServeSignerArgs { listen, env, max_memory_mb, timeout_secs, max_concurrency, cache_dir, max_instance_reuse, serve } =
+        args;
+    let config = signer::SignerServerConfig {
+        listen,
+        env: signer::guest_env(&env)?,
+        limits: EngineLimits { max_concurrency, max_memory_bytes: max_memory_mb << 20 },
+        request_timeout: Duration::from_secs(timeout_secs),
+        cache_dir: cache_dir.unwrap_or_else(engine::default_cache_dir),
+        max_instance_reuse,
+    };
+    let stop = stop_signal()?;
+    let (server, _host) = signer::start_with(&config, serve.limits()).await?;
+    println!("signer listening on {}", server.url());
+    stop.await;
+    tracing::info!("stopping the signer");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// `snapsign demo`.
+async fn demo(allow_unconfined: bool) -> Result<()> {
+    snapsign_host::demo::run(this_executable_as_builder()?, allow_unconfined).await
+}
+
+/// `snapsign dev`: runs the stack until Ctrl-C or SIGTERM.
+async fn dev(args: DevArgs) -> Result<()> {
+    use snapsign_host::dev::{DevConfig, DevStack, Faults};
+    let DevArgs {
+        data_dir,
+        listen,
+        store_listen,
+        signer_listen,
+        namespace,
+        prepare_shape,
+        pending_ms,
+        faults,
+        allow_unconfined,
+        abort_incomplete_uploads_after_secs,
+    } = args;
+    let data_dir = data_dir.unwrap_or_else(default_data_dir);
+    let mut config = DevConfig::new(data_dir, this_executable_as_builder()?);
+    config.listen = listen;
+    config.store_listen = store_listen;
+    config.signer_listen = signer_listen;
+    config.namespace = namespace;
+    config.shape = prepare_shape.into();
+    config.pending = Duration::from_millis(pending_ms);
+    config.allow_unconfined = allow_unconfined;
+    config.abort_incomplete_uploads_after = Duration::from_secs(abort_incomplete_uploads_after_secs);
+    if let Some(json) = faults {
+        config.faults = serde_json::from_str::<Faults>(&json).context("parse --faults")?;
+    }
+    let stop = stop_signal()?;
+    let stack = DevStack::start(&config).await?;
+    println!("snapsign dev stack (data in {})", config.data_dir.display());
+    println!("  platform api  {}   (lifecycle and sandbox proxy on the same address)", stack.api_url());
+    println!("  store         {}   (bucket snapshots)", stack.store.url());
+    println!("  signer        {}/api/v1/blob/sign", stack.signer.url());
+    println!("  namespace     {}", stack.namespace);
+    println!("  token         {}", stack.token);
+    println!("  admin token   {}   (operator only: PUT /_snapsign/faults)", stack.admin_token);
+    println!();
+    println!(
+        "  export SNAPSIGN_API_URL={} SNAPSIGN_NAMESPACE={} SNAPSIGN_API_TOKEN={}",
+        stack.api_url(),
+        stack.namespace,
+        stack.token
+    );
+    for build in &stack.recovered.builds {
+        println!("  recovered     {build} was left prepared by a stack that died: marked failed, its upload aborted");
+    }
+    println!("Ctrl-C stops the stack and deletes its sandboxes.");
+    stop.await;
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// `snapsign token`.
+fn token(args: TokenArgs) -> Result<()> {
+    let TokenArgs { namespace, ttl_secs, key } = args;
+    if key.len() < snapsign::token::MIN_KEY_LEN {
+        bail!("the token key is {} bytes; use at least {}", key.len(), snapsign::token::MIN_KEY_LEN);
+    }
+    if !(1..=366 * 24 * 3600).contains(&ttl_secs) {
+        bail!("--ttl-secs {ttl_secs} is out of range; use 1..={}", 366 * 24 * 3600);
+    }
+    if ttl_secs > snapsign::token::DEFAULT_MAX_TTL_SECS {
+        eprintln!(
+            "warning: a signer refuses tokens that live longer than SNAPSIGN_TOKEN_MAX_TTL_SECS ({} s unless set)",
+            snapsign::token::DEFAULT_MAX_TTL_SECS
+        );
+    }
+    let expires = jiff::Timestamp::now().as_second() + ttl_secs;
+    let token = snapsign::token::mint(key.as_bytes(), &namespace, expires).context("mint the token")?;
+    println!("{token}");
+    Ok(())
+}
+
+/// `snapsign bench …`.
+async fn bench(what: BenchWhat) -> Result<()> {
+    match what {
+        BenchWhat::Sign { rounds, requests, concurrency } => {
+            snapsign_host::bench::sign(rounds, requests, concurrency).await
+        }
+        BenchWhat::Hosts(args) => snapsign_host::hosts::cli::bench_hosts(args).await,
+        BenchWhat::Serve { baseline, rounds, requests, concurrency } => {
+            let this = std::env::current_exe().context("find this executable")?;
+            snapsign_host::bench::serve(this, baseline, rounds, requests, concurrency).await
+        }
+        BenchWhat::Build { rounds } => snapsign_host::bench::build(rounds, this_executable_as_builder()?).await,
+    }
+}
+
+/// `snapsign store`: serves until Ctrl-C or SIGTERM.
+async fn serve_store(args: StoreArgs) -> Result<()> {
+    let StoreArgs { dir, listen, access_key_id, secret_access_key, buckets, abort_incomplete_uploads_after_secs } =
+        args;
+    let config = store::StoreConfig {
+        root: dir,
+        listen,
+        access_key_id,
+        secret_access_key,
+        buckets,
+        faults: Default::default(),
+        abort_incomplete_after: Duration::from_secs(abort_incomplete_uploads_after_secs),
+    };
+    let stop = stop_signal()?;
+    let server = store::start(&config).await?;
+    println!("store listening on {}", server.url());
+    stop.await;
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! One build's settings and what a build gives back.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One build's settings.
+#[derive(Clone)]
+pub struct BuildOptions {
+    /// Platform API base URL.
+    pub api_url: String,
+    /// Bearer token (platform, lifecycle, proxy).
+    pub token: String,
+    /// Lifecycle namespace.
+    pub namespace: String,
+    /// Template name.
+    pub name: String,
+    /// Dockerfile text.
+    pub dockerfile: String,
+    /// Build context directory (preopened read-only).
+    pub context_dir: PathBuf,
+    /// Rootfs size, MiB.
+    pub disk_mb: Option<u64>,
+    /// Builder sandbox CPU override.
+    pub builder_cpus: Option<f64>,
+    /// Builder sandbox memory override, MiB.
+    pub builder_memory_mb: Option<i64>,
+    /// Builder sandbox disk override, MiB.
+    pub builder_disk_mb: Option<u64>,
+    /// Register as public.
+    pub public: bool,
+    /// Deadline for the sandbox to run and answer.
+    pub sandbox_wait: Duration,
+    /// Extra hosts the guest may reach (e.g. the store, to abort uploads).
+    pub allow_hosts: Vec<String>,
+    /// Guest linear memory limit.
+    pub max_memory_bytes: usize,
+    /// Wall-clock limit of the whole build.
+    pub timeout: Duration,
+    /// Compiled-component cache.
+    pub cache_dir: PathBuf,
+}
+
+impl std::fmt::Debug for BuildOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Every field but the token, which never reaches a log.
+        let BuildOptions {
+            api_url,
+            token: _,
+            namespace,
+            name,
+            dockerfile,
+            context_dir,
+            disk_mb,
+            builder_cpus,
+            builder_memory_mb,
+            builder_disk_mb,
+            public,
+            sandbox_wait,
+            allow_hosts,
+            max_memory_bytes,
+            timeout,
+            cache_dir,
+        } = self;
+        f.debug_struct("BuildOptions")
+            .field("api_url", api_url)
+            .field("token", &"<redacted>")
+            .field("namespace", namespace)
+            .field("name", name)
+            .field("dockerfile", dockerfile)
+            .field("context_dir", context_dir)
+            .field("disk_mb", disk_mb)
+            .field("builder_cpus", builder_cpus)
+            .field("builder_memory_mb", builder_memory_mb)
+            .field("builder_disk_mb", builder_disk_mb)
+            .field("public", public)
+            .field("sandbox_wait", sandbox_wait)
+            .field("allow_hosts", allow_hosts)
+            .field("max_memory_bytes", max_memory_bytes)
+            .field("timeout", timeout)
+            .field("cache_dir", cache_dir)
+            .finish()
+    }
+}
+
+/// How a build failed, as the component said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildFailure {
+    /// Bad request (flags, Dockerfile).
+    Usage(String),
+    /// Credentials refused.
+    Auth(String),
+    /// The build failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for BuildFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildFailure::Usage(m) | BuildFailure::Auth(m) | BuildFailure::Failed(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// Timings of one run, for the benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct RunTimings {
+    /// Loading the component (compile or cache).
+    pub load: Duration,
+    /// WASI context (with the preopen) and Store creation.
+    pub setup: Duration,
+    /// Instantiation of the pre-instantiated component.
+    pub instantiate: Duration,
+    /// The export call (the whole build).
+    pub run: Duration,
+    /// Of `run`, the builder process (start to exit, as the host saw it).
+    pub builder: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_prints_every_setting_but_the_token() {
+        let options = BuildOptions {
+            api_url: "http://127.0.0.1:1".into(),
+            token: "sst1.very-secret-token".into(),
+            namespace: "ns".into(),
+            name: "img".into(),
+            dockerfile: "FROM scratch\n".into(),
+            context_dir: "/ctx".into(),
+            disk_mb: Some(256),
+            builder_cpus: None,
+            builder_memory_mb: None,
+            builder_disk_mb: None,
+            public: false,
+            sandbox_wait: Duration::from_secs(1),
+            allow_hosts: vec!["127.0.0.1:9000".into()],
+            max_memory_bytes: 1 << 20,
+            timeout: Duration::from_secs(1),
+            cache_dir: "/cache".into(),
+        };
+        let text = format!("{options:?} {options:#?}");
+        assert!(!text.contains("very-secret-token"), "{text}");
+        assert!(text.contains("token: \"<redacted>\"") && text.contains("127.0.0.1:9000") && text.contains("img"));
+    }
+}

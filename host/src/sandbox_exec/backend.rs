@@ -1,0 +1,179 @@
+//! The sandbox backend trait behind `sandbox-exec`: sandbox mechanics, no
+//! policy, in this crate's own types (the generated WIT types stay inside
+//! the capability). Backends: [`super::proxy`] (a remote platform),
+//! [`super::local`] (sandboxes on this machine), [`super::fake`] (tests).
+
+use async_trait::async_trait;
+
+/// Why a sandbox operation failed; the component decides about retries
+/// (wit/protocol.md §5.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxError {
+    /// Worth retrying until the component's deadline (502/503/504, "not running", timeouts).
+    Transient(String),
+    /// The sandbox is gone (terminated, deleted, unknown).
+    Gone(String),
+    /// The caller was refused (401/403).
+    Denied(String),
+    /// Anything else; fails the build at once.
+    Failed(String),
+}
+
+impl std::fmt::Display for SandboxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SandboxError::Transient(m) => write!(f, "transient: {m}"),
+            SandboxError::Gone(m) => write!(f, "gone: {m}"),
+            SandboxError::Denied(m) => write!(f, "denied: {m}"),
+            SandboxError::Failed(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for SandboxError {}
+
+/// Resources asked for when creating a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resources {
+    /// CPU count.
+    pub cpus: f64,
+    /// Memory, MiB.
+    pub memory_mb: i64,
+    /// Disk, MiB.
+    pub disk_mb: u64,
+}
+
+/// A process to run in a sandbox (wit/protocol.md §4.2).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessSpec {
+    /// Executable.
+    pub command: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub working_dir: Option<String>,
+    /// Run as root instead of the sandbox user.
+    pub as_root: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, or the negated signal number.
+    pub code: i64,
+    /// The kernel OOM killer ended it.
+    pub oom_killed: bool,
+}
+
+/// A created sandbox: its id and lifecycle status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    /// The id the platform gave it.
+    pub id: String,
+    /// Lifecycle status ("pending", "running", ...).
+    pub status: String,
+}
+
+/// Where a sandbox's proxy answers, for the component's own HTTP calls.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyEndpoint {
+    /// Base URL.
+    pub base_url: String,
+    /// Headers every request to it must carry (routing, auth).
+    pub headers: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ProxyEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The headers carry the bearer token.
+        let names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("ProxyEndpoint").field("base_url", &self.base_url).field("header_names", &names).finish()
+    }
+}
+
+/// Receives a process's output lines: (stream, line).
+pub type LineSink<'a> = dyn FnMut(&str, &str) + Send + 'a;
+
+/// A file being streamed into a sandbox.
+pub struct FileSink {
+    tx: Option<tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>>,
+    done: tokio::task::JoinHandle<Result<(), SandboxError>>,
+    written: u64,
+}
+
+impl FileSink {
+    /// A sink feeding `tx`; `done` resolves with the upload's outcome.
+    pub fn new(
+        tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+        done: tokio::task::JoinHandle<Result<(), SandboxError>>,
+    ) -> Self {
+        FileSink { tx: Some(tx), done, written: 0 }
+    }
+
+    /// A channel and the byte stream it feeds, for a backend's upload task.
+    pub fn channel() -> (
+        tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+        impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        (tx, stream)
+    }
+
+    /// Appends a chunk.
+    pub async fn write(&mut self, chunk: Vec<u8>) -> Result<(), SandboxError> {
+        let len = chunk.len() as u64;
+        let tx = self.tx.as_ref().ok_or_else(|| SandboxError::Failed("file already finished".into()))?;
+        if tx.send(Ok(chunk.into())).await.is_err() {
+            return Err(SandboxError::Failed("the upload ended early (the sandbox refused the file)".into()));
+        }
+        self.written += len;
+        Ok(())
+    }
+
+    /// Ends the file and waits for the sandbox to accept it.
+    pub async fn finish(&mut self) -> Result<u64, SandboxError> {
+        self.tx.take();
+        (&mut self.done).await.map_err(|e| SandboxError::Failed(format!("upload task: {e}")))??;
+        Ok(self.written)
+    }
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        // A writer the guest dropped unfinished: stop its upload.
+        if self.tx.is_some() {
+            self.done.abort();
+        }
+    }
+}
+
+/// Sandbox mechanics one backend provides.
+#[async_trait]
+pub trait SandboxBackend: Send + Sync + 'static {
+    /// Creates a sandbox.
+    async fn create(&self, image: &str, resources: Resources, timeout_secs: i64) -> Result<Created, SandboxError>;
+    /// Lifecycle status.
+    async fn status(&self, id: &str) -> Result<String, SandboxError>;
+    /// Proxy endpoint for the component's own calls.
+    fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError>;
+    /// Runs a process to completion, feeding its output to `sink`.
+    async fn run(&self, id: &str, spec: ProcessSpec, sink: &mut LineSink<'_>) -> Result<ExitStatus, SandboxError>;
+    /// Writes a whole file.
+    async fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> Result<(), SandboxError>;
+    /// Starts streaming a file.
+    async fn open_file(&self, id: &str, path: &str) -> Result<FileSink, SandboxError>;
+    /// Reads a file of at most `max_bytes` (a larger one is an error naming the limit).
+    async fn read_file(&self, id: &str, path: &str, max_bytes: u64) -> Result<Vec<u8>, SandboxError>;
+    /// Deletes a sandbox.
+    async fn delete(&self, id: &str) -> Result<(), SandboxError>;
+}
+
+/// The error for a file larger than the read limit.
+pub fn too_large(id: &str, path: &str, max_bytes: u64) -> SandboxError {
+    SandboxError::Failed(format!(
+        "file {path} in sandbox {id} is larger than the {max_bytes}-byte read limit of sandbox-exec"
+    ))
+}

@@ -1,0 +1,134 @@
+//! The capability's state (owned by the embedder), the view the generated
+//! `Host` traits are implemented on, and `add_to_linker`, in the shape of
+//! wasmtime-wasi's `WasiCtx` / `WasiCtxView` / `add_to_linker_async`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{HasData, Linker, ResourceTable};
+
+use super::backend::SandboxBackend;
+use super::bindings::snapsign::components::{sandbox_exec, types};
+use crate::outbound::AllowList;
+
+/// What one guest may do through `sandbox-exec`, whatever the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxExecLimits {
+    /// Sandboxes created and not yet deleted (a build uses one).
+    pub max_sandboxes: usize,
+    /// File writers open at once.
+    pub max_open_writers: usize,
+    /// Largest file `read-file` returns (metadata.json is a few KiB).
+    pub max_read_bytes: u64,
+    /// Largest `write-file` (spec.json with 10,000 part URLs is a few MiB).
+    pub max_write_bytes: usize,
+    /// Stdout `run-captured` keeps (diagnostics); more is cut.
+    pub max_captured_bytes: usize,
+}
+
+impl Default for SandboxExecLimits {
+    fn default() -> Self {
+        SandboxExecLimits {
+            max_sandboxes: 4,
+            max_open_writers: 8,
+            max_read_bytes: 64 << 20,
+            max_write_bytes: 64 << 20,
+            max_captured_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Receives output lines of `run` calls made with `log-output`: (stream, line).
+pub type OutputFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Per-guest state of `sandbox-exec`: the backend, the limits, the
+/// outbound policy proxy endpoints are checked against, and what the guest
+/// created. The embedder builds it when the build starts.
+pub struct SandboxExecCtx {
+    pub(super) backend: Arc<dyn SandboxBackend>,
+    pub(super) limits: SandboxExecLimits,
+    pub(super) outbound: AllowList,
+    pub(super) on_output: Option<OutputFn>,
+    pub(super) sandboxes: HashSet<String>,
+    pub(super) open_writers: usize,
+    pub(super) logged_run_time: Duration,
+}
+
+impl SandboxExecCtx {
+    /// Sandboxes from `backend`; proxy endpoints must be reachable under
+    /// `outbound`, the policy the embedder gave the guest's wasi:http (the
+    /// capability reads it, it never widens it).
+    pub fn new(backend: Arc<dyn SandboxBackend>, outbound: AllowList) -> Self {
+        SandboxExecCtx {
+            backend,
+            limits: SandboxExecLimits::default(),
+            outbound,
+            on_output: None,
+            sandboxes: HashSet::new(),
+            open_writers: 0,
+            logged_run_time: Duration::ZERO,
+        }
+    }
+
+    /// Replaces the default limits.
+    pub fn with_limits(mut self, limits: SandboxExecLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Where the output of `run` calls made with `log-output` goes.
+    pub fn with_output(mut self, on_output: OutputFn) -> Self {
+        self.on_output = Some(on_output);
+        self
+    }
+
+    /// Time spent in `run` calls made with `log-output` (the builder itself).
+    pub fn logged_run_time(&self) -> Duration {
+        self.logged_run_time
+    }
+
+    /// Sandboxes the guest created and has not deleted.
+    pub fn live_sandboxes(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.sandboxes.iter().cloned().collect();
+        ids.sort();
+        ids
+    }
+}
+
+impl std::fmt::Debug for SandboxExecCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxExecCtx")
+            .field("limits", &self.limits)
+            .field("sandboxes", &self.sandboxes)
+            .field("open_writers", &self.open_writers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A borrow of the capability's state and the guest's resource table; the
+/// generated `Host` traits are implemented on it.
+pub struct SandboxExecView<'a> {
+    /// The capability's state.
+    pub ctx: &'a mut SandboxExecCtx,
+    /// The guest's resource table (file writers live there).
+    pub table: &'a mut ResourceTable,
+}
+
+/// The [`HasData`] marker whose data is a [`SandboxExecView`].
+pub struct SandboxExec;
+
+impl HasData for SandboxExec {
+    type Data<'a> = SandboxExecView<'a>;
+}
+
+/// Adds `snapsign:components/sandbox-exec` (and its `types`) to `linker`;
+/// `getter` borrows the view out of the store's data.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    getter: fn(&mut T) -> SandboxExecView<'_>,
+) -> wasmtime::Result<()> {
+    types::add_to_linker::<T, SandboxExec>(linker, getter)?;
+    sandbox_exec::add_to_linker::<T, SandboxExec>(linker, getter)?;
+    Ok(())
+}

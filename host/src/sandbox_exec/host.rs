@@ -1,0 +1,216 @@
+//! The generated `Host` traits, implemented on [`SandboxExecView`]: checks
+//! and limits here, mechanics in the backend.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Resource;
+
+use super::backend::{self, FileSink};
+use super::bindings::snapsign::components::{sandbox_exec, types};
+use super::ctx::SandboxExecView;
+
+impl From<backend::SandboxError> for types::SandboxError {
+    fn from(e: backend::SandboxError) -> Self {
+        match e {
+            backend::SandboxError::Transient(m) => types::SandboxError::Transient(m),
+            backend::SandboxError::Gone(m) => types::SandboxError::Gone(m),
+            backend::SandboxError::Denied(m) => types::SandboxError::Denied(m),
+            backend::SandboxError::Failed(m) => types::SandboxError::Failed(m),
+        }
+    }
+}
+
+fn spec(spec: types::ProcessSpec) -> backend::ProcessSpec {
+    backend::ProcessSpec {
+        command: spec.command,
+        args: spec.args,
+        env: spec.env,
+        working_dir: spec.working_dir,
+        as_root: spec.as_root,
+    }
+}
+
+fn exit(status: backend::ExitStatus) -> types::ExitStatus {
+    types::ExitStatus { code: status.code, oom_killed: status.oom_killed }
+}
+
+fn failed(message: String) -> types::SandboxError {
+    types::SandboxError::Failed(message)
+}
+
+impl SandboxExecView<'_> {
+    /// Only sandboxes this guest created are reachable (the token may reach more).
+    fn own(&self, id: &str) -> Result<(), types::SandboxError> {
+        if self.ctx.sandboxes.contains(id) {
+            Ok(())
+        } else {
+            Err(failed(format!(
+                "sandbox {id} was not created through this sandbox-exec; only sandboxes the build created are reachable"
+            )))
+        }
+    }
+}
+
+impl types::Host for SandboxExecView<'_> {}
+
+impl sandbox_exec::Host for SandboxExecView<'_> {
+    async fn create(
+        &mut self,
+        image: String,
+        resources: types::Resources,
+        timeout_secs: i64,
+    ) -> Result<types::Sandbox, types::SandboxError> {
+        let max = self.ctx.limits.max_sandboxes;
+        if self.ctx.sandboxes.len() >= max {
+            return Err(failed(format!(
+                "sandbox-exec allows {max} live sandboxes per guest; delete one ({}) before creating another",
+                self.ctx.live_sandboxes().join(", ")
+            )));
+        }
+        let resources =
+            backend::Resources { cpus: resources.cpus, memory_mb: resources.memory_mb, disk_mb: resources.disk_mb };
+        let created = self.ctx.backend.create(&image, resources, timeout_secs).await?;
+        tracing::info!(sandbox = %created.id, "builder sandbox created");
+        self.ctx.sandboxes.insert(created.id.clone());
+        Ok(types::Sandbox { id: created.id, status: created.status })
+    }
+
+    async fn status(&mut self, id: String) -> Result<String, types::SandboxError> {
+        self.own(&id)?;
+        Ok(self.ctx.backend.status(&id).await?)
+    }
+
+    async fn proxy(&mut self, id: String) -> Result<types::ProxyEndpoint, types::SandboxError> {
+        self.own(&id)?;
+        let endpoint = self.ctx.backend.proxy(&id)?;
+        // The guest calls this endpoint over wasi:http: it must already be
+        // admitted by the policy the embedder set; nothing here widens it.
+        let url = url::Url::parse(&endpoint.base_url)
+            .map_err(|e| failed(format!("the proxy URL of sandbox {id} ({}) is not a URL: {e}", endpoint.base_url)))?;
+        let authority = match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            (None, _) => return Err(failed(format!("the proxy URL of sandbox {id} ({url}) names no host"))),
+        };
+        if !self.ctx.outbound.permits(&authority, url.scheme() == "https") {
+            return Err(failed(format!(
+                "the proxy of sandbox {id} is at {authority}, which this build's outbound allow-list does not \
+                 admit; add it when the build starts (`--allow-host {authority}`) if you trust it"
+            )));
+        }
+        Ok(types::ProxyEndpoint { base_url: endpoint.base_url, headers: endpoint.headers })
+    }
+
+    async fn run(
+        &mut self,
+        id: String,
+        process: types::ProcessSpec,
+        log_output: bool,
+    ) -> Result<types::ExitStatus, types::SandboxError> {
+        self.own(&id)?;
+        let on_output = if log_output { self.ctx.on_output.clone() } else { None };
+        let mut sink = |stream: &str, line: &str| {
+            if let Some(on_output) = &on_output {
+                on_output(stream, line);
+            }
+        };
+        let started = Instant::now();
+        let result = self.ctx.backend.run(&id, spec(process), &mut sink).await;
+        if log_output {
+            self.ctx.logged_run_time += started.elapsed();
+        }
+        Ok(exit(result?))
+    }
+
+    async fn run_captured(
+        &mut self,
+        id: String,
+        process: types::ProcessSpec,
+        timeout_secs: u32,
+    ) -> Result<(types::ExitStatus, Vec<String>), types::SandboxError> {
+        self.own(&id)?;
+        let max = self.ctx.limits.max_captured_bytes;
+        let (mut lines, mut kept, mut cut) = (Vec::new(), 0usize, false);
+        let mut sink = |stream: &str, line: &str| {
+            if stream == "stderr" || cut {
+                return;
+            }
+            if kept + line.len() > max {
+                cut = true;
+                lines.push(format!("[output cut at {max} bytes by sandbox-exec]"));
+                return;
+            }
+            kept += line.len();
+            lines.push(line.to_owned());
+        };
+        let limit = Duration::from_secs(u64::from(timeout_secs.max(1)));
+        let status = tokio::time::timeout(limit, self.ctx.backend.run(&id, spec(process), &mut sink))
+            .await
+            .map_err(|_| failed(format!("diagnostic process did not finish within {limit:?}")))??;
+        Ok((exit(status), lines))
+    }
+
+    async fn write_file(&mut self, id: String, path: String, contents: Vec<u8>) -> Result<(), types::SandboxError> {
+        self.own(&id)?;
+        let max = self.ctx.limits.max_write_bytes;
+        if contents.len() > max {
+            return Err(failed(format!(
+                "write-file of {path} is {} bytes, over sandbox-exec's {max}-byte limit; stream it with open-file-writer",
+                contents.len()
+            )));
+        }
+        Ok(self.ctx.backend.write_file(&id, &path, contents).await?)
+    }
+
+    async fn open_file_writer(&mut self, id: String, path: String) -> Result<Resource<FileSink>, types::SandboxError> {
+        self.own(&id)?;
+        let max = self.ctx.limits.max_open_writers;
+        if self.ctx.open_writers >= max {
+            return Err(failed(format!(
+                "sandbox-exec allows {max} open file writers; finish and drop one before opening {path}"
+            )));
+        }
+        let sink = self.ctx.backend.open_file(&id, &path).await?;
+        let writer = self.table.push(sink).map_err(|e| failed(format!("file writer for {path}: {e}")))?;
+        self.ctx.open_writers += 1;
+        Ok(writer)
+    }
+
+    async fn read_file(&mut self, id: String, path: String) -> Result<Vec<u8>, types::SandboxError> {
+        self.own(&id)?;
+        Ok(self.ctx.backend.read_file(&id, &path, self.ctx.limits.max_read_bytes).await?)
+    }
+
+    async fn delete(&mut self, id: String) -> Result<(), types::SandboxError> {
+        self.own(&id)?;
+        match self.ctx.backend.delete(&id).await {
+            Ok(()) => {
+                self.ctx.sandboxes.remove(&id);
+                Ok(())
+            }
+            Err(backend::SandboxError::Gone(m)) => {
+                self.ctx.sandboxes.remove(&id);
+                Err(types::SandboxError::Gone(m))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl sandbox_exec::HostFileWriter for SandboxExecView<'_> {
+    async fn write(&mut self, writer: Resource<FileSink>, chunk: Vec<u8>) -> Result<(), types::SandboxError> {
+        let sink = self.table.get_mut(&writer).map_err(|e| failed(format!("file writer: {e}")))?;
+        Ok(sink.write(chunk).await?)
+    }
+
+    async fn finish(&mut self, writer: Resource<FileSink>) -> Result<u64, types::SandboxError> {
+        let sink = self.table.get_mut(&writer).map_err(|e| failed(format!("file writer: {e}")))?;
+        Ok(sink.finish().await?)
+    }
+
+    async fn drop(&mut self, writer: Resource<FileSink>) -> wasmtime::Result<()> {
+        self.table.delete(writer)?;
+        self.ctx.open_writers = self.ctx.open_writers.saturating_sub(1);
+        Ok(())
+    }
+}
