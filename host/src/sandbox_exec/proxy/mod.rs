@@ -15,7 +15,8 @@ mod routing;
 pub mod sse;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snapsign::image_build::transient::is_transient;
@@ -43,6 +44,8 @@ pub struct ProxyBackend {
     localhost: bool,
     known: Mutex<HashMap<String, Known>>,
     keepalive: Duration,
+    /// Keepalive tasks alive now (each ends with its run).
+    keepalives: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for ProxyBackend {
@@ -95,7 +98,13 @@ impl ProxyBackend {
             localhost,
             known: Mutex::new(HashMap::new()),
             keepalive: KEEPALIVE_INTERVAL,
+            keepalives: Arc::default(),
         }
+    }
+
+    /// Keepalive tasks still alive: 0 once every run has ended.
+    pub fn keepalives_running(&self) -> usize {
+        self.keepalives.load(Ordering::SeqCst)
     }
 
     /// Changes the keepalive interval (tests use a short one).

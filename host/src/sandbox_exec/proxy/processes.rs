@@ -2,6 +2,8 @@
 //! status (wit/protocol.md §4.2–§4.3), and health pings while one runs (§5.4).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -59,6 +61,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Counts a keepalive task from its spawn until it is dropped.
+struct KeepaliveCount(Arc<AtomicUsize>);
+
+impl KeepaliveCount {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        KeepaliveCount(count.clone())
+    }
+}
+
+impl Drop for KeepaliveCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The terminal status in a process answer, or `None` while it runs.
 fn exit_status(info: &Value) -> Option<ExitStatus> {
     let oom = info["oom_killed"] == true
@@ -82,7 +100,10 @@ impl ProxyBackend {
     fn keepalive(&self, id: &str) -> Option<tokio::task::JoinHandle<()>> {
         let request = self.proxy_request(id, reqwest::Method::GET, "/api/v1/health").ok()?.bearer_auth(&self.token);
         let interval = self.keepalive;
+        let alive = KeepaliveCount::enter(&self.keepalives);
         Some(tokio::spawn(async move {
+            // Dropped when the task ends or is aborted.
+            let _alive = alive;
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             ticks.tick().await; // the first tick is immediate: skip it
