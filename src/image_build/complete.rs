@@ -1,9 +1,9 @@
 //! The completion request, from metadata.json, the prepared spec and the
 //! signed uri (wit/protocol.md §2.6, §5.8).
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use super::splice::Prepared;
+use crate::wire::{Metadata, Prepared};
 
 /// Snapshot format of the CAS-streaming branch.
 pub const CAS_FORMAT: &str = "content_addressed_streaming_v1";
@@ -41,42 +41,6 @@ impl std::fmt::Display for CompleteError {
 
 impl std::error::Error for CompleteError {}
 
-fn camel(snake: &str) -> String {
-    let mut out = String::new();
-    let mut upper = false;
-    for c in snake.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.extend(c.to_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Snake key first; camelCase only when the snake key is absent (a
-/// present non-string snake value hides the camel one, as the SDK does).
-fn string(meta: &Map<String, Value>, snake: &str) -> Option<String> {
-    match meta.get(snake) {
-        Some(v) => v.as_str().map(str::to_owned),
-        None => meta.get(&camel(snake)).and_then(Value::as_str).map(str::to_owned),
-    }
-}
-
-/// A non-negative integer or a decimal string.
-fn number(meta: &Map<String, Value>, snake: &'static str) -> Result<u64, CompleteError> {
-    let value = meta.get(snake).or_else(|| meta.get(&camel(snake)));
-    match value {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) => s.trim().parse().ok(),
-        _ => None,
-    }
-    .ok_or(CompleteError::MissingField { field: snake, numeric: true })
-}
-
 /// The completion URI: signed first (metadata must agree), then metadata, then prepared.
 pub fn snapshot_uri(
     signed: Option<&str>,
@@ -99,20 +63,27 @@ pub fn completion(
     metadata: &Value,
     computed_rootfs_bytes: u64,
 ) -> Result<Value, CompleteError> {
-    let meta = metadata.as_object().ok_or(CompleteError::NotAnObject)?;
-    let uri = snapshot_uri(signed_uri, string(meta, "snapshot_uri").as_deref(), prepared.snapshot_uri.as_deref())?;
-    let snapshot_id = string(meta, "snapshot_id").unwrap_or_else(|| prepared.snapshot_id.clone());
-    let node_kind = string(meta, "rootfs_node_kind").unwrap_or_else(|| prepared.rootfs_node_kind.clone());
-    let cas = string(meta, "rootfs_format").as_deref() == Some("cas-streaming");
+    let meta = Metadata::read(metadata).map_err(|_| CompleteError::NotAnObject)?;
+    let number = |value: Option<u64>, field: &'static str| value.ok_or(CompleteError::MissingField { field, numeric: true });
+    let uri = snapshot_uri(signed_uri, meta.snapshot_uri.as_deref(), prepared.snapshot_uri.as_deref())?;
+    let snapshot_id = meta.snapshot_id.unwrap_or_else(|| prepared.snapshot_id.clone());
+    let node_kind = meta.rootfs_node_kind.unwrap_or_else(|| prepared.rootfs_node_kind.clone());
+    let cas = meta.rootfs_format.as_deref() == Some("cas-streaming");
     let (format, size, disk) = if cas {
-        (CAS_FORMAT.to_owned(), number(meta, "image_size_bytes")?, computed_rootfs_bytes)
+        (CAS_FORMAT.to_owned(), number(meta.image_size_bytes, "image_size_bytes")?, computed_rootfs_bytes)
     } else {
-        let format = string(meta, "snapshot_format_version")
+        let format = meta
+            .snapshot_format_version
             .ok_or(CompleteError::MissingField { field: "snapshot_format_version", numeric: false })?;
-        (format, number(meta, "snapshot_size_bytes")?, number(meta, "rootfs_disk_bytes")?)
+        (
+            format,
+            number(meta.snapshot_size_bytes, "snapshot_size_bytes")?,
+            number(meta.rootfs_disk_bytes, "rootfs_disk_bytes")?,
+        )
     };
-    let parent = string(meta, "parent_manifest_uri")
-        .or_else(|| (node_kind == "diff").then(|| prepared.parent.as_ref().map(|(uri, _)| uri.clone())).flatten());
+    let parent = meta.parent_manifest_uri.or_else(|| {
+        (node_kind == "diff").then(|| prepared.parent.as_ref().map(|p| p.parent_manifest_uri.clone())).flatten()
+    });
     if node_kind == "diff" && parent.is_none() {
         return Err(CompleteError::NoParentManifest);
     }
@@ -140,7 +111,7 @@ mod tests {
         if parent {
             v["parent"] = json!({"parentManifestUri": "s3://bucket/parent.tlsnap"});
         }
-        Prepared::parse(v).unwrap()
+        Prepared::parse(&v).unwrap()
     }
 
     fn meta() -> Value {
