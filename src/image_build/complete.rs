@@ -64,7 +64,8 @@ pub fn completion(
     computed_rootfs_bytes: u64,
 ) -> Result<Value, CompleteError> {
     let meta = Metadata::read(metadata).map_err(|_| CompleteError::NotAnObject)?;
-    let number = |value: Option<u64>, field: &'static str| value.ok_or(CompleteError::MissingField { field, numeric: true });
+    let number =
+        |value: Option<u64>, field: &'static str| value.ok_or(CompleteError::MissingField { field, numeric: true });
     let uri = snapshot_uri(signed_uri, meta.snapshot_uri.as_deref(), prepared.snapshot_uri.as_deref())?;
     let snapshot_id = meta.snapshot_id.unwrap_or_else(|| prepared.snapshot_id.clone());
     let node_kind = meta.rootfs_node_kind.unwrap_or_else(|| prepared.rootfs_node_kind.clone());

@@ -95,7 +95,10 @@ mod tests {
         let p = Prepared::parse(&new_shape()).unwrap();
         assert_eq!(p.snapshot_uri, None);
         let parent = p.parent.unwrap();
-        assert_eq!((parent.parent_manifest_uri.as_str(), parent.rootfs_disk_bytes), ("s3://bucket/parent.tlsnap", Some(21474836480)));
+        assert_eq!(
+            (parent.parent_manifest_uri.as_str(), parent.rootfs_disk_bytes),
+            ("s3://bucket/parent.tlsnap", Some(21474836480))
+        );
         assert_eq!(p.builder.disk_mb, 30720);
         assert_eq!(p.rest["futureField"]["kept"], true);
         assert!(Prepared::parse(&json!({"buildId": "b"})).unwrap_err().to_string().contains("missing field"));

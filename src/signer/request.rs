@@ -10,7 +10,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::{Map, Number, Value};
 
 use super::error::SignError;
-use crate::wire::sign::{MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MultipartHint, Op, SignRequest, Target};
+use crate::wire::sign::{
+    MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MultipartHint, Op, SignRequest, Target,
+};
 
 fn object<'a>(parent: &'a Map<String, Value>, field: &'static str) -> Result<&'a Map<String, Value>, SignError> {
     match parent.get(field) {
@@ -228,7 +230,7 @@ mod tests {
             SignRequest::put_artifact("a/b", Some(MultipartHint { max_parts: 160, part_size_bytes: 67108864 })),
             SignRequest::get_blob("s3://snapshots/builds/default/sandbox-template-builds/build-3/snap-3.tlsnap"),
         ] {
-            assert_eq!(parse(&serde_json::to_vec(&request).unwrap()), Ok(request));
+            assert_eq!(parse(&serde_json::to_string(&request).unwrap()), Ok(request));
         }
     }
 

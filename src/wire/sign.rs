@@ -302,8 +302,7 @@ mod tests {
 
     #[test]
     fn readers_take_defaults_and_ignore_unknown_fields_but_refuse_unknown_kinds() {
-        let put: Upload =
-            serde_json::from_str(r#"{"kind":"single_put","url":"http://h/k","somethingNew":1}"#).unwrap();
+        let put: Upload = serde_json::from_str(r#"{"kind":"single_put","url":"http://h/k","somethingNew":1}"#).unwrap();
         let Upload::SinglePut(put) = put else { panic!() };
         assert_eq!((put.method.as_str(), put.uri, put.headers.len()), ("PUT", None, 0));
         let Download::SingleGet(get) = serde_json::from_str(r#"{"kind":"single_get","url":"http://h/k"}"#).unwrap();
@@ -345,7 +344,10 @@ mod tests {
         let single: Value = serde_json::from_str(SINGLE_PUT).unwrap();
         assert_eq!(UploadHead::read(&single).abort_url, None);
         // A kind this model does not know: the uri still counts.
-        assert_eq!(UploadHead::read(&json!({"kind": "gcs_resumable", "uri": "gs://b/k"})).uri.as_deref(), Some("gs://b/k"));
+        assert_eq!(
+            UploadHead::read(&json!({"kind": "gcs_resumable", "uri": "gs://b/k"})).uri.as_deref(),
+            Some("gs://b/k")
+        );
         assert_eq!(UploadHead::read(&json!({"kind": "s3_multipart", "uri": 7})), UploadHead::default());
     }
 

@@ -2,8 +2,8 @@
 //! written from the core's wire model with the injected faults applied.
 
 use serde_json::{Value, json};
-pub use snapsign::wire::metadata::FIELDS;
 use snapsign::wire::Metadata;
+pub use snapsign::wire::metadata::FIELDS;
 
 use crate::faults::Faults;
 use crate::snapshot::FORMAT_VERSION;

@@ -19,6 +19,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use self::backend::{FileSink, SandboxBackend, SandboxError};
 use crate::engine::{self, EngineLimits, WasmtimeResultExt};
 use crate::outbound::AllowList;
+use snapsign::presign::authority;
 
 /// The builder component, built by `host/build.rs` from `src/bin/builder.rs`.
 pub const BUILDER_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_BUILDER_WASM"));
@@ -253,15 +254,6 @@ pub struct RunTimings {
     pub run: Duration,
     /// Of `run`, the builder process (start to exit, as the host saw it).
     pub builder: Duration,
-}
-
-fn authority(url: &str) -> Option<String> {
-    let parsed = url::Url::parse(url).ok()?;
-    let host = parsed.host_str()?;
-    Some(match parsed.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
-    })
 }
 
 /// Runs one build with the `proxy` backend against `options.api_url`.

@@ -274,12 +274,7 @@ impl SandboxBackend for ProxyBackend {
             sandbox_url: created["sandbox_url"].as_str().map(str::to_owned),
             routing_hint: created["routing_hint"].as_str().map(str::to_owned),
         };
-        if let Some(authority) = known.sandbox_url.as_deref().and_then(|u| url::Url::parse(u).ok()).and_then(|u| {
-            u.host_str().map(|h| match u.port() {
-                Some(p) => format!("{h}:{p}"),
-                None => h.to_owned(),
-            })
-        }) {
+        if let Some(authority) = known.sandbox_url.as_deref().and_then(snapsign::presign::authority) {
             self.outbound.allow(&authority);
         }
         self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), known);
