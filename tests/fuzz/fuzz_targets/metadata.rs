@@ -5,7 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
-use snapsign::image_build::{complete, splice};
+use snapsign::image_build::complete;
+use snapsign::wire::Prepared;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
@@ -16,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     if mode & 2 != 0 {
         spec["parent"] = json!({"parentManifestUri": "s3://bucket/parent"});
     }
-    let prepared = splice::Prepared::parse(spec).unwrap();
+    let prepared = Prepared::parse(&spec).unwrap();
     let signed = (mode & 4 != 0).then_some("s3://bucket/signed");
     match complete::completion(&prepared, signed, &metadata, u64::from(mode)) {
         Ok(body) => {
