@@ -12,7 +12,7 @@ use super::{request, validate};
 use crate::presign::{Method, ObjectUrl, Presigner};
 use crate::token;
 use crate::wire::sign::{
-    Download, MultipartHint, Op, S3Multipart, SingleGet, SinglePut, StreamedPartUrls, Target, Upload,
+    Download, MultipartHint, Op, S3Multipart, SingleGet, SinglePut, Target, Upload, s3_multipart_json,
 };
 
 /// The one route the signer serves.
@@ -114,11 +114,7 @@ impl PendingUpload {
             }
         };
         let (p, object) = (&self.presigner, &self.object);
-        // Up to 10,000 URLs: streamed into the body as they are signed, never held as a list.
-        let part_urls = StreamedPartUrls::new(|emit: &mut dyn FnMut(u32, &str)| {
-            p.each_upload_part_url(object, &upload_id, self.hint.max_parts, emit)
-        });
-        ok(&Upload::S3Multipart(S3Multipart {
+        let head = S3Multipart {
             uri: Some(self.uri.clone()),
             upload_id: upload_id.clone(),
             part_size_bytes: self.hint.part_size_bytes,
@@ -127,8 +123,14 @@ impl PendingUpload {
             abort_url: Some(p.presign(Method::Delete, object, &[("uploadId", &upload_id)])),
             expires_at: Some(self.expires_at.clone()),
             headers: BTreeMap::new(),
-            part_urls,
-        }))
+            part_urls: [],
+        };
+        // Each part costs its URL (about the complete URL's length) and its JSON frame.
+        let capacity = (self.hint.max_parts as usize + 3) * (head.complete_url.len() + 48);
+        let body = s3_multipart_json(head, capacity, |emit| {
+            p.each_upload_part_url(object, &upload_id, self.hint.max_parts, emit)
+        });
+        Answer { status: 200, body, log: None }
     }
 
     /// The store could not be reached at all; `detail` goes to the log only.
