@@ -125,8 +125,9 @@ impl PendingUpload {
             headers: BTreeMap::new(),
             part_urls: [],
         };
-        // Each part costs its URL (about the complete URL's length) and its JSON frame.
-        let capacity = (self.hint.max_parts as usize + 3) * (head.complete_url.len() + 48);
+        // A part URL is the complete URL plus `partNumber=N&` (up to 17 bytes); its JSON
+        // frame adds 36 at most: reserve it all, so the 4 MB body is never copied to grow.
+        let capacity = (self.hint.max_parts as usize + 3) * (head.complete_url.len() + 64);
         let body = s3_multipart_json(head, capacity, |emit| {
             p.each_upload_part_url(object, &upload_id, self.hint.max_parts, emit)
         });
