@@ -1,12 +1,14 @@
 //! The prepare answer (`POST …/sandbox-template-builds`, wit/protocol.md
 //! §2.4): the fields the build client types. The dev stack writes it with
 //! this type; the build flow reads it, and passes the raw object on as
-//! spec.json (§5.6), unknown fields included.
+//! spec.json (§5.6), unknown fields included. What the client passes through
+//! unread (`upload`, `parent.download`, …) stays untyped here, so a shape
+//! only the platform's builder knows still passes.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::sign::{Download, Upload};
+use super::sign::Download;
 
 /// A prepared build, as the client types it; everything else rides in `rest`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,13 +28,10 @@ pub struct Prepared {
     pub snapshot_rel_path: Option<String>,
     /// The builder sandbox and command.
     pub builder: Builder,
-    /// The parent of a diff build.
+    /// The parent of a diff build; its `download` passes through unread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<Parent>,
-    /// The legacy shape's presigned upload (used as is).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upload: Option<Upload>,
-    /// Everything the client passes through unread (`runtimeContract`, `additionalLocalImages`, …).
+    pub parent: Option<Parent<Value>>,
+    /// Everything the client passes through unread (`upload`, `runtimeContract`, `additionalLocalImages`, …).
     #[serde(flatten)]
     pub rest: Map<String, Value>,
 }
@@ -53,10 +52,11 @@ pub struct Builder {
     pub disk_mb: u64,
 }
 
-/// The `parent` block of a diff build: in the prepare answer, and in spec.json.
+/// The `parent` block of a diff build: in the prepare answer (`D` is then
+/// opaque JSON) and in spec.json (`D` is the typed [`Download`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Parent {
+pub struct Parent<D = Download> {
     /// The parent snapshot's URI (get_blob target).
     pub parent_manifest_uri: String,
     /// The parent's rootfs size, the default size of a diff build (§5.7).
@@ -66,8 +66,8 @@ pub struct Parent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_sha256: Option<String>,
     /// How to fetch the parent (presigned by the legacy platform, or spliced by the client).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub download: Option<Download>,
+    #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
+    pub download: Option<D>,
 }
 
 /// A prepare answer that is not a prepared build.
@@ -112,15 +112,20 @@ mod tests {
     }
 
     #[test]
-    fn the_legacy_shape_reads_its_upload_and_parent_download() {
+    fn the_legacy_shape_passes_its_upload_and_parent_download_through() {
         let legacy = json!({"buildId": "b", "snapshotId": "s", "rootfsNodeKind": "diff", "snapshotUri": "s3://b/k",
             "builder": {"image": "i", "command": "c", "cpus": 2, "memoryMb": 1, "diskMb": 1},
             "upload": {"kind": "single_put", "uri": "s3://b/k", "method": "PUT", "url": "http://h/k", "headers": {}},
             "parent": {"parentManifestUri": "s3://b/p", "download": {"kind": "single_get", "url": "http://h/p"}}});
         let prepared = Prepared::parse(&legacy).unwrap();
         assert_eq!(prepared.builder.cpus, 2.0);
-        assert_eq!(prepared.upload.as_ref().and_then(Upload::uri), Some("s3://b/k"));
-        assert!(matches!(prepared.parent.unwrap().download, Some(Download::SingleGet(_))));
+        assert_eq!(prepared.rest["upload"], legacy["upload"]);
+        assert_eq!(prepared.parent.unwrap().download.as_ref(), Some(&legacy["parent"]["download"]));
+        // Kinds only the platform's builder knows pass too: the client does not read them.
+        let mut future = legacy.clone();
+        future["upload"] = json!({"kind": "gcs_resumable", "sessionUrl": "https://storage/x"});
+        future["parent"]["download"] = json!({"kind": "gcs_get"});
+        assert!(Prepared::parse(&future).is_ok());
     }
 
     #[test]

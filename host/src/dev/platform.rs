@@ -155,7 +155,6 @@ impl Emulator {
                 disk_mb: 2048,
             },
             parent: None,
-            upload: None,
             rest: Map::from_iter([(
                 "runtimeContract".to_owned(),
                 json!({"guestRuntimeLayout": "embedded", "emulator": "snapsign dev"}),
@@ -168,32 +167,36 @@ impl Emulator {
                 snapshot_sha256: Some(parent.snapshot_sha256.clone()),
                 // (inferred, wit/protocol.md §2.4) the legacy platform presigned parent reads itself.
                 download: match shape {
-                    PrepareShape::Legacy => Some(Download::SingleGet(self.presigned_get(&parent.snapshot_uri)?)),
+                    PrepareShape::Legacy => Some(
+                        serde_json::to_value(Download::SingleGet(self.presigned_get(&parent.snapshot_uri)?))
+                            .expect("answers serialize"),
+                    ),
                     _ => None,
                 },
             });
         }
         let legacy_upload = |uri: &str, key: &str| {
             let object = self.signer.endpoint.object(&self.signer.bucket, key);
-            Upload::SinglePut(SinglePut {
+            let upload = Upload::<()>::SinglePut(SinglePut {
                 uri: Some(uri.to_owned()),
                 method: Method::Put.as_str().into(),
                 url: self.presigner().presign(Method::Put, &object, &[]),
                 headers: Default::default(),
                 expires_at: Some(self.expires_at()),
-            })
+            });
+            serde_json::to_value(upload).expect("answers serialize")
         };
         match shape {
             PrepareShape::New => prepared.snapshot_rel_path = Some(rel_path),
             PrepareShape::Legacy => {
-                prepared.upload = Some(legacy_upload(&snapshot_uri, &key));
+                prepared.rest.insert("upload".into(), legacy_upload(&snapshot_uri, &key));
                 prepared.snapshot_uri = Some(snapshot_uri.clone());
             }
             PrepareShape::Both => {
                 let stale_key = format!("stale/{key}");
                 let stale = wire::object_uri(&self.signer.bucket, &stale_key);
                 prepared.snapshot_rel_path = Some(rel_path);
-                prepared.upload = Some(legacy_upload(&stale, &stale_key));
+                prepared.rest.insert("upload".into(), legacy_upload(&stale, &stale_key));
                 prepared.snapshot_uri = Some(stale);
             }
         }
