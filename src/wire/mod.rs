@@ -15,3 +15,41 @@ pub use sign::{
     object_uri,
 };
 pub use spec::Spec;
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    const PROTOCOL: &str = include_str!("../../wit/protocol.md");
+
+    /// The JSON values of the first ```json block under `heading` in wit/protocol.md.
+    fn examples(heading: &str) -> Vec<Value> {
+        let section = PROTOCOL.split_once(heading).unwrap_or_else(|| panic!("protocol.md has no '{heading}'")).1;
+        let block = section.split_once("```json\n").expect("a json block").1.split_once("```").unwrap().0;
+        serde_json::Deserializer::from_str(block)
+            .into_iter::<Value>()
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("the json block under '{heading}' does not parse: {e}"))
+    }
+
+    #[test]
+    fn the_documented_sign_requests_read_and_write_back_unchanged() {
+        let requests = examples("### 4.7 Blob signing");
+        assert_eq!(requests.len(), 2);
+        for example in requests {
+            let text = example.to_string();
+            let parsed = crate::signer::request::parse(text.as_bytes()).unwrap();
+            assert_eq!(serde_json::to_value(&parsed).unwrap(), example);
+        }
+    }
+
+    #[test]
+    fn the_documented_prepare_answer_reads_and_writes_back_unchanged() {
+        let [example] = examples("### 2.4 Prepare response").try_into().unwrap();
+        let prepared = Prepared::parse(&example).unwrap();
+        assert_eq!(prepared.snapshot_rel_path.as_deref(), Some("sandbox-template-builds/build-7/snap-7.tlsnap"));
+        assert_eq!(serde_json::to_value(&prepared).unwrap(), example);
+    }
+}
