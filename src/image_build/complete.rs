@@ -1,9 +1,9 @@
 //! The completion request, from metadata.json, the prepared spec and the
 //! signed uri (wit/protocol.md §2.6, §5.8).
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::wire::{Metadata, Prepared};
+use crate::wire::{CompleteRequest, Metadata, Prepared};
 
 /// Snapshot format of the CAS-streaming branch.
 pub const CAS_FORMAT: &str = "content_addressed_streaming_v1";
@@ -62,7 +62,7 @@ pub fn completion(
     signed_uri: Option<&str>,
     metadata: &Value,
     computed_rootfs_bytes: u64,
-) -> Result<Value, CompleteError> {
+) -> Result<CompleteRequest, CompleteError> {
     let meta = Metadata::read(metadata).map_err(|_| CompleteError::NotAnObject)?;
     let number =
         |value: Option<u64>, field: &'static str| value.ok_or(CompleteError::MissingField { field, numeric: true });
@@ -88,20 +88,33 @@ pub fn completion(
     if node_kind == "diff" && parent.is_none() {
         return Err(CompleteError::NoParentManifest);
     }
-    let mut body = json!({"snapshotId": snapshot_id, "snapshotUri": uri, "snapshotFormatVersion": format,
-                          "snapshotSizeBytes": size, "rootfsDiskBytes": disk, "rootfsNodeKind": node_kind});
-    if let Some(parent) = parent {
-        body["parentManifestUri"] = json!(parent);
-    }
-    if cas {
-        body["rootfsFormat"] = json!("cas-streaming");
-    }
-    Ok(body)
+    Ok(CompleteRequest {
+        snapshot_id,
+        snapshot_uri: uri,
+        snapshot_format_version: format,
+        snapshot_size_bytes: size,
+        rootfs_disk_bytes: disk,
+        rootfs_node_kind: node_kind,
+        parent_manifest_uri: parent,
+        rootfs_format: cas.then(|| "cas-streaming".to_owned()),
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    /// The completion as the JSON the platform receives.
+    fn completion_json(
+        prepared: &Prepared,
+        signed_uri: Option<&str>,
+        metadata: &Value,
+        computed_rootfs_bytes: u64,
+    ) -> Result<Value, CompleteError> {
+        completion(prepared, signed_uri, metadata, computed_rootfs_bytes).map(|c| serde_json::to_value(c).unwrap())
+    }
 
     fn prepared(kind: &str, uri: Option<&str>, parent: bool) -> Prepared {
         let mut v = json!({"buildId": "build-1", "snapshotId": "snapshot-1", "rootfsNodeKind": kind,
@@ -138,7 +151,8 @@ mod tests {
 
     #[test]
     fn builds_the_protocol_example_completion() {
-        let body = completion(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &meta(), 0).unwrap();
+        let body =
+            completion_json(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &meta(), 0).unwrap();
         assert_eq!(
             body,
             json!({"snapshotId": "snapshot-1", "snapshotUri": "s3://bucket/child.tlsnap", "snapshotFormatVersion": "durable_archive_v1",
@@ -150,31 +164,35 @@ mod tests {
     #[test]
     fn camel_case_numeric_strings_fallbacks_and_missing_fields() {
         let m = json!({"snapshotUri": "s3://m", "snapshotFormatVersion": "v", "snapshotSizeBytes": "77", "rootfsDiskBytes": 5});
-        let body = completion(&prepared("base", Some("s3://p"), false), None, &m, 0).unwrap();
+        let body = completion_json(&prepared("base", Some("s3://p"), false), None, &m, 0).unwrap();
         assert_eq!((body["snapshotUri"].as_str(), body["snapshotSizeBytes"].as_u64()), (Some("s3://m"), Some(77)));
         assert_eq!(body["snapshotId"], "snapshot-1", "falls back to prepare");
         assert!(body.get("parentManifestUri").is_none(), "omitted when absent");
         let mut m = meta();
         m.as_object_mut().unwrap().remove("rootfs_disk_bytes");
-        let err = completion(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &m, 0).unwrap_err();
+        let err = completion_json(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &m, 0).unwrap_err();
         assert_eq!(err.to_string(), "rootfs builder metadata is missing numeric rootfs_disk_bytes");
         // Snake key present but null hides the camel one.
         let m = json!({"snapshot_uri": null, "snapshotUri": "s3://camel", "snapshot_format_version": "v", "snapshot_size_bytes": 1, "rootfs_disk_bytes": 1});
-        assert_eq!(completion(&prepared("base", Some("s3://p"), false), None, &m, 0).unwrap()["snapshotUri"], "s3://p");
+        assert_eq!(
+            completion_json(&prepared("base", Some("s3://p"), false), None, &m, 0).unwrap()["snapshotUri"],
+            "s3://p"
+        );
     }
 
     #[test]
     fn diff_builds_need_a_parent_manifest_and_cas_switches_fields() {
         let mut m = meta();
         m.as_object_mut().unwrap().remove("parent_manifest_uri");
-        let from_prepare = completion(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &m, 0).unwrap();
+        let from_prepare =
+            completion_json(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &m, 0).unwrap();
         assert_eq!(from_prepare["parentManifestUri"], "s3://bucket/parent.tlsnap");
         assert_eq!(
-            completion(&prepared("diff", None, false), Some("s3://bucket/child.tlsnap"), &m, 0),
+            completion_json(&prepared("diff", None, false), Some("s3://bucket/child.tlsnap"), &m, 0),
             Err(CompleteError::NoParentManifest)
         );
         let cas = json!({"rootfs_format": "cas-streaming", "image_size_bytes": 99, "rootfs_node_kind": "base"});
-        let body = completion(&prepared("base", Some("s3://p"), false), None, &cas, 4096).unwrap();
+        let body = completion_json(&prepared("base", Some("s3://p"), false), None, &cas, 4096).unwrap();
         assert_eq!(
             (
                 body["snapshotFormatVersion"].as_str(),

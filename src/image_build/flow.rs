@@ -439,8 +439,9 @@ impl Flow {
                 let metadata: Value =
                     serde_json::from_slice(&bytes).map_err(|e| failed(format!("metadata.json is not JSON: {e}")))?;
                 let prepared = self.prepared();
-                let body = complete::completion(prepared, self.signed_uri.as_deref(), &metadata, self.rootfs_bytes)
+                let request = complete::completion(prepared, self.signed_uri.as_deref(), &metadata, self.rootfs_bytes)
                     .map_err(|e| failed(e.to_string()))?;
+                let body = serde_json::to_value(request).expect("completions serialize");
                 let url = format!("{}/platform/v1/sandbox-template-builds/{}/complete", self.api, prepared.build_id);
                 let call = self.http("POST", url, &self.auth, Some(&body));
                 self.go(State::Complete, call)

@@ -3,11 +3,13 @@
 //! Formats stay byte-compatible with what the public client reads; each file's
 //! tests round-trip the protocol document's literal JSON.
 
+pub mod complete;
 pub mod metadata;
 pub mod prepare;
 pub mod sign;
 pub mod spec;
 
+pub use complete::CompleteRequest;
 pub use metadata::Metadata;
 pub use prepare::{Builder, Parent, Prepared, PreparedError};
 pub use sign::{
@@ -43,6 +45,13 @@ mod tests {
             let parsed = crate::signer::request::parse(text.as_bytes()).unwrap();
             assert_eq!(serde_json::to_value(&parsed).unwrap(), example);
         }
+    }
+
+    #[test]
+    fn the_documented_complete_request_reads_and_writes_back_unchanged() {
+        let [example] = examples("### 2.6 Complete request").try_into().unwrap();
+        let request: CompleteRequest = serde_json::from_value(example.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&request).unwrap(), example);
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! (wit/protocol.md §2).
 
 use http::StatusCode;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use snapsign::presign::Method;
-use snapsign::wire::{self, Download, Prepared, SinglePut, Upload};
+use snapsign::wire::{self, CompleteRequest, Download, Prepared, SinglePut, Upload};
 
 use super::emulator::Emulator;
 use super::http::ApiError;
@@ -40,12 +41,6 @@ pub const SHAPE_HEADER: &str = "x-snapsign-prepare-shape";
 fn string<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
     body.get(field).and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| {
         ApiError::bad_request("missing_field", format!("field '{field}' is required (a non-empty string)"))
-    })
-}
-
-fn number(body: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
-    body.get(field).and_then(Value::as_u64).ok_or_else(|| {
-        ApiError::bad_request("missing_field", format!("field '{field}' is required (a non-negative integer)"))
     })
 }
 
@@ -241,15 +236,29 @@ impl Emulator {
                 format!("build {build_id} was already completed"),
             ));
         }
-        let body =
-            body.as_object().ok_or_else(|| ApiError::bad_request("invalid_body", "body must be a JSON object"))?;
-        let snapshot_id = string(body, "snapshotId")?;
-        let snapshot_uri = string(body, "snapshotUri")?;
-        let format_version = string(body, "snapshotFormatVersion")?;
-        let size = number(body, "snapshotSizeBytes")?;
-        let disk = number(body, "rootfsDiskBytes")?;
-        let node_kind = string(body, "rootfsNodeKind")?;
-        let parent = body.get("parentManifestUri").and_then(Value::as_str);
+        if !body.is_object() {
+            return Err(ApiError::bad_request("invalid_body", "body must be a JSON object"));
+        }
+        let request = CompleteRequest::deserialize(body)
+            .map_err(|e| ApiError::bad_request("missing_field", format!("complete request: {e}")))?;
+        for (field, value) in [
+            ("snapshotId", &request.snapshot_id),
+            ("snapshotUri", &request.snapshot_uri),
+            ("snapshotFormatVersion", &request.snapshot_format_version),
+            ("rootfsNodeKind", &request.rootfs_node_kind),
+        ] {
+            if value.is_empty() {
+                return Err(ApiError::bad_request("missing_field", format!("field '{field}' must not be empty")));
+            }
+        }
+        let (snapshot_id, snapshot_uri, format_version, node_kind) = (
+            request.snapshot_id.as_str(),
+            request.snapshot_uri.as_str(),
+            request.snapshot_format_version.as_str(),
+            request.rootfs_node_kind.as_str(),
+        );
+        let (size, disk) = (request.snapshot_size_bytes, request.rootfs_disk_bytes);
+        let parent = request.parent_manifest_uri.as_deref();
         if node_kind == "diff" && parent.is_none() {
             return Err(ApiError::bad_request(
                 "missing_field",
