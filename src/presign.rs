@@ -104,14 +104,13 @@ impl Endpoint {
         if scheme != "http" && scheme != "https" {
             return Err(EndpointError::Scheme(scheme));
         }
-        let host = url.host_str().ok_or_else(|| EndpointError::Unparsable("no host".into()))?;
+        let authority = url_authority(&url).ok_or_else(|| EndpointError::Unparsable("no host".into()))?;
         if addressing == Addressing::VirtualHost && !matches!(url.host(), Some(url::Host::Domain(_))) {
-            return Err(EndpointError::VirtualHost(format!("'{host}' is an IP address")));
+            return Err(EndpointError::VirtualHost(format!(
+                "'{}' is an IP address",
+                url.host_str().unwrap_or_default()
+            )));
         }
-        let authority = match url.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host.to_owned(),
-        };
         let path_prefix = url.path().trim_end_matches('/').to_owned();
         Ok(Endpoint { scheme, authority, path_prefix, addressing })
     }
@@ -311,6 +310,22 @@ fn itoa(mut n: u32, buf: &mut [u8; 10]) -> &str {
     std::str::from_utf8(&buf[i..]).expect("digits are ASCII")
 }
 
+/// The `host[:port]` of a URL as its `Host` header names it (a scheme's
+/// default port left out): what outbound allow-lists admit and what
+/// requests are sent to. `None` for a URL without a host.
+pub fn url_authority(url: &url::Url) -> Option<String> {
+    let host = url.host_str()?;
+    Some(match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    })
+}
+
+/// [`url_authority`] of a URL given as text; `None` when it does not parse.
+pub fn authority(url: &str) -> Option<String> {
+    url_authority(&url::Url::parse(url).ok()?)
+}
+
 /// SigV4's URI encoding: every byte but `A-Za-z0-9-_.~` as `%XX` (uppercase),
 /// and `/` kept when encoding a path.
 pub fn uri_encode(input: &str, keep_slash: bool, out: &mut String) {
@@ -443,6 +458,16 @@ mod tests {
         let virt = Endpoint::parse("https://s3.amazonaws.com:443", Addressing::VirtualHost).unwrap();
         assert_eq!(virt.authority_for("bkt"), "bkt.s3.amazonaws.com");
         assert_eq!(virt.object("bkt", "k").path, "/k");
+    }
+
+    #[test]
+    fn authorities_keep_explicit_ports_and_drop_default_ones() {
+        assert_eq!(authority("http://127.0.0.1:41234/api?x=1").as_deref(), Some("127.0.0.1:41234"));
+        assert_eq!(authority("https://api.example.com:443/v1").as_deref(), Some("api.example.com"));
+        assert_eq!(authority("http://Example.COM:8080").as_deref(), Some("example.com:8080"));
+        assert_eq!(authority("http://[::1]:9000/").as_deref(), Some("[::1]:9000"));
+        assert_eq!(authority("file:///tmp/x"), None);
+        assert_eq!(authority("not a url"), None);
     }
 
     #[test]

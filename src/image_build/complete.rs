@@ -1,9 +1,9 @@
 //! The completion request, from metadata.json, the prepared spec and the
 //! signed uri (wit/protocol.md §2.6, §5.8).
 
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
-use super::splice::Prepared;
+use crate::wire::{CompleteRequest, Metadata, Prepared};
 
 /// Snapshot format of the CAS-streaming branch.
 pub const CAS_FORMAT: &str = "content_addressed_streaming_v1";
@@ -41,42 +41,6 @@ impl std::fmt::Display for CompleteError {
 
 impl std::error::Error for CompleteError {}
 
-fn camel(snake: &str) -> String {
-    let mut out = String::new();
-    let mut upper = false;
-    for c in snake.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.extend(c.to_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Snake key first; camelCase only when the snake key is absent (a
-/// present non-string snake value hides the camel one, as the SDK does).
-fn string(meta: &Map<String, Value>, snake: &str) -> Option<String> {
-    match meta.get(snake) {
-        Some(v) => v.as_str().map(str::to_owned),
-        None => meta.get(&camel(snake)).and_then(Value::as_str).map(str::to_owned),
-    }
-}
-
-/// A non-negative integer or a decimal string.
-fn number(meta: &Map<String, Value>, snake: &'static str) -> Result<u64, CompleteError> {
-    let value = meta.get(snake).or_else(|| meta.get(&camel(snake)));
-    match value {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) => s.trim().parse().ok(),
-        _ => None,
-    }
-    .ok_or(CompleteError::MissingField { field: snake, numeric: true })
-}
-
 /// The completion URI: signed first (metadata must agree), then metadata, then prepared.
 pub fn snapshot_uri(
     signed: Option<&str>,
@@ -98,38 +62,59 @@ pub fn completion(
     signed_uri: Option<&str>,
     metadata: &Value,
     computed_rootfs_bytes: u64,
-) -> Result<Value, CompleteError> {
-    let meta = metadata.as_object().ok_or(CompleteError::NotAnObject)?;
-    let uri = snapshot_uri(signed_uri, string(meta, "snapshot_uri").as_deref(), prepared.snapshot_uri.as_deref())?;
-    let snapshot_id = string(meta, "snapshot_id").unwrap_or_else(|| prepared.snapshot_id.clone());
-    let node_kind = string(meta, "rootfs_node_kind").unwrap_or_else(|| prepared.rootfs_node_kind.clone());
-    let cas = string(meta, "rootfs_format").as_deref() == Some("cas-streaming");
+) -> Result<CompleteRequest, CompleteError> {
+    let meta = Metadata::read(metadata).map_err(|_| CompleteError::NotAnObject)?;
+    let number =
+        |value: Option<u64>, field: &'static str| value.ok_or(CompleteError::MissingField { field, numeric: true });
+    let uri = snapshot_uri(signed_uri, meta.snapshot_uri.as_deref(), prepared.snapshot_uri.as_deref())?;
+    let snapshot_id = meta.snapshot_id.unwrap_or_else(|| prepared.snapshot_id.clone());
+    let node_kind = meta.rootfs_node_kind.unwrap_or_else(|| prepared.rootfs_node_kind.clone());
+    let cas = meta.rootfs_format.as_deref() == Some("cas-streaming");
     let (format, size, disk) = if cas {
-        (CAS_FORMAT.to_owned(), number(meta, "image_size_bytes")?, computed_rootfs_bytes)
+        (CAS_FORMAT.to_owned(), number(meta.image_size_bytes, "image_size_bytes")?, computed_rootfs_bytes)
     } else {
-        let format = string(meta, "snapshot_format_version")
+        let format = meta
+            .snapshot_format_version
             .ok_or(CompleteError::MissingField { field: "snapshot_format_version", numeric: false })?;
-        (format, number(meta, "snapshot_size_bytes")?, number(meta, "rootfs_disk_bytes")?)
+        (
+            format,
+            number(meta.snapshot_size_bytes, "snapshot_size_bytes")?,
+            number(meta.rootfs_disk_bytes, "rootfs_disk_bytes")?,
+        )
     };
-    let parent = string(meta, "parent_manifest_uri")
-        .or_else(|| (node_kind == "diff").then(|| prepared.parent.as_ref().map(|(uri, _)| uri.clone())).flatten());
+    let parent = meta.parent_manifest_uri.or_else(|| {
+        (node_kind == "diff").then(|| prepared.parent.as_ref().map(|p| p.parent_manifest_uri.clone())).flatten()
+    });
     if node_kind == "diff" && parent.is_none() {
         return Err(CompleteError::NoParentManifest);
     }
-    let mut body = json!({"snapshotId": snapshot_id, "snapshotUri": uri, "snapshotFormatVersion": format,
-                          "snapshotSizeBytes": size, "rootfsDiskBytes": disk, "rootfsNodeKind": node_kind});
-    if let Some(parent) = parent {
-        body["parentManifestUri"] = json!(parent);
-    }
-    if cas {
-        body["rootfsFormat"] = json!("cas-streaming");
-    }
-    Ok(body)
+    Ok(CompleteRequest {
+        snapshot_id,
+        snapshot_uri: uri,
+        snapshot_format_version: format,
+        snapshot_size_bytes: size,
+        rootfs_disk_bytes: disk,
+        rootfs_node_kind: node_kind,
+        parent_manifest_uri: parent,
+        rootfs_format: cas.then(|| "cas-streaming".to_owned()),
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    /// The completion as the JSON the platform receives.
+    fn completion_json(
+        prepared: &Prepared,
+        signed_uri: Option<&str>,
+        metadata: &Value,
+        computed_rootfs_bytes: u64,
+    ) -> Result<Value, CompleteError> {
+        completion(prepared, signed_uri, metadata, computed_rootfs_bytes).map(|c| serde_json::to_value(c).unwrap())
+    }
 
     fn prepared(kind: &str, uri: Option<&str>, parent: bool) -> Prepared {
         let mut v = json!({"buildId": "build-1", "snapshotId": "snapshot-1", "rootfsNodeKind": kind,
@@ -140,7 +125,7 @@ mod tests {
         if parent {
             v["parent"] = json!({"parentManifestUri": "s3://bucket/parent.tlsnap"});
         }
-        Prepared::parse(v).unwrap()
+        Prepared::parse(&v).unwrap()
     }
 
     fn meta() -> Value {
@@ -166,7 +151,8 @@ mod tests {
 
     #[test]
     fn builds_the_protocol_example_completion() {
-        let body = completion(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &meta(), 0).unwrap();
+        let body =
+            completion_json(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &meta(), 0).unwrap();
         assert_eq!(
             body,
             json!({"snapshotId": "snapshot-1", "snapshotUri": "s3://bucket/child.tlsnap", "snapshotFormatVersion": "durable_archive_v1",
@@ -178,31 +164,35 @@ mod tests {
     #[test]
     fn camel_case_numeric_strings_fallbacks_and_missing_fields() {
         let m = json!({"snapshotUri": "s3://m", "snapshotFormatVersion": "v", "snapshotSizeBytes": "77", "rootfsDiskBytes": 5});
-        let body = completion(&prepared("base", Some("s3://p"), false), None, &m, 0).unwrap();
+        let body = completion_json(&prepared("base", Some("s3://p"), false), None, &m, 0).unwrap();
         assert_eq!((body["snapshotUri"].as_str(), body["snapshotSizeBytes"].as_u64()), (Some("s3://m"), Some(77)));
         assert_eq!(body["snapshotId"], "snapshot-1", "falls back to prepare");
         assert!(body.get("parentManifestUri").is_none(), "omitted when absent");
         let mut m = meta();
         m.as_object_mut().unwrap().remove("rootfs_disk_bytes");
-        let err = completion(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &m, 0).unwrap_err();
+        let err = completion_json(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &m, 0).unwrap_err();
         assert_eq!(err.to_string(), "rootfs builder metadata is missing numeric rootfs_disk_bytes");
         // Snake key present but null hides the camel one.
         let m = json!({"snapshot_uri": null, "snapshotUri": "s3://camel", "snapshot_format_version": "v", "snapshot_size_bytes": 1, "rootfs_disk_bytes": 1});
-        assert_eq!(completion(&prepared("base", Some("s3://p"), false), None, &m, 0).unwrap()["snapshotUri"], "s3://p");
+        assert_eq!(
+            completion_json(&prepared("base", Some("s3://p"), false), None, &m, 0).unwrap()["snapshotUri"],
+            "s3://p"
+        );
     }
 
     #[test]
     fn diff_builds_need_a_parent_manifest_and_cas_switches_fields() {
         let mut m = meta();
         m.as_object_mut().unwrap().remove("parent_manifest_uri");
-        let from_prepare = completion(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &m, 0).unwrap();
+        let from_prepare =
+            completion_json(&prepared("diff", None, true), Some("s3://bucket/child.tlsnap"), &m, 0).unwrap();
         assert_eq!(from_prepare["parentManifestUri"], "s3://bucket/parent.tlsnap");
         assert_eq!(
-            completion(&prepared("diff", None, false), Some("s3://bucket/child.tlsnap"), &m, 0),
+            completion_json(&prepared("diff", None, false), Some("s3://bucket/child.tlsnap"), &m, 0),
             Err(CompleteError::NoParentManifest)
         );
         let cas = json!({"rootfs_format": "cas-streaming", "image_size_bytes": 99, "rootfs_node_kind": "base"});
-        let body = completion(&prepared("base", Some("s3://p"), false), None, &cas, 4096).unwrap();
+        let body = completion_json(&prepared("base", Some("s3://p"), false), None, &cas, 4096).unwrap();
         assert_eq!(
             (
                 body["snapshotFormatVersion"].as_str(),

@@ -12,8 +12,9 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Process, Request, SandboxError};
-use super::splice::{self, Prepared};
+use super::splice;
 use super::{command, complete, decorate, diagnose, lookup, plan, sizing};
+use crate::wire::{Prepared, SignRequest, UploadHead};
 
 /// Pause between two polls of a starting sandbox (wit/protocol.md §5.2).
 pub const POLL: Duration = Duration::from_millis(250);
@@ -222,14 +223,15 @@ impl Flow {
         self.http("GET", lookup::url(&self.api, &self.lookups[index]), &self.auth, None)
     }
 
-    fn sign_call(&self, body: Value) -> Call {
+    fn sign_call(&self, request: &SignRequest) -> Call {
         let endpoint = self.endpoint.as_ref().expect("the proxy endpoint precedes signing");
-        let url = format!("{}/api/v1/blob/sign", endpoint.base_url.trim_end_matches('/'));
+        let url = format!("{}{}", endpoint.base_url.trim_end_matches('/'), crate::signer::SIGN_PATH);
+        let body = serde_json::to_value(request).expect("sign requests serialize");
         self.http("POST", url, &endpoint.headers, Some(&body))
     }
 
     fn get_blob(&self, uri: &str) -> Call {
-        self.sign_call(json!({"target": {"kind": "blob", "uri": uri}, "op": {"kind": "get_blob"}}))
+        self.sign_call(&SignRequest::get_blob(uri))
     }
 
     /// Polls again after [`POLL`] while the deadline allows, else fails with `late`.
@@ -299,8 +301,9 @@ impl Flow {
                 }
                 let raw: Value =
                     serde_json::from_slice(&body).map_err(|e| failed(format!("prepare answer is not JSON: {e}")))?;
-                let prepared = Prepared::parse(raw).map_err(|e| failed(e.to_string()))?;
-                let parent_bytes = prepared.parent.as_ref().and_then(|p| p.1);
+                let prepared = Prepared::parse(&raw).map_err(|e| failed(e.to_string()))?;
+                let Value::Object(raw) = raw else { unreachable!("Prepared::parse admits only objects") };
+                let parent_bytes = prepared.parent.as_ref().and_then(|p| p.rootfs_disk_bytes);
                 let r = &self.request;
                 self.rootfs_bytes = sizing::rootfs_disk_bytes(r.disk_mb, prepared.parent.is_some(), parent_bytes)
                     .map_err(|e| BuildError::Usage(e.to_string()))?;
@@ -314,7 +317,7 @@ impl Flow {
                 );
                 self.invocation = command::builder_invocation(&b.command).map_err(|e| failed(e.to_string()))?;
                 let image = b.image.clone();
-                self.spec = prepared.raw.clone();
+                self.spec = raw;
                 self.prepared = Some(prepared);
                 self.stage("sandbox");
                 self.go(State::Create, Call::Create { image, resources, timeout_secs: SANDBOX_TIMEOUT_SECS })
@@ -373,22 +376,19 @@ impl Flow {
             }
             (State::Proxy, Answer::Proxy(endpoint)) => {
                 self.endpoint = Some(endpoint.map_err(|e| failed(format!("sandbox proxy endpoint: {e}")))?);
-                let rel_path = self.prepared().snapshot_rel_path.clone();
+                let rel_path = self.prepared().snapshot_rel_path.as_deref().expect("only the new shape signs");
                 let hint = sizing::multipart_hint(self.rootfs_bytes);
-                let call = self.sign_call(json!({"target": {"kind": "artifact", "rel_path": rel_path},
-                                                  "op": {"kind": "put_artifact", "multipart_hint": hint}}));
+                let call = self.sign_call(&SignRequest::put_artifact(rel_path, Some(hint)));
                 self.go(State::SignUpload, call)
             }
             // The splice (§5.6): the signed uri and upload replace whatever prepare said.
             (State::SignUpload, Answer::Http(answer)) => {
                 let answer = signed(answer)?;
-                if answer.get("kind").and_then(Value::as_str) == Some("s3_multipart") {
-                    self.abort_url = answer.get("abortUrl").and_then(Value::as_str).map(str::to_owned);
-                }
+                self.abort_url = UploadHead::read(&answer).abort_url;
                 let uri = splice::splice_upload(&mut self.spec, answer).map_err(|e| failed(e.to_string()))?;
                 self.signed_uri = Some(uri);
-                if let Some((parent_uri, _)) = &self.prepared().parent {
-                    let call = self.get_blob(parent_uri);
+                if let Some(parent) = &self.prepared().parent {
+                    let call = self.get_blob(&parent.parent_manifest_uri);
                     return self.go(State::SignParent, call);
                 }
                 self.sign_local_images()
@@ -442,8 +442,9 @@ impl Flow {
                 let metadata: Value =
                     serde_json::from_slice(&bytes).map_err(|e| failed(format!("metadata.json is not JSON: {e}")))?;
                 let prepared = self.prepared();
-                let body = complete::completion(prepared, self.signed_uri.as_deref(), &metadata, self.rootfs_bytes)
+                let request = complete::completion(prepared, self.signed_uri.as_deref(), &metadata, self.rootfs_bytes)
                     .map_err(|e| failed(e.to_string()))?;
+                let body = serde_json::to_value(request).expect("completions serialize");
                 let url = format!("{}/platform/v1/sandbox-template-builds/{}/complete", self.api, prepared.build_id);
                 let call = self.http("POST", url, &self.auth, Some(&body));
                 self.go(State::Complete, call)

@@ -8,14 +8,8 @@ use super::call::BuildError;
 /// `GET {api}/platform/v1/sandbox-templates/by-name/{reference}`, the
 /// reference percent-encoded as one path segment.
 pub fn url(api: &str, reference: &str) -> String {
-    let mut encoded = String::with_capacity(reference.len());
-    for b in reference.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
+    let mut encoded = String::with_capacity(reference.len() * 3);
+    crate::presign::uri_encode(reference, false, &mut encoded);
     format!("{api}/platform/v1/sandbox-templates/by-name/{encoded}")
 }
 

@@ -2,12 +2,12 @@
 
 use serde::Serialize;
 
+use crate::wire::sign::{MAX_PARTS, MultipartHint};
+
 /// Rootfs size of base builds without `--disk-mb`: 10 GiB.
 pub const DEFAULT_ROOTFS_DISK_MB: u64 = 10_240;
 /// Part size of the snapshot upload: 64 MiB.
 pub const PART_SIZE_BYTES: u64 = 64 * MIB;
-/// Most parts S3 allows (mirrors the dataplane's limit).
-pub const MAX_PARTS: u32 = 10_000;
 const MIB: u64 = 1024 * 1024;
 
 /// Why no size could be chosen.
@@ -44,15 +44,6 @@ pub fn rootfs_disk_bytes(disk_mb: Option<u64>, is_diff: bool, parent_bytes: Opti
 }
 
 /// The multipart hint for a rootfs of `rootfs_bytes`: ceil(MiB / 64) parts of 64 MiB, clamped to 1..=10000.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct MultipartHint {
-    /// Part URLs to ask for.
-    pub max_parts: u32,
-    /// Bytes per part.
-    pub part_size_bytes: u64,
-}
-
-/// See [`MultipartHint`].
 pub fn multipart_hint(rootfs_bytes: u64) -> MultipartHint {
     let disk_mb = rootfs_bytes.div_ceil(MIB);
     let parts = disk_mb.div_ceil(PART_SIZE_BYTES / MIB).clamp(1, u64::from(MAX_PARTS));

@@ -1,104 +1,10 @@
-//! The prepared spec as opaque JSON with a small typed view, and the
-//! splices the new path makes into it (wit/protocol.md §2.4, §4.7, §5.6).
+//! The splices the new path makes into the prepared spec, which stays
+//! opaque JSON (wit/protocol.md §2.4, §4.7, §5.6); its typed view is
+//! [`crate::wire::Prepared`].
 
 use serde_json::{Map, Value};
 
-/// What the flow reads from the prepared spec; everything else passes through untouched.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Prepared {
-    /// The whole answer, kept verbatim (becomes spec.json).
-    pub raw: Map<String, Value>,
-    /// `buildId`.
-    pub build_id: String,
-    /// `snapshotId`.
-    pub snapshot_id: String,
-    /// `snapshotUri` (legacy, or stale in the both-fields shape).
-    pub snapshot_uri: Option<String>,
-    /// `snapshotRelPath`: the new-path marker.
-    pub snapshot_rel_path: Option<String>,
-    /// `rootfsNodeKind`.
-    pub rootfs_node_kind: String,
-    /// `builder.image`, `builder.command`, `builder.cpus`, `builder.memoryMb`, `builder.diskMb`.
-    pub builder: Builder,
-    /// `parent.parentManifestUri` and `parent.rootfsDiskBytes`, when a parent is present.
-    pub parent: Option<(String, Option<u64>)>,
-}
-
-/// The prepared builder block.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Builder {
-    /// Sandbox image.
-    pub image: String,
-    /// Shell words of the builder command.
-    pub command: String,
-    /// CPUs.
-    pub cpus: f64,
-    /// Memory, MiB.
-    pub memory_mb: i64,
-    /// Disk, MiB.
-    pub disk_mb: u64,
-}
-
-/// A prepared answer that lacks what the flow needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PreparedError(pub String);
-
-impl std::fmt::Display for PreparedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "prepare answer {}", self.0)
-    }
-}
-
-impl std::error::Error for PreparedError {}
-
-fn text(map: &Map<String, Value>, field: &str) -> Result<String, PreparedError> {
-    map.get(field)
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| PreparedError(format!("lacks string '{field}'")))
-}
-
-impl Prepared {
-    /// Reads the typed view from prepare's JSON answer.
-    pub fn parse(value: Value) -> Result<Self, PreparedError> {
-        let Value::Object(raw) = value else { return Err(PreparedError("is not a JSON object".into())) };
-        let builder = raw
-            .get("builder")
-            .and_then(Value::as_object)
-            .ok_or_else(|| PreparedError("lacks object 'builder'".into()))?;
-        let number = |field: &str| builder.get(field).ok_or_else(|| PreparedError(format!("lacks 'builder.{field}'")));
-        let builder = Builder {
-            image: text(builder, "image").map_err(|_| PreparedError("lacks string 'builder.image'".into()))?,
-            command: text(builder, "command").map_err(|_| PreparedError("lacks string 'builder.command'".into()))?,
-            cpus: number("cpus")?.as_f64().ok_or_else(|| PreparedError("has a non-numeric 'builder.cpus'".into()))?,
-            memory_mb: number("memoryMb")?
-                .as_i64()
-                .ok_or_else(|| PreparedError("has a non-integer 'builder.memoryMb'".into()))?,
-            disk_mb: number("diskMb")?
-                .as_u64()
-                .ok_or_else(|| PreparedError("has a non-integer 'builder.diskMb'".into()))?,
-        };
-        let parent = match raw.get("parent") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(p)) => {
-                let uri = text(p, "parentManifestUri")
-                    .map_err(|_| PreparedError("has a parent without 'parentManifestUri'".into()))?;
-                Some((uri, p.get("rootfsDiskBytes").and_then(Value::as_u64)))
-            }
-            Some(_) => return Err(PreparedError("has a 'parent' that is not a JSON object".into())),
-        };
-        Ok(Prepared {
-            build_id: text(&raw, "buildId")?,
-            snapshot_id: text(&raw, "snapshotId")?,
-            snapshot_uri: raw.get("snapshotUri").and_then(Value::as_str).map(str::to_owned),
-            snapshot_rel_path: raw.get("snapshotRelPath").and_then(Value::as_str).map(str::to_owned),
-            rootfs_node_kind: text(&raw, "rootfsNodeKind")?,
-            builder,
-            parent,
-            raw,
-        })
-    }
-}
+use crate::wire::{PreparedError, UploadHead};
 
 /// A sign answer without `uri`, which must fail the build before the builder runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +20,7 @@ impl std::error::Error for MissingUri {}
 
 /// Splices a put_artifact answer: `spec.snapshotUri = uri`, `spec.upload = answer`; returns the uri.
 pub fn splice_upload(spec: &mut Map<String, Value>, answer: Value) -> Result<String, MissingUri> {
-    let uri = answer.get("uri").and_then(Value::as_str).map(str::to_owned).ok_or(MissingUri)?;
+    let uri = UploadHead::read(&answer).uri.ok_or(MissingUri)?;
     spec.insert("snapshotUri".into(), Value::String(uri.clone()));
     spec.insert("upload".into(), answer);
     Ok(uri)
@@ -156,6 +62,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::wire::Prepared;
 
     fn new_shape() -> Value {
         json!({"buildId": "build-1", "snapshotId": "snapshot-1", "snapshotRelPath": "projects/p/sandbox-template-builds/b/s.tlsnap",
@@ -168,32 +75,38 @@ mod tests {
                "futureField": {"kept": true}})
     }
 
+    fn raw(value: Value) -> Map<String, Value> {
+        let Value::Object(map) = value else { panic!("an object") };
+        map
+    }
+
     #[test]
-    fn parses_legacy_and_new_shapes_keeping_unknown_fields() {
+    fn the_typed_view_reads_legacy_and_new_shapes() {
         let legacy = json!({"buildId": "build-1", "snapshotId": "snapshot-1", "snapshotUri": "s3://bucket/snapshot.tlsnap",
             "rootfsNodeKind": "base", "builder": {"image": "i", "command": "tl-rootfs-build", "cpus": 2, "memoryMb": 4096, "diskMb": 30720},
             "upload": {"kind": "single_put", "method": "PUT", "url": "https://example/upload", "headers": {}, "expiresAt": "2026-05-12T00:00:00Z"},
             "runtimeContract": {"guestRuntimeLayout": "embedded"}});
-        let p = Prepared::parse(legacy).unwrap();
+        let p = Prepared::parse(&legacy).unwrap();
         assert_eq!(
             (p.snapshot_uri.as_deref(), p.snapshot_rel_path.as_deref()),
             (Some("s3://bucket/snapshot.tlsnap"), None)
         );
-        assert_eq!(p.raw["runtimeContract"]["guestRuntimeLayout"], "embedded");
-        let p = Prepared::parse(new_shape()).unwrap();
+        assert_eq!(p.rest["runtimeContract"]["guestRuntimeLayout"], "embedded");
+        let p = Prepared::parse(&new_shape()).unwrap();
         assert_eq!(p.snapshot_uri, None);
-        assert_eq!(p.parent, Some(("s3://bucket/parent.tlsnap".into(), Some(21474836480))));
+        let parent = p.parent.unwrap();
+        assert_eq!(
+            (parent.parent_manifest_uri.as_str(), parent.rootfs_disk_bytes),
+            ("s3://bucket/parent.tlsnap", Some(21474836480))
+        );
         assert_eq!(p.builder.disk_mb, 30720);
-        assert_eq!(p.raw["futureField"]["kept"], true);
-        assert!(Prepared::parse(json!({"buildId": "b"})).unwrap_err().to_string().contains("'builder'"));
-        let no_snapshot = json!({"buildId": "b", "rootfsNodeKind": "base",
-            "builder": {"image": "i", "command": "c", "cpus": 1, "memoryMb": 1, "diskMb": 1}});
-        assert_eq!(Prepared::parse(no_snapshot).unwrap_err().to_string(), "prepare answer lacks string 'snapshotId'");
+        assert_eq!(p.rest["futureField"]["kept"], true);
+        assert!(Prepared::parse(&json!({"buildId": "b"})).unwrap_err().to_string().contains("missing field"));
     }
 
     #[test]
     fn signed_uri_overrides_a_stale_snapshot_uri_and_a_missing_uri_errors() {
-        let mut spec = Prepared::parse(new_shape()).unwrap().raw;
+        let mut spec = raw(new_shape());
         spec.insert("snapshotUri".into(), json!("s3://stale/old.tlsnap"));
         let answer = json!({"kind": "s3_multipart", "uri": "s3://dataplane/final.tlsnap", "uploadId": "upload-1", "partSizeBytes": 67108864, "partUrls": []});
         assert_eq!(splice_upload(&mut spec, answer.clone()).unwrap(), "s3://dataplane/final.tlsnap");
@@ -206,7 +119,7 @@ mod tests {
 
     #[test]
     fn parent_and_durable_local_images_get_downloads() {
-        let mut spec = Prepared::parse(new_shape()).unwrap().raw;
+        let mut spec = raw(new_shape());
         splice_parent_download(&mut spec, json!({"kind": "single_get"})).unwrap();
         assert_eq!(spec["parent"]["download"]["kind"], "single_get");
         assert_eq!(local_images_to_sign(&spec), [(0, "gs://bucket/a.tlsnap".to_owned())]);

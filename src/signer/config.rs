@@ -189,6 +189,15 @@ impl SignerConfig {
         if self.key_prefix.is_empty() { format!("{namespace}/") } else { format!("{}/{namespace}/", self.key_prefix) }
     }
 
+    /// The key and the `s3://` URI of `namespace`'s artifact at `rel_path`
+    /// (wit/protocol.md §9): composed here only, for the signer and the dev
+    /// stack's prepare alike.
+    pub fn artifact(&self, namespace: &str, rel_path: &str) -> (String, String) {
+        let key = format!("{}{rel_path}", self.namespace_prefix(namespace));
+        let uri = crate::wire::object_uri(&self.bucket, &key);
+        (key, uri)
+    }
+
     /// The `host[:port]` the signer sends CreateMultipartUpload to.
     pub fn store_authority(&self) -> String {
         self.endpoint.authority_for(&self.bucket)
@@ -229,6 +238,13 @@ mod tests {
         let c = SignerConfig::from_vars(env).unwrap();
         assert_eq!((c.region.as_str(), c.url_ttl_secs), ("us-east-1", 3600));
         assert_eq!(c.namespace_prefix("ns"), "builds/v1/ns/");
+        assert_eq!(
+            c.artifact("ns", "sandbox-template-builds/b-1/s-1.tlsnap"),
+            (
+                "builds/v1/ns/sandbox-template-builds/b-1/s-1.tlsnap".to_owned(),
+                "s3://snapshots/builds/v1/ns/sandbox-template-builds/b-1/s-1.tlsnap".to_owned()
+            )
+        );
         assert_eq!(c.shared_prefixes, vec!["public/images/", "base/"]);
         assert_eq!(c.store_authority(), "127.0.0.1:9000");
         assert!(!format!("{c:?}").contains("SECRET"));

@@ -1,17 +1,19 @@
 //! The signer's decisions, free of I/O and clocks: a request and `now` in,
 //! either an answer or the one store call to make (CreateMultipartUpload).
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use serde::Serialize;
 
 use super::config::SignerConfig;
 use super::error::SignError;
-use super::request::{MultipartHint, Op, SignBlobRequest, Target};
-use super::validate;
+use super::{request, validate};
 use crate::presign::{Method, ObjectUrl, Presigner};
 use crate::token;
+use crate::wire::sign::{
+    Download, MultipartHint, Op, S3Multipart, SingleGet, SinglePut, Target, Upload, s3_multipart_json,
+};
 
 /// The one route the signer serves.
 pub const SIGN_PATH: &str = "/api/v1/blob/sign";
@@ -80,33 +82,7 @@ impl std::fmt::Debug for PendingUpload {
     }
 }
 
-#[derive(Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum Signed<'a> {
-    /// Everything but `partUrls`, which [`PendingUpload::finish`] appends.
-    #[serde(rename_all = "camelCase")]
-    S3Multipart {
-        uri: &'a str,
-        upload_id: &'a str,
-        part_size_bytes: u64,
-        max_parts: u32,
-        complete_url: String,
-        abort_url: String,
-        expires_at: &'a str,
-    },
-    #[serde(rename_all = "camelCase")]
-    SinglePut {
-        uri: &'a str,
-        method: &'a str,
-        url: String,
-        headers: serde_json::Map<String, serde_json::Value>,
-        expires_at: &'a str,
-    },
-    #[serde(rename_all = "camelCase")]
-    SingleGet { uri: &'a str, method: &'a str, url: String, expires_at: &'a str },
-}
-
-fn ok(signed: &Signed<'_>) -> Answer {
+fn ok(signed: &impl Serialize) -> Answer {
     Answer { status: 200, body: serde_json::to_string(signed).expect("answers serialize"), log: None }
 }
 
@@ -137,30 +113,24 @@ impl PendingUpload {
                 .answer(&self.request_id);
             }
         };
-        let p = &self.presigner;
-        let head = serde_json::to_string(&Signed::S3Multipart {
-            uri: &self.uri,
-            upload_id: &upload_id,
+        let (p, object) = (&self.presigner, &self.object);
+        let head = S3Multipart {
+            uri: Some(self.uri.clone()),
+            upload_id: upload_id.clone(),
             part_size_bytes: self.hint.part_size_bytes,
-            max_parts: self.hint.max_parts,
-            complete_url: p.presign(Method::Post, &self.object, &[("uploadId", &upload_id)]),
-            abort_url: p.presign(Method::Delete, &self.object, &[("uploadId", &upload_id)]),
-            expires_at: &self.expires_at,
-        })
-        .expect("answers serialize");
-        // Up to 10,000 URLs: written straight into the body. They need no
-        // JSON escaping: every part of them is percent-encoded or a parsed host.
-        let mut body = String::with_capacity(head.len() + self.hint.max_parts as usize * (head.len() / 2 + 48));
-        body.push_str(&head[..head.len() - 1]);
-        body.push_str(",\"partUrls\":[");
-        p.each_upload_part_url(&self.object, &upload_id, self.hint.max_parts, |part, url| {
-            debug_assert!(!url.contains(['"', '\\']) && !url.contains(char::is_control));
-            if part > 1 {
-                body.push(',');
-            }
-            let _ = write!(body, "{{\"partNumber\":{part},\"url\":\"{url}\"}}");
+            max_parts: Some(self.hint.max_parts),
+            complete_url: p.presign(Method::Post, object, &[("uploadId", &upload_id)]),
+            abort_url: Some(p.presign(Method::Delete, object, &[("uploadId", &upload_id)])),
+            expires_at: Some(self.expires_at.clone()),
+            headers: BTreeMap::new(),
+            part_urls: [],
+        };
+        // A part URL is the complete URL plus `partNumber=N&` (up to 17 bytes); its JSON
+        // frame adds 36 at most: reserve it all, so the 4 MB body is never copied to grow.
+        let capacity = (self.hint.max_parts as usize + 3) * (head.complete_url.len() + 64);
+        let body = s3_multipart_json(head, capacity, |emit| {
+            p.each_upload_part_url(object, &upload_id, self.hint.max_parts, emit)
         });
-        body.push_str("]}");
         Answer { status: 200, body, log: None }
     }
 
@@ -234,7 +204,7 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
         .ok_or(SignError::MissingToken)?;
     let claims = token::verify(&config.token_key, bearer, now.as_second(), config.token_max_ttl_secs)
         .map_err(SignError::BadToken)?;
-    let request = SignBlobRequest::parse(incoming.body)?;
+    let request = request::parse(incoming.body)?;
 
     let expires_at = Timestamp::from_second(now.as_second() + i64::from(config.url_ttl_secs))
         .expect("now + at most 7 days is a valid timestamp")
@@ -245,7 +215,7 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
         (Target::Artifact { rel_path }, Op::PutArtifact { multipart_hint }) => {
             validate::rel_path(&rel_path)
                 .map_err(|problem| SignError::InvalidRelPath { rel_path: rel_path.clone(), problem })?;
-            let key = format!("{}{rel_path}", config.namespace_prefix(&claims.namespace));
+            let (key, uri) = config.artifact(&claims.namespace, &rel_path);
             // The store's limit (SNAPSIGN_MAX_KEY_BYTES, at most S3's 1,024): a
             // key it cannot hold is refused here, before anything is signed.
             if key.len() > config.max_key_bytes {
@@ -259,16 +229,15 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
                     rel_path,
                 });
             }
-            let uri = format!("s3://{}/{key}", config.bucket);
             let object = config.endpoint.object(&config.bucket, &key);
             match multipart_hint {
-                None => Ok(Step::Respond(ok(&Signed::SinglePut {
-                    uri: &uri,
-                    method: "PUT",
+                None => Ok(Step::Respond(ok(&Upload::<()>::SinglePut(SinglePut {
+                    uri: Some(uri),
+                    method: Method::Put.as_str().into(),
                     url: presigner.presign(Method::Put, &object, &[]),
-                    headers: serde_json::Map::new(),
-                    expires_at: &expires_at,
-                }))),
+                    headers: BTreeMap::new(),
+                    expires_at: Some(expires_at),
+                })))),
                 Some(hint) => Ok(Step::CreateMultipartUpload(Box::new(PendingUpload {
                     store_url: presigner.presign(Method::Post, &object, &[("uploads", "")]),
                     uri,
@@ -296,14 +265,15 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
                 return Err(SignError::OutsideNamespace { uri, namespace: claims.namespace });
             }
             let object = config.endpoint.object(&config.bucket, parsed.key);
-            Ok(Step::Respond(ok(&Signed::SingleGet {
-                uri: &uri,
-                method: "GET",
+            Ok(Step::Respond(ok(&Download::SingleGet(SingleGet {
                 url: presigner.presign(Method::Get, &object, &[]),
-                expires_at: &expires_at,
-            })))
+                uri: Some(uri),
+                method: Method::Get.as_str().into(),
+                headers: BTreeMap::new(),
+                expires_at: Some(expires_at),
+            }))))
         }
-        _ => unreachable!("SignBlobRequest::parse admits only artifact+put_artifact and blob+get_blob"),
+        _ => unreachable!("request::parse admits only artifact+put_artifact and blob+get_blob"),
     }
 }
 

@@ -9,4 +9,3 @@ pub mod validate;
 pub use config::{ConfigError, SignerConfig};
 pub use error::SignError;
 pub use handle::{Answer, Incoming, MAX_BODY_BYTES, PendingUpload, SIGN_PATH, Step, handle};
-pub use request::SignBlobRequest;

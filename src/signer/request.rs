@@ -1,5 +1,7 @@
-//! The `POST /api/v1/blob/sign` request (wit/protocol.md §4.7), parsed with
-//! errors that name the field.
+//! The `POST /api/v1/blob/sign` request (wit/protocol.md §4.7, §9) parsed
+//! into the wire model ([`SignRequest`]) with errors that name the field, and
+//! with the signer's checks: no duplicate keys, no `namespace`, only the two
+//! accepted pairs, a hint within S3's limits.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -8,51 +10,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::{Map, Number, Value};
 
 use super::error::SignError;
-
-/// Most parts S3 allows in one multipart upload.
-pub const MAX_PARTS: u32 = 10_000;
-/// S3's smallest part (but the last).
-pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
-/// S3's largest part.
-pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
-/// S3's largest object.
-pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * 1024 * 1024;
-
-/// What to sign for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// A path relative to the caller's namespace.
-    Artifact { rel_path: String },
-    /// A full object URI.
-    Blob { uri: String },
-}
-
-/// The caller's multipart hint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MultipartHint {
-    /// Part URLs to sign (1..=10000).
-    pub max_parts: u32,
-    /// Bytes per part (5 MiB..=5 GiB).
-    pub part_size_bytes: u64,
-}
-
-/// What to sign.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    /// Upload a new artifact, multipart when hinted.
-    PutArtifact { multipart_hint: Option<MultipartHint> },
-    /// Read a blob.
-    GetBlob,
-}
-
-/// A parsed sign request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignBlobRequest {
-    /// What to sign for.
-    pub target: Target,
-    /// What to sign.
-    pub op: Op,
-}
+use crate::wire::sign::{
+    MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MultipartHint, Op, SignRequest, Target,
+};
 
 fn object<'a>(parent: &'a Map<String, Value>, field: &'static str) -> Result<&'a Map<String, Value>, SignError> {
     match parent.get(field) {
@@ -80,39 +40,37 @@ fn number(parent: &Map<String, Value>, name: &str, field: &'static str) -> Resul
     }
 }
 
-impl SignBlobRequest {
-    /// Parses and checks a request body (everything but policy, which needs the caller).
-    pub fn parse(body: &[u8]) -> Result<Self, SignError> {
-        let value = strict_json(body)?;
-        let Value::Object(root) = value else {
-            return Err(SignError::InvalidField { field: "(body)", problem: "must be a JSON object".into() });
-        };
-        let target = object(&root, "target")?;
-        let op = object(&root, "op")?;
-        if root.contains_key("namespace") || target.contains_key("namespace") {
-            return Err(SignError::NamespaceField);
-        }
-        let target = match string(target, "kind", "target.kind")? {
-            "artifact" => Target::Artifact { rel_path: string(target, "rel_path", "target.rel_path")?.to_owned() },
-            "blob" => Target::Blob { uri: string(target, "uri", "target.uri")?.to_owned() },
-            other => return Err(SignError::UnknownKind { field: "target.kind", value: other.to_owned() }),
-        };
-        let op = match string(op, "kind", "op.kind")? {
-            "put_artifact" => Op::PutArtifact { multipart_hint: hint(op)? },
-            "get_blob" => Op::GetBlob,
-            other => return Err(SignError::UnknownKind { field: "op.kind", value: other.to_owned() }),
-        };
-        match (&target, &op) {
-            (Target::Artifact { .. }, Op::PutArtifact { .. }) | (Target::Blob { .. }, Op::GetBlob) => {}
-            (Target::Artifact { .. }, Op::GetBlob) => {
-                return Err(SignError::UnsupportedCombination { target: "artifact", op: "get_blob" });
-            }
-            (Target::Blob { .. }, Op::PutArtifact { .. }) => {
-                return Err(SignError::UnsupportedCombination { target: "blob", op: "put_artifact" });
-            }
-        }
-        Ok(SignBlobRequest { target, op })
+/// Parses and checks a request body (everything but policy, which needs the caller).
+pub fn parse(body: &[u8]) -> Result<SignRequest, SignError> {
+    let value = strict_json(body)?;
+    let Value::Object(root) = value else {
+        return Err(SignError::InvalidField { field: "(body)", problem: "must be a JSON object".into() });
+    };
+    let target = object(&root, "target")?;
+    let op = object(&root, "op")?;
+    if root.contains_key("namespace") || target.contains_key("namespace") {
+        return Err(SignError::NamespaceField);
     }
+    let target = match string(target, "kind", "target.kind")? {
+        "artifact" => Target::Artifact { rel_path: string(target, "rel_path", "target.rel_path")?.to_owned() },
+        "blob" => Target::Blob { uri: string(target, "uri", "target.uri")?.to_owned() },
+        other => return Err(SignError::UnknownKind { field: "target.kind", value: other.to_owned() }),
+    };
+    let op = match string(op, "kind", "op.kind")? {
+        "put_artifact" => Op::PutArtifact { multipart_hint: hint(op)? },
+        "get_blob" => Op::GetBlob,
+        other => return Err(SignError::UnknownKind { field: "op.kind", value: other.to_owned() }),
+    };
+    match (&target, &op) {
+        (Target::Artifact { .. }, Op::PutArtifact { .. }) | (Target::Blob { .. }, Op::GetBlob) => {}
+        (Target::Artifact { .. }, Op::GetBlob) => {
+            return Err(SignError::UnsupportedCombination { target: "artifact", op: "get_blob" });
+        }
+        (Target::Blob { .. }, Op::PutArtifact { .. }) => {
+            return Err(SignError::UnsupportedCombination { target: "blob", op: "put_artifact" });
+        }
+    }
+    Ok(SignRequest { target, op })
 }
 
 /// Parses JSON as `serde_json` does, but refuses an object that names a key
@@ -239,8 +197,8 @@ fn hint(op: &Map<String, Value>) -> Result<Option<MultipartHint>, SignError> {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<SignBlobRequest, SignError> {
-        SignBlobRequest::parse(s.as_bytes())
+    fn parse(s: &str) -> Result<SignRequest, SignError> {
+        super::parse(s.as_bytes())
     }
 
     #[test]
@@ -263,6 +221,17 @@ mod tests {
             r#"{"target":{"kind":"artifact","rel_path":"a"},"op":{"kind":"put_artifact","multipart_hint":null}}"#,
         );
         assert_eq!(single.unwrap().op, Op::PutArtifact { multipart_hint: None });
+    }
+
+    #[test]
+    fn reads_back_every_request_the_wire_model_writes() {
+        for request in [
+            SignRequest::put_artifact("sandbox-template-builds/build-7/snap-7.tlsnap", None),
+            SignRequest::put_artifact("a/b", Some(MultipartHint { max_parts: 160, part_size_bytes: 67108864 })),
+            SignRequest::get_blob("s3://snapshots/builds/default/sandbox-template-builds/build-3/snap-3.tlsnap"),
+        ] {
+            assert_eq!(parse(&serde_json::to_string(&request).unwrap()), Ok(request));
+        }
     }
 
     #[test]

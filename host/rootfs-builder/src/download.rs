@@ -12,23 +12,18 @@ use crate::archive::HashingWriter;
 use crate::http::{body_text, redact_url};
 use crate::human_bytes;
 use crate::multipart::excerpt;
-use crate::spec::Download;
+use snapsign::wire::{Download, SingleGet};
 
 /// GETs the parent archive into `dest`, streaming; returns (size, hex sha256).
 pub fn download_parent(agent: &Agent, download: &Download, dest: &Path) -> Result<(u64, String)> {
-    if download.kind != "single_get" {
-        bail!("spec.parent.download.kind is \"{}\"; the reference builder fetches only single_get", download.kind);
-    }
-    if let Some(method) = &download.method
-        && !method.eq_ignore_ascii_case("GET")
-    {
+    let Download::SingleGet(SingleGet { method, url, headers, .. }) = download;
+    if !method.eq_ignore_ascii_case("GET") {
         bail!("spec.parent.download.method is {method}; only GET is supported");
     }
-    let url = download.url.as_deref().ok_or_else(|| anyhow!("spec.parent.download has no url"))?;
     println!("Downloading the parent snapshot from {}", redact_url(url));
     let started = Instant::now();
     let mut request = agent.get(url);
-    for (name, value) in &download.headers {
+    for (name, value) in headers {
         request = request.header(name, value);
     }
     let mut response = request.call().map_err(|e| anyhow!("GET {} (parent.download) failed: {e}", redact_url(url)))?;

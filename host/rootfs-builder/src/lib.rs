@@ -56,7 +56,6 @@ pub mod multipart;
 pub mod plan;
 pub mod run;
 pub mod snapshot;
-pub mod spec;
 pub mod tree;
 pub mod upload;
 

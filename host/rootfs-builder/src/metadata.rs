@@ -1,25 +1,16 @@
-//! metadata.json, the builder's answer to the build client (wit/protocol.md §5.8).
+//! metadata.json, the builder's answer to the build client (wit/protocol.md §5.8, §14),
+//! written from the core's wire model with the injected faults applied.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
+use snapsign::wire::Metadata;
+pub use snapsign::wire::metadata::FIELDS;
 
 use crate::faults::Faults;
 use crate::snapshot::FORMAT_VERSION;
 
-/// Every field this builder writes.
-pub const FIELDS: &[&str] = &[
-    "snapshot_id",
-    "snapshot_uri",
-    "snapshot_format_version",
-    "snapshot_size_bytes",
-    "rootfs_disk_bytes",
-    "rootfs_node_kind",
-    "parent_manifest_uri",
-    "sha256",
-];
-
 /// What the build produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Metadata {
+pub struct Built {
     pub snapshot_id: String,
     /// `None` when the spec named no URI at all (the client then falls back to its own).
     pub snapshot_uri: Option<String>,
@@ -31,21 +22,30 @@ pub struct Metadata {
     pub sha256: String,
 }
 
+impl Built {
+    /// The metadata this builder writes (no CAS fields: it has no CAS branch).
+    pub fn metadata(&self) -> Metadata {
+        Metadata {
+            snapshot_id: Some(self.snapshot_id.clone()),
+            snapshot_uri: self.snapshot_uri.clone(),
+            snapshot_format_version: Some(FORMAT_VERSION.into()),
+            snapshot_size_bytes: Some(self.snapshot_size_bytes),
+            rootfs_disk_bytes: Some(self.rootfs_disk_bytes),
+            rootfs_node_kind: Some(self.rootfs_node_kind.clone()),
+            parent_manifest_uri: self.parent_manifest_uri.clone(),
+            rootfs_format: None,
+            image_size_bytes: None,
+            sha256: Some(self.sha256.clone()),
+        }
+    }
+}
+
 /// The JSON object, with the injected faults applied.
-pub fn metadata_json(metadata: &Metadata, faults: &Faults) -> Value {
-    let mut object = Map::new();
-    object.insert("snapshot_id".into(), json!(metadata.snapshot_id));
-    if let Some(uri) = faults.metadata_uri.as_ref().or(metadata.snapshot_uri.as_ref()) {
+pub fn metadata_json(built: &Built, faults: &Faults) -> Value {
+    let mut object = built.metadata().to_json();
+    if let Some(uri) = &faults.metadata_uri {
         object.insert("snapshot_uri".into(), json!(uri));
     }
-    object.insert("snapshot_format_version".into(), json!(FORMAT_VERSION));
-    object.insert("snapshot_size_bytes".into(), json!(metadata.snapshot_size_bytes));
-    object.insert("rootfs_disk_bytes".into(), json!(metadata.rootfs_disk_bytes));
-    object.insert("rootfs_node_kind".into(), json!(metadata.rootfs_node_kind));
-    if let Some(parent) = &metadata.parent_manifest_uri {
-        object.insert("parent_manifest_uri".into(), json!(parent));
-    }
-    object.insert("sha256".into(), json!(metadata.sha256));
     for field in &faults.metadata_missing {
         object.remove(field);
     }
@@ -56,8 +56,8 @@ pub fn metadata_json(metadata: &Metadata, faults: &Faults) -> Value {
 mod tests {
     use super::*;
 
-    fn diff() -> Metadata {
-        Metadata {
+    fn diff() -> Built {
+        Built {
             snapshot_id: "snap-2".into(),
             snapshot_uri: Some("s3://b/child.tlsnap".into()),
             snapshot_size_bytes: 1234,
@@ -77,11 +77,16 @@ mod tests {
                    "rootfs_disk_bytes": 10737418240u64, "rootfs_node_kind": "diff",
                    "parent_manifest_uri": "s3://b/parent.tlsnap", "sha256": "ab".repeat(32)})
         );
-        let base =
-            Metadata { rootfs_node_kind: "base".into(), parent_manifest_uri: None, snapshot_uri: None, ..diff() };
+        let base = Built { rootfs_node_kind: "base".into(), parent_manifest_uri: None, snapshot_uri: None, ..diff() };
         let value = metadata_json(&base, &Faults::default());
         assert!(value.get("parent_manifest_uri").is_none());
         assert!(value.get("snapshot_uri").is_none());
+    }
+
+    #[test]
+    fn what_is_written_reads_back_through_the_clients_reader() {
+        let value = metadata_json(&diff(), &Faults::default());
+        assert_eq!(Metadata::read(&value).unwrap(), diff().metadata());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::spec::PartUrl;
+use snapsign::wire::PartUrl;
 
 /// One UploadPart: bytes `offset..offset+len` of the archive go to `url`.
 #[derive(Debug, Clone, PartialEq, Eq)]

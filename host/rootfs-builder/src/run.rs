@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use snapsign::wire::{Download, Spec};
 
 use crate::archive::{ParentIndex, read_archive, write_archive};
 use crate::cli::BuildArgs;
 use crate::context::Context;
 use crate::download::{check_sha256, download_parent};
 use crate::faults::Faults;
-use crate::metadata::{Metadata, metadata_json};
+use crate::metadata::{Built, metadata_json};
 use crate::plan::{Action, Base, final_stage, plan};
 use crate::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
-use crate::spec::Spec;
 use crate::tree::Tree;
 use crate::{dockerfile, http, human_bytes, upload};
 
@@ -104,8 +104,8 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     for (field, url) in upload::urls(upload) {
         http::check_plain_http(&field, url).map_err(|m| anyhow!(m))?;
     }
-    if let Some(url) = spec.parent.as_ref().and_then(|p| p.download.as_ref()).and_then(|d| d.url.as_deref()) {
-        http::check_plain_http("spec.parent.download.url", url).map_err(|m| anyhow!(m))?;
+    if let Some(Download::SingleGet(get)) = spec.parent.as_ref().and_then(|p| p.download.as_ref()) {
+        http::check_plain_http("spec.parent.download.url", &get.url).map_err(|m| anyhow!(m))?;
     }
 
     let instructions = dockerfile::parse(&spec.dockerfile);
@@ -252,7 +252,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         return Ok(Outcome::InjectedExit);
     }
 
-    let metadata = Metadata {
+    let built = Built {
         snapshot_id: spec.snapshot_id.clone(),
         snapshot_uri: snapshot_uri.clone(),
         snapshot_size_bytes: summary.size_bytes,
@@ -261,7 +261,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         parent_manifest_uri,
         sha256: summary.sha256.clone(),
     };
-    let json = serde_json::to_string_pretty(&metadata_json(&metadata, faults)).expect("metadata serializes");
+    let json = serde_json::to_string_pretty(&metadata_json(&built, faults)).expect("metadata serializes");
     let temporary = work.0.join("metadata.json");
     fs::write(&temporary, json + "\n").with_context(|| format!("write {}", temporary.display()))?;
     fs::rename(&temporary, &args.metadata_out).with_context(|| format!("write {}", args.metadata_out.display()))?;
@@ -277,10 +277,11 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
 
 /// `contextDir`, relative to the spec file's directory when not absolute.
 fn open_context(spec: &Spec, spec_path: &Path) -> Result<Context> {
-    let dir = if spec.context_dir.is_absolute() {
-        spec.context_dir.clone()
+    let context_dir = Path::new(&spec.context_dir);
+    let dir = if context_dir.is_absolute() {
+        context_dir.to_path_buf()
     } else {
-        spec_path.parent().unwrap_or(Path::new(".")).join(&spec.context_dir)
+        spec_path.parent().unwrap_or(Path::new(".")).join(context_dir)
     };
     Context::open(&dir).context("spec.contextDir")
 }

@@ -17,7 +17,7 @@ use ureq::{Agent, SendBody};
 use crate::http::{body_text, redact_url, scrub_urls};
 use crate::human_bytes;
 use crate::multipart::{PartRange, check_complete, complete_body, excerpt, plan_parts};
-use crate::spec::{S3Multipart, SinglePut, Upload};
+use snapsign::wire::{S3Multipart, SinglePut, Upload};
 
 /// At most this many UploadPart requests at once.
 pub const PARALLEL_PARTS: usize = 4;

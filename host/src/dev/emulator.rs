@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use snapsign::presign::Presigner;
 use snapsign::signer::SignerConfig;
+use snapsign::wire::SingleGet;
 use snapsign_sandbox::Sandboxes;
 
 use super::faults::Faults;
@@ -124,7 +125,7 @@ impl Emulator {
     }
 
     /// A `single_get` block for an object of the signer's bucket (what the legacy platform presigned).
-    pub(crate) fn presigned_get(&self, uri: &str) -> Result<Value, ApiError> {
+    pub(crate) fn presigned_get(&self, uri: &str) -> Result<SingleGet, ApiError> {
         let parsed = snapsign::signer::validate::s3_uri(uri)
             .map_err(|why| ApiError::bad_request("invalid_uri", format!("uri {uri:?} {why}")))?;
         if parsed.bucket != self.signer.bucket {
@@ -134,8 +135,14 @@ impl Emulator {
             ));
         }
         let object = self.signer.endpoint.object(&self.signer.bucket, parsed.key);
-        let url = self.presigner().presign(snapsign::presign::Method::Get, &object, &[]);
-        Ok(json!({"kind": "single_get", "uri": uri, "method": "GET", "url": url, "expiresAt": self.expires_at()}))
+        let method = snapsign::presign::Method::Get;
+        Ok(SingleGet {
+            uri: Some(uri.to_owned()),
+            method: method.as_str().into(),
+            url: self.presigner().presign(method, &object, &[]),
+            headers: Default::default(),
+            expires_at: Some(self.expires_at()),
+        })
     }
 
     /// Serves one request.

@@ -2,9 +2,11 @@
 //! (wit/protocol.md §2).
 
 use http::StatusCode;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use snapsign::presign::Method;
+use snapsign::wire::{self, CompleteRequest, Download, Prepared, SinglePut, Upload};
 
 use super::emulator::Emulator;
 use super::http::ApiError;
@@ -39,12 +41,6 @@ pub const SHAPE_HEADER: &str = "x-snapsign-prepare-shape";
 fn string<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
     body.get(field).and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| {
         ApiError::bad_request("missing_field", format!("field '{field}' is required (a non-empty string)"))
-    })
-}
-
-fn number(body: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
-    body.get(field).and_then(Value::as_u64).ok_or_else(|| {
-        ApiError::bad_request("missing_field", format!("field '{field}' is required (a non-negative integer)"))
     })
 }
 
@@ -138,43 +134,65 @@ impl Emulator {
         let build_id = format!("build-{n}");
         let snapshot_id = format!("snap-{n}");
         let rel_path = format!("sandbox-template-builds/{build_id}/{snapshot_id}.tlsnap");
-        let key = format!("{}{rel_path}", self.signer.namespace_prefix(namespace));
-        let snapshot_uri = format!("s3://{}/{key}", self.signer.bucket);
+        let (key, snapshot_uri) = self.signer.artifact(namespace, &rel_path);
 
-        let mut prepared = json!({
-            "buildId": build_id,
-            "snapshotId": snapshot_id,
-            "rootfsNodeKind": node_kind,
-            "builder": {"image": "snapsign/rootfs-builder", "command": "tl-rootfs-build",
-                        "cpus": 1.0, "memoryMb": 1024, "diskMb": 2048},
-            "runtimeContract": {"guestRuntimeLayout": "embedded", "emulator": "snapsign dev"},
-        });
+        let mut prepared = Prepared {
+            build_id: build_id.clone(),
+            snapshot_id: snapshot_id.clone(),
+            rootfs_node_kind: node_kind.to_owned(),
+            snapshot_uri: None,
+            snapshot_rel_path: None,
+            builder: wire::Builder {
+                image: "snapsign/rootfs-builder".into(),
+                command: "tl-rootfs-build".into(),
+                cpus: 1.0,
+                memory_mb: 1024,
+                disk_mb: 2048,
+            },
+            parent: None,
+            rest: Map::from_iter([(
+                "runtimeContract".to_owned(),
+                json!({"guestRuntimeLayout": "embedded", "emulator": "snapsign dev"}),
+            )]),
+        };
         if let Some(parent) = &parent_template {
-            let mut block = json!({"parentManifestUri": parent.snapshot_uri, "rootfsDiskBytes": parent.rootfs_disk_bytes,
-                                   "snapshotSha256": parent.snapshot_sha256});
-            if shape == PrepareShape::Legacy {
+            prepared.parent = Some(wire::Parent {
+                parent_manifest_uri: parent.snapshot_uri.clone(),
+                rootfs_disk_bytes: Some(parent.rootfs_disk_bytes),
+                snapshot_sha256: Some(parent.snapshot_sha256.clone()),
                 // (inferred, wit/protocol.md §2.4) the legacy platform presigned parent reads itself.
-                block["download"] = self.presigned_get(&parent.snapshot_uri)?;
-            }
-            prepared["parent"] = block;
+                download: match shape {
+                    PrepareShape::Legacy => Some(
+                        serde_json::to_value(Download::SingleGet(self.presigned_get(&parent.snapshot_uri)?))
+                            .expect("answers serialize"),
+                    ),
+                    _ => None,
+                },
+            });
         }
         let legacy_upload = |uri: &str, key: &str| {
-            let url =
-                self.presigner().presign(Method::Put, &self.signer.endpoint.object(&self.signer.bucket, key), &[]);
-            json!({"kind": "single_put", "uri": uri, "method": "PUT", "url": url, "headers": {}, "expiresAt": self.expires_at()})
+            let object = self.signer.endpoint.object(&self.signer.bucket, key);
+            let upload = Upload::<()>::SinglePut(SinglePut {
+                uri: Some(uri.to_owned()),
+                method: Method::Put.as_str().into(),
+                url: self.presigner().presign(Method::Put, &object, &[]),
+                headers: Default::default(),
+                expires_at: Some(self.expires_at()),
+            });
+            serde_json::to_value(upload).expect("answers serialize")
         };
         match shape {
-            PrepareShape::New => prepared["snapshotRelPath"] = json!(rel_path),
+            PrepareShape::New => prepared.snapshot_rel_path = Some(rel_path),
             PrepareShape::Legacy => {
-                prepared["snapshotUri"] = json!(snapshot_uri);
-                prepared["upload"] = legacy_upload(&snapshot_uri, &key);
+                prepared.rest.insert("upload".into(), legacy_upload(&snapshot_uri, &key));
+                prepared.snapshot_uri = Some(snapshot_uri.clone());
             }
             PrepareShape::Both => {
                 let stale_key = format!("stale/{key}");
-                let stale = format!("s3://{}/{stale_key}", self.signer.bucket);
-                prepared["snapshotRelPath"] = json!(rel_path);
-                prepared["snapshotUri"] = json!(stale);
-                prepared["upload"] = legacy_upload(&stale, &stale_key);
+                let stale = wire::object_uri(&self.signer.bucket, &stale_key);
+                prepared.snapshot_rel_path = Some(rel_path);
+                prepared.rest.insert("upload".into(), legacy_upload(&stale, &stale_key));
+                prepared.snapshot_uri = Some(stale);
             }
         }
         self.state.insert_build(&Build {
@@ -189,7 +207,7 @@ impl Emulator {
             state: "prepared".into(),
             failure: None,
         })?;
-        Ok(prepared)
+        Ok(serde_json::to_value(&prepared).expect("prepared builds serialize"))
     }
 
     /// `POST …/sandbox-template-builds/{buildId}/complete`.
@@ -218,15 +236,29 @@ impl Emulator {
                 format!("build {build_id} was already completed"),
             ));
         }
-        let body =
-            body.as_object().ok_or_else(|| ApiError::bad_request("invalid_body", "body must be a JSON object"))?;
-        let snapshot_id = string(body, "snapshotId")?;
-        let snapshot_uri = string(body, "snapshotUri")?;
-        let format_version = string(body, "snapshotFormatVersion")?;
-        let size = number(body, "snapshotSizeBytes")?;
-        let disk = number(body, "rootfsDiskBytes")?;
-        let node_kind = string(body, "rootfsNodeKind")?;
-        let parent = body.get("parentManifestUri").and_then(Value::as_str);
+        if !body.is_object() {
+            return Err(ApiError::bad_request("invalid_body", "body must be a JSON object"));
+        }
+        let request = CompleteRequest::deserialize(body)
+            .map_err(|e| ApiError::bad_request("missing_field", format!("complete request: {e}")))?;
+        for (field, value) in [
+            ("snapshotId", &request.snapshot_id),
+            ("snapshotUri", &request.snapshot_uri),
+            ("snapshotFormatVersion", &request.snapshot_format_version),
+            ("rootfsNodeKind", &request.rootfs_node_kind),
+        ] {
+            if value.is_empty() {
+                return Err(ApiError::bad_request("missing_field", format!("field '{field}' must not be empty")));
+            }
+        }
+        let (snapshot_id, snapshot_uri, format_version, node_kind) = (
+            request.snapshot_id.as_str(),
+            request.snapshot_uri.as_str(),
+            request.snapshot_format_version.as_str(),
+            request.rootfs_node_kind.as_str(),
+        );
+        let (size, disk) = (request.snapshot_size_bytes, request.rootfs_disk_bytes);
+        let parent = request.parent_manifest_uri.as_deref();
         if node_kind == "diff" && parent.is_none() {
             return Err(ApiError::bad_request(
                 "missing_field",
@@ -277,7 +309,7 @@ impl Emulator {
 
     /// Size and sha256 of an object, read through a presigned GET.
     pub async fn object_digest(&self, uri: &str) -> Result<(u64, String), ApiError> {
-        let url = self.presigned_get(uri)?["url"].as_str().unwrap_or_default().to_owned();
+        let url = self.presigned_get(uri)?.url;
         let mut response =
             self.http.get(&url).send().await.map_err(|e| anyhow::anyhow!("read {uri} from the store: {e}"))?;
         if response.status() == StatusCode::NOT_FOUND {

@@ -11,6 +11,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
+use snapsign::wire::{Op, S3Multipart, SignRequest, Target, Upload};
 use snapsign_sandbox::{ProcessSpec, Sandbox};
 
 use super::emulator::{Emulator, read_json};
@@ -262,12 +263,14 @@ impl Emulator {
         })?;
         if faults.sign_without_uri
             && status.is_success()
-            && let Ok(Value::Object(mut answer)) = serde_json::from_slice::<Value>(&bytes)
-            && answer.get("kind").and_then(Value::as_str) != Some("single_get")
+            && let Ok(mut answer) = serde_json::from_slice::<Upload>(&bytes)
         {
-            answer.remove("uri");
+            match &mut answer {
+                Upload::SinglePut(put) => put.uri = None,
+                Upload::S3Multipart(multipart) => multipart.uri = None,
+            }
             tracing::warn!("injected fault: dropped uri from the signer's answer");
-            bytes = Bytes::from(serde_json::to_vec(&answer).expect("JSON"));
+            bytes = Bytes::from(serde_json::to_vec(&answer).expect("answers serialize"));
         }
         if status.is_success() {
             self.note_upload(namespace, &bytes)?;
@@ -283,21 +286,17 @@ impl Emulator {
     /// namespace's prepared builds, so a restart can abort it if the stack
     /// dies before the build ends.
     fn note_upload(&self, namespace: &str, answer: &[u8]) -> Result<(), ApiError> {
-        let Ok(answer) = serde_json::from_slice::<Value>(answer) else { return Ok(()) };
-        let (Some("s3_multipart"), Some(uri), Some(upload_id)) =
-            (answer["kind"].as_str(), answer["uri"].as_str(), answer["uploadId"].as_str())
+        let Ok(Upload::S3Multipart(S3Multipart { uri: Some(uri), upload_id, .. })) =
+            serde_json::from_slice::<Upload>(answer)
         else {
             return Ok(());
         };
+        let uri = uri.as_str();
         if let Some(build) = self.state.build_by_snapshot_uri(uri)?
             && build.namespace == namespace
             && build.state == "prepared"
         {
-            self.state.record_upload(&super::state::Upload {
-                upload_id: upload_id.to_owned(),
-                build_id: build.id,
-                uri: uri.to_owned(),
-            })?;
+            self.state.record_upload(&super::state::Upload { upload_id, build_id: build.id, uri: uri.to_owned() })?;
         }
         Ok(())
     }
@@ -309,12 +308,12 @@ impl Emulator {
     /// public template (wit/protocol.md §11). Everything else: no grant, so
     /// the signer's namespace rule decides.
     fn read_grant(&self, namespace: &str, body: &[u8]) -> Result<Vec<String>, ApiError> {
-        let Ok(request) = serde_json::from_slice::<Value>(body) else { return Ok(Vec::new()) };
-        let (Some("blob"), Some("get_blob"), Some(uri)) =
-            (request["target"]["kind"].as_str(), request["op"]["kind"].as_str(), request["target"]["uri"].as_str())
+        // The signer's own parser: a request it would refuse gets no grant.
+        let Ok(SignRequest { target: Target::Blob { uri }, op: Op::GetBlob }) = snapsign::signer::request::parse(body)
         else {
             return Ok(Vec::new());
         };
+        let uri = uri.as_str();
         Ok(match self.state.template_by_snapshot_uri(uri)? {
             Some(template) if template.public && template.namespace != namespace => {
                 tracing::info!(%namespace, template = %template.id, owner = %template.namespace, "read grant for a public template");

@@ -44,11 +44,7 @@ pub fn send(method_name: &str, url: &str, headers: &[(String, String)], body: &[
         "https" => Scheme::Https,
         other => return Err(format!("{url}: scheme {other} is not http or https")),
     };
-    let authority = match (parsed.host_str(), parsed.port()) {
-        (Some(host), Some(port)) => format!("{host}:{port}"),
-        (Some(host), None) => host.to_owned(),
-        _ => return Err(format!("{url} has no host")),
-    };
+    let authority = snapsign::presign::url_authority(&parsed).ok_or_else(|| format!("{url} has no host"))?;
     let path = match parsed.query() {
         Some(query) => format!("{}?{query}", parsed.path()),
         None => parsed.path().to_owned(),

@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use snapsign::signer::{self, Incoming, SIGN_PATH, SignBlobRequest, SignError, SignerConfig, Step};
+use snapsign::signer::{self, Incoming, SIGN_PATH, SignError, SignerConfig, Step};
 
 const KEY: &str = "fuzz-token-key-0123456789abcdef01234";
 const NOW: i64 = 1_800_000_000;
@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
         (Err(SignError::MalformedJson(_)), Err(_)) => {}
         (ours, theirs) => panic!("strict {ours:?} vs serde_json {theirs:?}"),
     }
-    let parsed = SignBlobRequest::parse(body);
+    let parsed = signer::request::parse(body);
 
     let config = config();
     let namespace = NAMESPACES[usize::from(selector % 3)];
@@ -86,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
             let request = parsed.expect("an answered request parsed");
             let json: Value = serde_json::from_str(&answer.body).expect("answers are JSON");
             let uri = json["uri"].as_str().expect("answers name their uri");
-            if let signer::request::Target::Artifact { rel_path } = &request.target {
+            if let snapsign::wire::Target::Artifact { rel_path } = &request.target {
                 assert_eq!(uri, format!("s3://snaps/builds/{namespace}/{rel_path}"));
                 assert!(signer::validate::rel_path(rel_path).is_ok());
             } else {

@@ -58,15 +58,8 @@ fn is_local(host: &str) -> bool {
     host == "localhost" || host == "127.0.0.1"
 }
 
-/// `host[:port]` of a URL, as the outbound policy names it.
-pub fn authority(url: &str) -> Option<String> {
-    let parsed = url::Url::parse(url).ok()?;
-    let host = parsed.host_str()?;
-    Some(match parsed.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
-    })
-}
+/// `host[:port]` of a URL, as the outbound policy names it (the core's one rule).
+pub use snapsign::presign::authority;
 
 fn classify(what: &str, status: u16, body: &str) -> SandboxError {
     let message = format!("{what} failed (HTTP {status}): {}", body.trim());

@@ -1,36 +1,48 @@
-//! The typed view of spec.json (wit/protocol.md §2.4, §4.7, §5.6): only the fields
-//! this builder reads; every other field of the prepared JSON is ignored.
-
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+//! spec.json as the builder reads it (wit/protocol.md §5.6, §14): the
+//! prepare answer with the client's splices and fields. Only these fields are
+//! read; every other field is ignored.
 
 use serde::Deserialize;
 
+use super::prepare::Parent;
+use super::sign::Upload;
+
+/// What the reference builder reads of spec.json.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Spec {
+    /// The Dockerfile text.
     pub dockerfile: String,
-    pub context_dir: PathBuf,
+    /// The unpacked build context (relative paths are relative to spec.json).
+    pub context_dir: String,
+    /// The snapshot's id.
     pub snapshot_id: String,
+    /// Where the snapshot goes (the signed uri in the new shape).
     #[serde(default)]
     pub snapshot_uri: Option<String>,
     /// `base` or `diff`.
     pub rootfs_node_kind: String,
+    /// The rootfs size the build may fill.
     pub rootfs_disk_bytes: u64,
+    /// The build's id (for the log).
     #[serde(default)]
     pub build_id: Option<String>,
+    /// The final FROM, as the client saw it.
     #[serde(default)]
     pub base_image: Option<String>,
-    /// Set on image imports, which route to a different builder (wit/protocol.md §5.6).
+    /// Set on image imports, which route to a different builder (§5.6).
     #[serde(default)]
     pub import_image_reference: Option<String>,
+    /// The parent of a diff build, with its `download`.
     #[serde(default)]
     pub parent: Option<Parent>,
+    /// Where the archive goes.
     #[serde(default)]
     pub upload: Option<Upload>,
 }
 
 impl Spec {
+    /// Parses spec.json.
     pub fn from_json(text: &str) -> Result<Spec, serde_json::Error> {
         serde_json::from_str(text)
     }
@@ -41,100 +53,10 @@ impl Spec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Parent {
-    pub parent_manifest_uri: String,
-    /// Hex sha256 of the parent archive, when the platform knows it.
-    #[serde(default)]
-    pub snapshot_sha256: Option<String>,
-    #[serde(default)]
-    pub download: Option<Download>,
-}
-
-/// `parent.download`: how to fetch the parent archive.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Download {
-    /// Only `single_get` is known.
-    pub kind: String,
-    #[serde(default)]
-    pub uri: Option<String>,
-    #[serde(default)]
-    pub method: Option<String>,
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    #[serde(default)]
-    pub expires_at: Option<String>,
-}
-
-/// `upload`: where the archive goes.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Upload {
-    SinglePut(SinglePut),
-    S3Multipart(S3Multipart),
-}
-
-impl Upload {
-    pub fn uri(&self) -> Option<&str> {
-        match self {
-            Upload::SinglePut(put) => put.uri.as_deref(),
-            Upload::S3Multipart(multipart) => multipart.uri.as_deref(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SinglePut {
-    #[serde(default)]
-    pub uri: Option<String>,
-    #[serde(default = "put")]
-    pub method: String,
-    pub url: String,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    #[serde(default)]
-    pub expires_at: Option<String>,
-}
-
-fn put() -> String {
-    "PUT".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct S3Multipart {
-    #[serde(default)]
-    pub uri: Option<String>,
-    pub upload_id: String,
-    pub part_size_bytes: u64,
-    #[serde(default)]
-    pub max_parts: Option<u32>,
-    pub part_urls: Vec<PartUrl>,
-    pub complete_url: String,
-    #[serde(default)]
-    pub abort_url: Option<String>,
-    /// Extra headers for every part PUT (none are known to be needed).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    #[serde(default)]
-    pub expires_at: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PartUrl {
-    pub part_number: u32,
-    pub url: String,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::sign::{Download, PartUrl};
 
     #[test]
     fn legacy_single_put_spec_parses_and_unknown_fields_are_ignored() {
@@ -181,7 +103,8 @@ mod tests {
         assert_eq!(spec.snapshot_uri(), Some("s3://dataplane/final.tlsnap"));
         let parent = spec.parent.as_ref().unwrap();
         assert_eq!(parent.snapshot_sha256.as_deref(), Some("ab12"));
-        assert_eq!(parent.download.as_ref().unwrap().kind, "single_get");
+        let Some(Download::SingleGet(get)) = &parent.download else { panic!() };
+        assert_eq!(get.url, "http://127.0.0.1:1/parent");
         let Some(Upload::S3Multipart(m)) = &spec.upload else { panic!() };
         assert_eq!((m.upload_id.as_str(), m.part_size_bytes, m.max_parts), ("upload-1", 5242880, Some(3)));
         assert_eq!(m.part_urls[1], PartUrl { part_number: 2, url: "http://h/2".into() });

@@ -1,0 +1,143 @@
+//! The prepare answer (`POST …/sandbox-template-builds`, wit/protocol.md
+//! §2.4): the fields the build client types. The dev stack writes it with
+//! this type; the build flow reads it, and passes the raw object on as
+//! spec.json (§5.6), unknown fields included. What the client passes through
+//! unread (`upload`, `parent.download`, …) stays untyped here, so a shape
+//! only the platform's builder knows still passes.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::sign::Download;
+
+/// A prepared build, as the client types it; everything else rides in `rest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Prepared {
+    /// The build's id (the complete path).
+    pub build_id: String,
+    /// The snapshot's id (completion fallback).
+    pub snapshot_id: String,
+    /// `base` or `diff`.
+    pub rootfs_node_kind: String,
+    /// The legacy destination (or a stale one in the both-fields shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_uri: Option<String>,
+    /// The new-shape marker: the client asks the dataplane to sign this path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_rel_path: Option<String>,
+    /// The builder sandbox and command.
+    pub builder: Builder,
+    /// The parent of a diff build; its `download` passes through unread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent<Value>>,
+    /// Everything the client passes through unread (`upload`, `runtimeContract`, `additionalLocalImages`, …).
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// The prepared `builder` block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Builder {
+    /// Sandbox image.
+    pub image: String,
+    /// Shell words of the builder command.
+    pub command: String,
+    /// CPUs.
+    pub cpus: f64,
+    /// Memory, MiB.
+    pub memory_mb: i64,
+    /// Disk, MiB.
+    pub disk_mb: u64,
+}
+
+/// The `parent` block of a diff build: in the prepare answer (`D` is then
+/// opaque JSON) and in spec.json (`D` is the typed [`Download`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Parent<D = Download> {
+    /// The parent snapshot's URI (get_blob target).
+    pub parent_manifest_uri: String,
+    /// The parent's rootfs size, the default size of a diff build (§5.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_disk_bytes: Option<u64>,
+    /// snapsign's own field: hex sha256 of the parent archive, checked by the reference builder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_sha256: Option<String>,
+    /// How to fetch the parent (presigned by the legacy platform, or spliced by the client).
+    #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
+    pub download: Option<D>,
+}
+
+/// A prepare answer that is not a prepared build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedError(pub String);
+
+impl std::fmt::Display for PreparedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "prepare answer {}", self.0)
+    }
+}
+
+impl std::error::Error for PreparedError {}
+
+impl Prepared {
+    /// Reads the typed view of prepare's JSON answer.
+    pub fn parse(value: &Value) -> Result<Self, PreparedError> {
+        if !value.is_object() {
+            return Err(PreparedError("is not a JSON object".into()));
+        }
+        Prepared::deserialize(value).map_err(|e| PreparedError(format!("is not a prepared build: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// wit/protocol.md §2.4's new-shape answer, with its sha256 filled in.
+    const NEW_SHAPE: &str = r#"{"buildId":"build-7","snapshotId":"snap-7","rootfsNodeKind":"diff","snapshotRelPath":"sandbox-template-builds/build-7/snap-7.tlsnap","builder":{"image":"snapsign/rootfs-builder","command":"tl-rootfs-build","cpus":1.0,"memoryMb":1024,"diskMb":2048},"parent":{"parentManifestUri":"s3://snapshots/builds/default/sandbox-template-builds/build-3/snap-3.tlsnap","rootfsDiskBytes":10737418240,"snapshotSha256":"0a1b"},"runtimeContract":{"emulator":"snapsign dev","guestRuntimeLayout":"embedded"}}"#;
+
+    #[test]
+    fn the_new_shape_round_trips_byte_for_byte() {
+        let prepared = Prepared::parse(&serde_json::from_str(NEW_SHAPE).unwrap()).unwrap();
+        assert_eq!(prepared.snapshot_rel_path.as_deref(), Some("sandbox-template-builds/build-7/snap-7.tlsnap"));
+        assert_eq!(prepared.parent.as_ref().unwrap().rootfs_disk_bytes, Some(10737418240));
+        assert_eq!(prepared.builder.memory_mb, 1024);
+        assert_eq!(prepared.rest["runtimeContract"]["guestRuntimeLayout"], "embedded");
+        assert_eq!(serde_json::to_string(&prepared).unwrap(), NEW_SHAPE);
+    }
+
+    #[test]
+    fn the_legacy_shape_passes_its_upload_and_parent_download_through() {
+        let legacy = json!({"buildId": "b", "snapshotId": "s", "rootfsNodeKind": "diff", "snapshotUri": "s3://b/k",
+            "builder": {"image": "i", "command": "c", "cpus": 2, "memoryMb": 1, "diskMb": 1},
+            "upload": {"kind": "single_put", "uri": "s3://b/k", "method": "PUT", "url": "http://h/k", "headers": {}},
+            "parent": {"parentManifestUri": "s3://b/p", "download": {"kind": "single_get", "url": "http://h/p"}}});
+        let prepared = Prepared::parse(&legacy).unwrap();
+        assert_eq!(prepared.builder.cpus, 2.0);
+        assert_eq!(prepared.rest["upload"], legacy["upload"]);
+        assert_eq!(prepared.parent.unwrap().download.as_ref(), Some(&legacy["parent"]["download"]));
+        // Kinds only the platform's builder knows pass too: the client does not read them.
+        let mut future = legacy.clone();
+        future["upload"] = json!({"kind": "gcs_resumable", "sessionUrl": "https://storage/x"});
+        future["parent"]["download"] = json!({"kind": "gcs_get"});
+        assert!(Prepared::parse(&future).is_ok());
+    }
+
+    #[test]
+    fn a_missing_or_mistyped_field_is_named() {
+        let err = Prepared::parse(&json!({"buildId": "b"})).unwrap_err().to_string();
+        assert!(err.starts_with("prepare answer is not a prepared build: missing field"), "{err}");
+        let no_snapshot = json!({"buildId": "b", "rootfsNodeKind": "base",
+            "builder": {"image": "i", "command": "c", "cpus": 1, "memoryMb": 1, "diskMb": 1}});
+        assert!(Prepared::parse(&no_snapshot).unwrap_err().to_string().contains("`snapshotId`"));
+        let bad_cpus = json!({"buildId": "b", "snapshotId": "s", "rootfsNodeKind": "base",
+            "builder": {"image": "i", "command": "c", "cpus": "two", "memoryMb": 1, "diskMb": 1}});
+        assert!(Prepared::parse(&bad_cpus).unwrap_err().to_string().contains("\"two\""));
+        assert_eq!(Prepared::parse(&json!([1])).unwrap_err().to_string(), "prepare answer is not a JSON object");
+    }
+}
