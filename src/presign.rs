@@ -175,18 +175,70 @@ pub struct Presigner {
     sts_prefix: HmacSha256,
 }
 
-impl Presigner {
-    /// Derives the signing key for `now`'s date and prepares the shared query.
-    pub fn new(credentials: &Credentials, region: &str, now: Timestamp, expires_secs: u32) -> Self {
-        let amz_date = now.strftime("%Y%m%dT%H%M%SZ").to_string();
-        let day = &amz_date[..8];
-        let scope = format!("{day}/{region}/s3/aws4_request");
+/// The SigV4 signing key of the last day asked for, kept for the next
+/// presigner: it depends only on the secret, the day and the region, and
+/// deriving it takes four HMACs. Holds one day's key, as an HMAC state ready
+/// to be fed a string to sign.
+#[derive(Default)]
+pub struct SigningKeys {
+    /// (secret, day, region, keyed HMAC): a key is reused only for the same three.
+    last: std::sync::Mutex<Option<(String, String, String, HmacSha256)>>,
+}
 
+impl Clone for SigningKeys {
+    /// A clone starts empty: it is a cache.
+    fn clone(&self) -> Self {
+        SigningKeys::default()
+    }
+}
+
+impl fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKeys(<redacted>)")
+    }
+}
+
+impl SigningKeys {
+    /// The keyed HMAC of `day` (`YYYYMMDD`) in `region`, derived or reused.
+    fn keyed(&self, credentials: &Credentials, region: &str, day: &str) -> HmacSha256 {
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((secret, d, r, keyed)) = last.as_ref()
+            && d == day
+            && r == region
+            && *secret == credentials.secret_access_key
+        {
+            return keyed.clone();
+        }
         let mut key = hmac(format!("AWS4{}", credentials.secret_access_key).as_bytes(), day.as_bytes());
         key = hmac(&key, region.as_bytes());
         key = hmac(&key, b"s3");
         key = hmac(&key, b"aws4_request");
-        let mut sts_prefix = HmacSha256::new_from_slice(&key).expect("HMAC takes keys of any length");
+        let keyed = HmacSha256::new_from_slice(&key).expect("HMAC takes keys of any length");
+        *last = Some((credentials.secret_access_key.clone(), day.to_owned(), region.to_owned(), keyed.clone()));
+        keyed
+    }
+}
+
+impl Presigner {
+    /// Derives the signing key for `now`'s date and prepares the shared query.
+    pub fn new(credentials: &Credentials, region: &str, now: Timestamp, expires_secs: u32) -> Self {
+        Self::with_keys(credentials, region, now, expires_secs, &SigningKeys::default())
+    }
+
+    /// [`Presigner::new`] taking the signing key from `keys` when it holds
+    /// the one of `now`'s day for these credentials and region.
+    pub fn with_keys(
+        credentials: &Credentials,
+        region: &str,
+        now: Timestamp,
+        expires_secs: u32,
+        keys: &SigningKeys,
+    ) -> Self {
+        let amz_date = now.strftime("%Y%m%dT%H%M%SZ").to_string();
+        let day = &amz_date[..8];
+        let scope = format!("{day}/{region}/s3/aws4_request");
+
+        let mut sts_prefix = keys.keyed(credentials, region, day);
         sts_prefix.update(b"AWS4-HMAC-SHA256\n");
         sts_prefix.update(amz_date.as_bytes());
         sts_prefix.update(b"\n");
@@ -428,6 +480,29 @@ mod tests {
                     "{ours:?} {params:?} on {plain}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_cached_signing_key_signs_like_a_fresh_one_across_days_regions_and_secrets() {
+        let keys = SigningKeys::default();
+        let object = Endpoint::parse("http://127.0.0.1:9000", Addressing::Path).unwrap().object("b", "k/x");
+        let mut rotated = aws_example_credentials();
+        rotated.secret_access_key = "another-secret".into();
+        let day1: Timestamp = "2026-11-28T23:59:59Z".parse().unwrap();
+        let day2: Timestamp = "2026-11-29T00:00:01Z".parse().unwrap();
+        let creds = aws_example_credentials();
+        for (credentials, region, now) in [
+            (&creds, "us-east-1", day1),
+            (&creds, "us-east-1", day1),
+            (&creds, "us-east-1", day2),
+            (&creds, "eu-west-1", day2),
+            (&rotated, "eu-west-1", day2),
+            (&creds, "eu-west-1", day2),
+        ] {
+            let cached = Presigner::with_keys(credentials, region, now, 3600, &keys).presign(Method::Get, &object, &[]);
+            let fresh = Presigner::new(credentials, region, now, 3600).presign(Method::Get, &object, &[]);
+            assert_eq!(cached, fresh, "{region} at {now}");
         }
     }
 

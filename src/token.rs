@@ -129,6 +129,32 @@ pub fn mint_claims(key: &[u8], claims: &Claims) -> Result<String, TokenError> {
 /// claims. A token whose expiry lies more than `max_ttl_secs` ahead is
 /// refused: a leaked token must not be good forever.
 pub fn verify(key: &[u8], token: &str, now: i64, max_ttl_secs: i64) -> Result<Claims, TokenError> {
+    TokenKey::new(key).verify(token, now, max_ttl_secs)
+}
+
+/// A token key with its HMAC state prepared once: [`TokenKey::verify`] then
+/// hashes only the token (a signer verifies one per request).
+#[derive(Clone)]
+pub struct TokenKey(Hmac<Sha256>);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(<redacted>)")
+    }
+}
+
+impl TokenKey {
+    pub fn new(key: &[u8]) -> Self {
+        TokenKey(Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length"))
+    }
+
+    /// [`verify`] under this key.
+    pub fn verify(&self, token: &str, now: i64, max_ttl_secs: i64) -> Result<Claims, TokenError> {
+        verify_with(&self.0, token, now, max_ttl_secs)
+    }
+}
+
+fn verify_with(keyed: &Hmac<Sha256>, token: &str, now: i64, max_ttl_secs: i64) -> Result<Claims, TokenError> {
     let mut parts = token.split('.');
     let (Some(version), Some(payload), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -138,7 +164,9 @@ pub fn verify(key: &[u8], token: &str, now: i64, max_ttl_secs: i64) -> Result<Cl
         return Err(TokenError::Malformed("unknown version (expected sst1)"));
     }
     let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed("signature is not base64url"))?;
-    mac(key, &token[..version.len() + 1 + payload.len()]).verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
+    let mut mac = keyed.clone();
+    mac.update(&token.as_bytes()[..version.len() + 1 + payload.len()]);
+    mac.verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
     let json = URL_SAFE_NO_PAD.decode(payload).map_err(|_| TokenError::Malformed("payload is not base64url"))?;
     let claims: Claims =
         serde_json::from_slice(&json).map_err(|_| TokenError::Malformed("payload is not {ns, exp} JSON"))?;

@@ -151,8 +151,16 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
 
 /// `snapsign serve-signer`.
 async fn serve_signer(args: ServeSignerArgs) -> Result<()> {
-    let ServeSignerArgs { listen, env, max_memory_mb, timeout_secs, max_concurrency, cache_dir, max_instance_reuse, serve } =
-        args;
+    let ServeSignerArgs {
+        listen,
+        env,
+        max_memory_mb,
+        timeout_secs,
+        max_concurrency,
+        cache_dir,
+        max_instance_reuse,
+        serve,
+    } = args;
     let config = signer::SignerServerConfig {
         listen,
         env: signer::guest_env(&env)?,

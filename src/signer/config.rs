@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::presign::{Addressing, Credentials, Endpoint, MAX_EXPIRES_SECS};
-use crate::token::{DEFAULT_MAX_TTL_SECS, MIN_KEY_LEN};
+use jiff::Timestamp;
+
+use crate::presign::{Addressing, Credentials, Endpoint, MAX_EXPIRES_SECS, Presigner, SigningKeys};
+use crate::token::{Claims, DEFAULT_MAX_TTL_SECS, MIN_KEY_LEN, TokenError, TokenKey};
 
 /// Shortest URL lifetime accepted, in seconds.
 pub const MIN_URL_TTL_SECS: u32 = 60;
@@ -69,6 +71,11 @@ pub struct SignerConfig {
     pub token_max_ttl_secs: i64,
     /// Longest object key the store holds (`SNAPSIGN_MAX_KEY_BYTES`, default S3's 1,024).
     pub max_key_bytes: usize,
+    /// `token_key` with its HMAC state prepared once (read `token_key` only
+    /// after [`SignerConfig::from_vars`]: this is made from it there).
+    token_verifier: TokenKey,
+    /// The day's SigV4 signing key, derived once a day, not per request.
+    signing_keys: SigningKeys,
 }
 
 impl fmt::Debug for SignerConfig {
@@ -177,11 +184,23 @@ impl SignerConfig {
             endpoint,
             credentials,
             url_ttl_secs,
+            token_verifier: TokenKey::new(&token_key),
             token_key,
             shared_prefixes,
             token_max_ttl_secs,
             max_key_bytes,
+            signing_keys: SigningKeys::default(),
         })
+    }
+
+    /// Verifies a caller token at `now` (unix seconds) under `token_key`.
+    pub fn verify_token(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        self.token_verifier.verify(token, now, self.token_max_ttl_secs)
+    }
+
+    /// A presigner for `now`, with the day's signing key derived at most once.
+    pub fn presigner(&self, now: Timestamp) -> Presigner {
+        Presigner::with_keys(&self.credentials, &self.region, now, self.url_ttl_secs, &self.signing_keys)
     }
 
     /// The key prefix (ending in `/`) of `namespace`'s artifacts.

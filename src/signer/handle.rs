@@ -10,7 +10,6 @@ use super::config::SignerConfig;
 use super::error::SignError;
 use super::{request, validate};
 use crate::presign::{Method, ObjectUrl, Presigner};
-use crate::token;
 use crate::wire::sign::{
     Download, MultipartHint, Op, S3Multipart, SingleGet, SinglePut, Target, Upload, s3_multipart_json,
 };
@@ -202,14 +201,13 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or(SignError::MissingToken)?;
-    let claims = token::verify(&config.token_key, bearer, now.as_second(), config.token_max_ttl_secs)
-        .map_err(SignError::BadToken)?;
+    let claims = config.verify_token(bearer, now.as_second()).map_err(SignError::BadToken)?;
     let request = request::parse(incoming.body)?;
 
     let expires_at = Timestamp::from_second(now.as_second() + i64::from(config.url_ttl_secs))
         .expect("now + at most 7 days is a valid timestamp")
         .to_string();
-    let presigner = Presigner::new(&config.credentials, &config.region, now, config.url_ttl_secs);
+    let presigner = config.presigner(now);
 
     match (request.target, request.op) {
         (Target::Artifact { rel_path }, Op::PutArtifact { multipart_hint }) => {
@@ -283,6 +281,7 @@ mod tests {
 
     use super::*;
     use crate::signer::config::vars;
+    use crate::token;
 
     const KEY: &str = "0123456789abcdef0123456789abcdef";
 

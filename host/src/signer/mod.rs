@@ -29,10 +29,10 @@ use tokio::sync::Semaphore;
 use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, StoreLimitsBuilder};
 use wasmtime_wasi::WasiCtx;
+use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::WasiHttpView;
 
 use crate::engine::{self, EngineLimits, Loaded, WasmtimeResultExt};
 use crate::guest::{self, GuestState};
@@ -195,7 +195,11 @@ impl SignerHost {
         wasi.envs(&self.env).stderr(log.clone());
         let limits = StoreLimitsBuilder::new().memory_size(self.max_memory_bytes).instances(8).build();
         // The epoch deadline is set again for every request it serves.
-        guest::store(&self.engine, GuestState::new(wasi.build(), self.outbound.clone(), limits, log), self.request_timeout)
+        guest::store(
+            &self.engine,
+            GuestState::new(wasi.build(), self.outbound.clone(), limits, log),
+            self.request_timeout,
+        )
     }
 
     /// Serves one HTTP request: reads its body, then runs a fresh instance on it.
