@@ -169,7 +169,7 @@ pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<
         "  put_artifact, {PARTS} parts, whole request via serve-signer: median {whole_median:8.2} ms  p99 {whole_p99:8.2} ms"
     );
     println!(
-        "  get_blob via serve-signer, fresh instance per request:  median {get_median:8.3} ms  p99 {get_p99:8.3} ms  ({requests} sequential)"
+        "  get_blob via serve-signer (instance reused per caller): median {get_median:8.3} ms  p99 {get_p99:8.3} ms  ({requests} sequential)"
     );
     println!("  get_blob throughput, {concurrency} concurrent loopback clients: {rps:8.0} req/s");
     server.shutdown().await;

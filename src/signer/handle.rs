@@ -107,7 +107,7 @@ impl PendingUpload {
                 return SignError::StoreFailed {
                     status: store_status,
                     s3_code: None,
-                    detail: format!("answer has no UploadId ({e}): {}", excerpt(store_body)),
+                    detail: format!("answer has no UploadId ({e}): {}", crate::wire::excerpt(store_body)),
                 }
                 .answer(&self.request_id);
             }
@@ -139,14 +139,6 @@ impl PendingUpload {
     }
 }
 
-fn excerpt(body: &str) -> String {
-    let trimmed = body.trim();
-    match trimmed.char_indices().nth(300) {
-        Some((i, _)) => format!("{}…", &trimmed[..i]),
-        None => trimmed.to_owned(),
-    }
-}
-
 fn xml_element<'a>(body: &'a str, name: &str) -> Option<&'a str> {
     let start = body.find(&format!("<{name}>"))? + name.len() + 2;
     let end = body[start..].find(&format!("</{name}>"))?;
@@ -166,8 +158,7 @@ fn s3_error_detail(body: &str) -> String {
     match (xml_element(body, "Code"), xml_element(body, "Message")) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code.to_owned(),
-        _ if body.trim().is_empty() => "(empty body)".into(),
-        _ => excerpt(body),
+        _ => crate::wire::excerpt(body),
     }
 }
 

@@ -18,6 +18,20 @@ pub use sign::{
 };
 pub use spec::Spec;
 
+/// The start of a peer's body on one line (whitespace runs folded, at most
+/// 300 characters), for error messages and logs: the signer's store errors
+/// and the reference builder's upload errors alike.
+pub fn excerpt(body: &str) -> String {
+    let flat: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.is_empty() {
+        return "(empty body)".into();
+    }
+    match flat.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::Value;

@@ -139,17 +139,8 @@ pub fn check_complete(status: u16, body: &str) -> Result<(), MultipartError> {
     Ok(())
 }
 
-/// The start of a response body on one line, for error messages.
-pub fn excerpt(body: &str) -> String {
-    let flat: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.is_empty() {
-        return "(empty body)".into();
-    }
-    match flat.char_indices().nth(300) {
-        Some((cut, _)) => format!("{}…", &flat[..cut]),
-        None => flat,
-    }
-}
+/// The start of a response body on one line, for error messages (the core's one rule).
+pub use snapsign::wire::excerpt;
 
 #[cfg(test)]
 mod tests {
