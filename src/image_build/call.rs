@@ -45,8 +45,9 @@ impl std::fmt::Debug for Request {
     }
 }
 
-/// A process to run in the sandbox (wit/protocol.md §4.2).
-#[derive(Debug, Clone, PartialEq)]
+/// A process to run in the sandbox (wit/protocol.md §4.2). The host's
+/// `sandbox-exec` backends take the same type (as `ProcessSpec`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Process {
     /// Executable.
     pub command: String,
@@ -105,6 +106,8 @@ impl std::fmt::Display for SandboxError {
         }
     }
 }
+
+impl std::error::Error for SandboxError {}
 
 /// Where the sandbox proxy answers, for the sign calls.
 #[derive(Clone, PartialEq, Eq)]

@@ -5,32 +5,10 @@
 
 use async_trait::async_trait;
 
-/// Why a sandbox operation failed; the component decides about retries
-/// (wit/protocol.md §5.1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SandboxError {
-    /// Worth retrying until the component's deadline (502/503/504, "not running", timeouts).
-    Transient(String),
-    /// The sandbox is gone (terminated, deleted, unknown).
-    Gone(String),
-    /// The caller was refused (401/403).
-    Denied(String),
-    /// Anything else; fails the build at once.
-    Failed(String),
-}
-
-impl std::fmt::Display for SandboxError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SandboxError::Transient(m) => write!(f, "transient: {m}"),
-            SandboxError::Gone(m) => write!(f, "gone: {m}"),
-            SandboxError::Denied(m) => write!(f, "denied: {m}"),
-            SandboxError::Failed(m) => write!(f, "{m}"),
-        }
-    }
-}
-
-impl std::error::Error for SandboxError {}
+/// Why a sandbox operation failed (the component decides about retries,
+/// wit/protocol.md §5.1), how a process ended, and what to run: the core's
+/// types, the same ones the build flow reads on the guest side.
+pub use snapsign::image_build::call::{Exit as ExitStatus, Process as ProcessSpec, SandboxError};
 
 /// Resources asked for when creating a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,30 +19,6 @@ pub struct Resources {
     pub memory_mb: i64,
     /// Disk, MiB.
     pub disk_mb: u64,
-}
-
-/// A process to run in a sandbox (wit/protocol.md §4.2).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ProcessSpec {
-    /// Executable.
-    pub command: String,
-    /// Arguments.
-    pub args: Vec<String>,
-    /// Environment.
-    pub env: Vec<(String, String)>,
-    /// Working directory.
-    pub working_dir: Option<String>,
-    /// Run as root instead of the sandbox user.
-    pub as_root: bool,
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExitStatus {
-    /// Exit code, or the negated signal number.
-    pub code: i64,
-    /// The kernel OOM killer ended it.
-    pub oom_killed: bool,
 }
 
 /// A created sandbox: its id and lifecycle status.
