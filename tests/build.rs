@@ -83,6 +83,16 @@ async fn base_then_diff_build_through_the_new_shape_with_parent_download() {
     for stage in ["prepare", "sandbox", "sign", "upload", "build", "complete"] {
         assert!(run.events.contains(&BuildEvent::Stage(stage.into())), "stage {stage} reported");
     }
+    // The builder's metadata reaches the embedder as an event; its sha256 is the stored object's.
+    let metadata: Vec<serde_json::Value> = run
+        .events
+        .iter()
+        .filter_map(|e| if let BuildEvent::Metadata(json) = e { serde_json::from_str(json).ok() } else { None })
+        .collect();
+    assert_eq!(metadata.len(), 1, "one metadata event: {:#?}", run.events);
+    let (size, sha256) = stack.platform.object_digest(uri).await.unwrap();
+    assert_eq!(metadata[0]["sha256"].as_str(), Some(sha256.as_str()), "{}", metadata[0]);
+    assert_eq!(metadata[0]["snapshot_size_bytes"].as_u64(), Some(size), "{}", metadata[0]);
     assert!(stack.platform.live_sandboxes().is_empty(), "builder sandbox deleted");
 
     let child_ctx = context(&[("more.txt", b"added by the child\n")]);

@@ -63,12 +63,12 @@ async fn build(runtime: &Runtime, stack: &DevStack, name: &str, context: &Path, 
     let seen = declared.clone();
     let printer = crate::image_build::progress_printer();
     let events: crate::image_build::EventFn = Arc::new(move |event: BuildEvent| {
-        // The reference builder logs "Wrote …metadata.json: snapshot <uri>, sha256 <hex>".
-        if let BuildEvent::Log(_, line) = &event
-            && line.starts_with("Wrote ")
-            && let Some((_, sha)) = line.rsplit_once("sha256 ")
+        // The builder's metadata.json, as the build flow read it.
+        if let BuildEvent::Metadata(json) = &event
+            && let Ok(value) = serde_json::from_str::<Value>(json)
+            && let Ok(metadata) = snapsign::wire::Metadata::read(&value)
         {
-            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(sha.trim().to_owned());
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) = metadata.sha256;
         }
         printer(event);
     });

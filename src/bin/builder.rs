@@ -36,6 +36,7 @@ impl wit::Guest for Component {
                 emit(&match event {
                     Event::Stage(name) => events::Event::Stage(name),
                     Event::Warning(message) => events::Event::Warning(message),
+                    Event::Metadata(json) => events::Event::Metadata(json),
                 });
             }
             match step.next {

@@ -228,6 +228,8 @@ pub enum Event {
     Stage(String),
     /// Something went wrong that does not fail the build.
     Warning(String),
+    /// The builder's metadata.json, as JSON text, read and about to be completed.
+    Metadata(String),
 }
 
 /// Why a build failed (the WIT `build-error`).

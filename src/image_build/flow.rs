@@ -441,6 +441,7 @@ impl Flow {
                 let bytes = file.map_err(|e| failed(format!("read metadata.json: {e}")))?;
                 let metadata: Value =
                     serde_json::from_slice(&bytes).map_err(|e| failed(format!("metadata.json is not JSON: {e}")))?;
+                self.events.push(Event::Metadata(metadata.to_string()));
                 let prepared = self.prepared();
                 let request = complete::completion(prepared, self.signed_uri.as_deref(), &metadata, self.rootfs_bytes)
                     .map_err(|e| failed(e.to_string()))?;

@@ -52,6 +52,8 @@ pub enum BuildEvent {
     Log(String, String),
     /// A warning.
     Warning(String),
+    /// The builder's metadata.json (JSON text), read before completion.
+    Metadata(String),
 }
 
 /// Where events go.
@@ -72,6 +74,7 @@ impl events::Host for BuildData {
             events::Event::UploadProgress((sent, total)) => BuildEvent::Upload(sent, total),
             events::Event::Log((stream, line)) => BuildEvent::Log(stream, line),
             events::Event::Warning(w) => BuildEvent::Warning(w),
+            events::Event::Metadata(json) => BuildEvent::Metadata(json),
         })
     }
 }
@@ -189,5 +192,7 @@ pub fn progress_printer() -> EventFn {
                 eprintln!("  context upload: {:.1} MiB sent", sent as f64 / 1048576.0);
             }
         }
+        // The platform's answer to completion names what was registered.
+        BuildEvent::Metadata(_) => {}
     })
 }

@@ -272,6 +272,13 @@ fn new_shape_base_build_signs_splices_and_completes_with_the_signed_uri() {
     assert_eq!(stages[..8], ["plan", "prepare", "sandbox", "sign", "upload", "build", "complete", "cleanup"]);
     assert!(stages[8].starts_with("done in "), "{stages:?}");
     assert!(run.warnings().is_empty(), "{:?}", run.warnings());
+    // The builder's metadata is reported once, as it was read.
+    let reported: Vec<Value> = run
+        .events
+        .iter()
+        .filter_map(|e| if let Event::Metadata(json) = e { serde_json::from_str(json).ok() } else { None })
+        .collect();
+    assert_eq!(reported, [world.metadata.clone()]);
     // Every platform call carries the bearer token.
     assert_eq!(world.platform_auth, ["Bearer sst1.tok", "Bearer sst1.tok"]);
     let prepare = world.prepare_body.unwrap();
