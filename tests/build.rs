@@ -510,3 +510,19 @@ async fn the_proxy_backend_reads_a_file_only_up_to_the_limit_it_is_given() {
     backend.delete(&id).await.unwrap();
     stack.shutdown().await;
 }
+
+/// The README's first command: `snapsign demo` builds a base, a diff and a
+/// legacy image on the embedded stack, verifies each stored object against
+/// the builder's declared metadata, and leaves nothing in its temp dir.
+#[test]
+fn the_demo_builds_and_verifies_three_images_and_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = cli(&["demo"], &[("TMPDIR", tmp.path().to_str().unwrap())]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", output.status);
+    assert_eq!(stdout.matches("as metadata.json declared").count(), 3, "{stdout}");
+    assert!(stdout.contains("3 images built, registered and verified"), "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "the demo left {left:?} behind");
+}
