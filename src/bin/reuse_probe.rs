@@ -36,7 +36,13 @@ impl Guest for Probe {
             std::process::abort();
         }
         let previous = std::mem::replace(&mut *LAST.lock().unwrap(), format!("{caller}|{text}"));
-        incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes());
+        match text.as_str() {
+            // Keeps the outparam and never answers: the host must end the request itself.
+            "forget" => std::mem::forget(out),
+            // Answers as a signer refusing the token.
+            "refuse" => incoming::respond(out, 401, &[("content-type", "text/plain")], b"refused"),
+            _ => incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes()),
+        }
     }
 }
 

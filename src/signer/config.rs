@@ -63,16 +63,16 @@ pub struct SignerConfig {
     pub credentials: Credentials,
     /// Lifetime of presigned URLs, seconds.
     pub url_ttl_secs: u32,
-    /// Key that verifies caller tokens.
-    pub token_key: Vec<u8>,
+    /// Key that verifies caller tokens (read it with [`SignerConfig::token_key`]:
+    /// the verifier below is made from it once).
+    token_key: Vec<u8>,
     /// Key prefixes (ending in `/`) every namespace may read with get_blob.
     pub shared_prefixes: Vec<String>,
     /// Longest lifetime a caller token may have left (`SNAPSIGN_TOKEN_MAX_TTL_SECS`, default 7 days).
     pub token_max_ttl_secs: i64,
     /// Longest object key the store holds (`SNAPSIGN_MAX_KEY_BYTES`, default S3's 1,024).
     pub max_key_bytes: usize,
-    /// `token_key` with its HMAC state prepared once (read `token_key` only
-    /// after [`SignerConfig::from_vars`]: this is made from it there).
+    /// `token_key` with its HMAC state prepared once.
     token_verifier: TokenKey,
     /// The day's SigV4 signing key, derived once a day, not per request.
     signing_keys: SigningKeys,
@@ -191,6 +191,11 @@ impl SignerConfig {
             max_key_bytes,
             signing_keys: SigningKeys::default(),
         })
+    }
+
+    /// The key caller tokens are signed with (the dev stack mints with it).
+    pub fn token_key(&self) -> &[u8] {
+        &self.token_key
     }
 
     /// Verifies a caller token at `now` (unix seconds) under `token_key`.

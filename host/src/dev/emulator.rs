@@ -184,7 +184,7 @@ impl Emulator {
             ["platform", "v1", rest @ ..] => Some(rest.to_vec()),
             _ => None,
         };
-        let key = self.signer.token_key.clone();
+        let key = self.signer.token_key().to_vec();
         if let Some(rest) = platform {
             let ns = namespace(headers, &key)?;
             return match (&method, rest.as_slice()) {

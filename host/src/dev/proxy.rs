@@ -138,7 +138,7 @@ impl Emulator {
                 "proxy request names no sandbox: send X-Tensorlake-Sandbox-Id or Host: {id}.local",
             )
         })?;
-        let caller = namespace(request.headers(), &self.signer.token_key)?;
+        let caller = namespace(request.headers(), self.signer.token_key())?;
         self.record(&caller, &id)?;
         if !self.running(&id, false) {
             return Err(pending_error(&id));
@@ -236,7 +236,7 @@ impl Emulator {
             read: self.read_grant(namespace, &body)?,
             ..snapsign::token::Claims::new(namespace, jiff::Timestamp::now().as_second() + 300)
         };
-        let token = snapsign::token::mint_claims(&self.signer.token_key, &claims)
+        let token = snapsign::token::mint_claims(self.signer.token_key(), &claims)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("mint a signer token for {namespace}: {e}")))?;
         let response = self
             .http

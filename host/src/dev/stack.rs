@@ -97,39 +97,61 @@ fn random_hex() -> Result<String> {
     Ok(hex::encode(bytes))
 }
 
-/// Writes `secrets.json` readable by its owner only.
+/// Writes `secrets.json` readable by its owner only: a private temporary
+/// file renamed over it, so a crash never leaves it empty or half written.
 fn write_secrets(path: &Path, secrets: &Secrets) -> Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("write {}", path.display()))?;
-    file.write_all(&serde_json::to_vec_pretty(secrets)?).with_context(|| format!("write {}", path.display()))
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        // A leftover temporary file keeps its old mode: set it explicitly.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(&serde_json::to_vec_pretty(secrets)?)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("write {} (through {})", path.display(), tmp.display()))
 }
 
+/// The stack's secrets: read from `data_dir/secrets.json`, or made and saved
+/// when there is none. Any other failure to read it is an error, never a
+/// silent replacement (that would void every token already issued).
 fn secrets(data_dir: &Path) -> Result<Secrets> {
+    use std::os::unix::fs::PermissionsExt as _;
     let path = data_dir.join("secrets.json");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let mut secrets: Secrets = serde_json::from_str(&text)
-            .with_context(|| format!("read {}; delete it to start afresh", path.display()))?;
-        if secrets.admin_token.is_empty() {
-            secrets.admin_token = format!("ssadm.{}", random_hex()?);
-            write_secrets(&path, &secrets)?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut secrets: Secrets = serde_json::from_str(&text)
+                .with_context(|| format!("read {}; delete it to start afresh", path.display()))?;
+            let mode =
+                std::fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.permissions().mode();
+            if mode & 0o077 != 0 {
+                // Written by an older snapsign under the umask: make it private now.
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "secrets file was readable by others; setting it to 0600");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("make {} private (chmod 600)", path.display()))?;
+            }
+            if secrets.admin_token.is_empty() {
+                secrets.admin_token = format!("ssadm.{}", random_hex()?);
+                write_secrets(&path, &secrets)?;
+            }
+            Ok(secrets)
         }
-        return Ok(secrets);
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secrets = Secrets {
+                access_key_id: format!("AKIDDEV{}", &random_hex()?[..13].to_uppercase()),
+                secret_access_key: random_hex()?,
+                token_key: random_hex()?,
+                admin_token: format!("ssadm.{}", random_hex()?),
+            };
+            write_secrets(&path, &secrets)?;
+            Ok(secrets)
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!("read {}; fix its permissions or move it away (a new one voids issued tokens)", path.display())
+        }),
     }
-    let secrets = Secrets {
-        access_key_id: format!("AKIDDEV{}", &random_hex()?[..13].to_uppercase()),
-        secret_access_key: random_hex()?,
-        token_key: random_hex()?,
-        admin_token: format!("ssadm.{}", random_hex()?),
-    };
-    write_secrets(&path, &secrets)?;
-    Ok(secrets)
 }
 
 /// The running dev stack.
@@ -254,7 +276,7 @@ impl DevStack {
     /// to another tenant.
     pub fn token_for(&self, namespace: &str) -> Result<String> {
         let expires = jiff::Timestamp::now().as_second() + 24 * 3600;
-        Ok(snapsign::token::mint(&self.platform.signer.token_key, namespace, expires)?)
+        Ok(snapsign::token::mint(self.platform.signer.token_key(), namespace, expires)?)
     }
 
     /// The platform API URL (`api_url` of a build).
@@ -313,6 +335,16 @@ mod tests {
         );
         let other = secrets(b.path()).unwrap();
         assert_ne!(first.token_key, other.token_key, "two stacks never share a key");
+        // A file an older version left readable by others is made private, keeping its secrets.
+        std::fs::set_permissions(a.path().join("secrets.json"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(secrets(a.path()).unwrap().token_key, first.token_key);
+        let mode = std::fs::metadata(a.path().join("secrets.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "made private on read");
+        // Unreadable is an error, not a reason to make new secrets.
+        std::fs::remove_file(b.path().join("secrets.json")).unwrap();
+        std::fs::create_dir(b.path().join("secrets.json")).unwrap();
+        let error = format!("{:#}", secrets(b.path()).err().expect("a directory is not a secrets file"));
+        assert!(error.contains("secrets.json"), "{error}");
         assert_ne!(first.secret_access_key, first.token_key, "each secret is drawn on its own");
         assert_eq!(first.token_key.len(), 64, "32 random bytes");
     }

@@ -5,9 +5,10 @@
 //! risk is what a request leaves in the instance: freed heap is not zeroed,
 //! and a guest bug could keep a caller's data in a static. So an instance is
 //! only ever reused for the **same caller**, named by the SHA-256 of the
-//! request's whole `Authorization` header (one bearer token, one caller):
-//! whatever one caller leaves behind can only reach that same caller again.
-//! Requests without that header never reuse and are never reused.
+//! request's bearer token, and kept only when the signer answered without
+//! refusing that token: whatever one caller leaves behind can only reach
+//! that same caller again. Requests without a bearer token never reuse and
+//! are never reused.
 //!
 //! An instance is dropped, never reused, after a trap, a timeout or any
 //! error, after `max_uses` requests, and after `idle_ttl` unused. Idle
@@ -21,15 +22,19 @@ use sha2::{Digest, Sha256};
 use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 
-/// Who sent a request, for reuse only: the SHA-256 of its `Authorization` header.
+/// Who sent a request, for reuse only: the SHA-256 of its bearer token.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Caller([u8; 32]);
 
 impl Caller {
-    /// `None` when the request carries no `Authorization` header.
+    /// `None` unless the request carries a bearer token, read as the signer
+    /// reads it (`Bearer `/`bearer `, trimmed, not empty). An instance whose
+    /// answer refused the token (401/403) is not kept either: only a token
+    /// the signer accepted names a caller.
     pub(crate) fn of(headers: &http::HeaderMap) -> Option<Caller> {
-        let value = headers.get(http::header::AUTHORIZATION)?;
-        Some(Caller(Sha256::digest(value.as_bytes()).into()))
+        let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+        let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
+        (!token.is_empty()).then(|| Caller(Sha256::digest(token.as_bytes()).into()))
     }
 }
 
@@ -58,6 +63,22 @@ impl<T: 'static> InstancePool<T> {
 
     pub(crate) fn reuses(&self) -> bool {
         self.max_uses > 1
+    }
+
+    /// How long an idle instance waits for its caller.
+    pub(crate) fn idle_ttl(&self) -> Duration {
+        self.idle_ttl
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_idle_ttl(&mut self, idle_ttl: Duration) {
+        self.idle_ttl = idle_ttl;
+    }
+
+    /// Drops the idle instances that waited longer than the idle TTL.
+    pub(crate) fn drop_expired(&self) {
+        let expired = self.drain_expired(&mut self.lock());
+        drop(expired);
     }
 
     /// The most recently used idle instance of `caller`, if any, with the

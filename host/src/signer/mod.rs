@@ -278,14 +278,30 @@ impl SignerHost {
         let reused = warm.is_some();
         store.set_epoch_deadline(engine::deadline_ticks(deadline.saturating_duration_since(Instant::now())));
 
+        // The guest sets its answer on `guest_answer`; the task relays it to
+        // `receiver` at once (the body streams while the guest writes it). The
+        // relay lives in the task, never in the store, so an instance that
+        // kept its outparam cannot hold this request open once it is dropped.
         let (sender, receiver) = tokio::sync::oneshot::channel();
+        let (guest_sender, mut guest_answer) = tokio::sync::oneshot::channel();
         let req =
             store.data_mut().http().new_incoming_request(Scheme::Http, request).anyhow().map_err(Failure::internal)?;
-        let out = store.data_mut().http().new_response_outparam(sender).anyhow().map_err(Failure::internal)?;
+        let out = store.data_mut().http().new_response_outparam(guest_sender).anyhow().map_err(Failure::internal)?;
         let host = self.clone();
         let task = tokio::spawn(async move {
             let timeout = host.request_timeout;
+            let mut relay = Some(sender);
+            // The status the guest answered with, once it did.
+            let mut answered: Option<u16> = None;
             let run = async {
+                let mut forward = |answer: GuestAnswer| {
+                    if let Ok(response) = &answer {
+                        answered = Some(response.status().as_u16());
+                    }
+                    if let Some(relay) = relay.take() {
+                        let _ = relay.send(answer);
+                    }
+                };
                 let proxy = match warm {
                     Some(proxy) => proxy,
                     None => host.pre.instantiate_async(&mut store).await.map_err(|e| {
@@ -297,7 +313,28 @@ impl SignerHost {
                         )
                     })?,
                 };
-                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await.map_err(|e| {
+                let called = {
+                    let call = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
+                    tokio::pin!(call);
+                    let mut waiting = true;
+                    let called = loop {
+                        tokio::select! {
+                            set = &mut guest_answer, if waiting => {
+                                waiting = false;
+                                if let Ok(answer) = set {
+                                    forward(answer);
+                                }
+                            }
+                            called = &mut call => break called,
+                        }
+                    };
+                    // An answer set just before the call returned.
+                    if waiting && let Ok(answer) = guest_answer.try_recv() {
+                        forward(answer);
+                    }
+                    called
+                };
+                called.map_err(|e| {
                     // The epoch deadline traps the guest when it computes too long.
                     if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
                         Failure::timeout(timeout)
@@ -320,11 +357,13 @@ impl SignerHost {
             for line in String::from_utf8_lossy(&log).lines().filter(|l| !l.trim().is_empty()) {
                 tracing::warn!(request_id = %id, "signer guest: {line}");
             }
-            tracing::debug!(request_id = %id, reused, uses = uses + 1, "signer instance");
-            // Only an instance that finished cleanly serves its caller again;
-            // after a trap, a timeout or an error it is dropped with its store.
+            tracing::debug!(request_id = %id, reused, uses = uses + 1, ?answered, "signer instance");
+            // Only an instance that finished cleanly and answered serves its
+            // caller again; after a trap, a timeout, an error, no answer, or a
+            // refused token (401/403: no proven caller) it is dropped.
+            let keep = answered.is_some_and(|status| status != 401 && status != 403);
             let outcome = match (result, caller) {
-                (Ok(proxy), Some(caller)) => {
+                (Ok(proxy), Some(caller)) if keep => {
                     host.pool.give_back(caller, store, proxy, uses + 1);
                     Ok(())
                 }
@@ -353,6 +392,9 @@ impl SignerHost {
         }
     }
 }
+
+/// What a guest sets on its response outparam.
+type GuestAnswer = Result<http::Response<HyperOutgoingBody>, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>;
 
 /// A request body already in memory, as the guest reads it.
 type BufferedBody = http_body_util::combinators::MapErr<Full<Bytes>, fn(std::convert::Infallible) -> hyper::Error>;
@@ -463,6 +505,17 @@ async fn serve_host(
     listen: SocketAddr,
     limits: ServeLimits,
 ) -> Result<(Server, Arc<SignerHost>)> {
+    // Idle instances hold what their caller left in memory: they are dropped
+    // on time even when no request comes to evict them. The sweep ends with the host.
+    let sweep = host.pool.idle_ttl().max(Duration::from_millis(20)) / 2;
+    let weak = Arc::downgrade(&host);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(sweep).await;
+            let Some(host) = weak.upgrade() else { break };
+            host.pool.drop_expired();
+        }
+    });
     let service_host = host.clone();
     let service = hyper::service::service_fn(move |request| service_host.clone().handle(request));
     let server = serve::spawn_with("signer", listen, limits, service).await?;
@@ -521,6 +574,10 @@ mod tests {
 
     impl Probe {
         async fn start(max_instance_reuse: u32, max_concurrency: u32) -> Probe {
+            Probe::start_with_ttl(max_instance_reuse, max_concurrency, IDLE_INSTANCE_TTL).await
+        }
+
+        async fn start_with_ttl(max_instance_reuse: u32, max_concurrency: u32, idle_ttl: Duration) -> Probe {
             let cache = tempfile::tempdir().unwrap();
             let config = SignerServerConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
@@ -532,7 +589,8 @@ mod tests {
                 max_instance_reuse,
             };
             let limits = ServeLimits::default();
-            let host = SignerHost::with_component(&config, &limits, "reuse-probe", REUSE_PROBE_WASM).unwrap();
+            let mut host = SignerHost::with_component(&config, &limits, "reuse-probe", REUSE_PROBE_WASM).unwrap();
+            host.pool.set_idle_ttl(idle_ttl);
             let (server, host) = serve_host(Arc::new(host), config.listen, limits).await.unwrap();
             Probe { server, host, client: reqwest::Client::new(), _cache: cache }
         }
@@ -573,10 +631,43 @@ mod tests {
         // A token that differs in one byte is another caller.
         assert_eq!(probe.seen(Some("Bearer a"), "a4").await, "");
         assert_eq!(probe.host.idle_instances(), 3);
-        // Without an Authorization header nothing is kept or reused.
+        // Without a bearer token nothing is kept or reused.
         assert_eq!(probe.seen(None, "n1").await, "");
         assert_eq!(probe.seen(None, "n2").await, "", "anonymous requests never share an instance");
+        for header in ["Basic QTpB", "Bearer ", "Bearer    "] {
+            assert_eq!(probe.seen(Some(header), "x").await, "", "{header:?}");
+            assert_eq!(probe.seen(Some(header), "y").await, "", "{header:?} is no caller");
+        }
         assert_eq!(probe.host.idle_instances(), 3);
+        probe.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_refused_its_token_or_never_answered_is_not_kept() {
+        let probe = Probe::start(DEFAULT_MAX_INSTANCE_REUSE, 4).await;
+        // A refused token proves no caller: two clients sending the same bad token share nothing.
+        let (status, _) = probe.send(Some("Bearer junk"), "refuse").await;
+        assert_eq!(status, 401);
+        assert_eq!(probe.seen(Some("Bearer junk"), "j").await, "", "the refusing instance was dropped");
+        // A guest that keeps its response outparam must not hold the request open.
+        let (status, text) = probe.send(Some("Bearer A"), "forget").await;
+        assert_eq!(status, 500, "{text}");
+        assert!(text.contains("host_error"), "{text}");
+        assert_eq!(probe.seen(Some("Bearer A"), "a").await, "", "the silent instance was dropped");
+        probe.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn idle_instances_are_dropped_after_their_ttl_without_traffic() {
+        let probe = Probe::start_with_ttl(DEFAULT_MAX_INSTANCE_REUSE, 4, Duration::from_millis(200)).await;
+        assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "");
+        assert_eq!(probe.host.idle_instances(), 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while probe.host.idle_instances() > 0 {
+            assert!(Instant::now() < deadline, "the idle instance outlived its TTL");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(probe.seen(Some("Bearer A"), "a2").await, "", "a fresh instance after the TTL");
         probe.server.shutdown().await;
     }
 
