@@ -39,6 +39,8 @@ impl Guest for Probe {
         match text.as_str() {
             // Keeps the outparam and never answers: the host must end the request itself.
             "forget" => std::mem::forget(out),
+            // A 40 MB answer, for the slow-reader test.
+            "big" => incoming::respond(out, 200, &[("content-type", "text/plain")], &vec![b'x'; 40 << 20]),
             // Answers as a signer refusing the token.
             "refuse" => incoming::respond(out, 401, &[("content-type", "text/plain")], b"refused"),
             _ => incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes()),

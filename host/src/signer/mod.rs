@@ -293,13 +293,21 @@ impl SignerHost {
             let mut relay = Some(sender);
             // The status the guest answered with, once it did.
             let mut answered: Option<u16> = None;
+            // The answer's body is read into memory as the guest writes it, so
+            // the instance is free when the guest returns, whatever the
+            // caller's reading speed (a slow reader holds a connection only).
+            let mut collector: Option<tokio::task::JoinHandle<Result<http::Response<Bytes>>>> = None;
+            let answer_limit = host.max_memory_bytes;
             let run = async {
-                let mut forward = |answer: GuestAnswer| {
-                    if let Ok(response) = &answer {
+                let mut forward = |answer: GuestAnswer| match answer {
+                    Ok(response) => {
                         answered = Some(response.status().as_u16());
+                        collector = Some(tokio::spawn(read_answer(response, answer_limit)));
                     }
-                    if let Some(relay) = relay.take() {
-                        let _ = relay.send(answer);
+                    Err(code) => {
+                        if let Some(relay) = relay.take() {
+                            let _ = relay.send(Err(code));
+                        }
                     }
                 };
                 let proxy = match warm {
@@ -349,11 +357,40 @@ impl SignerHost {
                 })?;
                 Ok::<Proxy, Failure>(proxy)
             };
-            let result = match tokio::time::timeout_at(deadline.into(), run).await {
+            let mut result = match tokio::time::timeout_at(deadline.into(), run).await {
                 Ok(result) => result,
                 Err(_) => Err(Failure::timeout(timeout)),
             };
             let log = store.data().data.take();
+            // A guest that failed mid-answer: dropping its store ends the body.
+            let mut store = result.is_ok().then_some(store);
+            let mut complete = false;
+            if let Some(reading) = collector {
+                let read = match tokio::time::timeout_at(deadline.into(), reading).await {
+                    Ok(Ok(read)) => read,
+                    Ok(Err(e)) => Err(anyhow::Error::from(e).context("read the signer's answer")),
+                    Err(_) => Err(anyhow::anyhow!("the signer's answer was not complete within {timeout:?}")),
+                };
+                match read {
+                    Ok(response) => {
+                        complete = true;
+                        if let Some(relay) = relay.take() {
+                            let _ = relay.send(Ok(response.map(full_body)));
+                        }
+                    }
+                    Err(e) => {
+                        store = None;
+                        if result.is_ok() {
+                            result = Err(Failure::new(
+                                502,
+                                "guest_error",
+                                "the signer's answer ended before its body was complete".into(),
+                                e,
+                            ));
+                        }
+                    }
+                }
+            }
             for line in String::from_utf8_lossy(&log).lines().filter(|l| !l.trim().is_empty()) {
                 tracing::warn!(request_id = %id, "signer guest: {line}");
             }
@@ -361,13 +398,13 @@ impl SignerHost {
             // Only an instance that finished cleanly and answered serves its
             // caller again; after a trap, a timeout, an error, no answer, or a
             // refused token (401/403: no proven caller) it is dropped.
-            let keep = answered.is_some_and(|status| status != 401 && status != 403);
-            let outcome = match (result, caller) {
-                (Ok(proxy), Some(caller)) if keep => {
+            let keep = complete && answered.is_some_and(|status| status != 401 && status != 403);
+            let outcome = match (result, caller, store.take()) {
+                (Ok(proxy), Some(caller), Some(store)) if keep => {
                     host.pool.give_back(caller, store, proxy, uses + 1);
                     Ok(())
                 }
-                (result, _) => {
+                (result, _, store) => {
                     drop(store);
                     result.map(drop)
                 }
@@ -391,6 +428,28 @@ impl SignerHost {
             }),
         }
     }
+}
+
+/// Reads a guest's answer body into memory, at most `limit` bytes (an answer
+/// cannot be larger than the guest's memory, which held it).
+async fn read_answer(response: http::Response<HyperOutgoingBody>, limit: usize) -> Result<http::Response<Bytes>> {
+    let (parts, mut body) = response.into_parts();
+    let mut bytes = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|code| anyhow::anyhow!("the signer's answer body failed: {code:?}"))?;
+        if let Ok(data) = frame.into_data() {
+            anyhow::ensure!(bytes.len() + data.len() <= limit, "the signer's answer is over {limit} bytes");
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(http::Response::from_parts(parts, bytes.freeze()))
+}
+
+/// A body already in memory, as the server sends it.
+fn full_body(bytes: Bytes) -> HyperOutgoingBody {
+    Full::new(bytes)
+        .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} })
+        .boxed_unsync()
 }
 
 /// What a guest sets on its response outparam.
@@ -578,12 +637,21 @@ mod tests {
         }
 
         async fn start_with_ttl(max_instance_reuse: u32, max_concurrency: u32, idle_ttl: Duration) -> Probe {
+            Probe::start_full(max_instance_reuse, max_concurrency, idle_ttl, 16 << 20).await
+        }
+
+        async fn start_full(
+            max_instance_reuse: u32,
+            max_concurrency: u32,
+            idle_ttl: Duration,
+            max_memory_bytes: usize,
+        ) -> Probe {
             let cache = tempfile::tempdir().unwrap();
             let config = SignerServerConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 // The probe never calls the store; the address only has to be valid.
                 env: crate::bench::env("http://127.0.0.1:9"),
-                limits: EngineLimits { max_concurrency, max_memory_bytes: 16 << 20 },
+                limits: EngineLimits { max_concurrency, max_memory_bytes },
                 request_timeout: Duration::from_secs(20),
                 cache_dir: cache.path().to_owned(),
                 max_instance_reuse,
@@ -654,6 +722,26 @@ mod tests {
         assert_eq!(status, 500, "{text}");
         assert!(text.contains("host_error"), "{text}");
         assert_eq!(probe.seen(Some("Bearer A"), "a").await, "", "the silent instance was dropped");
+        probe.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_holds_a_connection_not_an_instance() {
+        // One instance slot; a 40 MB answer is more than loopback sockets buffer.
+        let probe = Probe::start_full(DEFAULT_MAX_INSTANCE_REUSE, 1, IDLE_INSTANCE_TTL, 64 << 20).await;
+        let held = probe
+            .client
+            .post(format!("{}/probe", probe.server.url()))
+            .header("authorization", "Bearer A")
+            .body("big")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(held.status(), 200);
+        // While A's answer sits unread, B gets the only slot.
+        assert_eq!(probe.send(Some("Bearer B"), "b").await, (200, String::new()));
+        let body = held.bytes().await.unwrap();
+        assert_eq!(body.len(), 40 << 20, "A's answer arrives whole");
         probe.server.shutdown().await;
     }
 
