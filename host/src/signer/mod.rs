@@ -7,9 +7,10 @@
 //! A request takes an instance slot only once its body is in memory: the
 //! host reads it (at most [`MAX_BODY_BYTES`], within
 //! [`ServeLimits::body_read_timeout`]) first, so slow senders hold a
-//! connection, never a guest. Every answer carries `x-request-id`; error
-//! bodies are `{code, message, request_id}` and the detail (traps, guest
-//! log lines) goes to the log under that id.
+//! connection, never a guest; the answer is read into memory as the guest
+//! writes it, so slow readers do not hold one either. Every answer carries
+//! `x-request-id`; error bodies are `{code, message, request_id}` and the
+//! detail (traps, guest log lines) goes to the log under that id.
 
 mod guest_log;
 mod instance_pool;
@@ -278,10 +279,10 @@ impl SignerHost {
         let reused = warm.is_some();
         store.set_epoch_deadline(engine::deadline_ticks(deadline.saturating_duration_since(Instant::now())));
 
-        // The guest sets its answer on `guest_answer`; the task relays it to
-        // `receiver` at once (the body streams while the guest writes it). The
-        // relay lives in the task, never in the store, so an instance that
-        // kept its outparam cannot hold this request open once it is dropped.
+        // The guest sets its answer on `guest_answer`; the task reads its body
+        // as the guest writes it and then relays the whole answer to
+        // `receiver`. The relay lives in the task, never in the store, so an
+        // instance that kept its outparam cannot hold this request open.
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let (guest_sender, mut guest_answer) = tokio::sync::oneshot::channel();
         let req =
