@@ -13,7 +13,6 @@ use common::*;
 use serde_json::{Value, json};
 use snapsign_host::engine::EngineLimits;
 use snapsign_host::serve::{ServeLimits, Server};
-use snapsign_host::signer::{self, DEFAULT_MAX_INSTANCE_REUSE, SignerServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -59,23 +58,6 @@ async fn log_lines_of(request_id: &str, containing: &str) -> String {
         assert!(Instant::now() < deadline, "no log line for request {request_id} contains {containing:?}:\n{text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn start_signer_under(
-    env: Vec<(String, String)>,
-    limits: EngineLimits,
-    timeout: Duration,
-    serve: ServeLimits,
-) -> Server {
-    let config = SignerServerConfig {
-        listen: loopback(),
-        env,
-        limits,
-        request_timeout: timeout,
-        cache_dir: cache_dir(),
-        max_instance_reuse: DEFAULT_MAX_INSTANCE_REUSE,
-    };
-    signer::start_with(&config, serve).await.expect("start the signer").0
 }
 
 fn get_blob(uri: &str) -> String {

@@ -67,6 +67,16 @@ pub async fn start_store(root: &Path) -> Server {
 }
 
 pub async fn start_signer(env: Vec<(String, String)>, limits: EngineLimits, timeout: Duration) -> Server {
+    start_signer_under(env, limits, timeout, snapsign_host::serve::ServeLimits::default()).await
+}
+
+/// [`start_signer`] with the server's own limits (head, idle, body deadlines, connection caps).
+pub async fn start_signer_under(
+    env: Vec<(String, String)>,
+    limits: EngineLimits,
+    timeout: Duration,
+    serve: snapsign_host::serve::ServeLimits,
+) -> Server {
     let config = SignerServerConfig {
         listen: loopback(),
         env,
@@ -75,7 +85,7 @@ pub async fn start_signer(env: Vec<(String, String)>, limits: EngineLimits, time
         cache_dir: cache_dir(),
         max_instance_reuse: DEFAULT_MAX_INSTANCE_REUSE,
     };
-    signer::start(&config).await.expect("start the signer").0
+    signer::start_with(&config, serve).await.expect("start the signer").0
 }
 
 impl Stack {
