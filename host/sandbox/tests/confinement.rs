@@ -163,19 +163,6 @@ async fn the_builder_binary_runs_inside_from_usr_local_bin() {
     assert_eq!(run_ok(&sandbox, help).await, ["builder-ran --help", "1000"]);
 }
 
-fn host_processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.starts_with(marker) {
-                found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-            }
-        }
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn delete_kills_every_process_and_removes_the_directory() {
     let dir = scratch();

@@ -195,19 +195,6 @@ async fn the_network_is_lo_plus_the_forwarded_ports_and_nothing_else() {
     assert!(!lines.iter().any(|l| l.contains(&other_hex)), "the host's listener is visible: {lines:?}");
 }
 
-fn host_processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.starts_with(marker) {
-                found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-            }
-        }
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cpus_become_a_cfs_quota_that_throttles_a_busy_loop() {
     let dir = scratch();

@@ -277,6 +277,7 @@ impl State {
         Ok(true)
     }
 
+    /// The first template matching `condition`; `what` names it in errors.
     fn template_where(&self, condition: &str, args: impl rusqlite::Params, what: &str) -> Result<Option<Template>> {
         let sql = format!(
             "SELECT id, namespace, name, snapshot_id, snapshot_uri, snapshot_format_version, snapshot_size_bytes,
