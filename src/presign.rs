@@ -178,11 +178,24 @@ pub struct Presigner {
 /// The SigV4 signing key of the last day asked for, kept for the next
 /// presigner: it depends only on the secret, the day and the region, and
 /// deriving it takes four HMACs. Holds one day's key, as an HMAC state ready
-/// to be fed a string to sign.
+/// to be fed a string to sign; and the last presigner made, which a request
+/// in the same second with the same credentials, region and lifetime reuses
+/// (a presigner depends on nothing else, and holds nothing a caller sent).
 #[derive(Default)]
 pub struct SigningKeys {
     /// (secret, day, region, keyed HMAC): a key is reused only for the same three.
     last: std::sync::Mutex<Option<(String, String, String, HmacSha256)>>,
+    /// The last presigner, with everything it was made from.
+    last_presigner: std::sync::Mutex<Option<MadeFor>>,
+}
+
+/// A presigner and what it was made from.
+struct MadeFor {
+    second: i64,
+    credentials: Credentials,
+    region: String,
+    expires_secs: u32,
+    presigner: Presigner,
 }
 
 impl Clone for SigningKeys {
@@ -234,6 +247,28 @@ impl Presigner {
         expires_secs: u32,
         keys: &SigningKeys,
     ) -> Self {
+        let second = now.as_second();
+        let mut last = keys.last_presigner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(made) = last.as_ref()
+            && made.second == second
+            && made.expires_secs == expires_secs
+            && made.region == region
+            && made.credentials == *credentials
+        {
+            return made.presigner.clone();
+        }
+        let presigner = Self::derive(credentials, region, now, expires_secs, keys);
+        *last = Some(MadeFor {
+            second,
+            credentials: credentials.clone(),
+            region: region.to_owned(),
+            expires_secs,
+            presigner: presigner.clone(),
+        });
+        presigner
+    }
+
+    fn derive(credentials: &Credentials, region: &str, now: Timestamp, expires_secs: u32, keys: &SigningKeys) -> Self {
         let amz_date = now.strftime("%Y%m%dT%H%M%SZ").to_string();
         let day = &amz_date[..8];
         let scope = format!("{day}/{region}/s3/aws4_request");
@@ -504,6 +539,36 @@ mod tests {
             let fresh = Presigner::new(credentials, region, now, 3600).presign(Method::Get, &object, &[]);
             assert_eq!(cached, fresh, "{region} at {now}");
         }
+    }
+
+    #[test]
+    fn a_presigner_reused_within_a_second_signs_like_a_fresh_one_for_the_same_inputs_only() {
+        let keys = SigningKeys::default();
+        let object = Endpoint::parse("http://127.0.0.1:9000", Addressing::Path).unwrap().object("b", "k/x");
+        let creds = aws_example_credentials();
+        let other_key_id = Credentials { access_key_id: "AKIDOTHER".into(), ..creds.clone() };
+        let with_session = Credentials { session_token: Some("session/token=1".into()), ..creds.clone() };
+        let other_secret = Credentials { secret_access_key: "another-secret".into(), ..creds.clone() };
+        let second: Timestamp = "2026-11-29T10:00:00Z".parse().unwrap();
+        let next: Timestamp = "2026-11-29T10:00:01Z".parse().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for (credentials, region, now, ttl) in [
+            (&creds, "us-east-1", second, 3600),
+            (&creds, "us-east-1", second, 3600),
+            (&creds, "us-east-1", second, 60),
+            (&other_key_id, "us-east-1", second, 60),
+            (&with_session, "us-east-1", second, 60),
+            (&other_secret, "us-east-1", second, 60),
+            (&other_secret, "eu-west-1", second, 60),
+            (&other_secret, "eu-west-1", next, 60),
+        ] {
+            let reused = Presigner::with_keys(credentials, region, now, ttl, &keys).presign(Method::Get, &object, &[]);
+            let fresh = Presigner::new(credentials, region, now, ttl).presign(Method::Get, &object, &[]);
+            assert_eq!(reused, fresh, "{region} at {now}, ttl {ttl}");
+            seen.insert(reused);
+        }
+        // Every change of input made another URL (the first two inputs are the same).
+        assert_eq!(seen.len(), 7);
     }
 
     #[test]

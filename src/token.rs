@@ -14,6 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 const VERSION: &str = "sst1";
 
@@ -132,10 +133,22 @@ pub fn verify(key: &[u8], token: &str, now: i64, max_ttl_secs: i64) -> Result<Cl
     TokenKey::new(key).verify(token, now, max_ttl_secs)
 }
 
-/// A token key with its HMAC state prepared once: [`TokenKey::verify`] then
-/// hashes only the token (a signer verifies one per request).
-#[derive(Clone)]
-pub struct TokenKey(Hmac<Sha256>);
+/// A token key with its HMAC state prepared once, and the last token it
+/// accepted: [`TokenKey::verify`] hashes only the token, and the same token
+/// again (an instance serves one caller, who sends the same token each time)
+/// skips its MAC and JSON. Its lifetime is checked against `now` every time,
+/// and only the whole token, compared in constant time, hits.
+pub struct TokenKey {
+    keyed: Hmac<Sha256>,
+    last: std::sync::Mutex<Option<(String, Claims)>>,
+}
+
+impl Clone for TokenKey {
+    /// A clone starts without a last token: that part is a cache.
+    fn clone(&self) -> Self {
+        TokenKey { keyed: self.keyed.clone(), last: Default::default() }
+    }
+}
 
 impl std::fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,16 +158,32 @@ impl std::fmt::Debug for TokenKey {
 
 impl TokenKey {
     pub fn new(key: &[u8]) -> Self {
-        TokenKey(Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length"))
+        TokenKey {
+            keyed: Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length"),
+            last: Default::default(),
+        }
     }
 
     /// [`verify`] under this key.
     pub fn verify(&self, token: &str, now: i64, max_ttl_secs: i64) -> Result<Claims, TokenError> {
-        verify_with(&self.0, token, now, max_ttl_secs)
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let claims = match last.as_ref() {
+            Some((accepted, claims)) if bool::from(accepted.as_bytes().ct_eq(token.as_bytes())) => claims.clone(),
+            _ => {
+                let claims = signed_claims(&self.keyed, token)?;
+                check_lifetime(&claims, now, max_ttl_secs)?;
+                *last = Some((token.to_owned(), claims.clone()));
+                return Ok(claims);
+            }
+        };
+        drop(last);
+        check_lifetime(&claims, now, max_ttl_secs)?;
+        Ok(claims)
     }
 }
 
-fn verify_with(keyed: &Hmac<Sha256>, token: &str, now: i64, max_ttl_secs: i64) -> Result<Claims, TokenError> {
+/// The claims of `token` when its MAC holds and they are well formed (its lifetime unchecked).
+fn signed_claims(keyed: &Hmac<Sha256>, token: &str) -> Result<Claims, TokenError> {
     let mut parts = token.split('.');
     let (Some(version), Some(payload), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -176,13 +205,18 @@ fn verify_with(keyed: &Hmac<Sha256>, token: &str, now: i64, max_ttl_secs: i64) -
     if claims.read.len() > MAX_READ_GRANTS {
         return Err(TokenError::TooManyGrants { count: claims.read.len() });
     }
+    Ok(claims)
+}
+
+/// Refuses claims that expired at `now`, or that live more than `max_ttl_secs` past it.
+fn check_lifetime(claims: &Claims, now: i64, max_ttl_secs: i64) -> Result<(), TokenError> {
     if now >= claims.expires_at {
         return Err(TokenError::Expired { expired_at: claims.expires_at });
     }
     if claims.expires_at.saturating_sub(now) > max_ttl_secs {
         return Err(TokenError::TooLong { expires_at: claims.expires_at, max_ttl_secs });
     }
-    Ok(claims)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -211,6 +245,33 @@ mod tests {
         assert!(verify(KEY, &mint(KEY, "team-a", 2_000).unwrap(), 1_000, 3600).unwrap().read.is_empty());
         let many = Claims { read: vec!["s3://b/k".into(); MAX_READ_GRANTS + 1], ..Claims::new("team-a", 2_000) };
         assert_eq!(mint_claims(KEY, &many), Err(TokenError::TooManyGrants { count: MAX_READ_GRANTS + 1 }));
+    }
+
+    #[test]
+    fn the_last_accepted_token_is_still_checked_for_lifetime_and_only_the_same_token_hits() {
+        let key = TokenKey::new(KEY);
+        let token = mint(KEY, "team-a", 2_000).unwrap();
+        assert_eq!(key.verify(&token, 1_000, 3600).unwrap(), Claims::new("team-a", 2_000));
+        // Accepted before, but its lifetime is judged at every `now`.
+        assert_eq!(key.verify(&token, 2_000, 3600), Err(TokenError::Expired { expired_at: 2_000 }));
+        assert_eq!(key.verify(&token, 1_000, 999), Err(TokenError::TooLong { expires_at: 2_000, max_ttl_secs: 999 }));
+        assert_eq!(key.verify(&token, 1_999, 3600).unwrap(), Claims::new("team-a", 2_000));
+        // One byte off in the tag, the payload, or one byte more: verified afresh, and refused.
+        let mut tag_off = token.clone().into_bytes();
+        let last = tag_off.len() - 1;
+        tag_off[last] = if tag_off[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(key.verify(std::str::from_utf8(&tag_off).unwrap(), 1_000, 3600), Err(TokenError::BadSignature));
+        let (signed, tag) = token.rsplit_once('.').unwrap();
+        let other = URL_SAFE_NO_PAD.encode(br#"{"ns":"team-b","exp":2000}"#);
+        assert_eq!(key.verify(&format!("sst1.{other}.{tag}"), 1_000, 3600), Err(TokenError::BadSignature));
+        let longer = format!("{signed}.{tag}A");
+        assert!(key.verify(&longer, 1_000, 3600).is_err(), "a token one byte longer was accepted");
+        // Another caller's good token replaces it; the first still verifies afresh.
+        let other_token = mint(KEY, "team-b", 2_000).unwrap();
+        assert_eq!(key.verify(&other_token, 1_000, 3600).unwrap().namespace, "team-b");
+        assert_eq!(key.verify(&token, 1_000, 3600).unwrap().namespace, "team-a");
+        // Under another key the same token is refused (the cache is per key).
+        assert_eq!(TokenKey::new(b"another key").verify(&token, 1_000, 3600), Err(TokenError::BadSignature));
     }
 
     #[test]

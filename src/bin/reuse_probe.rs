@@ -26,7 +26,7 @@ impl Guest for Probe {
             return incoming::respond(out, 404, &[], b"POST /probe only");
         }
         let caller = request.header("authorization").unwrap_or_default();
-        let text = match request.body(64 * 1024) {
+        let text = match request.body(64 * 1024, None) {
             Ok(incoming::Body::Read(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
             Ok(incoming::Body::TooLarge) => return incoming::fail(out, "body too large".into()),
             Err(e) => return incoming::fail(out, e),

@@ -49,7 +49,7 @@ fn serve(request: incoming::Request, request_id: &str) -> Result<(Answer, Option
         return too_large();
     }
     let authorization = request.header("authorization");
-    let bytes = match request.body(MAX_BODY_BYTES)? {
+    let bytes = match request.body(MAX_BODY_BYTES, declared)? {
         incoming::Body::Read(bytes) => bytes,
         incoming::Body::TooLarge => return too_large(),
     };

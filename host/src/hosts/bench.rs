@@ -30,6 +30,33 @@ pub struct BenchOptions {
     pub warmup_seconds: f64,
     pub concurrency: usize,
     pub tools_dir: std::path::PathBuf,
+    /// Rounds over all hosts, measured in turn in each round.
+    pub rounds: usize,
+    /// The hosts to measure after the native ceiling (which always runs); empty: all.
+    pub only: Vec<BenchHost>,
+}
+
+/// A host `bench hosts` measures against the native ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchHost {
+    /// `snapsign serve-signer` (instances reused per caller).
+    ServeSigner,
+    /// `snapsign serve-signer --max-instance-reuse 1`.
+    ServeSignerNoReuse,
+    /// `wasmtime serve`.
+    Wasmtime,
+    /// `wasmtime serve --max-instance-reuse-count 1000`.
+    WasmtimeReuse,
+    /// `wash dev` (wasmCloud).
+    Wash,
+    /// `jco serve` (Node).
+    Jco,
+}
+
+impl BenchOptions {
+    fn measures(&self, host: BenchHost) -> bool {
+        self.only.is_empty() || self.only.contains(&host)
+    }
 }
 
 /// One host's figures.
@@ -37,7 +64,12 @@ pub struct BenchOptions {
 pub struct Figures {
     pub host: String,
     pub requests: usize,
+    /// The median round's rate.
     pub per_second: f64,
+    /// The median of the per-round ratios to the native ceiling.
+    pub of_native: f64,
+    /// Requests per second in each round.
+    pub rounds: Vec<f64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub first_answer: Option<Duration>,
@@ -124,38 +156,54 @@ pub async fn load(
     Ok((all.len(), all, started.elapsed(), reconnects))
 }
 
+/// One load run on one host.
+struct Run {
+    requests: usize,
+    per_second: f64,
+    latencies: Vec<Duration>,
+    reconnects: usize,
+}
+
 async fn measure(
     host: &str,
     sign_url: &str,
     host_header: Option<&str>,
     token: &str,
     options: &BenchOptions,
-    first_answer: Option<Duration>,
-) -> Result<Figures> {
+) -> Result<Run> {
     load(sign_url, host_header, token, options.concurrency, Duration::from_secs_f64(options.warmup_seconds))
         .await
         .with_context(|| format!("warm up {host}"))?;
-    let (count, mut latencies, elapsed, reconnects) =
+    let (requests, latencies, elapsed, reconnects) =
         load(sign_url, host_header, token, options.concurrency, Duration::from_secs_f64(options.seconds))
             .await
             .with_context(|| format!("load {host}"))?;
-    latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
-    let figures = Figures {
-        host: host.to_owned(),
-        requests: count,
-        per_second: count as f64 / elapsed.as_secs_f64(),
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        first_answer,
-        reconnects,
-    };
-    eprintln!("  {host}: {:.0} req/s, {reconnects} reconnects", figures.per_second);
-    Ok(figures)
+    let per_second = requests as f64 / elapsed.as_secs_f64();
+    eprintln!("  {host}: {per_second:.0} req/s, {reconnects} reconnects");
+    Ok(Run { requests, per_second, latencies, reconnects })
+}
+
+/// A host being measured: where it answers, and what keeps it running.
+struct Running {
+    host: &'static str,
+    sign_url: String,
+    host_header: Option<String>,
+    first_answer: Duration,
+    server: Serving,
+}
+
+enum Serving {
+    /// In this process (the native ceiling, serve-signer).
+    Here(crate::serve::Server),
+    /// A child process, stopped on drop.
+    Process(launch::Served),
 }
 
 /// Runs the benchmark and prints the table.
 pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
+    if options.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     let work = std::env::temp_dir().join(format!("snapsign-bench-hosts-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let result = run_in(options, &work).await;
@@ -168,35 +216,96 @@ pub async fn run(options: &BenchOptions) -> Result<Vec<Figures>> {
 async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
     let tools = Tools::new(&options.tools_dir);
     // Install everything first so no download lands inside a measurement.
-    for tool in [super::WASMTIME, super::WASH, super::JCO] {
-        tools.get(tool)?;
+    for (tool, hosts) in [
+        (super::WASMTIME, [BenchHost::Wasmtime, BenchHost::WasmtimeReuse]),
+        (super::WASH, [BenchHost::Wash; 2]),
+        (super::JCO, [BenchHost::Jco; 2]),
+    ] {
+        if hosts.iter().any(|&host| options.measures(host)) {
+            tools.get(tool)?;
+        }
     }
     let wasm = super::signer_wasm(tools.dir())?;
     let store = crate::bench::store(work).await?;
     let env = env(&store.url());
     let token = snapsign::token::mint(TOKEN_KEY.as_bytes(), "ns", jiff::Timestamp::now().as_second() + 3600)?;
-    let mut figures = Vec::new();
     eprintln!(
-        "snapsign bench hosts: {} s per host after {} s warm-up, {} connections",
-        options.seconds, options.warmup_seconds, options.concurrency
+        "snapsign bench hosts: {} round(s) of {} s per host after {} s warm-up, {} connections",
+        options.rounds, options.seconds, options.warmup_seconds, options.concurrency
     );
+    let result = async {
+        let hosts = start_hosts(options, &tools, &wasm, &env, work).await?;
+        let mut runs: Vec<Vec<Run>> = hosts.iter().map(|_| Vec::new()).collect();
+        for round in 0..options.rounds {
+            if options.rounds > 1 {
+                eprintln!("round {}", round + 1);
+            }
+            for (i, running) in hosts.iter().enumerate() {
+                let run =
+                    measure(running.host, &running.sign_url, running.host_header.as_deref(), &token, options).await;
+                let run = match &running.server {
+                    Serving::Process(served) => {
+                        run.with_context(|| format!("{}'s last output:\n{}", running.host, served.process.tail(20)))
+                    }
+                    Serving::Here(_) => run,
+                }?;
+                runs[i].push(run);
+            }
+        }
+        let figures = hosts.iter().zip(runs).map(|(running, runs)| figures(running, runs)).collect::<Vec<_>>();
+        for running in hosts {
+            if let Serving::Here(server) = running.server {
+                server.shutdown().await;
+            }
+        }
+        Ok::<_, anyhow::Error>(figures)
+    }
+    .await;
+    store.shutdown().await;
+    let mut figures: Vec<Figures> = result?;
+    // × native: the median of each round's ratio to that round's native figure,
+    // so drift on the machine between rounds cancels out.
+    let native: Vec<f64> = figures[0].rounds.clone();
+    for f in &mut figures {
+        let mut ratios: Vec<f64> = f.rounds.iter().zip(&native).map(|(rate, ceiling)| rate / ceiling).collect();
+        f.of_native = median(&mut ratios);
+    }
+    Ok(figures)
+}
 
+/// Starts the native ceiling and every host asked for, each answering once.
+async fn start_hosts(
+    options: &BenchOptions,
+    tools: &Tools,
+    wasm: &Path,
+    env: &[(String, String)],
+    work: &Path,
+) -> Result<Vec<Running>> {
+    let mut hosts = Vec::new();
     let started = Instant::now();
-    let native = super::native::start(env.clone(), "127.0.0.1:0".parse()?).await?;
+    let native = super::native::start(env.to_vec(), "127.0.0.1:0".parse()?).await?;
     let url = format!("{}{}", native.url(), snapsign::signer::SIGN_PATH);
     launch::wait_for_signer(&url, None, launch::START_TIMEOUT, None).await?;
-    let first = started.elapsed();
-    figures.push(measure("native core (hyper, no wasm)", &url, None, &token, options, Some(first)).await?);
-    native.shutdown().await;
+    hosts.push(Running {
+        host: "native core (hyper, no wasm)",
+        sign_url: url,
+        host_header: None,
+        first_answer: started.elapsed(),
+        server: Serving::Here(native),
+    });
 
     // Reuse on (the default) and off (a fresh instance per request, as before reuse) side by side.
-    for (host, max_instance_reuse) in
-        [("snapsign serve-signer", crate::signer::DEFAULT_MAX_INSTANCE_REUSE), ("snapsign serve-signer, no reuse", 1)]
-    {
+    for (which, host, max_instance_reuse) in [
+        (BenchHost::ServeSigner, "snapsign serve-signer", crate::signer::DEFAULT_MAX_INSTANCE_REUSE),
+        (BenchHost::ServeSignerNoReuse, "snapsign serve-signer, no reuse", 1),
+    ] {
+        if !options.measures(which) {
+            continue;
+        }
         let started = Instant::now();
         let (signer, _) = crate::signer::start(&SignerServerConfig {
             listen: "127.0.0.1:0".parse()?,
-            env: env.clone(),
+            env: env.to_vec(),
             limits: EngineLimits::default(),
             request_timeout: Duration::from_secs(30),
             cache_dir: work.join("compiled"),
@@ -205,45 +314,78 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
         .await?;
         let url = format!("{}{}", signer.url(), snapsign::signer::SIGN_PATH);
         launch::wait_for_signer(&url, None, launch::START_TIMEOUT, None).await?;
-        let first = started.elapsed();
-        figures.push(measure(host, &url, None, &token, options, Some(first)).await?);
-        signer.shutdown().await;
+        hosts.push(Running {
+            host,
+            sign_url: url,
+            host_header: None,
+            first_answer: started.elapsed(),
+            server: Serving::Here(signer),
+        });
     }
 
     // wasmtime serve reuses p2 instances only when asked, and then across callers.
     let reuse = crate::signer::DEFAULT_MAX_INSTANCE_REUSE.to_string();
-    for host in ["wasmtime serve", "wasmtime serve, reuse across callers", "wash dev", "jco serve"] {
-        let served = match host {
-            "wasmtime serve" => launch::wasmtime_serve(&tools, &wasm, &env).await?,
-            "wasmtime serve, reuse across callers" => {
-                launch::wasmtime_serve_with(&tools, &wasm, &env, &["--max-instance-reuse-count", &reuse]).await?
+    for (which, host) in [
+        (BenchHost::Wasmtime, "wasmtime serve"),
+        (BenchHost::WasmtimeReuse, "wasmtime serve, reuse across callers"),
+        (BenchHost::Wash, "wash dev"),
+        (BenchHost::Jco, "jco serve"),
+    ] {
+        if !options.measures(which) {
+            continue;
+        }
+        let served = match which {
+            BenchHost::Wasmtime => launch::wasmtime_serve(tools, wasm, env).await?,
+            BenchHost::WasmtimeReuse => {
+                launch::wasmtime_serve_with(tools, wasm, env, &["--max-instance-reuse-count", &reuse]).await?
             }
-            "wash dev" => launch::wash_dev(&tools, &wasm, &env, work).await?,
-            _ => launch::jco_serve(&tools, &wasm, &env, work).await?,
+            BenchHost::Wash => launch::wash_dev(tools, wasm, env, work).await?,
+            _ => launch::jco_serve(tools, wasm, env, work).await?,
         };
-        let result = measure(
+        hosts.push(Running {
             host,
-            &served.sign_url(),
-            served.host_header.as_deref(),
-            &token,
-            options,
-            Some(served.first_answer),
-        )
-        .await
-        .with_context(|| format!("{host}'s last output:\n{}", served.process.tail(20)));
-        drop(served);
-        figures.push(result?);
+            sign_url: served.sign_url(),
+            host_header: served.host_header.clone(),
+            first_answer: served.first_answer,
+            server: Serving::Process(served),
+        });
     }
-    store.shutdown().await;
-    Ok(figures)
+    Ok(hosts)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// One host's figures over all rounds: the median round's rate, latency over every request.
+fn figures(running: &Running, runs: Vec<Run>) -> Figures {
+    let rounds: Vec<f64> = runs.iter().map(|run| run.per_second).collect();
+    let per_second = median(&mut rounds.clone());
+    let requests = runs.iter().map(|run| run.requests).sum();
+    let reconnects = runs.iter().map(|run| run.reconnects).sum();
+    let mut latencies: Vec<Duration> = runs.into_iter().flat_map(|run| run.latencies).collect();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    Figures {
+        host: running.host.to_owned(),
+        requests,
+        per_second,
+        of_native: 1.0,
+        rounds,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        first_answer: Some(running.first_answer),
+        reconnects,
+    }
 }
 
 fn print_table(options: &BenchOptions, figures: &[Figures]) {
-    let ceiling = figures.first().map_or(1.0, |f| f.per_second);
     println!(
-        "snapsign bench hosts ({} build, get_blob, {} connections, {} s per host)",
+        "snapsign bench hosts ({} build, get_blob, {} connections, {} round(s) of {} s per host; req/s is the median round, × native the median of per-round ratios)",
         if cfg!(debug_assertions) { "debug" } else { "release" },
         options.concurrency,
+        options.rounds,
         options.seconds
     );
     println!("| host | req/s | × native | p50 ms | p99 ms | requests | reconnects | start to first answer |");
@@ -252,13 +394,7 @@ fn print_table(options: &BenchOptions, figures: &[Figures]) {
         let first = f.first_answer.map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
         println!(
             "| {} | {:.0} | {:.2} | {:.3} | {:.3} | {} | {} | {first} |",
-            f.host,
-            f.per_second,
-            f.per_second / ceiling,
-            f.p50_ms,
-            f.p99_ms,
-            f.requests,
-            f.reconnects
+            f.host, f.per_second, f.of_native, f.p50_ms, f.p99_ms, f.requests, f.reconnects
         );
     }
 }

@@ -78,6 +78,12 @@ pub struct BenchHosts {
     /// Where the pinned tools are installed [default: $SNAPSIGN_HOSTS_CACHE, ~/.cache/snapsign/hosts].
     #[arg(long)]
     tools_dir: Option<PathBuf>,
+    /// Rounds over all hosts (each host measured once per round, in turn; all stay up between rounds).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Measure only these hosts (comma-separated) after the native ceiling, which always runs [default: all].
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<super::bench::BenchHost>,
 }
 
 /// Runs `snapsign bench hosts`.
@@ -90,6 +96,8 @@ pub async fn bench_hosts(args: BenchHosts) -> Result<()> {
         warmup_seconds: args.warmup_seconds.max(0.0),
         concurrency: args.concurrency,
         tools_dir: args.tools_dir.unwrap_or_else(Tools::default_dir),
+        rounds: args.rounds,
+        only: args.only,
     };
     super::bench::run(&options).await.map(|_| ())
 }

@@ -34,6 +34,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
 use crate::engine::{self, EngineLimits, Loaded, WasmtimeResultExt};
 use crate::guest::{self, GuestState};
@@ -278,155 +279,142 @@ impl SignerHost {
         };
         let reused = warm.is_some();
         store.set_epoch_deadline(engine::deadline_ticks(deadline.saturating_duration_since(Instant::now())));
-
-        // The guest sets its answer on `guest_answer`; the task reads its body
-        // as the guest writes it and then relays the whole answer to
-        // `receiver`. The relay lives in the task, never in the store, so an
-        // instance that kept its outparam cannot hold this request open.
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        let (guest_sender, mut guest_answer) = tokio::sync::oneshot::channel();
+        let (guest_sender, guest_answer) = tokio::sync::oneshot::channel();
         let req =
             store.data_mut().http().new_incoming_request(Scheme::Http, request).anyhow().map_err(Failure::internal)?;
         let out = store.data_mut().http().new_response_outparam(guest_sender).anyhow().map_err(Failure::internal)?;
-        let host = self.clone();
-        let task = tokio::spawn(async move {
-            let timeout = host.request_timeout;
-            let mut relay = Some(sender);
-            // The status the guest answered with, once it did.
-            let mut answered: Option<u16> = None;
-            // The answer's body is read into memory as the guest writes it, so
-            // the instance is free when the guest returns, whatever the
-            // caller's reading speed (a slow reader holds a connection only).
-            let mut collector: Option<tokio::task::JoinHandle<Result<http::Response<Bytes>>>> = None;
-            let answer_limit = host.max_memory_bytes;
-            let run = async {
-                let mut forward = |answer: GuestAnswer| match answer {
-                    Ok(response) => {
-                        answered = Some(response.status().as_u16());
-                        collector = Some(tokio::spawn(read_answer(response, answer_limit)));
+        // The guest runs in this request's own future, no task of its own: a
+        // caller that goes away drops the request, and with it the instance.
+        let exchange = self.exchange(&mut store, warm, req, out, guest_answer);
+        let outcome = match tokio::time::timeout_at(deadline.into(), exchange).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Failure::timeout(self.request_timeout)),
+        };
+        for line in String::from_utf8_lossy(&store.data().data.take()).lines().filter(|l| !l.trim().is_empty()) {
+            tracing::warn!(request_id = %id, "signer guest: {line}");
+        }
+        let status = outcome.as_ref().ok().map(|(_, response)| response.status().as_u16());
+        tracing::debug!(request_id = %id, reused, uses = uses + 1, ?status, "signer instance");
+        let answer = match outcome {
+            Ok((proxy, response)) => {
+                // Only an instance that finished cleanly and answered serves
+                // its caller again; after a trap, a timeout, an error, no
+                // answer, or a refused token (401/403: no proven caller) it is dropped.
+                match caller {
+                    Some(caller) if !matches!(response.status().as_u16(), 401 | 403) => {
+                        self.pool.give_back(caller, store, proxy, uses + 1)
                     }
-                    Err(code) => {
-                        if let Some(relay) = relay.take() {
-                            let _ = relay.send(Err(code));
-                        }
-                    }
-                };
-                let proxy = match warm {
-                    Some(proxy) => proxy,
-                    None => host.pre.instantiate_async(&mut store).await.map_err(|e| {
-                        Failure::new(
-                            503,
-                            "signer_busy",
-                            "no signer instance could be started; retry shortly".into(),
-                            anyhow::Error::from(e).context("instantiate the signer"),
-                        )
-                    })?,
-                };
-                let called = {
-                    let call = proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out);
-                    tokio::pin!(call);
-                    let mut waiting = true;
-                    let called = loop {
-                        tokio::select! {
-                            set = &mut guest_answer, if waiting => {
-                                waiting = false;
-                                if let Ok(answer) = set {
-                                    forward(answer);
-                                }
-                            }
-                            called = &mut call => break called,
-                        }
-                    };
-                    // An answer set just before the call returned.
-                    if waiting && let Ok(answer) = guest_answer.try_recv() {
-                        forward(answer);
-                    }
-                    called
-                };
-                called.map_err(|e| {
-                    // The epoch deadline traps the guest when it computes too long.
-                    if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
-                        Failure::timeout(timeout)
-                    } else {
-                        Failure::new(
-                            500,
-                            "signer_trap",
-                            "the signer stopped on an internal error while handling this request".into(),
-                            anyhow::Error::from(e).context("run the signer"),
-                        )
-                    }
-                })?;
-                Ok::<Proxy, Failure>(proxy)
-            };
-            let mut result = match tokio::time::timeout_at(deadline.into(), run).await {
-                Ok(result) => result,
-                Err(_) => Err(Failure::timeout(timeout)),
-            };
-            let log = store.data().data.take();
-            // A guest that failed mid-answer: dropping its store ends the body.
-            let mut store = result.is_ok().then_some(store);
-            let mut complete = false;
-            if let Some(reading) = collector {
-                let read = match tokio::time::timeout_at(deadline.into(), reading).await {
-                    Ok(Ok(read)) => read,
-                    Ok(Err(e)) => Err(anyhow::Error::from(e).context("read the signer's answer")),
-                    Err(_) => Err(anyhow::anyhow!("the signer's answer was not complete within {timeout:?}")),
-                };
-                match read {
-                    Ok(response) => {
-                        complete = true;
-                        if let Some(relay) = relay.take() {
-                            let _ = relay.send(Ok(response.map(full_body)));
-                        }
-                    }
-                    Err(e) => {
-                        store = None;
-                        if result.is_ok() {
-                            result = Err(Failure::new(
-                                502,
-                                "guest_error",
-                                "the signer's answer ended before its body was complete".into(),
-                                e,
-                            ));
-                        }
-                    }
+                    _ => drop(store),
                 }
+                Ok(response.map(full_body))
             }
-            for line in String::from_utf8_lossy(&log).lines().filter(|l| !l.trim().is_empty()) {
-                tracing::warn!(request_id = %id, "signer guest: {line}");
+            Err(failure) => {
+                drop(store);
+                Err(failure)
             }
-            tracing::debug!(request_id = %id, reused, uses = uses + 1, ?answered, "signer instance");
-            // Only an instance that finished cleanly and answered serves its
-            // caller again; after a trap, a timeout, an error, no answer, or a
-            // refused token (401/403: no proven caller) it is dropped.
-            let keep = complete && answered.is_some_and(|status| status != 401 && status != 403);
-            let outcome = match (result, caller, store.take()) {
-                (Ok(proxy), Some(caller), Some(store)) if keep => {
-                    host.pool.give_back(caller, store, proxy, uses + 1);
+        };
+        // The instance is kept or gone; then its slot is free.
+        drop(slot);
+        answer
+    }
+
+    /// Runs the guest on one request, reading its answer into memory as the
+    /// guest writes it, so the instance is free when the guest returns,
+    /// whatever the caller's reading speed (a slow reader holds a connection
+    /// only). Gives the instance back with the whole answer.
+    async fn exchange(
+        &self,
+        store: &mut Store<Guest>,
+        warm: Option<Proxy>,
+        req: wasmtime::component::Resource<HostIncomingRequest>,
+        out: wasmtime::component::Resource<HostResponseOutparam>,
+        mut guest_answer: tokio::sync::oneshot::Receiver<GuestAnswer>,
+    ) -> Result<(Proxy, http::Response<Bytes>), Failure> {
+        let proxy = match warm {
+            Some(proxy) => proxy,
+            None => self.pre.instantiate_async(&mut *store).await.map_err(|e| {
+                Failure::new(
+                    503,
+                    "signer_busy",
+                    "no signer instance could be started; retry shortly".into(),
+                    anyhow::Error::from(e).context("instantiate the signer"),
+                )
+            })?,
+        };
+        let limit = self.max_memory_bytes;
+        let (called, read) = {
+            let call = proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out);
+            tokio::pin!(call);
+            let mut reading: Option<AnswerRead> = None;
+            let mut waiting = true;
+            let mut read: Option<Result<http::Response<Bytes>>> = None;
+            let mut called = None;
+            // What the guest set on its outparam: start reading the body, or its error.
+            let answered = |set: GuestAnswer, reading: &mut Option<AnswerRead>| match set {
+                Ok(response) => {
+                    *reading = Some(Box::pin(read_answer(response, limit)));
                     Ok(())
                 }
-                (result, _, store) => {
-                    drop(store);
-                    result.map(drop)
-                }
+                Err(code) => Err(Failure::new(
+                    502,
+                    "guest_error",
+                    "the signer ended this request with an error instead of an answer".into(),
+                    anyhow::anyhow!("signer failed: {code:?}"),
+                )),
             };
-            // The instance is kept or gone; then its slot is free.
-            drop(slot);
-            outcome
-        });
-        match receiver.await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(code)) => Err(Failure::new(
+            loop {
+                tokio::select! {
+                    set = &mut guest_answer, if waiting => {
+                        waiting = false;
+                        if let Ok(set) = set {
+                            answered(set, &mut reading)?;
+                        }
+                    }
+                    body = std::future::poll_fn(|cx| match reading.as_mut() {
+                        Some(body) => body.as_mut().poll(cx),
+                        None => std::task::Poll::Pending,
+                    }), if read.is_none() => read = Some(body),
+                    result = &mut call, if called.is_none() => called = Some(result),
+                }
+                if called.is_some() {
+                    // An answer set just before the call returned.
+                    if waiting {
+                        waiting = false;
+                        if let Ok(set) = guest_answer.try_recv() {
+                            answered(set, &mut reading)?;
+                        }
+                    }
+                    // Once the guest returned, only its body may still be in
+                    // flight (a guest that kept it open runs into the deadline).
+                    if reading.is_none() || read.is_some() {
+                        break;
+                    }
+                }
+            }
+            (called, read)
+        };
+        if let Some(Err(e)) = called {
+            // The epoch deadline traps the guest when it computes too long.
+            return Err(if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+                Failure::timeout(self.request_timeout)
+            } else {
+                Failure::new(
+                    500,
+                    "signer_trap",
+                    "the signer stopped on an internal error while handling this request".into(),
+                    anyhow::Error::from(e).context("run the signer"),
+                )
+            });
+        }
+        match read {
+            Some(Ok(response)) => Ok((proxy, response)),
+            Some(Err(e)) => Err(Failure::new(
                 502,
                 "guest_error",
-                "the signer ended this request with an error instead of an answer".into(),
-                anyhow::anyhow!("signer failed: {code:?}"),
+                "the signer's answer ended before its body was complete".into(),
+                e,
             )),
-            Err(_) => Err(match task.await {
-                Ok(Ok(())) => Failure::internal(anyhow::anyhow!("signer returned without setting a response")),
-                Ok(Err(failure)) => failure,
-                Err(e) => Failure::internal(anyhow::Error::from(e).context("signer task panicked")),
-            }),
+            None => Err(Failure::internal(anyhow::anyhow!("signer returned without setting a response"))),
         }
     }
 }
@@ -452,6 +440,9 @@ fn full_body(bytes: Bytes) -> HyperOutgoingBody {
         .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} })
         .boxed_unsync()
 }
+
+/// Reading a guest's answer body (see [`read_answer`]).
+type AnswerRead = std::pin::Pin<Box<dyn Future<Output = Result<http::Response<Bytes>>> + Send>>;
 
 /// What a guest sets on its response outparam.
 type GuestAnswer = Result<http::Response<HyperOutgoingBody>, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>;
