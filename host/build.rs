@@ -18,7 +18,7 @@ const COMPONENTS: &[(&str, &str)] = &[
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().expect("host/ lives in the workspace root").to_path_buf();
-    for watched in ["src", "wit", "Cargo.toml", "Cargo.lock"] {
+    for watched in ["src", "wit", "build.rs", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");

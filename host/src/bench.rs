@@ -360,8 +360,8 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 
 /// `snapsign bench build`: orchestration overhead of demo builds (total minus
 /// the builder process), warm instantiation, and a cold start from the cache.
-pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
-    at_least_one(&[("--rounds", rounds)])?;
+pub async fn build(rounds: usize, instantiations: usize, builder: std::path::PathBuf) -> Result<()> {
+    at_least_one(&[("--rounds", rounds), ("--instantiations", instantiations)])?;
     use crate::dev::{DevConfig, DevStack};
     use crate::image_build::{BuilderRuntime, proxy_backend};
 
@@ -393,6 +393,11 @@ pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
         instantiate.push(timings.instantiate);
         setup.push(timings.setup);
     }
+    // The same instantiation back to back, host caches warm: what
+    // instantiation itself costs, apart from the cold caches of a once-per-build call.
+    let options = stack.build_options("bench-instantiate", &dockerfile, &context);
+    let (backend, outbound) = proxy_backend(&options);
+    let back_to_back = runtime.instantiate_back_to_back(&options, backend, outbound, instantiations).await?;
     // A cold start: a new engine loading the compiled component from the cache.
     for _ in 0..10 {
         let started = Instant::now();
@@ -406,6 +411,7 @@ pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
     let (overhead_median, overhead_p99) = stats(overhead);
     let (instantiate_median, _) = stats(instantiate);
     let (setup_median, _) = stats(setup);
+    let (back_to_back_median, back_to_back_p99) = stats(back_to_back);
     let (cold_median, _) = stats(cold);
     println!(
         "snapsign bench build ({} build of the host, {} measured rounds of examples/base on the dev stack)",
@@ -417,6 +423,11 @@ pub async fn build(rounds: usize, builder: std::path::PathBuf) -> Result<()> {
         "  orchestration overhead (total minus the builder): median {overhead_median:8.1} ms  p99 {overhead_p99:8.1} ms"
     );
     println!("  component instantiate, warm (pre-instantiated, pooling):  median {:8.1} µs", instantiate_median * 1e3);
+    println!(
+        "  component instantiate, {instantiations} back to back (fresh Store each, no build between): median {:8.1} µs  p99 {:8.1} µs",
+        back_to_back_median * 1e3,
+        back_to_back_p99 * 1e3
+    );
     println!("  per-build WASI context (context preopen) and Store:       median {:8.1} µs", setup_median * 1e3);
     println!(
         "  cold start from the compiled cache (engine, deserialize, link, pre-instantiate): median {cold_median:8.2} ms"
@@ -438,8 +449,10 @@ mod tests {
         assert!(error.contains("--rounds 0"), "{error}");
         let error = serve("snapsign".into(), None, 1, 0, 1).await.unwrap_err().to_string();
         assert!(error.contains("--requests 0"), "{error}");
-        let error = build(0, "tl-rootfs-build".into()).await.unwrap_err().to_string();
+        let error = build(0, 1, "tl-rootfs-build".into()).await.unwrap_err().to_string();
         assert!(error.contains("--rounds 0"), "{error}");
+        let error = build(1, 0, "tl-rootfs-build".into()).await.unwrap_err().to_string();
+        assert!(error.contains("--instantiations 0"), "{error}");
         assert_eq!(stats(Vec::new()), (0.0, 0.0));
     }
 }

@@ -316,5 +316,8 @@ pub enum BenchWhat {
         /// Builds to run (the first only warms the cache).
         #[arg(long, default_value_t = 11)]
         rounds: usize,
+        /// Instantiations measured back to back, each in a fresh Store, after the builds.
+        #[arg(long, default_value_t = 1000)]
+        instantiations: usize,
     },
 }

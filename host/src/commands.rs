@@ -268,7 +268,9 @@ async fn bench(what: BenchWhat) -> Result<()> {
             let this = std::env::current_exe().context("find this executable")?;
             snapsign_host::bench::serve(this, baseline, rounds, requests, concurrency).await
         }
-        BenchWhat::Build { rounds } => snapsign_host::bench::build(rounds, this_executable_as_builder()?).await,
+        BenchWhat::Build { rounds, instantiations } => {
+            snapsign_host::bench::build(rounds, instantiations, this_executable_as_builder()?).await
+        }
     }
 }
 

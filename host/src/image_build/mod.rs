@@ -22,6 +22,8 @@ use crate::guest::{self, GuestState};
 use crate::outbound::AllowList;
 use crate::sandbox_exec::{self, SandboxBackend, SandboxExecCtx, SandboxExecView};
 
+const WASM_PAGE: usize = 64 << 10;
+
 /// The builder component, built by `host/build.rs` from `src/bin/builder.rs`.
 pub const BUILDER_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_BUILDER_WASM"));
 
@@ -89,6 +91,8 @@ pub struct BuilderRuntime {
     engine: wasmtime::Engine,
     pre: bindings::BuilderPre<BuildGuest>,
     max_memory_bytes: usize,
+    /// The builder's initial linear memory (set by its link settings in `build.rs`).
+    initial_memory_bytes: usize,
     /// How long loading (compile or cache) and pre-instantiation took.
     pub load: Duration,
 }
@@ -99,6 +103,10 @@ impl BuilderRuntime {
         let started = Instant::now();
         let engine = engine::engine(EngineLimits { max_concurrency: 4, max_memory_bytes })?;
         let (component, _) = engine::load_component(&engine, "builder", BUILDER_WASM, cache_dir)?;
+        let initial_memory_bytes = component
+            .resources_required()
+            .and_then(|r| r.max_initial_memory_size)
+            .map_or(0, |pages| pages as usize * WASM_PAGE);
         let mut linker: Linker<BuildGuest> = Linker::new(&engine);
         guest::add_wasi_to_linker(&mut linker)?;
         sandbox_exec::add_to_linker(&mut linker, sandbox_exec_view).anyhow().context("link sandbox-exec")?;
@@ -110,19 +118,28 @@ impl BuilderRuntime {
         )
         .anyhow()
         .context("the builder does not export snapsign:components/build")?;
-        Ok(BuilderRuntime { engine, pre, max_memory_bytes, load: started.elapsed() })
+        Ok(BuilderRuntime { engine, pre, max_memory_bytes, initial_memory_bytes, load: started.elapsed() })
     }
 
-    /// Runs one build over `backend`; the guest reaches only `outbound`.
-    pub async fn run(
+    /// A fresh Store for one build: its own WASI context (the build context as
+    /// the only preopen), `sandbox-exec` over `backend`, outbound HTTP limited
+    /// to `outbound`, the memory limit and the epoch deadline of `options`.
+    fn store(
         &self,
         options: &BuildOptions,
         backend: Arc<dyn SandboxBackend>,
         outbound: AllowList,
         events: EventFn,
-    ) -> Result<(Result<serde_json::Value, BuildFailure>, RunTimings)> {
+    ) -> Result<wasmtime::Store<BuildGuest>> {
         let max_memory_bytes = options.max_memory_bytes.min(self.max_memory_bytes);
-        let instantiating = Instant::now();
+        if max_memory_bytes < self.initial_memory_bytes {
+            anyhow::bail!(
+                "the guest memory limit of {max_memory_bytes} bytes is below the builder component's initial memory \
+                 of {} bytes: raise --max-memory-mb to at least {} MiB",
+                self.initial_memory_bytes,
+                self.initial_memory_bytes.div_ceil(1 << 20)
+            );
+        }
         let mut wasi = WasiCtx::builder();
         wasi.inherit_stderr();
         wasi.preopened_dir(&options.context_dir, "/context", FsPerms::ReadOnly)
@@ -133,7 +150,40 @@ impl BuilderRuntime {
             .with_output(Arc::new(move |stream, line| logs(BuildEvent::Log(stream.to_owned(), line.to_owned()))));
         let limits = StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(8).build();
         let state = GuestState::new(wasi.build(), outbound, limits, BuildData { sandbox, events });
-        let mut store = guest::store(&self.engine, state, options.timeout);
+        Ok(guest::store(&self.engine, state, options.timeout))
+    }
+
+    /// Instantiates the builder `rounds` times back to back, each in a fresh
+    /// Store as [`BuilderRuntime::run`] makes one, and calls nothing; returns
+    /// how long each instantiation took. For the benchmark: it shows the cost
+    /// with the host's caches warm, next to the once-per-build figure.
+    pub async fn instantiate_back_to_back(
+        &self,
+        options: &BuildOptions,
+        backend: Arc<dyn SandboxBackend>,
+        outbound: AllowList,
+        rounds: usize,
+    ) -> Result<Vec<Duration>> {
+        let mut samples = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let mut store = self.store(options, backend.clone(), outbound.clone(), Arc::new(|_| {}))?;
+            let started = Instant::now();
+            self.pre.instantiate_async(&mut store).await.anyhow().context("instantiate the builder")?;
+            samples.push(started.elapsed());
+        }
+        Ok(samples)
+    }
+
+    /// Runs one build over `backend`; the guest reaches only `outbound`.
+    pub async fn run(
+        &self,
+        options: &BuildOptions,
+        backend: Arc<dyn SandboxBackend>,
+        outbound: AllowList,
+        events: EventFn,
+    ) -> Result<(Result<serde_json::Value, BuildFailure>, RunTimings)> {
+        let instantiating = Instant::now();
+        let mut store = self.store(options, backend, outbound, events)?;
         let setup = instantiating.elapsed();
         let instantiating = Instant::now();
         let builder = self.pre.instantiate_async(&mut store).await.anyhow().context("instantiate the builder")?;
@@ -195,4 +245,61 @@ pub fn progress_printer() -> EventFn {
         // The platform's answer to completion names what was registered.
         BuildEvent::Metadata(_) => {}
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox_exec::fake::FakeBackend;
+
+    fn options(max_memory_bytes: usize) -> BuildOptions {
+        BuildOptions {
+            api_url: "http://127.0.0.1:9".into(),
+            token: "t".into(),
+            namespace: "ns".into(),
+            name: "n".into(),
+            dockerfile: String::new(),
+            context_dir: ".".into(),
+            disk_mb: None,
+            builder_cpus: None,
+            builder_memory_mb: None,
+            builder_disk_mb: None,
+            public: false,
+            sandbox_wait: Duration::from_secs(1),
+            allow_hosts: Vec::new(),
+            max_memory_bytes,
+            timeout: Duration::from_secs(5),
+            cache_dir: ".".into(),
+        }
+    }
+
+    #[test]
+    fn the_builder_has_one_memory_sized_for_a_build_without_growing() {
+        let cache = tempfile::tempdir().unwrap();
+        let runtime = BuilderRuntime::new(64 << 20, cache.path()).unwrap();
+        let needs = runtime.pre.instance_pre().component().resources_required().expect("no imported modules");
+        // One memory: no WASI preview1 adapter with a memory of its own.
+        assert_eq!(needs.num_memories, 1, "memories of the builder");
+        // A grown memory is shrunk back (an mprotect) at the next
+        // instantiation in its pool slot; a build of examples/base peaks
+        // under 2 MiB, so it starts with 4 MiB (build.rs).
+        assert_eq!(runtime.initial_memory_bytes, 4 << 20, "initial memory of the builder");
+    }
+
+    #[tokio::test]
+    async fn a_memory_limit_below_the_builders_initial_memory_is_refused_by_name() {
+        let cache = tempfile::tempdir().unwrap();
+        let runtime = BuilderRuntime::new(64 << 20, cache.path()).unwrap();
+        let backend = Arc::new(FakeBackend::new("http://127.0.0.1:9"));
+        let outbound = AllowList::new(Vec::<String>::new());
+        let error = runtime
+            .instantiate_back_to_back(&options(3 << 20), backend.clone(), outbound.clone(), 1)
+            .await
+            .unwrap_err();
+        let text = format!("{error:#}");
+        assert!(text.contains("--max-memory-mb to at least 4 MiB") && text.contains("3145728 bytes"), "{text}");
+        // At the initial size itself the builder instantiates.
+        let samples = runtime.instantiate_back_to_back(&options(4 << 20), backend, outbound, 2).await.unwrap();
+        assert_eq!(samples.len(), 2);
+    }
 }
