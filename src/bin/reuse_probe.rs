@@ -41,6 +41,11 @@ impl Guest for Probe {
             "forget" => std::mem::forget(out),
             // A 40 MB answer, for the slow-reader test.
             "big" => incoming::respond(out, 200, &[("content-type", "text/plain")], &vec![b'x'; 40 << 20]),
+            // Answers in full, then dies: the answer stands, the instance must go.
+            "answer-then-trap" => {
+                incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes());
+                std::process::abort();
+            }
             // Answers as a signer refusing the token.
             "refuse" => incoming::respond(out, 401, &[("content-type", "text/plain")], b"refused"),
             _ => incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes()),

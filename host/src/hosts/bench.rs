@@ -252,7 +252,11 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
                 runs[i].push(run);
             }
         }
-        let figures = hosts.iter().zip(runs).map(|(running, runs)| figures(running, runs)).collect::<Vec<_>>();
+        let figures = hosts
+            .iter()
+            .zip(runs)
+            .map(|(running, runs)| figures(running.host, running.first_answer, runs))
+            .collect::<Vec<_>>();
         for running in hosts {
             if let Serving::Here(server) = running.server {
                 server.shutdown().await;
@@ -263,14 +267,18 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
     .await;
     store.shutdown().await;
     let mut figures: Vec<Figures> = result?;
-    // × native: the median of each round's ratio to that round's native figure,
-    // so drift on the machine between rounds cancels out.
-    let native: Vec<f64> = figures[0].rounds.clone();
-    for f in &mut figures {
+    of_native(&mut figures);
+    Ok(figures)
+}
+
+/// × native: the median of each round's ratio to that round's native figure
+/// (the first host), so drift on the machine between rounds cancels out.
+fn of_native(figures: &mut [Figures]) {
+    let Some(native) = figures.first().map(|f| f.rounds.clone()) else { return };
+    for f in figures {
         let mut ratios: Vec<f64> = f.rounds.iter().zip(&native).map(|(rate, ceiling)| rate / ceiling).collect();
         f.of_native = median(&mut ratios);
     }
-    Ok(figures)
 }
 
 /// Starts the native ceiling and every host asked for, each answering once.
@@ -359,7 +367,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// One host's figures over all rounds: the median round's rate, latency over every request.
-fn figures(running: &Running, runs: Vec<Run>) -> Figures {
+fn figures(host: &str, first_answer: Duration, runs: Vec<Run>) -> Figures {
     let rounds: Vec<f64> = runs.iter().map(|run| run.per_second).collect();
     let per_second = median(&mut rounds.clone());
     let requests = runs.iter().map(|run| run.requests).sum();
@@ -368,14 +376,14 @@ fn figures(running: &Running, runs: Vec<Run>) -> Figures {
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
     Figures {
-        host: running.host.to_owned(),
+        host: host.to_owned(),
         requests,
         per_second,
         of_native: 1.0,
         rounds,
         p50_ms: at(0.5),
         p99_ms: at(0.99),
-        first_answer: Some(running.first_answer),
+        first_answer: Some(first_answer),
         reconnects,
     }
 }
@@ -396,5 +404,54 @@ fn print_table(options: &BenchOptions, figures: &[Figures]) {
             "| {} | {:.0} | {:.2} | {:.3} | {:.3} | {} | {} | {first} |",
             f.host, f.per_second, f.of_native, f.p50_ms, f.p99_ms, f.requests, f.reconnects
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(rounds: usize, only: Vec<BenchHost>) -> BenchOptions {
+        BenchOptions {
+            seconds: 0.1,
+            warmup_seconds: 0.0,
+            concurrency: 1,
+            tools_dir: std::env::temp_dir().join("snapsign-bench-hosts-test-unused"),
+            rounds,
+            only,
+        }
+    }
+
+    #[tokio::test]
+    async fn zero_rounds_are_refused_before_anything_starts() {
+        let e = run(&options(0, vec![])).await.err().expect("0 rounds must be refused");
+        assert!(e.to_string().contains("--rounds"), "{e}");
+    }
+
+    #[test]
+    fn only_limits_the_hosts_and_empty_means_all() {
+        let all = options(1, vec![]);
+        let some = options(1, vec![BenchHost::ServeSigner, BenchHost::Jco]);
+        for host in [BenchHost::ServeSigner, BenchHost::Wasmtime, BenchHost::Wash, BenchHost::Jco] {
+            assert!(all.measures(host), "{host:?}");
+        }
+        assert!(some.measures(BenchHost::ServeSigner) && some.measures(BenchHost::Jco));
+        assert!(!some.measures(BenchHost::Wasmtime) && !some.measures(BenchHost::ServeSignerNoReuse));
+    }
+
+    #[test]
+    fn the_ratio_is_the_median_of_per_round_ratios() {
+        let run =
+            |per_second| Run { requests: 1, per_second, latencies: vec![Duration::from_millis(1)], reconnects: 0 };
+        let mut figures = [
+            figures("native", Duration::ZERO, vec![run(100.0), run(50.0), run(80.0)]),
+            figures("guest", Duration::ZERO, vec![run(60.0), run(20.0), run(40.0)]),
+        ];
+        of_native(&mut figures);
+        assert_eq!(figures[0].per_second, 80.0);
+        assert_eq!(figures[1].per_second, 40.0);
+        // Per round 0.6, 0.4, 0.5: the median is 0.5 (not 40 / 80).
+        assert_eq!(figures[1].of_native, 0.5);
+        assert_eq!(figures[0].of_native, 1.0);
     }
 }

@@ -242,20 +242,24 @@ impl SignerHost {
 
         // One deadline for waiting for an instance and running it.
         let deadline = Instant::now() + self.request_timeout;
-        let slot = match tokio::time::timeout_at(deadline.into(), self.slots.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => slot,
-            Ok(Err(closed)) => return Err(Failure::internal(closed)),
-            Err(_) => {
-                return Err(Failure::new(
-                    503,
-                    "signer_busy",
-                    format!(
-                        "all {} signer instances stayed busy for {:?}; retry shortly",
-                        self.max_concurrency, self.request_timeout
-                    ),
-                    anyhow::anyhow!("no instance slot within {:?}", self.request_timeout),
-                ));
-            }
+        // A free slot is taken at once; only a wait for one arms a timer.
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => match tokio::time::timeout_at(deadline.into(), self.slots.clone().acquire_owned()).await {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(closed)) => return Err(Failure::internal(closed)),
+                Err(_) => {
+                    return Err(Failure::new(
+                        503,
+                        "signer_busy",
+                        format!(
+                            "all {} signer instances stayed busy for {:?}; retry shortly",
+                            self.max_concurrency, self.request_timeout
+                        ),
+                        anyhow::anyhow!("no instance slot within {:?}", self.request_timeout),
+                    ));
+                }
+            },
         };
         self.run_guest(request, id.to_owned(), slot, deadline).await
     }
@@ -285,7 +289,7 @@ impl SignerHost {
         let out = store.data_mut().http().new_response_outparam(guest_sender).anyhow().map_err(Failure::internal)?;
         // The guest runs in this request's own future, no task of its own: a
         // caller that goes away drops the request, and with it the instance.
-        let exchange = self.exchange(&mut store, warm, req, out, guest_answer);
+        let exchange = self.exchange(&mut store, warm, req, out, guest_answer, &id);
         let outcome = match tokio::time::timeout_at(deadline.into(), exchange).await {
             Ok(outcome) => outcome,
             Err(_) => Err(Failure::timeout(self.request_timeout)),
@@ -300,8 +304,8 @@ impl SignerHost {
                 // Only an instance that finished cleanly and answered serves
                 // its caller again; after a trap, a timeout, an error, no
                 // answer, or a refused token (401/403: no proven caller) it is dropped.
-                match caller {
-                    Some(caller) if !matches!(response.status().as_u16(), 401 | 403) => {
+                match (caller, proxy) {
+                    (Some(caller), Some(proxy)) if !matches!(response.status().as_u16(), 401 | 403) => {
                         self.pool.give_back(caller, store, proxy, uses + 1)
                     }
                     _ => drop(store),
@@ -321,7 +325,7 @@ impl SignerHost {
     /// Runs the guest on one request, reading its answer into memory as the
     /// guest writes it, so the instance is free when the guest returns,
     /// whatever the caller's reading speed (a slow reader holds a connection
-    /// only). Gives the instance back with the whole answer.
+    /// only). Gives back the whole answer, and the instance when it may serve again.
     async fn exchange(
         &self,
         store: &mut Store<Guest>,
@@ -329,7 +333,8 @@ impl SignerHost {
         req: wasmtime::component::Resource<HostIncomingRequest>,
         out: wasmtime::component::Resource<HostResponseOutparam>,
         mut guest_answer: tokio::sync::oneshot::Receiver<GuestAnswer>,
-    ) -> Result<(Proxy, http::Response<Bytes>), Failure> {
+        id: &str,
+    ) -> Result<(Option<Proxy>, http::Response<Bytes>), Failure> {
         let proxy = match warm {
             Some(proxy) => proxy,
             None => self.pre.instantiate_async(&mut *store).await.map_err(|e| {
@@ -384,6 +389,18 @@ impl SignerHost {
                             answered(set, &mut reading)?;
                         }
                     }
+                    // Once it failed, nothing more comes: what it wrote
+                    // before is taken only when it is the whole answer.
+                    if matches!(called, Some(Err(_))) {
+                        let mut now = std::task::Context::from_waker(std::task::Waker::noop());
+                        if read.is_none()
+                            && let Some(body) = reading.as_mut()
+                            && let std::task::Poll::Ready(done) = body.as_mut().poll(&mut now)
+                        {
+                            read = Some(done);
+                        }
+                        break;
+                    }
                     // Once the guest returned, only its body may still be in
                     // flight (a guest that kept it open runs into the deadline).
                     if reading.is_none() || read.is_some() {
@@ -393,28 +410,36 @@ impl SignerHost {
             }
             (called, read)
         };
-        if let Some(Err(e)) = called {
+        let trapped = match called {
             // The epoch deadline traps the guest when it computes too long.
-            return Err(if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
-                Failure::timeout(self.request_timeout)
-            } else {
-                Failure::new(
-                    500,
-                    "signer_trap",
-                    "the signer stopped on an internal error while handling this request".into(),
-                    anyhow::Error::from(e).context("run the signer"),
-                )
-            });
-        }
-        match read {
-            Some(Ok(response)) => Ok((proxy, response)),
-            Some(Err(e)) => Err(Failure::new(
+            Some(Err(e)) if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) => {
+                Some(Failure::timeout(self.request_timeout))
+            }
+            Some(Err(e)) => Some(Failure::new(
+                500,
+                "signer_trap",
+                "the signer stopped on an internal error while handling this request".into(),
+                anyhow::Error::from(e).context("run the signer"),
+            )),
+            _ => None,
+        };
+        match (read, trapped) {
+            (Some(Ok(response)), None) => Ok((Some(proxy), response)),
+            // A complete answer stands (it may name an upload the store now
+            // holds); the instance that failed after it is not kept.
+            (Some(Ok(response)), Some(failure)) => {
+                let detail = format!("{:#}", failure.detail);
+                tracing::warn!(request_id = %id, code = failure.code, detail = ?detail, "the signer failed after its complete answer; its instance is dropped");
+                Ok((None, response))
+            }
+            (_, Some(failure)) => Err(failure),
+            (Some(Err(e)), None) => Err(Failure::new(
                 502,
                 "guest_error",
                 "the signer's answer ended before its body was complete".into(),
                 e,
             )),
-            None => Err(Failure::internal(anyhow::anyhow!("signer returned without setting a response"))),
+            (None, None) => Err(Failure::internal(anyhow::anyhow!("signer returned without setting a response"))),
         }
     }
 }
@@ -748,6 +773,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(probe.seen(Some("Bearer A"), "a2").await, "", "a fresh instance after the TTL");
+        probe.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_complete_answer_stands_when_the_guest_traps_after_it_but_the_instance_goes() {
+        let probe = Probe::start(DEFAULT_MAX_INSTANCE_REUSE, 4).await;
+        assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "");
+        let (status, text) = probe.send(Some("Bearer A"), "answer-then-trap").await;
+        assert_eq!((status, text.as_str()), (200, "Bearer A|a1"), "the answer written before the trap");
+        assert_eq!(probe.host.idle_instances(), 0, "the instance that trapped is gone");
+        assert_eq!(probe.seen(Some("Bearer A"), "a2").await, "", "the next request runs fresh");
         probe.server.shutdown().await;
     }
 
