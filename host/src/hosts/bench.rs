@@ -424,7 +424,7 @@ mod tests {
 
     #[tokio::test]
     async fn zero_rounds_are_refused_before_anything_starts() {
-        let e = run(&options(0, vec![])).await.err().expect("0 rounds must be refused");
+        let e = run(&options(0, vec![])).await.expect_err("0 rounds must be refused");
         assert!(e.to_string().contains("--rounds"), "{e}");
     }
 
