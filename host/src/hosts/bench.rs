@@ -183,20 +183,22 @@ async fn measure(
     Ok(Run { requests, per_second, latencies, reconnects })
 }
 
-/// A host being measured: where it answers, and what keeps it running.
+/// A host being measured.
 struct Running {
     host: &'static str,
-    sign_url: String,
-    host_header: Option<String>,
-    first_answer: Duration,
+    /// From start to the first answer (for a launched host, its first launch).
+    first_answer: Option<Duration>,
     server: Serving,
 }
 
 enum Serving {
-    /// In this process (the native ceiling, serve-signer).
-    Here(crate::serve::Server),
-    /// A child process, stopped on drop.
-    Process(launch::Served),
+    /// In this process (the native ceiling, serve-signer): up for the whole
+    /// run, idle while the others are measured.
+    Here { server: crate::serve::Server, sign_url: String },
+    /// A child process, started for its turn in each round and stopped after
+    /// it, so that no other host's process runs (and idles, or not) during a
+    /// measurement.
+    Launched(BenchHost),
 }
 
 /// Runs the benchmark and prints the table.
@@ -234,21 +236,23 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
         options.rounds, options.seconds, options.warmup_seconds, options.concurrency
     );
     let result = async {
-        let hosts = start_hosts(options, &tools, &wasm, &env, work).await?;
+        let mut hosts = start_hosts(options, &env, work).await?;
         let mut runs: Vec<Vec<Run>> = hosts.iter().map(|_| Vec::new()).collect();
         for round in 0..options.rounds {
             if options.rounds > 1 {
                 eprintln!("round {}", round + 1);
             }
-            for (i, running) in hosts.iter().enumerate() {
-                let run =
-                    measure(running.host, &running.sign_url, running.host_header.as_deref(), &token, options).await;
+            for (i, running) in hosts.iter_mut().enumerate() {
                 let run = match &running.server {
-                    Serving::Process(served) => {
-                        run.with_context(|| format!("{}'s last output:\n{}", running.host, served.process.tail(20)))
+                    Serving::Here { sign_url, .. } => measure(running.host, sign_url, None, &token, options).await?,
+                    Serving::Launched(which) => {
+                        let served = launch_host(*which, &tools, &wasm, &env, work).await?;
+                        running.first_answer.get_or_insert(served.first_answer);
+                        measure(running.host, &served.sign_url(), served.host_header.as_deref(), &token, options)
+                            .await
+                            .with_context(|| format!("{}'s last output:\n{}", running.host, served.process.tail(20)))?
                     }
-                    Serving::Here(_) => run,
-                }?;
+                };
                 runs[i].push(run);
             }
         }
@@ -258,7 +262,7 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
             .map(|(running, runs)| figures(running.host, running.first_answer, runs))
             .collect::<Vec<_>>();
         for running in hosts {
-            if let Serving::Here(server) = running.server {
+            if let Serving::Here { server, .. } = running.server {
                 server.shutdown().await;
             }
         }
@@ -281,25 +285,18 @@ fn of_native(figures: &mut [Figures]) {
     }
 }
 
-/// Starts the native ceiling and every host asked for, each answering once.
-async fn start_hosts(
-    options: &BenchOptions,
-    tools: &Tools,
-    wasm: &Path,
-    env: &[(String, String)],
-    work: &Path,
-) -> Result<Vec<Running>> {
+/// Starts the native ceiling and the in-process hosts asked for, each
+/// answering once; the others are launched in their turn.
+async fn start_hosts(options: &BenchOptions, env: &[(String, String)], work: &Path) -> Result<Vec<Running>> {
     let mut hosts = Vec::new();
     let started = Instant::now();
     let native = super::native::start(env.to_vec(), "127.0.0.1:0".parse()?).await?;
-    let url = format!("{}{}", native.url(), snapsign::signer::SIGN_PATH);
-    launch::wait_for_signer(&url, None, launch::START_TIMEOUT, None).await?;
+    let sign_url = format!("{}{}", native.url(), snapsign::signer::SIGN_PATH);
+    launch::wait_for_signer(&sign_url, None, launch::START_TIMEOUT, None).await?;
     hosts.push(Running {
         host: "native core (hyper, no wasm)",
-        sign_url: url,
-        host_header: None,
-        first_answer: started.elapsed(),
-        server: Serving::Here(native),
+        first_answer: Some(started.elapsed()),
+        server: Serving::Here { server: native, sign_url },
     });
 
     // Reuse on (the default) and off (a fresh instance per request, as before reuse) side by side.
@@ -320,45 +317,48 @@ async fn start_hosts(
             max_instance_reuse,
         })
         .await?;
-        let url = format!("{}{}", signer.url(), snapsign::signer::SIGN_PATH);
-        launch::wait_for_signer(&url, None, launch::START_TIMEOUT, None).await?;
+        let sign_url = format!("{}{}", signer.url(), snapsign::signer::SIGN_PATH);
+        launch::wait_for_signer(&sign_url, None, launch::START_TIMEOUT, None).await?;
         hosts.push(Running {
             host,
-            sign_url: url,
-            host_header: None,
-            first_answer: started.elapsed(),
-            server: Serving::Here(signer),
+            first_answer: Some(started.elapsed()),
+            server: Serving::Here { server: signer, sign_url },
         });
     }
-
-    // wasmtime serve reuses p2 instances only when asked, and then across callers.
-    let reuse = crate::signer::DEFAULT_MAX_INSTANCE_REUSE.to_string();
     for (which, host) in [
         (BenchHost::Wasmtime, "wasmtime serve"),
         (BenchHost::WasmtimeReuse, "wasmtime serve, reuse across callers"),
         (BenchHost::Wash, "wash dev"),
         (BenchHost::Jco, "jco serve"),
     ] {
-        if !options.measures(which) {
-            continue;
+        if options.measures(which) {
+            hosts.push(Running { host, first_answer: None, server: Serving::Launched(which) });
         }
-        let served = match which {
-            BenchHost::Wasmtime => launch::wasmtime_serve(tools, wasm, env).await?,
-            BenchHost::WasmtimeReuse => {
-                launch::wasmtime_serve_with(tools, wasm, env, &["--max-instance-reuse-count", &reuse]).await?
-            }
-            BenchHost::Wash => launch::wash_dev(tools, wasm, env, work).await?,
-            _ => launch::jco_serve(tools, wasm, env, work).await?,
-        };
-        hosts.push(Running {
-            host,
-            sign_url: served.sign_url(),
-            host_header: served.host_header.clone(),
-            first_answer: served.first_answer,
-            server: Serving::Process(served),
-        });
     }
     Ok(hosts)
+}
+
+/// Starts a host that runs as its own process.
+async fn launch_host(
+    which: BenchHost,
+    tools: &Tools,
+    wasm: &Path,
+    env: &[(String, String)],
+    work: &Path,
+) -> Result<launch::Served> {
+    // wasmtime serve reuses p2 instances only when asked, and then across callers.
+    let reuse = crate::signer::DEFAULT_MAX_INSTANCE_REUSE.to_string();
+    match which {
+        BenchHost::Wasmtime => launch::wasmtime_serve(tools, wasm, env).await,
+        BenchHost::WasmtimeReuse => {
+            launch::wasmtime_serve_with(tools, wasm, env, &["--max-instance-reuse-count", &reuse]).await
+        }
+        BenchHost::Wash => launch::wash_dev(tools, wasm, env, work).await,
+        BenchHost::Jco => launch::jco_serve(tools, wasm, env, work).await,
+        BenchHost::ServeSigner | BenchHost::ServeSignerNoReuse => {
+            bail!("{which:?} runs in this process, not as a launched host")
+        }
+    }
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -367,7 +367,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// One host's figures over all rounds: the median round's rate, latency over every request.
-fn figures(host: &str, first_answer: Duration, runs: Vec<Run>) -> Figures {
+fn figures(host: &str, first_answer: Option<Duration>, runs: Vec<Run>) -> Figures {
     let rounds: Vec<f64> = runs.iter().map(|run| run.per_second).collect();
     let per_second = median(&mut rounds.clone());
     let requests = runs.iter().map(|run| run.requests).sum();
@@ -383,7 +383,7 @@ fn figures(host: &str, first_answer: Duration, runs: Vec<Run>) -> Figures {
         rounds,
         p50_ms: at(0.5),
         p99_ms: at(0.99),
-        first_answer: Some(first_answer),
+        first_answer,
         reconnects,
     }
 }
@@ -444,8 +444,8 @@ mod tests {
         let run =
             |per_second| Run { requests: 1, per_second, latencies: vec![Duration::from_millis(1)], reconnects: 0 };
         let mut figures = [
-            figures("native", Duration::ZERO, vec![run(100.0), run(50.0), run(80.0)]),
-            figures("guest", Duration::ZERO, vec![run(60.0), run(20.0), run(40.0)]),
+            figures("native", None, vec![run(100.0), run(50.0), run(80.0)]),
+            figures("guest", None, vec![run(60.0), run(20.0), run(40.0)]),
         ];
         of_native(&mut figures);
         assert_eq!(figures[0].per_second, 80.0);
