@@ -76,8 +76,11 @@ fn serve(request: incoming::Request, request_id: &str) -> Result<(Answer, Option
 
 /// The configuration, read from the environment once per instance: hosts
 /// that reuse an instance (serve-signer, `wasmtime serve`) parse it and
-/// decode its keys once. This is the only state kept between requests, and it
-/// holds nothing a caller sent.
+/// decode its keys once. It is the only state kept between requests, with
+/// its caches: the day's signing key and the second's presigner (nothing a
+/// caller sent), and the last accepted token (hit only by the same whole
+/// token, its lifetime checked every time; serve-signer keeps an instance
+/// for one caller only).
 fn config() -> Result<&'static SignerConfig, &'static String> {
     static CONFIG: OnceLock<Result<SignerConfig, String>> = OnceLock::new();
     CONFIG.get_or_init(|| SignerConfig::from_vars(std::env::vars()).map_err(|e| e.to_string())).as_ref()

@@ -80,22 +80,8 @@ mod tests {
 
     fn options(api_url: &str, allow_hosts: &[&str]) -> BuildOptions {
         BuildOptions {
-            api_url: api_url.into(),
-            token: "t".into(),
-            namespace: "ns".into(),
-            name: "n".into(),
-            dockerfile: String::new(),
-            context_dir: ".".into(),
-            disk_mb: None,
-            builder_cpus: None,
-            builder_memory_mb: None,
-            builder_disk_mb: None,
-            public: false,
-            sandbox_wait: std::time::Duration::from_secs(1),
             allow_hosts: allow_hosts.iter().map(|h| h.to_string()).collect(),
-            max_memory_bytes: 1 << 20,
-            timeout: std::time::Duration::from_secs(1),
-            cache_dir: ".".into(),
+            ..BuildOptions::for_tests(api_url)
         }
     }
 

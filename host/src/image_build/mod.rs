@@ -254,22 +254,9 @@ mod tests {
 
     fn options(max_memory_bytes: usize) -> BuildOptions {
         BuildOptions {
-            api_url: "http://127.0.0.1:9".into(),
-            token: "t".into(),
-            namespace: "ns".into(),
-            name: "n".into(),
-            dockerfile: String::new(),
-            context_dir: ".".into(),
-            disk_mb: None,
-            builder_cpus: None,
-            builder_memory_mb: None,
-            builder_disk_mb: None,
-            public: false,
-            sandbox_wait: Duration::from_secs(1),
-            allow_hosts: Vec::new(),
             max_memory_bytes,
             timeout: Duration::from_secs(5),
-            cache_dir: ".".into(),
+            ..BuildOptions::for_tests("http://127.0.0.1:9")
         }
     }
 

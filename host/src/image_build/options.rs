@@ -40,6 +40,31 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
 }
 
+#[cfg(test)]
+impl BuildOptions {
+    /// Settings for unit tests: the API at `api_url`, small limits, nothing optional.
+    pub(crate) fn for_tests(api_url: &str) -> Self {
+        BuildOptions {
+            api_url: api_url.into(),
+            token: "t".into(),
+            namespace: "ns".into(),
+            name: "n".into(),
+            dockerfile: String::new(),
+            context_dir: ".".into(),
+            disk_mb: None,
+            builder_cpus: None,
+            builder_memory_mb: None,
+            builder_disk_mb: None,
+            public: false,
+            sandbox_wait: Duration::from_secs(1),
+            allow_hosts: Vec::new(),
+            max_memory_bytes: 1 << 20,
+            timeout: Duration::from_secs(1),
+            cache_dir: ".".into(),
+        }
+    }
+}
+
 impl std::fmt::Debug for BuildOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Every field but the token, which never reaches a log.
@@ -125,20 +150,12 @@ mod tests {
         let options = BuildOptions {
             api_url: "http://127.0.0.1:1".into(),
             token: "sst1.very-secret-token".into(),
-            namespace: "ns".into(),
             name: "img".into(),
             dockerfile: "FROM scratch\n".into(),
             context_dir: "/ctx".into(),
             disk_mb: Some(256),
-            builder_cpus: None,
-            builder_memory_mb: None,
-            builder_disk_mb: None,
-            public: false,
-            sandbox_wait: Duration::from_secs(1),
             allow_hosts: vec!["127.0.0.1:9000".into()],
-            max_memory_bytes: 1 << 20,
-            timeout: Duration::from_secs(1),
-            cache_dir: "/cache".into(),
+            ..BuildOptions::for_tests("http://127.0.0.1:1")
         };
         let text = format!("{options:?} {options:#?}");
         assert!(!text.contains("very-secret-token"), "{text}");
