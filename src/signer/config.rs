@@ -213,6 +213,16 @@ impl SignerConfig {
         if self.key_prefix.is_empty() { format!("{namespace}/") } else { format!("{}/{namespace}/", self.key_prefix) }
     }
 
+    /// Whether `key` lies under [`SignerConfig::namespace_prefix`] of
+    /// `namespace` (checked without composing the prefix).
+    pub fn in_namespace(&self, namespace: &str, key: &str) -> bool {
+        let rest = match self.key_prefix.as_str() {
+            "" => Some(key),
+            prefix => key.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('/')),
+        };
+        rest.and_then(|rest| rest.strip_prefix(namespace)).is_some_and(|rest| rest.starts_with('/'))
+    }
+
     /// The key and the `s3://` URI of `namespace`'s artifact at `rel_path`
     /// (wit/protocol.md §9): composed here only, for the signer and the dev
     /// stack's prepare alike.
@@ -272,6 +282,33 @@ mod tests {
         assert_eq!(c.shared_prefixes, vec!["public/images/", "base/"]);
         assert_eq!(c.store_authority(), "127.0.0.1:9000");
         assert!(!format!("{c:?}").contains("SECRET"));
+    }
+
+    #[test]
+    fn in_namespace_agrees_with_the_composed_prefix() {
+        let prefixed = with(vars::KEY_PREFIX, "builds/v1").unwrap();
+        let bare = SignerConfig::from_vars(base()).unwrap();
+        let keys = [
+            "builds/v1/ns/x",
+            "builds/v1/ns/",
+            "builds/v1/ns",
+            "builds/v1/nsx/y",
+            "builds/v1/n/s/y",
+            "builds/v1ns/x",
+            "builds/ns/x",
+            "ns/x",
+            "nsx/y",
+            "other/ns/x",
+            "",
+        ];
+        for config in [&prefixed, &bare] {
+            for key in keys {
+                let composed = key.starts_with(&config.namespace_prefix("ns"));
+                assert_eq!(config.in_namespace("ns", key), composed, "{key} under {:?}", config.key_prefix);
+            }
+        }
+        assert!(prefixed.in_namespace("ns", "builds/v1/ns/x") && bare.in_namespace("ns", "ns/x"));
+        assert!(!prefixed.in_namespace("ns", "ns/x") && !bare.in_namespace("ns", "nsx/y"));
     }
 
     #[test]

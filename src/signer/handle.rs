@@ -246,8 +246,7 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
             }
             // Own namespace, a shared prefix, or an exact URI the platform granted
             // in the token (another namespace's public template, wit/protocol.md §11).
-            let own = config.namespace_prefix(&claims.namespace);
-            let readable = parsed.key.starts_with(&own)
+            let readable = config.in_namespace(&claims.namespace, parsed.key)
                 || config.shared_prefixes.iter().any(|p| parsed.key.starts_with(p))
                 || claims.read.contains(&uri);
             if !readable {

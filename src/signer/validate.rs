@@ -18,17 +18,10 @@ pub fn key_segments(key: &str) -> Result<(), String> {
     if key.starts_with('/') {
         return Err("must be relative (starts with '/')".into());
     }
-    if let Some(c) = key.chars().find(|c| c.is_control()) {
-        return Err(format!("contains control character U+{:04X}", c as u32));
-    }
-    if key.contains('\\') {
-        return Err("contains a backslash".into());
-    }
-    let lower = key.to_ascii_lowercase();
-    for encoded in ["%2e", "%2f", "%5c", "%00"] {
-        if lower.contains(encoded) {
-            return Err(format!("contains percent-encoded '{encoded}'"));
-        }
+    // Printable ASCII without a backslash or '%' (nearly every key) holds
+    // nothing the character checks look for.
+    if !key.bytes().all(|b| matches!(b, b' '..=b'~') && b != b'\\' && b != b'%') {
+        characters(key)?;
     }
     for segment in key.split('/') {
         match segment {
@@ -43,6 +36,24 @@ pub fn key_segments(key: &str) -> Result<(), String> {
                 ));
             }
             _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The character checks of [`key_segments`]: no control character, no
+/// backslash, no percent-encoded dot, slash, backslash or NUL.
+fn characters(key: &str) -> Result<(), String> {
+    if let Some(c) = key.chars().find(|c| c.is_control()) {
+        return Err(format!("contains control character U+{:04X}", c as u32));
+    }
+    if key.contains('\\') {
+        return Err("contains a backslash".into());
+    }
+    let lower = key.to_ascii_lowercase();
+    for encoded in ["%2e", "%2f", "%5c", "%00"] {
+        if lower.contains(encoded) {
+            return Err(format!("contains percent-encoded '{encoded}'"));
         }
     }
     Ok(())

@@ -39,8 +39,10 @@ impl Request {
             Method::Patch => "PATCH".to_owned(),
             Method::Other(other) => other,
         };
-        let target = request.path_with_query().unwrap_or_else(|| "/".to_owned());
-        let path = target.split_once('?').map_or(target.as_str(), |(path, _)| path).to_owned();
+        let mut path = request.path_with_query().unwrap_or_else(|| "/".to_owned());
+        if let Some(query) = path.find('?') {
+            path.truncate(query);
+        }
         let headers = request.headers();
         Request { method, path, headers, request }
     }
