@@ -40,6 +40,28 @@ async fn prepare_answers_in_legacy_new_and_both_shapes_and_lookup_404s_unknown_n
     assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_header")));
     let (status, missing) = api.prepare("child", "FROM base\n", Some("no-such-template"), None).await;
     assert_eq!((status, missing["code"].as_str()), (400, Some("unknown_parent")), "{missing}");
+    // The request is read as the wire model's PrepareRequest: a field at
+    // fault is named, and what the official client may leave out is optional.
+    let builds = "/platform/v1/sandbox-template-builds";
+    let lean = json!({"name": "lean", "dockerfile": SCRATCH, "rootfsNodeKind": "base"});
+    let (status, answer) = api.post(builds, lean.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    for (change, code, named) in [
+        (json!({"public": "yes"}), "invalid_field", "public: invalid type"),
+        (json!({"parentTemplate": {"templateId": 7}}), "invalid_field", "parentTemplate.templateId: invalid type"),
+        (json!({"dockerfile": null}), "invalid_field", "dockerfile: invalid type"),
+        (json!({"name": ""}), "missing_field", "field 'name' is required"),
+        (json!({"rootfsNodeKind": "diff"}), "missing_field", "a diff build needs parentTemplate"),
+    ] {
+        let mut body = lean.clone();
+        body.as_object_mut().unwrap().extend(change.as_object().unwrap().clone());
+        let (status, answer) = api.post(builds, body).await;
+        assert_eq!((status, answer["code"].as_str()), (400, Some(code)), "{change}: {answer}");
+        assert!(answer["message"].as_str().unwrap().contains(named), "{change}: {answer}");
+    }
+    let (status, answer) = api.post(builds, json!({"name": "x", "rootfsNodeKind": "base"})).await;
+    assert_eq!((status, answer["code"].as_str()), (400, Some("missing_field")), "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("missing field `dockerfile`"), "{answer}");
     let (status, json) = api.get("/platform/v1/sandbox-templates/by-name/tensorlake%2Fpython%3A3.12").await;
     assert_eq!((status, json["code"].as_str()), (404, Some("template_not_found")));
     // PAT mode path, and no token at all.

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use super::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Process, Request, SandboxError};
 use super::splice;
 use super::{command, complete, decorate, diagnose, lookup, plan, sizing};
-use crate::wire::{Prepared, SignRequest, UploadHead};
+use crate::wire::{PrepareRequest, Prepared, SignRequest, TemplateRef, UploadHead};
 
 /// Pause between two polls of a starting sandbox (wit/protocol.md §5.2).
 pub const POLL: Duration = Duration::from_millis(250);
@@ -82,7 +82,7 @@ pub struct Flow {
     lookups: Vec<String>,
     /// The first lookup is the final stage's FROM: its template is the parent.
     final_lookup: bool,
-    parent_template: Option<Value>,
+    parent_template: Option<TemplateRef>,
     prepared: Option<Prepared>,
     rootfs_bytes: u64,
     invocation: (String, Vec<String>),
@@ -469,11 +469,16 @@ impl Flow {
     fn prepare(&mut self) -> Result<Next, BuildError> {
         self.stage("prepare");
         let r = &self.request;
-        let body = json!({
-            "name": r.name, "dockerfile": r.dockerfile, "baseImage": self.base_image, "public": r.public,
-            "rootfsNodeKind": if self.parent_template.is_some() { "diff" } else { "base" },
-            "parentTemplate": self.parent_template, "additionalLocalImages": [],
-        });
+        let body = serde_json::to_value(PrepareRequest {
+            name: r.name.clone(),
+            dockerfile: r.dockerfile.clone(),
+            base_image: self.base_image.clone(),
+            public: r.public,
+            rootfs_node_kind: if self.parent_template.is_some() { "diff" } else { "base" }.into(),
+            parent_template: self.parent_template.clone(),
+            additional_local_images: Vec::new(),
+        })
+        .expect("a prepare request serializes");
         let call =
             self.http("POST", format!("{}/platform/v1/sandbox-template-builds", self.api), &self.auth, Some(&body));
         self.go(State::Prepare, call)

@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use super::call::BuildError;
+use crate::wire::TemplateRef;
 
 /// `GET {api}/platform/v1/sandbox-templates/by-name/{reference}`, the
 /// reference percent-encoded as one path segment.
@@ -33,9 +34,15 @@ pub fn classify(reference: &str, status: u16, text: &str) -> Result<Option<Value
 }
 
 /// The prepare request's `parentTemplate` for a found template.
-pub fn parent_template(template: &Value, reference: &str) -> Value {
-    serde_json::json!({"templateId": template["id"], "name": template["name"], "reference": reference,
-                       "snapshotId": template["snapshotId"], "public": template["public"].as_bool().unwrap_or(false)})
+pub fn parent_template(template: &Value, reference: &str) -> TemplateRef {
+    let text = |field: &str| template[field].as_str().map(str::to_owned);
+    TemplateRef {
+        template_id: text("id"),
+        name: text("name"),
+        reference: Some(reference.to_owned()),
+        snapshot_id: text("snapshotId"),
+        public: template["public"].as_bool().unwrap_or(false),
+    }
 }
 
 #[cfg(test)]

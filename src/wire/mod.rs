@@ -11,7 +11,7 @@ pub mod spec;
 
 pub use complete::CompleteRequest;
 pub use metadata::Metadata;
-pub use prepare::{Builder, Parent, Prepared, PreparedError};
+pub use prepare::{Builder, Parent, PrepareRequest, Prepared, PreparedError, TemplateRef};
 pub use sign::{
     Download, MultipartHint, Op, PartUrl, S3Multipart, SignRequest, SingleGet, SinglePut, Target, Upload, UploadHead,
     object_uri,
@@ -65,6 +65,14 @@ mod tests {
     fn the_documented_complete_request_reads_and_writes_back_unchanged() {
         let [example] = examples("### 2.6 Complete request").try_into().unwrap();
         let request: CompleteRequest = serde_json::from_value(example.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&request).unwrap(), example);
+    }
+
+    #[test]
+    fn the_documented_prepare_request_reads_and_writes_back_unchanged() {
+        let [example] = examples("### 2.3 Prepare request").try_into().unwrap();
+        let request: PrepareRequest = serde_json::from_value(example.clone()).unwrap();
+        assert_eq!(request.parent_template.as_ref().and_then(|p| p.template_id.as_deref()), Some("tpl-1"));
         assert_eq!(serde_json::to_value(&request).unwrap(), example);
     }
 

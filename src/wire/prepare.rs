@@ -70,6 +70,55 @@ pub struct Parent<D = Download> {
     pub download: Option<D>,
 }
 
+/// The prepare request (`POST …/sandbox-template-builds`, wit/protocol.md
+/// §2.3): the build flow writes it, the dev stack reads it. Both keys of a
+/// base build's parent are sent (`rootfsNodeKind: "base"`, `parentTemplate:
+/// null`); the fields the official client may leave out read as empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrepareRequest {
+    /// The template's name (plain: other namespaces say `owner/name`).
+    pub name: String,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// The final FROM after `ARG` substitution (`scratch`, or a reference).
+    #[serde(default)]
+    pub base_image: String,
+    /// Whether other namespaces may build FROM the template.
+    #[serde(default)]
+    pub public: bool,
+    /// `diff` exactly when the final FROM resolved to a template, else `base`.
+    pub rootfs_node_kind: String,
+    /// The template a diff build starts from, as the lookup found it.
+    #[serde(default)]
+    pub parent_template: Option<TemplateRef>,
+    /// Local images the build needs (snapsign sends none; the dev stack does not resolve them).
+    #[serde(default)]
+    pub additional_local_images: Vec<Value>,
+}
+
+/// A template as the prepare request names it (`parentTemplate`, from the
+/// §2.2 lookup): by `templateId`, else by `reference` (or `name`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateRef {
+    /// The template's id.
+    #[serde(default)]
+    pub template_id: Option<String>,
+    /// The template's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The reference the Dockerfile wrote (`name` or `owner/name`).
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// The template's snapshot.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+    /// Whether the template is public.
+    #[serde(default)]
+    pub public: bool,
+}
+
 /// A prepare answer that is not a prepared build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedError(pub String);
@@ -126,6 +175,26 @@ mod tests {
         future["upload"] = json!({"kind": "gcs_resumable", "sessionUrl": "https://storage/x"});
         future["parent"]["download"] = json!({"kind": "gcs_get"});
         assert!(Prepared::parse(&future).is_ok());
+    }
+
+    /// wit/protocol.md §2.3's example.
+    const REQUEST: &str = r#"{"name":"app","dockerfile":"FROM default/base\nCOPY app /app\n","baseImage":"default/base","public":false,"rootfsNodeKind":"diff","parentTemplate":{"templateId":"tpl-1","name":"base","reference":"default/base","snapshotId":"snap-1","public":true},"additionalLocalImages":[]}"#;
+
+    #[test]
+    fn the_prepare_request_round_trips_and_a_base_build_sends_a_null_parent() {
+        let request: PrepareRequest = serde_json::from_str(REQUEST).unwrap();
+        assert_eq!(request.parent_template.as_ref().unwrap().reference.as_deref(), Some("default/base"));
+        assert_eq!(serde_json::to_string(&request).unwrap(), REQUEST);
+        let base = PrepareRequest { rootfs_node_kind: "base".into(), parent_template: None, ..request };
+        let value = serde_json::to_value(&base).unwrap();
+        assert_eq!((&value["parentTemplate"], &value["additionalLocalImages"]), (&Value::Null, &json!([])));
+        // What a client may leave out reads as empty; what it must send is named.
+        let lean: PrepareRequest =
+            serde_json::from_value(json!({"name": "a", "dockerfile": "FROM scratch", "rootfsNodeKind": "base"}))
+                .unwrap();
+        assert_eq!((lean.public, lean.parent_template, lean.base_image.as_str()), (false, None, ""));
+        let err = serde_json::from_value::<PrepareRequest>(json!({"name": "a", "rootfsNodeKind": "base"})).unwrap_err();
+        assert!(err.to_string().contains("missing field `dockerfile`"), "{err}");
     }
 
     #[test]

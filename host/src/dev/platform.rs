@@ -2,11 +2,10 @@
 //! (wit/protocol.md §2).
 
 use http::StatusCode;
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use snapsign::presign::Method;
-use snapsign::wire::{self, CompleteRequest, Download, Prepared, SinglePut, Upload};
+use snapsign::wire::{self, CompleteRequest, Download, PrepareRequest, Prepared, SinglePut, TemplateRef, Upload};
 
 use super::emulator::Emulator;
 use super::http::ApiError;
@@ -38,9 +37,13 @@ impl PrepareShape {
 /// Header that picks the prepare shape of one request.
 pub const SHAPE_HEADER: &str = "x-snapsign-prepare-shape";
 
-fn string<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
-    body.get(field).and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| {
-        ApiError::bad_request("missing_field", format!("field '{field}' is required (a non-empty string)"))
+/// `body` read as a `T` of the wire model; an error names the field at
+/// fault (`parentTemplate.templateId: invalid type: …`), as `missing_field`
+/// when it is absent and `invalid_field` otherwise.
+fn typed<T: serde::de::DeserializeOwned>(what: &str, body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let code = if e.inner().to_string().starts_with("missing field") { "missing_field" } else { "invalid_field" };
+        ApiError::bad_request(code, format!("{what}: {e}"))
     })
 }
 
@@ -80,9 +83,9 @@ impl Emulator {
 
     /// The parent a diff build names, if `caller` may build on it: by
     /// `templateId`, else by `reference` or `name` (`owner/name` for another namespace's).
-    fn parent_template(&self, caller: &str, parent: &Map<String, Value>) -> Result<Template, ApiError> {
-        let by_id = parent.get("templateId").and_then(Value::as_str).filter(|s| !s.is_empty());
-        let reference = parent.get("reference").or(parent.get("name")).and_then(Value::as_str).unwrap_or_default();
+    fn parent_template(&self, caller: &str, parent: &TemplateRef) -> Result<Template, ApiError> {
+        let by_id = parent.template_id.as_deref().filter(|s| !s.is_empty());
+        let reference = parent.reference.as_deref().or(parent.name.as_deref()).unwrap_or_default();
         let template = match by_id {
             Some(id) => self.state.template_by_id(id)?,
             None => {
@@ -102,9 +105,23 @@ impl Emulator {
 
     /// `POST …/sandbox-template-builds`.
     pub fn prepare(&self, namespace: &str, body: &Value, shape: PrepareShape) -> Result<Value, ApiError> {
-        let body =
-            body.as_object().ok_or_else(|| ApiError::bad_request("invalid_body", "body must be a JSON object"))?;
-        let name = string(body, "name")?;
+        if !body.is_object() {
+            return Err(ApiError::bad_request("invalid_body", "body must be a JSON object"));
+        }
+        let request: PrepareRequest = typed("prepare request", body)?;
+        for (field, value) in [
+            ("name", &request.name),
+            ("dockerfile", &request.dockerfile),
+            ("rootfsNodeKind", &request.rootfs_node_kind),
+        ] {
+            if value.is_empty() {
+                return Err(ApiError::bad_request(
+                    "missing_field",
+                    format!("field '{field}' is required (a non-empty string)"),
+                ));
+            }
+        }
+        let name = request.name.as_str();
         if name.contains('/') {
             return Err(ApiError::bad_request(
                 "invalid_field",
@@ -113,18 +130,17 @@ impl Emulator {
                 ),
             ));
         }
-        string(body, "dockerfile")?;
-        let node_kind = string(body, "rootfsNodeKind")?;
+        let node_kind = request.rootfs_node_kind.as_str();
         if node_kind != "base" && node_kind != "diff" {
             return Err(ApiError::bad_request(
                 "invalid_field",
                 format!("rootfsNodeKind '{node_kind}' is not base or diff"),
             ));
         }
-        let public = body.get("public").and_then(Value::as_bool).unwrap_or(false);
-        let parent_template = match (node_kind, body.get("parentTemplate")) {
-            ("diff", Some(Value::Object(parent))) => Some(self.parent_template(namespace, parent)?),
-            ("diff", _) => {
+        let public = request.public;
+        let parent_template = match (node_kind, &request.parent_template) {
+            ("diff", Some(parent)) => Some(self.parent_template(namespace, parent)?),
+            ("diff", None) => {
                 return Err(ApiError::bad_request("missing_field", "a diff build needs parentTemplate {name, ...}"));
             }
             _ => None,
@@ -239,8 +255,7 @@ impl Emulator {
         if !body.is_object() {
             return Err(ApiError::bad_request("invalid_body", "body must be a JSON object"));
         }
-        let request = CompleteRequest::deserialize(body)
-            .map_err(|e| ApiError::bad_request("missing_field", format!("complete request: {e}")))?;
+        let request: CompleteRequest = typed("complete request", body)?;
         for (field, value) in [
             ("snapshotId", &request.snapshot_id),
             ("snapshotUri", &request.snapshot_uri),
