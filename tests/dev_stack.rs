@@ -254,6 +254,12 @@ async fn complete_checks_the_object_registers_once_and_the_template_survives_a_r
         (template["id"].as_str(), prepared["snapshotId"].as_str())
     );
     assert_eq!(found["snapshotSizeBytes"], 14);
+    // The build client reads the same answer through the wire model's lookup view.
+    let read: snapsign::wire::TemplateFound = serde_json::from_value(found.clone()).unwrap();
+    assert_eq!(
+        (read.id.as_str(), read.name.as_str(), read.public),
+        (template["id"].as_str().unwrap(), "base-image", false)
+    );
     // A diff build now gets the parent block.
     let (status, child) = api.prepare("child", "FROM base-image\n", Some("base-image"), None).await;
     assert_eq!(status, 200, "{child}");

@@ -283,7 +283,7 @@ impl Flow {
                 };
                 let template = lookup::classify(&reference, status, &text(&body))?;
                 if index == 0 && self.final_lookup {
-                    self.parent_template = template.map(|t| lookup::parent_template(&t, &reference));
+                    self.parent_template = template.map(|t| t.as_parent(&reference));
                 }
                 if index + 1 < self.lookups.len() {
                     let call = self.lookup_call(index + 1);

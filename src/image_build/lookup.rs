@@ -1,10 +1,8 @@
 //! Template lookup by name (wit/protocol.md §2.2, §11): the URL and what
 //! each answer means for the build.
 
-use serde_json::Value;
-
 use super::call::BuildError;
-use crate::wire::TemplateRef;
+use crate::wire::TemplateFound;
 
 /// `GET {api}/platform/v1/sandbox-templates/by-name/{reference}`, the
 /// reference percent-encoded as one path segment.
@@ -17,11 +15,14 @@ pub fn url(api: &str, reference: &str) -> String {
 /// The template (200), none (404), or why the build stops. Another
 /// namespace's private template (403 `template_private`) refuses the
 /// reference, not the credentials: a build failure, not an auth failure.
-pub fn classify(reference: &str, status: u16, text: &str) -> Result<Option<Value>, BuildError> {
+pub fn classify(reference: &str, status: u16, text: &str) -> Result<Option<TemplateFound>, BuildError> {
     match status {
-        200 => serde_json::from_str(text)
-            .map(Some)
-            .map_err(|e| BuildError::Failed(format!("template lookup for '{reference}': {e}"))),
+        200 => serde_json::from_str(text).map(Some).map_err(|e| {
+            BuildError::Failed(format!(
+                "template lookup for '{reference}' answered 200 without a template ({e}): {}",
+                crate::wire::excerpt(text)
+            ))
+        }),
         404 => Ok(None),
         403 if text.contains("template_private") => {
             Err(BuildError::Failed(format!("FROM {reference}: the platform refused it (HTTP 403): {text}")))
@@ -30,18 +31,6 @@ pub fn classify(reference: &str, status: u16, text: &str) -> Result<Option<Value
             Err(BuildError::Auth(format!("template lookup for '{reference}' refused (HTTP {status}): {text}")))
         }
         _ => Err(BuildError::Failed(format!("template lookup for '{reference}' failed (HTTP {status}): {text}"))),
-    }
-}
-
-/// The prepare request's `parentTemplate` for a found template.
-pub fn parent_template(template: &Value, reference: &str) -> TemplateRef {
-    let text = |field: &str| template[field].as_str().map(str::to_owned);
-    TemplateRef {
-        template_id: text("id"),
-        name: text("name"),
-        reference: Some(reference.to_owned()),
-        snapshot_id: text("snapshotId"),
-        public: template["public"].as_bool().unwrap_or(false),
     }
 }
 
@@ -65,6 +54,13 @@ mod tests {
         assert!(matches!(classify("b", 500, "boom"), Err(BuildError::Failed(m)) if m.contains("HTTP 500")));
         assert_eq!(classify("b", 404, ""), Ok(None));
         assert!(classify("b", 200, "not json").is_err());
-        assert_eq!(classify("b", 200, r#"{"id":"t"}"#).unwrap().unwrap()["id"], "t");
+        let found = classify("b", 200, r#"{"id":"t","name":"b","snapshotId":"s","namespace":"n"}"#).unwrap().unwrap();
+        assert_eq!((found.id.as_str(), found.snapshot_id.as_str(), found.public), ("t", "s", false));
+        // §2.2: id, name and snapshotId are required; an answer without them is named, not passed on.
+        let partial = classify("b", 200, r#"{"id":"t"}"#).unwrap_err();
+        assert!(
+            matches!(&partial, BuildError::Failed(m) if m.contains("answered 200 without a template (missing field `name`")),
+            "{partial:?}"
+        );
     }
 }

@@ -97,6 +97,39 @@ pub struct PrepareRequest {
     pub additional_local_images: Vec<Value>,
 }
 
+/// A template as a lookup answers it (`GET …/sandbox-templates/by-name/…`,
+/// wit/protocol.md §2.2): the fields the build client reads. The dev stack
+/// answers with its whole record (§2.6), of which these are a part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateFound {
+    /// The template's id.
+    pub id: String,
+    /// The template's name.
+    pub name: String,
+    /// The template's snapshot.
+    pub snapshot_id: String,
+    /// Whether other namespaces may build on it (default false).
+    #[serde(default)]
+    pub public: bool,
+    /// The snapshot's format, when the platform says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_format_version: Option<String>,
+}
+
+impl TemplateFound {
+    /// The prepare request's `parentTemplate` for this template, found by `reference`.
+    pub fn as_parent(&self, reference: &str) -> TemplateRef {
+        TemplateRef {
+            template_id: Some(self.id.clone()),
+            name: Some(self.name.clone()),
+            reference: Some(reference.to_owned()),
+            snapshot_id: Some(self.snapshot_id.clone()),
+            public: self.public,
+        }
+    }
+}
+
 /// A template as the prepare request names it (`parentTemplate`, from the
 /// §2.2 lookup): by `templateId`, else by `reference` (or `name`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
