@@ -9,12 +9,12 @@
 
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Process, Request, SandboxError};
 use super::splice;
 use super::{command, complete, decorate, diagnose, lookup, plan, sizing};
-use crate::wire::{PrepareRequest, Prepared, SignRequest, TemplateRef, UploadHead};
+use crate::wire::{ClientFields, PrepareRequest, Prepared, SignRequest, TemplateRef, UploadHead};
 
 /// Pause between two polls of a starting sandbox (wit/protocol.md §5.2).
 pub const POLL: Duration = Duration::from_millis(250);
@@ -522,10 +522,13 @@ impl Flow {
             return self.go(State::Setup(i), call);
         }
         let context = format!("{}/context", command::BUILD_DIR);
-        self.spec.insert("dockerfile".into(), json!(self.request.dockerfile));
-        self.spec.insert("contextDir".into(), json!(context));
-        self.spec.insert("baseImage".into(), json!(self.base_image));
-        self.spec.insert("rootfsDiskBytes".into(), json!(self.rootfs_bytes));
+        ClientFields {
+            dockerfile: &self.request.dockerfile,
+            context_dir: &context,
+            base_image: &self.base_image,
+            rootfs_disk_bytes: self.rootfs_bytes,
+        }
+        .write_into(&mut self.spec);
         let contents = serde_json::to_vec_pretty(&self.spec).expect("a JSON map always serializes");
         let (id, path) = (self.id(), format!("{}/spec.json", command::BUILD_DIR));
         self.go(State::WriteSpec, Call::WriteFile { id, path, contents })

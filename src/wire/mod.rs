@@ -16,7 +16,7 @@ pub use sign::{
     Download, MultipartHint, Op, PartUrl, S3Multipart, SignRequest, SingleGet, SinglePut, Target, Upload, UploadHead,
     object_uri,
 };
-pub use spec::Spec;
+pub use spec::{ClientFields, Spec};
 
 /// The start of a peer's body on one line (whitespace runs folded, at most
 /// 300 characters), for error messages and logs: the signer's store errors

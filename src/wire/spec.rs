@@ -2,7 +2,8 @@
 //! prepare answer with the client's splices and fields. Only these fields are
 //! read; every other field is ignored.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use super::prepare::Parent;
 use super::sign::Upload;
@@ -53,9 +54,54 @@ impl Spec {
     }
 }
 
+/// The fields the build client writes into the prepare answer to make
+/// spec.json (§5.6), over any of the same name; [`Spec`] reads them back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientFields<'a> {
+    /// The Dockerfile text.
+    pub dockerfile: &'a str,
+    /// Where the context is unpacked in the sandbox.
+    pub context_dir: &'a str,
+    /// The final FROM, as the client saw it.
+    pub base_image: &'a str,
+    /// The rootfs size the build may fill.
+    pub rootfs_disk_bytes: u64,
+}
+
+impl ClientFields<'_> {
+    /// Writes these fields into `spec`, replacing the prepare answer's own.
+    pub fn write_into(&self, spec: &mut Map<String, Value>) {
+        if let Value::Object(fields) = serde_json::to_value(self).expect("client fields serialize") {
+            spec.extend(fields);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_fields_written_into_a_prepare_answer_read_back_as_the_spec() {
+        let mut spec: Map<String, Value> = serde_json::from_str(
+            r#"{"buildId":"b","snapshotId":"s","rootfsNodeKind":"base","rootfsDiskBytes":1,"baseImage":"stale"}"#,
+        )
+        .unwrap();
+        let fields = ClientFields {
+            dockerfile: "FROM scratch\n",
+            context_dir: "/build/context",
+            base_image: "scratch",
+            rootfs_disk_bytes: 2048,
+        };
+        fields.write_into(&mut spec);
+        let read = Spec::from_json(&Value::Object(spec).to_string()).unwrap();
+        assert_eq!(
+            (read.dockerfile.as_str(), read.context_dir.as_str(), read.base_image.as_deref(), read.rootfs_disk_bytes),
+            (fields.dockerfile, fields.context_dir, Some(fields.base_image), fields.rootfs_disk_bytes)
+        );
+        assert_eq!((read.build_id.as_deref(), read.snapshot_id.as_str()), (Some("b"), "s"));
+    }
     use crate::wire::sign::{Download, PartUrl};
 
     #[test]
