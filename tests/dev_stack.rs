@@ -59,6 +59,8 @@ async fn prepare_answers_in_legacy_new_and_both_shapes_and_lookup_404s_unknown_n
         assert_eq!((status, answer["code"].as_str()), (400, Some(code)), "{change}: {answer}");
         assert!(answer["message"].as_str().unwrap().contains(named), "{change}: {answer}");
     }
+    let (status, answer) = api.post(builds, json!(["not", "an", "object"])).await;
+    assert_eq!((status, answer["code"].as_str()), (400, Some("invalid_body")), "{answer}");
     let (status, answer) = api.post(builds, json!({"name": "x", "rootfsNodeKind": "base"})).await;
     assert_eq!((status, answer["code"].as_str()), (400, Some("missing_field")), "{answer}");
     assert!(answer["message"].as_str().unwrap().contains("missing field `dockerfile`"), "{answer}");

@@ -41,10 +41,23 @@ pub const SHAPE_HEADER: &str = "x-snapsign-prepare-shape";
 /// fault (`parentTemplate.templateId: invalid type: …`), as `missing_field`
 /// when it is absent and `invalid_field` otherwise.
 fn typed<T: serde::de::DeserializeOwned>(what: &str, body: &Value) -> Result<T, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::bad_request("invalid_body", format!("{what}: the body must be a JSON object")));
+    }
     serde_path_to_error::deserialize(body).map_err(|e| {
         let code = if e.inner().to_string().starts_with("missing field") { "missing_field" } else { "invalid_field" };
         ApiError::bad_request(code, format!("{what}: {e}"))
     })
+}
+
+/// 400 `missing_field` naming the first of `fields` (wire name, value) that is empty.
+fn required(fields: &[(&str, &String)]) -> Result<(), ApiError> {
+    match fields.iter().find(|(_, value)| value.is_empty()) {
+        Some((field, _)) => {
+            Err(ApiError::bad_request("missing_field", format!("field '{field}' is required (a non-empty string)")))
+        }
+        None => Ok(()),
+    }
 }
 
 /// A template reference: `name` names the caller's own template, `owner/name`
@@ -105,22 +118,12 @@ impl Emulator {
 
     /// `POST …/sandbox-template-builds`.
     pub fn prepare(&self, namespace: &str, body: &Value, shape: PrepareShape) -> Result<Value, ApiError> {
-        if !body.is_object() {
-            return Err(ApiError::bad_request("invalid_body", "body must be a JSON object"));
-        }
         let request: PrepareRequest = typed("prepare request", body)?;
-        for (field, value) in [
+        required(&[
             ("name", &request.name),
             ("dockerfile", &request.dockerfile),
             ("rootfsNodeKind", &request.rootfs_node_kind),
-        ] {
-            if value.is_empty() {
-                return Err(ApiError::bad_request(
-                    "missing_field",
-                    format!("field '{field}' is required (a non-empty string)"),
-                ));
-            }
-        }
+        ])?;
         let name = request.name.as_str();
         if name.contains('/') {
             return Err(ApiError::bad_request(
@@ -252,20 +255,13 @@ impl Emulator {
                 format!("build {build_id} was already completed"),
             ));
         }
-        if !body.is_object() {
-            return Err(ApiError::bad_request("invalid_body", "body must be a JSON object"));
-        }
         let request: CompleteRequest = typed("complete request", body)?;
-        for (field, value) in [
+        required(&[
             ("snapshotId", &request.snapshot_id),
             ("snapshotUri", &request.snapshot_uri),
             ("snapshotFormatVersion", &request.snapshot_format_version),
             ("rootfsNodeKind", &request.rootfs_node_kind),
-        ] {
-            if value.is_empty() {
-                return Err(ApiError::bad_request("missing_field", format!("field '{field}' must not be empty")));
-            }
-        }
+        ])?;
         let (snapshot_id, snapshot_uri, format_version, node_kind) = (
             request.snapshot_id.as_str(),
             request.snapshot_uri.as_str(),
