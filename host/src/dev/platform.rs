@@ -345,3 +345,29 @@ impl Emulator {
         Ok((size, hex::encode(hasher.finalize())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_typed_read_names_the_field_at_fault_and_its_code() {
+        let error = |body: Value| typed::<PrepareRequest>("prepare request", &body).unwrap_err();
+        let missing = error(json!({"name": "a", "rootfsNodeKind": "base"}));
+        assert_eq!(
+            (missing.code, missing.message.as_str()),
+            ("missing_field", "prepare request: missing field `dockerfile`")
+        );
+        let nested =
+            error(json!({"name": "a", "dockerfile": "d", "rootfsNodeKind": "diff", "parentTemplate": {"public": 1}}));
+        assert_eq!(nested.code, "invalid_field");
+        assert!(
+            nested.message.starts_with("prepare request: parentTemplate.public: invalid type: integer `1`"),
+            "{}",
+            nested.message
+        );
+        assert_eq!(error(json!("text")).code, "invalid_body");
+        let empty = required(&[("name", &"a".to_owned()), ("dockerfile", &String::new())]).unwrap_err();
+        assert_eq!(empty.message, "field 'dockerfile' is required (a non-empty string)");
+    }
+}
