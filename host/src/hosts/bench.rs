@@ -178,6 +178,9 @@ async fn measure(
         load(sign_url, host_header, token, options.concurrency, Duration::from_secs_f64(options.seconds))
             .await
             .with_context(|| format!("load {host}"))?;
+    if requests == 0 {
+        bail!("{host} answered no get_blob within the {} s of load; raise --seconds", options.seconds);
+    }
     let per_second = requests as f64 / elapsed.as_secs_f64();
     eprintln!("  {host}: {per_second:.0} req/s, {reconnects} reconnects");
     Ok(Run { requests, per_second, latencies, reconnects })
@@ -219,9 +222,9 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
     let tools = Tools::new(&options.tools_dir);
     // Install everything first so no download lands inside a measurement.
     for (tool, hosts) in [
-        (super::WASMTIME, [BenchHost::Wasmtime, BenchHost::WasmtimeReuse]),
-        (super::WASH, [BenchHost::Wash; 2]),
-        (super::JCO, [BenchHost::Jco; 2]),
+        (super::WASMTIME, &[BenchHost::Wasmtime, BenchHost::WasmtimeReuse][..]),
+        (super::WASH, &[BenchHost::Wash]),
+        (super::JCO, &[BenchHost::Jco]),
     ] {
         if hosts.iter().any(|&host| options.measures(host)) {
             tools.get(tool)?;
@@ -426,6 +429,25 @@ mod tests {
     async fn zero_rounds_are_refused_before_anything_starts() {
         let e = run(&options(0, vec![])).await.expect_err("0 rounds must be refused");
         assert!(e.to_string().contains("--rounds"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_load_too_short_for_one_answer_is_an_error_naming_the_flag() {
+        // A listener that accepts and never answers: connections succeed, no request completes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/api/v1/blob/sign", listener.local_addr().unwrap());
+        let _accepting = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let short = BenchOptions { seconds: 1e-9, ..options(1, vec![]) };
+        let e = measure("silent host", &url, None, "t", &short).await.err().expect("no answer must be an error");
+        assert!(
+            e.to_string().contains("silent host answered no get_blob") && e.to_string().contains("--seconds"),
+            "{e}"
+        );
     }
 
     #[test]
