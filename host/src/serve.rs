@@ -316,9 +316,16 @@ where
 
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::start(&self.activity);
+        let has_body = !http_body::Body::is_end_stream(request.body());
         let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await?;
+            let mut response = response.await?;
+            // A refusal may leave the request's body unread, and hyper then
+            // closes the connection after the answer: a client that kept it
+            // for its next request would send that into the close. Say so.
+            if has_body && (response.status().is_client_error() || response.status().is_server_error()) {
+                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
             Ok(response.map(|body| WatchedBody { inner: Box::pin(body), _in_flight: in_flight }))
         })
     }
@@ -469,5 +476,41 @@ impl Watched {
                 _ => !task.is_finished(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_request_with_a_body_ends_its_connection_and_others_keep_it() {
+        let service = hyper::service::service_fn(|request: http::Request<Incoming>| async move {
+            // Refuses without reading the body, as a store refusing a late part does.
+            let status = if request.uri().path() == "/refuse" { 404 } else { 200 };
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder().status(status).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap(),
+            )
+        });
+        let server = spawn("test", "127.0.0.1:0".parse().unwrap(), service).await.unwrap();
+        let client = reqwest::Client::new();
+        let send = |path: &str, body: Option<Vec<u8>>| {
+            let request = match body {
+                Some(body) => client.put(format!("{}{path}", server.url())).body(body),
+                None => client.get(format!("{}{path}", server.url())),
+            };
+            request.send()
+        };
+        let refused = send("/refuse", Some(vec![b'x'; 1 << 20])).await.unwrap();
+        assert_eq!(
+            (refused.status().as_u16(), refused.headers().get("connection").map(|v| v.as_bytes())),
+            (404, Some(&b"close"[..]))
+        );
+        // Without a body, or answered 200, the connection stays open for the next request.
+        let bodyless = send("/refuse", None).await.unwrap();
+        assert_eq!((bodyless.status().as_u16(), bodyless.headers().get("connection")), (404, None));
+        let accepted = send("/ok", Some(vec![b'x'; 16])).await.unwrap();
+        assert_eq!((accepted.status().as_u16(), accepted.headers().get("connection")), (200, None));
+        server.shutdown().await;
     }
 }
