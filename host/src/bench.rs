@@ -1,6 +1,8 @@
 //! `snapsign bench sign`: what signing costs, natively and in the component,
 //! and what serve-signer sustains on loopback. Figures, not tests.
 
+pub mod soak;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};

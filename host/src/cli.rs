@@ -311,6 +311,25 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// serve-signer under steady mixed traffic from many callers and slow
+    /// clients: RSS and fds every 10 s, answers by status, p50/p99 per minute.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Distinct caller tokens.
+        #[arg(long, default_value_t = 1000)]
+        callers: usize,
+        /// Concurrent request senders.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Requests per second, all senders together.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Connections that send their request head one byte every 500 ms.
+        #[arg(long, default_value_t = 16)]
+        slow_clients: usize,
+    },
     /// Orchestration overhead of demo builds, warm instantiation and cold start.
     Build {
         /// Builds to run (the first only warms the cache).

@@ -268,6 +268,11 @@ async fn bench(what: BenchWhat) -> Result<()> {
             let this = std::env::current_exe().context("find this executable")?;
             snapsign_host::bench::serve(this, baseline, rounds, requests, concurrency).await
         }
+        BenchWhat::Soak { minutes, callers, concurrency, rate, slow_clients } => {
+            let this = std::env::current_exe().context("find this executable")?;
+            let options = snapsign_host::bench::soak::SoakOptions { minutes, callers, concurrency, rate, slow_clients };
+            snapsign_host::bench::soak::run(this, options).await
+        }
         BenchWhat::Build { rounds, instantiations } => {
             snapsign_host::bench::build(rounds, instantiations, this_executable_as_builder()?).await
         }

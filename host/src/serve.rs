@@ -7,8 +7,16 @@
 //! first byte, for later requests on a kept-alive connection), a kept-alive
 //! connection with no request in flight is closed after
 //! [`ServeLimits::idle_timeout`], and connections are counted per client IP
-//! and in total. A connection over either count is answered `503` with a JSON
-//! `{code, message}` and closed before any of its bytes are read.
+//! and in total. A connection over the count of its IP is answered `503` with
+//! a JSON `{code, message}` and closed before any of its bytes are read.
+//!
+//! When the table is full, a new connection does not lose to connections
+//! that sent nothing: the one that has waited longest for a request head
+//! (else the longest idle kept-alive one) is closed to make room, as nginx
+//! and HAProxy do under pressure, and only a table of connections that all
+//! have a request in flight refuses the newcomer. While the table is over
+//! three quarters full, request heads get a quarter of
+//! [`ServeLimits::header_read_timeout`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -112,6 +120,24 @@ struct ConnectionCounts {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// Why a connection was not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    /// The server's total.
+    Total,
+    /// The client address's own count.
+    PerIp,
+}
+
+impl Over {
+    fn reason(self) -> &'static str {
+        match self {
+            Over::Total => "the server has as many open connections as it allows, each with a request in flight",
+            Over::PerIp => "this client address has as many open connections as the server allows",
+        }
+    }
+}
+
 /// One counted connection; uncounts itself on drop.
 struct Counted {
     counts: Arc<ConnectionCounts>,
@@ -120,14 +146,16 @@ struct Counted {
 
 impl ConnectionCounts {
     /// Counts a new connection from `ip`, or says which bound it would cross.
-    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ServeLimits) -> Result<Counted, &'static str> {
+    /// `room_made`: a connection was just closed to make room for this one
+    /// (its count drops when its task ends), so the total is not checked.
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ServeLimits, room_made: bool) -> Result<Counted, Over> {
         let mut per_ip = self.per_ip.lock().expect("connection counts lock");
-        if self.total.load(Ordering::SeqCst) >= limits.max_connections {
-            return Err("the server has as many open connections as it allows");
-        }
         let from_ip = per_ip.entry(ip).or_insert(0);
         if *from_ip >= limits.max_connections_per_ip {
-            return Err("this client address has as many open connections as the server allows");
+            return Err(Over::PerIp);
+        }
+        if !room_made && self.total.load(Ordering::SeqCst) >= limits.max_connections {
+            return Err(Over::Total);
         }
         *from_ip += 1;
         self.total.fetch_add(1, Ordering::SeqCst);
@@ -189,6 +217,26 @@ impl Activity {
         self.idle_since_ms.store(self.now_ms(), Ordering::SeqCst);
         self.head_started_ms.store(0, Ordering::SeqCst);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// How long it has waited for a request head, if it is waiting for one
+    /// (not for a response, not idle between requests).
+    fn waiting_for_head(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        match self.head_started_ms.load(Ordering::SeqCst) {
+            0 => None,
+            started => Some(Duration::from_millis(self.now_ms().saturating_sub(started - 1))),
+        }
+    }
+
+    /// How long it has been idle between requests, if it is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 || self.head_started_ms.load(Ordering::SeqCst) != 0 {
+            return None;
+        }
+        Some(Duration::from_millis(self.now_ms().saturating_sub(self.idle_since_ms.load(Ordering::SeqCst))))
     }
 
     /// When the connection must be closed unless a request starts, and why; `None` while one runs.
@@ -373,7 +421,7 @@ where
     let watched = Arc::new(Watched::default());
     // One reaper per server, off the connections' own poll path (a timer polled
     // with every connection wake-up cost a fifth of the throughput).
-    let reaper = tokio::spawn(watched.clone().reap(name, limits));
+    let reaper = tokio::spawn(watched.clone().reap(name, limits, counts.clone()));
     let task = tokio::spawn(async move {
         let counts = task_counts;
         let builder = hyper::server::conn::http1::Builder::new();
@@ -382,12 +430,16 @@ where
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
-                        let counted = match counts.admit(peer.ip(), &limits) {
+                        let admitted = match counts.admit(peer.ip(), &limits, false) {
+                            Err(Over::Total) if watched.shed_one(name) => counts.admit(peer.ip(), &limits, true),
+                            admitted => admitted,
+                        };
+                        let counted = match admitted {
                             Ok(counted) => counted,
-                            Err(reason) => {
-                                tracing::warn!(%peer, "{name} refused a connection: {reason}");
+                            Err(over) => {
+                                tracing::warn!(%peer, "{name} refused a connection: {}", over.reason());
                                 // Best effort: a fresh socket's send buffer takes this without blocking.
-                                let _ = socket.try_write(&refusal(reason));
+                                let _ = socket.try_write(&refusal(over.reason()));
                                 continue;
                             }
                         };
@@ -457,17 +509,49 @@ impl Watched {
         }
     }
 
-    /// Every tick, closes (aborts) each connection past its deadline.
-    async fn reap(self: Arc<Self>, name: &'static str, limits: ServeLimits) {
+    /// Closes the connection that has waited longest for a request head, else
+    /// the one idle longest between requests, to make room for a new one.
+    /// False when every open connection has a request in flight.
+    fn shed_one(&self, name: &'static str) -> bool {
+        let mut open = self.open.lock().expect("watched connections lock");
+        let silent = open
+            .iter()
+            .filter_map(|(id, (activity, _))| Some((*id, activity.waiting_for_head()?)))
+            .max_by_key(|(_, waited)| *waited);
+        let idle = || {
+            open.iter()
+                .filter_map(|(id, (activity, _))| Some((*id, activity.idle_for()?)))
+                .max_by_key(|(_, idle)| *idle)
+        };
+        let (victim, why) = match silent {
+            Some((id, _)) => (id, "it had sent no complete request head"),
+            None => match idle() {
+                Some((id, _)) => (id, "it was idle between requests"),
+                None => return false,
+            },
+        };
+        if let Some((_, task)) = open.remove(&victim) {
+            tracing::debug!("{name}: the connection table is full; closed the oldest connection because {why}");
+            task.abort();
+        }
+        true
+    }
+
+    /// Every tick, closes (aborts) each connection past its deadline. Heads
+    /// get a quarter of their time while the table is over 3/4 full.
+    async fn reap(self: Arc<Self>, name: &'static str, limits: ServeLimits, counts: Arc<ConnectionCounts>) {
         let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 8)
             .clamp(Duration::from_millis(20), Duration::from_millis(500));
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let pressed = ServeLimits { header_read_timeout: limits.header_read_timeout / 4, ..limits };
         loop {
             interval.tick().await;
             let now = Instant::now();
+            let full = counts.total.load(Ordering::SeqCst) * 4 > limits.max_connections * 3;
+            let limits = if full { &pressed } else { &limits };
             let mut open = self.open.lock().expect("watched connections lock");
-            open.retain(|_, (activity, task)| match activity.deadline(&limits) {
+            open.retain(|_, (activity, task)| match activity.deadline(limits) {
                 Some((deadline, why)) if deadline <= now => {
                     tracing::debug!("{name} closed a connection: {why}");
                     task.abort();
@@ -511,6 +595,106 @@ mod tests {
         assert_eq!((bodyless.status().as_u16(), bodyless.headers().get("connection")), (404, None));
         let accepted = send("/ok", Some(vec![b'x'; 16])).await.unwrap();
         assert_eq!((accepted.status().as_u16(), accepted.headers().get("connection")), (200, None));
+        server.shutdown().await;
+    }
+
+    /// Silent connections from several addresses fill the table and
+    /// reconnect as they are closed; a caller with a real request still gets
+    /// in every time, and the table stays near its bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_is_served_through_a_flood_of_silent_connections() {
+        use std::sync::atomic::AtomicBool;
+        use tokio::io::AsyncReadExt;
+        let service = hyper::service::service_fn(|_request: http::Request<Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from("ok"))))
+        });
+        let limits = ServeLimits {
+            header_read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_connections_per_ip: 12,
+            max_connections: 24,
+            ..ServeLimits::default()
+        };
+        let server = spawn_with("test", "127.0.0.1:0".parse().unwrap(), limits, service).await.unwrap();
+        let addr = server.addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicUsize::new(0));
+        let mut flood = Vec::new();
+        // 3 addresses × 10 connections: more than the table holds, under each address's own bound.
+        for from in 2..=4u8 {
+            for _ in 0..10 {
+                let (stop, connected) = (stop.clone(), connected.clone());
+                flood.push(tokio::spawn(async move {
+                    let local = SocketAddr::from(([127, 0, 0, from], 0));
+                    while !stop.load(Ordering::SeqCst) {
+                        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                        socket.bind(local).unwrap();
+                        let Ok(mut stream) = socket.connect(addr).await else { continue };
+                        connected.fetch_add(1, Ordering::SeqCst);
+                        // Sends nothing; reconnects once the server closes it.
+                        let mut sink = Vec::new();
+                        let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut sink)).await;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }));
+            }
+        }
+        // The flood has filled the table.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while connected.load(Ordering::SeqCst) < 30 || server.open_connections() < limits.max_connections {
+            assert!(Instant::now() < deadline, "the flood never filled the table ({} open)", server.open_connections());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A fresh connection per request, as a new caller makes.
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let mut statuses = Vec::new();
+        for _ in 0..20 {
+            let response = client.get(format!("{}/", server.url())).send().await.unwrap();
+            statuses.push(response.status().as_u16());
+            assert!(server.open_connections() <= limits.max_connections + 2, "{} open", server.open_connections());
+        }
+        assert_eq!(statuses, vec![200; 20], "the caller lost to silent connections");
+        stop.store(true, Ordering::SeqCst);
+        for task in flood {
+            task.abort();
+        }
+        server.shutdown().await;
+    }
+
+    /// A full table of connections that each have a request in flight
+    /// refuses a newcomer: there is nothing to shed.
+    #[tokio::test]
+    async fn a_full_table_of_busy_connections_refuses_with_a_503() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let entered = Arc::new(AtomicUsize::new(0));
+        let service_entered = entered.clone();
+        let service = hyper::service::service_fn(move |_request: http::Request<Incoming>| {
+            let mut released = released.clone();
+            service_entered.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+            }
+        });
+        let limits = ServeLimits { max_connections: 2, ..ServeLimits::default() };
+        let server = spawn_with("test", "127.0.0.1:0".parse().unwrap(), limits, service).await.unwrap();
+        let client = reqwest::Client::new();
+        let busy: Vec<_> = (0..2).map(|_| tokio::spawn(client.get(format!("{}/", server.url())).send())).collect();
+        // Both requests in flight, not just connected.
+        while entered.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The refusal is written before the client says anything: read it raw.
+        let mut refused = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut refused, &mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections"), "{answer}");
+        assert!(answer.contains("each with a request in flight"), "{answer}");
+        release.send(true).unwrap();
+        for request in busy {
+            assert_eq!(request.await.unwrap().unwrap().status(), 200);
+        }
         server.shutdown().await;
     }
 }

@@ -46,6 +46,11 @@ impl Guest for Probe {
                 incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes());
                 std::process::abort();
             }
+            // Holds its instance for 3 s before answering, for the concurrency tests.
+            "sleep" => {
+                wasip2::clocks::monotonic_clock::subscribe_duration(3_000_000_000).block();
+                incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes());
+            }
             // Answers as a signer refusing the token.
             "refuse" => incoming::respond(out, 401, &[("content-type", "text/plain")], b"refused"),
             _ => incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes()),

@@ -34,6 +34,9 @@ pub struct BenchOptions {
     pub rounds: usize,
     /// The hosts to measure after the native ceiling (which always runs); empty: all.
     pub only: Vec<BenchHost>,
+    /// Distinct caller tokens (same namespace), sent in turn: 1 is one
+    /// tenant; 1,000 is a dataplane where each caller signs now and then.
+    pub callers: usize,
 }
 
 /// A host `bench hosts` measures against the native ceiling.
@@ -77,12 +80,12 @@ pub struct Figures {
     pub reconnects: usize,
 }
 
-/// Sends get_blob from `concurrency` connections for `duration`; every
-/// answer must be 200.
+/// Sends get_blob from `concurrency` connections for `duration`, each
+/// request with the next of `tokens` in turn; every answer must be 200.
 pub async fn load(
     sign_url: &str,
     host_header: Option<&str>,
-    token: &str,
+    tokens: &[String],
     concurrency: usize,
     duration: Duration,
 ) -> Result<(usize, Vec<Duration>, Duration, usize)> {
@@ -94,9 +97,16 @@ pub async fn load(
     let started = Instant::now();
     let deadline = started + duration;
     let per_worker = MAX_REQUESTS / concurrency.max(1);
+    anyhow::ensure!(!tokens.is_empty(), "no caller token to send");
+    let authorizations: std::sync::Arc<Vec<http::HeaderValue>> = std::sync::Arc::new(
+        tokens.iter().map(|t| http::HeaderValue::from_str(&format!("Bearer {t}"))).collect::<Result<_, _>>()?,
+    );
     let mut workers = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let (uri, authority, host, token) = (uri.clone(), authority.clone(), host.clone(), token.to_owned());
+    for worker in 0..concurrency.max(1) {
+        let (uri, authority, host, authorizations) =
+            (uri.clone(), authority.clone(), host.clone(), authorizations.clone());
+        // Workers start at different callers, so they rarely send the same one at once.
+        let mut next = worker * authorizations.len() / concurrency.max(1);
         workers.push(tokio::spawn(async move {
             let connect = || async {
                 let stream =
@@ -114,9 +124,10 @@ pub async fn load(
             while Instant::now() < deadline && latencies.len() < per_worker {
                 let request = http::Request::post(uri.clone())
                     .header("host", &host)
-                    .header("authorization", format!("Bearer {token}"))
+                    .header("authorization", authorizations[next % authorizations.len()].clone())
                     .header("content-type", "application/json")
                     .body(Full::new(Bytes::from_static(GET_BLOB.as_bytes())))?;
+                next += 1;
                 let sent = Instant::now();
                 let response = match sender.ready().await {
                     Ok(()) => sender.send_request(request).await,
@@ -168,14 +179,14 @@ async fn measure(
     host: &str,
     sign_url: &str,
     host_header: Option<&str>,
-    token: &str,
+    tokens: &[String],
     options: &BenchOptions,
 ) -> Result<Run> {
-    load(sign_url, host_header, token, options.concurrency, Duration::from_secs_f64(options.warmup_seconds))
+    load(sign_url, host_header, tokens, options.concurrency, Duration::from_secs_f64(options.warmup_seconds))
         .await
         .with_context(|| format!("warm up {host}"))?;
     let (requests, latencies, elapsed, reconnects) =
-        load(sign_url, host_header, token, options.concurrency, Duration::from_secs_f64(options.seconds))
+        load(sign_url, host_header, tokens, options.concurrency, Duration::from_secs_f64(options.seconds))
             .await
             .with_context(|| format!("load {host}"))?;
     if requests == 0 {
@@ -233,10 +244,18 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
     let wasm = super::signer_wasm(tools.dir())?;
     let store = crate::bench::store(work).await?;
     let env = env(&store.url());
-    let token = snapsign::token::mint(TOKEN_KEY.as_bytes(), "ns", jiff::Timestamp::now().as_second() + 3600)?;
+    // Distinct tokens of one namespace: each expiry second is another caller.
+    let expiry = jiff::Timestamp::now().as_second() + 3600;
+    let tokens = (0..options.callers.max(1) as i64)
+        .map(|i| snapsign::token::mint(TOKEN_KEY.as_bytes(), "ns", expiry + i))
+        .collect::<Result<Vec<_>, _>>()?;
     eprintln!(
-        "snapsign bench hosts: {} round(s) of {} s per host after {} s warm-up, {} connections",
-        options.rounds, options.seconds, options.warmup_seconds, options.concurrency
+        "snapsign bench hosts: {} round(s) of {} s per host after {} s warm-up, {} connections, {} caller(s)",
+        options.rounds,
+        options.seconds,
+        options.warmup_seconds,
+        options.concurrency,
+        tokens.len()
     );
     let result = async {
         let mut hosts = start_hosts(options, &env, work).await?;
@@ -247,11 +266,11 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
             }
             for (i, running) in hosts.iter_mut().enumerate() {
                 let run = match &running.server {
-                    Serving::Here { sign_url, .. } => measure(running.host, sign_url, None, &token, options).await?,
+                    Serving::Here { sign_url, .. } => measure(running.host, sign_url, None, &tokens, options).await?,
                     Serving::Launched(which) => {
                         let served = launch_host(*which, &tools, &wasm, &env, work).await?;
                         running.first_answer.get_or_insert(served.first_answer);
-                        measure(running.host, &served.sign_url(), served.host_header.as_deref(), &token, options)
+                        measure(running.host, &served.sign_url(), served.host_header.as_deref(), &tokens, options)
                             .await
                             .with_context(|| format!("{}'s last output:\n{}", running.host, served.process.tail(20)))?
                     }
@@ -422,6 +441,7 @@ mod tests {
             tools_dir: std::env::temp_dir().join("snapsign-bench-hosts-test-unused"),
             rounds,
             only,
+            callers: 1,
         }
     }
 
@@ -443,7 +463,10 @@ mod tests {
             }
         });
         let short = BenchOptions { seconds: 1e-9, ..options(1, vec![]) };
-        let e = measure("silent host", &url, None, "t", &short).await.err().expect("no answer must be an error");
+        let e = measure("silent host", &url, None, &["t".to_owned()], &short)
+            .await
+            .err()
+            .expect("no answer must be an error");
         assert!(
             e.to_string().contains("silent host answered no get_blob") && e.to_string().contains("--seconds"),
             "{e}"

@@ -84,12 +84,18 @@ pub struct BenchHosts {
     /// Measure only these hosts (comma-separated) after the native ceiling, which always runs [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<super::bench::BenchHost>,
+    /// Distinct caller tokens, sent in turn (1: one tenant; 1000: many tenants, each signing now and then).
+    #[arg(long, default_value_t = 1)]
+    callers: usize,
 }
 
 /// Runs `snapsign bench hosts`.
 pub async fn bench_hosts(args: BenchHosts) -> Result<()> {
     if args.seconds <= 0.0 || args.seconds > 600.0 || args.concurrency == 0 || args.concurrency > 1024 {
         bail!("--seconds must be in (0, 600] and --concurrency in 1..=1024");
+    }
+    if args.callers == 0 || args.callers > 100_000 {
+        bail!("--callers must be in 1..=100000 (got {})", args.callers);
     }
     let options = super::bench::BenchOptions {
         seconds: args.seconds,
@@ -98,6 +104,7 @@ pub async fn bench_hosts(args: BenchHosts) -> Result<()> {
         tools_dir: args.tools_dir.unwrap_or_else(Tools::default_dir),
         rounds: args.rounds,
         only: args.only,
+        callers: args.callers,
     };
     super::bench::run(&options).await.map(|_| ())
 }

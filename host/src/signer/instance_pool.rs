@@ -12,15 +12,21 @@
 //!
 //! An instance is dropped, never reused, after a trap, a timeout or any
 //! error, after `max_uses` requests, and after `idle_ttl` unused. Idle
-//! instances give way (oldest first) when a fresh one needs their pool slot.
+//! instances are a cache: they give way, least recently used first, when a
+//! fresh one needs their pool slot.
+//!
+//! Every store this pool drops is dropped **while its lock is held**:
+//! dropping a store is what returns its slot to wasmtime's pooling
+//! allocator, and a request that sees the idle list shorter must find those
+//! slots free when it instantiates. (Dropping outside the lock let another
+//! request instantiate while the evicted stores still held their slots, and
+//! it was refused "maximum concurrent limit … for component instances".)
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::Store;
-use wasmtime_wasi_http::p2::bindings::Proxy;
 
 /// Who sent a request, for reuse only: the SHA-256 of its bearer token.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -39,9 +45,9 @@ impl Caller {
 }
 
 /// An instance that served a request and may serve its caller again.
-struct Warm<T: 'static> {
-    store: Store<T>,
-    proxy: Proxy,
+/// `I` is the instance: its wasmtime store and exports in serve-signer.
+struct Warm<I> {
+    instance: I,
     /// Requests it has served.
     uses: u32,
     caller: Caller,
@@ -49,13 +55,13 @@ struct Warm<T: 'static> {
 }
 
 /// Idle instances, each tied to the caller it served.
-pub(crate) struct InstancePool<T: 'static> {
-    idle: Mutex<VecDeque<Warm<T>>>,
+pub(crate) struct InstancePool<I> {
+    idle: Mutex<VecDeque<Warm<I>>>,
     max_uses: u32,
     idle_ttl: Duration,
 }
 
-impl<T: 'static> InstancePool<T> {
+impl<I> InstancePool<I> {
     /// `max_uses` of 1 turns reuse off.
     pub(crate) fn new(max_uses: u32, idle_ttl: Duration) -> Self {
         InstancePool { idle: Mutex::new(VecDeque::new()), max_uses: max_uses.max(1), idle_ttl }
@@ -77,50 +83,49 @@ impl<T: 'static> InstancePool<T> {
 
     /// Drops the idle instances that waited longer than the idle TTL.
     pub(crate) fn drop_expired(&self) {
-        let expired = self.drain_expired(&mut self.lock());
-        drop(expired);
+        let mut idle = self.lock();
+        let expired = self.drain_expired(&mut idle);
+        drop(expired); // Under the lock: see the module documentation.
+        drop(idle);
     }
 
     /// The most recently used idle instance of `caller`, if any, with the
     /// number of requests it has served.
-    pub(crate) fn take(&self, caller: Caller) -> Option<(Store<T>, Proxy, u32)> {
-        let (found, expired) = {
-            let mut idle = self.lock();
-            let expired = self.drain_expired(&mut idle);
-            let found = idle.iter().rposition(|w| w.caller == caller).and_then(|i| idle.remove(i));
-            (found, expired)
-        };
-        drop(expired); // Stores are dropped outside the lock: that returns their memory.
-        found.map(|w| (w.store, w.proxy, w.uses))
+    pub(crate) fn take(&self, caller: Caller) -> Option<(I, u32)> {
+        let mut idle = self.lock();
+        let expired = self.drain_expired(&mut idle);
+        drop(expired); // Under the lock: see the module documentation.
+        let found = idle.iter().rposition(|w| w.caller == caller).and_then(|i| idle.remove(i));
+        drop(idle);
+        found.map(|w| (w.instance, w.uses))
     }
 
-    /// Keeps `store` for `caller`'s next request, unless it has served enough.
-    pub(crate) fn give_back(&self, caller: Caller, store: Store<T>, proxy: Proxy, uses: u32) {
+    /// Keeps `instance` for `caller`'s next request, unless it has served enough.
+    pub(crate) fn give_back(&self, caller: Caller, instance: I, uses: u32) {
         if uses >= self.max_uses {
             return;
         }
-        let warm = Warm { store, proxy, uses, caller, idle_since: Instant::now() };
+        let warm = Warm { instance, uses, caller, idle_since: Instant::now() };
         self.lock().push_back(warm);
     }
 
-    /// Drops idle instances, oldest first, until at most `keep` remain.
+    /// Drops idle instances, least recently used first, until at most `keep`
+    /// remain; their pool slots are free when this returns.
     pub(crate) fn shrink_to(&self, keep: usize) {
-        let dropped: Vec<Warm<T>> = {
-            let mut idle = self.lock();
-            let mut dropped = self.drain_expired(&mut idle);
-            while idle.len() > keep {
-                dropped.extend(idle.pop_front());
-            }
-            dropped
-        };
-        drop(dropped);
+        let mut idle = self.lock();
+        let mut dropped = self.drain_expired(&mut idle);
+        while idle.len() > keep {
+            dropped.extend(idle.pop_front());
+        }
+        drop(dropped); // Under the lock: see the module documentation.
+        drop(idle);
     }
 
     pub(crate) fn idle_count(&self) -> usize {
         self.lock().len()
     }
 
-    fn drain_expired(&self, idle: &mut VecDeque<Warm<T>>) -> Vec<Warm<T>> {
+    fn drain_expired(&self, idle: &mut VecDeque<Warm<I>>) -> Vec<Warm<I>> {
         let mut expired = Vec::new();
         while idle.front().is_some_and(|w| w.idle_since.elapsed() >= self.idle_ttl) {
             expired.extend(idle.pop_front());
@@ -128,7 +133,73 @@ impl<T: 'static> InstancePool<T> {
         expired
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Warm<T>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Warm<I>>> {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// An instance whose drop takes a while and says when it began and ended.
+    struct Slow {
+        dropping: Arc<AtomicBool>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Drop for Slow {
+        fn drop(&mut self) {
+            self.dropping.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn caller(token: &str) -> Caller {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        Caller::of(&headers).unwrap()
+    }
+
+    /// Whoever sees the idle list shorter must find the evicted instance
+    /// gone, its pool slot free: never a count that runs ahead of the drops.
+    #[test]
+    fn an_eviction_is_over_before_anyone_sees_the_shorter_list() {
+        let pool = Arc::new(InstancePool::new(10, Duration::from_secs(60)));
+        let (dropping, dropped) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        pool.give_back(caller("A"), Slow { dropping: dropping.clone(), dropped: dropped.clone() }, 1);
+        let evicting = std::thread::spawn({
+            let pool = pool.clone();
+            move || pool.shrink_to(0)
+        });
+        while !dropping.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        assert_eq!(pool.idle_count(), 0);
+        assert!(dropped.load(Ordering::SeqCst), "the idle list looked empty while the instance still held its slot");
+        evicting.join().unwrap();
+    }
+
+    #[test]
+    fn the_least_recently_used_goes_first_and_a_caller_gets_only_its_own() {
+        let pool = InstancePool::new(10, Duration::from_secs(60));
+        pool.give_back(caller("A"), "a", 1);
+        pool.give_back(caller("B"), "b", 1);
+        pool.give_back(caller("C"), "c", 1);
+        // A is used again: now B is the least recently used.
+        let (a, uses) = pool.take(caller("A")).unwrap();
+        assert_eq!((a, uses), ("a", 1));
+        pool.give_back(caller("A"), a, 2);
+        pool.shrink_to(2);
+        assert!(pool.take(caller("B")).is_none(), "B was the least recently used");
+        assert_eq!(pool.take(caller("C")).map(|(i, _)| i), Some("c"));
+        assert!(pool.take(caller("D")).is_none(), "nobody else's instance");
+        // Served enough: not kept.
+        pool.give_back(caller("A"), "a", 10);
+        assert_eq!(pool.take(caller("A")), Some(("a", 2)));
+        assert!(pool.take(caller("A")).is_none());
     }
 }

@@ -58,6 +58,10 @@ pub const DEFAULT_MAX_INSTANCE_REUSE: u32 = 1000;
 /// How long an idle instance waits for its caller's next request.
 const IDLE_INSTANCE_TTL: Duration = Duration::from_secs(30);
 
+/// How long a request waits for an instance slot while `--max-concurrency`
+/// requests run, before it is refused `503 signer_busy` (at most the request timeout).
+const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
 /// Settings of `serve-signer`.
 #[derive(Clone)]
 pub struct SignerServerConfig {
@@ -129,13 +133,15 @@ pub struct SignerHost {
     max_memory_bytes: usize,
     request_timeout: Duration,
     body_read_timeout: Duration,
+    /// How long a request waits for a slot when every slot is taken.
+    queue_wait: Duration,
     /// One permit per instance the pool holds: a request waits for a permit
     /// instead of failing instantiation when every instance is busy.
     slots: Arc<Semaphore>,
     max_concurrency: u32,
     ids: RequestIds,
     /// Idle instances, each kept for the one caller it served.
-    pool: InstancePool<Guest>,
+    pool: InstancePool<(Store<Guest>, Proxy)>,
     /// How the component was loaded (compiled or from cache).
     pub loaded: Loaded,
 }
@@ -171,6 +177,7 @@ impl SignerHost {
             max_memory_bytes: config.limits.max_memory_bytes,
             request_timeout: config.request_timeout,
             body_read_timeout: serve.body_read_timeout,
+            queue_wait: QUEUE_WAIT.min(config.request_timeout),
             slots: Arc::new(Semaphore::new(config.limits.max_concurrency as usize)),
             max_concurrency: config.limits.max_concurrency,
             ids: RequestIds::new(),
@@ -218,7 +225,11 @@ impl SignerHost {
                 // One line (newlines escaped): the detail may be a trap with its wasm backtrace.
                 let detail = format!("{:#}", failure.detail);
                 tracing::warn!(request_id = %id, %method, %path, code = failure.code, detail = ?detail, "signer request failed");
-                json_error(failure.status, failure.code, &failure.message, &id)
+                let mut response = json_error(failure.status, failure.code, &failure.message, &id);
+                if failure.status == 503 {
+                    response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                }
+                response
             }
         };
         if let Ok(value) = http::HeaderValue::from_str(&id) {
@@ -234,6 +245,7 @@ impl SignerHost {
         id: &str,
     ) -> Result<http::Response<HyperOutgoingBody>, Failure> {
         let (mut parts, body) = request.into_parts();
+        check_host(&parts)?;
         let body = read_body(&parts.headers, body, self.body_read_timeout).await?;
         // The caller's own id, if any, is replaced: the log is keyed by ours.
         parts.headers.insert(REQUEST_ID_HEADER, http::HeaderValue::from_str(id).map_err(Failure::internal)?);
@@ -242,10 +254,12 @@ impl SignerHost {
 
         // One deadline for waiting for an instance and running it.
         let deadline = Instant::now() + self.request_timeout;
-        // A free slot is taken at once; only a wait for one arms a timer.
+        // A free slot is taken at once; only a wait for one arms a timer. A
+        // request is refused only when every slot stayed taken, that is when
+        // `--max-concurrency` requests were running, for the whole queue wait.
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
-            Err(_) => match tokio::time::timeout_at(deadline.into(), self.slots.clone().acquire_owned()).await {
+            Err(_) => match tokio::time::timeout(self.queue_wait, self.slots.clone().acquire_owned()).await {
                 Ok(Ok(slot)) => slot,
                 Ok(Err(closed)) => return Err(Failure::internal(closed)),
                 Err(_) => {
@@ -253,10 +267,10 @@ impl SignerHost {
                         503,
                         "signer_busy",
                         format!(
-                            "all {} signer instances stayed busy for {:?}; retry shortly",
-                            self.max_concurrency, self.request_timeout
+                            "all {} signer instances (--max-concurrency) stayed busy for {:?}; retry shortly",
+                            self.max_concurrency, self.queue_wait
                         ),
-                        anyhow::anyhow!("no instance slot within {:?}", self.request_timeout),
+                        anyhow::anyhow!("no instance slot within {:?}", self.queue_wait),
                     ));
                 }
             },
@@ -273,7 +287,7 @@ impl SignerHost {
     ) -> Result<http::Response<HyperOutgoingBody>, Failure> {
         let caller = if self.pool.reuses() { Caller::of(request.headers()) } else { None };
         let (mut store, warm, uses) = match caller.and_then(|caller| self.pool.take(caller)) {
-            Some((store, proxy, uses)) => (store, Some(proxy), uses),
+            Some(((store, proxy), uses)) => (store, Some(proxy), uses),
             None => {
                 // Idle instances hold pool slots: they give way to this fresh one.
                 let running = self.max_concurrency as usize - self.slots.available_permits();
@@ -306,7 +320,7 @@ impl SignerHost {
                 // answer, or a refused token (401/403: no proven caller) it is dropped.
                 match (caller, proxy) {
                     (Some(caller), Some(proxy)) if !matches!(response.status().as_u16(), 401 | 403) => {
-                        self.pool.give_back(caller, store, proxy, uses + 1)
+                        self.pool.give_back(caller, (store, proxy), uses + 1)
                     }
                     _ => drop(store),
                 }
@@ -477,6 +491,34 @@ type BufferedBody = http_body_util::combinators::MapErr<Full<Bytes>, fn(std::con
 
 fn unreachable_error(never: std::convert::Infallible) -> hyper::Error {
     match never {}
+}
+
+/// A wasi:http guest is handed the request's authority: an absolute URI's,
+/// else the `Host` header's. HTTP/1.0 clients may send neither, and a `Host`
+/// may hold bytes that are no text; both are the caller's error, said as such.
+fn check_host(parts: &http::request::Parts) -> Result<(), Failure> {
+    if parts.uri.authority().is_some() {
+        return Ok(());
+    }
+    match parts.headers.get(http::header::HOST).map(|host| host.to_str()) {
+        Some(Ok(host)) if !host.trim().is_empty() => Ok(()),
+        Some(_) => Err(Failure::new(
+            400,
+            "bad_host",
+            "the Host header is empty or not ASCII text; send the signer's address, e.g. Host: 127.0.0.1:8080".into(),
+            anyhow::anyhow!("Host header empty or not text: {:?}", parts.headers.get(http::header::HOST)),
+        )),
+        None => Err(Failure::new(
+            400,
+            "missing_host",
+            format!(
+                "the request ({:?}) has no Host header and no absolute URI, so the signer cannot tell which \
+                 address it was sent to; send Host: <the signer's address> (HTTP/1.1 requires it)",
+                parts.version
+            ),
+            anyhow::anyhow!("no authority: {:?} {} without Host", parts.version, parts.uri),
+        )),
+    }
 }
 
 /// Reads the whole body, at most [`MAX_BODY_BYTES`], within `deadline`.
@@ -654,7 +696,7 @@ mod tests {
         }
 
         async fn start_with_ttl(max_instance_reuse: u32, max_concurrency: u32, idle_ttl: Duration) -> Probe {
-            Probe::start_full(max_instance_reuse, max_concurrency, idle_ttl, 16 << 20).await
+            Probe::start_full(max_instance_reuse, max_concurrency, idle_ttl, 16 << 20, QUEUE_WAIT).await
         }
 
         async fn start_full(
@@ -662,6 +704,7 @@ mod tests {
             max_concurrency: u32,
             idle_ttl: Duration,
             max_memory_bytes: usize,
+            queue_wait: Duration,
         ) -> Probe {
             let cache = tempfile::tempdir().unwrap();
             let config = SignerServerConfig {
@@ -676,6 +719,7 @@ mod tests {
             let limits = ServeLimits::default();
             let mut host = SignerHost::with_component(&config, &limits, "reuse-probe", REUSE_PROBE_WASM).unwrap();
             host.pool.set_idle_ttl(idle_ttl);
+            host.queue_wait = queue_wait;
             let (server, host) = serve_host(Arc::new(host), config.listen, limits).await.unwrap();
             Probe { server, host, client: reqwest::Client::new(), _cache: cache }
         }
@@ -745,7 +789,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_reader_holds_a_connection_not_an_instance() {
         // One instance slot; a 40 MB answer is more than loopback sockets buffer.
-        let probe = Probe::start_full(DEFAULT_MAX_INSTANCE_REUSE, 1, IDLE_INSTANCE_TTL, 64 << 20).await;
+        let probe = Probe::start_full(DEFAULT_MAX_INSTANCE_REUSE, 1, IDLE_INSTANCE_TTL, 64 << 20, QUEUE_WAIT).await;
         let held = probe
             .client
             .post(format!("{}/probe", probe.server.url()))
@@ -823,6 +867,147 @@ mod tests {
         }
         assert_eq!(probe.host.idle_instances(), 2, "at most the pool's size stays idle");
         assert_eq!(probe.seen(Some("Bearer D"), "y").await, "Bearer D|x", "the newest stay");
+        probe.server.shutdown().await;
+    }
+
+    /// More callers than the pool has instances, fewer requests at once than
+    /// `--max-concurrency`: every request is served, and by an instance that
+    /// served no other caller. (Evicted idle instances once held their pool
+    /// slots a moment too long, and a request was refused.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_callers_below_the_limit_are_never_refused() {
+        let probe = Arc::new(Probe::start(DEFAULT_MAX_INSTANCE_REUSE, 8).await);
+        let mut clients = Vec::new();
+        for client in 0..7u32 {
+            let probe = probe.clone();
+            clients.push(tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for i in 0..300u32 {
+                    // 150 callers in all, each coming back now and then.
+                    let caller = format!("Bearer c{}", (i * 7 + client * 50) % 150);
+                    let body = format!("{client}-{i}");
+                    let response = probe
+                        .client
+                        .post(format!("{}/probe", probe.server.url()))
+                        .header("authorization", &caller)
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = response.status().as_u16();
+                    let text = response.text().await.unwrap();
+                    let own = text.is_empty() || text.starts_with(&format!("{caller}|"));
+                    if status != 200 || !own {
+                        failures.push(format!("{caller}: {status} {text}"));
+                    }
+                }
+                failures
+            }));
+        }
+        let mut failures = Vec::new();
+        for client in clients {
+            failures.extend(client.await.unwrap());
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of 2100 requests failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        assert!(probe.host.idle_instances() <= 8, "the idle cache stays within the pool");
+    }
+
+    /// Below the limit a request is served while others run; with
+    /// `--max-concurrency` requests running it is refused, saying so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_is_refused_only_when_every_slot_runs() {
+        let probe = Arc::new(
+            Probe::start_full(DEFAULT_MAX_INSTANCE_REUSE, 2, IDLE_INSTANCE_TTL, 16 << 20, Duration::from_millis(300))
+                .await,
+        );
+        let sleep = |caller: &'static str| {
+            let probe = probe.clone();
+            tokio::spawn(async move {
+                let response = probe
+                    .client
+                    .post(format!("{}/probe", probe.server.url()))
+                    .header("authorization", caller)
+                    .body("sleep")
+                    .send()
+                    .await
+                    .unwrap();
+                response.status().as_u16()
+            })
+        };
+        let wait_busy = |n: usize| {
+            let probe = probe.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while probe.host.busy_slots() < n {
+                    assert!(Instant::now() < deadline, "{n} requests never ran at once");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let first = sleep("Bearer A");
+        wait_busy(1).await;
+        // One of two slots runs: a third caller is served at once.
+        let response =
+            probe.client.post(format!("{}/probe", probe.server.url())).header("authorization", "Bearer C").body("c");
+        let response = response.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(!first.is_finished(), "the sleeper still held its slot while C was served");
+        let second = sleep("Bearer B");
+        wait_busy(2).await;
+        // Both slots run: the next request is refused after the queue wait.
+        let refused = probe
+            .client
+            .post(format!("{}/probe", probe.server.url()))
+            .header("authorization", "Bearer D")
+            .body("d")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 503);
+        assert_eq!(refused.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
+        let text = refused.text().await.unwrap();
+        assert!(text.contains("signer_busy") && text.contains("all 2 signer instances"), "{text}");
+        assert_eq!((first.await.unwrap(), second.await.unwrap()), (200, 200));
+        // Slots free again: served.
+        assert_eq!(probe.send(Some("Bearer D"), "d").await.0, 200);
+    }
+
+    /// HTTP/1.0 lets a client leave out Host; the guest needs an authority.
+    /// That is the caller's error (400 naming it), never the host's (500).
+    #[tokio::test]
+    async fn a_request_without_a_host_is_a_400_that_says_so() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let probe = Probe::start(DEFAULT_MAX_INSTANCE_REUSE, 2).await;
+        let cases: [(&[u8], &str); 3] = [
+            (b"POST /probe HTTP/1.0\r\nContent-Length: 1\r\n\r\nx", "missing_host"),
+            (b"POST /probe HTTP/1.1\r\nHost: \xff\xfe\r\nContent-Length: 1\r\n\r\nx", "bad_host"),
+            (b"POST /probe HTTP/1.1\r\nHost:\r\nContent-Length: 1\r\n\r\nx", "bad_host"),
+        ];
+        for (raw, code) in cases {
+            let mut socket = tokio::net::TcpStream::connect(probe.server.addr()).await.unwrap();
+            socket.write_all(raw).await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await.unwrap().unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            let status = answer.split(' ').nth(1).unwrap_or_default();
+            assert_eq!(status, "400", "{}: {answer}", String::from_utf8_lossy(raw));
+            assert!(answer.contains(code) && answer.contains("Host"), "{answer}");
+        }
+        // With a Host, the same request is served.
+        let mut socket = tokio::net::TcpStream::connect(probe.server.addr()).await.unwrap();
+        socket.write_all(b"POST /probe HTTP/1.0\r\nHost: signer\r\nContent-Length: 1\r\n\r\nx").await.unwrap();
+        let mut answer = Vec::new();
+        socket.read_to_end(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.0 200") || answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
         probe.server.shutdown().await;
     }
 
