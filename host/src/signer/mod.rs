@@ -63,7 +63,7 @@ const IDLE_INSTANCE_TTL: Duration = Duration::from_secs(30);
 pub struct SignerServerConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// The guest's environment (`SNAPSIGN_*`, see the README).
+    /// The guest's environment (`SNAPSIGN_*`, see docs/signer.md).
     pub env: Vec<(String, String)>,
     /// Pool size and per-instance memory.
     pub limits: EngineLimits,
