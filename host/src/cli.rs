@@ -24,7 +24,7 @@ pub enum Command {
     /// Serve the signer component (POST /api/v1/blob/sign) over HTTP.
     ///
     /// The guest's configuration is every SNAPSIGN_* variable of this
-    /// process's environment, overridden by --env (see the README).
+    /// process's environment, overridden by --env (see docs/signer.md).
     ServeSigner(ServeSignerArgs),
     /// Build a sandbox image: prepare, builder sandbox, dataplane signing, build, complete.
     ///
@@ -198,7 +198,7 @@ pub struct DevArgs {
     /// How long a new sandbox stays pending (answering 502 PROXY_ERROR), milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub pending_ms: u64,
-    /// Fault switches as JSON, e.g. '{"sign_fail":true}' (see the README).
+    /// Fault switches as JSON, e.g. '{"sign_fail":true}' (see docs/dev-stack.md).
     #[arg(long)]
     pub faults: Option<String>,
     /// Run sandbox processes unconfined when this process is not root (no confinement, no limits at all).

@@ -48,7 +48,7 @@ pub fn engine(limits: EngineLimits) -> Result<Engine> {
     let mut config = Config::new();
     config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     // `SNAPSIGN_PROFILE=perfmap` writes /tmp/perf-<pid>.map, so `perf report`
-    // names guest functions (README, "Profiling").
+    // names guest functions (docs/figures.md, "Profiling").
     if std::env::var_os("SNAPSIGN_PROFILE").is_some_and(|v| v == "perfmap") {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }

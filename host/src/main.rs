@@ -12,7 +12,7 @@ use crate::cli::{Cli, Command};
 
 /// Servers allocate per request (hyper, wasmtime's lowering, answers):
 /// mimalloc serves those small, short-lived blocks faster than glibc's
-/// malloc (README, "Figures").
+/// malloc (docs/figures.md, "Where the time goes").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -1,5 +1,5 @@
 //! The signer's configuration, read from its environment (one variable per
-//! setting, all documented in the README).
+//! setting, all documented in docs/signer.md, "Configuration").
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -49,7 +49,7 @@ pub const DOCKER_REGISTRY: Tool = Tool {
 };
 
 impl Tool {
-    /// `package==version` or the npm spec, for messages and the README.
+    /// `package==version` or the npm spec, for messages and docs/hosts.md.
     pub fn pinned(&self) -> String {
         match self.source {
             Source::Wheel { package, version } => format!("PyPI {package}=={version}"),

@@ -67,7 +67,7 @@ const QUEUE_WAIT: Duration = Duration::from_secs(1);
 pub struct SignerServerConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// The guest's environment (`SNAPSIGN_*`, see the README).
+    /// The guest's environment (`SNAPSIGN_*`, see docs/signer.md).
     pub env: Vec<(String, String)>,
     /// Pool size and per-instance memory.
     pub limits: EngineLimits,

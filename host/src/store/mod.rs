@@ -1,5 +1,5 @@
 //! The embedded S3-compatible store: s3s over s3s-fs, with the rules S3
-//! applies that they lack added as layers (see the README's "Store rules").
+//! applies that they lack added as layers (see docs/dev-stack.md, "Store rules").
 
 mod config;
 mod keys;
