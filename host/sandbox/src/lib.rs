@@ -49,10 +49,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
 
-pub use confinement::Confinement;
+pub use confinement::{Confinement, UsernsProbe, UsernsSettings, probe_user_namespaces, refusal};
 pub use files::{AREAS, BUILDER_PATH};
 pub use identity::{FIRST_HOST_UID, SANDBOX_UID, UIDS_PER_SANDBOX};
-pub use limits::{Cgroups, DEFAULT_PIDS, Limits, Resources};
+pub use limits::{Cgroups, DEFAULT_PIDS, Enforcement, Limits, Resources};
 pub use network::{Network, NetworkPolicy, loopback_port};
 pub use process::{DEFAULT_PATH, MAX_LINE_BYTES, MAX_OUTPUT_BYTES, OutputEvent, ProcessInfo, ProcessSpec};
 pub use sandbox::{CreateRequest, Sandbox, SandboxSpec};
@@ -118,20 +118,34 @@ impl Sandboxes {
                 std::fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
             }
         }
-        let cgroups = match config.confinement {
+        let (cgroups, uid_locks, rootless) = match config.confinement {
             Confinement::Namespaces => {
                 namespaces::check_privileges()?;
-                Cgroups::detect()
+                (Cgroups::detect(), identity::lock_dir()?, None)
             }
-            Confinement::Unconfined => Cgroups::None,
+            // SAFETY: geteuid and getegid cannot fail.
+            Confinement::Rootless => {
+                (Cgroups::detect_delegated(), PathBuf::new(), Some(unsafe { (libc::geteuid(), libc::getegid()) }))
+            }
+            Confinement::Unconfined => (Cgroups::None, PathBuf::new(), None),
         };
+        // Chosen once, said once: which mechanism holds each limit of every sandbox made here.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(
+                "local sandboxes: {}; limits held by {}",
+                config.confinement.describe(),
+                limits::mechanisms(&config.confinement, &cgroups)
+            )
+        });
         tracing::debug!(confinement = ?config.confinement, limits = %cgroups.describe(), root_dir = %root_dir.display(), "local sandboxes ready");
         let host = Host {
             confinement: config.confinement,
             layout: namespaces::host_layout(),
             builder: config.builder_binary,
             cgroups,
-            uid_locks: identity::lock_dir()?,
+            uid_locks,
+            rootless,
         };
         Ok(Sandboxes {
             inner: Arc::new(Inner {
