@@ -346,6 +346,8 @@ impl Enforcement {
             if !asked {
                 return "not asked".into();
             }
+            // The timeout is this process's own timer: it holds in every mode.
+            let unconfined = unconfined && name != "timeout";
             if unconfined || how.starts_with("not held") {
                 not_held.push(name.to_owned());
                 if unconfined {
@@ -446,7 +448,8 @@ impl SandboxGroups {
             (limits.cpus.is_some(), "cpu", "no CPU limit"),
             (true, "pids", "RLIMIT_NPROC only"),
         ] {
-            if asked && !cgroups.has(controller) {
+            // Without any cgroup the start said so once (Sandboxes::describe); a missing one is worth a warning.
+            if asked && !cgroups.has(controller) && *cgroups != Cgroups::None {
                 tracing::warn!(
                     sandbox_group = name,
                     "no {controller} controller here ({}): {fallback}",
@@ -589,6 +592,55 @@ mod tests {
             let err = Limits::from_request(&bad).unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn a_delegated_v2_group_holding_processes_hands_them_to_a_leaf_then_enables_controllers() {
+        // A stand-in for a delegated group (plain files behave as the kernel's do here).
+        let fs = tempfile::tempdir().unwrap();
+        let group = fs.path().join("user.slice/user-1000.slice/app.scope");
+        std::fs::create_dir_all(&group).unwrap();
+        std::fs::write(group.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        std::fs::write(group.join("cgroup.subtree_control"), "").unwrap();
+        std::fs::write(group.join("cgroup.procs"), "4242\n").unwrap();
+        let mountinfo = format!("35 24 0:30 / {} rw - cgroup2 cgroup2 rw", fs.path().display());
+        let own = "0::/user.slice/user-1000.slice/app.scope\n";
+        let found = detect_v2_delegated(&mountinfo, own).unwrap().unwrap();
+        let parent = group.join("snapsign-sandboxes");
+        assert_eq!(
+            found,
+            Cgroups::V2 { parent: parent.clone(), controllers: vec!["memory".into(), "pids".into(), "cpu".into()] }
+        );
+        assert_eq!(std::fs::read_to_string(group.join("snapsign-host/cgroup.procs")).unwrap(), "4242");
+        assert_eq!(std::fs::read_to_string(group.join("cgroup.subtree_control")).unwrap(), "+memory +pids +cpu");
+        assert_eq!(std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap(), "+memory +pids +cpu");
+        // No cgroup2 mounted: no delegated group.
+        assert_eq!(detect_v2_delegated("", own).unwrap(), None);
+    }
+
+    #[test]
+    fn each_limit_names_what_holds_it_and_what_none_holds_is_listed() {
+        use crate::Confinement;
+        let asked = Limits { cpus: Some(1.0), memory_mb: Some(64), disk_mb: Some(8), pids: 40 };
+        let timeout = Some(std::time::Duration::from_secs(5));
+        let rlimits = Enforcement::new(&Confinement::Rootless, &Cgroups::None, &asked, timeout);
+        assert!(rlimits.memory.starts_with("RLIMIT_AS"), "{rlimits:?}");
+        assert!(rlimits.pids.starts_with("RLIMIT_NPROC (40 "), "{rlimits:?}");
+        assert!(rlimits.cpu.starts_with("not held"), "{rlimits:?}");
+        assert!(rlimits.disk.contains("tmpfs") && rlimits.timeout.contains("deleted"), "{rlimits:?}");
+        assert_eq!(rlimits.not_held, ["cpu"]);
+        let v2 = Cgroups::V2 { parent: "/x".into(), controllers: vec!["memory".into(), "pids".into(), "cpu".into()] };
+        let cgroups = Enforcement::new(&Confinement::Rootless, &v2, &asked, None);
+        assert!(
+            cgroups.memory.starts_with("cgroup v2 memory") && cgroups.cpu.starts_with("cgroup v2 cpu"),
+            "{cgroups:?}"
+        );
+        assert_eq!((cgroups.not_held.len(), cgroups.timeout.as_str()), (0, "not asked"));
+        let bare = Enforcement::new(&Confinement::Rootless, &Cgroups::None, &Limits::default(), None);
+        assert_eq!((bare.memory.as_str(), bare.cpu.as_str(), bare.not_held.len()), ("not asked", "not asked", 0));
+        let unconfined = Enforcement::new(&Confinement::Unconfined, &Cgroups::None, &asked, timeout);
+        assert_eq!(unconfined.not_held, ["memory", "pids", "cpu", "disk"]);
+        assert!(unconfined.timeout.contains("deleted"), "{unconfined:?}");
     }
 
     #[test]

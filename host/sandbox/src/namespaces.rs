@@ -20,6 +20,19 @@
 //! launcher waits and exits with the process's status (128 + signal when
 //! it was killed). Killing the holder ends every process of the sandbox.
 //!
+//! Rootless (an ordinary user), the holder is cloned into a new *outer*
+//! user namespace too (the host writes its maps: this user's uid and gid as
+//! 0), which owns the pid and mount namespaces; the sandbox's user namespace
+//! is made below it and mapped `0 0 1` (sandbox root = this user) by a
+//! helper forked from the host that joined the outer namespace (only a
+//! process there may write those maps); the same helper makes, below the
+//! sandbox's namespace, the sandbox user's (`1000 0 1`). The holder mounts
+//! the disk itself and hands it over through `/proc/{holder}/fd`, then
+//! makes itself non-dumpable (sandbox root is the same host uid). A
+//! launcher joins the outer namespace first (its capabilities over the
+//! others come from there) and is non-dumpable; forwarded ports are opened
+//! in the sandbox's network namespace by such a helper too.
+//!
 //! Everything between fork and exec (or the holder's whole life) makes only
 //! system calls on data prepared before the fork: no allocation, no locks.
 
