@@ -265,4 +265,5 @@ fn refused_user_namespaces_give_an_error_naming_the_setting_and_the_command() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("REFUSAL: ") && stdout.contains("1 passed"), "{stdout}");
+    println!("{}", stdout.lines().find(|l| l.starts_with("REFUSAL: ")).unwrap_or_default());
 }
