@@ -267,3 +267,27 @@ fn refused_user_namespaces_give_an_error_naming_the_setting_and_the_command() {
     assert!(stdout.contains("REFUSAL: ") && stdout.contains("1 passed"), "{stdout}");
     println!("{}", stdout.lines().find(|l| l.starts_with("REFUSAL: ")).unwrap_or_default());
 }
+
+/// A file of the host user that runs the sandboxes (rootless: the very uid
+/// of sandbox root) is out of reach: not by its path, not through pid 1's
+/// root or descriptors, not by entering pid 1's namespaces.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_host_users_own_files_are_out_of_reach() {
+    let dir = scratch();
+    let outside = scratch();
+    let secret = outside.path().join("host-secret");
+    std::fs::write(&secret, "host-secret-contents\n").unwrap();
+    let boxes = sandboxes(dir.path(), None);
+    let sandbox = boxes.create("sbx-reach").unwrap();
+    let path = secret.display();
+    let script = format!(
+        "cat {path}; cat /proc/1/root{path}; ls /proc/1/fd /proc/1/root; nsenter -t 1 -m cat {path}; \
+         cat /proc/1/environ; echo x >> {path}; exit 0"
+    );
+    for spec in [root_sh(&script), sh(&script)] {
+        let (lines, _) = run(&sandbox, spec).await;
+        assert!(!lines.iter().any(|l| l.contains("host-secret-contents")), "{lines:?}");
+        assert!(lines.iter().filter(|l| l.starts_with("stderr:")).count() >= 6, "each attempt failed: {lines:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host-secret-contents\n");
+}
