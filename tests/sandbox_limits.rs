@@ -15,11 +15,16 @@ use serde_json::{Value, json};
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn create(api: &Api, body: Value) -> String {
+    create_answer(api, body).await.0
+}
+
+/// The new sandbox's id and its create answer (with `limits`: what holds each limit here).
+async fn create_answer(api: &Api, body: Value) -> (String, Value) {
     let (status, created) = api.send(api.http.post(api.lifecycle("")).json(&body)).await;
     assert_eq!(status, 200, "{created}");
     let id = created["sandbox_id"].as_str().unwrap().to_owned();
     api.wait_running(&id).await;
-    id
+    (id, created)
 }
 
 /// A health request to the sandbox proxy answers 200 within 1 s.
@@ -83,11 +88,27 @@ async fn each_resource_stops_at_its_limit_while_the_host_stays_responsive() {
     assert!(all_lines(&events).iter().any(|l| l.contains("fork")), "{info} {events:?}");
     assert_ne!(info["exit_code"], 0, "{info}");
 
-    // A memory hog is OOM-killed, and the process API says so.
-    let hogged = create(&api, json!({"resources": resources})).await;
+    // A memory hog is OOM-killed, and the process API says so; where no memory controller
+    // is delegated (an ordinary user here) its allocation fails under RLIMIT_AS instead. The
+    // create answer says which, and names the limits nothing holds (cpu without a controller).
+    let (hogged, answer) = create_answer(&api, json!({"resources": resources})).await;
+    let limits = &answer["limits"];
+    let memory = limits["memory"].as_str().unwrap_or_default();
+    assert!(limits["disk"].as_str().unwrap_or_default().contains("tmpfs"), "{answer}");
+    assert!(limits["pids"].as_str().unwrap_or_default().contains("512"), "{answer}");
+    let cpu_held = !limits["cpu"].as_str().unwrap_or_default().starts_with("not held");
+    assert_eq!(limits["not_held"], if cpu_held { json!([]) } else { json!(["cpu"]) }, "{answer}");
     let pid = start(&api, &hogged, "head -c 1G /dev/zero | tail -n 1 | wc -c", false).await;
     let info = finish(&api, &hogged, pid, "a memory hog").await;
-    assert_eq!((&info["status"], &info["oom_killed"]), (&json!("oom_killed"), &json!(true)), "{info}");
+    if memory.contains("memory controller") {
+        assert_eq!((&info["status"], &info["oom_killed"]), (&json!("oom_killed"), &json!(true)), "{info}");
+    } else {
+        assert!(memory.starts_with("RLIMIT_AS"), "{answer}");
+        let events = api.follow(&hogged, pid).await;
+        assert!(all_lines(&events).iter().any(|l| l.contains("memory exhausted")), "{info} {events:?}");
+        assert_eq!((&info["status"], &info["oom_killed"]), (&json!("exited"), &json!(false)), "{info}");
+        assert!(!stdout(&events).contains(&(1u64 << 30).to_string()), "held 1 GiB: {events:?}");
+    }
 
     // A disk filler gets ENOSPC at disk_mb.
     let filled = create(&api, json!({"resources": resources})).await;

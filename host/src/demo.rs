@@ -28,6 +28,7 @@ pub async fn run(builder: PathBuf, allow_unconfined: bool) -> Result<()> {
     println!("Starting the dev stack (store, signer component, platform emulator, local sandboxes) on 127.0.0.1 ...");
     let stack = DevStack::start(&config).await?;
     println!("  platform {}   store {}   signer {}", stack.api_url(), stack.store.url(), stack.signer.url());
+    println!("  local sandboxes: {}", stack.sandbox_mode);
     let result = builds(&stack).await;
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(&data_dir);

@@ -1,7 +1,12 @@
 //! Benchmark (not a test): sandbox create → first process start → delete,
 //! over 100 sandboxes, with the confinement `Confinement::detect` picks.
 //!
-//! `cargo run --release -p snapsign-sandbox --example lifecycle_bench [-- N [limits]]`
+//! `cargo run --release -p snapsign-sandbox --example lifecycle_bench [-- N [limits|none] [--rootless-as USER]]`
+//!
+//! With `--rootless-as USER` (run as root), the same rounds then run again
+//! as that ordinary user (rootless: unprivileged user namespaces, rlimits),
+//! in a child process of this one, so both modes are measured in one run
+//! on one machine and printed one after the other.
 //!
 //! With `limits`, each sandbox asks for what a build's builder sandbox gets
 //! from the dev stack (1 CPU, 1024 MiB memory, 2048 MiB disk): memory and cpu
@@ -16,6 +21,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::unix::process::CommandExt;
+
 use futures_util::StreamExt;
 use snapsign_sandbox::{Confinement, Limits, ProcessSpec, SandboxSpec, Sandboxes, SandboxesConfig};
 
@@ -24,8 +31,36 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[index].as_secs_f64() * 1000.0
 }
 
+/// Runs this benchmark again as `user` (its uid and gid from `id`), with the same rounds and limits.
+fn run_as(user: &str) -> anyhow::Result<()> {
+    let id = |flag: &str| -> anyhow::Result<u32> {
+        let out = std::process::Command::new("id").args([flag, user]).output()?;
+        anyhow::ensure!(out.status.success(), "no user {user}: create it (useradd -m {user})");
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    let args: Vec<String> = std::env::args().skip(1).take_while(|a| a != "--rootless-as").collect();
+    println!();
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .args(&args)
+        .uid(id("-u")?)
+        .gid(id("-g")?)
+        .env("TMPDIR", "/tmp")
+        .status()?;
+    anyhow::ensure!(status.success(), "the rootless run as {user} failed: {status}");
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    let rootless_as = std::env::args().skip_while(|a| a != "--rootless-as").nth(1);
+    bench().await?;
+    if let Some(user) = rootless_as {
+        run_as(&user)?;
+    }
+    Ok(())
+}
+
+async fn bench() -> anyhow::Result<()> {
     let rounds: usize = std::env::args().nth(1).map(|n| n.parse()).transpose()?.unwrap_or(100);
     let limits = if std::env::args().nth(2).as_deref() == Some("limits") {
         Limits { cpus: Some(1.0), memory_mb: Some(1024), disk_mb: Some(2048), ..Limits::default() }

@@ -31,6 +31,15 @@
 //! of its own with only `lo`, and the allowed host loopback ports forwarded
 //! in (see `network.rs`).
 //!
+//! As an ordinary user ([`Confinement::Rootless`], chosen when unprivileged
+//! user namespaces work here) the same namespaces, root layout, descriptor
+//! hygiene and network are made through an outer user namespace (this
+//! user's uid as 0) that owns the mount and pid namespaces; sandbox root and
+//! the sandbox user are both this user's one host uid, each sandbox's own
+//! mount tree keeping sandboxes apart; limits come from a delegated cgroup
+//! v2 subtree, else rlimits ([`Sandbox::enforcement`] says which). See
+//! `docs/sandbox-modes.md` for the modes and what each gives up.
+//!
 //! [`Confinement::Unconfined`], which the operator must ask for, confines
 //! and limits nothing.
 
@@ -49,10 +58,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
 
-pub use confinement::Confinement;
+pub use confinement::{Confinement, UsernsProbe, UsernsSettings, probe_user_namespaces, refusal};
 pub use files::{AREAS, BUILDER_PATH};
 pub use identity::{FIRST_HOST_UID, SANDBOX_UID, UIDS_PER_SANDBOX};
-pub use limits::{Cgroups, DEFAULT_PIDS, Limits, Resources};
+pub use limits::{Cgroups, DEFAULT_PIDS, Enforcement, Limits, Resources};
 pub use network::{Network, NetworkPolicy, loopback_port};
 pub use process::{DEFAULT_PATH, MAX_LINE_BYTES, MAX_OUTPUT_BYTES, OutputEvent, ProcessInfo, ProcessSpec};
 pub use sandbox::{CreateRequest, Sandbox, SandboxSpec};
@@ -97,6 +106,10 @@ impl std::fmt::Debug for Sandboxes {
     }
 }
 
+fn describe(confinement: &Confinement, cgroups: &Cgroups) -> String {
+    format!("{}; limits held by {}", confinement.describe(), limits::mechanisms(confinement, cgroups))
+}
+
 fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
@@ -118,20 +131,28 @@ impl Sandboxes {
                 std::fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
             }
         }
-        let cgroups = match config.confinement {
+        let (cgroups, uid_locks, rootless) = match config.confinement {
             Confinement::Namespaces => {
                 namespaces::check_privileges()?;
-                Cgroups::detect()
+                (Cgroups::detect(), identity::lock_dir()?, None)
             }
-            Confinement::Unconfined => Cgroups::None,
+            // SAFETY: geteuid and getegid cannot fail.
+            Confinement::Rootless => {
+                (Cgroups::detect_delegated(), PathBuf::new(), Some(unsafe { (libc::geteuid(), libc::getegid()) }))
+            }
+            Confinement::Unconfined => (Cgroups::None, PathBuf::new(), None),
         };
+        // Chosen once, said once: which mechanism holds each limit of every sandbox made here.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| tracing::info!("local sandboxes: {}", describe(&config.confinement, &cgroups)));
         tracing::debug!(confinement = ?config.confinement, limits = %cgroups.describe(), root_dir = %root_dir.display(), "local sandboxes ready");
         let host = Host {
             confinement: config.confinement,
             layout: namespaces::host_layout(),
             builder: config.builder_binary,
             cgroups,
-            uid_locks: identity::lock_dir()?,
+            uid_locks,
+            rootless,
         };
         Ok(Sandboxes {
             inner: Arc::new(Inner {
@@ -161,6 +182,11 @@ impl Sandboxes {
             Some(secs) => bail!("timeout_secs is {secs}; send a positive number of seconds, or none for no timeout"),
         };
         Ok(SandboxSpec { limits, network, timeout })
+    }
+
+    /// The mode and what holds each limit, in one line (logged once at start; the demo prints it).
+    pub fn describe(&self) -> String {
+        describe(&self.inner.host.confinement, &self.inner.host.cgroups)
     }
 
     /// The cgroup controllers that enforce limits here ([`Cgroups::None`]: rlimits only).

@@ -130,6 +130,22 @@ impl Cgroups {
         }
     }
 
+    /// As an ordinary user: a delegated cgroup v2 subtree (this process's
+    /// own group, from `/proc/self/cgroup`, when this user may write it, as
+    /// systemd's `Delegate=yes` gives), else none (rlimits). cgroup v1 is
+    /// never delegated to a user and is not tried.
+    pub fn detect_delegated() -> Cgroups {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        match detect_v2_delegated(&mountinfo, &own) {
+            Ok(found) => found.unwrap_or(Cgroups::None),
+            Err(e) => {
+                tracing::info!("no delegated cgroup v2 subtree for sandboxes ({e:#}); limits fall back to rlimits");
+                Cgroups::None
+            }
+        }
+    }
+
     /// Which mechanism enforces each limit, for logs and errors.
     pub fn describe(&self) -> String {
         match self {
@@ -150,7 +166,7 @@ impl Cgroups {
         }
     }
 
-    fn has(&self, name: &str) -> bool {
+    pub(crate) fn has(&self, name: &str) -> bool {
         match self {
             Cgroups::V1 { memory, pids, cpu } => match name {
                 "memory" => memory.is_some(),
@@ -255,6 +271,131 @@ fn detect_v2(mountinfo: &str, own: &str) -> Result<Option<Cgroups>> {
     Ok(Some(Cgroups::V2 { parent, controllers: wanted }))
 }
 
+/// A delegated v2 group: usable when this user may write its
+/// `cgroup.subtree_control`. A v2 group that holds processes cannot enable
+/// controllers for children, so this process first moves itself into a
+/// leaf `snapsign-host` below it (allowed within a delegated subtree).
+fn detect_v2_delegated(mountinfo: &str, own: &str) -> Result<Option<Cgroups>> {
+    let Some(point) = mountinfo
+        .lines()
+        .filter_map(mount_fields)
+        .find_map(|(point, fstype, _)| (fstype == "cgroup2").then_some(point))
+    else {
+        return Ok(None);
+    };
+    let Some(group) = own_group(own, "") else { return Ok(None) };
+    let base = Path::new(point).join(group.trim_start_matches('/'));
+    let control = base.join("cgroup.subtree_control");
+    // SAFETY: access(2) on a NUL-terminated path.
+    let path = std::ffi::CString::new(control.as_os_str().as_encoded_bytes()).context("cgroup path has a NUL")?;
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK) } != 0 {
+        anyhow::bail!("{} is not writable by this user (not delegated)", control.display());
+    }
+    let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
+    if !procs.trim().is_empty() {
+        let leaf = base.join("snapsign-host");
+        if !leaf.exists() {
+            std::fs::create_dir(&leaf).with_context(|| format!("create cgroup {}", leaf.display()))?;
+        }
+        // Every process of the group must leave it; this one is ours, others are not.
+        for pid in procs.lines() {
+            std::fs::write(leaf.join("cgroup.procs"), pid)
+                .with_context(|| format!("move process {pid} into {}", leaf.display()))?;
+        }
+    }
+    detect_v2(mountinfo, &format!("0::{}\n", group))
+}
+
+/// "what holds memory, pids, cpu and disk" for the log line at start.
+pub(crate) fn mechanisms(confinement: &crate::Confinement, cgroups: &Cgroups) -> String {
+    let asked = Limits { cpus: Some(1.0), memory_mb: Some(1), disk_mb: Some(1), ..Limits::default() };
+    let e = Enforcement::new(confinement, cgroups, &asked, None);
+    format!("memory: {}; pids: {}; cpu: {}; disk: {}", e.memory, e.pids, e.cpu, e.disk)
+}
+
+/// Which mechanism holds each limit of one sandbox: its create answer says
+/// it, and a limit asked for that nothing holds here is named in `not_held`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Enforcement {
+    /// `memory_mb`.
+    pub memory: String,
+    /// The process count.
+    pub pids: String,
+    /// `cpus`.
+    pub cpu: String,
+    /// `disk_mb`.
+    pub disk: String,
+    /// `timeout_secs`.
+    pub timeout: String,
+    /// Limits asked for that are not held (`memory`, `cpu`…): named, never silently dropped.
+    pub not_held: Vec<String>,
+}
+
+impl Enforcement {
+    /// For a sandbox with `limits` and `timeout` on a host with `cgroups`.
+    pub fn new(
+        confinement: &crate::Confinement,
+        cgroups: &Cgroups,
+        limits: &Limits,
+        timeout: Option<std::time::Duration>,
+    ) -> Enforcement {
+        let version = if matches!(cgroups, Cgroups::V2 { .. }) { "cgroup v2" } else { "cgroup v1" };
+        let mut not_held = Vec::new();
+        let unconfined = matches!(confinement, crate::Confinement::Unconfined);
+        let mut held = |name: &str, asked: bool, how: String| -> String {
+            if !asked {
+                return "not asked".into();
+            }
+            // The timeout is this process's own timer: it holds in every mode.
+            let unconfined = unconfined && name != "timeout";
+            if unconfined || how.starts_with("not held") {
+                not_held.push(name.to_owned());
+                if unconfined {
+                    return "not held: the sandbox is unconfined".into();
+                }
+            }
+            how
+        };
+        let memory = held(
+            "memory",
+            limits.memory_mb.is_some(),
+            if cgroups.has("memory") {
+                format!("{version} memory controller (memory plus disk, an OOM kill past it)")
+            } else {
+                "RLIMIT_AS per process (allocations past it fail; no OOM kill; not a sum over processes)".into()
+            },
+        );
+        let pids = held(
+            "pids",
+            true,
+            if cgroups.has("pids") {
+                format!("{version} pids controller ({} processes and threads)", limits.pids)
+            } else {
+                format!(
+                    "RLIMIT_NPROC ({} processes and threads, counted per user namespace: this sandbox's)",
+                    limits.pids
+                )
+            },
+        );
+        let cpu = held(
+            "cpu",
+            limits.cpus.is_some(),
+            if cgroups.has("cpu") {
+                format!("{version} cpu controller (CFS quota)")
+            } else {
+                "not held: no cpu controller here (an rlimit bounds CPU seconds, not a rate)".into()
+            },
+        );
+        let disk = held("disk", limits.disk_mb.is_some(), "size-limited tmpfs (ENOSPC past it; RAM-backed)".into());
+        let timeout = held(
+            "timeout",
+            timeout.is_some(),
+            "the sandbox is deleted once the timeout passed without activity".into(),
+        );
+        Enforcement { memory, pids, cpu, disk, timeout, not_held }
+    }
+}
+
 /// The groups of one sandbox (named after its uid slot, unique on the machine).
 #[derive(Debug)]
 pub(crate) struct SandboxGroups {
@@ -307,7 +448,8 @@ impl SandboxGroups {
             (limits.cpus.is_some(), "cpu", "no CPU limit"),
             (true, "pids", "RLIMIT_NPROC only"),
         ] {
-            if asked && !cgroups.has(controller) {
+            // Without any cgroup the start said so once (Sandboxes::describe); a missing one is worth a warning.
+            if asked && !cgroups.has(controller) && *cgroups != Cgroups::None {
                 tracing::warn!(
                     sandbox_group = name,
                     "no {controller} controller here ({}): {fallback}",
@@ -450,6 +592,55 @@ mod tests {
             let err = Limits::from_request(&bad).unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn a_delegated_v2_group_holding_processes_hands_them_to_a_leaf_then_enables_controllers() {
+        // A stand-in for a delegated group (plain files behave as the kernel's do here).
+        let fs = tempfile::tempdir().unwrap();
+        let group = fs.path().join("user.slice/user-1000.slice/app.scope");
+        std::fs::create_dir_all(&group).unwrap();
+        std::fs::write(group.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        std::fs::write(group.join("cgroup.subtree_control"), "").unwrap();
+        std::fs::write(group.join("cgroup.procs"), "4242\n").unwrap();
+        let mountinfo = format!("35 24 0:30 / {} rw - cgroup2 cgroup2 rw", fs.path().display());
+        let own = "0::/user.slice/user-1000.slice/app.scope\n";
+        let found = detect_v2_delegated(&mountinfo, own).unwrap().unwrap();
+        let parent = group.join("snapsign-sandboxes");
+        assert_eq!(
+            found,
+            Cgroups::V2 { parent: parent.clone(), controllers: vec!["memory".into(), "pids".into(), "cpu".into()] }
+        );
+        assert_eq!(std::fs::read_to_string(group.join("snapsign-host/cgroup.procs")).unwrap(), "4242");
+        assert_eq!(std::fs::read_to_string(group.join("cgroup.subtree_control")).unwrap(), "+memory +pids +cpu");
+        assert_eq!(std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap(), "+memory +pids +cpu");
+        // No cgroup2 mounted: no delegated group.
+        assert_eq!(detect_v2_delegated("", own).unwrap(), None);
+    }
+
+    #[test]
+    fn each_limit_names_what_holds_it_and_what_none_holds_is_listed() {
+        use crate::Confinement;
+        let asked = Limits { cpus: Some(1.0), memory_mb: Some(64), disk_mb: Some(8), pids: 40 };
+        let timeout = Some(std::time::Duration::from_secs(5));
+        let rlimits = Enforcement::new(&Confinement::Rootless, &Cgroups::None, &asked, timeout);
+        assert!(rlimits.memory.starts_with("RLIMIT_AS"), "{rlimits:?}");
+        assert!(rlimits.pids.starts_with("RLIMIT_NPROC (40 "), "{rlimits:?}");
+        assert!(rlimits.cpu.starts_with("not held"), "{rlimits:?}");
+        assert!(rlimits.disk.contains("tmpfs") && rlimits.timeout.contains("deleted"), "{rlimits:?}");
+        assert_eq!(rlimits.not_held, ["cpu"]);
+        let v2 = Cgroups::V2 { parent: "/x".into(), controllers: vec!["memory".into(), "pids".into(), "cpu".into()] };
+        let cgroups = Enforcement::new(&Confinement::Rootless, &v2, &asked, None);
+        assert!(
+            cgroups.memory.starts_with("cgroup v2 memory") && cgroups.cpu.starts_with("cgroup v2 cpu"),
+            "{cgroups:?}"
+        );
+        assert_eq!((cgroups.not_held.len(), cgroups.timeout.as_str()), (0, "not asked"));
+        let bare = Enforcement::new(&Confinement::Rootless, &Cgroups::None, &Limits::default(), None);
+        assert_eq!((bare.memory.as_str(), bare.cpu.as_str(), bare.not_held.len()), ("not asked", "not asked", 0));
+        let unconfined = Enforcement::new(&Confinement::Unconfined, &Cgroups::None, &asked, timeout);
+        assert_eq!(unconfined.not_held, ["memory", "pids", "cpu", "disk"]);
+        assert!(unconfined.timeout.contains("deleted"), "{unconfined:?}");
     }
 
     #[test]

@@ -20,12 +20,26 @@
 //! launcher waits and exits with the process's status (128 + signal when
 //! it was killed). Killing the holder ends every process of the sandbox.
 //!
+//! Rootless (an ordinary user), the holder is cloned into a new *outer*
+//! user namespace too (the host writes its maps: this user's uid and gid as
+//! 0), which owns the pid and mount namespaces; the sandbox's user namespace
+//! is made below it and mapped `0 0 1` (sandbox root = this user) by a
+//! helper forked from the host that joined the outer namespace (only a
+//! process there may write those maps); the same helper makes, below the
+//! sandbox's namespace, the sandbox user's (`1000 0 1`). The holder mounts
+//! the disk itself and hands it over through `/proc/{holder}/fd`, then
+//! makes itself non-dumpable (sandbox root is the same host uid). A
+//! launcher joins the outer namespace first (its capabilities over the
+//! others come from there) and is non-dumpable; forwarded ports are opened
+//! in the sandbox's network namespace by such a helper too.
+//!
 //! Everything between fork and exec (or the holder's whole life) makes only
 //! system calls on data prepared before the fork: no allocation, no locks.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,12 +62,33 @@ const CAP_SYS_RESOURCE: u32 = 24;
 enum Step {
     Mkdir(CString, u32),
     File(CString),
-    Symlink { target: CString, path: CString },
-    Tmpfs { dst: CString, options: CString, flags: libc::c_ulong },
+    Symlink {
+        target: CString,
+        path: CString,
+    },
+    Tmpfs {
+        dst: CString,
+        options: CString,
+        flags: libc::c_ulong,
+    },
     Proc(CString),
-    Bind { src: CString, dst: CString, readonly: bool },
+    /// `extra`: flags the source mount has that a user namespace may not
+    /// drop (rootless: noexec of a host mount is locked).
+    Bind {
+        src: CString,
+        dst: CString,
+        readonly: bool,
+        extra: libc::c_ulong,
+    },
     RemountReadonly(CString),
+    Chmod(CString, u32),
+    /// Opens the directory (O_PATH) and keeps it in [`DISK_FD`] for the host.
+    OpenDisk(CString),
 }
+
+/// Rootless: the holder's descriptor of the sandbox's disk (its tmpfs root),
+/// which the host opens through `/proc/{holder}/fd/N` before the holder seals itself.
+static DISK_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 impl Step {
     fn describe(&self) -> String {
@@ -64,10 +99,12 @@ impl Step {
             Step::Symlink { target, path } => format!("symlink {} -> {}", s(path), s(target)),
             Step::Tmpfs { dst, .. } => format!("mount tmpfs on {}", s(dst)),
             Step::Proc(p) => format!("mount proc on {}", s(p)),
-            Step::Bind { src, dst, readonly } => {
+            Step::Bind { src, dst, readonly, .. } => {
                 format!("bind {} on {}{}", s(src), s(dst), if *readonly { " read-only" } else { "" })
             }
             Step::RemountReadonly(p) => format!("remount {} read-only", s(p)),
+            Step::Chmod(p, mode) => format!("chmod {mode:o} {}", s(p)),
+            Step::OpenDisk(p) => format!("open the disk {}", s(p)),
         }
     }
 }
@@ -101,14 +138,47 @@ fn c(path: impl AsRef<Path>) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes()).with_context(|| format!("path {} has a NUL byte", path.display()))
 }
 
+/// Flags of the mount holding `path` that a bind of it in a user namespace
+/// must keep (the kernel locks them); none as root.
+fn locked_flags(path: &Path, rootless: bool) -> libc::c_ulong {
+    if !rootless {
+        return 0;
+    }
+    let Ok(path) = c(path) else { return 0 };
+    // SAFETY: statvfs into a zeroed local.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return 0;
+    }
+    if stat.f_flag & libc::ST_NOEXEC != 0 { libc::MS_NOEXEC } else { 0 }
+}
+
 /// The steps that build a sandbox root at `root` from its areas in `fs`.
-fn root_steps(root: &Path, fs: &Path, areas: &[&str], builder_dir: &Path, layout: &[RootEntry]) -> Result<Vec<Step>> {
+/// Rootless with a disk, the holder first mounts the disk on `fs` and makes
+/// the areas in it (the host cannot mount).
+fn root_steps(spec: &HolderSpec) -> Result<Vec<Step>> {
+    let (root, fs, areas, builder_dir, layout) = (spec.root, spec.fs, spec.areas, spec.builder_dir, spec.layout);
+    let rootless = spec.rootless.is_some();
     let at = |p: &str| c(root.join(p.trim_start_matches('/')));
-    let mut steps =
-        vec![Step::Tmpfs { dst: c(root)?, options: c("mode=0755,size=1m")?, flags: libc::MS_NOSUID | libc::MS_NODEV }];
+    let mut steps = Vec::new();
+    if let (true, Some(mb)) = (rootless, spec.disk_mb) {
+        let options = format!("size={}m,mode=0755", mb.max(1));
+        steps.push(Step::Tmpfs { dst: c(fs)?, options: c(options)?, flags: libc::MS_NOSUID | libc::MS_NODEV });
+        for area in areas {
+            steps.push(Step::Mkdir(c(fs.join(area))?, 0o755));
+            steps.push(Step::Chmod(c(fs.join(area))?, if *area == "tmp" { 0o1777 } else { 0o755 }));
+        }
+        steps.push(Step::OpenDisk(c(fs)?));
+    }
+    steps.push(Step::Tmpfs {
+        dst: c(root)?,
+        options: c("mode=0755,size=1m")?,
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+    });
     let ro_bind = |steps: &mut Vec<Step>, src: &str| -> Result<()> {
         steps.push(Step::Mkdir(at(src)?, 0o755));
-        steps.push(Step::Bind { src: c(src)?, dst: at(src)?, readonly: true });
+        let extra = locked_flags(Path::new(src), rootless);
+        steps.push(Step::Bind { src: c(src)?, dst: at(src)?, readonly: true, extra });
         Ok(())
     };
     ro_bind(&mut steps, "/usr")?;
@@ -131,7 +201,7 @@ fn root_steps(root: &Path, fs: &Path, areas: &[&str], builder_dir: &Path, layout
         let host = format!("/dev/{device}");
         if Path::new(&host).exists() {
             steps.push(Step::File(at(&host)?));
-            steps.push(Step::Bind { src: c(&host)?, dst: at(&host)?, readonly: false });
+            steps.push(Step::Bind { src: c(&host)?, dst: at(&host)?, readonly: false, extra: 0 });
         }
     }
     for (link, target) in [
@@ -144,10 +214,12 @@ fn root_steps(root: &Path, fs: &Path, areas: &[&str], builder_dir: &Path, layout
     }
     for area in areas {
         steps.push(Step::Mkdir(at(area)?, 0o755));
-        steps.push(Step::Bind { src: c(fs.join(area))?, dst: at(area)?, readonly: false });
+        let extra = locked_flags(fs, rootless && spec.disk_mb.is_none());
+        steps.push(Step::Bind { src: c(fs.join(area))?, dst: at(area)?, readonly: false, extra });
     }
     if Path::new("/usr/local/bin").is_dir() {
-        steps.push(Step::Bind { src: c(builder_dir)?, dst: at("/usr/local/bin")?, readonly: true });
+        let extra = locked_flags(builder_dir, rootless);
+        steps.push(Step::Bind { src: c(builder_dir)?, dst: at("/usr/local/bin")?, readonly: true, extra });
     }
     steps.push(Step::RemountReadonly(c(root)?));
     Ok(steps)
@@ -157,7 +229,16 @@ fn root_steps(root: &Path, fs: &Path, areas: &[&str], builder_dir: &Path, layout
 pub(crate) struct Holder {
     pid: libc::pid_t,
     pidfd: OwnedFd,
+    /// The sandbox's user namespace (sandbox root's).
     user: OwnedFd,
+    /// Rootless: the outer user namespace that owns the mount and pid
+    /// namespaces (this user's uid as 0), which a launcher joins first.
+    outer: Option<OwnedFd>,
+    /// Rootless: the nested user namespace of the sandbox user (its uid
+    /// [`crate::SANDBOX_UID`] is sandbox root's, the one host uid).
+    sandbox_user: Option<OwnedFd>,
+    /// Rootless with a disk: the disk (tmpfs) the holder mounted.
+    disk: Option<OwnedFd>,
     mnt: OwnedFd,
     pid_ns: OwnedFd,
     net: Option<Arc<OwnedFd>>,
@@ -182,10 +263,14 @@ pub(crate) struct HolderSpec<'a> {
     pub areas: &'a [&'a str],
     pub builder_dir: &'a Path,
     pub layout: &'a [RootEntry],
-    /// Host uid (and gid) of uid 0 inside.
+    /// Host uid (and gid) of uid 0 inside (as root).
     pub base_uid: u32,
     /// A network namespace of its own (else the host's).
     pub private_network: bool,
+    /// Rootless: this user's host uid and gid, mapped to sandbox root.
+    pub rootless: Option<(u32, u32)>,
+    /// Rootless: the disk the holder mounts on `fs` (MiB).
+    pub disk_mb: Option<u64>,
 }
 
 fn errno() -> i32 {
@@ -319,11 +404,11 @@ fn run_step(step: &Step) -> bool {
                 let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
                 libc::mount(c"proc".as_ptr(), dst.as_ptr(), c"proc".as_ptr(), flags, none) == 0
             }
-            Step::Bind { src, dst, readonly } => {
+            Step::Bind { src, dst, readonly, extra } => {
                 if libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND | libc::MS_REC, none) != 0 {
                     return false;
                 }
-                let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
+                let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | *extra;
                 let flags = if *readonly { flags | libc::MS_RDONLY } else { flags };
                 // Device nodes keep their mount's flags (nodev would make /dev/null unusable).
                 if !*readonly && src.to_bytes().starts_with(b"/dev/") {
@@ -335,6 +420,12 @@ fn run_step(step: &Step) -> bool {
                 let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
                 libc::mount(null, path.as_ptr(), null, flags, none) == 0
             }
+            Step::Chmod(path, mode) => libc::chmod(path.as_ptr(), *mode) == 0,
+            Step::OpenDisk(path) => {
+                let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC);
+                DISK_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+                fd >= 0
+            }
         }
     }
 }
@@ -343,9 +434,14 @@ fn run_step(step: &Step) -> bool {
 const READY_FOR_MAPS: u8 = b'M';
 const DONE: u8 = b'D';
 const FAILED: u8 = b'F';
+/// Rootless: host → holder, the outer namespace's maps are written.
+const OUTER_MAPPED: u8 = b'O';
+/// Rootless: host → holder, the host holds the namespaces: seal yourself
+/// (not dumpable); holder → host, sealed.
+const SEAL: u8 = b'S';
 
 /// Failure points after the root steps (their index is `steps.len() + n`).
-const AFTER_STEPS: [&str; 9] = [
+const AFTER_STEPS: [&str; 11] = [
     "make / private",
     "enter the new root (pivot_root)",
     "detach the old root",
@@ -355,6 +451,8 @@ const AFTER_STEPS: [&str; 9] = [
     "set the hostname",
     "raise lo",
     "forbid nested user namespaces",
+    "wait for the outer uid maps",
+    "seal the holder",
 ];
 
 /// The holder's whole life, in the cloned child. Never returns.
@@ -362,7 +460,7 @@ fn holder_main(
     steps: &[Step],
     root: &CStr,
     hostname: &[u8],
-    private_network: bool,
+    (private_network, rootless): (bool, bool),
     strings: HostStrings,
     to_host: RawFd,
     from_host: RawFd,
@@ -392,8 +490,16 @@ fn holder_main(
         }
         libc::syscall(libc::SYS_close_range, high + 1, u32::MAX, 0u32);
         strings.wipe();
-        // Not dumpable: sandbox root may not read this process's memory or environment.
-        libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong);
+        if rootless {
+            // Nothing can be made in a user namespace before its maps are written (by the host).
+            if read_byte(from_host) != Some(OUTER_MAPPED) {
+                fail(n + 9);
+            }
+        } else {
+            // Not dumpable: sandbox root may not read this process's memory or environment.
+            // (Rootless: at the end, once the host opened what it needs through /proc.)
+            libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong);
+        }
         let null = std::ptr::null::<libc::c_char>();
         if libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
             fail(n);
@@ -412,7 +518,12 @@ fn holder_main(
         if libc::unshare(libc::CLONE_NEWUSER) != 0 {
             fail(n + 3);
         }
-        if !write_all(to_host, &[READY_FOR_MAPS]) || read_byte(from_host) != Some(READY_FOR_MAPS) {
+        let mut ready = [READY_FOR_MAPS, 0, 0, 0, 0];
+        if rootless {
+            ready[1..].copy_from_slice(&DISK_FD.load(std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+        }
+        let ready = if rootless { &ready[..] } else { &ready[..1] };
+        if !write_all(to_host, ready) || read_byte(from_host) != Some(READY_FOR_MAPS) {
             fail(n + 4);
         }
         let flags = libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | if private_network { libc::CLONE_NEWNET } else { 0 };
@@ -429,6 +540,18 @@ fn holder_main(
             fail(n + 8);
         }
         write_all(to_host, &[DONE]);
+        if rootless {
+            if read_byte(from_host) != Some(SEAL) {
+                fail(n + 10);
+            }
+            let disk = DISK_FD.load(std::sync::atomic::Ordering::Relaxed);
+            if disk >= 0 {
+                libc::close(disk);
+            }
+            // Sandbox root is this same host uid: it must not read nor trace this process.
+            libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong);
+            write_all(to_host, &[SEAL]);
+        }
         libc::close(to_host);
         libc::close(from_host);
         // pid 1: reap whatever is orphaned into this namespace, until killed.
@@ -489,27 +612,29 @@ impl Holder {
     /// this process.
     pub(crate) fn start(spec: &HolderSpec) -> Result<Holder> {
         let id = spec.id;
-        let steps = root_steps(spec.root, spec.fs, spec.areas, spec.builder_dir, spec.layout)?;
+        let steps = root_steps(spec)?;
         let root = c(spec.root)?;
         let hostname = spec.id.as_bytes().to_vec();
         let strings = HostStrings::find_cached();
+        let rootless = spec.rootless.is_some();
         let (from_holder, to_host) = pipe()?;
         let (from_host, to_holder) = pipe()?;
-        let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
+        let user = if rootless { libc::CLONE_NEWUSER } else { 0 };
+        let flags = user | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
         // SAFETY: a fork-like clone (no new stack: the child runs on a copy of
         // this one); the child only runs `holder_main`, which never returns.
         let pid = unsafe { libc::syscall(libc::SYS_clone, flags as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
         if pid < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| {
-                format!("sandbox {id}: clone a process into new pid and mount namespaces (needs root)")
-            });
+            let needs = if rootless { "needs unprivileged user namespaces" } else { "needs root" };
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("sandbox {id}: clone a process into new pid and mount namespaces ({needs})"));
         }
         if pid == 0 {
             holder_main(
                 &steps,
                 &root,
                 &hostname,
-                spec.private_network,
+                (spec.private_network, rootless),
                 strings,
                 to_host.as_raw_fd(),
                 from_host.as_raw_fd(),
@@ -542,42 +667,112 @@ impl Holder {
                 std::io::Error::from_raw_os_error(code)
             )
         };
+        let ended = |when: &str| anyhow::anyhow!("sandbox {id}: its holder process ended {when}");
+        let outer = match spec.rootless {
+            Some((uid, gid)) => {
+                // This user's one uid and gid become root of the outer namespace, which owns
+                // the mount and pid namespaces (sandbox root never has capabilities there).
+                let outer = open_ns(pid, "user")?;
+                for (file, value) in [
+                    ("setgroups", "deny".to_owned()),
+                    ("uid_map", format!("0 {uid} 1")),
+                    ("gid_map", format!("0 {gid} 1")),
+                ] {
+                    let path = format!("/proc/{pid}/{file}");
+                    std::fs::write(&path, &value).with_context(|| format!("sandbox {id}: write {path} ({value})"))?;
+                }
+                if !write_all(to_holder.as_raw_fd(), &[OUTER_MAPPED]) {
+                    return Err(ended("before its outer uid maps were written"));
+                }
+                Some(outer)
+            }
+            None => None,
+        };
         match read_byte(from_holder.as_raw_fd()) {
             Some(READY_FOR_MAPS) => {}
             Some(FAILED) => return Err(fail("")),
-            _ => bail!("sandbox {id}: its holder process ended while setting up the namespaces"),
+            _ => return Err(ended("while setting up the namespaces")),
         }
-        let map = format!("0 {} {UIDS_PER_SANDBOX}\n", spec.base_uid);
-        for file in ["uid_map", "gid_map"] {
-            let path = format!("/proc/{pid}/{file}");
-            std::fs::write(&path, &map).with_context(|| format!("sandbox {id}: write {path} ({})", map.trim()))?;
+        let (mut sandbox_user, mut disk) = (None, None);
+        match &outer {
+            None => {
+                let map = format!("0 {} {UIDS_PER_SANDBOX}\n", spec.base_uid);
+                for file in ["uid_map", "gid_map"] {
+                    let path = format!("/proc/{pid}/{file}");
+                    std::fs::write(&path, &map)
+                        .with_context(|| format!("sandbox {id}: write {path} ({})", map.trim()))?;
+                }
+            }
+            Some(outer) => {
+                let mut fd = [0u8; 4];
+                for byte in &mut fd {
+                    *byte = read_byte(from_holder.as_raw_fd()).ok_or_else(|| ended("while setting up its disk"))?;
+                }
+                let fd = i32::from_le_bytes(fd);
+                if fd >= 0 {
+                    let path = format!("/proc/{pid}/fd/{fd}");
+                    let file = std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                        .open(&path)
+                        .with_context(|| format!("sandbox {id}: open its disk through {path}"))?;
+                    disk = Some(OwnedFd::from(file));
+                }
+                let inner = open_ns(pid, "user")?;
+                sandbox_user = Some(map_rootless(id, pid, outer, &inner)?);
+            }
         }
         if !write_all(to_holder.as_raw_fd(), &[READY_FOR_MAPS]) {
-            bail!("sandbox {id}: its holder process ended before its uid maps were written");
+            return Err(ended("before its uid maps were written"));
         }
         match read_byte(from_holder.as_raw_fd()) {
             Some(DONE) => {}
             Some(FAILED) => return Err(fail("")),
-            _ => bail!("sandbox {id}: its holder process ended while setting up the namespaces"),
+            _ => return Err(ended("while setting up the namespaces")),
         }
-        let holder = Holder {
+        let (user, mnt, pid_ns) = (open_ns(pid, "user")?, open_ns(pid, "mnt")?, open_ns(pid, "pid")?);
+        let net = if spec.private_network { Some(Arc::new(open_ns(pid, "net")?)) } else { None };
+        let (uts, ipc) = (open_ns(pid, "uts")?, open_ns(pid, "ipc")?);
+        if rootless {
+            if !write_all(to_holder.as_raw_fd(), &[SEAL]) {
+                return Err(ended("before it was sealed"));
+            }
+            match read_byte(from_holder.as_raw_fd()) {
+                Some(SEAL) => {}
+                Some(FAILED) => return Err(fail("")),
+                _ => return Err(ended("while sealing itself")),
+            }
+        }
+        std::mem::forget(guard);
+        Ok(Holder {
             pid,
             pidfd,
-            user: open_ns(pid, "user")?,
-            mnt: open_ns(pid, "mnt")?,
-            pid_ns: open_ns(pid, "pid")?,
-            net: if spec.private_network { Some(Arc::new(open_ns(pid, "net")?)) } else { None },
-            uts: open_ns(pid, "uts")?,
-            ipc: open_ns(pid, "ipc")?,
+            user,
+            outer,
+            sandbox_user,
+            disk,
+            mnt,
+            pid_ns,
+            net,
+            uts,
+            ipc,
             reaped: std::sync::atomic::AtomicBool::new(false),
-        };
-        std::mem::forget(guard);
-        Ok(holder)
+        })
     }
 
     /// The sandbox's network namespace, when it has its own.
     pub(crate) fn net(&self) -> Option<&Arc<OwnedFd>> {
         self.net.as_ref()
+    }
+
+    /// Rootless: the outer user namespace (joined before the others).
+    pub(crate) fn outer(&self) -> Option<&OwnedFd> {
+        self.outer.as_ref()
+    }
+
+    /// Rootless with a disk: the holder's disk (its tmpfs root), taken once.
+    pub(crate) fn take_disk(&mut self) -> Option<OwnedFd> {
+        self.disk.take()
     }
 
     /// Kills the holder, which ends every process in the sandbox's pid
@@ -608,7 +803,12 @@ impl Holder {
         joins.push((self.pid_ns.as_raw_fd(), libc::CLONE_NEWPID));
         // Last: after it, paths resolve in the sandbox.
         joins.push((self.mnt.as_raw_fd(), libc::CLONE_NEWNS));
-        let prepared = Prepared::new(launch, joins, self.user.as_raw_fd());
+        let user_ns = match (&self.sandbox_user, launch.user) {
+            (Some(sandbox_user), User::Sandbox) => sandbox_user.as_raw_fd(),
+            _ => self.user.as_raw_fd(),
+        };
+        let outer = self.outer.as_ref().map_or(-1, |o| o.as_raw_fd());
+        let prepared = Prepared::new(launch, joins, user_ns, outer);
         // SAFETY: the closure only makes system calls on `prepared` (see `Prepared::run`).
         unsafe { cmd.pre_exec(move || prepared.run()) };
         cmd
@@ -655,6 +855,8 @@ struct Prepared {
     strings: HostStrings,
     joins: Vec<(RawFd, libc::c_int)>,
     user_ns: RawFd,
+    /// Rootless: the outer user namespace, joined first (-1: none).
+    outer: RawFd,
     uid: u32,
     root: bool,
     cgroup_procs: Vec<CString>,
@@ -684,7 +886,7 @@ fn lossless(s: &str) -> CString {
 }
 
 impl Prepared {
-    fn new(launch: Launch, joins: Vec<(RawFd, libc::c_int)>, user_ns: RawFd) -> Prepared {
+    fn new(launch: Launch, joins: Vec<(RawFd, libc::c_int)>, user_ns: RawFd, outer: RawFd) -> Prepared {
         let path = launch.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("");
         let candidates: Vec<CString> = if launch.command.contains('/') {
             vec![lossless(&launch.command)]
@@ -704,6 +906,7 @@ impl Prepared {
             strings: HostStrings::find_cached(),
             joins,
             user_ns,
+            outer,
             uid: launch.user.uid(),
             root: launch.user == User::Root,
             cgroup_procs: launch.cgroup_procs.iter().map(|p| lossless(&p.to_string_lossy())).collect(),
@@ -739,6 +942,15 @@ impl Prepared {
         unsafe {
             for procs in &self.cgroup_procs {
                 if !write_file(procs, b"0") {
+                    self.die(&self.cannot_enter, 126);
+                }
+            }
+            if self.outer >= 0 {
+                // Rootless: capabilities over the namespaces come from their owner, the outer
+                // user namespace. This copy of the host process is not dumpable: sandbox root
+                // (the same host uid) may not read it, nor the process before its exec.
+                libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong);
+                if libc::setns(self.outer, libc::CLONE_NEWUSER) != 0 {
                     self.die(&self.cannot_enter, 126);
                 }
             }
@@ -794,7 +1006,9 @@ impl Prepared {
             // Sandbox root must not raise user.max_user_namespaces (nor other ucount limits).
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_RESOURCE as libc::c_ulong);
             let id = self.uid;
-            if libc::setgroups(0, std::ptr::null()) != 0
+            // Rootless, setgroups is denied (the kernel's rule for an unprivileged gid map):
+            // the process keeps this user's supplementary groups, unmapped inside.
+            if (self.outer < 0 && libc::setgroups(0, std::ptr::null()) != 0)
                 || libc::setresgid(id, id, id) != 0
                 || libc::setresuid(id, id, id) != 0
             {
@@ -822,6 +1036,236 @@ impl Prepared {
             self.die(&self.cannot_run, if reason == libc::ENOENT { 127 } else { 126 })
         }
     }
+}
+
+/// Most descriptors one helper sends back.
+const MAX_SENT_FDS: usize = 64;
+
+/// Control buffer of a message carrying up to [`MAX_SENT_FDS`] descriptors.
+#[repr(C, align(8))]
+struct Control([u8; 512]);
+
+/// Sends `fds` (and one byte, `K`) over the socket `sock`; for a forked
+/// helper (no allocation).
+fn send_fds(sock: RawFd, fds: &[RawFd]) -> bool {
+    if fds.len() > MAX_SENT_FDS {
+        return false;
+    }
+    let mut control = Control([0; 512]);
+    let mut data = [b'K'];
+    // SAFETY: a msghdr over local buffers; CMSG_* stay inside `control` (sized for MAX_SENT_FDS).
+    unsafe {
+        let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: 1 };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        let bytes = std::mem::size_of_val(fds) as u32;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(bytes) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), bytes as usize);
+        libc::sendmsg(sock, &msg, 0) == 1
+    }
+}
+
+/// Runs `body` in a forked helper process and returns the descriptors it
+/// sent with [`send_fds`]. `body` runs in the child: system calls on data
+/// prepared before, no allocation; on failure it returns the index of the
+/// failed step in `steps` (errno set).
+fn run_helper(what: &str, steps: &[&str], body: &dyn Fn(RawFd) -> Result<(), usize>) -> Result<Vec<OwnedFd>> {
+    let mut pair = [0; 2];
+    // SAFETY: socketpair into a local array.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) } != 0
+    {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("{what}: create a socket pair"));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (host, child) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    // SAFETY: a fork-like clone; the child runs `body` (system calls only) and _exits.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("{what}: fork a helper process"));
+    }
+    if pid == 0 {
+        // SAFETY: system calls only, then _exit.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            if let Err(step) = body(child.as_raw_fd()) {
+                let mut message = [0u8; 9];
+                message[0] = FAILED;
+                message[1..5].copy_from_slice(&(step as u32).to_le_bytes());
+                message[5..9].copy_from_slice(&errno().to_le_bytes());
+                write_all(child.as_raw_fd(), &message);
+                libc::_exit(1);
+            }
+            libc::_exit(0)
+        }
+    }
+    drop(child);
+    let mut status = 0;
+    // SAFETY: waitpid of our own child.
+    while unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) } < 0 && errno() == libc::EINTR {}
+    let mut data = [0u8; 9];
+    let mut control = Control([0; 512]);
+    // SAFETY: recvmsg into local buffers; descriptors are taken from the control message the kernel filled.
+    let (n, fds) = unsafe {
+        let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = control.0.len() as _;
+        let n = libc::recvmsg(host.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC);
+        let mut fds = Vec::new();
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                let first = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(first.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        (n, fds)
+    };
+    match (n, data[0]) {
+        (1, b'K') => Ok(fds),
+        (9, FAILED) => {
+            let step = u32::from_le_bytes(data[1..5].try_into().expect("4 bytes")) as usize;
+            let code = i32::from_le_bytes(data[5..9].try_into().expect("4 bytes"));
+            bail!(
+                "{what}: '{}' failed ({})",
+                steps.get(step).copied().unwrap_or("a step"),
+                std::io::Error::from_raw_os_error(code)
+            )
+        }
+        _ => bail!("{what}: the helper process ended without an answer (wait status {status})"),
+    }
+}
+
+/// Rootless: writes the maps of the sandbox's user namespace `inner`
+/// (sandbox root is root of `outer`, i.e. this user), from a helper that
+/// joined `outer` (the only place allowed to write them), then makes in
+/// `inner` the sandbox user's namespace ([`crate::SANDBOX_UID`] as sandbox
+/// root) and returns it.
+fn map_rootless(id: &str, holder: libc::pid_t, outer: &OwnedFd, inner: &OwnedFd) -> Result<OwnedFd> {
+    let uid_map = c(format!("/proc/{holder}/uid_map"))?;
+    let gid_map = c(format!("/proc/{holder}/gid_map"))?;
+    let user_map = format!("{} 0 1\n", crate::identity::SANDBOX_UID).into_bytes();
+    let (outer, inner) = (outer.as_raw_fd(), inner.as_raw_fd());
+    let steps = [
+        "join the outer user namespace",
+        "write the sandbox's uid_map (0 0 1)",
+        "write the sandbox's gid_map (0 0 1)",
+        "join the sandbox's user namespace",
+        "create the sandbox user's namespace",
+        "write its uid_map",
+        "write its gid_map",
+        "open it",
+        "send it",
+    ];
+    let body = |sock: RawFd| -> Result<(), usize> {
+        // SAFETY: system calls on data prepared before the fork.
+        unsafe {
+            if libc::setns(outer, libc::CLONE_NEWUSER) != 0 {
+                return Err(0);
+            }
+            if !write_file(&uid_map, b"0 0 1\n") {
+                return Err(1);
+            }
+            if !write_file(&gid_map, b"0 0 1\n") {
+                return Err(2);
+            }
+            if libc::setns(inner, libc::CLONE_NEWUSER) != 0 {
+                return Err(3);
+            }
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                return Err(4);
+            }
+            if !write_file(c"/proc/self/uid_map", &user_map) {
+                return Err(5);
+            }
+            if !write_file(c"/proc/self/gid_map", &user_map) {
+                return Err(6);
+            }
+            let fd = libc::open(c"/proc/self/ns/user".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(7);
+            }
+            if !send_fds(sock, &[fd]) {
+                return Err(8);
+            }
+            Ok(())
+        }
+    };
+    let mut fds = run_helper(&format!("sandbox {id}: map its user namespaces"), &steps, &body)?;
+    fds.pop().ok_or_else(|| anyhow::anyhow!("sandbox {id}: the helper mapping its user namespaces sent nothing"))
+}
+
+/// Rootless: listening sockets on `127.0.0.1:port` for each port, made in
+/// the network namespace `net` by a helper that joined `outer` (a thread of
+/// this process may not enter a namespace owned by another user namespace).
+pub(crate) fn listen_in(outer: &OwnedFd, net: &OwnedFd, ports: &[u16]) -> Result<Vec<std::net::TcpListener>> {
+    if ports.len() > MAX_SENT_FDS {
+        bail!("{} forwarded ports asked; at most {MAX_SENT_FDS} can be forwarded into one sandbox", ports.len());
+    }
+    let (outer, net) = (outer.as_raw_fd(), net.as_raw_fd());
+    let addresses: Vec<libc::sockaddr_in> = ports
+        .iter()
+        .map(|port| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be() },
+            sin_zero: [0; 8],
+        })
+        .collect();
+    let steps = ["join the outer user namespace", "enter the network namespace", "listen on a port", "send them"];
+    let body = |sock: RawFd| -> Result<(), usize> {
+        let mut fds = [-1 as RawFd; MAX_SENT_FDS];
+        // SAFETY: system calls on data prepared before the fork.
+        unsafe {
+            if libc::setns(outer, libc::CLONE_NEWUSER) != 0 {
+                return Err(0);
+            }
+            if libc::setns(net, libc::CLONE_NEWNET) != 0 {
+                return Err(1);
+            }
+            for (slot, address) in fds.iter_mut().zip(&addresses) {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                let on: libc::c_int = 1;
+                let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                if fd < 0
+                    || libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&on as *const libc::c_int).cast(), 4)
+                        != 0
+                    || libc::bind(fd, (address as *const libc::sockaddr_in).cast(), size) != 0
+                    || libc::listen(fd, 128) != 0
+                {
+                    return Err(2);
+                }
+                *slot = fd;
+            }
+            if !send_fds(sock, &fds[..addresses.len()]) {
+                return Err(3);
+            }
+            Ok(())
+        }
+    };
+    let fds = run_helper(&format!("listen on 127.0.0.1:{ports:?}"), &steps, &body)?;
+    if fds.len() != ports.len() {
+        bail!("the helper listening on ports {ports:?} sent {} sockets", fds.len());
+    }
+    fds.into_iter()
+        .map(|fd| {
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true).context("make the listener non-blocking")?;
+            Ok(listener)
+        })
+        .collect()
 }
 
 #[repr(C)]

@@ -107,7 +107,9 @@ impl Drop for Forwarders {
 
 /// Opens `127.0.0.1:port` in the network namespace `netns` for each port
 /// and relays connections to the host's `127.0.0.1:port`. Needs a Tokio runtime.
-pub(crate) fn forward(id: &str, netns: &Arc<OwnedFd>, ports: &[u16]) -> Result<Forwarders> {
+/// Rootless, `outer` is the sandbox's outer user namespace: a helper process
+/// joins it to open the listeners.
+pub(crate) fn forward(id: &str, netns: &Arc<OwnedFd>, outer: Option<&OwnedFd>, ports: &[u16]) -> Result<Forwarders> {
     let (stop, _) = tokio::sync::watch::channel(false);
     let forwarders = Forwarders { stop };
     if ports.is_empty() {
@@ -116,8 +118,11 @@ pub(crate) fn forward(id: &str, netns: &Arc<OwnedFd>, ports: &[u16]) -> Result<F
     let runtime = tokio::runtime::Handle::try_current().with_context(|| {
         format!("sandbox {id}: forwarding ports needs a Tokio runtime; create sandboxes inside one")
     })?;
-    let listeners = listen_inside(netns.clone(), ports.to_vec())
-        .with_context(|| format!("sandbox {id}: open the forwarded ports {ports:?} inside its network namespace"))?;
+    let listeners = match outer {
+        Some(outer) => crate::namespaces::listen_in(outer, netns, ports),
+        None => listen_inside(netns.clone(), ports.to_vec()),
+    }
+    .with_context(|| format!("sandbox {id}: open the forwarded ports {ports:?} inside its network namespace"))?;
     for (port, listener) in ports.iter().copied().zip(listeners) {
         let _guard = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)

@@ -28,8 +28,10 @@ pub(crate) struct Host {
     pub layout: Vec<RootEntry>,
     pub builder: Option<PathBuf>,
     pub cgroups: Cgroups,
-    /// Where host uid ranges are locked.
+    /// Where host uid ranges are locked (as root).
     pub uid_locks: PathBuf,
+    /// Rootless: this user's host uid and gid (sandbox root and the sandbox user).
+    pub rootless: Option<(u32, u32)>,
 }
 
 /// What a sandbox is given at creation (wit/protocol.md §3.3).
@@ -68,7 +70,8 @@ struct Processes {
 /// The namespaces, identities, groups and forwarders of a confined sandbox.
 struct Jail {
     holder: Holder,
-    uids: UidRange,
+    /// As root; rootless sandboxes share this user's uid.
+    uids: Option<UidRange>,
     groups: Arc<SandboxGroups>,
     _forwarders: Option<Forwarders>,
 }
@@ -132,11 +135,17 @@ impl Sandbox {
                     .with_context(|| format!("create the directories of sandbox {id} in {}", dir.display()))?;
                 Ok(Sandbox::assemble(id, dir, fs, host, spec, None, None))
             }
-            Confinement::Namespaces => {
-                let hint = u64::from(std::process::id()) << 16
-                    ^ id.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b));
-                let uids = UidRange::take(&host.uid_locks, hint)?;
-                let owners = Owners { root: uids.host(0), user: uids.host(SANDBOX_UID) };
+            Confinement::Namespaces | Confinement::Rootless => {
+                let (uids, owners) = match host.rootless {
+                    Some((uid, _)) => (None, Owners { root: uid, user: uid }),
+                    None => {
+                        let hint = u64::from(std::process::id()) << 16
+                            ^ id.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b));
+                        let uids = UidRange::take(&host.uid_locks, hint)?;
+                        let owners = Owners { root: uids.host(0), user: uids.host(SANDBOX_UID) };
+                        (Some(uids), owners)
+                    }
+                };
                 let made = Sandbox::confine(id, &dir, &host, &spec, uids, owners);
                 match made {
                     Ok((fs, jail, disk)) => {
@@ -159,14 +168,21 @@ impl Sandbox {
         dir: &Path,
         host: &Host,
         spec: &SandboxSpec,
-        uids: UidRange,
+        uids: Option<UidRange>,
         owners: Owners,
     ) -> Result<(PathBuf, Jail, Option<OwnedFd>)> {
-        let fs = files::create_areas(dir, Some(owners), host.builder.as_deref(), spec.limits.disk_mb)
+        // Rootless: everything is this user's already, and the holder mounts the disk (the host cannot).
+        let rootless = host.rootless.is_some();
+        let (chown, disk_mb) = if rootless { (None, None) } else { (Some(owners), spec.limits.disk_mb) };
+        let fs = files::create_areas(dir, chown, host.builder.as_deref(), disk_mb)
             .with_context(|| format!("create the directories of sandbox {id} in {}", dir.display()))?;
         let root = dir.join("root");
         std::fs::create_dir(&root).with_context(|| format!("create {}", root.display()))?;
-        let slot = format!("{}", uids.base);
+        static SLOTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let slot = match &uids {
+            Some(uids) => format!("{}", uids.base),
+            None => format!("u{}-{}", std::process::id(), SLOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        };
         let groups = Arc::new(
             SandboxGroups::create(&host.cgroups, &slot, &spec.limits)
                 .with_context(|| format!("sandbox {id}: create its cgroups ({})", host.cgroups.describe()))?,
@@ -178,10 +194,12 @@ impl Sandbox {
             areas: &AREAS,
             builder_dir: &dir.join(BUILDER_DIR),
             layout: &host.layout,
-            base_uid: uids.base,
+            base_uid: uids.as_ref().map_or(0, |u| u.base),
             private_network: matches!(spec.network, Network::Private { .. }),
+            rootless: host.rootless,
+            disk_mb: spec.limits.disk_mb,
         });
-        let holder = match holder {
+        let mut holder = match holder {
             Ok(holder) => holder,
             Err(e) => {
                 groups.remove();
@@ -189,7 +207,7 @@ impl Sandbox {
             }
         };
         let forwarders = match (&spec.network, holder.net()) {
-            (Network::Private { ports }, Some(net)) => Some(crate::network::forward(id, net, ports)),
+            (Network::Private { ports }, Some(net)) => Some(crate::network::forward(id, net, holder.outer(), ports)),
             _ => None,
         }
         .transpose();
@@ -201,9 +219,16 @@ impl Sandbox {
                 return Err(e);
             }
         };
+        let holder_disk = holder.take_disk();
         let jail = Jail { holder, uids, groups, _forwarders: forwarders };
         if spec.limits.disk_mb.is_none() {
             return Ok((fs, jail, None));
+        }
+        if rootless {
+            // The holder's disk, reached through the descriptor it handed over.
+            let disk = holder_disk.ok_or_else(|| anyhow!("sandbox {id}: its holder mounted no disk"))?;
+            let through = PathBuf::from(format!("/proc/self/fd/{}", disk.as_raw_fd()));
+            return Ok((through, jail, Some(disk)));
         }
         // The disk leaves the host's mount table (nothing to clean up on the host if this
         // process dies); the holder's binds and a descriptor keep it, the file API goes through it.
@@ -254,8 +279,20 @@ impl Sandbox {
 
     /// Host uid of `uid` inside (sandbox root is 0, the sandbox user
     /// [`SANDBOX_UID`]); `None` when unconfined (everything is this process's user).
+    ///
+    /// Rootless, sandbox root and the sandbox user are both this user's one
+    /// host uid, and other uids inside are not mapped (`None`).
     pub fn host_uid(&self, uid: u32) -> Option<u32> {
-        self.owners.map(|o| o.root + uid)
+        match (self.host.rootless, self.owners) {
+            (Some((host, _)), Some(_)) => (uid == 0 || uid == SANDBOX_UID).then_some(host),
+            (_, owners) => owners.map(|o| o.root + uid),
+        }
+    }
+
+    /// Which mechanism holds each of this sandbox's limits (and which asked
+    /// limit nothing holds here): what its create answer reports.
+    pub fn enforcement(&self) -> crate::Enforcement {
+        crate::Enforcement::new(&self.host.confinement, &self.host.cgroups, &self.spec.limits, self.spec.timeout)
     }
 
     /// Counts as activity: the timeout starts again from now.
@@ -312,7 +349,7 @@ impl Sandbox {
         }
         let pid = processes.list.len() as i64 + 1;
         let (command, group) = match self.host.confinement {
-            Confinement::Namespaces => {
+            Confinement::Namespaces | Confinement::Rootless => {
                 let jail = lock(&self.jail);
                 let jail = jail.as_ref().ok_or_else(|| anyhow!("sandbox {id} was terminated; create a new one"))?;
                 let (own_group, cgroup_procs) = jail.groups.for_process(pid)?;
@@ -524,7 +561,8 @@ impl Sandbox {
     /// returns the bytes written.
     pub async fn write_file(&self, path: &str, mut body: impl AsyncRead + Unpin) -> Result<u64> {
         let (area, rel) = self.area_file(path)?;
-        let owner = self.owners.map(|o| o.user);
+        // Rootless, files are this user's already (chown to the same uid is not needed).
+        let owner = self.owners.filter(|_| self.host.rootless.is_none()).map(|o| o.user);
         let file = tokio::task::spawn_blocking(move || files::create_file(&area, &rel, owner))
             .await?
             .map_err(files::explain)

@@ -93,10 +93,16 @@ async fn sandbox_root_is_not_host_root() {
     let owner = std::os::unix::fs::MetadataExt::uid(
         &std::fs::metadata(sandbox.host_path("/tmp/made-by-root").unwrap()).unwrap(),
     );
-    // Sandbox root is a host uid of the sandbox's own range, not host root.
+    // Sandbox root is a host uid of the sandbox's own range as root; rootless,
+    // the user's own uid. Never host root.
     let root = sandbox.host_uid(0).unwrap();
     assert_eq!(owner, root, "files of sandbox root belong to the sandbox's own host uid");
-    assert!(root >= snapsign_sandbox::FIRST_HOST_UID, "{root}");
+    assert_ne!(root, 0);
+    if host_is_root() {
+        assert!(root >= snapsign_sandbox::FIRST_HOST_UID, "{root}");
+    } else {
+        assert_eq!(root, my_uid(), "rootless, sandbox root is this user");
+    }
     // It owns nothing of the host: not the device nodes it sees, not /etc/shadow.
     let probes = "chmod 666 /dev/null && echo CHMOD; head -c1 /etc/shadow >/dev/null && echo SHADOW; \
                   unshare -U true && echo USERNS; echo done";
@@ -104,7 +110,7 @@ async fn sandbox_root_is_not_host_root() {
     assert!(lines.contains(&"stdout:done".to_owned()), "{lines:?}");
     assert!(!lines.contains(&"stdout:CHMOD".to_owned()), "changed a host device node: {lines:?}");
     assert!(!lines.contains(&"stdout:USERNS".to_owned()), "made a user namespace: {lines:?}");
-    if host_is_root() && Path::new("/etc/shadow").exists() {
+    if Path::new("/etc/shadow").exists() {
         assert!(!lines.contains(&"stdout:SHADOW".to_owned()), "read the host's /etc/shadow: {lines:?}");
     }
 }
@@ -193,4 +199,95 @@ async fn delete_kills_every_process_and_removes_the_directory() {
     assert_eq!(run_ok(&again, sh("ls -A /tmp /var")).await, ["/tmp:", "", "/var:"]);
     assert!(boxes.create("sbx-del").unwrap_err().to_string().contains("already exists"));
     assert!(boxes.create("Bad_Id").unwrap_err().to_string().contains("'Bad_Id'"));
+}
+
+/// Where user namespaces are refused (here: `user.max_user_namespaces` is 0
+/// in the user namespace this test re-runs itself in, as an ordinary uid),
+/// detection fails with an error naming the setting and the command that
+/// enables it, then root and --allow-unconfined. This test runs itself
+/// again inside that namespace (`SNAPSIGN_REFUSAL_CHILD`), where it checks
+/// the error; outside, it makes the namespace and checks the child's verdict.
+#[test]
+fn refused_user_namespaces_give_an_error_naming_the_setting_and_the_command() {
+    if std::env::var_os("SNAPSIGN_REFUSAL_CHILD").is_some() {
+        // SAFETY: geteuid cannot fail.
+        assert_ne!(unsafe { libc::geteuid() }, 0, "the child runs as an ordinary uid");
+        assert_eq!(
+            snapsign_sandbox::probe_user_namespaces(),
+            snapsign_sandbox::UsernsProbe::CloneRefused(libc::ENOSPC)
+        );
+        let err = snapsign_sandbox::Confinement::detect(false).unwrap_err().to_string();
+        for needle in [
+            "user.max_user_namespaces = 0",
+            "sudo sysctl -w user.max_user_namespaces=",
+            "run as root",
+            "--allow-unconfined",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+        println!("REFUSAL: {err}");
+        assert_eq!(snapsign_sandbox::Confinement::detect(true).unwrap(), snapsign_sandbox::Confinement::Unconfined);
+        return;
+    }
+    // The child: a user namespace of its own where this uid is 1000 and no
+    // further user namespace may be made; made in pre_exec from prepared bytes.
+    let uid_map = format!("1000 {} 1\n", my_uid()).into_bytes();
+    // SAFETY: getegid cannot fail.
+    let gid_map = format!("1000 {} 1\n", unsafe { libc::getegid() }).into_bytes();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["--exact", "refused_user_namespaces_give_an_error_naming_the_setting_and_the_command", "--nocapture"])
+        .env("SNAPSIGN_REFUSAL_CHILD", "1");
+    let write = |path: &std::ffi::CStr, bytes: &[u8]| -> bool {
+        // SAFETY: open/write/close on a NUL-terminated path and a live slice.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+            let ok = fd >= 0 && libc::write(fd, bytes.as_ptr().cast(), bytes.len()) == bytes.len() as isize;
+            libc::close(fd);
+            ok
+        }
+    };
+    // SAFETY: the closure makes system calls on data prepared before the fork.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, move || {
+            if libc::unshare(libc::CLONE_NEWUSER) != 0
+                || !write(c"/proc/self/setgroups", b"deny")
+                || !write(c"/proc/self/uid_map", &uid_map)
+                || !write(c"/proc/self/gid_map", &gid_map)
+                || !write(c"/proc/sys/user/max_user_namespaces", b"0")
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let out = child.output().expect("run this test again in a user namespace without user namespaces");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("REFUSAL: ") && stdout.contains("1 passed"), "{stdout}");
+    println!("{}", stdout.lines().find(|l| l.starts_with("REFUSAL: ")).unwrap_or_default());
+}
+
+/// A file of the host user that runs the sandboxes (rootless: the very uid
+/// of sandbox root) is out of reach: not by its path, not through pid 1's
+/// root or descriptors, not by entering pid 1's namespaces.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_host_users_own_files_are_out_of_reach() {
+    let dir = scratch();
+    let outside = scratch();
+    let secret = outside.path().join("host-secret");
+    std::fs::write(&secret, "host-secret-contents\n").unwrap();
+    let boxes = sandboxes(dir.path(), None);
+    let sandbox = boxes.create("sbx-reach").unwrap();
+    let path = secret.display();
+    let script = format!(
+        "cat {path}; cat /proc/1/root{path}; ls /proc/1/fd /proc/1/root; nsenter -t 1 -m cat {path}; \
+         cat /proc/1/environ; echo x >> {path}; exit 0"
+    );
+    for spec in [root_sh(&script), sh(&script)] {
+        let (lines, _) = run(&sandbox, spec).await;
+        assert!(!lines.iter().any(|l| l.contains("host-secret-contents")), "{lines:?}");
+        assert!(lines.iter().filter(|l| l.starts_with("stderr:")).count() >= 6, "each attempt failed: {lines:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host-secret-contents\n");
 }

@@ -41,6 +41,9 @@ async fn the_sandbox_user_cannot_write_roots_files_and_sandboxes_share_no_uid() 
     let boxes = sandboxes(dir.path(), None);
     let a = boxes.create("sbx-uid-a").unwrap();
     let b = boxes.create("sbx-uid-b").unwrap();
+    if !host_is_root() {
+        return rootless_identities(&a, &b).await;
+    }
     run_ok(&a, root_sh("echo root-secret > /var/secret && chmod 0600 /var/secret && echo open > /tmp/shared")).await;
     let (lines, info) =
         run(&a, sh("echo tampered > /var/secret; cat /var/secret; rm -f /var/secret; echo x >> /tmp/shared")).await;
@@ -65,6 +68,32 @@ async fn the_sandbox_user_cannot_write_roots_files_and_sandboxes_share_no_uid() 
     assert_eq!(lines.last().map(String::as_str), Some("refused"), "{lines:?}");
 }
 
+/// Rootless with one host uid: sandbox root and the sandbox user of every
+/// sandbox are this user (what that gives up: `docs/sandbox-modes.md`), so
+/// sandboxes are kept apart by their mount trees and namespaces, and root
+/// cannot take any other uid.
+async fn rootless_identities(a: &snapsign_sandbox::Sandbox, b: &snapsign_sandbox::Sandbox) {
+    let me = my_uid();
+    for sandbox in [a, b] {
+        assert_eq!(sandbox.host_uid(0), Some(me));
+        assert_eq!(sandbox.host_uid(snapsign_sandbox::SANDBOX_UID), Some(me));
+        assert_eq!(sandbox.host_uid(5), None, "no other uid is mapped");
+    }
+    run_ok(a, root_sh("echo root-secret > /var/secret && chmod 0600 /var/secret")).await;
+    let meta = std::fs::metadata(a.host_path("/var/secret").unwrap()).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), me);
+    // Root maps only itself (0 -> the outer namespace's 0, this user), and can neither
+    // take nor hand out another uid; the sandbox user is 1000 over the same uid.
+    let lines = run_ok(a, root_sh("cat /proc/self/uid_map; chown 4242 /tmp 2>&1 || echo refused; setpriv --reuid 4242 true 2>/dev/null || echo nouid")).await;
+    assert!(lines[0].split_whitespace().eq(["0", "0", "1"]), "{lines:?}");
+    assert_eq!(lines[lines.len() - 2..], ["refused", "nouid"], "{lines:?}");
+    let lines = run_ok(a, sh("cat /proc/self/uid_map; id -u")).await;
+    assert!(lines[0].split_whitespace().eq(["1000", "0", "1"]), "{lines:?}");
+    // Same host uid, yet b cannot reach a's files: they are not in its mount tree.
+    let (lines, _) = run(b, root_sh(&format!("cat /var/secret {}/fs/var/secret; exit 0", a.dir().display()))).await;
+    assert!(!lines.iter().any(|l| l.contains("root-secret")), "{lines:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fork_bomb_stops_at_the_process_limit() {
     let dir = scratch();
@@ -85,7 +114,16 @@ async fn a_fork_bomb_stops_at_the_process_limit() {
 async fn a_memory_hog_is_oom_killed_and_reported() {
     let dir = scratch();
     let boxes = sandboxes(dir.path(), None);
-    assert!(boxes.cgroups().has_memory(), "this machine offers a memory controller: {:?}", boxes.cgroups());
+    // Root here always has a memory controller; an ordinary user only where one is delegated.
+    assert!(boxes.cgroups().has_memory() || !host_is_root(), "this machine offers root a memory controller");
+    if !boxes.cgroups().has_memory() {
+        // rlimits: the hog's allocation fails; it is not killed, and not reported as OOM-killed.
+        let sandbox = boxes.create_with("sbx-hog", spec(Limits { memory_mb: Some(32), ..Limits::default() })).unwrap();
+        let (lines, info) = run(&sandbox, sh("head -c 256M /dev/zero | tail -n 1 | wc -c")).await;
+        assert!(lines.iter().any(|l| l.contains("memory exhausted")), "{lines:?}");
+        assert_eq!((info.status.as_str(), info.oom_killed), ("exited", false), "{info:?}");
+        return;
+    }
     let sandbox = boxes.create_with("sbx-hog", spec(Limits { memory_mb: Some(32), ..Limits::default() })).unwrap();
     // `tail` keeps the whole (newline-free) line in memory: 256 MiB, far past 32.
     let (_, info) = run(&sandbox, sh("head -c 256M /dev/zero | tail -n 1 | wc -c")).await;
@@ -93,6 +131,58 @@ async fn a_memory_hog_is_oom_killed_and_reported() {
     // A process within the limit is not.
     let (_, fine) = run(&sandbox, sh("head -c 8M /dev/zero | tail -n 1 | wc -c")).await;
     assert_eq!((fine.status.as_str(), fine.oom_killed, fine.exit_code), ("exited", false, Some(0)));
+}
+
+/// Asked for 64 MiB, a sandbox cannot hold 512 MiB: with a memory
+/// controller the hog is OOM-killed; with rlimits only (rootless here) its
+/// allocation fails. Either way the create answer names the mechanism.
+#[tokio::test(flavor = "multi_thread")]
+async fn asked_64_mib_cannot_hold_512_mib() {
+    let dir = scratch();
+    let boxes = sandboxes(dir.path(), None);
+    let sandbox = boxes.create_with("sbx-512", spec(Limits { memory_mb: Some(64), ..Limits::default() })).unwrap();
+    let held = sandbox.enforcement();
+    let hog = "head -c 512M /dev/zero | tail -n 1 | wc -c";
+    let (lines, info) = run(&sandbox, sh(hog)).await;
+    assert!(!lines.contains(&format!("stdout:{}", 512 << 20)), "held 512 MiB: {lines:?}");
+    if boxes.cgroups().has_memory() {
+        assert!(held.memory.contains("memory controller"), "{held:?}");
+        assert_eq!((info.status.as_str(), info.oom_killed), ("oom_killed", true), "{info:?}");
+    } else {
+        assert!(held.memory.starts_with("RLIMIT_AS"), "{held:?}");
+        assert!(lines.iter().any(|l| l.contains("memory exhausted") || l.contains("Cannot allocate")), "{lines:?}");
+        // A direct allocation fails too, and nothing was OOM-killed.
+        let (lines, _) = run(&sandbox, sh("perl -e '$x = \"a\" x (512 << 20); print \"held\\n\"'")).await;
+        assert!(!lines.contains(&"stdout:held".to_owned()), "{lines:?}");
+        assert!(!info.oom_killed);
+    }
+    assert!(held.not_held.is_empty(), "{held:?}");
+    // Within the limit all is well.
+    assert_eq!(run_ok(&sandbox, sh("head -c 8M /dev/zero | tail -n 1 | wc -c")).await, [(8 << 20).to_string()]);
+}
+
+/// With pids limited (to 512, the default), a sandbox cannot start 700 processes.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_pids_limited_700_processes_cannot_start() {
+    let dir = scratch();
+    let boxes = sandboxes(dir.path(), None);
+    let sandbox = boxes.create_with("sbx-700", spec(Limits::default())).unwrap();
+    let held = sandbox.enforcement();
+    assert!(held.pids.contains(&snapsign_sandbox::DEFAULT_PIDS.to_string()), "{held:?}");
+    let marker = format!("sleep 61.{}", std::process::id());
+    let bomb = format!("i=0; while [ $i -lt 700 ]; do {marker} >/dev/null 2>&1 & i=$((i+1)); done; echo all-started");
+    let (lines, _) = run(&sandbox, sh(&bomb)).await;
+    assert!(
+        !lines.contains(&"stdout:all-started".to_owned()),
+        "700 processes started: {:?}",
+        &lines[..3.min(lines.len())]
+    );
+    let running = host_processes_with(&marker).len();
+    assert!(running < 700 && running > 100, "{running} processes");
+    // Another sandbox of the same host user is not starved by this one.
+    let other = boxes.create("sbx-700-other").unwrap();
+    assert_eq!(run_ok(&other, sh("echo fine")).await, ["fine"]);
+    assert!(within(boxes.delete("sbx-700")).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -200,6 +290,14 @@ async fn cpus_become_a_cfs_quota_that_throttles_a_busy_loop() {
     let dir = scratch();
     let boxes = sandboxes(dir.path(), None);
     let sandbox = boxes.create_with("sbx-cpu", spec(Limits { cpus: Some(0.2), ..Limits::default() })).unwrap();
+    let held = sandbox.enforcement();
+    if !host_is_root() && held.cpu.starts_with("not held") {
+        // No cpu controller for an ordinary user here: the limit is named as not held, not dropped.
+        assert_eq!(held.not_held, ["cpu"], "{held:?}");
+        assert!(held.cpu.starts_with("not held"), "{held:?}");
+        return;
+    }
+    assert!(held.cpu.contains("cpu controller") && held.not_held.is_empty(), "{held:?}");
     // This machine's cpu controller is cgroup v1; the sandbox's group sits under this process's own.
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let own = own

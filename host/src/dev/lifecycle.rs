@@ -55,9 +55,12 @@ impl Emulator {
         let spec =
             self.sandboxes.spec_for(&request).map_err(|e| ApiError::bad_request("invalid_field", format!("{e:#}")))?;
         let id = format!("sbx-{}", self.state.next_id("sandbox")?);
-        self.sandboxes
+        let sandbox = self
+            .sandboxes
             .create_with(&id, spec)
             .map_err(|e| ApiError::internal(e.context(format!("create sandbox {id}"))))?;
+        // Which mechanism holds each limit here (cgroups, rlimits, tmpfs), and which asked limit none holds.
+        let limits = serde_json::to_value(sandbox.enforcement()).unwrap_or_default();
         self.state.put_sandbox(&id, namespace, &image, "pending")?;
         let record = SandboxRecord {
             namespace: namespace.to_owned(),
@@ -69,7 +72,7 @@ impl Emulator {
         self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), record);
         tracing::info!(sandbox = %id, %namespace, "sandbox created (pending)");
         Ok(
-            json!({"sandbox_id": id, "status": "pending", "routing_hint": format!("local-{id}"), "sandbox_url": self.base_url()}),
+            json!({"sandbox_id": id, "status": "pending", "routing_hint": format!("local-{id}"), "sandbox_url": self.base_url(), "limits": limits}),
         )
     }
 

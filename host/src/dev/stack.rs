@@ -172,6 +172,8 @@ pub struct DevStack {
     pub admin_token: String,
     /// What this start cleaned up after a previous run that died.
     pub recovered: super::Recovered,
+    /// How local sandboxes are confined here and what holds their limits (chosen once at start).
+    pub sandbox_mode: String,
 }
 
 impl DevStack {
@@ -232,6 +234,7 @@ impl DevStack {
         })
         .await?;
 
+        let sandbox_mode = sandboxes.describe();
         let granted = sandboxes.clone();
         let platform = Arc::new(Emulator::new(
             state,
@@ -269,6 +272,7 @@ impl DevStack {
             namespace: config.namespace.clone(),
             admin_token: secrets.admin_token,
             recovered,
+            sandbox_mode,
         })
     }
 

@@ -10,11 +10,20 @@ use snapsign_sandbox::{Confinement, ProcessInfo, ProcessSpec, Sandbox, Sandboxes
 /// Every wait of these tests ends by this deadline.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Sandboxes under `root`, confined with namespaces (these tests run as root).
+/// Sandboxes under `root`, confined with namespaces: as root
+/// ([`Confinement::Namespaces`]) or as an ordinary user
+/// ([`Confinement::Rootless`]); these tests run both ways (see `.ci/run`).
 pub fn sandboxes(root: &Path, builder: Option<PathBuf>) -> Sandboxes {
-    let confinement =
-        Confinement::detect(false).expect("these tests run sandboxes confined with namespaces: run them as root");
+    let confinement = Confinement::detect(false).expect("these tests run sandboxes confined with namespaces");
+    let expected = if host_is_root() { Confinement::Namespaces } else { Confinement::Rootless };
+    assert_eq!(confinement, expected);
     Sandboxes::new(SandboxesConfig { root_dir: root.to_owned(), confinement, builder_binary: builder }).unwrap()
+}
+
+/// This test process's host uid.
+pub fn my_uid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// `/bin/sh -c script` as the sandbox user.
