@@ -412,9 +412,10 @@ fn figures(host: &str, first_answer: Option<Duration>, runs: Vec<Run>) -> Figure
 
 fn print_table(options: &BenchOptions, figures: &[Figures]) {
     println!(
-        "snapsign bench hosts ({} build, get_blob, {} connections, {} round(s) of {} s per host; req/s is the median round, × native the median of per-round ratios)",
+        "snapsign bench hosts ({} build, get_blob, {} connections, {} caller(s), {} round(s) of {} s per host; req/s is the median round, × native the median of per-round ratios)",
         if cfg!(debug_assertions) { "debug" } else { "release" },
         options.concurrency,
+        options.callers,
         options.rounds,
         options.seconds
     );

@@ -84,9 +84,10 @@ pub struct BenchHosts {
     /// Measure only these hosts (comma-separated) after the native ceiling, which always runs [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<super::bench::BenchHost>,
-    /// Distinct caller tokens, sent in turn (1: one tenant; 1000: many tenants, each signing now and then).
-    #[arg(long, default_value_t = 1)]
-    callers: usize,
+    /// Distinct caller tokens, sent in turn (1: one tenant; 1000: many
+    /// tenants, each signing now and then); several (`1,1000`) measure each in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    callers: Vec<usize>,
 }
 
 /// Runs `snapsign bench hosts`.
@@ -94,8 +95,8 @@ pub async fn bench_hosts(args: BenchHosts) -> Result<()> {
     if args.seconds <= 0.0 || args.seconds > 600.0 || args.concurrency == 0 || args.concurrency > 1024 {
         bail!("--seconds must be in (0, 600] and --concurrency in 1..=1024");
     }
-    if args.callers == 0 || args.callers > 100_000 {
-        bail!("--callers must be in 1..=100000 (got {})", args.callers);
+    if let Some(bad) = args.callers.iter().find(|&&n| n == 0 || n > 100_000) {
+        bail!("--callers must be in 1..=100000 (got {bad})");
     }
     let options = super::bench::BenchOptions {
         seconds: args.seconds,
@@ -104,9 +105,12 @@ pub async fn bench_hosts(args: BenchHosts) -> Result<()> {
         tools_dir: args.tools_dir.unwrap_or_else(Tools::default_dir),
         rounds: args.rounds,
         only: args.only,
-        callers: args.callers,
+        callers: 1,
     };
-    super::bench::run(&options).await.map(|_| ())
+    for callers in args.callers {
+        super::bench::run(&super::bench::BenchOptions { callers, ..options.clone() }).await?;
+    }
+    Ok(())
 }
 
 /// Runs `snapsign deploy ...`.
