@@ -63,7 +63,9 @@ pub struct ServeSignerArgs {
     /// Wall-clock limit of one request, seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
-    /// Requests served at once (size of the instance pool).
+    /// Requests served at once (size of the instance pool, idle instances
+    /// included: they give way to new callers). A request that finds all
+    /// running waits up to 1 s, then gets 503 signer_busy.
     #[arg(long, default_value_t = 32)]
     pub max_concurrency: u32,
     /// Compiled-component cache [default: $SNAPSIGN_CACHE_DIR, ~/.cache/snapsign].
