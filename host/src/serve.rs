@@ -541,9 +541,12 @@ impl Watched {
         let silent = open
             .iter()
             .filter_map(|(id, entry)| Some((*id, entry.activity.waiting_for_head()?)))
-            .max_by_key(|(_, waited)| *waited);
+            // Times are whole milliseconds: of equal waits the older connection (lower id) goes.
+            .max_by_key(|(id, waited)| (*waited, std::cmp::Reverse(*id)));
         let idle = || {
-            open.iter().filter_map(|(id, entry)| Some((*id, entry.activity.idle_for()?))).max_by_key(|(_, idle)| *idle)
+            open.iter()
+                .filter_map(|(id, entry)| Some((*id, entry.activity.idle_for()?)))
+                .max_by_key(|(id, idle)| (*idle, std::cmp::Reverse(*id)))
         };
         let (victim, why) = match silent {
             Some((id, _)) => (id, "it had sent no complete request head"),
