@@ -240,16 +240,19 @@ fn detect_v1(mountinfo: &str, own: &str) -> Cgroups {
     Cgroups::V1 { memory, pids, cpu }
 }
 
-fn detect_v2(mountinfo: &str, own: &str) -> Result<Option<Cgroups>> {
-    let Some(point) = mountinfo
+/// This process's own cgroup v2 group, as a directory and as its path in
+/// the hierarchy, when a cgroup2 hierarchy is mounted.
+fn own_v2_group(mountinfo: &str, own: &str) -> Option<(std::path::PathBuf, String)> {
+    let point = mountinfo
         .lines()
         .filter_map(mount_fields)
-        .find_map(|(point, fstype, _)| (fstype == "cgroup2").then_some(point))
-    else {
-        return Ok(None);
-    };
-    let Some(group) = own_group(own, "") else { return Ok(None) };
-    let base = Path::new(point).join(group.trim_start_matches('/'));
+        .find_map(|(point, fstype, _)| (fstype == "cgroup2").then_some(point))?;
+    let group = own_group(own, "")?;
+    Some((Path::new(point).join(group.trim_start_matches('/')), group.to_string()))
+}
+
+fn detect_v2(mountinfo: &str, own: &str) -> Result<Option<Cgroups>> {
+    let Some((base, _)) = own_v2_group(mountinfo, own) else { return Ok(None) };
     let available = std::fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
     let wanted: Vec<String> = ["memory", "pids", "cpu"]
         .into_iter()
@@ -276,15 +279,7 @@ fn detect_v2(mountinfo: &str, own: &str) -> Result<Option<Cgroups>> {
 /// controllers for children, so this process first moves itself into a
 /// leaf `snapsign-host` below it (allowed within a delegated subtree).
 fn detect_v2_delegated(mountinfo: &str, own: &str) -> Result<Option<Cgroups>> {
-    let Some(point) = mountinfo
-        .lines()
-        .filter_map(mount_fields)
-        .find_map(|(point, fstype, _)| (fstype == "cgroup2").then_some(point))
-    else {
-        return Ok(None);
-    };
-    let Some(group) = own_group(own, "") else { return Ok(None) };
-    let base = Path::new(point).join(group.trim_start_matches('/'));
+    let Some((base, group)) = own_v2_group(mountinfo, own) else { return Ok(None) };
     let control = base.join("cgroup.subtree_control");
     // SAFETY: access(2) on a NUL-terminated path.
     let path = std::ffi::CString::new(control.as_os_str().as_encoded_bytes()).context("cgroup path has a NUL")?;
