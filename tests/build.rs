@@ -526,3 +526,111 @@ fn the_demo_builds_and_verifies_three_images_and_cleans_up() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "the demo left {left:?} behind");
 }
+
+/// A stored snapshot, unpacked: its manifest, its raw entry names and the tree.
+fn stored_snapshot(dir: &Path, uri: &str) -> (Vec<String>, tempfile::TempDir, snapsign_rootfs_builder::tree::Tree) {
+    let key = uri.strip_prefix("s3://snapshots/").expect("a dev-stack snapshot uri");
+    let bytes = std::fs::read(dir.join("store/snapshots").join(key)).expect("the object is in the store");
+    let mut raw = tar::Archive::new(zstd::Decoder::new(bytes.as_slice()).unwrap());
+    let names = raw.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_str().unwrap().to_owned()).collect();
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("snapshot.tar.zst");
+    std::fs::write(&path, &bytes).unwrap();
+    let mut tree = snapsign_rootfs_builder::tree::Tree::create(out.path().join("tree")).unwrap();
+    snapsign_rootfs_builder::archive::read_archive(&path, Some(&mut tree)).unwrap();
+    (names, out, tree)
+}
+
+/// A base image with this machine's sh, bash and coreutils, made executable
+/// by `--chmod` (WASI carries no permission bits into the context).
+const RUN_BASE: &str = "FROM scratch\nCOPY --chmod=755 rootfs/ /\nENV GREETING=hello\nWORKDIR /srv\n\
+    RUN echo \"$GREETING from $(pwd) as $(id -u)\" > made-by-run && echo base > /etc/motd && echo ran-in-the-sandbox\n\
+    RUN if cat /var/lib/tensorlake/rootfs-builder/build/spec.json; then echo READ; else echo refused; fi > spec-read\n\
+    RUN if bash -c 'echo x > /dev/tcp/127.0.0.1/STORE_PORT'; then echo CONNECTED; else echo refused; fi > store\n\
+    RUN echo /proc/[0-9]* > pids && cat /proc/net/dev > netdev && chmod 1777 /tmp\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_steps_build_in_the_builder_sandbox_and_diffs_record_deletions() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ctx = tempfile::tempdir().unwrap();
+    common::rootfs::write(&ctx.path().join("rootfs"));
+    // The builder sandbox reaches the store through a forwarded port (it uploads there), so a
+    // refusal is the step's own network.
+    let store_port = stack.store.addr().port().to_string();
+    let dockerfile = RUN_BASE.replace("STORE_PORT", &store_port);
+    let run = build(&options(&stack, "run-base", &dockerfile, ctx.path())).await;
+    let base = run.outcome.unwrap_or_else(|e| panic!("the RUN build failed: {e}\n{:#?}", run.events));
+    assert!(
+        run.events.iter().any(|e| matches!(e, BuildEvent::Log(_, line) if line == "ran-in-the-sandbox")),
+        "a step's output is streamed as builder log lines: {:#?}",
+        run.events
+    );
+    let (_, _out, tree) = stored_snapshot(dir.path(), base["snapshotUri"].as_str().unwrap());
+    let read = |rel: &str| std::fs::read_to_string(tree.host(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    assert_eq!(read("srv/made-by-run"), "hello from /srv as 0\n");
+    assert_eq!(read("etc/motd"), "base\n");
+    assert_eq!(read("srv/spec-read"), "refused\n", "a step cannot read the builder's spec.json");
+    assert_eq!(read("srv/store"), "refused\n", "a step cannot connect to the store");
+    assert_eq!(read("srv/pids"), "/proc/1\n", "a step sees no process of the builder or the host");
+    let netdev = read("srv/netdev");
+    let interfaces: Vec<&str> =
+        netdev.lines().filter_map(|l| l.split_once(':')).map(|(n, _)| n.trim()).filter(|n| !n.contains('|')).collect();
+    assert_eq!(interfaces, ["lo"], "a step's network has only loopback");
+
+    // A diff build deletes a file of the base: its snapshot holds only the change, the deletion included.
+    let child = build(&options(
+        &stack,
+        "run-child",
+        "FROM run-base\nRUN rm /etc/motd && echo child > /srv/child\n",
+        ctx.path(),
+    ))
+    .await;
+    let child = child.outcome.unwrap_or_else(|e| panic!("the diff RUN build failed: {e}\n{:#?}", child.events));
+    assert_eq!(child["rootfsNodeKind"], "diff");
+    let (names, _out, _) = stored_snapshot(dir.path(), child["snapshotUri"].as_str().unwrap());
+    assert_eq!(names, ["snapshot.json", "rootfs/etc/.wh.motd", "rootfs/srv/child"]);
+
+    // A failing step fails the build naming the line, the command and the code; nothing is left.
+    let failed =
+        build(&options(&stack, "run-fails", "FROM run-base\nCOPY rootfs/etc/passwd /x\nRUN exit 7\n", ctx.path()))
+            .await;
+    let error = failed.outcome.expect_err("RUN exit 7 fails the build").to_string();
+    assert!(error.contains("failed with exit code 1"), "{error}");
+    let said = "error: spec.dockerfile line 3: RUN exit 7: step 3/3 failed: \
+                the command \"/bin/sh -c exit 7\" exited with code 7";
+    assert!(
+        failed.events.iter().any(|e| matches!(e, BuildEvent::Log(_, line) if line == said)),
+        "the builder's log names the step: {:#?}",
+        failed.events
+    );
+    assert_eq!(lookup(&stack, "run-fails").await, 404, "no template for a failed build");
+    assert!(stack.platform.live_sandboxes().is_empty(), "builder sandboxes deleted");
+    assert!(open_uploads(dir.path()).is_empty(), "no upload left open");
+
+    // USER: a step runs as the image's user where the sandbox maps a uid range (as root);
+    // a rootless sandbox maps one uid, and says so.
+    let user = "FROM run-base\nUSER app\nWORKDIR /tmp\n\
+                RUN id -u > uid && id -G > groups && if touch /etc/app-was-here; then echo WROTE; else echo refused; fi > etc-write\n";
+    let as_user = build(&options(&stack, "run-user", user, ctx.path())).await;
+    if unsafe { libc::geteuid() } == 0 {
+        let done = as_user.outcome.unwrap_or_else(|e| panic!("the USER build failed: {e}\n{:#?}", as_user.events));
+        let (_, _out, tree) = stored_snapshot(dir.path(), done["snapshotUri"].as_str().unwrap());
+        let read = |rel: &str| std::fs::read_to_string(tree.host(rel)).unwrap();
+        assert_eq!(read("tmp/uid"), "1000\n");
+        assert_eq!(read("tmp/groups"), "1000 50\n");
+        assert_eq!(read("tmp/etc-write"), "refused\n", "app may not write root's /etc");
+        let owner = tree.owner("tmp/uid");
+        assert_eq!((owner.uid, owner.gid), (1000, 1000), "the snapshot records who made the file");
+    } else {
+        as_user.outcome.expect_err("a rootless sandbox has no uid 1000");
+        let logged =
+            |needle: &str| as_user.events.iter().any(|e| matches!(e, BuildEvent::Log(_, l) if l.contains(needle)));
+        assert!(
+            logged("RUN: become gid 1000: Invalid argument (os error 22) (this sandbox maps only uid 0"),
+            "{:#?}",
+            as_user.events
+        );
+    }
+    stack.shutdown().await;
+}

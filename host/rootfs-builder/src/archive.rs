@@ -81,10 +81,35 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// The name prefix that marks a deletion in a diff archive (OCI's whiteout).
+pub const WHITEOUT_PREFIX: &str = ".wh.";
+
+/// What the archive writes for one path: a tree entry, or the whiteout of a
+/// parent's entry the build deleted.
+enum Item {
+    Entry(Entry),
+    Whiteout(String),
+}
+
+impl Item {
+    /// The path as the archive names it (without `rootfs/`).
+    fn rel(&self) -> String {
+        match self {
+            Item::Entry(entry) => entry.rel.clone(),
+            Item::Whiteout(rel) => match rel.rsplit_once('/') {
+                Some((dir, name)) => format!("{dir}/{WHITEOUT_PREFIX}{name}"),
+                None => format!("{WHITEOUT_PREFIX}{rel}"),
+            },
+        }
+    }
+}
+
 /// Writes `tree` to `out` as `snapshot.json` + `rootfs/…`, streaming through
 /// zstd into the file while hashing. With `parent`, only entries that are new
 /// or differ from the parent's (kind, mode, owner, size, content or link
-/// target) are written: the archive of a diff build is a layer over its parent.
+/// target) are written, plus a whiteout (`dir/.wh.name`, an empty file) for
+/// each parent entry the build deleted whose directory is still there: the
+/// archive of a diff build is a layer over its parent.
 /// `manifest.files` is filled in here.
 pub fn write_archive(
     out: &Path,
@@ -92,17 +117,38 @@ pub fn write_archive(
     tree: &Tree,
     parent: Option<&ParentIndex>,
 ) -> Result<ArchiveSummary> {
-    let mut entries = tree.entries().context("list the tree")?;
-    if let Some(parent) = parent {
-        let mut changed = Vec::with_capacity(entries.len());
-        for entry in entries {
-            if is_changed(tree, &entry, parent.get(&entry.rel))? {
-                changed.push(entry);
-            }
-        }
-        entries = changed;
+    let entries = tree.entries().context("list the tree")?;
+    if let Some(reserved) =
+        entries.iter().find(|e| e.rel.rsplit('/').next().is_some_and(|n| n.starts_with(WHITEOUT_PREFIX)))
+    {
+        bail!(
+            "the rootfs holds /{}: names beginning with {WHITEOUT_PREFIX} mark deletions in {FORMAT_VERSION} \
+             snapshots; rename it",
+            reserved.rel
+        );
     }
-    manifest.files = entries.len() as u64;
+    let mut items: Vec<Item> = Vec::with_capacity(entries.len());
+    match parent {
+        None => items.extend(entries.into_iter().map(Item::Entry)),
+        Some(parent) => {
+            let dirs: std::collections::BTreeSet<&str> =
+                entries.iter().filter(|e| e.kind == Kind::Dir).map(|e| e.rel.as_str()).collect();
+            let present: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.rel.as_str()).collect();
+            for rel in parent.keys() {
+                let dir_kept = rel.rsplit_once('/').is_none_or(|(dir, _)| dirs.contains(dir));
+                if !present.contains(rel.as_str()) && dir_kept {
+                    items.push(Item::Whiteout(rel.clone()));
+                }
+            }
+            for entry in entries {
+                if is_changed(tree, &entry, parent.get(&entry.rel))? {
+                    items.push(Item::Entry(entry));
+                }
+            }
+            items.sort_by_cached_key(|item| item.rel().split('/').map(str::to_owned).collect::<Vec<_>>());
+        }
+    }
+    manifest.files = items.len() as u64;
 
     let file = File::create(out).with_context(|| format!("create {}", out.display()))?;
     let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
@@ -113,7 +159,17 @@ pub fn write_archive(
     let mut header = tar_header(EntryType::Regular, 0o644, Owner::default(), json.len() as u64);
     builder.append_data(&mut header, MANIFEST_ENTRY, json.as_slice()).context("write snapshot.json")?;
 
-    for entry in &entries {
+    for item in &items {
+        let entry = match item {
+            Item::Entry(entry) => entry,
+            Item::Whiteout(rel) => {
+                let mut header = tar_header(EntryType::Regular, 0o644, Owner::default(), 0);
+                builder
+                    .append_data(&mut header, format!("{ROOTFS_PREFIX}{}", item.rel()), io::empty())
+                    .with_context(|| format!("write the whiteout of /{rel} to the archive"))?;
+                continue;
+            }
+        };
         let path = format!("{ROOTFS_PREFIX}{}", entry.rel);
         match entry.kind {
             Kind::Dir => {
@@ -175,8 +231,10 @@ fn is_changed(tree: &Tree, entry: &Entry, before: Option<&Signature>) -> Result<
 /// Reads and checks an archive: zstd-compressed tar, `snapshot.json` first with
 /// `formatVersion` = `snapsign_tar_zstd_v1`, then only `rootfs/` entries
 /// (directories, files, symlinks) with plain relative paths in strictly sorted
-/// order, exactly `files` of them. With `into`, the rootfs is extracted into
-/// the tree (owners recorded, modes applied, no write through a symlink).
+/// order, exactly `files` of them (whiteouts included; only a diff archive
+/// may hold whiteouts). With `into`, the rootfs is extracted into the tree
+/// (owners recorded, modes applied, no write through a symlink) and a
+/// whiteout deletes what it names.
 pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSnapshot> {
     let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
     let decoder = zstd::Decoder::new(file).context("start zstd")?;
@@ -186,6 +244,7 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
     let mut index = ParentIndex::new();
     let mut previous: Option<String> = None;
     let mut dir_modes = Vec::new();
+    let mut count = 0u64;
     for entry in entries {
         let mut entry = entry.map_err(not_the_format)?;
         let name = entry.path().map_err(not_the_format)?.to_str().map(str::to_owned);
@@ -219,6 +278,21 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
             );
         }
         previous = Some(rel.clone());
+        count += 1;
+        let (dir, last) = rel.rsplit_once('/').map_or(("", rel.as_str()), |(d, n)| (d, n));
+        if let Some(deleted) = last.strip_prefix(WHITEOUT_PREFIX) {
+            let node_kind = manifest.as_ref().map(|m| m.node_kind.as_str()).unwrap_or_default();
+            ensure!(node_kind == "diff", "entry {name} is a whiteout, which only a diff archive may hold");
+            ensure!(
+                header.entry_type() == EntryType::Regular && entry.size() == 0 && is_plain_relative(deleted),
+                "entry {name} is not a whiteout (an empty file {WHITEOUT_PREFIX}<name>)"
+            );
+            if let Some(tree) = into.as_deref_mut() {
+                let target = if dir.is_empty() { deleted.to_owned() } else { format!("{dir}/{deleted}") };
+                tree.remove(&target).with_context(|| format!("apply the whiteout {name}"))?;
+            }
+            continue;
+        }
         let mode = header.mode().map_err(not_the_format)? & 0o7777;
         let owner = Owner { uid: header.uid().map_err(not_the_format)?, gid: header.gid().map_err(not_the_format)? };
         let signature = match header.entry_type() {
@@ -233,7 +307,7 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
                             fs::DirBuilder::new().mode(0o755).create(&host).with_context(|| format!("mkdir /{rel}"))?
                         }
                     }
-                    tree.set_owner(&rel, owner);
+                    tree.set_owner(&rel, owner)?;
                     dir_modes.push((rel.clone(), mode));
                 }
                 Signature { kind: Kind::Dir, mode, owner, size: 0, link: None, digest: None }
@@ -252,7 +326,7 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
                         out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("write /{rel}"))?;
                         fs::set_permissions(&host, fs::Permissions::from_mode(mode))
                             .with_context(|| format!("chmod /{rel}"))?;
-                        tree.set_owner(&rel, owner);
+                        tree.set_owner(&rel, owner)?;
                         digest
                     }
                     None => {
@@ -270,7 +344,7 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
                 if let Some(tree) = into.as_deref_mut() {
                     tree.ensure_parent_dirs(&rel)?;
                     symlink(&target, tree.host(&rel)).with_context(|| format!("create symlink /{rel}"))?;
-                    tree.set_owner(&rel, owner);
+                    tree.set_owner(&rel, owner)?;
                 }
                 Signature { kind: Kind::Symlink, mode, owner, size: 0, link: Some(target), digest: None }
             }
@@ -280,10 +354,9 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
     }
     let manifest = manifest.ok_or_else(|| anyhow!("the archive is empty (no {MANIFEST_ENTRY})"))?;
     ensure!(
-        manifest.files == index.len() as u64,
-        "snapshot.json says files={} but the archive has {} rootfs entries",
-        manifest.files,
-        index.len()
+        manifest.files == count,
+        "snapshot.json says files={} but the archive has {count} rootfs entries",
+        manifest.files
     );
     if let Some(tree) = into {
         // Deepest first, so a read-only directory is closed only after its contents were written.
@@ -323,7 +396,7 @@ mod tests {
         fs::write(tree.host("app/data.txt"), "data").unwrap();
         fs::set_permissions(tree.host("app/data.txt"), fs::Permissions::from_mode(0o644)).unwrap();
         symlink("bin/run", tree.host("app/run")).unwrap();
-        tree.set_owner("app/data.txt", Owner { uid: 1000, gid: 1000 });
+        tree.set_owner("app/data.txt", Owner { uid: 1000, gid: 1000 }).unwrap();
         let long = "d".repeat(120);
         tree.make_dirs(&format!("/deep/{long}")).unwrap();
         fs::write(tree.host(&format!("deep/{long}/file-with-a-long-path")), "x").unwrap();
@@ -403,6 +476,63 @@ mod tests {
         assert_eq!(changed, ["app/bin", "app/data.txt", "app/new.txt"]);
         assert_eq!(summary.files, 3);
         assert_eq!(back.manifest.node_kind, "diff");
+    }
+
+    #[test]
+    fn a_whiteout_is_written_once_per_deleted_path_whose_directory_remains() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = sample_tree(dir.path());
+        let parent_path = dir.path().join("parent.tar.zst");
+        write_archive(&parent_path, manifest("base"), &tree, None).unwrap();
+        let mut child = Tree::create(dir.path().join("child")).unwrap();
+        let parent = read_archive(&parent_path, Some(&mut child)).unwrap();
+        child.remove("app/bin").unwrap(); // a directory and its file: one whiteout
+        child.remove("app/data.txt").unwrap();
+        child.remove("deep").unwrap(); // a top-level directory
+        fs::write(child.host("app/data.txt.new"), "n").unwrap();
+        fs::set_permissions(child.host("app/data.txt.new"), fs::Permissions::from_mode(0o644)).unwrap();
+        let out = dir.path().join("diff.tar.zst");
+        write_archive(&out, manifest("diff"), &child, Some(&parent.index)).unwrap();
+        let mut raw = tar::Archive::new(zstd::Decoder::new(File::open(&out).unwrap()).unwrap());
+        let names: Vec<String> =
+            raw.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_str().unwrap().to_owned()).collect();
+        assert_eq!(
+            names,
+            [
+                "snapshot.json",
+                "rootfs/.wh.deep",
+                "rootfs/app/.wh.bin",
+                "rootfs/app/.wh.data.txt",
+                "rootfs/app/data.txt.new"
+            ]
+        );
+        // Applied over the parent, the layer gives the child's tree.
+        let mut again = Tree::create(dir.path().join("again")).unwrap();
+        read_archive(&parent_path, Some(&mut again)).unwrap();
+        let layer = read_archive(&out, Some(&mut again)).unwrap();
+        assert_eq!(layer.manifest.files, 4);
+        assert_eq!(again.entries().unwrap(), child.entries().unwrap());
+        assert_eq!(again.owner("app/data.txt"), Owner::default(), "the deleted file's recorded owner went with it");
+    }
+
+    #[test]
+    fn whiteouts_are_refused_in_a_base_archive_and_reserved_names_in_a_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.tar.zst");
+        let good = serde_json::to_vec(&SnapshotManifest { files: 1, ..manifest("base") }).unwrap();
+        let mut builder = tar::Builder::new(zstd::Encoder::new(File::create(&path).unwrap(), 1).unwrap());
+        let mut h = tar_header(EntryType::Regular, 0o644, Owner::default(), good.len() as u64);
+        builder.append_data(&mut h, "snapshot.json", good.as_slice()).unwrap();
+        let mut h = tar_header(EntryType::Regular, 0o644, Owner::default(), 0);
+        builder.append_data(&mut h, "rootfs/.wh.etc", io::empty()).unwrap();
+        builder.into_inner().unwrap().finish().unwrap();
+        let err = format!("{:#}", read_archive(&path, None).unwrap_err());
+        assert!(err.contains("entry rootfs/.wh.etc is a whiteout, which only a diff archive may hold"), "{err}");
+
+        let tree = sample_tree(dir.path());
+        fs::write(tree.host("app/.wh.x"), "").unwrap();
+        let err = format!("{:#}", write_archive(&path, manifest("base"), &tree, None).unwrap_err());
+        assert!(err.contains("the rootfs holds /app/.wh.x: names beginning with .wh. mark deletions"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,9 @@ usage: tl-rootfs-build [words…] --spec <spec.json> --metadata-out <metadata.js
 
 The snapsign reference rootfs builder. Reads the build spec (the platform's
 prepared JSON with the client's additions), builds the Dockerfile's final
-stage from the build context without a container runtime (COPY, ADD, WORKDIR,
-ENV, USER, CMD, ENTRYPOINT, LABEL, EXPOSE, ARG; no RUN), writes the snapshot
+stage from the build context (COPY, ADD, WORKDIR, RUN, ENV, USER, CMD,
+ENTRYPOINT, LABEL, EXPOSE, ARG, SHELL; RUN steps run confined in namespaces of
+their own with the tree being built as /), writes the snapshot
 archive (snapsign_tar_zstd_v1: tar + zstd), uploads it through spec.upload
 (single_put or s3_multipart), then writes metadata.json.
 

@@ -3,9 +3,9 @@
 //! The dev stack installs it in every local sandbox as
 //! `/usr/local/bin/tl-rootfs-build`; a build client runs
 //! `tl-rootfs-build [words…] --spec …/spec.json --metadata-out …/metadata.json`
-//! (wit/protocol.md §5.5–§5.8). It has no container runtime: it builds the final
-//! stage of the Dockerfile from the build context (COPY/ADD, WORKDIR and the
-//! config instructions; RUN fails the build), writes a snapshot archive,
+//! (wit/protocol.md §5.5–§5.8). It builds the final stage of the Dockerfile
+//! from the build context (COPY/ADD, WORKDIR, RUN in a confinement of its own,
+//! [`step`], and the config instructions), writes a snapshot archive,
 //! uploads it through `spec.upload` and writes metadata.json. Everything it
 //! prints is the user's build log.
 //!
@@ -26,8 +26,11 @@
 //! archive (`FROM <template>`) holds only the entries this build added or
 //! changed relative to the parent archive (compared by kind, mode, owner, size
 //! and content or link target) plus `snapshot.json` with the merged config: it
-//! is a layer to unpack over its parent. The Dockerfile subset never deletes,
-//! so there are no whiteouts. When the parent is itself a diff, it is compared
+//! is a layer to unpack over its parent. A parent entry the build deleted
+//! (RUN `rm`) is recorded as a whiteout: an empty file `dir/.wh.name` (OCI's
+//! convention), written only where `dir` itself is still there, so a deleted
+//! directory takes one whiteout. A tree may not hold names starting `.wh.`.
+//! When the parent is itself a diff, it is compared
 //! against as it is (its own layer), so a file that only the grandparent had
 //! is written again: more than needed, never less.
 //!
@@ -56,6 +59,7 @@ pub mod multipart;
 pub mod plan;
 pub mod run;
 pub mod snapshot;
+pub mod step;
 pub mod tree;
 pub mod upload;
 
@@ -72,6 +76,9 @@ pub fn run_cli(args: Vec<String>) -> ExitCode {
 
 /// [`run_cli`] with the fault value passed in; returns the exit status.
 pub fn run(args: &[String], fault_env: Option<&str>) -> u8 {
+    if args.first().map(String::as_str) == Some(step::INTERNAL_COMMAND) {
+        return step::internal_main(&args[1..]);
+    }
     let build_args = match cli::parse_args(args) {
         Ok(Command::Help) => {
             println!("{USAGE}");

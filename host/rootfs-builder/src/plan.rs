@@ -1,5 +1,5 @@
 //! What a Dockerfile asks for: the final stage's base, the tree steps (COPY,
-//! ADD, WORKDIR) and the image config the other instructions record. No I/O.
+//! ADD, WORKDIR, RUN) and the image config the other instructions record. No I/O.
 
 use std::collections::BTreeMap;
 
@@ -47,6 +47,8 @@ pub enum Action {
     Copy(CopyOp),
     /// WORKDIR: create this absolute directory.
     MakeDir(String),
+    /// RUN: a command with the tree as `/` ([`crate::step`]).
+    Run(RunOp),
     /// Only the image config changes.
     Config,
 }
@@ -65,6 +67,19 @@ pub struct CopyOp {
     pub dest_is_dir: bool,
     pub chmod: Option<u32>,
     pub chown: Option<Chown>,
+}
+
+/// A RUN step: what runs, and the image config it runs under at that point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOp {
+    /// The shell form wrapped in the image's SHELL (default `/bin/sh -c`), or the exec form as given.
+    pub argv: Vec<String>,
+    /// `KEY=value`: the stage's ARGs, then the image's ENV (which wins), as Docker gives a RUN.
+    pub env: Vec<String>,
+    /// Absolute; `/` when the image has none.
+    pub workdir: String,
+    /// `user[:group]` as USER set it; empty is root.
+    pub user: String,
 }
 
 /// `--chown=user[:group]`, ids or names (names are looked up in the tree's /etc files).
@@ -154,7 +169,7 @@ pub fn plan(stage: &Stage, base_config: ImageConfig) -> Result<Plan, DockerfileE
         let vars = Vars { args: args.clone(), env: config.env_map() };
         let word = |split: bool| words(&ins.args, &vars, split).map_err(|m| invalid(ins, m));
         let action = match ins.keyword.as_str() {
-            "RUN" => return Err(unsupported(ins, "RUN", "it has no container runtime")),
+            "RUN" => Action::Run(run_op(ins, &config, &args, &mut notes)?),
             "HEALTHCHECK" | "ONBUILD" => {
                 return Err(unsupported(ins, &ins.keyword, "it only builds a filesystem tree"));
             }
@@ -257,6 +272,48 @@ fn command(ins: &Instruction, config: &ImageConfig) -> Result<Vec<String>, Docke
     let mut shell = config.shell_or_default();
     shell.push(ins.args.clone());
     Ok(shell)
+}
+
+/// RUN: flags, then the exec form (no substitution, as in Docker) or the
+/// shell form (the shell substitutes, from the environment built here).
+fn run_op(
+    ins: &Instruction,
+    config: &ImageConfig,
+    args: &BTreeMap<String, String>,
+    notes: &mut Vec<String>,
+) -> Result<RunOp, DockerfileError> {
+    let mut rest = ins.args.trim_start();
+    while rest.starts_with("--") {
+        let (flag, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        match flag.split_once('=').unwrap_or((flag, "")) {
+            ("--network", "none") => {}
+            ("--network", "default" | "host") => notes.push(format!(
+                "line {}: RUN {flag}: local builds have no network egress; the step gets a network of its own \
+                 with only loopback",
+                ins.line
+            )),
+            (name, _) => {
+                return Err(unsupported(ins, &format!("RUN {name}"), "the flag is not implemented"));
+            }
+        }
+        rest = after.trim_start();
+    }
+    let argv = match exec_form(rest) {
+        Some(argv) => argv,
+        None => {
+            let mut shell = config.shell_or_default();
+            shell.push(rest.to_owned());
+            shell
+        }
+    };
+    if argv.is_empty() || argv.last().is_some_and(|w| w.trim().is_empty()) {
+        return Err(invalid(ins, "RUN needs a command".into()));
+    }
+    let env_keys = config.env_map();
+    let mut env: Vec<String> =
+        args.iter().filter(|(k, _)| !env_keys.contains_key(*k)).map(|(k, v)| format!("{k}={v}")).collect();
+    env.extend(config.env.iter().cloned());
+    Ok(RunOp { argv, env, workdir: config.workdir_or_root().to_owned(), user: config.user.clone() })
 }
 
 /// ENV and LABEL: `k=v k2="v 2"` or the legacy `k value with spaces`.
@@ -399,15 +456,40 @@ mod tests {
         plan(&stage, ImageConfig::default())
     }
 
+    fn runs(plan: &Plan) -> Vec<&RunOp> {
+        plan.steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Run(op) => Some(op),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn run_is_refused_naming_the_line_and_the_text() {
-        let err =
-            plan_text("FROM scratch\nCOPY a /a\nRUN apt-get update && \\\n    apt-get install -y curl\n").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "line 3: RUN is not supported by the reference builder (it has no container runtime): \
-             RUN apt-get update &&     apt-get install -y curl"
-        );
+    fn run_takes_the_shell_env_args_workdir_and_user_in_force_at_its_line() {
+        let text = "FROM scratch\nARG V=1\nARG SHADOWED=arg\nENV SHADOWED=env A=$V\nRUN echo \"$A\" && \\\n  true\n\
+                    WORKDIR /app\nUSER app:staff\nSHELL [\"/bin/bash\", \"-eu\", \"-c\"]\nRUN [\"ls\", \"$V\"]\nRUN later\n";
+        let plan = plan_text(text).unwrap();
+        let ops = runs(&plan);
+        assert_eq!(ops[0].argv, ["/bin/sh", "-c", "echo \"$A\" &&   true"]);
+        assert_eq!(ops[0].env, ["V=1", "SHADOWED=env", "A=1"]);
+        assert_eq!((ops[0].workdir.as_str(), ops[0].user.as_str()), ("/", ""));
+        // The exec form is not substituted, as in Docker.
+        assert_eq!(ops[1].argv, ["ls", "$V"]);
+        assert_eq!((ops[1].workdir.as_str(), ops[1].user.as_str()), ("/app", "app:staff"));
+        assert_eq!(ops[2].argv, ["/bin/bash", "-eu", "-c", "later"]);
+    }
+
+    #[test]
+    fn run_flags_and_empty_commands_are_named() {
+        let plan = plan_text("FROM scratch\nRUN --network=none true\nRUN --network=default true\n").unwrap();
+        assert_eq!(runs(&plan)[0].argv, ["/bin/sh", "-c", "true"]);
+        assert!(plan.notes.iter().any(|n| n.contains("line 3: RUN --network=default")), "{:?}", plan.notes);
+        let err = plan_text("FROM scratch\nRUN --mount=type=cache,target=/c make\n").unwrap_err();
+        assert!(err.to_string().starts_with("line 2: RUN --mount is not supported"), "{err}");
+        let err = plan_text("FROM scratch\nRUN []\n").unwrap_err();
+        assert!(err.to_string().contains("line 2: RUN: RUN needs a command"), "{err}");
     }
 
     #[test]

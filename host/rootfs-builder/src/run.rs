@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use snapsign::wire::{Download, Spec};
@@ -16,8 +17,9 @@ use crate::context::Context;
 use crate::download::{check_sha256, download_parent};
 use crate::faults::Faults;
 use crate::metadata::{Built, metadata_json};
-use crate::plan::{Action, Base, final_stage, plan};
+use crate::plan::{Action, Base, RunOp, final_stage, plan};
 use crate::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
+use crate::step::{self, Confined, Ended};
 use crate::tree::Tree;
 use crate::{dockerfile, http, human_bytes, upload};
 
@@ -53,18 +55,20 @@ impl Drop for WorkDir {
     }
 }
 
-/// `rm -rf`, first making read-only directories (copied from the context) writable.
-fn remove_tree(path: &Path) {
-    fn open_up(path: &Path) {
-        if let Ok(meta) = fs::symlink_metadata(path)
-            && meta.is_dir()
-        {
-            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o755));
-            if let Ok(children) = fs::read_dir(path) {
-                children.flatten().for_each(|c| open_up(&c.path()));
-            }
+/// Makes the directories at and below `path` writable (0755), so they can be removed.
+pub(crate) fn open_up(path: &Path) {
+    if let Ok(meta) = fs::symlink_metadata(path)
+        && meta.is_dir()
+    {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o755));
+        if let Ok(children) = fs::read_dir(path) {
+            children.flatten().for_each(|c| open_up(&c.path()));
         }
     }
+}
+
+/// `rm -rf`, first making read-only directories (copied from the context) writable.
+fn remove_tree(path: &Path) {
     open_up(path);
     let _ = fs::remove_dir_all(path);
 }
@@ -204,10 +208,19 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
                 tree.make_dirs(path).with_context(located)?;
                 println!(" ---> {path}");
             }
+            Action::Run(op) => {
+                run_step(&mut tree, op)
+                    .with_context(|| format!("step {}/{total} failed", index + 1))
+                    .with_context(located)?;
+            }
             Action::Config => {}
         }
     }
 
+    let specials = tree.specials().context("list the tree")?;
+    if !specials.is_empty() {
+        println!("note: not kept in the snapshot (not a file, directory or symlink): /{}", specials.join(", /"));
+    }
     let entries = tree.entries().context("list the tree")?;
     let tree_bytes: u64 = entries.iter().map(|e| e.size).sum();
     println!(
@@ -274,6 +287,45 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     }
     Ok(Outcome::Done)
 }
+
+/// One RUN step: the USER resolved in the tree, owners moved onto the files,
+/// the working directory made (as Docker does), then the command confined
+/// ([`step`]). A command that fails fails the build, naming it and its code.
+fn run_step(tree: &mut Tree, op: &RunOp) -> Result<()> {
+    let who = tree.lookup_user(&op.user)?;
+    tree.own_on_disk()?;
+    tree.make_dirs(&op.workdir)?;
+    let mut env = op.env.clone();
+    let has = |env: &[String], key: &str| env.iter().any(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == key);
+    for (key, value) in [("PATH", DEFAULT_PATH), ("HOSTNAME", "buildkitsandbox"), ("HOME", who.home.as_str())] {
+        if !has(&env, key) {
+            env.push(format!("{key}={value}"));
+        }
+    }
+    let root = fs::canonicalize(tree.root()).with_context(|| format!("resolve {}", tree.root().display()))?;
+    let confined = Confined {
+        root,
+        argv: op.argv.clone(),
+        env,
+        workdir: op.workdir.clone(),
+        uid: who.uid,
+        gid: who.gid,
+        groups: who.groups.clone(),
+    };
+    let started = Instant::now();
+    let command = format!("\"{}\"", op.argv.join(" "));
+    match step::run(&confined)? {
+        Ended::Code(0) => {
+            println!(" ---> ran in {:.2} s as {}:{}", started.elapsed().as_secs_f64(), who.uid, who.gid);
+            Ok(())
+        }
+        Ended::Code(code) => bail!("the command {command} exited with code {code}"),
+        Ended::Signal(signal) => bail!("the command {command} was killed by signal {signal}"),
+    }
+}
+
+/// PATH for a RUN step when the image sets none (Docker's).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// `contextDir`, relative to the spec file's directory when not absolute.
 fn open_context(spec: &Spec, spec_path: &Path) -> Result<Context> {

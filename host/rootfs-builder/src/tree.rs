@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 mod chown;
 mod copy;
 
+pub use chown::Identity;
 pub use copy::CopyStats;
 
 /// Numeric owner recorded for a tree entry (files on disk stay the builder's).
@@ -46,10 +47,17 @@ pub struct Entry {
 }
 
 /// The rootfs being built.
+///
+/// Owners are recorded beside the files until the first RUN
+/// ([`Tree::own_on_disk`]); from then on the files on disk carry them, so a
+/// step sees (and may change) the owners the image gives, and the archive
+/// reads them back.
 #[derive(Debug)]
 pub struct Tree {
     root: PathBuf,
     owners: BTreeMap<String, Owner>,
+    /// Set once owners live on disk: the builder's own (uid, gid), which the image calls 0:0.
+    on_disk: Option<(u32, u32)>,
 }
 
 impl Tree {
@@ -58,7 +66,7 @@ impl Tree {
         fs::create_dir_all(&root).with_context(|| format!("create the tree directory {}", root.display()))?;
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("chmod {}", root.display()))?;
-        Ok(Tree { root, owners: BTreeMap::new() })
+        Ok(Tree { root, owners: BTreeMap::new(), on_disk: None })
     }
 
     pub fn root(&self) -> &Path {
@@ -71,15 +79,61 @@ impl Tree {
     }
 
     pub fn owner(&self, rel: &str) -> Owner {
-        self.owners.get(rel).copied().unwrap_or_default()
+        match self.on_disk {
+            Some(_) => fs::symlink_metadata(self.host(rel)).map(|m| self.image_owner(&m)).unwrap_or_default(),
+            None => self.owners.get(rel).copied().unwrap_or_default(),
+        }
     }
 
-    pub fn set_owner(&mut self, rel: &str, owner: Owner) {
+    pub fn set_owner(&mut self, rel: &str, owner: Owner) -> Result<()> {
+        if self.on_disk.is_some() {
+            return self.chown_on_disk(rel, owner);
+        }
         if owner == Owner::default() {
             self.owners.remove(rel);
         } else {
             self.owners.insert(rel.to_owned(), owner);
         }
+        Ok(())
+    }
+
+    /// From now on the files carry their owners: the recorded ones are given
+    /// to the files (`lchown`), as the builder's uid maps them. Called before
+    /// the first RUN. Fails, naming the file and the owner, where this
+    /// builder cannot give that owner (a user namespace mapping one uid).
+    pub fn own_on_disk(&mut self) -> Result<()> {
+        if self.on_disk.is_some() {
+            return Ok(());
+        }
+        // SAFETY: geteuid/getegid cannot fail.
+        self.on_disk = Some(unsafe { (libc::geteuid(), libc::getegid()) });
+        for (rel, owner) in std::mem::take(&mut self.owners) {
+            self.chown_on_disk(&rel, owner)?;
+        }
+        Ok(())
+    }
+
+    fn chown_on_disk(&self, rel: &str, owner: Owner) -> Result<()> {
+        let (me_uid, me_gid) = self.on_disk.expect("owners are on disk");
+        let disk = |id: u64, me: u32| if id == 0 { Some(me) } else { u32::try_from(id).ok() };
+        let (Some(uid), Some(gid)) = (disk(owner.uid, me_uid), disk(owner.gid, me_gid)) else {
+            bail!("/{rel} is owned by {}:{}, which is out of range", owner.uid, owner.gid);
+        };
+        std::os::unix::fs::lchown(self.host(rel), Some(uid), Some(gid)).with_context(|| {
+            format!(
+                "give /{rel} its owner {}:{} before RUN (this builder runs as uid {me_uid}; an owner other than \
+                 root needs the builder to be root of a sandbox with a uid range)",
+                owner.uid, owner.gid
+            )
+        })
+    }
+
+    /// The owner of a file on disk as the image says it (the builder's uid is 0).
+    fn image_owner(&self, meta: &fs::Metadata) -> Owner {
+        use std::os::unix::fs::MetadataExt;
+        let (me_uid, me_gid) = self.on_disk.unwrap_or((0, 0));
+        let id = |disk: u32, me: u32| if disk == me { 0 } else { u64::from(disk) };
+        Owner { uid: id(meta.uid(), me_uid), gid: id(meta.gid(), me_gid) }
     }
 
     /// Resolves an absolute image path to a tree-relative one, following
@@ -142,14 +196,40 @@ impl Tree {
         Ok(current)
     }
 
-    /// Every entry, depth first, children sorted by name (directories before their contents).
+    /// Deletes `rel` (and what is below it), wherever it is; nothing when absent.
+    pub fn remove(&mut self, rel: &str) -> Result<()> {
+        let host = self.host(rel);
+        match fs::symlink_metadata(&host) {
+            Err(_) => return Ok(()),
+            Ok(meta) if meta.is_dir() => {
+                crate::run::open_up(&host);
+                fs::remove_dir_all(&host)
+            }
+            Ok(_) => fs::remove_file(&host),
+        }
+        .with_context(|| format!("delete /{rel}"))?;
+        let below = format!("{rel}/");
+        self.owners.retain(|k, _| k != rel && !k.starts_with(&below));
+        Ok(())
+    }
+
+    /// Every entry, depth first, children sorted by name (directories before
+    /// their contents). Sockets, fifos and device nodes (which a RUN step may
+    /// leave) are not kept: [`Tree::specials`] names them.
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
-        self.walk(&self.root, "", &mut out)?;
+        self.walk(&self.root, "", &mut out, &mut Vec::new())?;
         Ok(out)
     }
 
-    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<Entry>) -> Result<()> {
+    /// The paths of entries a snapshot cannot hold (sockets, fifos, devices).
+    pub fn specials(&self) -> Result<Vec<String>> {
+        let mut specials = Vec::new();
+        self.walk(&self.root, "", &mut Vec::new(), &mut specials)?;
+        Ok(specials)
+    }
+
+    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<Entry>, specials: &mut Vec<String>) -> Result<()> {
         let mut names: Vec<String> = fs::read_dir(dir)
             .with_context(|| format!("list {}", dir.display()))?
             .map(|e| {
@@ -162,16 +242,21 @@ impl Tree {
             let path = dir.join(&name);
             let meta = fs::symlink_metadata(&path).with_context(|| format!("stat {}", path.display()))?;
             let mode = meta.permissions().mode() & 0o7777;
-            let owner = self.owner(&rel);
+            let owner = match self.on_disk {
+                Some(_) => self.image_owner(&meta),
+                None => self.owner(&rel),
+            };
             if meta.file_type().is_symlink() {
                 let target = fs::read_link(&path)?;
                 let link = target.to_str().ok_or_else(|| anyhow!("symlink /{rel} is not UTF-8"))?.to_owned();
                 out.push(Entry { rel, kind: Kind::Symlink, mode, size: 0, link: Some(link), owner });
             } else if meta.is_dir() {
                 out.push(Entry { rel: rel.clone(), kind: Kind::Dir, mode, size: 0, link: None, owner });
-                self.walk(&path, &rel, out)?;
+                self.walk(&path, &rel, out, specials)?;
             } else if meta.is_file() {
                 out.push(Entry { rel, kind: Kind::File, mode, size: meta.len(), link: None, owner });
+            } else {
+                specials.push(rel);
             }
         }
         Ok(())

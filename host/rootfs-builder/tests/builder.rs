@@ -3,6 +3,8 @@
 //! a failure prints and leaves behind.
 
 mod fake_http;
+#[path = "../../../tests/common/rootfs.rs"]
+mod rootfs;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -516,23 +518,169 @@ fn a_dockerfile_with_a_byte_order_mark_and_crlf_builds_the_same_archive() {
     assert!(paths.contains(&"srv/app/hello.txt".to_owned()), "{paths:?}");
 }
 
-#[test]
-fn run_fails_before_any_request_naming_the_line() {
+/// A build whose context holds `rootfs/` (this machine's sh, bash, coreutils
+/// and their libraries) and a store fake that takes a single PUT.
+fn run_build(dockerfile: &str) -> (Build, FakeHttp, Output) {
     let build = Build::new();
+    rootfs::write(&build.path("context/rootfs"));
     let fake = FakeHttp::start(|_| Reply::status(200));
     build.spec(
-        "FROM scratch\nRUN make install\n",
+        dockerfile,
         json!({"upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}}}),
     );
     let output = build.run(None);
+    (build, fake, output)
+}
+
+/// No process whose command line holds `marker` is left on this machine.
+fn assert_no_process_with(marker: &str) {
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(!cmdline.contains(marker), "process {:?} outlived its RUN step: {cmdline}", entry.file_name());
+        }
+    }
+}
+
+#[test]
+fn run_steps_use_env_args_workdir_and_shell_and_what_they_change_is_the_snapshot() {
+    let dockerfile = "FROM scratch\nCOPY rootfs/ /\nARG GREETING=hi\nENV TARGET=/out\nWORKDIR /work\n\
+        RUN mkdir -p $TARGET && echo \"$GREETING from $(pwd) as $(id -u):$(id -g) home $HOME\" > $TARGET/said \\\n\
+            && echo visible-in-the-log\n\
+        RUN [\"/bin/sh\", \"-c\", \"echo exec form > /out/exec\"]\n\
+        SHELL [\"/bin/bash\", \"-c\"]\nRUN echo \"${BASH_VERSION:+bash}\" > /out/shell\n\
+        RUN (sleep 3017 &) ; echo started in the background\n\
+        RUN rm /bin/touch && echo /proc/[0-9]* > /out/pids\n";
+    let (build, fake, output) = run_build(dockerfile);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&output.stderr));
+    assert!(stdout.contains("\nvisible-in-the-log\n") && stdout.contains("Step 6/11 : RUN mkdir"), "{stdout}");
+    // The background sleep ended with its step: the next step's build went on, and nothing is left.
+    assert_no_process_with("sleep 3017");
+    let put = fake.requests().into_iter().find(|r| r.method == "PUT").unwrap();
+    let (manifest, paths, dir) = open_archive(&put.body);
+    let read = |rel: &str| fs::read_to_string(dir.path().join("tree").join(rel)).unwrap();
+    assert_eq!(read("out/said"), "hi from /work as 0:0 home /root\n");
+    assert_eq!(read("out/exec"), "exec form\n");
+    assert_eq!(read("out/shell"), "bash\n");
+    // Each step has a pid namespace of its own: the shell is pid 1 and alone.
+    assert_eq!(read("out/pids"), "/proc/1\n");
+    assert!(paths.contains(&"bin/sh".to_owned()) && !paths.contains(&"bin/touch".to_owned()), "{paths:?}");
+    // The step's /proc and /dev were mount points made for it, not part of the image.
+    assert!(!paths.iter().any(|p| p == "proc" || p == "dev"), "{paths:?}");
+    assert_eq!(manifest.config.env, ["TARGET=/out"]);
+    build.assert_clean();
+}
+
+#[test]
+fn a_failing_run_fails_the_build_naming_the_step_the_command_and_the_code() {
+    let (build, fake, output) =
+        run_build("FROM scratch\nCOPY rootfs/ /\nRUN echo about to fail; exit 3\nCOPY run.sh /\n");
     assert_eq!(output.status.code(), Some(1));
     let stderr = text(&output.stderr);
     assert_eq!(
         stderr.trim(),
-        "error: spec.dockerfile: line 2: RUN is not supported by the reference builder (it has no container runtime): \
-         RUN make install"
+        "error: spec.dockerfile line 3: RUN echo about to fail; exit 3: step 3/4 failed: \
+         the command \"/bin/sh -c echo about to fail; exit 3\" exited with code 3"
     );
-    assert!(fake.requests().is_empty());
+    assert!(text(&output.stdout).contains("about to fail"));
+    assert!(fake.requests().is_empty(), "nothing is uploaded");
+    assert!(!build.metadata_path().exists());
+    build.assert_clean();
+    // A command that is not in the image says so, with the PATH it searched.
+    let (_, _, output) = run_build("FROM scratch\nCOPY rootfs/ /\nRUN [\"make\", \"all\"]\n");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("RUN: execute make: No such file or directory"), "{stderr}");
+    assert!(stderr.contains("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), "{stderr}");
+}
+
+#[test]
+fn a_run_step_cannot_read_the_spec_reach_the_store_see_the_builder_or_inherit_its_environment() {
+    let build = Build::new();
+    rootfs::write(&build.path("context/rootfs"));
+    let fake = FakeHttp::start(|_| Reply::status(200));
+    let store = fake.url("/").trim_end_matches('/').rsplit(':').next().unwrap().to_owned();
+    let spec = build.path("spec.json");
+    let dockerfile = format!(
+        "FROM scratch\nCOPY rootfs/ /\nRUN mkdir /out\n\
+         RUN if cat {spec} > /out/spec; then echo READ; else echo refused; fi > /out/spec-read\n\
+         RUN if bash -c 'echo x > /dev/tcp/127.0.0.1/{store}'; then echo CONNECTED; else echo refused; fi > /out/store\n\
+         RUN cat /proc/1/cmdline > /out/pid1; cat /proc/net/dev > /out/netdev; ls /proc/self/fd > /out/fds\n\
+         RUN bash -c export > /out/env\n",
+        spec = spec.display()
+    );
+    build.spec(
+        &dockerfile,
+        json!({"upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k?X-Amz-Signature=topsecret"), "headers": {}}}),
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_tl-rootfs-build"))
+        .args(["--spec"])
+        .arg(&spec)
+        .arg("--metadata-out")
+        .arg(build.metadata_path())
+        .env("BUILDER_SECRET", "do-not-leak")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 1, "only the builder's upload reached the store");
+    let (_, _, dir) = open_archive(&requests[0].body);
+    let read = |rel: &str| fs::read_to_string(dir.path().join("tree/out").join(rel)).unwrap();
+    assert_eq!(read("spec-read"), "refused\n");
+    assert_eq!(read("spec"), "", "nothing of spec.json was read");
+    assert_eq!(read("store"), "refused\n");
+    assert_eq!(
+        read("pid1").replace('\0', " ").trim(),
+        "/bin/sh -c cat /proc/1/cmdline > /out/pid1; cat /proc/net/dev > /out/netdev; ls /proc/self/fd > /out/fds"
+    );
+    let interfaces: Vec<String> = read("netdev")
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim().to_owned()))
+        .filter(|name| !name.contains('|'))
+        .collect();
+    assert_eq!(interfaces, ["lo"], "the step's network has only loopback");
+    let fds: Vec<String> = read("fds").lines().map(str::to_owned).collect();
+    // ls's own: 0, 1 (the file), 2 and 3 (the directory it lists); nothing the builder had open.
+    assert_eq!(fds, ["0", "1", "2", "3"]);
+    let env = read("env");
+    assert!(!env.contains("BUILDER_SECRET") && !env.contains("topsecret"), "{env}");
+    let names: Vec<&str> = env.lines().filter_map(|l| l.strip_prefix("declare -x ")?.split('=').next()).collect();
+    assert_eq!(names, ["HOME", "HOSTNAME", "OLDPWD", "PATH", "PWD", "SHLVL"], "{env}");
+}
+
+#[test]
+fn a_diff_build_records_what_run_deleted_as_whiteouts() {
+    let (_, fake, output) = run_build(
+        "FROM scratch\nCOPY rootfs/ /\nRUN mkdir -p /srv/data && echo keep > /srv/keep && echo x > /srv/data/x\n",
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let parent = fake.requests().into_iter().find(|r| r.method == "PUT").unwrap().body;
+    let store = parent_store(parent.clone());
+    let build = Build::new();
+    build.spec(
+        "FROM base-template\nRUN rm /etc/group && rm -r /srv/data && echo new > /srv/new\n",
+        diff_spec(&store, &sha256_hex(&parent)),
+    );
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&output.stdout), text(&output.stderr));
+    let put = store.requests().into_iter().find(|r| r.method == "PUT").unwrap();
+    let mut raw = tar::Archive::new(zstd::Decoder::new(put.body.as_slice()).unwrap());
+    let names: Vec<String> =
+        raw.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_str().unwrap().to_owned()).collect();
+    // Only the change: the new file, its directory (its mtime-free entry is unchanged, so not even that),
+    // and a whiteout per deleted path whose directory is still there (not one per file below /srv/data).
+    assert_eq!(names, ["snapshot.json", "rootfs/etc/.wh.group", "rootfs/srv/.wh.data", "rootfs/srv/new"]);
+    // Unpacked over the parent, the layer deletes what RUN deleted.
+    let dir = tempfile::tempdir().unwrap();
+    let (parent_path, layer_path) = (dir.path().join("p.tar.zst"), dir.path().join("l.tar.zst"));
+    fs::write(&parent_path, &parent).unwrap();
+    fs::write(&layer_path, &put.body).unwrap();
+    let mut tree = Tree::create(dir.path().join("tree")).unwrap();
+    read_archive(&parent_path, Some(&mut tree)).unwrap();
+    read_archive(&layer_path, Some(&mut tree)).unwrap();
+    assert!(!tree.host("etc/group").exists() && !tree.host("srv/data").exists());
+    assert_eq!(fs::read_to_string(tree.host("srv/keep")).unwrap(), "keep\n");
+    assert_eq!(fs::read_to_string(tree.host("srv/new")).unwrap(), "new\n");
 }
 
 #[test]

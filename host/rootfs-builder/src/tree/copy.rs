@@ -97,7 +97,7 @@ impl Tree {
                 let target = fs::read_link(&path).with_context(|| format!("read link {}", path.display()))?;
                 let rel = self.replaceable(&image_path)?;
                 symlink(&target, self.host(&rel)).with_context(|| format!("create symlink /{rel}"))?;
-                self.set_owner(&rel, owner);
+                self.set_owner(&rel, owner)?;
                 stats.symlinks += 1;
             } else {
                 stats.notes.push(format!("skipped {}: not a file, directory or symlink", path.display()));
@@ -146,7 +146,7 @@ impl Tree {
             fs::set_permissions(self.host(rel), fs::Permissions::from_mode(mode & 0o7777))
                 .with_context(|| format!("chmod /{rel}"))?;
         }
-        self.set_owner(rel, owner);
+        self.set_owner(rel, owner)?;
         Ok(())
     }
 }
