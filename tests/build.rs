@@ -591,6 +591,18 @@ async fn run_steps_build_in_the_builder_sandbox_and_diffs_record_deletions() {
     let (names, _out, _) = stored_snapshot(dir.path(), child["snapshotUri"].as_str().unwrap());
     assert_eq!(names, ["snapshot.json", "rootfs/etc/.wh.motd", "rootfs/srv/child"]);
 
+    // Two stages: the build stage (FROM a template) runs a command, the final one copies its output,
+    // and a file straight from a registered template.
+    let staged = "FROM run-base AS build\nRUN mkdir /out && echo compiled > /out/app\n\
+                  FROM scratch\nCOPY --from=build /out/app /app\nCOPY --from=run-base /etc/motd /motd\n";
+    let run = build(&options(&stack, "run-staged", staged, ctx.path())).await;
+    let done = run.outcome.unwrap_or_else(|e| panic!("the two-stage build failed: {e}\n{:#?}", run.events));
+    assert_eq!(done["rootfsNodeKind"], "base");
+    let (names, _out, tree) = stored_snapshot(dir.path(), done["snapshotUri"].as_str().unwrap());
+    assert_eq!(names, ["snapshot.json", "rootfs/app", "rootfs/motd"]);
+    assert_eq!(std::fs::read_to_string(tree.host("app")).unwrap(), "compiled\n");
+    assert_eq!(std::fs::read_to_string(tree.host("motd")).unwrap(), "base\n");
+
     // A failing step fails the build naming the line, the command and the code; nothing is left.
     let failed =
         build(&options(&stack, "run-fails", "FROM run-base\nCOPY rootfs/etc/passwd /x\nRUN exit 7\n", ctx.path()))

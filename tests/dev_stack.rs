@@ -46,12 +46,18 @@ async fn prepare_answers_in_legacy_new_and_both_shapes_and_lookup_404s_unknown_n
     let lean = json!({"name": "lean", "dockerfile": SCRATCH, "rootfsNodeKind": "base"});
     let (status, answer) = api.post(builds, lean.clone()).await;
     assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["additionalLocalImages"], json!([]), "always answered, empty when none were asked");
     for (change, code, named) in [
         (json!({"public": "yes"}), "invalid_field", "public: invalid type"),
         (json!({"parentTemplate": {"templateId": 7}}), "invalid_field", "parentTemplate.templateId: invalid type"),
         (json!({"dockerfile": null}), "invalid_field", "dockerfile: invalid type"),
         (json!({"name": ""}), "missing_field", "field 'name' is required"),
         (json!({"rootfsNodeKind": "diff"}), "missing_field", "a diff build needs parentTemplate"),
+        (
+            json!({"additionalLocalImages": [{"reference": "tools"}]}),
+            "unknown_local_image",
+            "additionalLocalImages entry 'tools' is not a registered template",
+        ),
     ] {
         let mut body = lean.clone();
         body.as_object_mut().unwrap().extend(change.as_object().unwrap().clone());

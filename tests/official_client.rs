@@ -71,6 +71,9 @@ fn client_build(
     let context = tempfile::tempdir().unwrap();
     std::fs::write(context.path().join("Dockerfile"), dockerfile).unwrap();
     std::fs::write(context.path().join("hello.txt"), format!("{namespace}/{name}\n")).unwrap();
+    if dockerfile.contains("rootfs/") {
+        common::rootfs::write(&context.path().join("rootfs"));
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/official_client/build.py");
     let out = Command::new(python)
         .arg(script)
@@ -106,6 +109,7 @@ async fn check_registered(dev: &Dev, token: &str, built: &Built, name: &str) -> 
     assert_eq!(template["snapshotUri"], built.result["snapshotUri"]);
 
     let uri = template["snapshotUri"].as_str().unwrap();
+    let bytes = stored(dev, uri).await;
     let declared = built
         .events
         .iter()
@@ -113,6 +117,15 @@ async fn check_registered(dev: &Dev, token: &str, built: &Built, name: &str) -> 
         .find_map(|m| m.contains(uri).then(|| m.rsplit_once("sha256 ").map(|(_, h)| h.trim().to_owned())).flatten())
         .unwrap_or_else(|| panic!("the builder's log never declared the sha256 of {uri}: {:#?}", built.events));
 
+    assert_eq!(Some(bytes.len() as u64), template["snapshotSizeBytes"].as_u64(), "{uri}: size");
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    assert_eq!(sha256, declared, "{uri}: the stored bytes are what the builder wrote");
+    assert_eq!(template["snapshotSha256"].as_str(), Some(sha256.as_str()));
+    template
+}
+
+/// A stored object's bytes, read with the store's credentials.
+async fn stored(dev: &Dev, uri: &str) -> Vec<u8> {
     let secrets = dev.secrets();
     let key = uri.strip_prefix("s3://snapshots/").unwrap();
     let endpoint = Endpoint::parse(&dev.store, Addressing::Path).unwrap();
@@ -123,12 +136,19 @@ async fn check_registered(dev: &Dev, token: &str, built: &Built, name: &str) -> 
     };
     let presigner = Presigner::new(&credentials, "us-east-1", jiff::Timestamp::now(), 300);
     let get = presigner.presign(Method::Get, &endpoint.object("snapshots", key), &[]);
-    let bytes = http.get(get).send().await.unwrap().error_for_status().unwrap().bytes().await.unwrap();
-    assert_eq!(Some(bytes.len() as u64), template["snapshotSizeBytes"].as_u64(), "{uri}: size");
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    assert_eq!(sha256, declared, "{uri}: the stored bytes are what the builder wrote");
-    assert_eq!(template["snapshotSha256"].as_str(), Some(sha256.as_str()));
-    template
+    let response = reqwest::Client::new().get(get).send().await.unwrap().error_for_status().unwrap();
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// A snapshot's entry names and, unpacked, its tree.
+fn unpack(bytes: &[u8]) -> (Vec<String>, tempfile::TempDir) {
+    let mut raw = tar::Archive::new(zstd::Decoder::new(bytes).unwrap());
+    let names = raw.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_str().unwrap().to_owned()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("s.tar.zst"), bytes).unwrap();
+    let mut tree = snapsign_rootfs_builder::tree::Tree::create(dir.path().join("tree")).unwrap();
+    snapsign_rootfs_builder::archive::read_archive(&dir.path().join("s.tar.zst"), Some(&mut tree)).unwrap();
+    (names, dir)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -169,4 +189,23 @@ async fn the_public_tensorlake_client_builds_base_diff_and_a_diff_on_another_nam
     assert_eq!(child["parentManifestUri"], shared["snapshotUri"]);
     assert_eq!(child["namespace"], "default");
     assert!(child["snapshotUri"].as_str().unwrap().starts_with("s3://snapshots/builds/default/"), "{child}");
+
+    // RUN, a diff build deleting a base file, two stages and COPY --from a template.
+    let with_run =
+        "FROM scratch\nCOPY --chmod=755 rootfs/ /\nRUN echo built by RUN > /etc/run.txt && echo gone > /etc/gone\n";
+    let built = run(default.clone(), "default", "with-run", with_run, false).await;
+    let with_run = check_registered(&dev, &default, &built, "with-run").await;
+    let (_, tree) = unpack(&stored(&dev, with_run["snapshotUri"].as_str().unwrap()).await);
+    assert_eq!(std::fs::read_to_string(tree.path().join("tree/etc/run.txt")).unwrap(), "built by RUN\n");
+    let built = run(default.clone(), "default", "run-diff", "FROM with-run\nRUN rm /etc/gone\n", false).await;
+    let run_diff = check_registered(&dev, &default, &built, "run-diff").await;
+    let (names, _) = unpack(&stored(&dev, run_diff["snapshotUri"].as_str().unwrap()).await);
+    assert_eq!(names, ["snapshot.json", "rootfs/etc/.wh.gone"], "the diff holds only the deletion");
+    let staged = "FROM with-run AS build\nRUN echo staged > /out.txt\n\
+                  FROM scratch\nCOPY --from=build /out.txt /out.txt\nCOPY --from=with-run /etc/run.txt /run.txt\n";
+    let built = run(default.clone(), "default", "staged", staged, false).await;
+    let staged = check_registered(&dev, &default, &built, "staged").await;
+    let (names, tree) = unpack(&stored(&dev, staged["snapshotUri"].as_str().unwrap()).await);
+    assert_eq!(names, ["snapshot.json", "rootfs/out.txt", "rootfs/run.txt"]);
+    assert_eq!(std::fs::read_to_string(tree.path().join("tree/out.txt")).unwrap(), "staged\n");
 }

@@ -83,6 +83,8 @@ pub struct Flow {
     /// The first lookup is the final stage's FROM: its template is the parent.
     final_lookup: bool,
     parent_template: Option<TemplateRef>,
+    /// Other lookups that found a template: the prepare request's `additionalLocalImages`.
+    local_templates: Vec<TemplateRef>,
     prepared: Option<Prepared>,
     rootfs_bytes: u64,
     invocation: (String, Vec<String>),
@@ -159,6 +161,7 @@ impl Flow {
             lookups: Vec::new(),
             final_lookup: false,
             parent_template: None,
+            local_templates: Vec::new(),
             prepared: None,
             rootfs_bytes: 0,
             invocation: (String::new(), Vec::new()),
@@ -284,6 +287,9 @@ impl Flow {
                 let template = lookup::classify(&reference, status, &text(&body))?;
                 if index == 0 && self.final_lookup {
                     self.parent_template = template.map(|t| t.as_parent(&reference));
+                } else if let Some(template) = template {
+                    // An earlier stage's FROM or a COPY --from that names a template.
+                    self.local_templates.push(template.as_parent(&reference));
                 }
                 if index + 1 < self.lookups.len() {
                     let call = self.lookup_call(index + 1);
@@ -476,7 +482,7 @@ impl Flow {
             public: r.public,
             rootfs_node_kind: if self.parent_template.is_some() { "diff" } else { "base" }.into(),
             parent_template: self.parent_template.clone(),
-            additional_local_images: Vec::new(),
+            additional_local_images: self.local_templates.clone(),
         })
         .expect("a prepare request serializes");
         let call =

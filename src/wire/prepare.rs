@@ -70,6 +70,27 @@ pub struct Parent<D = Download> {
     pub download: Option<D>,
 }
 
+/// One `additionalLocalImages` entry of a prepare answer (`D` opaque JSON)
+/// and of spec.json (`D` the typed [`Download`]): a template the Dockerfile
+/// names besides the final FROM (an earlier stage's FROM, `COPY --from=`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalImage<D = Download> {
+    /// The reference the Dockerfile wrote.
+    pub reference: String,
+    /// The template's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
+    /// Its snapshot's URI (get_blob target in the new shape).
+    pub snapshot_uri: String,
+    /// snapsign's own field: hex sha256 of the snapshot, checked by the reference builder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_sha256: Option<String>,
+    /// How to fetch it (presigned by the legacy platform, or spliced by the client).
+    #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
+    pub download: Option<D>,
+}
+
 /// The prepare request (`POST …/sandbox-template-builds`, wit/protocol.md
 /// §2.3): the build flow writes it, the dev stack reads it. Both keys of a
 /// base build's parent are sent (`rootfsNodeKind: "base"`, `parentTemplate:
@@ -92,9 +113,10 @@ pub struct PrepareRequest {
     /// The template a diff build starts from, as the lookup found it.
     #[serde(default)]
     pub parent_template: Option<TemplateRef>,
-    /// Local images the build needs (snapsign sends none; the dev stack does not resolve them).
+    /// Templates the build needs besides its parent (earlier FROMs,
+    /// `COPY --from=`), as the lookups found them.
     #[serde(default)]
-    pub additional_local_images: Vec<Value>,
+    pub additional_local_images: Vec<TemplateRef>,
 }
 
 /// A template as a lookup answers it (`GET …/sandbox-templates/by-name/…`,

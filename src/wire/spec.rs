@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::prepare::Parent;
+use super::prepare::{LocalImage, Parent};
 use super::sign::Upload;
 
 /// What the reference builder reads of spec.json.
@@ -40,6 +40,9 @@ pub struct Spec {
     /// Where the archive goes.
     #[serde(default)]
     pub upload: Option<Upload>,
+    /// Templates the Dockerfile names besides the parent, each with its `download`.
+    #[serde(default)]
+    pub additional_local_images: Vec<LocalImage>,
 }
 
 impl Spec {

@@ -6,28 +6,57 @@ use std::collections::BTreeMap;
 use crate::dockerfile::{self, DockerfileError, Instruction, Vars, exec_form, expand, invalid, parse_args, words};
 use crate::snapshot::ImageConfig;
 
-/// What the final stage starts from.
+/// What a stage starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Base {
-    /// `FROM scratch`: an empty tree, a base snapshot.
+    /// `FROM scratch`: an empty tree.
     Scratch,
-    /// `FROM <reference>`: a diff build on the parent snapshot the platform resolved.
+    /// `FROM <reference>`: a registered template (the final stage's parent
+    /// in a diff build, or an additional local image).
     Image(String),
+    /// `FROM <earlier stage>`: that stage's tree and config (its position among the FROMs).
+    Stage(usize),
 }
 
-/// The stage that gets built, and what the earlier text contributed.
+/// A stage to build, and what the earlier text contributed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stage {
     pub base: Base,
+    /// Its position among the Dockerfile's FROMs (`COPY --from=<n>` names it so).
+    pub position: usize,
     /// `AS name`, if given.
     pub name: Option<String>,
     pub from: Instruction,
-    /// Instructions after the final FROM.
+    /// Instructions after this FROM, up to the next.
     pub body: Vec<Instruction>,
     /// ARGs declared before the first FROM (value `None`: declared without default).
     pub global_args: BTreeMap<String, Option<String>>,
-    /// Things the build log should say (ignored stages, ignored flags).
+    /// Earlier stages by position: their `AS` names (for `COPY --from`).
+    pub earlier: Vec<Option<String>>,
+    /// Things the build log should say (skipped stages, ignored flags).
     pub notes: Vec<String>,
+}
+
+impl Stage {
+    /// `FROM`'s or `COPY --from`'s reference to an earlier stage: its name, or its position.
+    pub fn earlier_stage(&self, reference: &str) -> Option<usize> {
+        earlier_stage(&self.earlier, reference)
+    }
+
+    /// How the build log names it: `AS` name, else its position.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => self.position.to_string(),
+        }
+    }
+}
+
+fn earlier_stage(earlier: &[Option<String>], reference: &str) -> Option<usize> {
+    earlier
+        .iter()
+        .rposition(|n| n.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(reference)))
+        .or_else(|| reference.parse::<usize>().ok().filter(|n| *n < earlier.len()))
 }
 
 /// One step of the build, printed as `Step i/n : <text>`.
@@ -67,6 +96,17 @@ pub struct CopyOp {
     pub dest_is_dir: bool,
     pub chmod: Option<u32>,
     pub chown: Option<Chown>,
+    /// `--from=`: copy from an earlier stage or another image instead of the context.
+    pub from: Option<CopyFrom>,
+}
+
+/// Where `COPY --from=` copies from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyFrom {
+    /// An earlier stage, by position.
+    Stage(usize),
+    /// A registered template (an additional local image of the build).
+    Image(String),
 }
 
 /// A RUN step: what runs, and the image config it runs under at that point.
@@ -97,55 +137,105 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-/// Finds the final stage. Only ARG may precede the first FROM; earlier stages
-/// are dropped with a note, and the final one may not build on them. Global
-/// ARGs reach FROM through the shared front end ([`dockerfile::stages`]), so
-/// the base is the one the build client looked up.
-pub fn final_stage(instructions: &[Instruction]) -> Result<Stage, DockerfileError> {
+/// The stages to build, in Dockerfile order, the final stage last: the
+/// final one and those it needs (`FROM <stage>`, `COPY --from=<stage>`),
+/// transitively. The others are skipped with a note, as BuildKit does. Only
+/// ARG may precede the first FROM. Global ARGs reach FROM through the shared
+/// front end ([`dockerfile::stages`]), so each base is the one the build
+/// client looked up.
+pub fn stages_to_build(instructions: &[Instruction]) -> Result<Vec<Stage>, DockerfileError> {
     dockerfile::check_known(instructions)?;
     if let Some(ins) = instructions.iter().take_while(|i| i.keyword != "FROM").find(|i| i.keyword != "ARG") {
         return Err(invalid(ins, format!("{} before the first FROM (only ARG may come first)", ins.keyword)));
     }
-    let stages = dockerfile::stages(instructions)?;
-    let Some(last) = stages.froms.last() else {
+    let found = dockerfile::stages(instructions)?;
+    if found.froms.is_empty() {
         return Err(DockerfileError::NoFrom);
-    };
-    let from = instructions[last.index].clone();
-    if !last.unset.is_empty() {
-        return Err(DockerfileError::UnsetInFrom {
-            line: from.line,
-            names: last.unset.clone(),
-            text: from.text.clone(),
+    }
+    let mut all: Vec<Stage> = Vec::new();
+    for (position, line) in found.froms.iter().enumerate() {
+        let from = instructions[line.index].clone();
+        let end = found.froms.get(position + 1).map_or(instructions.len(), |next| next.index);
+        let earlier: Vec<Option<String>> = found.froms[..position].iter().map(|f| f.name.clone()).collect();
+        let reference = line.image.clone();
+        let base = if reference.eq_ignore_ascii_case("scratch") {
+            Base::Scratch
+        } else if let Some(p) = earlier_stage(&earlier, &reference).filter(|_| !line.image.is_empty()) {
+            Base::Stage(p)
+        } else {
+            Base::Image(reference)
+        };
+        let notes = line.flags.iter().map(|flag| format!("line {}: FROM flag {flag} is ignored", from.line)).collect();
+        all.push(Stage {
+            base,
+            position,
+            name: line.name.clone(),
+            body: instructions[line.index + 1..end].to_vec(),
+            from,
+            global_args: found.global_args.clone(),
+            earlier,
+            notes,
         });
     }
-    let reference = last.image.clone();
-    let mut notes: Vec<String> =
-        last.flags.iter().map(|flag| format!("line {}: FROM flag {flag} is ignored", from.line)).collect();
-    let earlier = &stages.froms[..stages.froms.len() - 1];
-    if earlier.iter().filter_map(|f| f.name.as_deref()).any(|n| n.eq_ignore_ascii_case(&reference)) {
-        return Err(DockerfileError::Unsupported {
-            line: from.line,
-            instruction: format!("FROM {reference}"),
-            reason: format!("only the final stage is built, so it cannot start from the earlier stage '{reference}'"),
-            text: from.text.clone(),
-        });
+    let last = all.len() - 1;
+    let mut needed = vec![false; all.len()];
+    needed[last] = true;
+    for position in (0..all.len()).rev() {
+        if !needed[position] {
+            continue;
+        }
+        let stage = &all[position];
+        if let Base::Stage(p) = stage.base {
+            needed[p] = true;
+        }
+        for reference in stage.body.iter().filter_map(copy_from_flag) {
+            if let Some(p) = stage.earlier_stage(&reference) {
+                needed[p] = true;
+            }
+        }
     }
-    if !earlier.is_empty() {
-        notes.push(format!(
-            "the Dockerfile has {} stages; only the final stage (line {}) is built, the earlier ones are ignored",
-            stages.froms.len(),
-            from.line
-        ));
+    let unset = &found.froms[last].unset;
+    if !unset.is_empty() {
+        let from = &all[last].from;
+        return Err(DockerfileError::UnsetInFrom { line: from.line, names: unset.clone(), text: from.text.clone() });
     }
-    let base = if reference.eq_ignore_ascii_case("scratch") { Base::Scratch } else { Base::Image(reference) };
-    Ok(Stage {
-        base,
-        name: last.name.clone(),
-        body: instructions[last.index + 1..].to_vec(),
-        from,
-        global_args: stages.global_args,
-        notes,
-    })
+    let skipped: Vec<String> = all
+        .iter()
+        .filter(|s| !needed[s.position])
+        .map(|s| format!("stage {} (line {})", s.label(), s.from.line))
+        .collect();
+    let mut stages: Vec<Stage> = all.into_iter().filter(|s| needed[s.position]).collect();
+    for stage in &stages {
+        if !found.froms[stage.position].unset.is_empty() {
+            let from = &stage.from;
+            return Err(DockerfileError::UnsetInFrom {
+                line: from.line,
+                names: found.froms[stage.position].unset.clone(),
+                text: from.text.clone(),
+            });
+        }
+    }
+    if !skipped.is_empty() {
+        let last = stages.last_mut().expect("the final stage is needed");
+        last.notes.push(format!("not needed by the final stage, so not built: {}", skipped.join(", ")));
+    }
+    Ok(stages)
+}
+
+/// The `--from=` value of a COPY or ADD, if it has one.
+fn copy_from_flag(ins: &Instruction) -> Option<String> {
+    if ins.keyword != "COPY" && ins.keyword != "ADD" {
+        return None;
+    }
+    let mut rest = ins.args.trim_start();
+    while rest.starts_with("--") {
+        let (flag, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        if let Some(value) = flag.strip_prefix("--from=") {
+            return Some(value.to_owned());
+        }
+        rest = after.trim_start();
+    }
+    None
 }
 
 fn unsupported(ins: &Instruction, instruction: &str, reason: &str) -> DockerfileError {
@@ -174,7 +264,7 @@ pub fn plan(stage: &Stage, base_config: ImageConfig) -> Result<Plan, DockerfileE
                 return Err(unsupported(ins, &ins.keyword, "it only builds a filesystem tree"));
             }
             "FROM" => unreachable!("final_stage splits stages at FROM"),
-            "COPY" | "ADD" => Action::Copy(copy_op(ins, &vars, config.workdir_or_root(), &mut notes)?),
+            "COPY" | "ADD" => Action::Copy(copy_op(ins, &vars, config.workdir_or_root(), stage, &mut notes)?),
             "WORKDIR" => {
                 let path = single(ins, word(false)?)?;
                 config.workdir = clean_image_path(config.workdir_or_root(), &path);
@@ -353,11 +443,18 @@ fn port_spec(spec: &str) -> Result<String, String> {
     Ok(format!("{ports}/{proto}"))
 }
 
-fn copy_op(ins: &Instruction, vars: &Vars, workdir: &str, notes: &mut Vec<String>) -> Result<CopyOp, DockerfileError> {
+fn copy_op(
+    ins: &Instruction,
+    vars: &Vars,
+    workdir: &str,
+    stage: &Stage,
+    notes: &mut Vec<String>,
+) -> Result<CopyOp, DockerfileError> {
     let instruction = if ins.keyword == "ADD" { "ADD" } else { "COPY" };
     let mut rest = ins.args.as_str();
     let mut chmod = None;
     let mut chown = None;
+    let mut from = None;
     loop {
         let trimmed = rest.trim_start();
         if !trimmed.starts_with("--") {
@@ -369,12 +466,17 @@ fn copy_op(ins: &Instruction, vars: &Vars, workdir: &str, notes: &mut Vec<String
         let (name, value) = flag.split_once('=').unwrap_or((flag, ""));
         let value = words(value, vars, false).map_err(|m| invalid(ins, m))?.concat();
         match name {
+            "--from" if value.is_empty() => {
+                return Err(invalid(ins, format!("{instruction} --from= needs a stage or an image")));
+            }
             "--from" => {
-                return Err(unsupported(
-                    ins,
-                    &format!("{instruction} --from"),
-                    "only the final stage is built and there is no other image to copy from",
-                ));
+                from = Some(match stage.earlier_stage(&value) {
+                    Some(position) => CopyFrom::Stage(position),
+                    None if value.eq_ignore_ascii_case("scratch") => {
+                        return Err(invalid(ins, format!("{instruction} --from=scratch: scratch has no files")));
+                    }
+                    None => CopyFrom::Image(value),
+                });
             }
             "--chmod" => chmod = Some(parse_chmod(&value).map_err(|m| invalid(ins, m))?),
             "--chown" => {
@@ -400,6 +502,9 @@ fn copy_op(ins: &Instruction, vars: &Vars, workdir: &str, notes: &mut Vec<String
         return Err(invalid(ins, format!("{instruction} needs at least one source and a destination")));
     }
     let raw_dest = list.pop().expect("checked length");
+    if from.is_some() && instruction == "ADD" {
+        return Err(unsupported(ins, "ADD --from", "Docker's ADD has no --from; use COPY --from"));
+    }
     if instruction == "ADD"
         && let Some(url) =
             list.iter().find(|s| ["http://", "https://", "git@", "git://"].iter().any(|p| s.starts_with(p)))
@@ -419,6 +524,7 @@ fn copy_op(ins: &Instruction, vars: &Vars, workdir: &str, notes: &mut Vec<String
         dest_is_dir,
         chmod,
         chown,
+        from,
     })
 }
 
@@ -450,6 +556,10 @@ pub fn clean_image_path(base: &str, path: &str) -> String {
 mod tests {
     use super::*;
     use crate::dockerfile::parse;
+
+    fn final_stage(instructions: &[Instruction]) -> Result<Stage, DockerfileError> {
+        Ok(stages_to_build(instructions)?.pop().expect("a final stage"))
+    }
 
     fn plan_text(text: &str) -> Result<Plan, DockerfileError> {
         let stage = final_stage(&parse(text))?;
@@ -493,26 +603,50 @@ mod tests {
     }
 
     #[test]
-    fn copy_from_is_refused_clearly() {
-        let err = plan_text("FROM scratch AS build\nCOPY a /a\nFROM scratch\nCOPY --from=build /a /a\n").unwrap_err();
-        let message = err.to_string();
-        assert!(message.starts_with("line 4: COPY --from is not supported by the reference builder"), "{message}");
+    fn copy_from_names_an_earlier_stage_by_name_or_position_else_an_image() {
+        let text = "FROM scratch AS build\nCOPY a /a\nFROM scratch\nCOPY --from=build /a /b\nCOPY --from=0 /a /c\n\
+                    COPY --from=tools:1.0 /bin/x /x\n";
+        let stages = stages_to_build(&parse(text)).unwrap();
+        let plan = plan(stages.last().unwrap(), ImageConfig::default()).unwrap();
+        let froms: Vec<_> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Copy(op) => Some(op.from.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            froms,
+            [Some(CopyFrom::Stage(0)), Some(CopyFrom::Stage(0)), Some(CopyFrom::Image("tools:1.0".into()))]
+        );
+        let err = plan_text("FROM scratch\nCOPY --from=scratch /a /a\n").unwrap_err();
+        assert!(err.to_string().contains("scratch has no files"), "{err}");
+        let err = plan_text("FROM scratch AS b\nFROM scratch\nADD --from=b /a /a\n").unwrap_err();
+        assert!(err.to_string().contains("ADD --from is not supported"), "{err}");
+    }
+
+    #[test]
+    fn only_the_stages_the_final_one_needs_are_built_in_order() {
+        let text = "FROM tpl AS deps\nRUN fetch\nFROM scratch AS unused\nRUN nothing\nFROM deps AS build\nRUN make\n\
+                    FROM scratch AS tools\nCOPY t /t\nFROM base\nCOPY --from=build /out /app\nCOPY --from=3 /t /t\n";
+        let stages = stages_to_build(&parse(text)).unwrap();
+        let picked: Vec<(usize, Base)> = stages.iter().map(|s| (s.position, s.base.clone())).collect();
+        assert_eq!(
+            picked,
+            [(0, Base::Image("tpl".into())), (2, Base::Stage(0)), (3, Base::Scratch), (4, Base::Image("base".into()))]
+        );
+        let notes = &stages.last().unwrap().notes;
+        assert!(notes.iter().any(|n| n.contains("not needed by the final stage, so not built: stage unused (line 3)")));
+        // A later stage of the same name shadows an earlier one, as in Docker.
+        let stages = stages_to_build(&parse("FROM scratch AS x\nFROM scratch AS x\nFROM x\n")).unwrap();
+        assert_eq!(stages.last().unwrap().base, Base::Stage(1));
     }
 
     #[test]
     fn add_url_is_refused() {
         let err = plan_text("FROM scratch\nADD https://example.com/x.tgz?sig=1 /x\n").unwrap_err();
         assert!(err.to_string().contains("ADD https://example.com/x.tgz?sig=1 is not supported"), "{err}");
-    }
-
-    #[test]
-    fn only_the_final_stage_is_planned_and_a_note_says_so() {
-        let stage = final_stage(&parse("FROM scratch AS a\nRUN make\nFROM base-template\nCOPY x /x\n")).unwrap();
-        assert_eq!(stage.base, Base::Image("base-template".into()));
-        assert_eq!(stage.body.len(), 1);
-        assert!(stage.notes[0].contains("2 stages"), "{:?}", stage.notes);
-        let err = final_stage(&parse("FROM scratch AS build\nFROM build\n")).unwrap_err();
-        assert!(err.to_string().contains("earlier stage 'build'"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! upload → metadata. The decisions live in the other modules; this file
 //! sequences them and prints the build log.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -11,16 +12,16 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, anyhow, bail};
 use snapsign::wire::{Download, Spec};
 
-use crate::archive::{ParentIndex, read_archive, write_archive};
+use crate::archive::{ParentIndex, ParentSnapshot, read_archive, write_archive};
 use crate::cli::BuildArgs;
 use crate::context::Context;
 use crate::download::{check_sha256, download_parent};
 use crate::faults::Faults;
 use crate::metadata::{Built, metadata_json};
-use crate::plan::{Action, Base, RunOp, final_stage, plan};
+use crate::plan::{Action, Base, CopyFrom, CopyOp, RunOp, Stage, plan, stages_to_build};
 use crate::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
 use crate::step::{self, Confined, Ended};
-use crate::tree::Tree;
+use crate::tree::{CopyStats, Tree};
 use crate::{dockerfile, http, human_bytes, upload};
 
 /// How a build that did not fail ended.
@@ -113,8 +114,13 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     }
 
     let instructions = dockerfile::parse(&spec.dockerfile);
-    let stage = final_stage(&instructions).context("spec.dockerfile")?;
-    if let (Some(base_image), Base::Image(reference)) = (&spec.base_image, &stage.base)
+    let stages = stages_to_build(&instructions).context("spec.dockerfile")?;
+    let final_stage = stages.last().expect("a Dockerfile has a final stage");
+    let parent_reference = match &final_stage.base {
+        Base::Image(reference) => Some(reference.clone()),
+        _ => None,
+    };
+    if let (Some(base_image), Some(reference)) = (&spec.base_image, &parent_reference)
         && base_image != reference
     {
         println!(
@@ -128,94 +134,29 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     };
     fs::create_dir_all(&build_dir).with_context(|| format!("create {}", build_dir.display()))?;
     let work = WorkDir::create(&build_dir)?;
-    let mut tree = Tree::create(work.0.join("rootfs"))?;
     let agent = http::agent();
-
-    let (base_config, parent_index): (ImageConfig, Option<ParentIndex>) = match &stage.base {
-        Base::Scratch => {
-            if diff {
-                println!(
-                    "note: FROM scratch in a diff build: the archive holds the whole tree as a layer over the parent"
-                );
-            }
-            (ImageConfig::default(), None)
-        }
-        Base::Image(reference) => {
-            let parent = spec.parent.as_ref().filter(|p| p.download.is_some()).ok_or_else(|| {
-                anyhow!(
-                    "FROM {reference} needs parent.download in spec.json (a diff build); \
-                     the platform or client did not provide it"
-                )
-            })?;
-            if !diff {
-                bail!(
-                    "FROM {reference} (line {}) builds on a parent snapshot, but spec.rootfsNodeKind is \"base\"; \
-                     a build on a parent must be a diff build",
-                    stage.from.line
-                );
-            }
-            let download = parent.download.as_ref().expect("filtered above");
-            let path = work.0.join("parent.tar.zst");
-            println!("Parent snapshot {} (FROM {reference})", parent.parent_manifest_uri);
-            let (size, sha256) = download_parent(&agent, download, &path)?;
-            check_sha256(parent.snapshot_sha256.as_deref(), &sha256, size).map_err(|m| anyhow!(m))?;
-            let snapshot = read_archive(&path, Some(&mut tree)).with_context(|| {
-                format!("the parent archive {} is not a valid {FORMAT_VERSION} snapshot", parent.parent_manifest_uri)
-            })?;
-            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-            println!(
-                "Parent snapshot {} ({} node): {} entries unpacked, sha256 verified: {}",
-                snapshot.manifest.snapshot_id,
-                snapshot.manifest.node_kind,
-                snapshot.manifest.files,
-                if parent.snapshot_sha256.is_some() { "yes" } else { "no (spec.parent.snapshotSha256 absent)" }
-            );
-            (snapshot.manifest.config, Some(snapshot.index))
-        }
+    let mut builder = Stages {
+        spec: &spec,
+        spec_path: &args.spec,
+        work: &work.0,
+        agent: &agent,
+        diff,
+        parent_reference,
+        context: None,
+        built: BTreeMap::new(),
+        images: BTreeMap::new(),
+        parent_index: None,
     };
-
-    let plan = plan(&stage, base_config).context("spec.dockerfile")?;
-    for note in &plan.notes {
-        println!("note: {note}");
-    }
-    let mut context = None;
-    let total = plan.steps.len();
-    for (index, step) in plan.steps.iter().enumerate() {
-        println!("Step {}/{total} : {}", index + 1, step.text);
-        let located = || format!("spec.dockerfile line {}: {}", step.line, step.text);
-        match &step.action {
-            Action::From => match &stage.base {
-                Base::Scratch => println!(" ---> empty tree"),
-                Base::Image(_) => println!(" ---> the parent snapshot's tree and config"),
-            },
-            Action::Copy(op) => {
-                if context.is_none() {
-                    context = Some(open_context(&spec, &args.spec).with_context(located)?);
-                }
-                let stats = tree.copy(context.as_ref().expect("set above"), op).with_context(located)?;
-                for note in &stats.notes {
-                    println!("note: {note}");
-                }
-                println!(
-                    " ---> files: {} ({}), directories: {}, symlinks: {}",
-                    stats.files,
-                    human_bytes(stats.bytes),
-                    stats.dirs,
-                    stats.symlinks
-                );
-            }
-            Action::MakeDir(path) => {
-                tree.make_dirs(path).with_context(located)?;
-                println!(" ---> {path}");
-            }
-            Action::Run(op) => {
-                run_step(&mut tree, op)
-                    .with_context(|| format!("step {}/{total} failed", index + 1))
-                    .with_context(located)?;
-            }
-            Action::Config => {}
+    let count = stages.len();
+    for (i, stage) in stages.iter().enumerate() {
+        if count > 1 {
+            println!("Stage {}/{count} : {} (line {})", i + 1, stage.label(), stage.from.line);
         }
+        builder.build(stage, i + 1 == count)?;
     }
+    let last = builder.built.remove(&final_stage.position).expect("the final stage was built");
+    let (tree, config, parent_index) = (last.tree, last.config, builder.parent_index.take());
+    drop(builder);
 
     let specials = tree.specials().context("list the tree")?;
     if !specials.is_empty() {
@@ -241,7 +182,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         snapshot_id: spec.snapshot_id.clone(),
         node_kind: spec.rootfs_node_kind.clone(),
         parent_manifest_uri: parent_manifest_uri.clone(),
-        config: plan.config.clone(),
+        config,
         files: 0,
     };
     let archive_path = work.0.join("snapshot.tar.zst");
@@ -286,6 +227,196 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         ),
     }
     Ok(Outcome::Done)
+}
+
+/// A built stage (or a downloaded image COPY --from reads).
+struct StageTree {
+    tree: Tree,
+    config: ImageConfig,
+}
+
+/// The stages of one build, built in order.
+struct Stages<'a> {
+    spec: &'a Spec,
+    spec_path: &'a Path,
+    work: &'a Path,
+    agent: &'a ureq::Agent,
+    diff: bool,
+    /// The final stage's FROM template (the parent of a diff build).
+    parent_reference: Option<String>,
+    /// The build context, opened at the first COPY from it.
+    context: Option<Context>,
+    /// Stages built so far, by position.
+    built: BTreeMap<usize, StageTree>,
+    /// Templates `COPY --from=` read, by reference.
+    images: BTreeMap<String, StageTree>,
+    /// The final stage's parent entries (a diff build).
+    parent_index: Option<ParentIndex>,
+}
+
+impl Stages<'_> {
+    fn build(&mut self, stage: &Stage, is_final: bool) -> Result<()> {
+        let dir = if is_final { self.work.join("rootfs") } else { self.work.join(format!("stage-{}", stage.position)) };
+        let mut tree = Tree::create(dir)?;
+        let base_config = match &stage.base {
+            Base::Scratch => {
+                if is_final && self.diff {
+                    println!(
+                        "note: FROM scratch in a diff build: the archive holds the whole tree as a layer over the parent"
+                    );
+                }
+                ImageConfig::default()
+            }
+            Base::Image(reference) if Some(reference) == self.parent_reference.as_ref() => {
+                if !self.diff {
+                    bail!(
+                        "FROM {reference} (line {}) builds on a parent snapshot, but spec.rootfsNodeKind is \"base\"; \
+                         a build on a parent must be a diff build",
+                        stage.from.line
+                    );
+                }
+                let parent = self.spec.parent.as_ref().filter(|p| p.download.is_some()).ok_or_else(|| {
+                    anyhow!(
+                        "FROM {reference} needs parent.download in spec.json (a diff build); \
+                         the platform or client did not provide it"
+                    )
+                })?;
+                let download = parent.download.as_ref().expect("filtered above");
+                println!("Parent snapshot {} (FROM {reference})", parent.parent_manifest_uri);
+                let snapshot = self.fetch(
+                    "parent",
+                    &parent.parent_manifest_uri,
+                    parent.snapshot_sha256.as_deref(),
+                    download,
+                    &mut tree,
+                )?;
+                if is_final {
+                    self.parent_index = Some(snapshot.index);
+                }
+                snapshot.manifest.config
+            }
+            Base::Image(reference) => {
+                let located = format!("FROM {reference} (line {})", stage.from.line);
+                self.local_image(reference, &mut tree).with_context(|| located)?
+            }
+            Base::Stage(position) => {
+                let from = self.built.get(position).expect("an earlier stage is built first");
+                let stats = tree.copy_tree(&from.tree).with_context(|| format!("start from stage {position}"))?;
+                println!(" ---> stage {position}'s tree: {} files ({})", stats.files, human_bytes(stats.bytes));
+                from.config.clone()
+            }
+        };
+        let plan = plan(stage, base_config).context("spec.dockerfile")?;
+        for note in &plan.notes {
+            println!("note: {note}");
+        }
+        let total = plan.steps.len();
+        for (index, step) in plan.steps.iter().enumerate() {
+            println!("Step {}/{total} : {}", index + 1, step.text);
+            let located = || format!("spec.dockerfile line {}: {}", step.line, step.text);
+            match &step.action {
+                Action::From => match &stage.base {
+                    Base::Scratch => println!(" ---> empty tree"),
+                    Base::Image(_) => println!(" ---> the snapshot's tree and config"),
+                    Base::Stage(_) => println!(" ---> the stage's tree and config"),
+                },
+                Action::Copy(op) => {
+                    let stats = self.copy(&mut tree, op).with_context(located)?;
+                    for note in &stats.notes {
+                        println!("note: {note}");
+                    }
+                    println!(
+                        " ---> files: {} ({}), directories: {}, symlinks: {}",
+                        stats.files,
+                        human_bytes(stats.bytes),
+                        stats.dirs,
+                        stats.symlinks
+                    );
+                }
+                Action::MakeDir(path) => {
+                    tree.make_dirs(path).with_context(located)?;
+                    println!(" ---> {path}");
+                }
+                Action::Run(op) => {
+                    run_step(&mut tree, op)
+                        .with_context(|| format!("step {}/{total} failed", index + 1))
+                        .with_context(located)?;
+                }
+                Action::Config => {}
+            }
+        }
+        self.built.insert(stage.position, StageTree { tree, config: plan.config });
+        Ok(())
+    }
+
+    /// COPY/ADD from the context, an earlier stage or a template.
+    fn copy(&mut self, tree: &mut Tree, op: &CopyOp) -> Result<CopyStats> {
+        let origin = match &op.from {
+            None => {
+                if self.context.is_none() {
+                    self.context = Some(open_context(self.spec, self.spec_path)?);
+                }
+                return tree.copy(self.context.as_ref().expect("set above"), op, None);
+            }
+            Some(CopyFrom::Stage(position)) => self.built.get(position).expect("an earlier stage is built first"),
+            Some(CopyFrom::Image(reference)) => {
+                if !self.images.contains_key(reference) {
+                    let dir = self.work.join(format!("image-{}", self.images.len()));
+                    let mut image = Tree::create(dir)?;
+                    let config = self.local_image(reference, &mut image)?;
+                    self.images.insert(reference.clone(), StageTree { tree: image, config });
+                }
+                &self.images[reference]
+            }
+        };
+        // Sources are paths in that image, resolved as inside it (symlinks stay in it).
+        let sources = op.sources.iter().map(|s| origin.tree.resolve_pattern(s)).collect::<Result<Vec<_>>>()?;
+        let context = Context::open(origin.tree.root())?;
+        tree.copy(&context, &CopyOp { sources, ..op.clone() }, Some(&origin.tree))
+    }
+
+    /// Downloads `reference` (an entry of spec.additionalLocalImages) into `tree`; returns its config.
+    fn local_image(&self, reference: &str, tree: &mut Tree) -> Result<ImageConfig> {
+        let image = self.spec.additional_local_images.iter().find(|i| i.reference == reference).ok_or_else(|| {
+            anyhow!(
+                "{reference} is not among spec.additionalLocalImages: it is neither an earlier stage nor a \
+                     template the platform resolved (registry images are not supported by the reference builder yet)"
+            )
+        })?;
+        let download = image.download.as_ref().ok_or_else(|| {
+            anyhow!("spec.additionalLocalImages entry {reference} has no download; the client did not sign its read")
+        })?;
+        let Download::SingleGet(get) = download;
+        http::check_plain_http("spec.additionalLocalImages[].download.url", &get.url).map_err(|m| anyhow!(m))?;
+        println!("Image {reference}: snapshot {}", image.snapshot_uri);
+        let snapshot = self.fetch(reference, &image.snapshot_uri, image.snapshot_sha256.as_deref(), download, tree)?;
+        Ok(snapshot.manifest.config)
+    }
+
+    /// Downloads a snapshot, checks its sha256 and unpacks it into `tree`.
+    fn fetch(
+        &self,
+        what: &str,
+        uri: &str,
+        sha256: Option<&str>,
+        download: &Download,
+        tree: &mut Tree,
+    ) -> Result<ParentSnapshot> {
+        let path = self.work.join("download.tar.zst");
+        let (size, got) = download_parent(self.agent, download, &path)?;
+        check_sha256(sha256, &got, size).map_err(|m| anyhow!(m))?;
+        let snapshot = read_archive(&path, Some(tree))
+            .with_context(|| format!("the {what} archive {uri} is not a valid {FORMAT_VERSION} snapshot"))?;
+        fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        println!(
+            "Snapshot {} ({} node): {} entries unpacked, sha256 verified: {}",
+            snapshot.manifest.snapshot_id,
+            snapshot.manifest.node_kind,
+            snapshot.manifest.files,
+            if sha256.is_some() { "yes" } else { "no (the spec gives no snapshotSha256)" }
+        );
+        Ok(snapshot)
+    }
 }
 
 /// One RUN step: the USER resolved in the tree, owners moved onto the files,

@@ -66,6 +66,8 @@ impl Tree {
         fs::create_dir_all(&root).with_context(|| format!("create the tree directory {}", root.display()))?;
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("chmod {}", root.display()))?;
+        // Canonical, so paths a Context resolves under it map back to tree paths.
+        let root = fs::canonicalize(&root).with_context(|| format!("resolve {}", root.display()))?;
         Ok(Tree { root, owners: BTreeMap::new(), on_disk: None })
     }
 
@@ -76,6 +78,33 @@ impl Tree {
     /// The on-disk path of a tree-relative path.
     pub fn host(&self, rel: &str) -> PathBuf {
         if rel.is_empty() { self.root.clone() } else { self.root.join(rel) }
+    }
+
+    /// The owner of the entry at `host` (a path under this tree's root).
+    pub fn owner_at(&self, host: &Path) -> Owner {
+        match host.strip_prefix(&self.root) {
+            Ok(rel) => self.owner(&rel.to_string_lossy()),
+            Err(_) => Owner::default(),
+        }
+    }
+
+    /// A `COPY --from` source (an absolute path in this image, maybe with a
+    /// pattern in its last part) as a path relative to the root, symlinks
+    /// before the last part resolved inside the tree, so that nothing outside it is named.
+    pub fn resolve_pattern(&self, source: &str) -> Result<String> {
+        let trimmed = source.trim_end_matches('/');
+        let (dir, last) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+        let has_pattern = |s: &str| s.contains(['*', '?', '[']);
+        if has_pattern(dir) {
+            bail!("COPY --from source {source}: a pattern is only supported in the last part of the path");
+        }
+        let rel = if has_pattern(last) || last.is_empty() {
+            let dir = self.resolve(dir, true)?;
+            if dir.is_empty() { last.to_owned() } else { format!("{dir}/{last}") }
+        } else {
+            self.resolve(trimmed, true)?
+        };
+        Ok(if rel.is_empty() { ".".to_owned() } else { rel })
     }
 
     pub fn owner(&self, rel: &str) -> Owner {

@@ -733,3 +733,62 @@ fn usage_errors_exit_2_and_help_exits_0() {
         text(&output.stderr)
     );
 }
+
+#[test]
+fn a_final_stage_copies_what_a_build_stage_ran_and_unneeded_stages_are_skipped() {
+    let dockerfile = "FROM scratch AS build\nCOPY rootfs/ /\nRUN mkdir /out && echo built by RUN > /out/artifact\n\
+                      FROM scratch AS unused\nCOPY run.sh /\nFROM scratch AS owned\nCOPY --chown=7:8 run.sh /owned.sh\n\
+                      FROM scratch\nCOPY --from=build /out/artifact /app/artifact\nCOPY --from=0 /bin/sh /bin/\n\
+                      COPY --from=owned /owned.sh /\n";
+    let (build, fake, output) = run_build(dockerfile);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&output.stderr));
+    assert!(stdout.contains("Stage 1/3 : build (line 1)") && stdout.contains("Stage 3/3 : 3 (line 8)"), "{stdout}");
+    assert!(stdout.contains("not needed by the final stage, so not built: stage unused (line 4)"), "{stdout}");
+    let put = fake.requests().into_iter().find(|r| r.method == "PUT").unwrap();
+    let (manifest, paths, dir) = open_archive(&put.body);
+    assert_eq!(paths, ["app", "app/artifact", "bin", "bin/sh", "owned.sh"], "only what the final stage copied");
+    assert_eq!(fs::read_to_string(dir.path().join("tree/app/artifact")).unwrap(), "built by RUN\n");
+    let mut raw = tar::Archive::new(zstd::Decoder::new(put.body.as_slice()).unwrap());
+    let owned = raw.entries().unwrap().map(|e| e.unwrap()).find(|e| e.path().unwrap().ends_with("owned.sh")).unwrap();
+    assert_eq!((owned.header().uid().unwrap(), owned.header().gid().unwrap()), (7, 8), "COPY --from keeps owners");
+    assert_eq!(manifest.node_kind, "base");
+    build.assert_clean();
+}
+
+#[test]
+fn copy_from_a_template_downloads_and_checks_it() {
+    let image = parent_archive();
+    let sha = sha256_hex(&image);
+    let store = FakeHttp::start(move |request| match request.method.as_str() {
+        "GET" if request.path() == "/bucket/tools.tlsnap" => Reply::status(200).with_body(image.clone()),
+        "PUT" => Reply::status(200),
+        _ => Reply::status(404),
+    });
+    let build = Build::new();
+    let local = |sha256: &str| {
+        json!({"upload": {"kind": "single_put", "method": "PUT", "url": store.url("/b/k"), "headers": {}},
+               "additionalLocalImages": [{"reference": "team/tools", "snapshotUri": "s3://bucket/tools.tlsnap",
+                   "snapshotSha256": sha256,
+                   "download": {"kind": "single_get", "method": "GET", "url": store.url("/bucket/tools.tlsnap?X-Amz-Signature=s")}}]})
+    };
+    build.spec("FROM scratch\nCOPY --from=team/tools /srv/app/hello.txt /hello\n", local(&sha));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&output.stdout), text(&output.stderr));
+    let put = store.requests().into_iter().find(|r| r.method == "PUT").unwrap();
+    let (_, paths, dir) = open_archive(&put.body);
+    assert_eq!(paths, ["hello"]);
+    assert_eq!(fs::read_to_string(dir.path().join("tree/hello")).unwrap(), "hello\n");
+
+    // A wrong digest fails naming both; an image the spec does not carry is named.
+    build.spec("FROM scratch\nCOPY --from=team/tools /srv/app/hello.txt /hello\n", local(&"0".repeat(64)));
+    let stderr = text(&build.run(None).stderr);
+    assert!(stderr.contains(&"0".repeat(64)) && stderr.contains(&sha), "{stderr}");
+    build.spec("FROM scratch\nCOPY --from=other/img /x /x\n", local(&sha));
+    let stderr = text(&build.run(None).stderr);
+    assert!(
+        stderr.contains("line 2: COPY --from=other/img /x /x: other/img is not among spec.additionalLocalImages"),
+        "{stderr}"
+    );
+    build.assert_clean();
+}

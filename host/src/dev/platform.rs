@@ -97,6 +97,17 @@ impl Emulator {
     /// The parent a diff build names, if `caller` may build on it: by
     /// `templateId`, else by `reference` or `name` (`owner/name` for another namespace's).
     fn parent_template(&self, caller: &str, parent: &TemplateRef) -> Result<Template, ApiError> {
+        self.named_template(caller, parent, "parentTemplate", "unknown_parent")
+    }
+
+    /// A template a prepare request names (`what`), if `caller` may read it.
+    fn named_template(
+        &self,
+        caller: &str,
+        parent: &TemplateRef,
+        what: &str,
+        code: &'static str,
+    ) -> Result<Template, ApiError> {
         let by_id = parent.template_id.as_deref().filter(|s| !s.is_empty());
         let reference = parent.reference.as_deref().or(parent.name.as_deref()).unwrap_or_default();
         let template = match by_id {
@@ -107,10 +118,7 @@ impl Emulator {
             }
         };
         let template = template.ok_or_else(|| {
-            ApiError::bad_request(
-                "unknown_parent",
-                format!("parentTemplate '{}' is not a registered template", by_id.unwrap_or(reference)),
-            )
+            ApiError::bad_request(code, format!("{what} '{}' is not a registered template", by_id.unwrap_or(reference)))
         })?;
         refuse_private(caller, &template)?;
         Ok(template)
@@ -189,6 +197,30 @@ impl Emulator {
                 },
             });
         }
+        // Earlier stages' FROMs and COPY --from that name templates: each with its snapshot,
+        // presigned for reading by the legacy platform, signed through get_blob by the client otherwise.
+        let mut local_images = Vec::new();
+        for local in &request.additional_local_images {
+            let template =
+                self.named_template(namespace, local, "additionalLocalImages entry", "unknown_local_image")?;
+            let download = match shape {
+                PrepareShape::Legacy => Some(
+                    serde_json::to_value(Download::SingleGet(self.presigned_get(&template.snapshot_uri)?))
+                        .expect("answers serialize"),
+                ),
+                _ => None,
+            };
+            local_images.push(wire::LocalImage::<Value> {
+                reference: local.reference.clone().or_else(|| local.name.clone()).unwrap_or(template.name.clone()),
+                template_id: Some(template.id.clone()),
+                snapshot_uri: template.snapshot_uri.clone(),
+                snapshot_sha256: Some(template.snapshot_sha256.clone()),
+                download,
+            });
+        }
+        prepared
+            .rest
+            .insert("additionalLocalImages".into(), serde_json::to_value(local_images).expect("answers serialize"));
         let legacy_upload = |uri: &str, key: &str| {
             let object = self.signer.endpoint.object(&self.signer.bucket, key);
             let upload = Upload::<()>::SinglePut(SinglePut {

@@ -361,6 +361,29 @@ fn diff_build_looks_up_the_parent_and_signs_its_download() {
 }
 
 #[test]
+fn templates_named_by_copy_from_and_earlier_froms_are_sent_as_additional_local_images() {
+    let mut world = World::new();
+    let found = |id: &str, name: &str| Ok((200, json!({"id": id, "name": name, "snapshotId": "s"}).to_string()));
+    world.lookups.push_back(found("t-1", "builder"));
+    world.lookups.push_back(Ok((404, "{}".to_owned())));
+    world.lookups.push_back(found("t-2", "tools"));
+    let dockerfile = "FROM builder AS build\nRUN make\nFROM scratch\nCOPY --from=build /out /out\n\
+                      COPY --from=registry.example/img:1 /x /x\nCOPY --from=team/tools /t /t\n";
+    let run = drive(request(dockerfile), &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    let looked_up: Vec<&String> = run.calls.iter().filter(|c| c.starts_with("GET http://api")).collect();
+    assert_eq!(looked_up.len(), 3, "{looked_up:?}");
+    let prepare = world.prepare_body.unwrap();
+    assert_eq!(prepare["rootfsNodeKind"], "base");
+    // The stage alias is not looked up; the image that is not a template (404) is not sent.
+    assert_eq!(
+        prepare["additionalLocalImages"],
+        json!([{"templateId": "t-1", "name": "builder", "reference": "builder", "snapshotId": "s", "public": false},
+               {"templateId": "t-2", "name": "tools", "reference": "team/tools", "snapshotId": "s", "public": false}])
+    );
+}
+
+#[test]
 fn durable_additional_local_images_are_signed_and_local_ones_are_not() {
     let mut world = World::new();
     world.prepared["additionalLocalImages"] = json!([

@@ -28,9 +28,27 @@ fn looks_like_archive(name: &str) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
+/// Who the copies belong to: one owner, or each its source's in another tree.
+#[derive(Clone, Copy)]
+enum Owners<'a> {
+    Fixed(Owner),
+    Kept(&'a Tree),
+}
+
+impl Owners<'_> {
+    fn of(self, source: &Path) -> Owner {
+        match self {
+            Owners::Fixed(owner) => owner,
+            Owners::Kept(tree) => tree.owner_at(source),
+        }
+    }
+}
+
 impl Tree {
-    /// Carries out a COPY/ADD from the context.
-    pub fn copy(&mut self, context: &Context, op: &CopyOp) -> Result<CopyStats> {
+    /// Carries out a COPY/ADD from `context`: the build context, or (with
+    /// `origin`, `COPY --from`) another tree, whose owners the copies keep
+    /// unless `--chown` says otherwise.
+    pub fn copy(&mut self, context: &Context, op: &CopyOp, origin: Option<&Tree>) -> Result<CopyStats> {
         let mut stats = CopyStats::default();
         let mut sources = Vec::new();
         for source in &op.sources {
@@ -39,8 +57,11 @@ impl Tree {
         let dest_exists_as_dir = fs::metadata(self.host(&self.resolve(&op.dest, true)?)).is_ok_and(|m| m.is_dir());
         let dest_is_dir = op.dest_is_dir || sources.len() > 1 || dest_exists_as_dir;
         let owner = match &op.chown {
-            Some(chown) => self.lookup_owner(chown, &mut stats.notes),
-            None => Owner::default(),
+            Some(chown) => Owners::Fixed(self.lookup_owner(chown, &mut stats.notes)),
+            None => match origin {
+                Some(tree) => Owners::Kept(tree),
+                None => Owners::Fixed(Owner::default()),
+            },
         };
         for source in &sources {
             let meta = fs::metadata(&source.path).with_context(|| format!("stat source {}", source.display))?;
@@ -48,7 +69,7 @@ impl Tree {
                 let existed = fs::symlink_metadata(self.host(&self.resolve(&op.dest, true)?)).is_ok();
                 let rel = self.make_dirs(&op.dest)?;
                 if !existed {
-                    self.apply_meta(&rel, None, op.chmod, owner)?;
+                    self.apply_meta(&rel, None, op.chmod, owner.of(&source.path))?;
                 }
                 self.copy_dir(&source.path, &op.dest, op, owner, &mut stats)?;
             } else if meta.is_file() {
@@ -72,7 +93,23 @@ impl Tree {
         Ok(stats)
     }
 
-    fn copy_dir(&mut self, src: &Path, dest: &str, op: &CopyOp, owner: Owner, stats: &mut CopyStats) -> Result<()> {
+    /// Copies all of `other` into this tree, owners kept (`FROM <earlier stage>`).
+    pub fn copy_tree(&mut self, other: &Tree) -> Result<CopyStats> {
+        let op = CopyOp {
+            instruction: "COPY",
+            line: 0,
+            sources: vec![".".into()],
+            dest: "/".into(),
+            dest_is_dir: true,
+            chmod: None,
+            chown: None,
+            from: None,
+        };
+        let context = Context::open(other.root())?;
+        self.copy(&context, &op, Some(other))
+    }
+
+    fn copy_dir(&mut self, src: &Path, dest: &str, op: &CopyOp, owner: Owners, stats: &mut CopyStats) -> Result<()> {
         let mut children: Vec<_> = fs::read_dir(src)
             .with_context(|| format!("list {}", src.display()))?
             .collect::<Result<_, _>>()
@@ -88,7 +125,7 @@ impl Tree {
                 // Children first, so a read-only source directory is still writable while filled.
                 self.copy_dir(&path, &image_path, op, owner, stats)?;
                 let mode = fs::metadata(&path)?.permissions().mode();
-                self.apply_meta(&rel, Some(mode), op.chmod, owner)?;
+                self.apply_meta(&rel, Some(mode), op.chmod, owner.of(&path))?;
                 stats.dirs += 1;
             } else if kind.is_file() {
                 self.copy_file(&path, &image_path, op, owner, stats)?;
@@ -97,7 +134,7 @@ impl Tree {
                 let target = fs::read_link(&path).with_context(|| format!("read link {}", path.display()))?;
                 let rel = self.replaceable(&image_path)?;
                 symlink(&target, self.host(&rel)).with_context(|| format!("create symlink /{rel}"))?;
-                self.set_owner(&rel, owner)?;
+                self.set_owner(&rel, owner.of(&path))?;
                 stats.symlinks += 1;
             } else {
                 stats.notes.push(format!("skipped {}: not a file, directory or symlink", path.display()));
@@ -111,14 +148,14 @@ impl Tree {
         src: &Path,
         image_path: &str,
         op: &CopyOp,
-        owner: Owner,
+        owner: Owners,
         stats: &mut CopyStats,
     ) -> Result<()> {
         let rel = self.replaceable(image_path)?;
         let host = self.host(&rel);
         let bytes = fs::copy(src, &host).with_context(|| format!("copy {} to /{rel}", src.display()))?;
         let mode = fs::metadata(src)?.permissions().mode();
-        self.apply_meta(&rel, Some(mode), op.chmod, owner)?;
+        self.apply_meta(&rel, Some(mode), op.chmod, owner.of(src))?;
         stats.files += 1;
         stats.bytes += bytes;
         Ok(())
@@ -166,6 +203,7 @@ mod tests {
             dest_is_dir,
             chmod: None,
             chown: None,
+            from: None,
         }
     }
 
@@ -183,25 +221,25 @@ mod tests {
     fn copy_follows_docker_destination_rules() {
         let (_dir, context, mut tree) = setup();
         // Directory source: its contents land in dest.
-        tree.copy(&context, &op(&["app"], "/srv", false)).unwrap();
+        tree.copy(&context, &op(&["app"], "/srv", false), None).unwrap();
         assert_eq!(read(&tree, "/srv/main.py"), "print(1)\n");
         assert_eq!(read(&tree, "/srv/lib/util.py"), "x = 1\n");
         // File to a path not ending in / : that path is the file.
-        tree.copy(&context, &op(&["README.md"], "/docs/readme", false)).unwrap();
+        tree.copy(&context, &op(&["README.md"], "/docs/readme", false), None).unwrap();
         assert_eq!(read(&tree, "/docs/readme"), "readme\n");
         // File into an existing directory or a dir destination keeps its name.
-        tree.copy(&context, &op(&["a.txt"], "/srv", false)).unwrap();
+        tree.copy(&context, &op(&["a.txt"], "/srv", false), None).unwrap();
         assert_eq!(read(&tree, "/srv/a.txt"), "a\n");
-        tree.copy(&context, &op(&["a.txt"], "/new", true)).unwrap();
+        tree.copy(&context, &op(&["a.txt"], "/new", true), None).unwrap();
         assert_eq!(read(&tree, "/new/a.txt"), "a\n");
         // Several sources mean a directory.
-        let stats = tree.copy(&context, &op(&["*.txt"], "/many", false)).unwrap();
+        let stats = tree.copy(&context, &op(&["*.txt"], "/many", false), None).unwrap();
         assert_eq!((stats.files, stats.bytes), (2, 5));
         assert_eq!(read(&tree, "/many/b.txt"), "bb\n");
         // Overwriting a file replaces it.
-        tree.copy(&context, &op(&["b.txt"], "/docs/readme", false)).unwrap();
+        tree.copy(&context, &op(&["b.txt"], "/docs/readme", false), None).unwrap();
         assert_eq!(read(&tree, "/docs/readme"), "bb\n");
-        let stats = tree.copy(&context, &op(&["a.txt"], "/srv/lib", false)).unwrap();
+        let stats = tree.copy(&context, &op(&["a.txt"], "/srv/lib", false), None).unwrap();
         assert_eq!(stats.files, 1, "an existing directory destination receives the file");
         assert_eq!(read(&tree, "/srv/lib/a.txt"), "a\n");
     }
@@ -213,18 +251,18 @@ mod tests {
         let mut copy = op(&["app"], "/srv", false);
         copy.chmod = Some(0o700);
         copy.chown = Some(Chown { user: "app".into(), group: None });
-        tree.copy(&context, &copy).unwrap();
+        tree.copy(&context, &copy, None).unwrap();
         let mode = fs::metadata(tree.host("srv/main.py")).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o700);
         assert_eq!(tree.owner("srv/main.py"), Owner { uid: 1000, gid: 1001 });
         assert_eq!(tree.owner("srv/lib"), Owner { uid: 1000, gid: 1001 });
         let mut copy = op(&["a.txt"], "/x", false);
         copy.chown = Some(Chown { user: "7".into(), group: None });
-        tree.copy(&context, &copy).unwrap();
+        tree.copy(&context, &copy, None).unwrap();
         assert_eq!(tree.owner("x"), Owner { uid: 7, gid: 7 });
         let mut copy = op(&["a.txt"], "/y", false);
         copy.chown = Some(Chown { user: "nobody-here".into(), group: None });
-        let stats = tree.copy(&context, &copy).unwrap();
+        let stats = tree.copy(&context, &copy, None).unwrap();
         assert_eq!(tree.owner("y"), Owner::default());
         assert!(stats.notes[0].contains("user not found"), "{:?}", stats.notes);
     }
@@ -235,10 +273,10 @@ mod tests {
         tree.make_dirs("/usr/bin").unwrap();
         symlink("/usr/bin", tree.host("bin")).unwrap();
         symlink("../../../../..", tree.host("usr/up")).unwrap();
-        tree.copy(&context, &op(&["a.txt"], "/bin/", true)).unwrap();
+        tree.copy(&context, &op(&["a.txt"], "/bin/", true), None).unwrap();
         assert_eq!(read(&tree, "/usr/bin/a.txt"), "a\n");
         assert_eq!(tree.resolve("/usr/up/etc", true).unwrap(), "etc");
-        tree.copy(&context, &op(&["a.txt"], "/usr/up/escaped", false)).unwrap();
+        tree.copy(&context, &op(&["a.txt"], "/usr/up/escaped", false), None).unwrap();
         assert!(tree.host("escaped").is_file(), "writes through a climbing symlink stay in the tree");
     }
 
@@ -246,7 +284,7 @@ mod tests {
     fn nested_symlinks_are_copied_as_links() {
         let (_dir, context, mut tree) = setup();
         symlink("/etc/shadow", context.root().join("app/shadow")).unwrap();
-        let stats = tree.copy(&context, &op(&["app"], "/srv", false)).unwrap();
+        let stats = tree.copy(&context, &op(&["app"], "/srv", false), None).unwrap();
         assert_eq!(stats.symlinks, 1);
         assert_eq!(fs::read_link(tree.host("srv/shadow")).unwrap(), Path::new("/etc/shadow"));
     }
@@ -257,16 +295,16 @@ mod tests {
         write(&context.root().join("x.tar.gz"), "not really");
         let mut add = op(&["x.tar.gz"], "/x", false);
         add.instruction = "ADD";
-        let err = tree.copy(&context, &add).unwrap_err().to_string();
+        let err = tree.copy(&context, &add, None).unwrap_err().to_string();
         assert!(err.contains("unpacking local archives is not supported"), "{err}");
         let copy = op(&["x.tar.gz"], "/x", false);
-        tree.copy(&context, &copy).unwrap();
+        tree.copy(&context, &copy, None).unwrap();
     }
 
     #[test]
     fn entries_are_sorted_depth_first() {
         let (_dir, context, mut tree) = setup();
-        tree.copy(&context, &op(&["."], "/", false)).unwrap();
+        tree.copy(&context, &op(&["."], "/", false), None).unwrap();
         let rels: Vec<String> = tree.entries().unwrap().into_iter().map(|e| e.rel).collect();
         assert_eq!(rels, ["README.md", "a.txt", "app", "app/lib", "app/lib/util.py", "app/main.py", "b.txt"]);
     }
