@@ -176,6 +176,60 @@ async fn processes_stream_over_sse_with_replay_and_report_their_exit() {
     stack.shutdown().await;
 }
 
+/// Host pids of processes whose command line holds `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(marker))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A one-shot run ends everything it started, when it ends and when it
+/// times out: children left in the background (holding its output or not,
+/// in its process group or in a session of their own) do not outlive it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_shot_run_ends_its_background_children_when_it_ends_or_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let id = api.create_sandbox().await;
+    api.wait_running(&id).await;
+    let run = |script: &'static str, timeout: f64| {
+        let request = api
+            .proxy(Method::POST, &id, "/api/v1/processes/run")
+            .bearer_auth(&api.token)
+            .json(&json!({"command": "/bin/sh", "args": ["-c", script], "timeout": timeout}));
+        async move {
+            let text = request.send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(|d| serde_json::from_str(d).unwrap())
+                .collect::<Vec<Value>>()
+        }
+    };
+    // Ends at once; one child holds the output (so the run times out), one does not, one left the group.
+    let frames = run("sleep 4101 & sleep 4102 >/dev/null 2>&1 & setsid sleep 4103 >/dev/null 2>&1 & exit 0", 1.0).await;
+    assert!(frames.last().unwrap().get("exit_code").is_some(), "the run reports its end: {frames:?}");
+    for marker in ["sleep 4101", "sleep 4102"] {
+        assert_eq!(processes_with(marker), Vec::<String>::new(), "{marker} outlived its run");
+    }
+    // What left the process group is found through the process's own cgroup; a rootless
+    // sandbox without a delegated cgroup has none, and that child lives until the sandbox ends.
+    let per_process_cgroup = stack.sandbox_mode.contains("cgroup");
+    assert_eq!(processes_with("sleep 4103").is_empty(), per_process_cgroup, "{}", stack.sandbox_mode);
+    // A run that ends by itself with a quiet background child: that child ends too.
+    let frames = run("sleep 4104 >/dev/null 2>&1 & echo done", 5.0).await;
+    assert!(frames.iter().any(|f| f["line"] == "done"), "{frames:?}");
+    assert_eq!(processes_with("sleep 4104"), Vec::<String>::new(), "sleep 4104 outlived its run");
+    stack.shutdown().await;
+    assert_eq!(processes_with("sleep 4103"), Vec::<String>::new(), "deleting the sandbox ends everything in it");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn files_round_trip_through_the_proxy_and_sign_goes_to_the_signer() {
     let dir = tempfile::tempdir().unwrap();

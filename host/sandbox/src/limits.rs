@@ -552,6 +552,35 @@ fn cpu_quota(cpus: f64) -> u64 {
     ((cpus * 100_000.0).round() as u64).max(1000)
 }
 
+/// SIGKILL to every process in the cgroup `dir` (v2: `cgroup.kill`; v1: each
+/// pid of `cgroup.procs`), repeated while members remain (one may fork as it
+/// dies). Returns how many were signalled; 0 when the group is gone.
+pub(crate) fn kill_members(dir: &Path) -> usize {
+    let kill_file = dir.join("cgroup.kill");
+    let mut killed = 0;
+    for _ in 0..8 {
+        let members: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if members.is_empty() {
+            break;
+        }
+        if kill_file.exists() && std::fs::write(&kill_file, "1").is_ok() {
+            killed += members.len();
+        } else {
+            for pid in &members {
+                // SAFETY: kill(2) of a member of a cgroup made for this process.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+            killed += members.len();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    killed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

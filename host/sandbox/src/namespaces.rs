@@ -760,6 +760,13 @@ impl Holder {
         })
     }
 
+    /// The sandbox's pid namespace as (device, inode), to tell its processes from others.
+    pub(crate) fn pid_ns_id(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::File::from(self.pid_ns.try_clone().ok()?);
+        file.metadata().ok().map(|m| (m.dev(), m.ino()))
+    }
+
     /// The sandbox's network namespace, when it has its own.
     pub(crate) fn net(&self) -> Option<&Arc<OwnedFd>> {
         self.net.as_ref()

@@ -144,10 +144,18 @@ pub(crate) struct Process {
     tick: watch::Sender<u64>,
     /// Host process group of the child (its launcher, or the command when unconfined).
     group: Option<i32>,
+    /// The process's own cgroup (memory or pids), where one is made per process: it holds
+    /// every process it starts, including those that left its process group.
+    cgroup: Option<std::path::PathBuf>,
 }
 
 impl Process {
-    pub(crate) fn new(pid: i64, spec: &ProcessSpec, group: Option<i32>) -> Arc<Self> {
+    pub(crate) fn new(
+        pid: i64,
+        spec: &ProcessSpec,
+        group: Option<i32>,
+        cgroup: Option<std::path::PathBuf>,
+    ) -> Arc<Self> {
         let info = ProcessInfo {
             pid,
             status: "running".into(),
@@ -164,7 +172,18 @@ impl Process {
             state: Mutex::new(State { info, lines: Vec::new(), bytes: 0, open_streams: 2, oom: false }),
             tick: watch::channel(0).0,
             group,
+            cgroup,
         })
+    }
+
+    /// Host process group of the child, if it has one.
+    pub(crate) fn group(&self) -> Option<i32> {
+        self.group
+    }
+
+    /// The process's own cgroup, if one was made for it.
+    pub(crate) fn cgroup(&self) -> Option<&std::path::Path> {
+        self.cgroup.as_deref()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -359,7 +378,7 @@ mod tests {
     #[test]
     fn process_info_serializes_as_the_protocol_example() {
         let spec = ProcessSpec { command: "/usr/local/bin/tl-rootfs-build".into(), ..Default::default() };
-        let process = Process::new(42, &spec, None);
+        let process = Process::new(42, &spec, None, None);
         let mut info = process.info();
         info.started_at = 1234567890.123;
         assert_eq!(
@@ -414,7 +433,7 @@ mod tests {
     async fn lines_are_cut_at_the_limit_and_output_is_capped_with_a_marker() {
         let mut input = vec![b'a'; MAX_LINE_BYTES + 10];
         input.extend_from_slice(b"\r\nlast");
-        let process = Process::new(1, &ProcessSpec::default(), None);
+        let process = Process::new(1, &ProcessSpec::default(), None, None);
         process.clone().collect(&input[..], "stdout").await;
         let lines: Vec<String> = process.lock().lines.iter().map(|e| e.line.clone()).collect();
         assert_eq!(lines.iter().map(String::len).collect::<Vec<_>>(), [MAX_LINE_BYTES, 10, 4]);
@@ -422,7 +441,7 @@ mod tests {
 
         let big = "x".repeat(1000) + "\n";
         let input = big.repeat(MAX_OUTPUT_BYTES / 1000 + 5);
-        let process = Process::new(2, &ProcessSpec::default(), None);
+        let process = Process::new(2, &ProcessSpec::default(), None, None);
         process.clone().collect(input.as_bytes(), "stderr").await;
         let state = process.lock();
         assert!(state.lines.last().unwrap().line.contains("later lines dropped"));
@@ -431,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn follow_ends_only_when_ended_and_drained() {
-        let process = Process::new(1, &ProcessSpec::default(), None);
+        let process = Process::new(1, &ProcessSpec::default(), None, None);
         process.record(b"one", "stdout");
         let mut follower = Box::pin(process.follow());
         assert_eq!(follower.next().await.unwrap().line, "one");

@@ -381,7 +381,8 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        let process = Process::new(pid, &spec, child.id().map(|pid| pid as i32));
+        let own_cgroup = group.as_ref().map(|(dir, _)| dir.clone());
+        let process = Process::new(pid, &spec, child.id().map(|pid| pid as i32), own_cgroup);
         processes.list.push(process.clone());
         drop(processes);
 
@@ -503,6 +504,29 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Ends everything process `pid` started, whether or not it still runs
+    /// (a one-shot run that ended or timed out): SIGKILL to every member of
+    /// its own cgroup, where it has one (which also holds what left its
+    /// process group, e.g. by `setsid`), and to every process still in its
+    /// process group inside this sandbox. Returns how many were signalled.
+    /// Without a cgroup per process (rootless without a delegated cgroup),
+    /// what left the process group is not found.
+    pub fn end_all_of(&self, pid: i64) -> Result<usize> {
+        let id = &self.id;
+        let process = self
+            .find(pid)
+            .ok_or_else(|| anyhow!("sandbox {id} has no process {pid}; list them with GET /api/v1/processes"))?;
+        let mut ended = 0;
+        if let Some(dir) = process.cgroup() {
+            ended += crate::limits::kill_members(dir);
+        }
+        if let Some(group) = process.group() {
+            let pid_ns = lock(&self.jail).as_ref().and_then(|jail| jail.holder.pid_ns_id());
+            ended += kill_group_in(group, pid_ns);
+        }
+        Ok(ended)
+    }
+
     /// Stops new processes from starting and returns every process.
     pub(crate) fn close(&self) -> Vec<Arc<Process>> {
         let mut processes = lock(&self.processes);
@@ -595,4 +619,43 @@ impl Sandbox {
             .map_err(files::explain)
             .with_context(|| format!("sandbox {}: delete file {path}", self.id))
     }
+}
+
+/// SIGKILL to every process whose process group is `group` and, when
+/// `pid_ns` is given, that lives in that pid namespace (so a reused group id
+/// outside the sandbox is never hit); unconfined, only this user's. Repeats
+/// while it finds some (a process may fork as it dies).
+fn kill_group_in(group: i32, pid_ns: Option<(u64, u64)>) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut killed = 0;
+    for _ in 0..8 {
+        let mut found = 0;
+        let Ok(entries) = std::fs::read_dir("/proc") else { return killed };
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // The fields after the command (which may hold spaces) begin past its last ')'.
+            let pgrp = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<i32>().ok());
+            if pgrp != Some(group) {
+                continue;
+            }
+            let inside = match pid_ns {
+                Some(ns) => std::fs::metadata(entry.path().join("ns/pid")).is_ok_and(|m| (m.dev(), m.ino()) == ns),
+                None => std::fs::metadata(entry.path()).is_ok_and(|m| m.uid() == me),
+            };
+            if inside {
+                // SAFETY: kill(2) of a process just checked to be in the sandbox and the group.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                found += 1;
+            }
+        }
+        if found == 0 {
+            break;
+        }
+        killed += found;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    killed
 }

@@ -207,6 +207,17 @@ impl Emulator {
             if tokio::time::timeout(timeout, drain).await.is_err() {
                 let _ = sandbox.kill(pid, 9, false);
             }
+            // A one-shot run ends with everything it started (children left in the background
+            // would otherwise hold the sandbox's process limit, or its output, for good).
+            let ended = {
+                let sandbox = sandbox.clone();
+                tokio::task::spawn_blocking(move || sandbox.end_all_of(pid)).await
+            };
+            if let Ok(Ok(n)) = ended
+                && n > 0
+            {
+                tracing::debug!(sandbox = %sandbox.id(), pid, ended = n, "one-shot run: ended the processes it left behind");
+            }
             if let Some(done) = sandbox.wait(pid).await {
                 let exited = json!({"exit_code": done.exit_code, "signal": done.signal, "oom_killed": done.oom_killed});
                 let _ = tx.send(Ok(sse_frame(&exited))).await;
