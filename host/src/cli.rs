@@ -332,6 +332,19 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 16)]
         slow_clients: usize,
     },
+    /// What a Dockerfile RUN step costs beyond its command (entering and
+    /// leaving the confined rootfs), beside the floor and buildah.
+    RunSteps {
+        /// RUN steps to measure (after 3 to warm up).
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// The buildah to compare with (default: buildah on PATH, if any).
+        #[arg(long)]
+        buildah: Option<PathBuf>,
+        /// `RUN true` lines in buildah's Dockerfile.
+        #[arg(long, default_value_t = 20)]
+        buildah_steps: usize,
+    },
     /// Orchestration overhead of demo builds, warm instantiation and cold start.
     Build {
         /// Builds to run (the first only warms the cache).

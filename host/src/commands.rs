@@ -273,6 +273,9 @@ async fn bench(what: BenchWhat) -> Result<()> {
             let options = snapsign_host::bench::soak::SoakOptions { minutes, callers, concurrency, rate, slow_clients };
             snapsign_host::bench::soak::run(this, options).await
         }
+        BenchWhat::RunSteps { steps, buildah, buildah_steps } => {
+            snapsign_host::bench::run_steps::run(steps, buildah, buildah_steps).await
+        }
         BenchWhat::Build { rounds, instantiations } => {
             snapsign_host::bench::build(rounds, instantiations, this_executable_as_builder()?).await
         }

@@ -53,6 +53,7 @@ pub mod context;
 pub use snapsign::image_build::dockerfile;
 pub mod download;
 pub mod faults;
+pub mod host_rootfs;
 pub mod http;
 pub mod metadata;
 pub mod multipart;
