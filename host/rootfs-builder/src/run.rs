@@ -116,8 +116,11 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     let instructions = dockerfile::parse(&spec.dockerfile);
     let stages = stages_to_build(&instructions).context("spec.dockerfile")?;
     let final_stage = stages.last().expect("a Dockerfile has a final stage");
+    // The final FROM's template is the parent of a diff build. In a base build, a final FROM
+    // that names an image is one the platform supplied in additionalLocalImages (a registry
+    // image it imported): the build starts from its tree and the snapshot holds all of it.
     let parent_reference = match &final_stage.base {
-        Base::Image(reference) => Some(reference.clone()),
+        Base::Image(reference) if diff => Some(reference.clone()),
         _ => None,
     };
     if let (Some(base_image), Some(reference)) = (&spec.base_image, &parent_reference)
@@ -268,13 +271,6 @@ impl Stages<'_> {
                 ImageConfig::default()
             }
             Base::Image(reference) if Some(reference) == self.parent_reference.as_ref() => {
-                if !self.diff {
-                    bail!(
-                        "FROM {reference} (line {}) builds on a parent snapshot, but spec.rootfsNodeKind is \"base\"; \
-                         a build on a parent must be a diff build",
-                        stage.from.line
-                    );
-                }
                 let parent = self.spec.parent.as_ref().filter(|p| p.download.is_some()).ok_or_else(|| {
                     anyhow!(
                         "FROM {reference} needs parent.download in spec.json (a diff build); \

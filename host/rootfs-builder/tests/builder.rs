@@ -792,3 +792,30 @@ fn copy_from_a_template_downloads_and_checks_it() {
     );
     build.assert_clean();
 }
+
+#[test]
+fn a_base_build_from_an_image_the_platform_supplied_holds_the_whole_tree() {
+    let image = parent_archive();
+    let sha = sha256_hex(&image);
+    let store = FakeHttp::start(move |request| match request.method.as_str() {
+        "GET" if request.path() == "/bucket/imported.tlsnap" => Reply::status(200).with_body(image.clone()),
+        "PUT" => Reply::status(200),
+        _ => Reply::status(404),
+    });
+    let build = Build::new();
+    build.spec(
+        "FROM registry.example:5000/team/base:1.2\nCOPY app/new.txt /srv/app/new.txt\n",
+        json!({"upload": {"kind": "single_put", "method": "PUT", "url": store.url("/b/k"), "headers": {}},
+               "additionalLocalImages": [{"reference": "registry.example:5000/team/base:1.2",
+                   "snapshotUri": "s3://bucket/imported.tlsnap", "snapshotSha256": sha,
+                   "download": {"kind": "single_get", "method": "GET", "url": store.url("/bucket/imported.tlsnap")}}]}),
+    );
+    fs::write(build.path("context/app/new.txt"), "new\n").unwrap();
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&output.stdout), text(&output.stderr));
+    let put = store.requests().into_iter().find(|r| r.method == "PUT").unwrap();
+    let (manifest, paths, _dir) = open_archive(&put.body);
+    assert_eq!(manifest.node_kind, "base");
+    assert_eq!(paths, ["srv", "srv/app", "srv/app/hello.txt", "srv/app/new.txt", "srv/app/old.txt"], "all of it");
+    assert_eq!(manifest.config.env, ["FROM_PARENT=yes"], "the image's config is kept");
+}
