@@ -10,8 +10,8 @@ use std::process::Command;
 use anyhow::{Context as _, Result, anyhow};
 
 /// The programs the RUN tests use.
-pub const TEST_PROGRAMS: [&str; 12] =
-    ["sh", "bash", "cat", "ls", "id", "rm", "touch", "mkdir", "sleep", "chown", "chmod", "echo"];
+pub const TEST_PROGRAMS: [&str; 13] =
+    ["sh", "bash", "cat", "ls", "id", "rm", "touch", "mkdir", "sleep", "chown", "chmod", "echo", "mkfifo"];
 
 /// Writes a rootfs under `dir`: each program as `bin/<name>` (mode 0755),
 /// its libraries at their own absolute paths, `etc/passwd` and `etc/group`

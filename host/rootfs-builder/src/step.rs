@@ -54,6 +54,9 @@ pub const INTERNAL_COMMAND: &str = "__run-step";
 /// The descriptor on which the confiner reports why a step could not start.
 const STATUS_FD: i32 = 3;
 
+/// The longest piece of a step's output printed as one log line.
+const MAX_LINE_BYTES: u64 = 64 * 1024;
+
 /// Exit status of a confiner that could not start the command (the reason is on [`STATUS_FD`]).
 const SETUP_FAILED: i32 = 125;
 
@@ -149,7 +152,8 @@ pub fn run(step: &Confined) -> Result<Ended> {
     let mut line = Vec::new();
     loop {
         line.clear();
-        if lines.read_until(b'\n', &mut line).context("read the step's output")? == 0 {
+        // A line longer than this is printed in pieces, so a step cannot make the builder hold its output.
+        if (&mut lines).take(MAX_LINE_BYTES).read_until(b'\n', &mut line).context("read the step's output")? == 0 {
             break;
         }
         let text = String::from_utf8_lossy(&line);

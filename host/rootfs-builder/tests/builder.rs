@@ -819,3 +819,40 @@ fn a_base_build_from_an_image_the_platform_supplied_holds_the_whole_tree() {
     assert_eq!(paths, ["srv", "srv/app", "srv/app/hello.txt", "srv/app/new.txt", "srv/app/old.txt"], "all of it");
     assert_eq!(manifest.config.env, ["FROM_PARENT=yes"], "the image's config is kept");
 }
+
+#[test]
+fn a_step_cannot_make_the_builder_hold_a_huge_line_or_block_on_a_fifo() {
+    let build = Build::new();
+    rootfs::write(&build.path("context/rootfs"));
+    let fake = FakeHttp::start(|_| Reply::status(200));
+    build.spec(
+        "FROM scratch\nCOPY rootfs/ /\nRUN bash -c 'printf \"%0200000d\" 0'\n\
+         RUN rm /etc/passwd && mkfifo /etc/passwd\nUSER 0\nRUN echo still running\n",
+        json!({"upload": {"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}}}),
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_tl-rootfs-build"))
+        .arg("--spec")
+        .arg(build.path("spec.json"))
+        .arg("--metadata-out")
+        .arg(build.metadata_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output().unwrap()));
+    let Ok(output) = finished.recv_timeout(std::time::Duration::from_secs(60)) else {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("the build blocked (on the fifo at /etc/passwd?)");
+    };
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&output.stderr));
+    let zeros: Vec<usize> = stdout.lines().filter(|l| l.starts_with("000")).map(str::len).collect();
+    assert_eq!(zeros, [65536, 65536, 65536, 3392], "the 200,000-byte line is printed in 64 KiB pieces");
+    assert!(stdout.contains("\nstill running\n"), "{stdout}");
+    assert!(
+        stdout.contains("note: not kept in the snapshot (not a file, directory or symlink): /etc/passwd"),
+        "{stdout}"
+    );
+}

@@ -101,7 +101,11 @@ impl State {
                id TEXT PRIMARY KEY, namespace TEXT NOT NULL, image TEXT, state TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS uploads (
-               upload_id TEXT PRIMARY KEY, build_id TEXT NOT NULL, uri TEXT NOT NULL, state TEXT NOT NULL);",
+               upload_id TEXT PRIMARY KEY, build_id TEXT NOT NULL, uri TEXT NOT NULL, state TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS images (
+               namespace TEXT NOT NULL, digest TEXT NOT NULL, snapshot_uri TEXT NOT NULL,
+               snapshot_sha256 TEXT NOT NULL, snapshot_size_bytes INTEGER NOT NULL,
+               PRIMARY KEY (namespace, digest));",
         )
         .context("create the state schema")?;
         // Databases from before builds could fail gain the column.
@@ -319,6 +323,33 @@ impl State {
     /// The template whose snapshot is the object `uri`.
     pub fn template_by_snapshot_uri(&self, uri: &str) -> Result<Option<Template>> {
         self.template_where("snapshot_uri = ?1", params![uri], uri)
+    }
+
+    /// A registry image this namespace imported: (snapshot uri, sha256, size) by manifest digest.
+    pub fn image(&self, namespace: &str, digest: &str) -> Result<Option<(String, String, u64)>> {
+        let db = self.db();
+        let mut statement = db.prepare(
+            "SELECT snapshot_uri, snapshot_sha256, snapshot_size_bytes FROM images WHERE namespace = ?1 AND digest = ?2",
+        )?;
+        let mut rows = statement.query(params![namespace, digest])?;
+        Ok(match rows.next()? {
+            Some(row) => Some((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)? as u64)),
+            None => None,
+        })
+    }
+
+    /// Records an imported image's snapshot.
+    pub fn put_image(&self, namespace: &str, digest: &str, uri: &str, sha256: &str, size: u64) -> Result<()> {
+        self.db()
+            .execute(
+                "INSERT INTO images (namespace, digest, snapshot_uri, snapshot_sha256, snapshot_size_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(namespace, digest) DO UPDATE SET snapshot_uri = excluded.snapshot_uri,
+                   snapshot_sha256 = excluded.snapshot_sha256, snapshot_size_bytes = excluded.snapshot_size_bytes",
+                params![namespace, digest, uri, sha256, size as i64],
+            )
+            .with_context(|| format!("record the imported image {digest}"))?;
+        Ok(())
     }
 
     /// Records a sandbox's lifecycle state.

@@ -6,13 +6,29 @@ use std::fs;
 use super::{Owner, Tree};
 use crate::plan::Chown;
 
+/// /etc/passwd or /etc/group larger than this is read only this far.
+const MAX_ACCOUNT_FILE_BYTES: u64 = 4 << 20;
+
 impl Tree {
+    /// /etc/passwd or /etc/group of the tree: a regular file only (a RUN step
+    /// may have left a fifo there, which would block the read), at most
+    /// [`MAX_ACCOUNT_FILE_BYTES`].
+    fn read_account_file(&self, file: &str) -> Option<String> {
+        use std::io::Read;
+        let host = self.host(&self.resolve(file, true).ok()?);
+        if !fs::symlink_metadata(&host).ok()?.is_file() {
+            return None;
+        }
+        let mut text = String::new();
+        fs::File::open(&host).ok()?.take(MAX_ACCOUNT_FILE_BYTES).read_to_string(&mut text).ok()?;
+        Some(text)
+    }
+
     /// `--chown`: ids as given, names from the tree's /etc/passwd and /etc/group.
     /// A user without a group gets the same number as gid, as Docker does.
     pub(super) fn lookup_owner(&self, chown: &Chown, notes: &mut Vec<String>) -> Owner {
         let lookup = |file: &str, name: &str, field: usize| -> Option<(u64, Option<u64>)> {
-            let rel = self.resolve(file, true).ok()?;
-            let text = fs::read_to_string(self.host(&rel)).ok()?;
+            let text = self.read_account_file(file)?;
             text.lines().find_map(|line| {
                 let cols: Vec<&str> = line.split(':').collect();
                 if cols.first() != Some(&name) {
@@ -70,7 +86,7 @@ impl Tree {
     /// error naming it; a uid that is not there runs with gid 0.
     pub fn lookup_user(&self, user: &str) -> anyhow::Result<Identity> {
         let read = |file: &str| -> Vec<Vec<String>> {
-            let text = self.resolve(file, true).ok().and_then(|rel| fs::read_to_string(self.host(&rel)).ok());
+            let text = self.read_account_file(file);
             text.unwrap_or_default().lines().map(|l| l.split(':').map(str::to_owned).collect()).collect()
         };
         let passwd = read("/etc/passwd");
