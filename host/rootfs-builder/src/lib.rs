@@ -54,6 +54,7 @@ pub use snapsign::image_build::dockerfile;
 pub mod download;
 pub mod faults;
 pub mod http;
+pub mod image;
 pub mod metadata;
 pub mod multipart;
 pub mod plan;
