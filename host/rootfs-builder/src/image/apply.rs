@@ -161,6 +161,16 @@ fn entry_rel(name: &str) -> Result<Option<String>> {
     Ok(source::normalise(name))
 }
 
+/// A numeric header field; an empty one (all NUL or spaces) is 0, as Go's
+/// archive/tar (Docker's) reads it.
+fn numeric(value: io::Result<u64>, raw: &[u8], name: &str) -> Result<u64> {
+    match value {
+        Ok(value) => Ok(value),
+        Err(_) if raw.iter().all(|b| *b == 0 || *b == b' ') => Ok(0),
+        Err(e) => Err(anyhow!("entry {name}: {e}")),
+    }
+}
+
 fn bad_tar(e: io::Error) -> anyhow::Error {
     anyhow!("not a valid tar stream: {e}")
 }
@@ -186,8 +196,10 @@ impl Apply<'_> {
                 continue;
             }
             let header = entry.header();
-            let mode = header.mode().map_err(bad_tar)? & 0o7777;
-            let owner = Owner { uid: header.uid().map_err(bad_tar)?, gid: header.gid().map_err(bad_tar)? };
+            let old = header.as_old();
+            let mode = numeric(header.mode().map(u64::from), &old.mode, &name)? as u32 & 0o7777;
+            let owner =
+                Owner { uid: numeric(header.uid(), &old.uid, &name)?, gid: numeric(header.gid(), &old.gid, &name)? };
             match kind {
                 EntryType::Directory => self.put_dir(&rel, &name, mode)?,
                 EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
