@@ -9,7 +9,8 @@
 //! - [`signer`]: `serve-signer`, the signer component behind wasi:http;
 //! - [`store`]: the embedded S3-compatible store;
 //! - [`serve`]: the HTTP server loop they share;
-//! - [`hosts`]: the signer on third-party hosts (wasmtime serve, jco, wasmCloud).
+//! - [`hosts`]: the signer on third-party hosts (wasmtime serve, jco, wasmCloud);
+//! - [`registry`]: pulling base images over the OCI distribution API into a cache.
 
 pub mod bench;
 pub mod demo;
@@ -19,6 +20,7 @@ pub mod guest;
 pub mod hosts;
 pub mod image_build;
 pub mod outbound;
+pub mod registry;
 pub mod sandbox_exec;
 pub mod serve;
 pub mod signer;

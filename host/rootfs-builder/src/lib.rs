@@ -55,6 +55,7 @@ pub mod download;
 pub mod faults;
 pub mod host_rootfs;
 pub mod http;
+pub mod image;
 pub mod metadata;
 pub mod multipart;
 pub mod plan;
