@@ -646,3 +646,61 @@ async fn run_steps_build_in_the_builder_sandbox_and_diffs_record_deletions() {
     }
     stack.shutdown().await;
 }
+
+/// A Dockerfile FROM a registry image: the platform (the emulator) pulls and
+/// imports it, the builder starts from it (layers, whiteouts, config), RUN
+/// steps run in it, and a second build from the same digest makes no
+/// registry request (the registry is stopped before it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dockerfile_from_a_registry_image_builds_and_the_same_digest_is_not_pulled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools =
+        snapsign_host::hosts::Tools::new(Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("hosts-cache"));
+    let (registry_process, registry) = snapsign_host::hosts::launch::oci_registry(&tools, &dir.path().join("registry"))
+        .await
+        .expect("start a registry");
+    let image = common::registry::test_image(&dir.path().join("image"));
+    common::registry::push(&registry, &image).await;
+
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ctx = context(&[("note.txt", b"from the context\n")]);
+    let dockerfile = format!(
+        "FROM {registry}/team/base:1.2\nUSER root\nCOPY note.txt /srv/note.txt\n\
+         RUN echo \"$GREETING from $(pwd)\" > from-run && rm /etc/hello && ls /opt/lower > lower\n"
+    );
+    let run = build(&options(&stack, "from-registry", &dockerfile, ctx.path())).await;
+    let done = run.outcome.unwrap_or_else(|e| panic!("the build FROM a registry image failed: {e}\n{:#?}", run.events));
+    assert_eq!(done["rootfsNodeKind"], "base", "a registry image is not a template: the snapshot holds it all");
+    let (names, out, tree) = stored_snapshot(dir.path(), done["snapshotUri"].as_str().unwrap());
+    let read = |rel: &str| std::fs::read_to_string(tree.host(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    assert_eq!(read("srv/from-run"), "hello from /srv\n", "the image's Env and WorkingDir reach RUN");
+    assert_eq!(read("srv/note.txt"), "from the context\n");
+    assert_eq!(read("srv/lower"), "b\n", "layer 2 made /opt/lower opaque");
+    assert!(names.contains(&"rootfs/bin/bash".to_owned()), "the image's first layer is there");
+    for gone in ["etc/motd", "etc/hello"] {
+        assert!(!tree.host(gone).exists(), "{gone}: deleted by a whiteout or by RUN");
+    }
+    let config = snapsign_rootfs_builder::archive::read_archive(&out.path().join("snapshot.tar.zst"), None)
+        .unwrap()
+        .manifest
+        .config;
+    assert_eq!(config.cmd, Some(vec!["/bin/sh".to_owned(), "-c".to_owned(), "echo $GREETING".to_owned()]));
+    assert_eq!((config.workdir.as_str(), config.user.as_str()), ("/srv", "root"), "the image's config, then USER");
+    assert_eq!(config.env, ["PATH=/bin", "GREETING=hello"]);
+
+    // The same digest again, with the registry gone: imported once, nothing pulled.
+    drop(registry_process);
+    let digest = image.manifest.digest();
+    let again = format!("FROM {registry}/team/base@{digest}\nUSER root\nRUN echo again > /again\n");
+    let run = build(&options(&stack, "from-digest", &again, ctx.path())).await;
+    let done = run.outcome.unwrap_or_else(|e| panic!("the second build pulled again: {e}\n{:#?}", run.events));
+    let (_, _out, tree) = stored_snapshot(dir.path(), done["snapshotUri"].as_str().unwrap());
+    assert_eq!(std::fs::read_to_string(tree.host("again")).unwrap(), "again\n");
+
+    // A reference that is neither a template nor pullable fails at prepare, naming it.
+    let run = build(&options(&stack, "nowhere", &format!("FROM {registry}/team/missing:1\n"), ctx.path())).await;
+    let error = run.outcome.expect_err("a missing image fails the build").to_string();
+    assert!(error.contains("image_pull_failed") && error.contains("team/missing:1"), "{error}");
+    assert!(stack.platform.live_sandboxes().is_empty());
+    stack.shutdown().await;
+}

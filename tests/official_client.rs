@@ -208,4 +208,26 @@ async fn the_public_tensorlake_client_builds_base_diff_and_a_diff_on_another_nam
     let (names, tree) = unpack(&stored(&dev, staged["snapshotUri"].as_str().unwrap()).await);
     assert_eq!(names, ["snapshot.json", "rootfs/out.txt", "rootfs/run.txt"]);
     assert_eq!(std::fs::read_to_string(tree.path().join("tree/out.txt")).unwrap(), "staged\n");
+
+    // FROM a registry image: the platform imports it, the builder starts from it.
+    let tools =
+        snapsign_host::hosts::Tools::new(Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("hosts-cache"));
+    let registry_dir = tempfile::tempdir().unwrap();
+    let (_registry_process, registry) =
+        snapsign_host::hosts::launch::oci_registry(&tools, &registry_dir.path().join("registry")).await.unwrap();
+    let image = common::registry::test_image(&registry_dir.path().join("image"));
+    common::registry::push(&registry, &image).await;
+    let dockerfile: &'static str = Box::leak(
+        format!("FROM {registry}/team/base:1.2\nUSER root\nRUN rm /etc/hello && echo \"$GREETING\" > /ok\n")
+            .into_boxed_str(),
+    );
+    let built = run(default.clone(), "default", "from-registry", dockerfile, false).await;
+    let imported = check_registered(&dev, &default, &built, "from-registry").await;
+    assert_eq!(imported["rootfsNodeKind"], "base");
+    let (names, tree) = unpack(&stored(&dev, imported["snapshotUri"].as_str().unwrap()).await);
+    assert_eq!(std::fs::read_to_string(tree.path().join("tree/ok")).unwrap(), "hello\n");
+    assert!(
+        names.contains(&"rootfs/bin/sh".to_owned()) && !names.contains(&"rootfs/etc/hello".to_owned()),
+        "{names:?}"
+    );
 }

@@ -209,6 +209,14 @@ pub struct DevArgs {
     /// Abort the store's incomplete multipart uploads this many seconds after they began.
     #[arg(long, default_value_t = 86_400)]
     pub abort_incomplete_uploads_after_secs: u64,
+    /// A registry reached over plain HTTP when a Dockerfile FROMs one of its
+    /// images (127.0.0.1 and localhost always are); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials (Docker's config.json)
+    /// [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json].
+    #[arg(long)]
+    pub docker_config: Option<PathBuf>,
 }
 
 // `snapsign token`.

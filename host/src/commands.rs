@@ -197,6 +197,8 @@ async fn dev(args: DevArgs) -> Result<()> {
         faults,
         allow_unconfined,
         abort_incomplete_uploads_after_secs,
+        insecure_registries,
+        docker_config,
     } = args;
     let data_dir = data_dir.unwrap_or_else(default_data_dir);
     let mut config = DevConfig::new(data_dir, this_executable_as_builder()?);
@@ -208,6 +210,8 @@ async fn dev(args: DevArgs) -> Result<()> {
     config.pending = Duration::from_millis(pending_ms);
     config.allow_unconfined = allow_unconfined;
     config.abort_incomplete_uploads_after = Duration::from_secs(abort_incomplete_uploads_after_secs);
+    config.insecure_registries = insecure_registries;
+    config.docker_config = docker_config;
     if let Some(json) = faults {
         config.faults = serde_json::from_str::<Faults>(&json).context("parse --faults")?;
     }

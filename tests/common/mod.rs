@@ -4,6 +4,7 @@
 
 pub mod dev;
 pub mod process;
+pub mod registry;
 pub mod rootfs;
 
 use std::net::SocketAddr;

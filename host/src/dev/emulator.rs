@@ -49,6 +49,8 @@ pub struct Emulator {
     store_faults: Arc<StoreFaults>,
     admin_token: String,
     pub(crate) health_checks: std::sync::atomic::AtomicU64,
+    /// Where registry images are pulled and laid out (set by the stack).
+    images: OnceLock<super::images::ImageSettings>,
 }
 
 impl Emulator {
@@ -80,7 +82,26 @@ impl Emulator {
             store_faults,
             admin_token,
             health_checks: std::sync::atomic::AtomicU64::new(0),
+            images: OnceLock::new(),
         }
+    }
+
+    /// Sets where registry images are pulled and laid out (once, before serving).
+    pub fn set_image_settings(&self, settings: super::images::ImageSettings) {
+        let _ = self.images.set(settings);
+    }
+
+    /// Where registry images go: as set, else under the system's temporary directory.
+    pub(crate) fn image_settings(&self) -> super::images::ImageSettings {
+        self.images
+            .get_or_init(|| {
+                let dir = std::env::temp_dir().join("snapsign-dev-images");
+                super::images::ImageSettings {
+                    pull: crate::registry::PullOptions::new(dir.join("oci")),
+                    work_dir: dir.join("work"),
+                }
+            })
+            .clone()
     }
 
     /// The current fault switches.
@@ -199,7 +220,9 @@ impl Emulator {
                         }
                         None => self.shape(),
                     };
-                    Ok(super::http::json(StatusCode::OK, &self.prepare(&ns, &parse_json(&body)?, shape)?))
+                    let body = parse_json(&body)?;
+                    let imported = self.import_images(&ns, &body).await?;
+                    Ok(super::http::json(StatusCode::OK, &self.prepare(&ns, &body, shape, imported)?))
                 }
                 (&Method::POST, ["sandbox-template-builds", build_id, "complete"]) => {
                     let build_id = build_id.to_string();

@@ -5,6 +5,7 @@
 pub mod emulator;
 pub mod faults;
 pub mod http;
+pub mod images;
 pub mod lifecycle;
 pub mod platform;
 pub mod proxy;

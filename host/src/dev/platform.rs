@@ -62,12 +62,12 @@ fn required(fields: &[(&str, &String)]) -> Result<(), ApiError> {
 
 /// A template reference: `name` names the caller's own template, `owner/name`
 /// namespace `owner`'s (wit/protocol.md §11).
-fn split_reference<'a>(caller: &'a str, reference: &'a str) -> (&'a str, &'a str) {
+pub(super) fn split_reference<'a>(caller: &'a str, reference: &'a str) -> (&'a str, &'a str) {
     reference.split_once('/').unwrap_or((caller, reference))
 }
 
 /// Why `caller` may not build on `template`, if it may not.
-fn refuse_private(caller: &str, template: &Template) -> Result<(), ApiError> {
+pub(super) fn refuse_private(caller: &str, template: &Template) -> Result<(), ApiError> {
     if template.namespace == caller || template.public {
         return Ok(());
     }
@@ -125,7 +125,14 @@ impl Emulator {
     }
 
     /// `POST …/sandbox-template-builds`.
-    pub fn prepare(&self, namespace: &str, body: &Value, shape: PrepareShape) -> Result<Value, ApiError> {
+    /// `imported`: registry images the Dockerfile names ([`Emulator::import_images`]).
+    pub fn prepare(
+        &self,
+        namespace: &str,
+        body: &Value,
+        shape: PrepareShape,
+        imported: Vec<wire::LocalImage<Value>>,
+    ) -> Result<Value, ApiError> {
         let request: PrepareRequest = typed("prepare request", body)?;
         required(&[
             ("name", &request.name),
@@ -217,6 +224,15 @@ impl Emulator {
                 snapshot_sha256: Some(template.snapshot_sha256.clone()),
                 download,
             });
+        }
+        for mut image in imported {
+            if shape == PrepareShape::Legacy {
+                image.download = Some(
+                    serde_json::to_value(Download::SingleGet(self.presigned_get(&image.snapshot_uri)?))
+                        .expect("answers serialize"),
+                );
+            }
+            local_images.push(image);
         }
         prepared
             .rest

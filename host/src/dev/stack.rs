@@ -52,6 +52,10 @@ pub struct DevConfig {
     pub cache_dir: PathBuf,
     /// The store aborts multipart uploads older than this (S3's AbortIncompleteMultipartUpload).
     pub abort_incomplete_uploads_after: Duration,
+    /// Registries reached over plain HTTP besides loopback ones (for Dockerfiles FROM their images).
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials (Docker's config.json); `None`: Docker's default place.
+    pub docker_config: Option<PathBuf>,
 }
 
 impl DevConfig {
@@ -71,6 +75,8 @@ impl DevConfig {
             builder_binary,
             cache_dir: crate::engine::default_cache_dir(),
             abort_incomplete_uploads_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
+            insecure_registries: Vec::new(),
+            docker_config: None,
         }
     }
 }
@@ -247,6 +253,17 @@ impl DevStack {
             store_faults,
             secrets.admin_token.clone(),
         ));
+        // Registry images a Dockerfile FROMs: pulled into data_dir/images (an OCI layout, by digest).
+        let images = config.data_dir.join("images");
+        let _ = std::fs::remove_dir_all(images.join("work")); // what an import interrupted by a kill left
+        platform.set_image_settings(super::images::ImageSettings {
+            pull: crate::registry::PullOptions {
+                cache_dir: images.join("oci"),
+                docker_config: config.docker_config.clone(),
+                insecure_registries: config.insecure_registries.clone(),
+            },
+            work_dir: images.join("work"),
+        });
         let recovered = platform.recover_interrupted_builds().await.unwrap_or_else(|e| {
             tracing::warn!("cannot clean up after the previous run yet (next start tries again): {e:#}");
             super::Recovered::default()
