@@ -688,6 +688,39 @@ async fn a_dockerfile_from_a_registry_image_builds_and_the_same_digest_is_not_pu
     assert_eq!((config.workdir.as_str(), config.user.as_str()), ("/srv", "root"), "the image's config, then USER");
     assert_eq!(config.env, ["PATH=/bin", "GREETING=hello"]);
 
+    // `snapsign import`: the registry reference, and an OCI layout on disk (the pull cache is one).
+    let layout = snapsign_host::registry::pull(
+        &format!("{registry}/team/base:1.2"),
+        &snapsign_host::registry::PullOptions::new(dir.path().join("layout")),
+    )
+    .await
+    .unwrap()
+    .layout_dir;
+    let (api, token) = (stack.api_url(), stack.token.clone());
+    for (image, name) in
+        [(format!("{registry}/team/base:1.2"), "imported-ref"), (layout.display().to_string(), "imported-layout")]
+    {
+        let (api, token) = (api.clone(), token.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            cli(
+                &["import", &image, "--name", name, "--json"],
+                &[("SNAPSIGN_API_URL", &api), ("SNAPSIGN_API_TOKEN", &token)],
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let template: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((template["name"].as_str(), template["rootfsNodeKind"].as_str()), (Some(name), Some("base")));
+        let (_, out, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
+        assert!(tree.host("bin/sh").exists() && !tree.host("etc/motd").exists(), "{name}: layers and whiteout");
+        let config = snapsign_rootfs_builder::archive::read_archive(&out.path().join("snapshot.tar.zst"), None)
+            .unwrap()
+            .manifest
+            .config;
+        assert_eq!((config.workdir.as_str(), config.user.as_str()), ("/srv", "app"), "{name}: the image's config");
+    }
+
     // The same digest again, with the registry gone: imported once, nothing pulled.
     drop(registry_process);
     let digest = image.manifest.digest();

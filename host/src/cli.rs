@@ -30,6 +30,11 @@ pub enum Command {
     ///
     /// Exit codes: 0 registered, 1 build failed, 2 usage error, 3 credentials refused.
     Build(BuildArgs),
+    /// Register a base template from an image: a registry reference (the
+    /// platform pulls it) or a `docker save` archive, an OCI image layout
+    /// (directory or tar) or a rootfs tarball (the builder lays it out),
+    /// through the same prepare, sign, upload and complete as a build.
+    Import(ImportArgs),
     /// Run the dev stack: store, signer, platform emulator and local sandboxes on loopback.
     Dev(DevArgs),
     /// Mint a bearer token for a namespace, signed with SNAPSIGN_TOKEN_KEY.
@@ -155,6 +160,38 @@ pub struct BuildArgs {
     /// local backend: run sandbox processes unconfined when this process is not root (no confinement).
     #[arg(long)]
     pub allow_unconfined: bool,
+}
+
+// `snapsign import`.
+#[derive(Args)]
+pub struct ImportArgs {
+    /// A registry reference (`127.0.0.1:5000/team/base:1.2`, `name@sha256:…`) or a path
+    /// to a `docker save` archive, an OCI image layout (directory or tar) or a rootfs tarball.
+    pub image: String,
+    /// Template name [default: the image's last path segment, without tag, digest or extension].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Rootfs size, MiB [default: 10240].
+    #[arg(long)]
+    pub disk_mb: Option<u64>,
+    /// Register the template as public.
+    #[arg(long)]
+    pub public: bool,
+    /// Platform API URL.
+    #[arg(long, env = "SNAPSIGN_API_URL")]
+    pub api_url: String,
+    /// Bearer token for the platform, lifecycle and proxy.
+    #[arg(long, env = "SNAPSIGN_API_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Sandbox namespace.
+    #[arg(long, env = "SNAPSIGN_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Whole-import time limit, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
+    /// Print the registered template as JSON (only that) on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The dev stack's default prepare answer shape (`snapsign_host::dev::PrepareShape`).

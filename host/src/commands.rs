@@ -1,6 +1,6 @@
 //! One function per `snapsign` command.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,12 +9,13 @@ use snapsign_host::engine::{self, EngineLimits};
 use snapsign_host::image_build::{self, BuildFailure, BuildOptions};
 use snapsign_host::{signer, store};
 
-use crate::cli::{Backend, BenchWhat, BuildArgs, Command, DevArgs, ServeSignerArgs, StoreArgs, TokenArgs};
+use crate::cli::{Backend, BenchWhat, BuildArgs, Command, DevArgs, ImportArgs, ServeSignerArgs, StoreArgs, TokenArgs};
 
 /// Runs `command`; the exit code tells the outcome.
 pub async fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Build(args) => return build(args).await,
+        Command::Build(args) => return build(args, None).await,
+        Command::Import(args) => return import(args).await,
         Command::ServeSigner(args) => serve_signer(args).await?,
         Command::Demo { allow_unconfined } => demo(allow_unconfined).await?,
         Command::Dev(args) => dev(args).await?,
@@ -58,7 +59,111 @@ fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
 }
 
 /// `snapsign build`: exit 0 registered, 1 build failed, 2 usage error, 3 credentials refused.
-async fn build(args: BuildArgs) -> Result<ExitCode> {
+/// `snapsign import`: a build of a synthetic Dockerfile. A registry
+/// reference is `FROM <ref>` (the platform imports it at prepare); a local
+/// image is sent as the build context and named in spec.json's
+/// `importImageReference` (`context:<name>`), which the builder lays out.
+async fn import(args: ImportArgs) -> Result<ExitCode> {
+    let ImportArgs { image, name, disk_mb, public, api_url, token, namespace, timeout_secs, json } = args;
+    let path = PathBuf::from(&image);
+    let local = path.exists();
+    let name = match name {
+        Some(name) => name,
+        None => match default_import_name(&image, local) {
+            Some(name) => name,
+            None => {
+                eprintln!("error: cannot make a template name from {image}; pass --name");
+                return Ok(ExitCode::from(2));
+            }
+        },
+    };
+    let scratch = std::env::temp_dir().join(format!("snapsign-import-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(scratch.clone());
+    let context = scratch.join("context");
+    std::fs::create_dir_all(&context).with_context(|| format!("create {}", context.display()))?;
+    let (dockerfile_text, context, reference) = if !local {
+        (
+            format!(
+                "FROM {image}
+"
+            ),
+            context,
+            None,
+        )
+    } else if path.is_dir() {
+        // An OCI layout directory is the context itself.
+        (
+            "FROM scratch
+"
+            .to_owned(),
+            path.clone(),
+            Some("context:.".to_owned()),
+        )
+    } else {
+        let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let target = context.join(&file);
+        if std::fs::hard_link(&path, &target).is_err() {
+            std::fs::copy(&path, &target).with_context(|| format!("copy {} into the import's context", image))?;
+        }
+        (
+            "FROM scratch
+"
+            .to_owned(),
+            context,
+            Some(format!("context:{file}")),
+        )
+    };
+    let dockerfile = scratch.join("Dockerfile");
+    std::fs::write(&dockerfile, dockerfile_text).with_context(|| format!("write {}", dockerfile.display()))?;
+    let args = BuildArgs {
+        dockerfile,
+        context,
+        name,
+        disk_mb,
+        builder_cpus: None,
+        builder_memory_mb: None,
+        builder_disk_mb: None,
+        public,
+        api_url,
+        token,
+        namespace,
+        allow_hosts: Vec::new(),
+        sandbox_wait_secs: 120,
+        max_memory_mb: 256,
+        timeout_secs,
+        json,
+        backend: Backend::Proxy,
+        signer_url: None,
+        signer_token: None,
+        sandboxes_dir: None,
+        allow_unconfined: false,
+    };
+    build(args, reference).await
+}
+
+/// `team/base:1.2` → `base`, `x@sha256:…` → `x`, `/tmp/app.tar.gz` → `app`.
+fn default_import_name(image: &str, local: bool) -> Option<String> {
+    let name = if local {
+        let file = Path::new(image).file_name()?.to_string_lossy().into_owned();
+        file.split('.').next().unwrap_or_default().to_owned()
+    } else {
+        let last = image.rsplit('/').next()?;
+        let last = last.split('@').next()?;
+        last.split(':').next()?.to_owned()
+    };
+    (!name.is_empty()).then_some(name)
+}
+
+/// Removes a scratch directory when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<ExitCode> {
     let BuildArgs {
         dockerfile,
         context,
@@ -110,6 +215,7 @@ async fn build(args: BuildArgs) -> Result<ExitCode> {
         max_memory_bytes: max_memory_mb << 20,
         timeout: Duration::from_secs(timeout_secs),
         cache_dir: engine::default_cache_dir(),
+        import_reference,
     };
     let printer = image_build::progress_printer();
     let (outcome, _) = match backend {

@@ -99,6 +99,7 @@ fn request_of(r: wit::BuildRequest) -> Request {
         builder_disk_mb: r.builder_disk_mb,
         public: r.public,
         sandbox_wait_secs: r.sandbox_wait_secs,
+        import_reference: r.import_reference,
     }
 }
 

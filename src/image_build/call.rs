@@ -30,6 +30,8 @@ pub struct Request {
     pub public: bool,
     /// Deadline for the sandbox to run and answer, seconds.
     pub sandbox_wait_secs: u32,
+    /// An image import: spec.json's `importImageReference` (`context:<path>`).
+    pub import_reference: Option<String>,
 }
 
 impl std::fmt::Debug for Request {
@@ -41,6 +43,7 @@ impl std::fmt::Debug for Request {
             .field("disk_mb", &self.disk_mb)
             .field("public", &self.public)
             .field("sandbox_wait_secs", &self.sandbox_wait_secs)
+            .field("import_reference", &self.import_reference)
             .finish_non_exhaustive()
     }
 }

@@ -533,6 +533,7 @@ impl Flow {
             context_dir: &context,
             base_image: &self.base_image,
             rootfs_disk_bytes: self.rootfs_bytes,
+            import_image_reference: self.request.import_reference.as_deref(),
         }
         .write_into(&mut self.spec);
         let contents = serde_json::to_vec_pretty(&self.spec).expect("a JSON map always serializes");

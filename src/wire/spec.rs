@@ -70,6 +70,9 @@ pub struct ClientFields<'a> {
     pub base_image: &'a str,
     /// The rootfs size the build may fill.
     pub rootfs_disk_bytes: u64,
+    /// An image import's reference (`context:<path>`), when this build is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub import_image_reference: Option<&'a str>,
 }
 
 impl ClientFields<'_> {
@@ -96,6 +99,7 @@ mod tests {
             context_dir: "/build/context",
             base_image: "scratch",
             rootfs_disk_bytes: 2048,
+            import_image_reference: None,
         };
         fields.write_into(&mut spec);
         let read = Spec::from_json(&Value::Object(spec).to_string()).unwrap();

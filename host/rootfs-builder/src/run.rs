@@ -90,9 +90,6 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     if !faults.is_empty() {
         println!("note: fault injection is on: {faults:?}");
     }
-    if let Some(reference) = &spec.import_image_reference {
-        bail!("spec.importImageReference is {reference}: image imports are not supported by the reference builder");
-    }
     let diff = match spec.rootfs_node_kind.as_str() {
         "base" => false,
         "diff" => true,
@@ -113,53 +110,24 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         http::check_plain_http("spec.parent.download.url", &get.url).map_err(|m| anyhow!(m))?;
     }
 
-    let instructions = dockerfile::parse(&spec.dockerfile);
-    let stages = stages_to_build(&instructions).context("spec.dockerfile")?;
-    let final_stage = stages.last().expect("a Dockerfile has a final stage");
-    // The final FROM's template is the parent of a diff build. In a base build, a final FROM
-    // that names an image is one the platform supplied in additionalLocalImages (a registry
-    // image it imported): the build starts from its tree and the snapshot holds all of it.
-    let parent_reference = match &final_stage.base {
-        Base::Image(reference) if diff => Some(reference.clone()),
-        _ => None,
-    };
-    if let (Some(base_image), Some(reference)) = (&spec.base_image, &parent_reference)
-        && base_image != reference
-    {
-        println!(
-            "note: spec.baseImage is {base_image} but the final FROM names {reference}; building FROM {reference}"
-        );
-    }
-
     let build_dir = match args.metadata_out.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&build_dir).with_context(|| format!("create {}", build_dir.display()))?;
     let work = WorkDir::create(&build_dir)?;
-    let agent = http::agent();
-    let mut builder = Stages {
-        spec: &spec,
-        spec_path: &args.spec,
-        work: &work.0,
-        agent: &agent,
-        diff,
-        parent_reference,
-        context: None,
-        built: BTreeMap::new(),
-        images: BTreeMap::new(),
-        parent_index: None,
-    };
-    let count = stages.len();
-    for (i, stage) in stages.iter().enumerate() {
-        if count > 1 {
-            println!("Stage {}/{count} : {} (line {})", i + 1, stage.label(), stage.from.line);
+    let (tree, config, parent_index) = match &spec.import_image_reference {
+        Some(reference) => {
+            if diff {
+                bail!(
+                    "spec.importImageReference is {reference}, but spec.rootfsNodeKind is \"diff\": an import is a base build"
+                );
+            }
+            let (tree, config) = import(&spec, &args.spec, reference, &work.0)?;
+            (tree, config, None)
         }
-        builder.build(stage, i + 1 == count)?;
-    }
-    let last = builder.built.remove(&final_stage.position).expect("the final stage was built");
-    let (tree, config, parent_index) = (last.tree, last.config, builder.parent_index.take());
-    drop(builder);
+        None => build_stages(&spec, args, &work.0, diff)?,
+    };
 
     let specials = tree.specials().context("list the tree")?;
     if !specials.is_empty() {
@@ -204,7 +172,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     );
     drop(tree);
 
-    upload::upload(&agent, upload, &archive_path, summary.size_bytes).context("upload the snapshot archive")?;
+    upload::upload(&http::agent(), upload, &archive_path, summary.size_bytes).context("upload the snapshot archive")?;
     if faults.exit_nonzero {
         return Ok(Outcome::InjectedExit);
     }
@@ -230,6 +198,97 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         ),
     }
     Ok(Outcome::Done)
+}
+
+/// Builds the Dockerfile's stages in `work`: the final tree, its config and
+/// (a diff build) the parent's entries.
+fn build_stages(
+    spec: &Spec,
+    args: &BuildArgs,
+    work: &Path,
+    diff: bool,
+) -> Result<(Tree, ImageConfig, Option<ParentIndex>)> {
+    let instructions = dockerfile::parse(&spec.dockerfile);
+    let stages = stages_to_build(&instructions).context("spec.dockerfile")?;
+    let final_stage = stages.last().expect("a Dockerfile has a final stage");
+    // The final FROM's template is the parent of a diff build. In a base build, a final FROM
+    // that names an image is one the platform supplied in additionalLocalImages (a registry
+    // image it imported): the build starts from its tree and the snapshot holds all of it.
+    let parent_reference = match &final_stage.base {
+        Base::Image(reference) if diff => Some(reference.clone()),
+        _ => None,
+    };
+    if let (Some(base_image), Some(reference)) = (&spec.base_image, &parent_reference)
+        && base_image != reference
+    {
+        println!(
+            "note: spec.baseImage is {base_image} but the final FROM names {reference}; building FROM {reference}"
+        );
+    }
+
+    let agent = http::agent();
+    let mut builder = Stages {
+        spec,
+        spec_path: &args.spec,
+        work,
+        agent: &agent,
+        diff,
+        parent_reference,
+        context: None,
+        built: BTreeMap::new(),
+        images: BTreeMap::new(),
+        parent_index: None,
+    };
+    let count = stages.len();
+    for (i, stage) in stages.iter().enumerate() {
+        if count > 1 {
+            println!("Stage {}/{count} : {} (line {})", i + 1, stage.label(), stage.from.line);
+        }
+        builder.build(stage, i + 1 == count)?;
+    }
+    let last = builder.built.remove(&final_stage.position).expect("the final stage was built");
+    let (tree, config, parent_index) = (last.tree, last.config, builder.parent_index.take());
+    drop(builder);
+    Ok((tree, config, parent_index))
+}
+
+/// An image import (`spec.importImageReference` = `context:<path>`): the
+/// image at that path of the build context (a `docker save` archive, an OCI
+/// layout, a rootfs tarball) laid into a tree, with its config. The
+/// Dockerfile is not read.
+fn import(spec: &Spec, spec_path: &Path, reference: &str, work: &Path) -> Result<(Tree, ImageConfig)> {
+    let Some(rel) = reference.strip_prefix("context:") else {
+        bail!(
+            "spec.importImageReference is {reference}: the reference builder imports an image from the build \
+             context (context:<path>); a registry image is imported by the platform at prepare (build FROM it)"
+        );
+    };
+    if rel.split('/').any(|part| part == "..") || rel.starts_with('/') {
+        bail!("spec.importImageReference {reference}: the path must stay inside the build context");
+    }
+    let context = open_context(spec, spec_path)?;
+    let path = context.root().join(rel);
+    println!("Importing {} (spec.importImageReference {reference}; the Dockerfile is not read)", path.display());
+    let image = crate::image::open(&path).with_context(|| format!("read the image {reference}"))?;
+    for note in &image.notes {
+        println!("note: {note}");
+    }
+    let mut tree = Tree::create(work.join("rootfs"))?;
+    let stats = crate::image::apply(&image, &mut tree).with_context(|| format!("lay out the image {reference}"))?;
+    for note in &stats.notes {
+        println!("note: {note}");
+    }
+    println!(
+        "Image {} ({}): {} layers, {} files ({}), {} whiteouts, {} opaque directories",
+        image.location(),
+        image.format.name(),
+        stats.layers,
+        stats.files,
+        human_bytes(stats.bytes),
+        stats.whiteouts,
+        stats.opaque_dirs
+    );
+    Ok((tree, image.config))
 }
 
 /// A built stage (or a downloaded image COPY --from reads).

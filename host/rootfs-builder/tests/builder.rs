@@ -856,3 +856,65 @@ fn a_step_cannot_make_the_builder_hold_a_huge_line_or_block_on_a_fifo() {
         "{stdout}"
     );
 }
+
+/// A `docker save` archive: two layers, the second deleting `etc/motd` of the first.
+fn docker_save_archive() -> Vec<u8> {
+    let layer = |entries: &[(&str, &[u8])]| {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_mode(0o755);
+            header.set_size(data.len() as u64);
+            tar.append_data(&mut header, name, *data).unwrap();
+        }
+        tar.into_inner().unwrap()
+    };
+    let first = layer(&[("etc/motd", b"deleted by layer 2\n"), ("bin/tool", b"#!/bin/sh\n")]);
+    let second = layer(&[("etc/.wh.motd", b""), ("etc/hello", b"hello\n")]);
+    let config = json!({"architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/tool"], "WorkingDir": "/etc"},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&first)), format!("sha256:{}", sha256_hex(&second))]}});
+    let manifest =
+        json!([{"Config": "config.json", "RepoTags": ["team/base:1"], "Layers": ["l1/layer.tar", "l2/layer.tar"]}]);
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        ("config.json", serde_json::to_vec(&config).unwrap()),
+        ("l1/layer.tar", first),
+        ("l2/layer.tar", second),
+    ] {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        tar.append_data(&mut header, name, data.as_slice()).unwrap();
+    }
+    tar.into_inner().unwrap()
+}
+
+#[test]
+fn an_import_lays_out_a_docker_save_archive_from_the_context_with_its_whiteouts_and_config() {
+    let build = Build::new();
+    fs::write(build.path("context/image.tar"), docker_save_archive()).unwrap();
+    let fake = FakeHttp::start(|_| Reply::status(200));
+    let upload = json!({"kind": "single_put", "method": "PUT", "url": fake.url("/b/k"), "headers": {}});
+    build.spec("FROM scratch\n", json!({"importImageReference": "context:image.tar", "upload": upload}));
+    let output = build.run(None);
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&output.stdout), text(&output.stderr));
+    let put = fake.requests().into_iter().find(|r| r.method == "PUT").unwrap();
+    let (manifest, paths, dir) = open_archive(&put.body);
+    assert_eq!(paths, ["bin", "bin/tool", "etc", "etc/hello"], "etc/motd was whited out by the second layer");
+    assert_eq!(fs::read_to_string(dir.path().join("tree/etc/hello")).unwrap(), "hello\n");
+    assert_eq!((manifest.node_kind.as_str(), manifest.config.workdir.as_str()), ("base", "/etc"));
+    assert_eq!(manifest.config.cmd, Some(vec!["/bin/tool".to_owned()]));
+
+    // Only the context: a path climbing out of it, or a registry reference, is refused.
+    for (reference, says) in [
+        ("context:../spec.json", "must stay inside the build context"),
+        ("docker.io/library/debian:12", "a registry image is imported by the platform at prepare"),
+    ] {
+        build.spec("FROM scratch\n", json!({"importImageReference": reference, "upload": upload}));
+        let stderr = text(&build.run(None).stderr);
+        assert!(stderr.contains(says), "{reference}: {stderr}");
+    }
+    build.assert_clean();
+}

@@ -325,6 +325,7 @@ impl DevStack {
             max_memory_bytes: 128 << 20,
             timeout: Duration::from_secs(600),
             cache_dir: crate::engine::default_cache_dir(),
+            import_reference: None,
         }
     }
 

@@ -201,6 +201,7 @@ impl BuilderRuntime {
             builder_disk_mb: options.builder_disk_mb,
             public: options.public,
             sandbox_wait_secs: options.sandbox_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
+            import_reference: options.import_reference.clone(),
         };
         let running = Instant::now();
         let call = builder.snapsign_components_build().call_run(&mut store, &request);

@@ -38,6 +38,9 @@ pub struct BuildOptions {
     pub timeout: Duration,
     /// Compiled-component cache.
     pub cache_dir: PathBuf,
+    /// An image import: spec.json's `importImageReference` (`context:<path>`, an
+    /// image in the build context the builder lays out; `snapsign import PATH`).
+    pub import_reference: Option<String>,
 }
 
 #[cfg(test)]
@@ -61,6 +64,7 @@ impl BuildOptions {
             max_memory_bytes: 1 << 20,
             timeout: Duration::from_secs(1),
             cache_dir: ".".into(),
+            import_reference: None,
         }
     }
 }
@@ -85,6 +89,7 @@ impl std::fmt::Debug for BuildOptions {
             max_memory_bytes,
             timeout,
             cache_dir,
+            import_reference,
         } = self;
         f.debug_struct("BuildOptions")
             .field("api_url", api_url)
@@ -103,6 +108,7 @@ impl std::fmt::Debug for BuildOptions {
             .field("max_memory_bytes", max_memory_bytes)
             .field("timeout", timeout)
             .field("cache_dir", cache_dir)
+            .field("import_reference", import_reference)
             .finish()
     }
 }

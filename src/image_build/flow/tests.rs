@@ -28,6 +28,7 @@ fn request(dockerfile: &str) -> Request {
         builder_disk_mb: None,
         public: false,
         sandbox_wait_secs: 1,
+        import_reference: None,
     }
 }
 
