@@ -377,6 +377,19 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 16)]
         slow_clients: usize,
     },
+    /// Pulling and importing an image from a loopback registry as `snapsign
+    /// dev` does for FROM <image>, beside `tar -xzf` of the same layer.
+    Import {
+        /// Image size, MB (half random bytes, half text, one gzip layer).
+        #[arg(long, default_value_t = 50)]
+        mb: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Where the registry (Debian's docker-registry) is installed [default: the hosts' tool cache].
+        #[arg(long)]
+        tools_dir: Option<PathBuf>,
+    },
     /// What a Dockerfile RUN step costs beyond its command (entering and
     /// leaving the confined rootfs), beside the floor and buildah.
     RunSteps {

@@ -383,6 +383,7 @@ async fn bench(what: BenchWhat) -> Result<()> {
             let options = snapsign_host::bench::soak::SoakOptions { minutes, callers, concurrency, rate, slow_clients };
             snapsign_host::bench::soak::run(this, options).await
         }
+        BenchWhat::Import { mb, rounds, tools_dir } => snapsign_host::bench::import::run(mb, rounds, tools_dir).await,
         BenchWhat::RunSteps { steps, buildah, buildah_steps } => {
             snapsign_host::bench::run_steps::run(steps, buildah, buildah_steps).await
         }
