@@ -591,6 +591,17 @@ async fn run_steps_build_in_the_builder_sandbox_and_diffs_record_deletions() {
     let (names, _out, _) = stored_snapshot(dir.path(), child["snapshotUri"].as_str().unwrap());
     assert_eq!(names, ["snapshot.json", "rootfs/etc/.wh.motd", "rootfs/srv/child"]);
 
+    // A diff of that diff: the builder lays out every layer below its parent, so RUN finds the
+    // base's shell and sees the parent's deletion; the new layer holds only its own change.
+    let grandchild =
+        "FROM run-child\nRUN test ! -e /etc/motd && cat /srv/child > /srv/grandchild && rm /srv/made-by-run\n";
+    let run = build(&options(&stack, "run-grandchild", grandchild, ctx.path())).await;
+    let done = run.outcome.unwrap_or_else(|e| panic!("the diff of a diff failed: {e}\n{:#?}", run.events));
+    assert_eq!(done["parentManifestUri"], child["snapshotUri"]);
+    let (names, _out, tree) = stored_snapshot(dir.path(), done["snapshotUri"].as_str().unwrap());
+    assert_eq!(names, ["snapshot.json", "rootfs/srv/.wh.made-by-run", "rootfs/srv/grandchild"]);
+    assert_eq!(std::fs::read_to_string(tree.host("srv/grandchild")).unwrap(), "child\n");
+
     // Two stages: the build stage (FROM a template) runs a command, the final one copies its output,
     // and a file straight from a registered template.
     let staged = "FROM run-base AS build\nRUN mkdir /out && echo compiled > /out/app\n\

@@ -201,6 +201,12 @@ async fn the_public_tensorlake_client_builds_base_diff_and_a_diff_on_another_nam
     let run_diff = check_registered(&dev, &default, &built, "run-diff").await;
     let (names, _) = unpack(&stored(&dev, run_diff["snapshotUri"].as_str().unwrap()).await);
     assert_eq!(names, ["snapshot.json", "rootfs/etc/.wh.gone"], "the diff holds only the deletion");
+    // A diff of that diff: the layers below the parent reach the builder through the client unread.
+    let built =
+        run(default.clone(), "default", "run-diff2", "FROM run-diff\nRUN cat /etc/run.txt > /again.txt\n", false).await;
+    let run_diff2 = check_registered(&dev, &default, &built, "run-diff2").await;
+    let (names, _) = unpack(&stored(&dev, run_diff2["snapshotUri"].as_str().unwrap()).await);
+    assert_eq!(names, ["snapshot.json", "rootfs/again.txt"]);
     let staged = "FROM with-run AS build\nRUN echo staged > /out.txt\n\
                   FROM scratch\nCOPY --from=build /out.txt /out.txt\nCOPY --from=with-run /etc/run.txt /run.txt\n";
     let built = run(default.clone(), "default", "staged", staged, false).await;

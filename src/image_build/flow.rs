@@ -93,7 +93,7 @@ pub struct Flow {
     endpoint: Option<Endpoint>,
     spec: Map<String, Value>,
     signed_uri: Option<String>,
-    local_images: Vec<(usize, String)>,
+    local_images: Vec<(splice::ReadSlot, String)>,
     /// Set by a multipart sign answer, cleared by a successful complete.
     abort_url: Option<String>,
     /// The sandbox answered: failures from here on get diagnostics.
@@ -404,7 +404,7 @@ impl Flow {
                 self.sign_local_images()
             }
             (State::SignLocal(i), Answer::Http(answer)) => {
-                splice::splice_local_image(&mut self.spec, self.local_images[i].0, signed(answer)?);
+                splice::splice_read(&mut self.spec, self.local_images[i].0, signed(answer)?);
                 if i + 1 < self.local_images.len() {
                     let call = self.get_blob(&self.local_images[i + 1].1);
                     return self.go(State::SignLocal(i + 1), call);
@@ -490,9 +490,10 @@ impl Flow {
         self.go(State::Prepare, call)
     }
 
-    /// Durable `additionalLocalImages` get a signed read each (§5.6).
+    /// The parent's ancestors (snapsign's `parent.ancestors`) and durable
+    /// `additionalLocalImages` get a signed read each (§5.6).
     fn sign_local_images(&mut self) -> Result<Next, BuildError> {
-        self.local_images = splice::local_images_to_sign(&self.spec);
+        self.local_images = splice::reads_to_sign(&self.spec);
         match self.local_images.first() {
             Some((_, uri)) => {
                 let call = self.get_blob(uri);

@@ -36,24 +36,47 @@ pub fn splice_parent_download(spec: &mut Map<String, Value>, answer: Value) -> R
     Ok(())
 }
 
-/// Indexes and URIs of `additionalLocalImages` entries to sign: a string
-/// `snapshotUri` not starting with `file://`, and no `download` yet.
-pub fn local_images_to_sign(spec: &Map<String, Value>) -> Vec<(usize, String)> {
-    let Some(Value::Array(images)) = spec.get("additionalLocalImages") else { return Vec::new() };
-    images
-        .iter()
-        .enumerate()
-        .filter_map(|(i, image)| {
-            let uri = image.get("snapshotUri")?.as_str()?;
-            (!uri.starts_with("file://") && image.get("download").is_none()).then(|| (i, uri.to_owned()))
-        })
+/// Where a signed read besides the parent's goes in the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSlot {
+    /// `parent.ancestors[i].download` (snapsign's own field).
+    Ancestor(usize),
+    /// `additionalLocalImages[i].download`.
+    LocalImage(usize),
+}
+
+/// The reads to sign besides the parent's, with their URIs: each
+/// `parent.ancestors` entry, then each `additionalLocalImages` entry, that
+/// has a string `snapshotUri` not starting with `file://` and no `download` yet.
+pub fn reads_to_sign(spec: &Map<String, Value>) -> Vec<(ReadSlot, String)> {
+    let unsigned = |list: Option<&Value>| -> Vec<(usize, String)> {
+        let Some(Value::Array(items)) = list else { return Vec::new() };
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
+                let uri = item.get("snapshotUri")?.as_str()?;
+                (!uri.starts_with("file://") && item.get("download").is_none()).then(|| (i, uri.to_owned()))
+            })
+            .collect()
+    };
+    let ancestors = unsigned(spec.get("parent").and_then(|p| p.get("ancestors")));
+    let images = unsigned(spec.get("additionalLocalImages"));
+    ancestors
+        .into_iter()
+        .map(|(i, uri)| (ReadSlot::Ancestor(i), uri))
+        .chain(images.into_iter().map(|(i, uri)| (ReadSlot::LocalImage(i), uri)))
         .collect()
 }
 
-/// Splices a get_blob answer into `additionalLocalImages[index].download`.
-pub fn splice_local_image(spec: &mut Map<String, Value>, index: usize, answer: Value) {
-    if let Some(Value::Object(image)) = spec.get_mut("additionalLocalImages").and_then(|v| v.get_mut(index)) {
-        image.insert("download".into(), answer);
+/// Splices a get_blob answer into the slot's `download`.
+pub fn splice_read(spec: &mut Map<String, Value>, slot: ReadSlot, answer: Value) {
+    let item = match slot {
+        ReadSlot::Ancestor(i) => spec.get_mut("parent").and_then(|p| p.get_mut("ancestors")).and_then(|a| a.get_mut(i)),
+        ReadSlot::LocalImage(i) => spec.get_mut("additionalLocalImages").and_then(|v| v.get_mut(i)),
+    };
+    if let Some(Value::Object(item)) = item {
+        item.insert("download".into(), answer);
     }
 }
 
@@ -122,9 +145,23 @@ mod tests {
         let mut spec = raw(new_shape());
         splice_parent_download(&mut spec, json!({"kind": "single_get"})).unwrap();
         assert_eq!(spec["parent"]["download"]["kind"], "single_get");
-        assert_eq!(local_images_to_sign(&spec), [(0, "gs://bucket/a.tlsnap".to_owned())]);
-        splice_local_image(&mut spec, 0, json!({"kind": "single_get", "url": "u"}));
+        assert_eq!(reads_to_sign(&spec), [(ReadSlot::LocalImage(0), "gs://bucket/a.tlsnap".to_owned())]);
+        splice_read(&mut spec, ReadSlot::LocalImage(0), json!({"kind": "single_get", "url": "u"}));
         assert_eq!(spec["additionalLocalImages"][0]["download"]["url"], "u");
+        // The parent's own parents (snapsign's field) are signed first, oldest first.
+        spec["parent"]["ancestors"] =
+            json!([{"snapshotUri": "s3://b/root.tlsnap"}, {"snapshotUri": "s3://b/mid.tlsnap"}]);
+        let reads = reads_to_sign(&spec);
+        assert_eq!(
+            reads,
+            [
+                (ReadSlot::Ancestor(0), "s3://b/root.tlsnap".to_owned()),
+                (ReadSlot::Ancestor(1), "s3://b/mid.tlsnap".to_owned())
+            ]
+        );
+        splice_read(&mut spec, ReadSlot::Ancestor(1), json!({"url": "m"}));
+        assert_eq!(spec["parent"]["ancestors"][1]["download"]["url"], "m");
+        assert_eq!(reads_to_sign(&spec).len(), 1, "a read already signed is not signed again");
         let mut no_parent = serde_json::Map::new();
         assert!(splice_parent_download(&mut no_parent, json!({})).is_err());
     }

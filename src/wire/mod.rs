@@ -11,7 +11,9 @@ pub mod spec;
 
 pub use complete::CompleteRequest;
 pub use metadata::Metadata;
-pub use prepare::{Builder, LocalImage, Parent, PrepareRequest, Prepared, PreparedError, TemplateFound, TemplateRef};
+pub use prepare::{
+    Ancestor, Builder, LocalImage, Parent, PrepareRequest, Prepared, PreparedError, TemplateFound, TemplateRef,
+};
 pub use sign::{
     Download, MultipartHint, Op, PartUrl, S3Multipart, SignRequest, SingleGet, SinglePut, Target, Upload, UploadHead,
     object_uri,

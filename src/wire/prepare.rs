@@ -68,6 +68,25 @@ pub struct Parent<D = Download> {
     /// How to fetch the parent (presigned by the legacy platform, or spliced by the client).
     #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
     pub download: Option<D>,
+    /// snapsign's own field: the parent's own parents, oldest first, when the
+    /// parent is itself a diff: a diff snapshot holds one layer, and the
+    /// builder lays them all out (each `download` signed like the parent's).
+    #[serde(default = "Vec::new", skip_serializing_if = "Vec::is_empty")]
+    pub ancestors: Vec<Ancestor<D>>,
+}
+
+/// One of [`Parent::ancestors`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ancestor<D = Download> {
+    /// The snapshot's URI (get_blob target).
+    pub snapshot_uri: String,
+    /// Hex sha256 of the snapshot, checked by the reference builder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_sha256: Option<String>,
+    /// How to fetch it.
+    #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
+    pub download: Option<D>,
 }
 
 /// One `additionalLocalImages` entry of a prepare answer (`D` opaque JSON)

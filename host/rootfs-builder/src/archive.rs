@@ -48,6 +48,29 @@ pub type ParentIndex = BTreeMap<String, Signature>;
 pub struct ParentSnapshot {
     pub manifest: SnapshotManifest,
     pub index: ParentIndex,
+    /// The paths its whiteouts delete (a diff archive).
+    pub deleted: Vec<String>,
+}
+
+impl ParentSnapshot {
+    /// Lays this archive's index over `below` (the layers under it): its
+    /// whiteouts delete, its entries replace (a non-directory also hides
+    /// what was below the path).
+    pub fn merge_into(self, below: &mut ParentIndex) {
+        let drop_tree = |index: &mut ParentIndex, rel: &str| {
+            let prefix = format!("{rel}/");
+            index.retain(|k, _| k != rel && !k.starts_with(&prefix));
+        };
+        for rel in &self.deleted {
+            drop_tree(below, rel);
+        }
+        for (rel, signature) in self.index {
+            if signature.kind != Kind::Dir {
+                drop_tree(below, &rel);
+            }
+            below.insert(rel, signature);
+        }
+    }
 }
 
 /// A writer that hashes and counts what passes through.
@@ -245,6 +268,7 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
     let mut previous: Option<String> = None;
     let mut dir_modes = Vec::new();
     let mut count = 0u64;
+    let mut deleted = Vec::new();
     for entry in entries {
         let mut entry = entry.map_err(not_the_format)?;
         let name = entry.path().map_err(not_the_format)?.to_str().map(str::to_owned);
@@ -280,17 +304,18 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
         previous = Some(rel.clone());
         count += 1;
         let (dir, last) = rel.rsplit_once('/').map_or(("", rel.as_str()), |(d, n)| (d, n));
-        if let Some(deleted) = last.strip_prefix(WHITEOUT_PREFIX) {
+        if let Some(deleted_name) = last.strip_prefix(WHITEOUT_PREFIX) {
             let node_kind = manifest.as_ref().map(|m| m.node_kind.as_str()).unwrap_or_default();
             ensure!(node_kind == "diff", "entry {name} is a whiteout, which only a diff archive may hold");
             ensure!(
-                header.entry_type() == EntryType::Regular && entry.size() == 0 && is_plain_relative(deleted),
+                header.entry_type() == EntryType::Regular && entry.size() == 0 && is_plain_relative(deleted_name),
                 "entry {name} is not a whiteout (an empty file {WHITEOUT_PREFIX}<name>)"
             );
             if let Some(tree) = into.as_deref_mut() {
-                let target = if dir.is_empty() { deleted.to_owned() } else { format!("{dir}/{deleted}") };
+                let target = if dir.is_empty() { deleted_name.to_owned() } else { format!("{dir}/{deleted_name}") };
                 tree.remove(&target).with_context(|| format!("apply the whiteout {name}"))?;
             }
+            deleted.push(if dir.is_empty() { deleted_name.to_owned() } else { format!("{dir}/{deleted_name}") });
             continue;
         }
         let mode = header.mode().map_err(not_the_format)? & 0o7777;
@@ -302,8 +327,11 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
                     tree.ensure_parent_dirs(&rel)?;
                     match fs::symlink_metadata(&host) {
                         Ok(meta) if meta.is_dir() => {}
-                        Ok(_) => bail!("entry {name} would replace a non-directory"),
-                        Err(_) => {
+                        // Over a lower layer's file or link: the directory replaces it.
+                        existing => {
+                            if existing.is_ok() {
+                                tree.remove(&rel)?;
+                            }
                             fs::DirBuilder::new().mode(0o755).create(&host).with_context(|| format!("mkdir /{rel}"))?
                         }
                     }
@@ -318,7 +346,8 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
                     Some(tree) => {
                         tree.ensure_parent_dirs(&rel)?;
                         let host = tree.host(&rel);
-                        ensure!(fs::symlink_metadata(&host).is_err(), "entry {name} appears twice");
+                        // Over a lower layer's entry (the order check keeps one archive from repeating a path).
+                        tree.remove(&rel)?;
                         let out = File::create(&host).with_context(|| format!("create /{rel}"))?;
                         let mut writer = HashingWriter::new(BufWriter::new(out));
                         io::copy(&mut entry, &mut writer).map_err(not_the_format)?;
@@ -343,6 +372,7 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
                 let target = target.to_str().ok_or_else(|| anyhow!("symlink {name} is not UTF-8"))?.to_owned();
                 if let Some(tree) = into.as_deref_mut() {
                     tree.ensure_parent_dirs(&rel)?;
+                    tree.remove(&rel)?;
                     symlink(&target, tree.host(&rel)).with_context(|| format!("create symlink /{rel}"))?;
                     tree.set_owner(&rel, owner)?;
                 }
@@ -365,7 +395,7 @@ pub fn read_archive(path: &Path, mut into: Option<&mut Tree>) -> Result<ParentSn
                 .with_context(|| format!("chmod /{rel}"))?;
         }
     }
-    Ok(ParentSnapshot { manifest, index })
+    Ok(ParentSnapshot { manifest, index, deleted })
 }
 
 fn not_the_format(e: io::Error) -> anyhow::Error {
@@ -513,6 +543,36 @@ mod tests {
         assert_eq!(layer.manifest.files, 4);
         assert_eq!(again.entries().unwrap(), child.entries().unwrap());
         assert_eq!(again.owner("app/data.txt"), Owner::default(), "the deleted file's recorded owner went with it");
+    }
+
+    #[test]
+    fn layers_unpack_over_each_other_and_their_indexes_merge_as_the_tree_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = sample_tree(dir.path());
+        let base = dir.path().join("base.tar.zst");
+        write_archive(&base, manifest("base"), &tree, None).unwrap();
+        // A layer over it: a file changed, a directory replaced by a file, a file deleted.
+        let mut next = Tree::create(dir.path().join("next")).unwrap();
+        let below = read_archive(&base, Some(&mut next)).unwrap();
+        fs::write(next.host("app/data.txt"), "changed").unwrap();
+        next.remove("app/bin").unwrap();
+        fs::write(next.host("app/bin"), "now a file").unwrap();
+        fs::set_permissions(next.host("app/bin"), fs::Permissions::from_mode(0o644)).unwrap();
+        next.remove("app/run").unwrap();
+        let layer = dir.path().join("layer.tar.zst");
+        write_archive(&layer, manifest("diff"), &next, Some(&below.index)).unwrap();
+        // Unpacked over the base, the layer gives the same tree, and the merged index describes it.
+        let mut again = Tree::create(dir.path().join("again")).unwrap();
+        let mut index = ParentIndex::new();
+        read_archive(&base, Some(&mut again)).unwrap().merge_into(&mut index);
+        let top = read_archive(&layer, Some(&mut again)).unwrap();
+        assert_eq!(top.deleted, ["app/run"]);
+        top.merge_into(&mut index);
+        assert_eq!(again.entries().unwrap(), next.entries().unwrap());
+        let paths: Vec<&str> = index.keys().map(String::as_str).collect();
+        let expected: Vec<String> = next.entries().unwrap().into_iter().map(|e| e.rel).collect();
+        assert_eq!(paths, expected, "nothing of the old app/bin directory is left in the index");
+        assert_eq!(index["app/data.txt"].digest, Some(Sha256::digest(b"changed").into()));
     }
 
     #[test]

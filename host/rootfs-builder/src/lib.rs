@@ -30,9 +30,11 @@
 //! (RUN `rm`) is recorded as a whiteout: an empty file `dir/.wh.name` (OCI's
 //! convention), written only where `dir` itself is still there, so a deleted
 //! directory takes one whiteout. A tree may not hold names starting `.wh.`.
-//! When the parent is itself a diff, it is compared
-//! against as it is (its own layer), so a file that only the grandparent had
-//! is written again: more than needed, never less.
+//! When the parent is itself a diff, the layers below it
+//! (`spec.parent.ancestors`, oldest first) are unpacked first and their
+//! indexes merged, so the build sees the whole image and its archive holds
+//! only what differs from it. Without their downloads, the parent's own
+//! layer is all there is (a note says so).
 //!
 //! # Fault injection
 //!

@@ -337,6 +337,32 @@ impl Stages<'_> {
                     )
                 })?;
                 let download = parent.download.as_ref().expect("filtered above");
+                // The layers below the parent first (a diff parent is one layer), then the parent.
+                let mut index = ParentIndex::new();
+                let layers = parent.ancestors.len();
+                if parent.ancestors.iter().any(|a| a.download.is_none()) {
+                    println!(
+                        "note: the parent has {layers} layers below it, but the client did not sign their reads \
+                         (spec.parent.ancestors[].download): building on the parent's own layer only"
+                    );
+                } else {
+                    for (i, ancestor) in parent.ancestors.iter().enumerate() {
+                        let get = ancestor.download.as_ref().expect("checked above");
+                        let Download::SingleGet(single) = get;
+                        http::check_plain_http("spec.parent.ancestors[].download.url", &single.url)
+                            .map_err(|m| anyhow!(m))?;
+                        println!("Layer {}/{} below the parent: {}", i + 1, layers, ancestor.snapshot_uri);
+                        let what = format!("layer {} below the parent", i + 1);
+                        let snapshot = self.fetch(
+                            &what,
+                            &ancestor.snapshot_uri,
+                            ancestor.snapshot_sha256.as_deref(),
+                            get,
+                            &mut tree,
+                        )?;
+                        snapshot.merge_into(&mut index);
+                    }
+                }
                 println!("Parent snapshot {} (FROM {reference})", parent.parent_manifest_uri);
                 let snapshot = self.fetch(
                     "parent",
@@ -345,10 +371,12 @@ impl Stages<'_> {
                     download,
                     &mut tree,
                 )?;
+                let config = snapshot.manifest.config.clone();
+                snapshot.merge_into(&mut index);
                 if is_final {
-                    self.parent_index = Some(snapshot.index);
+                    self.parent_index = Some(index);
                 }
-                snapshot.manifest.config
+                config
             }
             Base::Image(reference) => {
                 let located = format!("FROM {reference} (line {})", stage.from.line);

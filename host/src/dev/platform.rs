@@ -34,6 +34,9 @@ impl PrepareShape {
     }
 }
 
+/// The most layers a parent may have below it.
+const MAX_ANCESTORS: usize = 64;
+
 /// Header that picks the prepare shape of one request.
 pub const SHAPE_HEADER: &str = "x-snapsign-prepare-shape";
 
@@ -190,7 +193,33 @@ impl Emulator {
             )]),
         };
         if let Some(parent) = &parent_template {
+            // A diff snapshot is one layer: the builder also needs the layers below it. Their
+            // reads are presigned here in every shape (snapsign's own field, which a client
+            // passes through unread; one that signs reads skips those that have a download):
+            // they are part of the parent's image, which the caller may read.
+            let mut ancestors = Vec::new();
+            let mut below = parent.parent_manifest_uri.clone();
+            while let Some(uri) = below.take() {
+                let Some(template) = self.state.template_by_snapshot_uri(&uri)? else { break };
+                if ancestors.len() >= MAX_ANCESTORS {
+                    return Err(ApiError::bad_request(
+                        "parent_too_deep",
+                        format!("parentTemplate {} has more than {MAX_ANCESTORS} layers below it", parent.name),
+                    ));
+                }
+                ancestors.push(wire::Ancestor::<Value> {
+                    download: Some(
+                        serde_json::to_value(Download::SingleGet(self.presigned_get(&uri)?))
+                            .expect("answers serialize"),
+                    ),
+                    snapshot_uri: uri,
+                    snapshot_sha256: Some(template.snapshot_sha256.clone()),
+                });
+                below = template.parent_manifest_uri.clone();
+            }
+            ancestors.reverse();
             prepared.parent = Some(wire::Parent {
+                ancestors,
                 parent_manifest_uri: parent.snapshot_uri.clone(),
                 rootfs_disk_bytes: Some(parent.rootfs_disk_bytes),
                 snapshot_sha256: Some(parent.snapshot_sha256.clone()),
