@@ -732,6 +732,11 @@ async fn a_dockerfile_from_a_registry_image_builds_and_the_same_digest_is_not_pu
         assert_eq!((config.workdir.as_str(), config.user.as_str()), ("/srv", "app"), "{name}: the image's config");
     }
 
+    // A path that is not there is a usage error that says so (not a pull of "./no-such.tar").
+    let out = cli(&["import", "./no-such.tar", "--api-url", &api, "--token", &token], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("./no-such.tar does not exist"), "{out:?}");
+
     // The same digest again, with the registry gone: imported once, nothing pulled.
     drop(registry_process);
     let digest = image.manifest.digest();

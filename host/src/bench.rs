@@ -443,6 +443,23 @@ pub async fn build(rounds: usize, instantiations: usize, builder: std::path::Pat
     Ok(())
 }
 
+/// A bench's scratch directory under the system's temporary directory, removed when dropped.
+pub(crate) struct Scratch(pub(crate) std::path::PathBuf);
+
+impl Scratch {
+    pub(crate) fn new(bench: &str) -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("snapsign-bench-{bench}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,6 +93,20 @@ pub enum Backend {
     Local,
 }
 
+/// Where a build or an import goes: the platform and the caller's credentials.
+#[derive(Args)]
+pub struct PlatformArgs {
+    /// Platform API URL.
+    #[arg(long, env = "SNAPSIGN_API_URL")]
+    pub api_url: String,
+    /// Bearer token for the platform, lifecycle and proxy.
+    #[arg(long, env = "SNAPSIGN_API_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Sandbox namespace.
+    #[arg(long, env = "SNAPSIGN_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+}
+
 // `snapsign build`.
 #[derive(Args)]
 pub struct BuildArgs {
@@ -120,15 +134,8 @@ pub struct BuildArgs {
     /// Register the template as public.
     #[arg(long)]
     pub public: bool,
-    /// Platform API URL.
-    #[arg(long, env = "SNAPSIGN_API_URL")]
-    pub api_url: String,
-    /// Bearer token for the platform, lifecycle and proxy.
-    #[arg(long, env = "SNAPSIGN_API_TOKEN", hide_env_values = true)]
-    pub token: String,
-    /// Sandbox namespace.
-    #[arg(long, env = "SNAPSIGN_NAMESPACE", default_value = "default")]
-    pub namespace: String,
+    #[command(flatten)]
+    pub platform: PlatformArgs,
     /// Extra host[:port] the build may reach besides the platform and its sandbox proxies (repeatable).
     #[arg(long = "allow-host")]
     pub allow_hosts: Vec<String>,
@@ -177,15 +184,8 @@ pub struct ImportArgs {
     /// Register the template as public.
     #[arg(long)]
     pub public: bool,
-    /// Platform API URL.
-    #[arg(long, env = "SNAPSIGN_API_URL")]
-    pub api_url: String,
-    /// Bearer token for the platform, lifecycle and proxy.
-    #[arg(long, env = "SNAPSIGN_API_TOKEN", hide_env_values = true)]
-    pub token: String,
-    /// Sandbox namespace.
-    #[arg(long, env = "SNAPSIGN_NAMESPACE", default_value = "default")]
-    pub namespace: String,
+    #[command(flatten)]
+    pub platform: PlatformArgs,
     /// Whole-import time limit, seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout_secs: u64,

@@ -9,7 +9,9 @@ use snapsign_host::engine::{self, EngineLimits};
 use snapsign_host::image_build::{self, BuildFailure, BuildOptions};
 use snapsign_host::{signer, store};
 
-use crate::cli::{Backend, BenchWhat, BuildArgs, Command, DevArgs, ImportArgs, ServeSignerArgs, StoreArgs, TokenArgs};
+use crate::cli::{
+    Backend, BenchWhat, BuildArgs, Command, DevArgs, ImportArgs, PlatformArgs, ServeSignerArgs, StoreArgs, TokenArgs,
+};
 
 /// Runs `command`; the exit code tells the outcome.
 pub async fn run(command: Command) -> Result<ExitCode> {
@@ -64,9 +66,18 @@ fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
 /// image is sent as the build context and named in spec.json's
 /// `importImageReference` (`context:<name>`), which the builder lays out.
 async fn import(args: ImportArgs) -> Result<ExitCode> {
-    let ImportArgs { image, name, disk_mb, public, api_url, token, namespace, timeout_secs, json } = args;
+    let ImportArgs { image, name, disk_mb, public, platform, timeout_secs, json } = args;
     let path = PathBuf::from(&image);
     let local = path.exists();
+    let looks_like_a_path = image.starts_with(['/', '.', '~'])
+        || [".tar", ".tar.gz", ".tgz", ".tar.zst"].iter().any(|ext| image.ends_with(ext));
+    if !local && looks_like_a_path {
+        eprintln!(
+            "error: {image} does not exist; pass a docker save archive, an OCI layout (directory or tar), a rootfs \
+             tarball, or a registry reference such as 127.0.0.1:5000/team/base:1.2"
+        );
+        return Ok(ExitCode::from(2));
+    }
     let name = match name {
         Some(name) => name,
         None => match default_import_name(&image, local) {
@@ -124,9 +135,7 @@ async fn import(args: ImportArgs) -> Result<ExitCode> {
         builder_memory_mb: None,
         builder_disk_mb: None,
         public,
-        api_url,
-        token,
-        namespace,
+        platform,
         allow_hosts: Vec::new(),
         sandbox_wait_secs: 120,
         max_memory_mb: 256,
@@ -173,9 +182,7 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         builder_memory_mb,
         builder_disk_mb,
         public,
-        api_url,
-        token,
-        namespace,
+        platform: PlatformArgs { api_url, token, namespace },
         allow_hosts,
         sandbox_wait_secs,
         max_memory_mb,

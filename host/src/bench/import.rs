@@ -26,7 +26,7 @@ pub async fn run(megabytes: usize, rounds: usize, tools_dir: Option<PathBuf>) ->
     if rounds == 0 || megabytes == 0 {
         bail!("--rounds and --mb must be at least 1");
     }
-    let scratch = Scratch::new()?;
+    let scratch = super::Scratch::new("import")?;
     let tools = Tools::new(tools_dir.unwrap_or_else(Tools::default_dir));
     let (_registry_process, registry) =
         crate::hosts::launch::oci_registry(&tools, &scratch.0.join("registry")).await.context("start a registry")?;
@@ -170,21 +170,4 @@ async fn push(registry: &str, reference: &str, layer_path: &Path, made: &Made) -
     let content_type = http::HeaderValue::from_static(oci::OCI_MANIFEST);
     client.push_manifest_raw(&tag, manifest, content_type).await.context("push the manifest")?;
     Ok(())
-}
-
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("snapsign-bench-import-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -1,6 +1,6 @@
 //! `snapsign bench run-steps`: what a RUN step costs beyond its command
 //! (entering and leaving the confined rootfs), beside the floor (the same
-//! command started directly) and, when installed, buildah doing the same.
+//! command started directly) and buildah doing the same, in the same run.
 //! Figures, not tests.
 
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use snapsign_rootfs_builder::step::{self, Confined, Ended};
 
 /// Runs the benchmark: `steps` RUN steps of `true`, each beside a direct
 /// start of the same `true`; then buildah (`buildah` on PATH or `buildah`
-/// given) building `buildah_steps` `RUN true` lines against none.
+/// given; without one the bench stops before it starts) building `buildah_steps` `RUN true` lines against none.
 pub async fn run(steps: usize, buildah: Option<PathBuf>, buildah_steps: usize) -> Result<()> {
     tokio::task::spawn_blocking(move || run_blocking(steps, buildah, buildah_steps)).await?
 }
@@ -22,7 +22,13 @@ fn run_blocking(steps: usize, buildah: Option<PathBuf>, buildah_steps: usize) ->
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let dir = Scratch::new()?;
+    let Some(buildah) = buildah.or_else(|| which("buildah")) else {
+        bail!(
+            "buildah is not on PATH, and the figure is a comparison with it: install it (Debian: apt-get install \
+             buildah) or pass --buildah PATH"
+        );
+    };
+    let dir = super::Scratch::new("run-steps")?;
     let root = dir.0.join("rootfs");
     host_rootfs::write(&root, &["sh", "true"]).context("make the benchmark's rootfs")?;
     let confined = Confined {
@@ -67,12 +73,7 @@ fn run_blocking(steps: usize, buildah: Option<PathBuf>, buildah_steps: usize) ->
         let (min, median, max) = spread(times);
         println!("{name:<34} {:>9} {:>9} {:>9}", ms(min), ms(median), ms(max));
     }
-    let buildah = buildah.or_else(|| which("buildah"));
-    match buildah {
-        Some(buildah) => peer(&buildah, &dir.0, buildah_steps)?,
-        None => println!("buildah: not found on PATH (Debian: apt-get install buildah), so no peer figure"),
-    }
-    Ok(())
+    peer(&buildah, &dir.0, buildah_steps)
 }
 
 /// buildah 1.28 as the issue measured it: `--isolation chroot`, vfs
@@ -139,21 +140,4 @@ fn ms(d: Duration) -> String {
 
 fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
-}
-
-/// A scratch directory, removed when dropped (buildah's vfs layers included).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("snapsign-bench-run-steps-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
