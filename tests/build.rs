@@ -341,6 +341,68 @@ async fn a_context_larger_than_the_guest_memory_limit_is_streamed() {
     stack.shutdown().await;
 }
 
+/// `n` bytes that do not compress (xorshift).
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// The host packs the context (`upload-directory`): random blocks go stored,
+/// text deflated, on every core; the sandbox's `tar -xzf` unpacks it through
+/// the builder's `gzip -d`; every byte and permission bit arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_context_of_random_and_text_files_arrives_byte_for_byte_with_its_permission_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let random = random_bytes(5 << 20, 7);
+    let text: Vec<u8> = (0..120_000)
+        .flat_map(|i| format!("line {i}: the quick brown fox builds a sandbox image\n").into_bytes())
+        .collect();
+    let ctx = context(&[
+        ("data/random.bin", &random),
+        ("data/text.txt", &text),
+        ("data/deep/er/small.txt", b"small\n"),
+        ("run.sh", b"#!/bin/sh\necho hi\n"),
+        ("empty", b""),
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ctx.path().join("run.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(ctx.path().join("data/text.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("data/text.txt", ctx.path().join("link")).unwrap();
+    let run = build(&options(&stack, "mixed", "FROM scratch\nCOPY . /ctx/\n", ctx.path())).await;
+    let template = run.outcome.unwrap_or_else(|e| panic!("mixed build failed: {e}\n{:#?}", run.events));
+    let sent = run
+        .events
+        .iter()
+        .rev()
+        .find_map(|e| if let BuildEvent::Upload(sent, total) = e { Some((*sent, *total)) } else { None })
+        .expect("upload progress reported");
+    assert_eq!(sent.0, sent.1, "the last progress event has the total");
+    // The random part goes stored (a little over its size), the text deflated (far under).
+    let raw = (random.len() + text.len()) as u64;
+    assert!(sent.1 > random.len() as u64 && sent.1 < raw - text.len() as u64 / 2, "sent {} of {raw}", sent.1);
+
+    let (_, _keep, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
+    let read = |rel: &str| std::fs::read(tree.host(rel)).unwrap_or_else(|e| panic!("/{rel}: {e}"));
+    assert!(read("ctx/data/random.bin") == random, "random bytes changed on the way");
+    assert!(read("ctx/data/text.txt") == text, "text changed on the way");
+    assert_eq!(read("ctx/data/deep/er/small.txt"), b"small\n");
+    assert_eq!(read("ctx/empty"), b"");
+    let modes: std::collections::BTreeMap<String, u32> =
+        tree.entries().unwrap().into_iter().map(|e| (e.rel, e.mode & 0o777)).collect();
+    assert_eq!(modes["ctx/run.sh"], 0o750);
+    assert_eq!(modes["ctx/data/text.txt"], 0o600);
+    assert_eq!(std::fs::read_link(tree.host("ctx/link")).unwrap(), Path::new("data/text.txt"));
+    stack.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn usage_and_auth_errors_are_told_apart() {
     let dir = tempfile::tempdir().unwrap();
@@ -541,8 +603,8 @@ fn stored_snapshot(dir: &Path, uri: &str) -> (Vec<String>, tempfile::TempDir, sn
     (names, out, tree)
 }
 
-/// A base image with this machine's sh, bash and coreutils, made executable
-/// by `--chmod` (WASI carries no permission bits into the context).
+/// A base image with this machine's sh, bash and coreutils (`--chmod` makes
+/// every file executable, libraries included, whatever their bits on the host).
 const RUN_BASE: &str = "FROM scratch\nCOPY --chmod=755 rootfs/ /\nENV GREETING=hello\nWORKDIR /srv\n\
     RUN echo \"$GREETING from $(pwd) as $(id -u)\" > made-by-run && echo base > /etc/motd && echo ran-in-the-sandbox\n\
     RUN if cat /var/lib/tensorlake/rootfs-builder/build/spec.json; then echo READ; else echo refused; fi > spec-read\n\

@@ -600,3 +600,148 @@ async fn the_signer_refuses_segments_over_255_bytes_and_keys_over_1024_bytes() {
     assert!(body["message"].as_str().unwrap().contains("S3's limit is 1024"), "{body}");
     assert!(stack.open_uploads().is_empty());
 }
+
+/// `n` bytes that do not compress (xorshift).
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// The reference builder's uploader sends each part as soon as the archive
+/// writer has put its bytes in the file: the writer below stops after two
+/// parts until part 1 is at the store, which never happens if parts wait
+/// for the whole archive. The object then has the multipart ETag of its
+/// parts and the sha256 of what was written, which the store records.
+#[tokio::test(flavor = "multi_thread")]
+async fn parts_go_up_while_the_archive_is_written_and_the_object_has_the_right_etag_and_sha256() {
+    use snapsign::wire::{PartUrl, S3Multipart};
+    use snapsign_rootfs_builder::archive::ArchiveSummary;
+    use std::io::Write;
+
+    let store = Direct::start(Duration::from_secs(3600)).await;
+    let key = "builds/overlap.tlsnap";
+    let id = store.create(key).await;
+    let part_size = 5 * MIB;
+    let multipart = S3Multipart {
+        uri: None,
+        upload_id: id.clone(),
+        part_size_bytes: part_size as u64,
+        max_parts: Some(4),
+        complete_url: store.sign.url(Method::Post, key, &[("uploadId", &id)]),
+        abort_url: Some(store.sign.url(Method::Delete, key, &[("uploadId", &id)])),
+        expires_at: None,
+        headers: Default::default(),
+        part_urls: (1..=4).map(|n| PartUrl { part_number: n, url: store.sign.part(key, &id, n) }).collect(),
+    };
+    let data = random_bytes(3 * part_size + 12_345, 11);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("snapshot.tar.zst");
+    let part_1 = store.root().join(format!(".upload_id-{id}.part-1"));
+    let (written, path) = (data.clone(), archive.clone());
+    let summary = tokio::task::spawn_blocking(move || {
+        let agent = snapsign_rootfs_builder::http::agent();
+        snapsign_rootfs_builder::upload::s3_multipart_overlapped(&agent, &multipart, &archive, |observe| {
+            let mut file = std::fs::File::create(&path)?;
+            let mut sha256 = Sha256::new();
+            let mut size = 0;
+            for chunk in written.chunks(MIB) {
+                file.write_all(chunk)?;
+                sha256.update(chunk);
+                size += chunk.len();
+                observe(size as u64)?;
+                if size == 2 * part_size {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while std::fs::metadata(&part_1).map(|m| m.len()).ok() != Some(part_size as u64) {
+                        assert!(Instant::now() < deadline, "part 1 did not go up while the archive was written");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+            Ok(ArchiveSummary { sha256: hex::encode(sha256.finalize()), size_bytes: size as u64, files: 0 })
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("overlapped upload failed: {e:#}"));
+    assert_eq!(summary.size_bytes, data.len() as u64);
+
+    let got = store.get(key).await;
+    assert_eq!(got.status(), 200);
+    let parts: Vec<&[u8]> = data.chunks(part_size).collect();
+    assert_eq!(parts.len(), 4);
+    assert_eq!(got.headers()["etag"].to_str().unwrap(), multipart_etag(&parts));
+    let body = got.bytes().await.unwrap();
+    assert!(body == data, "the object is not what was written");
+    let sha256 = hex::encode(Sha256::digest(&data));
+    assert_eq!(summary.sha256, sha256);
+    assert_eq!(store::recorded_digest(&store.root(), BUCKET, key), Some((data.len() as u64, sha256)));
+    assert_eq!(root_files(&store.root(), ".upload"), Vec::<String>::new(), "record or parts left");
+
+    // A PUT over the object replaces s3s-fs's info: no record outlives its bytes.
+    let put = store.client.http.put(store.sign.url(Method::Put, key, &[])).body(b"other".to_vec()).send().await;
+    assert_eq!(put.unwrap().status(), 200);
+    assert_eq!(store::recorded_digest(&store.root(), BUCKET, key), None);
+}
+
+/// A part that fails to go up stops the writer early and aborts the upload:
+/// nothing is left at the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_part_stops_the_archive_writer_and_aborts_the_upload() {
+    use snapsign::wire::{PartUrl, S3Multipart};
+    use std::io::Write;
+
+    let store = Direct::start(Duration::from_secs(3600)).await;
+    let key = "builds/failing.tlsnap";
+    let id = store.create(key).await;
+    let part_size = 5 * MIB;
+    // URLs for far more than is written: only the failure can stop the writer.
+    let mut part_urls: Vec<PartUrl> =
+        (1..=100).map(|n| PartUrl { part_number: n, url: store.sign.part(key, &id, n) }).collect();
+    // Part 2's URL is signed for another upload id: the store refuses it.
+    part_urls[1].url = store.sign.part(key, "00000000-0000-0000-0000-000000000000", 2);
+    let multipart = S3Multipart {
+        uri: None,
+        upload_id: id.clone(),
+        part_size_bytes: part_size as u64,
+        max_parts: Some(100),
+        complete_url: store.sign.url(Method::Post, key, &[("uploadId", &id)]),
+        abort_url: Some(store.sign.url(Method::Delete, key, &[("uploadId", &id)])),
+        expires_at: None,
+        headers: Default::default(),
+        part_urls,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("snapshot.tar.zst");
+    let path = archive.clone();
+    let (error, chunks_written) = tokio::task::spawn_blocking(move || {
+        let agent = snapsign_rootfs_builder::http::agent();
+        let mut chunks = 0;
+        let result =
+            snapsign_rootfs_builder::upload::s3_multipart_overlapped(&agent, &multipart, &archive, |observe| {
+                let mut file = std::fs::File::create(&path)?;
+                let chunk = vec![7u8; MIB];
+                for i in 1..=400u64 {
+                    file.write_all(&chunk)?;
+                    chunks += 1;
+                    observe(i * MIB as u64)?;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                unreachable!("the writer was not stopped")
+            });
+        (result.unwrap_err(), chunks)
+    })
+    .await
+    .unwrap();
+    let message = format!("{error:#}");
+    // The store refuses the part (404, or a reset before the body is read).
+    assert!(message.contains("UploadPart part 2"), "{message}");
+    assert!(chunks_written < 100, "the writer went on to {chunks_written} MiB after the failure");
+    assert_eq!(root_files(&store.root(), ".upload"), Vec::<String>::new(), "the upload was not aborted");
+}

@@ -21,7 +21,7 @@ pub struct GuestState<D> {
     /// The guest's resources (WASI's and the runtime's capabilities').
     pub table: ResourceTable,
     outbound: AllowList,
-    limits: StoreLimits,
+    limits: PeakLimits,
     /// The runtime's own state (its capabilities).
     pub data: D,
 }
@@ -29,7 +29,53 @@ pub struct GuestState<D> {
 impl<D> GuestState<D> {
     /// A guest with `wasi`, outbound HTTP limited to `outbound`, and `limits`.
     pub fn new(wasi: WasiCtx, outbound: AllowList, limits: StoreLimits, data: D) -> Self {
+        let limits = PeakLimits { inner: limits, peak_memory: 0 };
         GuestState { wasi, http: WasiHttpCtx::new(), table: ResourceTable::new(), outbound, limits, data }
+    }
+
+    /// The largest linear memory the guest grew to, bytes (what it held at its peak).
+    pub fn peak_memory(&self) -> usize {
+        self.limits.peak_memory
+    }
+}
+
+/// The guest's limits, remembering the largest memory granted.
+struct PeakLimits {
+    inner: StoreLimits,
+    peak_memory: usize,
+}
+
+impl wasmtime::ResourceLimiter for PeakLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let granted = self.inner.memory_growing(current, desired, maximum)?;
+        if granted {
+            self.peak_memory = self.peak_memory.max(desired);
+        }
+        Ok(granted)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.memory_grow_failed(error)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`outbound`]: the outbound HTTP allow-list guests get;
 //! - [`sandbox_exec`]: the `sandbox-exec` capability and its backends;
 //! - [`image_build`]: the builder component runner;
+//! - [`pack`]: build contexts as gzip tars, compressed on every core;
 //! - [`signer`]: `serve-signer`, the signer component behind wasi:http;
 //! - [`store`]: the embedded S3-compatible store;
 //! - [`serve`]: the HTTP server loop they share;
@@ -20,6 +21,7 @@ pub mod guest;
 pub mod hosts;
 pub mod image_build;
 pub mod outbound;
+pub mod pack;
 pub mod registry;
 pub mod sandbox_exec;
 pub mod serve;

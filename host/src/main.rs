@@ -17,10 +17,10 @@ use crate::cli::{Cli, Command};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // Installed in sandboxes as /usr/local/bin/tl-rootfs-build: be the reference builder.
+    // Installed in sandboxes as /usr/local/bin/tl-rootfs-build (and its `gzip`): be the reference builder.
     let argv0 = std::env::args().next().unwrap_or_default();
-    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "tl-rootfs-build") {
-        return snapsign_rootfs_builder::run_cli(std::env::args().skip(1).collect());
+    if let Some(code) = snapsign_rootfs_builder::run_as(&argv0, std::env::args().skip(1).collect()) {
+        return code;
     }
     let cli = Cli::parse();
     // Servers log requests by default; one-shot commands only warnings.

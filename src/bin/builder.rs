@@ -13,8 +13,6 @@ mod bindings {
     wit_bindgen::generate!({ world: "builder", path: "wit", pub_export_macro: true });
 }
 
-#[path = "shell/context.rs"]
-mod context;
 #[path = "shell/wasi_http.rs"]
 mod wasi_http;
 
@@ -24,6 +22,9 @@ use bindings::snapsign::components::sandbox_exec as sx;
 use bindings::snapsign::components::types;
 
 struct Component;
+
+/// The build context, preopened read-only by the host.
+const CONTEXT_DIR: &str = "/context";
 
 impl wit::Guest for Component {
     fn run(request: wit::BuildRequest) -> Result<String, wit::BuildError> {
@@ -80,7 +81,12 @@ fn perform(call: Call) -> Answer {
         Call::RunCaptured { id, process, timeout_secs } => {
             Answer::Captured(sx::run_captured(&id, &spec(process), timeout_secs).map(|(_, lines)| lines).map_err(error))
         }
-        Call::UploadContext { id, path } => Answer::Uploaded(context::upload(&id, &path)),
+        // The host packs the preopened context natively (wit/protocol.md §5.6) and reports the progress.
+        Call::UploadContext { id, path } => Answer::Uploaded(
+            sx::upload_directory(&id, CONTEXT_DIR, &[], &path)
+                .map(drop)
+                .map_err(|e| format!("upload the context: {}", error(e))),
+        ),
         Call::WriteFile { id, path, contents } => Answer::Done(sx::write_file(&id, &path, &contents).map_err(error)),
         Call::ReadFile { id, path } => Answer::File(sx::read_file(&id, &path).map_err(error)),
         Call::Delete { id } => Answer::Done(sx::delete(&id).map_err(error)),

@@ -12,11 +12,34 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
+use crate::blocks::{ParallelBlocks, Zstd, default_workers};
 use crate::snapshot::{FORMAT_VERSION, MANIFEST_ENTRY, ROOTFS_PREFIX, SnapshotManifest};
 use crate::tree::{Entry, Kind, Owner, Tree, is_plain_relative};
 
-/// zstd level: fast, and the same level always gives the same bytes.
+/// zstd level: fast, and the same level always gives the same bytes. The
+/// archive is compressed in 1 MiB blocks, one zstd frame each, on every core
+/// ([`crate::blocks`]); a block that looks random is a frame of raw blocks.
 const ZSTD_LEVEL: i32 = 3;
+
+/// The archive file, telling an observer how many bytes it holds.
+struct Observed<'a> {
+    file: File,
+    written: u64,
+    on_written: &'a dyn Fn(u64) -> io::Result<()>,
+}
+
+impl Write for Observed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        (self.on_written)(self.written)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
 
 /// What was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,9 +159,22 @@ impl Item {
 /// `manifest.files` is filled in here.
 pub fn write_archive(
     out: &Path,
+    manifest: SnapshotManifest,
+    tree: &Tree,
+    parent: Option<&ParentIndex>,
+) -> Result<ArchiveSummary> {
+    write_archive_observed(out, manifest, tree, parent, &|_| Ok(()))
+}
+
+/// [`write_archive`], telling `on_written` how many bytes of the archive
+/// are in the file each time more are (so its parts can be uploaded while
+/// the rest is written); an error it returns stops the writing.
+pub fn write_archive_observed(
+    out: &Path,
     mut manifest: SnapshotManifest,
     tree: &Tree,
     parent: Option<&ParentIndex>,
+    on_written: &dyn Fn(u64) -> io::Result<()>,
 ) -> Result<ArchiveSummary> {
     let entries = tree.entries().context("list the tree")?;
     if let Some(reserved) =
@@ -174,8 +210,9 @@ pub fn write_archive(
     manifest.files = items.len() as u64;
 
     let file = File::create(out).with_context(|| format!("create {}", out.display()))?;
-    let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let encoder = zstd::Encoder::new(hashing, ZSTD_LEVEL).context("start zstd")?;
+    let observed = Observed { file, written: 0, on_written };
+    let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, observed));
+    let encoder = ParallelBlocks::new(hashing, Zstd::level(ZSTD_LEVEL), default_workers()).context("start zstd")?;
     let mut builder = tar::Builder::new(encoder);
 
     let json = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
@@ -212,11 +249,11 @@ pub fn write_archive(
         .with_context(|| format!("write /{} to the archive", entry.rel))?;
     }
     let encoder = builder.into_inner().context("finish the tar stream")?;
-    let hashing = encoder.finish().context("finish the zstd stream")?;
+    let (hashing, _) = encoder.finish().context("finish the zstd stream")?;
     let (writer, digest, size_bytes) = hashing.finish();
     let sha256 = hex::encode(digest);
-    let file = writer.into_inner().map_err(|e| e.into_error()).context("flush the archive")?;
-    file.sync_all().context("sync the archive")?;
+    let observed = writer.into_inner().map_err(|e| e.into_error()).context("flush the archive")?;
+    observed.file.sync_all().context("sync the archive")?;
     Ok(ArchiveSummary { sha256, size_bytes, files: manifest.files })
 }
 

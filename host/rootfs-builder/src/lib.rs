@@ -11,7 +11,9 @@
 //!
 //! # Snapshot archive format `snapsign_tar_zstd_v1`
 //!
-//! A tar stream (GNU headers) compressed with zstd:
+//! A tar stream (GNU headers) compressed with zstd, as one zstd frame per
+//! 1 MiB of tar (compressed on every core; a block that looks random is a
+//! frame of raw blocks, [`blocks`]), which zstd decoders read as one stream:
 //! - the first entry is `snapshot.json`
 //!   ([`snapshot::SnapshotManifest`]: `formatVersion`, `snapshotId`,
 //!   `nodeKind`, `parentManifestUri`, `config`, `files`);
@@ -49,12 +51,14 @@
 use std::process::ExitCode;
 
 pub mod archive;
+pub mod blocks;
 pub mod cli;
 pub mod context;
 /// The Dockerfile front end is the build client's, so both read a Dockerfile alike.
 pub use snapsign::image_build::dockerfile;
 pub mod download;
 pub mod faults;
+pub mod gunzip;
 pub mod host_rootfs;
 pub mod http;
 pub mod image;
@@ -70,6 +74,25 @@ pub mod upload;
 use cli::{Command, USAGE};
 use faults::Faults;
 use run::Outcome;
+
+/// This process's peak resident memory (`VmHWM`), bytes; `None` where /proc does not say.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs as the program `argv0` names, when this binary is that program:
+/// `tl-rootfs-build`, or `gzip` (the builder sandbox's fast `gzip -d`,
+/// [`gunzip`]). `None` for any other name.
+pub fn run_as(argv0: &str, args: Vec<String>) -> Option<std::process::ExitCode> {
+    match std::path::Path::new(argv0).file_name()?.to_str()? {
+        "tl-rootfs-build" => Some(run_cli(args)),
+        gunzip::NAME => Some(gunzip::main(args)),
+        _ => None,
+    }
+}
 
 /// Runs the builder with `args` (without argv[0]) and the fault switches of
 /// `SNAPSIGN_BUILDER_FAULT`.

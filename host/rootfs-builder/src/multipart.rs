@@ -69,15 +69,30 @@ impl fmt::Display for MultipartError {
 
 impl std::error::Error for MultipartError {}
 
-/// Splits `size` bytes into parts of exactly `part_size` (the last one
-/// shorter), numbered from 1, each with its signed URL. An empty archive is
-/// still one (empty) part.
-pub fn plan_parts(
+/// Part `number`'s length once the archive is `total` bytes: parts are
+/// exactly `part_size` but the last; `None` past the end. An empty archive
+/// is still one (empty) part.
+pub fn part_len(number: u32, part_size: u64, total: u64) -> Option<u64> {
+    let offset = u64::from(number.max(1) - 1) * part_size;
+    (offset < total || number == 1).then(|| part_size.min(total - offset))
+}
+
+/// The signed URL of part `number`, matched by number, not position.
+pub fn part_url(part_urls: &[PartUrl], number: u32) -> Result<&str, MultipartError> {
+    part_urls
+        .iter()
+        .find(|p| p.part_number == number)
+        .map(|p| p.url.as_str())
+        .ok_or(MultipartError::MissingPartUrl { number })
+}
+
+/// Whether `size` bytes still fit the signed part URLs.
+pub fn check_fits(
     size: u64,
     part_size: u64,
     max_parts: Option<u32>,
     part_urls: &[PartUrl],
-) -> Result<Vec<PartRange>, MultipartError> {
+) -> Result<(), MultipartError> {
     if part_size == 0 {
         return Err(MultipartError::ZeroPartSize);
     }
@@ -85,18 +100,7 @@ pub fn plan_parts(
     if needed > part_urls.len() as u64 {
         return Err(MultipartError::TooManyParts { size, part_size, needed, available: part_urls.len(), max_parts });
     }
-    (1..=needed as u32)
-        .map(|number| {
-            let url = part_urls
-                .iter()
-                .find(|p| p.part_number == number)
-                .ok_or(MultipartError::MissingPartUrl { number })?
-                .url
-                .clone();
-            let offset = u64::from(number - 1) * part_size;
-            Ok(PartRange { number, offset, len: part_size.min(size - offset), url })
-        })
-        .collect()
+    Ok(())
 }
 
 /// The CompleteMultipartUpload body: parts in ascending order, each ETag
@@ -152,32 +156,32 @@ mod tests {
 
     #[test]
     fn parts_are_exact_size_but_the_last() {
-        let parts = plan_parts(12, 5, Some(3), &urls(3)).unwrap();
-        let shape: Vec<(u32, u64, u64, &str)> =
-            parts.iter().map(|p| (p.number, p.offset, p.len, p.url.as_str())).collect();
-        assert_eq!(shape, [(1, 0, 5, "http://s/1"), (2, 5, 5, "http://s/2"), (3, 10, 2, "http://s/3")]);
-        assert_eq!(plan_parts(10, 5, None, &urls(3)).unwrap().len(), 2);
-        assert_eq!(plan_parts(0, 5, None, &urls(1)).unwrap()[0].len, 0);
+        let shape: Vec<Option<u64>> = (1..=4).map(|n| part_len(n, 5, 12)).collect();
+        assert_eq!(shape, [Some(5), Some(5), Some(2), None]);
+        assert_eq!(part_len(3, 5, 10), None);
+        assert_eq!(part_len(1, 5, 0), Some(0), "an empty archive is one empty part");
+        assert_eq!(part_len(2, 5, 0), None);
     }
 
     #[test]
     fn part_urls_are_matched_by_number_not_position() {
         let mut shuffled = urls(2);
         shuffled.reverse();
-        assert_eq!(plan_parts(6, 5, None, &shuffled).unwrap()[0].url, "http://s/1");
+        assert_eq!(part_url(&shuffled, 1).unwrap(), "http://s/1");
         let gap = vec![PartUrl { part_number: 1, url: "a".into() }, PartUrl { part_number: 3, url: "c".into() }];
-        assert_eq!(plan_parts(6, 5, None, &gap).unwrap_err(), MultipartError::MissingPartUrl { number: 2 });
+        assert_eq!(part_url(&gap, 2).unwrap_err(), MultipartError::MissingPartUrl { number: 2 });
     }
 
     #[test]
     fn too_many_parts_names_size_part_size_and_count() {
-        let err = plan_parts(20_971_521, 5_242_880, Some(3), &urls(3)).unwrap_err();
+        assert_eq!(check_fits(15, 5, None, &urls(3)), Ok(()));
+        let err = check_fits(20_971_521, 5_242_880, Some(3), &urls(3)).unwrap_err();
         assert_eq!(
             err.to_string(),
             "the archive is 20971521 bytes and needs 5 parts of 5242880 bytes, but spec.upload has only 3 part URLs \
              (maxParts 3); sign the upload for a larger rootfs (more parts)"
         );
-        assert_eq!(plan_parts(1, 0, None, &urls(1)).unwrap_err(), MultipartError::ZeroPartSize);
+        assert_eq!(check_fits(1, 0, None, &urls(1)).unwrap_err(), MultipartError::ZeroPartSize);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, anyhow, bail};
 use snapsign::wire::{Download, Spec};
 
-use crate::archive::{ParentIndex, ParentSnapshot, read_archive, write_archive};
+use crate::archive::{ParentIndex, ParentSnapshot, read_archive, write_archive_observed};
 use crate::cli::BuildArgs;
 use crate::context::Context;
 use crate::download::{check_sha256, download_parent};
@@ -161,18 +161,20 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         "Writing the snapshot archive ({FORMAT_VERSION}{})",
         if diff { ", changes over the parent only" } else { "" }
     );
-    let summary =
-        write_archive(&archive_path, manifest, &tree, parent_index.as_ref()).context("write the snapshot archive")?;
-    println!(
-        "Snapshot archive: {} entries, {} ({} bytes), sha256 {}",
-        summary.files,
-        human_bytes(summary.size_bytes),
-        summary.size_bytes,
-        summary.sha256
-    );
+    let summary = upload::write_and_upload(&http::agent(), upload, &archive_path, |observe| {
+        let summary = write_archive_observed(&archive_path, manifest, &tree, parent_index.as_ref(), observe)
+            .context("write the snapshot archive")?;
+        println!(
+            "Snapshot archive: {} entries, {} ({} bytes), sha256 {}",
+            summary.files,
+            human_bytes(summary.size_bytes),
+            summary.size_bytes,
+            summary.sha256
+        );
+        Ok(summary)
+    })
+    .context("upload the snapshot archive")?;
     drop(tree);
-
-    upload::upload(&http::agent(), upload, &archive_path, summary.size_bytes).context("upload the snapshot archive")?;
     if faults.exit_nonzero {
         return Ok(Outcome::InjectedExit);
     }
@@ -190,6 +192,9 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     let temporary = work.0.join("metadata.json");
     fs::write(&temporary, json + "\n").with_context(|| format!("write {}", temporary.display()))?;
     fs::rename(&temporary, &args.metadata_out).with_context(|| format!("write {}", args.metadata_out.display()))?;
+    if let Some(peak) = crate::peak_rss_bytes() {
+        println!("Peak memory of the builder: {} (VmHWM)", human_bytes(peak));
+    }
     match &snapshot_uri {
         Some(uri) => println!("Wrote {}: snapshot {uri}, sha256 {}", args.metadata_out.display(), summary.sha256),
         None => println!(

@@ -230,7 +230,8 @@ fn multipart_parts_carry_their_bytes_and_completion_carries_the_returned_etags()
     let stdout = text(&output.stdout);
     assert!(stdout.contains("Step 3/7 : COPY app ./app/"), "{stdout}");
     assert!(stdout.contains(&format!("sha256 {}", sha256_hex(&archive))), "{stdout}");
-    assert!(stdout.contains(&format!("Uploaded part {}/{}", parts.len(), parts.len())), "{stdout}");
+    assert!(stdout.contains(&format!("Uploaded part {} in", parts.len())), "{stdout}");
+    assert!(stdout.contains(&format!("({} parts)", parts.len())), "{stdout}");
     assert!(stdout.contains("ignoring arguments not meant for this builder: builder-word"), "{stdout}");
     assert!(!stdout.contains("secret"), "presigned signatures must not be logged:\n{stdout}");
     build.assert_clean();
@@ -917,4 +918,64 @@ fn an_import_lays_out_a_docker_save_archive_from_the_context_with_its_whiteouts_
         assert!(stderr.contains(says), "{reference}: {stderr}");
     }
     build.assert_clean();
+}
+
+/// Linked as `gzip` first in PATH (as the builder sandbox has it), the
+/// builder is what GNU tar's `tar -xzf` runs to decompress: it unpacks a
+/// multi-member stream byte for byte, and any other use of `gzip` reaches
+/// the system's gzip with the same arguments.
+#[test]
+fn linked_as_gzip_it_decodes_for_tar_xzf_and_hands_other_uses_to_the_system_gzip() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_tl-rootfs-build"), bin.join("gzip")).unwrap();
+    let random = noise(3 << 20, 5);
+    let lines: Vec<u8> = (0..50_000).flat_map(|i| format!("line {i} of the context\n").into_bytes()).collect();
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, data) in [("random.bin", &random), ("text.txt", &lines)] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, data.as_slice()).unwrap();
+    }
+    let tar = tar.into_inner().unwrap();
+    // Two gzip members, cut mid-entry, as concatenated gzip files are.
+    let mut stream = Vec::new();
+    for piece in [&tar[..tar.len() / 3], &tar[tar.len() / 3..]] {
+        let mut member = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        member.write_all(piece).unwrap();
+        stream.extend(member.finish().unwrap());
+    }
+    let archive = dir.path().join("context.tar.gz");
+    fs::write(&archive, &stream).unwrap();
+    let out = dir.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let status = Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(&out).env("PATH", &path).status().unwrap();
+    assert!(status.success());
+    assert!(fs::read(out.join("random.bin")).unwrap() == random);
+    assert!(fs::read(out.join("text.txt")).unwrap() == lines);
+
+    // A corrupt stream fails tar (gzip exits 1 with the reason).
+    let mut broken = stream.clone();
+    let at = broken.len() - 6;
+    broken[at] ^= 0xff;
+    fs::write(&archive, &broken).unwrap();
+    let failed = Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(&out).env("PATH", &path).output().unwrap();
+    assert!(!failed.status.success());
+    assert!(text(&failed.stderr).contains("gzip: stdin:"), "{}", text(&failed.stderr));
+
+    // Compressing is not ours: the system gzip does it, and its output decodes.
+    let compressed = Command::new(bin.join("gzip"))
+        .args(["-c", "-n"])
+        .stdin(fs::File::open(out.join("text.txt")).unwrap())
+        .output()
+        .unwrap();
+    assert!(compressed.status.success(), "{}", text(&compressed.stderr));
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(compressed.stdout.as_slice()), &mut back).unwrap();
+    assert!(back == lines);
 }

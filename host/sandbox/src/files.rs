@@ -63,6 +63,10 @@ pub(crate) fn create_areas(
     make_dir(&bin, 0o755, None)?;
     if let Some(builder) = builder {
         install_builder(builder, &bin.join("tl-rootfs-build"))?;
+        // The builder is also the sandbox's `gzip -d` (tl-rootfs-build's `gunzip`), found first in PATH.
+        let gzip = bin.join("gzip");
+        std::os::unix::fs::symlink("tl-rootfs-build", &gzip)
+            .with_context(|| format!("link {} to the builder", gzip.display()))?;
     }
     Ok(fs)
 }

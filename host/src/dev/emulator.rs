@@ -51,6 +51,8 @@ pub struct Emulator {
     pub(crate) health_checks: std::sync::atomic::AtomicU64,
     /// Where registry images are pulled and laid out (set by the stack).
     images: OnceLock<super::images::ImageSettings>,
+    /// The embedded store's root, whose records complete reads (set by the stack).
+    store_root: OnceLock<std::path::PathBuf>,
 }
 
 impl Emulator {
@@ -83,7 +85,21 @@ impl Emulator {
             admin_token,
             health_checks: std::sync::atomic::AtomicU64::new(0),
             images: OnceLock::new(),
+            store_root: OnceLock::new(),
         }
+    }
+
+    /// Lets complete read the embedded store's own record of an object
+    /// (its size and sha256, kept at CompleteMultipartUpload) instead of the object.
+    pub fn set_store_root(&self, root: std::path::PathBuf) {
+        let _ = self.store_root.set(root);
+    }
+
+    /// The store's record of `uri`'s object, when the store keeps one.
+    pub(crate) fn store_record(&self, uri: &str) -> Option<(u64, String)> {
+        let root = self.store_root.get()?;
+        let parsed = snapsign::signer::validate::s3_uri(uri).ok()?;
+        crate::store::recorded_digest(root, parsed.bucket, parsed.key)
     }
 
     /// Sets where registry images are pulled and laid out (once, before serving).

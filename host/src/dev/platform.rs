@@ -395,8 +395,13 @@ impl Emulator {
         Ok(serde_json::to_value(&template).expect("templates serialize"))
     }
 
-    /// Size and sha256 of an object, read through a presigned GET.
+    /// Size and sha256 of an object: the store's record of it when it keeps
+    /// one (a multipart upload's, made as the store assembled the object),
+    /// else read once through a presigned GET and hashed as it streams.
     pub async fn object_digest(&self, uri: &str) -> Result<(u64, String), ApiError> {
+        if let Some(recorded) = self.store_record(uri) {
+            return Ok(recorded);
+        }
         let url = self.presigned_get(uri)?.url;
         let mut response =
             self.http.get(&url).send().await.map_err(|e| anyhow::anyhow!("read {uri} from the store: {e}"))?;

@@ -253,6 +253,7 @@ impl DevStack {
             store_faults,
             secrets.admin_token.clone(),
         ));
+        platform.set_store_root(config.data_dir.join("store"));
         // Registry images a Dockerfile FROMs: pulled into data_dir/images (an OCI layout, by digest).
         let images = config.data_dir.join("images");
         let _ = std::fs::remove_dir_all(images.join("work")); // what an import interrupted by a kill left

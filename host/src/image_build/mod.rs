@@ -145,9 +145,11 @@ impl BuilderRuntime {
         wasi.preopened_dir(&options.context_dir, "/context", FsPerms::ReadOnly)
             .anyhow()
             .with_context(|| format!("open the build context {}", options.context_dir.display()))?;
-        let logs = events.clone();
+        let (logs, progress) = (events.clone(), events.clone());
         let sandbox = SandboxExecCtx::new(backend, outbound.clone())
-            .with_output(Arc::new(move |stream, line| logs(BuildEvent::Log(stream.to_owned(), line.to_owned()))));
+            .with_output(Arc::new(move |stream, line| logs(BuildEvent::Log(stream.to_owned(), line.to_owned()))))
+            .with_progress(Arc::new(move |sent, total| progress(BuildEvent::Upload(sent, total))))
+            .with_directory("/context", options.context_dir.clone());
         let limits = StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(8).build();
         let state = GuestState::new(wasi.build(), outbound, limits, BuildData { sandbox, events });
         Ok(guest::store(&self.engine, state, options.timeout))
@@ -216,6 +218,7 @@ impl BuilderRuntime {
             instantiate,
             run: running.elapsed(),
             builder: store.data().data.sandbox.logged_run_time(),
+            guest_memory_peak: store.data().peak_memory(),
         };
         let outcome = match outcome {
             Ok(text) => Ok(serde_json::from_str(&text).context("the registered template is not JSON")?),

@@ -145,6 +145,8 @@ pub struct RunTimings {
     pub run: Duration,
     /// Of `run`, the builder process (start to exit, as the host saw it).
     pub builder: Duration,
+    /// The largest the component's linear memory grew, bytes.
+    pub guest_memory_peak: usize,
 }
 
 #[cfg(test)]

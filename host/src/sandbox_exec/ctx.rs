@@ -42,6 +42,9 @@ impl Default for SandboxExecLimits {
 /// Receives output lines of `run` calls made with `log-output`: (stream, line).
 pub type OutputFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
+/// Receives `upload-directory` progress: bytes sent, and the total once known (else 0).
+pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// Per-guest state of `sandbox-exec`: the backend, the limits, the
 /// outbound policy proxy endpoints are checked against, and what the guest
 /// created. The embedder builds it when the build starts.
@@ -50,6 +53,9 @@ pub struct SandboxExecCtx {
     pub(super) limits: SandboxExecLimits,
     pub(super) outbound: AllowList,
     pub(super) on_output: Option<OutputFn>,
+    pub(super) on_progress: Option<ProgressFn>,
+    /// Directories `upload-directory` may pack: (the guest's path, the host's).
+    pub(super) directories: Vec<(String, std::path::PathBuf)>,
     pub(super) sandboxes: HashSet<String>,
     pub(super) open_writers: usize,
     pub(super) logged_run_time: Duration,
@@ -65,6 +71,8 @@ impl SandboxExecCtx {
             limits: SandboxExecLimits::default(),
             outbound,
             on_output: None,
+            on_progress: None,
+            directories: Vec::new(),
             sandboxes: HashSet::new(),
             open_writers: 0,
             logged_run_time: Duration::ZERO,
@@ -80,6 +88,19 @@ impl SandboxExecCtx {
     /// Where the output of `run` calls made with `log-output` goes.
     pub fn with_output(mut self, on_output: OutputFn) -> Self {
         self.on_output = Some(on_output);
+        self
+    }
+
+    /// Where `upload-directory` reports its progress.
+    pub fn with_progress(mut self, on_progress: ProgressFn) -> Self {
+        self.on_progress = Some(on_progress);
+        self
+    }
+
+    /// Lets `upload-directory` pack `host_dir`, which the guest names
+    /// `guest_path` (the path it was preopened at); no other directory is packed.
+    pub fn with_directory(mut self, guest_path: &str, host_dir: std::path::PathBuf) -> Self {
+        self.directories.push((guest_path.trim_end_matches('/').to_owned(), host_dir));
         self
     }
 

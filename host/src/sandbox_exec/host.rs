@@ -176,6 +176,33 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
         Ok(writer)
     }
 
+    async fn upload_directory(
+        &mut self,
+        id: String,
+        dir: String,
+        exclude: Vec<String>,
+        path: String,
+    ) -> Result<u64, types::SandboxError> {
+        self.own(&id)?;
+        let wanted = dir.trim_end_matches('/');
+        let Some((_, host_dir)) = self.ctx.directories.iter().find(|(guest, _)| guest == wanted) else {
+            let lent: Vec<&str> = self.ctx.directories.iter().map(|(guest, _)| guest.as_str()).collect();
+            return Err(failed(format!(
+                "upload-directory of {dir}: only a directory the host lent this component can be packed ({})",
+                if lent.is_empty() { "none was".to_owned() } else { lent.join(", ") }
+            )));
+        };
+        let exclude =
+            crate::pack::exclusions(&exclude).map_err(|e| failed(format!("upload-directory of {dir}: {e}")))?;
+        let sink = self.ctx.backend.open_file(&id, &path).await?;
+        let progress = self.ctx.on_progress.clone();
+        let packed = super::upload::directory(host_dir.clone(), exclude, sink, progress).await;
+        packed.map_err(|e| match e {
+            super::upload::Failed::Pack(e) => failed(format!("pack {dir} for sandbox {id}: {e}")),
+            super::upload::Failed::Sandbox(e) => e.into(),
+        })
+    }
+
     async fn read_file(&mut self, id: String, path: String) -> Result<Vec<u8>, types::SandboxError> {
         self.own(&id)?;
         Ok(self.ctx.backend.read_file(&id, &path, self.ctx.limits.max_read_bytes).await?)

@@ -15,6 +15,7 @@ pub mod local;
 pub mod proxy;
 #[cfg(test)]
 mod tests;
+mod upload;
 
 pub use backend::{
     Created, ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,

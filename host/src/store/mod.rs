@@ -12,5 +12,6 @@ mod start;
 
 pub use config::{StoreConfig, StoreFaults};
 pub use keys::{S3_MAX_KEY_BYTES, max_key_bytes};
+pub use multipart::recorded_digest;
 pub use reaper::DEFAULT_ABORT_INCOMPLETE_AFTER;
 pub use start::{ensure_bucket, start};

@@ -1,0 +1,276 @@
+//! Packing a build context: a deterministic tar of a directory, gzipped on
+//! every core ([`gzip`]). `sandbox-exec`'s `upload-directory` runs it in
+//! the host, natively, for the directory the component names; the component
+//! decides what is sent (which directory, which exclusions, where to).
+//!
+//! Entries are sorted by name, with mtime 0 and owner 0:0, so the same tree
+//! packs to the same bytes. Regular files, directories and symlinks (as
+//! links, never followed) are sent with their permission bits; sockets,
+//! fifos and devices are left out and counted.
+
+pub mod gzip;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path};
+
+pub use self::gzip::{GzipStats, ParallelGzip};
+
+/// What [`pack_context`] sent.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Packed {
+    /// The gzip figures (bytes in and out, stored and deflated).
+    pub gzip: GzipStats,
+    /// Regular files sent.
+    pub files: u64,
+    /// Bytes of those files.
+    pub file_bytes: u64,
+    /// Entries left out because of their type (sockets, fifos, devices), by path.
+    pub skipped: Vec<String>,
+}
+
+/// Checks and normalises exclusions: context-relative paths (a leading `/`
+/// or `./` is dropped), no `..`; each leaves out that entry and all below it.
+pub fn exclusions(exclude: &[String]) -> Result<Vec<String>, String> {
+    exclude
+        .iter()
+        .map(|raw| {
+            let mut parts = Vec::new();
+            for component in Path::new(raw.as_str()).components() {
+                match component {
+                    Component::Normal(part) => {
+                        parts.push(part.to_str().ok_or_else(|| format!("exclusion {raw:?} is not UTF-8"))?)
+                    }
+                    Component::RootDir | Component::CurDir => {}
+                    Component::ParentDir | Component::Prefix(_) => {
+                        return Err(format!(
+                            "exclusion {raw:?} climbs out of the directory (..); name a path inside it"
+                        ));
+                    }
+                }
+            }
+            if parts.is_empty() {
+                return Err(format!("exclusion {raw:?} names the whole directory; nothing would be sent"));
+            }
+            Ok(parts.join("/"))
+        })
+        .collect()
+}
+
+/// Writes the gzip tar of `dir` to `out`, leaving out `exclude` (checked with [`exclusions`]).
+pub fn pack_context<W: Write>(dir: &Path, exclude: &[String], out: W) -> io::Result<(W, Packed)> {
+    let meta = std::fs::metadata(dir).map_err(|e| named(e, "open the directory", dir))?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!("{} is not a directory", dir.display())));
+    }
+    let mut tar = tar::Builder::new(ParallelGzip::new(out)?);
+    let mut packed = Packed::default();
+    append_tree(&mut tar, dir, "", exclude, &mut packed)?;
+    let (out, gzip) = tar.into_inner()?.finish()?;
+    packed.gzip = gzip;
+    Ok((out, packed))
+}
+
+fn append_tree<W: Write>(
+    tar: &mut tar::Builder<W>,
+    dir: &Path,
+    prefix: &str,
+    exclude: &[String],
+    packed: &mut Packed,
+) -> io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| named(e, "list", dir))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| named(e, "list", dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        let name = name
+            .to_str()
+            .ok_or_else(|| io::Error::other(format!("{} has a name that is not UTF-8", entry.path().display())))?;
+        let path = if prefix.is_empty() { name.to_owned() } else { format!("{prefix}/{name}") };
+        if exclude.contains(&path) {
+            continue;
+        }
+        let full = entry.path();
+        let meta = std::fs::symlink_metadata(&full).map_err(|e| named(e, "stat", &full))?;
+        let kind = meta.file_type();
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mode(meta.mode() & 0o7777);
+        if kind.is_dir() {
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_size(0);
+            tar.append_data(&mut header, format!("{path}/"), io::empty())?;
+            append_tree(tar, &full, &path, exclude, packed)?;
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(&full).map_err(|e| named(e, "read the link", &full))?;
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            tar.append_link(&mut header, &path, target)?;
+        } else if kind.is_file() {
+            let file = File::open(&full).map_err(|e| named(e, "open", &full))?;
+            let size = meta.len();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(size);
+            tar.append_data(&mut header, &path, Exact { file, left: size, path: &full })?;
+            packed.files += 1;
+            packed.file_bytes += size;
+        } else if kind.is_socket() || kind.is_fifo() || kind.is_block_device() || kind.is_char_device() {
+            packed.skipped.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// A file read for exactly the size its header declares: one that shrinks
+/// while it is read fails the archive instead of corrupting it.
+struct Exact<'a> {
+    file: File,
+    left: u64,
+    path: &'a Path,
+}
+
+impl Read for Exact<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.file.read(&mut buf[..want]).map_err(|e| named(e, "read", self.path))?;
+        if n == 0 {
+            return Err(io::Error::other(format!(
+                "{} shrank while it was being packed ({} bytes short); pack again once it is not being written",
+                self.path.display(),
+                self.left
+            )));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn named(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// An unpacked entry: path, type, mode, bytes, link target.
+    type Unpacked = (String, tar::EntryType, u32, Vec<u8>, Option<String>);
+
+    fn unpack(gz: &[u8]) -> Vec<Unpacked> {
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+        archive
+            .entries()
+            .unwrap()
+            .map(|entry| {
+                let mut entry = entry.unwrap();
+                let path = entry.path().unwrap().to_string_lossy().into_owned();
+                let kind = entry.header().entry_type();
+                let mode = entry.header().mode().unwrap();
+                let link = entry.link_name().unwrap().map(|l| l.to_string_lossy().into_owned());
+                let mut data = Vec::new();
+                entry.read_to_end(&mut data).unwrap();
+                (path, kind, mode, data, link)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_tree_packs_sorted_with_modes_links_and_exclusions() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("app/lib")).unwrap();
+        std::fs::create_dir_all(root.join(".git/objects")).unwrap();
+        std::fs::write(root.join(".git/objects/x"), "secret history").unwrap();
+        std::fs::write(root.join("app/run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(root.join("app/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(root.join("app/lib/util.py"), "x = 1\n").unwrap();
+        std::fs::write(root.join("b.txt"), "b").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
+        let fifo = std::ffi::CString::new(root.join("pipe").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let exclude = exclusions(&["./.git".into()]).unwrap();
+        let (gz, packed) = pack_context(root, &exclude, Vec::new()).unwrap();
+        let entries = unpack(&gz);
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(names, ["app/", "app/lib/", "app/lib/util.py", "app/run.sh", "b.txt", "link"]);
+        let run = &entries[3];
+        assert_eq!((run.2 & 0o777, run.3.as_slice()), (0o755, &b"#!/bin/sh\necho hi\n"[..]));
+        assert_eq!(entries[5].1, tar::EntryType::Symlink);
+        assert_eq!(entries[5].4.as_deref(), Some("/etc/passwd"), "links are sent as links, not followed");
+        assert_eq!((packed.files, packed.file_bytes), (3, 6 + 18 + 1));
+        assert_eq!(packed.skipped, ["pipe"]);
+        // The same tree packs to the same bytes.
+        let (again, _) = pack_context(root, &exclude, Vec::new()).unwrap();
+        assert_eq!(gz, again);
+    }
+
+    /// GNU tar with the system's gzip (not the builder's) unpacks a stream
+    /// that mixes stored and deflated blocks over several workers' blocks.
+    #[test]
+    fn gnu_tar_xzf_with_the_system_gzip_unpacks_it_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let context = dir.path().join("context");
+        std::fs::create_dir_all(context.join("sub")).unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..(3 << 20) + 17)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        let text: Vec<u8> = (0..200_000).flat_map(|i| format!("{i} the context of a build\n").into_bytes()).collect();
+        std::fs::write(context.join("random.bin"), &random).unwrap();
+        std::fs::write(context.join("sub/text.txt"), &text).unwrap();
+        let (gz, packed) = pack_context(&context, &[], Vec::new()).unwrap();
+        assert!(packed.gzip.stored >= 3 << 20 && packed.gzip.deflated > text.len() as u64, "{packed:?}");
+        let archive = dir.path().join("context.tar.gz");
+        std::fs::write(&archive, &gz).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let output = std::process::Command::new("tar")
+            .arg("-xzf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&out)
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(std::fs::read(out.join("random.bin")).unwrap() == random);
+        assert!(std::fs::read(out.join("sub/text.txt")).unwrap() == text);
+        let gzip = std::process::Command::new("gzip").arg("-t").arg(&archive).env("PATH", "/usr/bin:/bin").output();
+        assert!(gzip.unwrap().status.success(), "gzip -t accepts the stream");
+    }
+
+    #[test]
+    fn exclusions_that_climb_out_or_name_everything_are_refused() {
+        assert_eq!(exclusions(&["/a/b/".into(), "./c".into()]).unwrap(), ["a/b", "c"]);
+        let error = exclusions(&["../x".into()]).unwrap_err();
+        assert!(error.contains("climbs out"), "{error}");
+        let error = exclusions(&["./".into()]).unwrap_err();
+        assert!(error.contains("whole directory"), "{error}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), "x").unwrap();
+        let error = pack_context(&dir.path().join("f"), &[], Vec::new()).unwrap_err().to_string();
+        assert!(error.contains("is not a directory"), "{error}");
+        let error = pack_context(&dir.path().join("missing"), &[], Vec::new()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+    }
+}
