@@ -1,6 +1,7 @@
 //! `snapsign bench sign`: what signing costs, natively and in the component,
 //! and what serve-signer sustains on loopback. Figures, not tests.
 
+pub mod data;
 pub mod import;
 pub mod run_steps;
 pub mod soak;

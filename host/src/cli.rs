@@ -403,6 +403,23 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 20)]
         buildah_steps: usize,
     },
+    /// One build of a large generated context on the dev stack, stage by
+    /// stage, beside the native floor (tar | zstd -3, one PUT) and buildah
+    /// bud + push of the same context, with peak memory.
+    Data {
+        /// Context size, MB (two thirds random bytes in 2 MB files, one third text in 1 MB files).
+        #[arg(long, default_value_t = 300)]
+        context_mb: usize,
+        /// Builds, each beside a floor run.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The buildah to compare with (default: buildah on PATH; without one the bench stops before it starts).
+        #[arg(long)]
+        buildah: Option<PathBuf>,
+        /// Run without buildah (no peer figure).
+        #[arg(long, conflicts_with = "buildah")]
+        no_peer: bool,
+    },
     /// Orchestration overhead of demo builds, warm instantiation and cold start.
     Build {
         /// Builds to run (the first only warms the cache).

@@ -394,6 +394,11 @@ async fn bench(what: BenchWhat) -> Result<()> {
         BenchWhat::RunSteps { steps, buildah, buildah_steps } => {
             snapsign_host::bench::run_steps::run(steps, buildah, buildah_steps).await
         }
+        BenchWhat::Data { context_mb, rounds, buildah, no_peer } => {
+            let builder = this_executable_as_builder()?;
+            let options = snapsign_host::bench::data::DataOptions { context_mb, rounds, buildah, no_peer, builder };
+            snapsign_host::bench::data::run(options).await
+        }
         BenchWhat::Build { rounds, instantiations } => {
             snapsign_host::bench::build(rounds, instantiations, this_executable_as_builder()?).await
         }
