@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -273,15 +273,21 @@ impl Uploads {
             return Err(s3_error!(NoSuchBucket, "The specified bucket does not exist: {bucket:?}"));
         }
         let last = parts.len() - 1;
+        // Each part is opened once: its size rule, its ETag check and the copy
+        // all read that file, even if the same part number is uploaded again
+        // meanwhile (s3s-fs renames the new file in; the open one stays).
+        let mut files = Vec::with_capacity(parts.len());
         for (i, (number, _)) in parts.iter().enumerate() {
             let path = layout.part(id, *number);
-            let size = match fs::metadata(&path) {
-                Ok(meta) => meta.len(),
+            let file = match File::open(&path) {
+                Ok(file) => file,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(invalid_part(*number, "was not uploaded"));
                 }
-                Err(e) => return Err(internal(&format!("stat part {}", path.display()), e)),
+                Err(e) => return Err(internal(&format!("open part {}", path.display()), e)),
             };
+            let size = file.metadata().map_err(|e| internal(&format!("stat part {}", path.display()), e))?.len();
+            files.push(file);
             if i != last && size < MIN_PART_BYTES {
                 return Err(s3_error!(
                     EntityTooSmall,
@@ -297,8 +303,8 @@ impl Uploads {
         // for `Records`); beside it, a second thread checks each part's MD5
         // against its listed ETag, reading the same bytes from the page cache.
         let (copied, digests) = std::thread::scope(|scope| {
-            let md5s = scope.spawn(|| part_md5s(layout, id, parts));
-            let copied = copy_parts(layout, id, parts, &mut out);
+            let md5s = scope.spawn(|| part_md5s(&files));
+            let copied = copy_parts(&files, &mut out);
             (copied, md5s.join().unwrap_or_else(|_| Err(internal("check the parts' ETags", "the thread panicked"))))
         });
         let digests = digests?;
@@ -361,34 +367,28 @@ pub fn recorded_digest(root: &std::path::Path, bucket: &str, key: &str) -> Optio
     (on_disk == size && sha256.len() == 64).then_some((size, sha256))
 }
 
-/// Copies `parts` in order into `out`, hashing as they go: (size, hex sha256).
-fn copy_parts(layout: &Layout, id: &Uuid, parts: &[(i32, String)], out: &mut File) -> Result<(u64, String), S3Error> {
+/// Copies the opened parts in order into `out`, hashing as they go: (size, hex sha256).
+fn copy_parts(files: &[File], out: &mut File) -> Result<(u64, String), S3Error> {
     let mut sha256 = Sha256::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; 1024 * 1024];
-    for (number, _) in parts {
-        let path = layout.part(id, *number);
-        let mut part = File::open(&path).map_err(|e| internal(&format!("open part {}", path.display()), e))?;
-        loop {
-            let n = part.read(&mut buf).map_err(|e| internal(&format!("read part {}", path.display()), e))?;
-            if n == 0 {
-                break;
-            }
-            sha256.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|e| internal("write the object's temporary file", e))?;
-            size += n as u64;
-        }
+    for file in files {
+        read_all(file, &mut buf, |chunk| {
+            sha256.update(chunk);
+            size += chunk.len() as u64;
+            out.write_all(chunk).map_err(|e| internal("write the object's temporary file", e))
+        })?;
     }
     Ok((size, hex::encode(sha256.finalize())))
 }
 
-/// The MD5 of each part, in order; the parts are shared between two threads
-/// (MD5 runs at about 600 MB/s on one core, the slowest pass of a complete).
-fn part_md5s(layout: &Layout, id: &Uuid, parts: &[(i32, String)]) -> Result<Vec<Vec<u8>>, S3Error> {
-    let (first, second) = parts.split_at(parts.len() / 2);
+/// The MD5 of each opened part, in order; the parts are shared between two
+/// threads (MD5 runs at about 600 MB/s on one core, the slowest pass of a complete).
+fn part_md5s(files: &[File]) -> Result<Vec<Vec<u8>>, S3Error> {
+    let (first, second) = files.split_at(files.len() / 2);
     let (first, second) = std::thread::scope(|scope| {
-        let other = scope.spawn(|| part_md5s_of(layout, id, second));
-        let mine = part_md5s_of(layout, id, first);
+        let other = scope.spawn(|| part_md5s_of(second));
+        let mine = part_md5s_of(first);
         (mine, other.join().unwrap_or_else(|_| Err(internal("check the parts' ETags", "the thread panicked"))))
     });
     let mut digests = first?;
@@ -396,24 +396,36 @@ fn part_md5s(layout: &Layout, id: &Uuid, parts: &[(i32, String)]) -> Result<Vec<
     Ok(digests)
 }
 
-fn part_md5s_of(layout: &Layout, id: &Uuid, parts: &[(i32, String)]) -> Result<Vec<Vec<u8>>, S3Error> {
+fn part_md5s_of(files: &[File]) -> Result<Vec<Vec<u8>>, S3Error> {
     let mut buf = vec![0u8; 1024 * 1024];
-    parts
+    files
         .iter()
-        .map(|(number, _)| {
-            let path = layout.part(id, *number);
-            let mut part = File::open(&path).map_err(|e| internal(&format!("open part {}", path.display()), e))?;
+        .map(|file| {
             let mut md5 = Md5::new();
-            loop {
-                let n = part.read(&mut buf).map_err(|e| internal(&format!("read part {}", path.display()), e))?;
-                if n == 0 {
-                    break;
-                }
-                md5.update(&buf[..n]);
-            }
+            read_all(file, &mut buf, |chunk| {
+                md5.update(chunk);
+                Ok(())
+            })?;
             Ok(md5.finalize().as_ref().to_vec())
         })
         .collect()
+}
+
+/// Reads `file` from its start with positioned reads (the same open file is
+/// read by two threads at once), handing each chunk to `each`.
+fn read_all(file: &File, buf: &mut [u8], mut each: impl FnMut(&[u8]) -> Result<(), S3Error>) -> Result<(), S3Error> {
+    use std::os::unix::fs::FileExt;
+    let mut offset = 0u64;
+    loop {
+        let n = match file.read_at(buf, offset) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(internal("read a part", e)),
+        };
+        each(&buf[..n])?;
+        offset += n as u64;
+    }
 }
 
 /// Checks the listed parts as S3 does before reading any: numbered, in
