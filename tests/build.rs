@@ -403,6 +403,40 @@ async fn a_context_of_random_and_text_files_arrives_byte_for_byte_with_its_permi
     stack.shutdown().await;
 }
 
+/// `.dockerignore` with Docker's semantics: what it leaves out never reaches
+/// the sandbox (so `COPY . /app/` cannot copy it), exceptions reach inside
+/// left-out directories, and the Dockerfile and `.dockerignore` are still sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn dockerignore_keeps_matched_files_on_the_machine_as_docker_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ignore =
+        "# not for the image\nnode_modules\n!node_modules/keep.js\n**/*.env\n/.git\nDockerfile\n.dockerignore\n";
+    let ctx = context(&[
+        (".dockerignore", ignore.as_bytes()),
+        ("Dockerfile", b"FROM scratch\nCOPY . /app/\n"),
+        ("node_modules/big/index.js", b"module"),
+        ("node_modules/keep.js", b"kept"),
+        ("config/prod.env", b"TOKEN=secret"),
+        ("local.env", b"TOKEN=secret"),
+        (".git/HEAD", b"ref: refs/heads/main"),
+        ("src/app.py", b"print('hi')"),
+    ]);
+    let run = build(&options(&stack, "ignored", "FROM scratch\nCOPY . /app/\n", ctx.path())).await;
+    let template = run.outcome.unwrap_or_else(|e| panic!("build failed: {e}\n{:#?}", run.events));
+    let (_, _keep, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
+    let mut files: Vec<String> = tree
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == snapsign_rootfs_builder::tree::Kind::File)
+        .map(|e| e.rel)
+        .collect();
+    files.sort();
+    assert_eq!(files, ["app/.dockerignore", "app/Dockerfile", "app/node_modules/keep.js", "app/src/app.py"]);
+    stack.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn usage_and_auth_errors_are_told_apart() {
     let dir = tempfile::tempdir().unwrap();

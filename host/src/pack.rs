@@ -9,13 +9,15 @@
 //! fifos and devices are left out and counted.
 
 pub mod gzip;
+pub mod ignore;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Component, Path};
+use std::path::Path;
 
 pub use self::gzip::{GzipStats, ParallelGzip};
+pub use self::ignore::Patterns;
 
 /// What [`pack_context`] sent.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -30,36 +32,8 @@ pub struct Packed {
     pub skipped: Vec<String>,
 }
 
-/// Checks and normalises exclusions: context-relative paths (a leading `/`
-/// or `./` is dropped), no `..`; each leaves out that entry and all below it.
-pub fn exclusions(exclude: &[String]) -> Result<Vec<String>, String> {
-    exclude
-        .iter()
-        .map(|raw| {
-            let mut parts = Vec::new();
-            for component in Path::new(raw.as_str()).components() {
-                match component {
-                    Component::Normal(part) => {
-                        parts.push(part.to_str().ok_or_else(|| format!("exclusion {raw:?} is not UTF-8"))?)
-                    }
-                    Component::RootDir | Component::CurDir => {}
-                    Component::ParentDir | Component::Prefix(_) => {
-                        return Err(format!(
-                            "exclusion {raw:?} climbs out of the directory (..); name a path inside it"
-                        ));
-                    }
-                }
-            }
-            if parts.is_empty() {
-                return Err(format!("exclusion {raw:?} names the whole directory; nothing would be sent"));
-            }
-            Ok(parts.join("/"))
-        })
-        .collect()
-}
-
-/// Writes the gzip tar of `dir` to `out`, leaving out `exclude` (checked with [`exclusions`]).
-pub fn pack_context<W: Write>(dir: &Path, exclude: &[String], out: W) -> io::Result<(W, Packed)> {
+/// Writes the gzip tar of `dir` to `out`, leaving out what `exclude` (`.dockerignore` patterns) matches.
+pub fn pack_context<W: Write>(dir: &Path, exclude: &Patterns, out: W) -> io::Result<(W, Packed)> {
     let meta = std::fs::metadata(dir).map_err(|e| named(e, "open the directory", dir))?;
     if !meta.is_dir() {
         return Err(io::Error::other(format!("{} is not a directory", dir.display())));
@@ -76,7 +50,7 @@ fn append_tree<W: Write>(
     tar: &mut tar::Builder<W>,
     dir: &Path,
     prefix: &str,
-    exclude: &[String],
+    exclude: &Patterns,
     packed: &mut Packed,
 ) -> io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
@@ -90,12 +64,16 @@ fn append_tree<W: Write>(
             .to_str()
             .ok_or_else(|| io::Error::other(format!("{} has a name that is not UTF-8", entry.path().display())))?;
         let path = if prefix.is_empty() { name.to_owned() } else { format!("{prefix}/{name}") };
-        if exclude.contains(&path) {
-            continue;
-        }
         let full = entry.path();
         let meta = std::fs::symlink_metadata(&full).map_err(|e| named(e, "stat", &full))?;
         let kind = meta.file_type();
+        if exclude.excludes(&path) {
+            // Left out, but an exception may name something inside: enter it without its own entry.
+            if kind.is_dir() && exclude.has_exception_below(&path) {
+                append_tree(tar, &full, &path, exclude, packed)?;
+            }
+            continue;
+        }
         let mut header = tar::Header::new_gnu();
         header.set_mtime(0);
         header.set_uid(0);
@@ -199,7 +177,7 @@ mod tests {
         let fifo = std::ffi::CString::new(root.join("pipe").to_str().unwrap()).unwrap();
         // SAFETY: mkfifo(3) with a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
-        let exclude = exclusions(&["./.git".into()]).unwrap();
+        let exclude = Patterns::new(&["./.git".into()]).unwrap();
         let (gz, packed) = pack_context(root, &exclude, Vec::new()).unwrap();
         let entries = unpack(&gz);
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
@@ -234,7 +212,7 @@ mod tests {
         let text: Vec<u8> = (0..200_000).flat_map(|i| format!("{i} the context of a build\n").into_bytes()).collect();
         std::fs::write(context.join("random.bin"), &random).unwrap();
         std::fs::write(context.join("sub/text.txt"), &text).unwrap();
-        let (gz, packed) = pack_context(&context, &[], Vec::new()).unwrap();
+        let (gz, packed) = pack_context(&context, &Patterns::default(), Vec::new()).unwrap();
         assert!(packed.gzip.stored >= 3 << 20 && packed.gzip.deflated > text.len() as u64, "{packed:?}");
         let archive = dir.path().join("context.tar.gz");
         std::fs::write(&archive, &gz).unwrap();
@@ -255,22 +233,39 @@ mod tests {
         assert!(gzip.unwrap().status.success(), "gzip -t accepts the stream");
     }
 
+    /// Docker's rule for a left-out directory: not entered, unless an
+    /// exception names something inside it; then only that is sent.
     #[test]
-    fn exclusions_that_climb_out_or_name_everything_are_refused() {
-        assert_eq!(exclusions(&["/a/b/".into(), "./c".into()]).unwrap(), ["a/b", "c"]);
-        let error = exclusions(&["../x".into()]).unwrap_err();
-        assert!(error.contains("climbs out"), "{error}");
-        let error = exclusions(&["./".into()]).unwrap_err();
-        assert!(error.contains("whole directory"), "{error}");
+    fn dockerignore_patterns_leave_out_trees_and_exceptions_reach_inside_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (path, text) in [
+            ("node_modules/lib/x.js", "x"),
+            ("node_modules/keep/me.js", "me"),
+            ("src/main.rs", "fn main() {}"),
+            ("src/main.rs.bak", "old"),
+            ("notes.md", "n"),
+            ("README.md", "r"),
+        ] {
+            std::fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
+            std::fs::write(root.join(path), text).unwrap();
+        }
+        let lines = ["# build context", "node_modules", "!node_modules/keep/me.js", "**/*.bak", "*.md", "!README.md"];
+        let exclude = Patterns::new(&lines.map(str::to_owned)).unwrap();
+        let (gz, packed) = pack_context(root, &exclude, Vec::new()).unwrap();
+        let names: Vec<String> = unpack(&gz).into_iter().map(|e| e.0).collect();
+        assert_eq!(names, ["README.md", "node_modules/keep/me.js", "src/", "src/main.rs"]);
+        assert_eq!(packed.files, 3);
     }
 
     #[test]
     fn a_file_that_is_not_a_directory_is_named() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "x").unwrap();
-        let error = pack_context(&dir.path().join("f"), &[], Vec::new()).unwrap_err().to_string();
+        let none = Patterns::default();
+        let error = pack_context(&dir.path().join("f"), &none, Vec::new()).unwrap_err().to_string();
         assert!(error.contains("is not a directory"), "{error}");
-        let error = pack_context(&dir.path().join("missing"), &[], Vec::new()).unwrap_err();
+        let error = pack_context(&dir.path().join("missing"), &none, Vec::new()).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::NotFound);
     }
 }

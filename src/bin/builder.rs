@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use snapsign::image_build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Process, Request, SandboxError};
-use snapsign::image_build::{Flow, Next};
+use snapsign::image_build::{Flow, Next, context};
 
 mod bindings {
     wit_bindgen::generate!({ world: "builder", path: "wit", pub_export_macro: true });
@@ -82,15 +82,24 @@ fn perform(call: Call) -> Answer {
             Answer::Captured(sx::run_captured(&id, &spec(process), timeout_secs).map(|(_, lines)| lines).map_err(error))
         }
         // The host packs the preopened context natively (wit/protocol.md §5.6) and reports the progress.
-        Call::UploadContext { id, path } => Answer::Uploaded(
-            sx::upload_directory(&id, CONTEXT_DIR, &[], &path)
-                .map(drop)
-                .map_err(|e| format!("upload the context: {}", error(e))),
-        ),
+        Call::UploadContext { id, path } => Answer::Uploaded(upload_context(&id, &path)),
         Call::WriteFile { id, path, contents } => Answer::Done(sx::write_file(&id, &path, &contents).map_err(error)),
         Call::ReadFile { id, path } => Answer::File(sx::read_file(&id, &path).map_err(error)),
         Call::Delete { id } => Answer::Done(sx::delete(&id).map_err(error)),
     }
+}
+
+/// Sends the context, leaving out what its `.dockerignore` names.
+fn upload_context(id: &str, path: &str) -> Result<(), String> {
+    let ignore_file = format!("{CONTEXT_DIR}/{}", context::DOCKERIGNORE);
+    let ignore = match std::fs::read_to_string(&ignore_file) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("read the context's {}: {e}", context::DOCKERIGNORE)),
+    };
+    sx::upload_directory(id, CONTEXT_DIR, &context::exclusions(ignore.as_deref()), path)
+        .map(drop)
+        .map_err(|e| format!("upload the context: {}", error(e)))
 }
 
 fn request_of(r: wit::BuildRequest) -> Request {

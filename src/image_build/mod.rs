@@ -7,6 +7,7 @@
 pub mod call;
 pub mod command;
 pub mod complete;
+pub mod context;
 pub mod diagnose;
 pub mod dockerfile;
 pub mod flow;

@@ -192,8 +192,8 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
                 if lent.is_empty() { "none was".to_owned() } else { lent.join(", ") }
             )));
         };
-        let exclude =
-            crate::pack::exclusions(&exclude).map_err(|e| failed(format!("upload-directory of {dir}: {e}")))?;
+        let exclude = crate::pack::Patterns::new(&exclude)
+            .map_err(|e| failed(format!("upload-directory of {dir}: the exclusions: {e}")))?;
         let sink = self.ctx.backend.open_file(&id, &path).await?;
         let progress = self.ctx.on_progress.clone();
         let packed = super::upload::directory(host_dir.clone(), exclude, sink, progress).await;

@@ -22,7 +22,7 @@ pub(super) enum Failed {
 /// Packs `dir` (leaving out `exclude`) into `sink`; returns the bytes written.
 pub(super) async fn directory(
     dir: PathBuf,
-    exclude: Vec<String>,
+    exclude: crate::pack::Patterns,
     mut sink: FileSink,
     progress: Option<ProgressFn>,
 ) -> Result<u64, Failed> {
