@@ -253,3 +253,54 @@ async fn a_proxy_outside_the_outbound_policy_is_refused_and_the_policy_stays_as_
     assert_eq!(endpoint.base_url, PROXY);
     assert_eq!(endpoint.headers, [("x-tensorlake-sandbox-id".to_owned(), id)]);
 }
+
+/// upload-directory packs only the directory the embedder lent, into a
+/// sandbox this guest created; every other path is refused by name.
+#[tokio::test]
+async fn upload_directory_packs_only_the_lent_directory_into_an_own_sandbox() {
+    let context = tempfile::tempdir().unwrap();
+    std::fs::create_dir(context.path().join("app")).unwrap();
+    std::fs::write(context.path().join("app/main.py"), "print('hi')\n").unwrap();
+    std::fs::write(context.path().join("secret.env"), "TOKEN=x\n").unwrap();
+    let progress = Arc::new(Mutex::new(Vec::new()));
+    let seen = progress.clone();
+    let fake = FakeBackend::new(PROXY);
+    let ctx = SandboxExecCtx::new(Arc::new(fake.clone()), AllowList::new(["127.0.0.1:4000"]))
+        .with_directory("/context", context.path().to_owned())
+        .with_progress(Arc::new(move |sent, total| seen.lock().unwrap().push((sent, total))));
+    let mut guest = Guest { ctx, table: ResourceTable::new(), fake, logged: Arc::default() };
+    let id = guest.create().await;
+
+    for asked in ["/", "/etc", "/context/app", "/context/../etc", "context", ""] {
+        let error = Host::upload_directory(&mut guest.view(), id.clone(), asked.into(), vec![], "/tmp/c.tgz".into())
+            .await
+            .unwrap_err();
+        let WitError::Failed(message) = error else { panic!("{asked}: {error:?}") };
+        assert!(message.contains("only a directory the host lent") && message.contains("/context"), "{message}");
+    }
+    let error = Host::upload_directory(&mut guest.view(), "sbx-other".into(), "/context".into(), vec![], "/x".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(&error, WitError::Failed(m) if m.contains("not created through this sandbox-exec")), "{error:?}");
+    let error = Host::upload_directory(&mut guest.view(), id.clone(), "/context".into(), vec!["!".into()], "/x".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(&error, WitError::Failed(m) if m.contains("exclusions")), "{error:?}");
+
+    let written = Host::upload_directory(
+        &mut guest.view(),
+        id.clone(),
+        "/context/".into(),
+        vec!["*.env".into()],
+        "/tmp/c.tgz".into(),
+    )
+    .await
+    .unwrap();
+    let bytes = guest.fake.file(&id, "/tmp/c.tgz").expect("the archive is in the sandbox");
+    assert_eq!(written, bytes.len() as u64);
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+    let names: Vec<String> =
+        archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["app/", "app/main.py"]);
+    assert_eq!(progress.lock().unwrap().last(), Some(&(written, written)));
+}
