@@ -341,19 +341,6 @@ async fn a_context_larger_than_the_guest_memory_limit_is_streamed() {
     stack.shutdown().await;
 }
 
-/// `n` bytes that do not compress (xorshift).
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
-}
-
 /// The host packs the context (`upload-directory`): random blocks go stored,
 /// text deflated, on every core; the sandbox's `tar -xzf` unpacks it through
 /// the builder's `gzip -d`; every byte and permission bit arrives.
@@ -361,7 +348,7 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 async fn a_context_of_random_and_text_files_arrives_byte_for_byte_with_its_permission_bits() {
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_with(dir.path(), |_| {}).await;
-    let random = random_bytes(5 << 20, 7);
+    let random = snapsign_rootfs_builder::sample::random(5 << 20, 7);
     let text: Vec<u8> = (0..120_000)
         .flat_map(|i| format!("line {i}: the quick brown fox builds a sandbox image\n").into_bytes())
         .collect();

@@ -114,6 +114,23 @@ impl Sign {
     fn part(&self, key: &str, id: &str, part: u32) -> String {
         self.url(Method::Put, key, &[("partNumber", &part.to_string()), ("uploadId", id)])
     }
+
+    /// spec.upload for upload `id` of `key`, as the signer answers it: `parts` part URLs.
+    fn multipart(&self, key: &str, id: &str, part_size: u64, parts: u32) -> snapsign::wire::S3Multipart {
+        snapsign::wire::S3Multipart {
+            uri: None,
+            upload_id: id.to_owned(),
+            part_size_bytes: part_size,
+            max_parts: Some(parts),
+            complete_url: self.url(Method::Post, key, &[("uploadId", id)]),
+            abort_url: Some(self.url(Method::Delete, key, &[("uploadId", id)])),
+            expires_at: None,
+            headers: Default::default(),
+            part_urls: (1..=parts)
+                .map(|n| snapsign::wire::PartUrl { part_number: n, url: self.part(key, id, n) })
+                .collect(),
+        }
+    }
 }
 
 /// Presigned S3 calls against one store.
@@ -601,19 +618,6 @@ async fn the_signer_refuses_segments_over_255_bytes_and_keys_over_1024_bytes() {
     assert!(stack.open_uploads().is_empty());
 }
 
-/// `n` bytes that do not compress (xorshift).
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
-}
-
 /// The reference builder's uploader sends each part as soon as the archive
 /// writer has put its bytes in the file: the writer below stops after two
 /// parts until part 1 is at the store, which never happens if parts wait
@@ -621,7 +625,6 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 /// parts and the sha256 of what was written, which the store records.
 #[tokio::test(flavor = "multi_thread")]
 async fn parts_go_up_while_the_archive_is_written_and_the_object_has_the_right_etag_and_sha256() {
-    use snapsign::wire::{PartUrl, S3Multipart};
     use snapsign_rootfs_builder::archive::ArchiveSummary;
     use std::io::Write;
 
@@ -629,18 +632,8 @@ async fn parts_go_up_while_the_archive_is_written_and_the_object_has_the_right_e
     let key = "builds/overlap.tlsnap";
     let id = store.create(key).await;
     let part_size = 5 * MIB;
-    let multipart = S3Multipart {
-        uri: None,
-        upload_id: id.clone(),
-        part_size_bytes: part_size as u64,
-        max_parts: Some(4),
-        complete_url: store.sign.url(Method::Post, key, &[("uploadId", &id)]),
-        abort_url: Some(store.sign.url(Method::Delete, key, &[("uploadId", &id)])),
-        expires_at: None,
-        headers: Default::default(),
-        part_urls: (1..=4).map(|n| PartUrl { part_number: n, url: store.sign.part(key, &id, n) }).collect(),
-    };
-    let data = random_bytes(3 * part_size + 12_345, 11);
+    let multipart = store.sign.multipart(key, &id, part_size as u64, 4);
+    let data = snapsign_rootfs_builder::sample::random(3 * part_size + 12_345, 11);
     let work = tempfile::tempdir().unwrap();
     let archive = work.path().join("snapshot.tar.zst");
     let part_1 = store.root().join(format!(".upload_id-{id}.part-1"));
@@ -694,7 +687,6 @@ async fn parts_go_up_while_the_archive_is_written_and_the_object_has_the_right_e
 /// nothing is left at the store.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_part_stops_the_archive_writer_and_aborts_the_upload() {
-    use snapsign::wire::{PartUrl, S3Multipart};
     use std::io::Write;
 
     let store = Direct::start(Duration::from_secs(3600)).await;
@@ -702,21 +694,9 @@ async fn a_failed_part_stops_the_archive_writer_and_aborts_the_upload() {
     let id = store.create(key).await;
     let part_size = 5 * MIB;
     // URLs for far more than is written: only the failure can stop the writer.
-    let mut part_urls: Vec<PartUrl> =
-        (1..=100).map(|n| PartUrl { part_number: n, url: store.sign.part(key, &id, n) }).collect();
+    let mut multipart = store.sign.multipart(key, &id, part_size as u64, 100);
     // Part 2's URL is signed for another upload id: the store refuses it.
-    part_urls[1].url = store.sign.part(key, "00000000-0000-0000-0000-000000000000", 2);
-    let multipart = S3Multipart {
-        uri: None,
-        upload_id: id.clone(),
-        part_size_bytes: part_size as u64,
-        max_parts: Some(100),
-        complete_url: store.sign.url(Method::Post, key, &[("uploadId", &id)]),
-        abort_url: Some(store.sign.url(Method::Delete, key, &[("uploadId", &id)])),
-        expires_at: None,
-        headers: Default::default(),
-        part_urls,
-    };
+    multipart.part_urls[1].url = store.sign.part(key, "00000000-0000-0000-0000-000000000000", 2);
     let work = tempfile::tempdir().unwrap();
     let archive = work.path().join("snapshot.tar.zst");
     let path = archive.clone();

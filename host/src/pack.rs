@@ -200,16 +200,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let context = dir.path().join("context");
         std::fs::create_dir_all(context.join("sub")).unwrap();
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let random: Vec<u8> = (0..(3 << 20) + 17)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect();
-        let text: Vec<u8> = (0..200_000).flat_map(|i| format!("{i} the context of a build\n").into_bytes()).collect();
+        let random = snapsign_rootfs_builder::sample::random((3 << 20) + 17, 0x2545_f491_4f6c_dd1d);
+        let text = snapsign_rootfs_builder::sample::text(4 << 20);
         std::fs::write(context.join("random.bin"), &random).unwrap();
         std::fs::write(context.join("sub/text.txt"), &text).unwrap();
         let (gz, packed) = pack_context(&context, &Patterns::default(), Vec::new()).unwrap();

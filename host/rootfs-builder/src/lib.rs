@@ -66,6 +66,7 @@ pub mod metadata;
 pub mod multipart;
 pub mod plan;
 pub mod run;
+pub mod sample;
 pub mod snapshot;
 pub mod step;
 pub mod tree;

@@ -83,32 +83,9 @@ mod tests {
     use std::io::Read;
 
     use snapsign_rootfs_builder::blocks::BLOCK;
+    use snapsign_rootfs_builder::sample::{random, text};
 
     use super::*;
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect()
-    }
-
-    fn text(len: usize) -> Vec<u8> {
-        let words = ["sandbox ", "image ", "snapshot ", "upload ", "tenant ", "signer\n", "build "];
-        let mut out = Vec::with_capacity(len);
-        let mut i = 7usize;
-        while out.len() < len {
-            i = i.wrapping_mul(2_654_435_761).wrapping_add(1);
-            out.extend_from_slice(words[(i >> 7) % words.len()].as_bytes());
-        }
-        out.truncate(len);
-        out
-    }
 
     fn gzip(data: &[u8], workers: usize, writes: usize) -> (Vec<u8>, GzipStats) {
         let mut encoder = ParallelGzip::with_workers(Vec::new(), workers).unwrap();
