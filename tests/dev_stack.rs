@@ -303,8 +303,17 @@ async fn complete_checks_the_object_registers_once_and_the_template_survives_a_r
     let (status, template) = api.post(&complete, completion(&prepared, 14)).await;
     assert_eq!(status, 200, "{template}");
     assert!(template["id"].as_str().unwrap().starts_with("tpl-"));
+    // A client retrying after a lost answer: the same body answers the same template.
     let (status, again) = api.post(&complete, completion(&prepared, 14)).await;
-    assert_eq!((status, again["code"].as_str()), (409, Some("already_completed")));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again, template);
+    // Another body is not the same completion.
+    let mut other = completion(&prepared, 14);
+    other["rootfsDiskBytes"] = json!(1u64 << 20);
+    let (status, conflict) = api.post(&complete, other).await;
+    assert_eq!((status, conflict["code"].as_str()), (409, Some("already_completed")), "{conflict}");
+    let message = conflict["message"].as_str().unwrap();
+    assert!(message.contains("rootfsDiskBytes 10737418240") && message.contains("says 1048576"), "{message}");
     stack.shutdown().await;
 
     let stack = start_stack(dir.path(), |_| {}).await;

@@ -18,6 +18,15 @@ use crate::wire::{ClientFields, PrepareRequest, Prepared, SignRequest, TemplateR
 
 /// Pause between two polls of a starting sandbox (wit/protocol.md §5.2).
 pub const POLL: Duration = Duration::from_millis(250);
+
+/// Complete is sent at most this many times (see [`complete_backoff`]).
+pub const COMPLETE_ATTEMPTS: u32 = 5;
+
+/// The pause after complete attempt `attempt` (from 0) went unanswered:
+/// 250 ms doubling, 3.75 s in all. No jitter: one client completes one build.
+pub fn complete_backoff(attempt: u32) -> Duration {
+    POLL * 2u32.saturating_pow(attempt.min(8))
+}
 /// Lifetime asked for the builder sandbox at create, seconds.
 pub const SANDBOX_TIMEOUT_SECS: i64 = 300;
 /// Each diagnostics command is killed after this many seconds (§5.9).
@@ -45,7 +54,10 @@ pub struct Step {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Start,
-    Lookup { index: usize, retried: bool },
+    Lookup {
+        index: usize,
+        retried: bool,
+    },
     Prepare,
     Create,
     Status,
@@ -60,7 +72,9 @@ enum State {
     WriteSpec,
     Build,
     ReadMetadata,
-    Complete,
+    /// The complete request, its attempt (from 0).
+    Complete(u32),
+    CompletePause(u32),
     Abort,
     Diagnose(usize),
     Delete,
@@ -96,6 +110,8 @@ pub struct Flow {
     local_images: Vec<(splice::ReadSlot, String)>,
     /// Set by a multipart sign answer, cleared by a successful complete.
     abort_url: Option<String>,
+    /// The complete request, kept to send again.
+    complete_call: Option<Call>,
     /// The sandbox answered: failures from here on get diagnostics.
     ready: bool,
     diagnostics: Vec<Vec<String>>,
@@ -172,6 +188,7 @@ impl Flow {
             signed_uri: None,
             local_images: Vec::new(),
             abort_url: None,
+            complete_call: None,
             ready: false,
             diagnostics: Vec::new(),
             outcome: None,
@@ -454,9 +471,32 @@ impl Flow {
                 let body = serde_json::to_value(request).expect("completions serialize");
                 let url = format!("{}/platform/v1/sandbox-template-builds/{}/complete", self.api, prepared.build_id);
                 let call = self.http("POST", url, &self.auth, Some(&body));
-                self.go(State::Complete, call)
+                self.complete_call = Some(call.clone());
+                self.go(State::Complete(0), call)
             }
-            (State::Complete, Answer::Http(answer)) => {
+            // Complete is retried: the platform answers a repeated complete of
+            // the same body with the same template, so an answer lost on the
+            // way (a transport error, 502/503/504) is safe to ask for again.
+            (State::Complete(attempt), Answer::Http(answer)) => {
+                let lost = match &answer {
+                    Err(e) => Some(e.clone()),
+                    Ok((status, body)) if matches!(status, 502..=504) => {
+                        Some(format!("HTTP {status}: {}", crate::wire::excerpt(&text(body))))
+                    }
+                    Ok(_) => None,
+                };
+                if let Some(why) = lost {
+                    if attempt + 1 >= COMPLETE_ATTEMPTS {
+                        return Err(failed(format!(
+                            "failed to complete sandbox image build after {COMPLETE_ATTEMPTS} attempts: {why}"
+                        )));
+                    }
+                    self.events.push(Event::Warning(format!(
+                        "complete did not answer ({why}); asking again in {:?}",
+                        complete_backoff(attempt)
+                    )));
+                    return self.go(State::CompletePause(attempt), Call::Sleep(complete_backoff(attempt)));
+                }
                 let (status, body) = answer.map_err(failed)?;
                 let body = text(&body);
                 if !is_2xx(status) {
@@ -467,6 +507,10 @@ impl Flow {
                     .map_err(|e| failed(format!("complete answer is not JSON: {e}")))?;
                 self.outcome = Some(Ok(body));
                 Ok(self.cleanup())
+            }
+            (State::CompletePause(attempt), Answer::Slept) => {
+                let call = self.complete_call.clone().expect("the complete call precedes its retries");
+                self.go(State::Complete(attempt + 1), call)
             }
             (state, answer) => Err(unexpected(state, &answer)),
         }

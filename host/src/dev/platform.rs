@@ -326,11 +326,7 @@ impl Emulator {
             ));
         }
         if build.state != "prepared" {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "already_completed",
-                format!("build {build_id} was already completed"),
-            ));
+            return self.repeated_complete(build_id, &build.snapshot_uri, body);
         }
         let request: CompleteRequest = typed("complete request", body)?;
         required(&[
@@ -392,6 +388,53 @@ impl Emulator {
             ));
         }
         tracing::info!(build = build_id, template = %template.id, name = %template.name, "template registered");
+        Ok(serde_json::to_value(&template).expect("templates serialize"))
+    }
+
+    /// A complete of a build that was completed already: a client retrying
+    /// after a lost answer sends the same body and gets the same template
+    /// (complete is idempotent); any other body is a 409 naming the field
+    /// that differs.
+    fn repeated_complete(&self, build_id: &str, snapshot_uri: &str, body: &Value) -> Result<Value, ApiError> {
+        let conflict = |why: String| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "already_completed",
+                format!("build {build_id} was already completed{why}"),
+            )
+        };
+        let Some(template) = self.state.template_by_snapshot_uri(snapshot_uri)?.filter(|t| t.build_id == build_id)
+        else {
+            // Its name was registered again by a later build since.
+            return Err(conflict(String::new()));
+        };
+        let request: CompleteRequest = typed("complete request", body)?;
+        let parent = request.parent_manifest_uri.as_deref().unwrap_or("(none)");
+        let sent = [
+            ("snapshotId", request.snapshot_id.clone()),
+            ("snapshotUri", request.snapshot_uri.clone()),
+            ("snapshotFormatVersion", request.snapshot_format_version.clone()),
+            ("snapshotSizeBytes", request.snapshot_size_bytes.to_string()),
+            ("rootfsDiskBytes", request.rootfs_disk_bytes.to_string()),
+            ("rootfsNodeKind", request.rootfs_node_kind.clone()),
+            ("parentManifestUri", parent.to_owned()),
+        ];
+        let kept = [
+            template.snapshot_id.clone(),
+            template.snapshot_uri.clone(),
+            template.snapshot_format_version.clone(),
+            template.snapshot_size_bytes.to_string(),
+            template.rootfs_disk_bytes.to_string(),
+            template.rootfs_node_kind.clone(),
+            template.parent_manifest_uri.clone().unwrap_or_else(|| "(none)".into()),
+        ];
+        if let Some(((field, value), first)) = sent.iter().zip(&kept).find(|((_, value), kept)| value != *kept) {
+            return Err(conflict(format!(
+                " as template {} with {field} {first}; this request says {value}",
+                template.id
+            )));
+        }
+        tracing::info!(build = build_id, template = %template.id, "repeated complete answered with its template");
         Ok(serde_json::to_value(&template).expect("templates serialize"))
     }
 

@@ -65,6 +65,8 @@ struct World {
     builder_exit: Exit,
     metadata: Value,
     complete: (u16, String),
+    /// Answers to complete before `complete` (a transport error as `Err`).
+    completes: VecDeque<Result<(u16, String), String>>,
     abort: (u16, String),
     dmesg: Vec<String>,
     df: Vec<String>,
@@ -89,6 +91,7 @@ impl World {
             builder_exit: Exit { code: 0, oom_killed: false },
             metadata: metadata(URI),
             complete: (200, r#"{"id":"tmpl-1","name":"base"}"#.into()),
+            completes: VecDeque::new(),
             abort: (204, String::new()),
             dmesg: vec!["[ 0.1] booted".into()],
             df: vec![
@@ -141,6 +144,9 @@ impl World {
         match call {
             Call::Http { method, url, .. } if *method == "GET" && url.contains("/by-name/") => {
                 Answer::Http(self.lookups.pop_front().expect("a lookup answer").map(|(s, t)| (s, t.into_bytes())))
+            }
+            Call::Http { url, .. } if url.ends_with("/complete") && !self.completes.is_empty() => {
+                Answer::Http(self.completes.pop_front().expect("checked").map(|(s, t)| (s, t.into_bytes())))
             }
             Call::Http { method, url, headers, body } => {
                 let (status, text) = self.http(method, url, headers, body);
@@ -579,6 +585,51 @@ fn a_failed_complete_aborts_the_upload_and_registers_nothing() {
         format!(
             r#"failed to complete sandbox image build (HTTP 500): {{"code":"complete_failed","message":"fault"}}{DECORATION}"#
         )
+    );
+}
+
+/// The platform answers a repeated complete of the same body with the same
+/// template, so an answer lost on the way is asked for again, with backoff.
+#[test]
+fn a_lost_complete_answer_is_asked_for_again_and_the_build_succeeds() {
+    let mut world = World::new();
+    world.completes = VecDeque::from([Err("connection reset by peer".into()), Ok((503, "busy".into()))]);
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.outcome, Ok(r#"{"id":"tmpl-1","name":"base"}"#.into()));
+    let retried = [COMPLETE, "sleep 250ms", COMPLETE, "sleep 500ms", COMPLETE];
+    let expected = calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, READ_METADATA, &retried, DELETE]);
+    assert_eq!(run.calls, expected);
+    assert_eq!(
+        run.warnings(),
+        [
+            "complete did not answer (connection reset by peer); asking again in 250ms",
+            "complete did not answer (HTTP 503: busy); asking again in 500ms"
+        ]
+    );
+}
+
+#[test]
+fn complete_unanswered_five_times_fails_aborts_and_cleans_up() {
+    let mut world = World::new();
+    world.completes = (0..COMPLETE_ATTEMPTS).map(|_| Ok((502, "bad gateway".to_owned()))).collect();
+    let run = drive(request("FROM scratch\n"), &mut world);
+    let retried = [
+        COMPLETE,
+        "sleep 250ms",
+        COMPLETE,
+        "sleep 500ms",
+        COMPLETE,
+        "sleep 1000ms",
+        COMPLETE,
+        "sleep 2000ms",
+        COMPLETE,
+    ];
+    let expected =
+        calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, READ_METADATA, &retried, ABORT_CALL, DIAGNOSE, DELETE]);
+    assert_eq!(run.calls, expected);
+    assert_eq!(
+        run.failure(),
+        format!("failed to complete sandbox image build after 5 attempts: HTTP 502: bad gateway{DECORATION}")
     );
 }
 
