@@ -725,3 +725,32 @@ async fn a_failed_part_stops_the_archive_writer_and_aborts_the_upload() {
     assert!(chunks_written < 100, "the writer went on to {chunks_written} MiB after the failure");
     assert_eq!(root_files(&store.root(), ".upload"), Vec::<String>::new(), "the upload was not aborted");
 }
+
+/// A writer that panics mid-archive does not leave the part uploaders
+/// waiting: the panic reaches the caller.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_archive_writer_ends_the_upload_instead_of_hanging_it() {
+    use std::io::Write;
+
+    let store = Direct::start(Duration::from_secs(3600)).await;
+    let key = "builds/panic.tlsnap";
+    let id = store.create(key).await;
+    let multipart = store.sign.multipart(key, &id, 5 * MIB as u64, 4);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("snapshot.tar.zst");
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let agent = snapsign_rootfs_builder::http::agent();
+        let path = archive.clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            snapsign_rootfs_builder::upload::s3_multipart_overlapped(&agent, &multipart, &archive, |observe| {
+                std::fs::File::create(&path)?.write_all(&[1u8; 1024])?;
+                observe(1024)?;
+                panic!("the archive writer broke");
+            })
+        }));
+        let _ = done.send(outcome.is_err());
+    });
+    let panicked = ended.recv_timeout(Duration::from_secs(60)).expect("the upload ended instead of hanging");
+    assert!(panicked, "the writer's panic reaches the caller");
+}

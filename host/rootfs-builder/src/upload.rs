@@ -146,6 +146,19 @@ struct FeedState {
     stopped: bool,
 }
 
+/// Stops the uploaders when dropped before the archive is whole (the writer panicked).
+struct StopOnDrop<'a>(&'a Feed);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.update(|state| {
+            if state.total.is_none() {
+                state.stopped = true;
+            }
+        });
+    }
+}
+
 /// What a part uploader may do with part bytes `offset..offset+len`.
 enum Ready {
     /// Upload that many bytes.
@@ -236,6 +249,8 @@ fn overlapped_parts(
             feed.update(|state| state.written = written);
             if feed.stopped() { Err(io::Error::other("a part upload failed")) } else { Ok(()) }
         };
+        // A writer that panics must not leave the uploaders waiting (the scope would never end).
+        let _stop_if_unwinding = StopOnDrop(&feed);
         let written = write(&observe);
         match &written {
             Ok(summary) => feed.update(|state| state.total = Some(summary.size_bytes)),
