@@ -476,5 +476,18 @@ mod tests {
         let error = build(1, 0, "tl-rootfs-build".into()).await.unwrap_err().to_string();
         assert!(error.contains("--instantiations 0"), "{error}");
         assert_eq!(stats(Vec::new()), (0.0, 0.0));
+        let data = |context_mb, rounds, buildah: Option<&str>, no_peer| data::DataOptions {
+            context_mb,
+            rounds,
+            buildah: buildah.map(Into::into),
+            no_peer,
+            builder: "tl-rootfs-build".into(),
+        };
+        let error = data::run(data(2, 1, None, true)).await.unwrap_err().to_string();
+        assert!(error.contains("--context-mb must be at least 3"), "{error}");
+        let error = data::run(data(300, 0, None, true)).await.unwrap_err().to_string();
+        assert!(error.contains("--rounds must be at least 1"), "{error}");
+        let error = data::run(data(300, 1, Some("/nonexistent/buildah"), false)).await.unwrap_err().to_string();
+        assert!(error.contains("--buildah /nonexistent/buildah is not a file"), "{error}");
     }
 }

@@ -45,12 +45,16 @@ pub async fn run(options: DataOptions) -> Result<()> {
     let buildah = if options.no_peer {
         None
     } else {
-        Some(options.buildah.clone().or_else(|| which("buildah")).ok_or_else(|| {
+        let found = options.buildah.clone().or_else(|| which("buildah")).ok_or_else(|| {
             anyhow::anyhow!(
                 "buildah is not on PATH: install it (Debian: apt-get install buildah), pass --buildah PATH, or pass \
                  --no-peer for the figures without it"
             )
-        })?)
+        })?;
+        if !found.is_file() {
+            bail!("--buildah {} is not a file; pass the path of a buildah executable", found.display());
+        }
+        Some(found)
     };
     let dir = super::Scratch::new("data")?;
     let context = dir.0.join("context");
