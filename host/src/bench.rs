@@ -444,6 +444,23 @@ pub async fn build(rounds: usize, instantiations: usize, builder: std::path::Pat
     Ok(())
 }
 
+/// `name` on PATH.
+pub(crate) fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// buildah's storage options for a bench: vfs, in a root of its own under `dir`.
+pub(crate) fn buildah_storage(dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "--root".to_owned(),
+        dir.join("buildah-root").display().to_string(),
+        "--runroot".to_owned(),
+        dir.join("buildah-runroot").display().to_string(),
+        "--storage-driver".to_owned(),
+        "vfs".to_owned(),
+    ]
+}
+
 /// A bench's scratch directory under the system's temporary directory, removed when dropped.
 pub(crate) struct Scratch(pub(crate) std::path::PathBuf);
 

@@ -45,7 +45,7 @@ pub async fn run(options: DataOptions) -> Result<()> {
     let buildah = if options.no_peer {
         None
     } else {
-        let found = options.buildah.clone().or_else(|| which("buildah")).ok_or_else(|| {
+        let found = options.buildah.clone().or_else(|| super::which("buildah")).ok_or_else(|| {
             anyhow::anyhow!(
                 "buildah is not on PATH: install it (Debian: apt-get install buildah), pass --buildah PATH, or pass \
                  --no-peer for the figures without it"
@@ -221,7 +221,7 @@ impl Floor {
 
 /// `tar c data | zstd -3` with the system's tools (`None` without zstd).
 fn tools_floor(context: &Path, out: &Path) -> Result<Option<Duration>> {
-    if which("zstd").is_none() || which("tar").is_none() {
+    if super::which("zstd").is_none() || super::which("tar").is_none() {
         return Ok(None);
     }
     let started = Instant::now();
@@ -329,14 +329,7 @@ impl Stages {
 /// buildah bud of the same context (vfs storage, chroot isolation, a storage root of its own) and a push to an OCI layout.
 fn peer(buildah: &Path, context: &Path, dir: &Path, dockerfile: &str) -> Result<()> {
     let version = Command::new(buildah).arg("--version").output().context("run buildah --version")?;
-    let storage: Vec<String> = vec![
-        "--root".into(),
-        dir.join("buildah-root").display().to_string(),
-        "--runroot".into(),
-        dir.join("buildah-runroot").display().to_string(),
-        "--storage-driver".into(),
-        "vfs".into(),
-    ];
+    let storage = super::buildah_storage(dir);
     let file = dir.join("Dockerfile.buildah");
     std::fs::write(&file, dockerfile)?;
     let run = |args: &[&str]| -> Result<Duration> {
@@ -390,8 +383,4 @@ fn median(times: &[Duration]) -> Duration {
 
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or_else(|| "(unknown)".into(), |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64))
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }

@@ -22,7 +22,7 @@ fn run_blocking(steps: usize, buildah: Option<PathBuf>, buildah_steps: usize) ->
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let Some(buildah) = buildah.or_else(|| which("buildah")) else {
+    let Some(buildah) = buildah.or_else(|| super::which("buildah")) else {
         bail!(
             "buildah is not on PATH, and the figure is a comparison with it: install it (Debian: apt-get install \
              buildah) or pass --buildah PATH"
@@ -84,14 +84,7 @@ fn peer(buildah: &Path, dir: &Path, n: usize) -> Result<()> {
     println!("{} (--isolation chroot, vfs storage)", String::from_utf8_lossy(&version.stdout).trim());
     let context = dir.join("buildah-context");
     host_rootfs::write(&context.join("rootfs"), &["sh", "true"])?;
-    let storage = [
-        "--root".to_owned(),
-        dir.join("buildah-root").display().to_string(),
-        "--runroot".to_owned(),
-        dir.join("buildah-runroot").display().to_string(),
-        "--storage-driver".to_owned(),
-        "vfs".to_owned(),
-    ];
+    let storage = super::buildah_storage(dir);
     let bud = |dockerfile: &str, tag: &str| -> Result<Duration> {
         let file = context.join(format!("Dockerfile.{tag}"));
         std::fs::write(&file, dockerfile)?;
@@ -136,8 +129,4 @@ fn spread(times: &[Duration]) -> (Duration, Duration, Duration) {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }
