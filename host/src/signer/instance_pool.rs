@@ -12,15 +12,26 @@
 //!
 //! An instance is dropped, never reused, after a trap, a timeout or any
 //! error, after `max_uses` requests, and after `idle_ttl` unused. Idle
-//! instances are a cache: they give way, least recently used first, when a
-//! fresh one needs their pool slot.
+//! instances are a cache of at most `max_idle`: when a caller gives one back
+//! to a full cache, the least recently used goes.
 //!
-//! Every store this pool drops is dropped **while its lock is held**:
-//! dropping a store is what returns its slot to wasmtime's pooling
-//! allocator, and a request that sees the idle list shorter must find those
-//! slots free when it instantiates. (Dropping outside the lock let another
-//! request instantiate while the evicted stores still held their slots, and
-//! it was refused "maximum concurrent limit … for component instances".)
+//! **Why no request is refused below `--max-concurrency`.** wasmtime's
+//! pooling allocator has room for `max_concurrency + max_idle` instances
+//! (see `SignerHost`), and every instance alive is counted in one of:
+//! - the requests that hold a concurrency slot (at most `max_concurrency`),
+//!   each with at most one instance: the one it runs, or, once it gave that
+//!   back, the victim it evicted and is still dropping (it drops the victim
+//!   before it lets go of its slot);
+//! - the idle cache (at most `max_idle`: a give-back that fills it past that
+//!   takes the victim out in the same locked step);
+//! - instances expired by their TTL, dropped while the lock is held, so they
+//!   count as idle until their pool slot is free.
+//!
+//! So a request that holds a slot and starts a fresh instance always finds a
+//! pool slot free, and no fresh request waits for an eviction: victims are
+//! dropped by the request that gave back, outside the lock, after its answer
+//! is ready. (Before, a fresh instance evicted idle ones to make room in a
+//! pool of `max_concurrency`, and had to drop them under the lock.)
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -58,13 +69,15 @@ struct Warm<I> {
 pub(crate) struct InstancePool<I> {
     idle: Mutex<VecDeque<Warm<I>>>,
     max_uses: u32,
+    max_idle: usize,
     idle_ttl: Duration,
 }
 
 impl<I> InstancePool<I> {
-    /// `max_uses` of 1 turns reuse off.
-    pub(crate) fn new(max_uses: u32, idle_ttl: Duration) -> Self {
-        InstancePool { idle: Mutex::new(VecDeque::new()), max_uses: max_uses.max(1), idle_ttl }
+    /// `max_uses` of 1 (or `max_idle` of 0) turns reuse off.
+    pub(crate) fn new(max_uses: u32, max_idle: usize, idle_ttl: Duration) -> Self {
+        let max_uses = if max_idle == 0 { 1 } else { max_uses.max(1) };
+        InstancePool { idle: Mutex::new(VecDeque::new()), max_uses, max_idle, idle_ttl }
     }
 
     pub(crate) fn reuses(&self) -> bool {
@@ -100,25 +113,20 @@ impl<I> InstancePool<I> {
         found.map(|w| (w.instance, w.uses))
     }
 
-    /// Keeps `instance` for `caller`'s next request, unless it has served enough.
+    /// Keeps `instance` for `caller`'s next request, unless it has served
+    /// enough. When the cache is full, the least recently used idle instance
+    /// is taken out and dropped here, after the lock is released: the caller
+    /// must still hold its concurrency slot (see the module documentation).
     pub(crate) fn give_back(&self, caller: Caller, instance: I, uses: u32) {
         if uses >= self.max_uses {
             return;
         }
         let warm = Warm { instance, uses, caller, idle_since: Instant::now() };
-        self.lock().push_back(warm);
-    }
-
-    /// Drops idle instances, least recently used first, until at most `keep`
-    /// remain; their pool slots are free when this returns.
-    pub(crate) fn shrink_to(&self, keep: usize) {
         let mut idle = self.lock();
-        let mut dropped = self.drain_expired(&mut idle);
-        while idle.len() > keep {
-            dropped.extend(idle.pop_front());
-        }
-        drop(dropped); // Under the lock: see the module documentation.
+        idle.push_back(warm);
+        let victim = if idle.len() > self.max_idle { idle.pop_front() } else { None };
         drop(idle);
+        drop(victim);
     }
 
     pub(crate) fn idle_count(&self) -> usize {
@@ -164,36 +172,46 @@ mod tests {
         Caller::of(&headers).unwrap()
     }
 
-    /// Whoever sees the idle list shorter must find the evicted instance
-    /// gone, its pool slot free: never a count that runs ahead of the drops.
+    /// A victim evicted by a give-back is dropped after the lock is
+    /// released: others take and give back while it is still dropping.
     #[test]
-    fn an_eviction_is_over_before_anyone_sees_the_shorter_list() {
-        let pool = Arc::new(InstancePool::new(10, Duration::from_secs(60)));
-        let (dropping, dropped) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        pool.give_back(caller("A"), Slow { dropping: dropping.clone(), dropped: dropped.clone() }, 1);
-        let evicting = std::thread::spawn({
+    fn a_full_cache_evicts_the_least_recently_used_and_drops_it_outside_the_lock() {
+        let pool = Arc::new(InstancePool::new(10, 1, Duration::from_secs(60)));
+        let slow = || (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let ((a_dropping, a_dropped), (b_dropping, b_dropped)) = (slow(), slow());
+        pool.give_back(caller("A"), Slow { dropping: a_dropping.clone(), dropped: a_dropped.clone() }, 1);
+        let giving = std::thread::spawn({
             let pool = pool.clone();
-            move || pool.shrink_to(0)
+            let b = Slow { dropping: b_dropping.clone(), dropped: b_dropped.clone() };
+            move || pool.give_back(caller("B"), b, 1)
         });
-        while !dropping.load(Ordering::SeqCst) {
+        while !a_dropping.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
-        assert_eq!(pool.idle_count(), 0);
-        assert!(dropped.load(Ordering::SeqCst), "the idle list looked empty while the instance still held its slot");
-        evicting.join().unwrap();
+        // A is being dropped by the thread that gave B back; the cache is usable meanwhile.
+        assert_eq!(pool.idle_count(), 1, "the cache holds at most max_idle");
+        let (b, uses) = pool.take(caller("B")).expect("B is cached");
+        assert!(pool.take(caller("A")).is_none(), "A was evicted");
+        assert!(!a_dropped.load(Ordering::SeqCst), "the lock was held while the victim dropped");
+        assert_eq!(uses, 1);
+        giving.join().unwrap();
+        assert!(a_dropped.load(Ordering::SeqCst), "the victim is gone when give_back returns");
+        assert!(!b_dropping.load(Ordering::SeqCst));
+        drop(b);
     }
 
     #[test]
     fn the_least_recently_used_goes_first_and_a_caller_gets_only_its_own() {
-        let pool = InstancePool::new(10, Duration::from_secs(60));
+        let pool = InstancePool::new(10, 2, Duration::from_secs(60));
         pool.give_back(caller("A"), "a", 1);
         pool.give_back(caller("B"), "b", 1);
-        pool.give_back(caller("C"), "c", 1);
         // A is used again: now B is the least recently used.
         let (a, uses) = pool.take(caller("A")).unwrap();
         assert_eq!((a, uses), ("a", 1));
         pool.give_back(caller("A"), a, 2);
-        pool.shrink_to(2);
+        // The cache holds two: C's give-back evicts B.
+        pool.give_back(caller("C"), "c", 1);
+        assert_eq!(pool.idle_count(), 2);
         assert!(pool.take(caller("B")).is_none(), "B was the least recently used");
         assert_eq!(pool.take(caller("C")).map(|(i, _)| i), Some("c"));
         assert!(pool.take(caller("D")).is_none(), "nobody else's instance");
@@ -201,5 +219,10 @@ mod tests {
         pool.give_back(caller("A"), "a", 10);
         assert_eq!(pool.take(caller("A")), Some(("a", 2)));
         assert!(pool.take(caller("A")).is_none());
+        // No room at all: reuse is off.
+        let off = InstancePool::new(10, 0, Duration::from_secs(60));
+        assert!(!off.reuses());
+        off.give_back(caller("A"), "a", 1);
+        assert_eq!(off.idle_count(), 0);
     }
 }

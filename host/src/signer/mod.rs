@@ -161,7 +161,13 @@ impl SignerHost {
     fn with_component(config: &SignerServerConfig, serve: &ServeLimits, name: &str, wasm: &[u8]) -> Result<Self> {
         let signer = SignerConfig::from_vars(config.env.iter().cloned()).context("check the signer configuration")?;
         let outbound = AllowList::new([signer.store_authority()]);
-        let engine = engine::engine(config.limits)?;
+        // Room for every running request and, beside them, the idle cache:
+        // a fresh instance never waits for an idle one to go (see `instance_pool`).
+        let max_idle = if config.max_instance_reuse > 1 { config.limits.max_concurrency } else { 0 };
+        let engine = engine::engine(EngineLimits {
+            max_concurrency: config.limits.max_concurrency + max_idle,
+            ..config.limits
+        })?;
         let (component, loaded) = engine::load_component(&engine, name, wasm, &config.cache_dir)?;
         let mut linker = Linker::new(&engine);
         guest::add_wasi_to_linker(&mut linker)?;
@@ -181,7 +187,7 @@ impl SignerHost {
             slots: Arc::new(Semaphore::new(config.limits.max_concurrency as usize)),
             max_concurrency: config.limits.max_concurrency,
             ids: RequestIds::new(),
-            pool: InstancePool::new(config.max_instance_reuse, IDLE_INSTANCE_TTL),
+            pool: InstancePool::new(config.max_instance_reuse, max_idle as usize, IDLE_INSTANCE_TTL),
             loaded,
         })
     }
@@ -288,12 +294,8 @@ impl SignerHost {
         let caller = if self.pool.reuses() { Caller::of(request.headers()) } else { None };
         let (mut store, warm, uses) = match caller.and_then(|caller| self.pool.take(caller)) {
             Some(((store, proxy), uses)) => (store, Some(proxy), uses),
-            None => {
-                // Idle instances hold pool slots: they give way to this fresh one.
-                let running = self.max_concurrency as usize - self.slots.available_permits();
-                self.pool.shrink_to((self.max_concurrency as usize).saturating_sub(running));
-                (self.new_store(), None, 0)
-            }
+            // The pool has room for it whatever is idle (see `instance_pool`).
+            None => (self.new_store(), None, 0),
         };
         let reused = warm.is_some();
         store.set_epoch_deadline(engine::deadline_ticks(deadline.saturating_duration_since(Instant::now())));
