@@ -18,6 +18,16 @@ use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// `url` without its query, where a presigned URL carries its signature:
+/// for error messages and logs. A URL without a query (or with an empty
+/// one) is shown as it is.
+pub fn redact_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, query)) if !query.is_empty() => format!("{base}?<query redacted>"),
+        _ => url.to_owned(),
+    }
+}
+
 /// S3's longest accepted `X-Amz-Expires` (7 days).
 pub const MAX_EXPIRES_SECS: u32 = 604_800;
 
@@ -679,7 +689,9 @@ mod tests {
             fn presign_equals_rusty_s3(
                 creds in credentials(),
                 (endpoint, addressing) in endpoint(),
-                bucket in "[a-z0-9][a-z0-9-]{2,20}",
+                // S3's naming rules: no `xn--` prefix (a host label that
+                // starts so must be valid punycode, which the oracle's URL parser checks).
+                bucket in "[a-z0-9][a-z0-9-]{2,20}".prop_filter("S3 bucket names do not start with xn--", |b| !b.starts_with("xn--")),
                 key in key(),
                 region in "[a-z]{2}-[a-z]{4,9}-[1-9]",
                 seconds in 946_684_800i64..4_102_444_800,

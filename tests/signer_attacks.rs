@@ -462,7 +462,7 @@ async fn error_bodies_hold_code_message_and_request_id_and_the_detail_is_logged_
     assert_eq!((status, json["code"].as_str()), (502, Some("store_unreachable")), "{json}");
     assert_clean("store unreachable", &json);
     let logged = log_lines_of(&id, "store_unreachable").await;
-    assert!(logged.contains("(query redacted)") && !logged.contains("X-Amz-Signature="), "{logged}");
+    assert!(logged.contains("<query redacted>") && !logged.contains("X-Amz-Signature="), "{logged}");
 
     // Errors the caller can fix keep their full message, with the id.
     let (status, json, _) = post(small.url(), "{\"target\":".into()).await;

@@ -24,12 +24,7 @@ pub fn agent() -> Agent {
 }
 
 /// A URL without its query (where presigned URLs carry `X-Amz-Signature`).
-pub fn redact_url(url: &str) -> String {
-    match url.split_once('?') {
-        Some((base, query)) if !query.is_empty() => format!("{base}?<query redacted>"),
-        _ => url.to_owned(),
-    }
-}
+pub use snapsign::presign::redact_query as redact_url;
 
 /// Redacts the query of every `http://` / `https://` URL inside `text`.
 pub fn scrub_urls(text: &str) -> String {

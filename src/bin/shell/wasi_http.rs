@@ -23,14 +23,7 @@ fn method(name: &str) -> Method {
     }
 }
 
-/// `url` without its query: presigned URLs carry their signature there,
-/// and error messages end up in logs.
-pub fn redact_query(url: &str) -> String {
-    match url.split_once('?') {
-        Some((base, _)) => format!("{base}?(query redacted)"),
-        None => url.to_owned(),
-    }
-}
+pub use snapsign::presign::redact_query;
 
 /// Sends `method url` with `headers` and `body`; waits for the whole response.
 /// Errors name the URL without its query.
