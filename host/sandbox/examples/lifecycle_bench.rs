@@ -1,12 +1,15 @@
 //! Benchmark (not a test): sandbox create → first process start → delete,
 //! over 100 sandboxes, with the confinement `Confinement::detect` picks.
 //!
-//! `cargo run --release -p snapsign-sandbox --example lifecycle_bench [-- N [limits|none] [--rootless-as USER]]`
+//! `cargo run --release -p snapsign-sandbox --example lifecycle_bench [-- N [limits|none] [--one-uid] [--rootless-as USER]]`
 //!
 //! With `--rootless-as USER` (run as root), the same rounds then run again
 //! as that ordinary user (rootless: unprivileged user namespaces, rlimits),
 //! in a child process of this one, so both modes are measured in one run
 //! on one machine and printed one after the other.
+//!
+//! Rootless, sandboxes use the user's subordinate ids where it has them;
+//! with `--one-uid` they map its one uid instead (`SubordinateIds::Never`).
 //!
 //! With `limits`, each sandbox asks for what a build's builder sandbox gets
 //! from the dev stack (1 CPU, 1024 MiB memory, 2048 MiB disk): memory and cpu
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use std::os::unix::process::CommandExt;
 
 use futures_util::StreamExt;
-use snapsign_sandbox::{Confinement, Limits, ProcessSpec, SandboxSpec, Sandboxes, SandboxesConfig};
+use snapsign_sandbox::{Confinement, Limits, ProcessSpec, SandboxSpec, Sandboxes, SandboxesConfig, SubordinateIds};
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -69,11 +72,11 @@ async fn bench() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let confinement = Confinement::detect(false)?;
-    let boxes = Sandboxes::new(SandboxesConfig {
-        root_dir: dir.path().join("boxes"),
-        confinement: confinement.clone(),
-        builder_binary: None,
-    })?;
+    let subordinate =
+        if std::env::args().any(|a| a == "--one-uid") { SubordinateIds::Never } else { SubordinateIds::WhereAvailable };
+    let config =
+        SandboxesConfig { root_dir: dir.path().join("boxes"), confinement: confinement.clone(), builder_binary: None };
+    let boxes = Sandboxes::new_with(config, subordinate)?;
     let spec = ProcessSpec { command: "/bin/echo".into(), args: vec!["ready".into()], ..Default::default() };
     let (mut create, mut start, mut first, mut delete) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // One warm-up round, not counted.
@@ -99,6 +102,9 @@ async fn bench() -> anyhow::Result<()> {
         }
     }
     println!("confinement: {confinement:?}, {rounds} sandboxes, {limits:?}, {}", boxes.cgroups().describe());
+    if let Some(ids) = boxes.rootless_ids() {
+        println!("identities: {}", ids.describe());
+    }
     println!("{:<40} {:>10} {:>10}", "phase", "median ms", "p99 ms");
     for (name, samples) in [
         ("create", &mut create),

@@ -14,8 +14,9 @@ pub enum Confinement {
     Namespaces,
     /// As an ordinary user: the same namespaces, root layout, descriptor
     /// hygiene and private network, made through unprivileged user
-    /// namespaces. The user's one host uid is sandbox root (and, through a
-    /// nested user namespace, the sandbox user [`crate::SANDBOX_UID`]);
+    /// namespaces. The user's own host uid is sandbox root; the other uids
+    /// are its subordinate ids where it has them, else the sandbox user
+    /// [`crate::SANDBOX_UID`] is the same one uid ([`crate::RootlessIds`]);
     /// limits come from what the machine delegates (a cgroup v2 subtree, else
     /// rlimits). See `docs/sandbox-modes.md`.
     Rootless,
@@ -45,9 +46,7 @@ impl Confinement {
     pub fn describe(&self) -> &'static str {
         match self {
             Confinement::Namespaces => "root: namespaces, a host uid range per sandbox",
-            Confinement::Rootless => {
-                "rootless: unprivileged user namespaces, this user's one host uid as sandbox root and sandbox user"
-            }
+            Confinement::Rootless => "rootless: unprivileged user namespaces",
             Confinement::Unconfined => "UNCONFINED: processes run directly on this host",
         }
     }

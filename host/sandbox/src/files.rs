@@ -7,10 +7,10 @@
 //! directory: a symlink that points out of the area (`/var/x -> /etc/shadow`)
 //! makes the call fail instead of reaching the host file.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
@@ -173,10 +173,24 @@ struct OpenHow {
     resolve: u64,
 }
 
-/// openat2(2) of `rel` under `dir`, never resolving outside `dir`.
-fn open_beneath(dir: BorrowedFd, rel: &Path, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
-    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
-    let path = c_path(rel)?;
+/// The errno-like code of "not a regular file" ([`io_error`] makes it an `InvalidInput` error).
+const NOT_REGULAR: i32 = 100_000;
+
+/// An error of a [`FilePlan`] operation (an errno, or [`NOT_REGULAR`]) as an `io::Error`.
+pub(crate) fn io_error(code: i32) -> io::Error {
+    if code == NOT_REGULAR {
+        io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
+    } else {
+        io::Error::from_raw_os_error(code)
+    }
+}
+
+fn last_errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// openat2(2) of `path` under `dir`, never resolving outside `dir`; no allocation.
+fn open_beneath(dir: libc::c_int, path: &CStr, flags: libc::c_int, mode: u32) -> Result<OwnedFd, i32> {
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC) as u64,
         mode: mode.into(),
@@ -184,84 +198,151 @@ fn open_beneath(dir: BorrowedFd, rel: &Path, flags: libc::c_int, mode: u32) -> i
     };
     for _ in 0..16 {
         // SAFETY: openat2 with a valid dirfd, a NUL-terminated path and an open_how of the size passed.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_openat2, dir.as_raw_fd(), path.as_ptr(), &how, std::mem::size_of::<OpenHow>())
-        };
+        let fd = unsafe { libc::syscall(libc::SYS_openat2, dir, path.as_ptr(), &how, std::mem::size_of::<OpenHow>()) };
         if fd >= 0 {
             // SAFETY: fd was just opened and is owned by nobody else.
             return Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) });
         }
-        let err = io::Error::last_os_error();
+        let err = last_errno();
         // EAGAIN: a concurrent rename made the kernel unsure; try again.
-        if err.raw_os_error() != Some(libc::EAGAIN) {
+        if err != libc::EAGAIN {
             return Err(err);
         }
     }
-    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    Err(libc::EAGAIN)
 }
 
 /// Clears O_NONBLOCK (opened with it so that a FIFO cannot block us) once
-/// the descriptor is known to be a regular file.
-fn regular_file(fd: OwnedFd) -> io::Result<File> {
-    let file = File::from(fd);
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
-    }
-    // SAFETY: fcntl on a descriptor we own.
+/// the descriptor is known to be a regular file; no allocation.
+fn regular_file(fd: OwnedFd) -> Result<OwnedFd, i32> {
+    // SAFETY: fstat into a zeroed local, fcntl on a descriptor we own.
     unsafe {
-        let flags = check(libc::fcntl(file.as_raw_fd(), libc::F_GETFL))?;
-        check(libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK))?;
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut stat) != 0 {
+            return Err(last_errno());
+        }
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(NOT_REGULAR);
+        }
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(last_errno());
+        }
     }
-    Ok(file)
+    Ok(fd)
+}
+
+/// One file operation of the file API, its paths made C strings beforehand:
+/// its methods allocate nothing, so that a forked helper (rootless with
+/// subordinate ids, see `Sandbox::write_file`) may run them.
+pub(crate) struct FilePlan {
+    area: CString,
+    /// Each parent directory of `rel` from the top: the path of the one
+    /// holding it (`.` for the area) and its name.
+    parents: Vec<(CString, CString)>,
+    /// `rel` (`.` when empty).
+    rel: CString,
+    /// The directory holding `rel` (`.` for the area), and `rel`'s name.
+    parent: CString,
+    name: Option<CString>,
+}
+
+impl FilePlan {
+    /// The plan for `rel` under the area directory `area`.
+    pub(crate) fn new(area: &Path, rel: &Path) -> io::Result<FilePlan> {
+        let dot = |p: &Path| if p.as_os_str().is_empty() { c_path(Path::new(".")) } else { c_path(p) };
+        let mut parents = Vec::new();
+        let mut done = PathBuf::new();
+        for part in rel.parent().into_iter().flat_map(Path::components) {
+            parents.push((dot(&done)?, c_path(Path::new(part.as_os_str()))?));
+            done.push(part);
+        }
+        Ok(FilePlan {
+            area: c_path(area)?,
+            parents,
+            rel: dot(rel)?,
+            parent: dot(rel.parent().unwrap_or(Path::new("")))?,
+            name: rel.file_name().map(|n| c_path(Path::new(n))).transpose()?,
+        })
+    }
+
+    /// The area's own directory (created by us, so trusted).
+    fn area(&self) -> Result<OwnedFd, i32> {
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: open(2) on a NUL-terminated path; the result is a fresh descriptor we own.
+        let fd = unsafe { libc::open(self.area.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(last_errno());
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Opens the file for reading.
+    pub(crate) fn open(&self) -> Result<OwnedFd, i32> {
+        let dir = self.area()?;
+        regular_file(open_beneath(dir.as_raw_fd(), &self.rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)?)
+    }
+
+    /// Creates or truncates the file, with its missing parent directories,
+    /// all owned by `owner` (uid and gid) when given.
+    pub(crate) fn create(&self, owner: Option<u32>) -> Result<OwnedFd, i32> {
+        let dir = self.area()?;
+        for (done, name) in &self.parents {
+            let parent = open_beneath(dir.as_raw_fd(), done, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            // SAFETY: mkdirat/fchownat relative to a directory we hold, on a single NUL-terminated
+            // name; neither follows a symlink in that name.
+            unsafe {
+                if libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o755) == 0 {
+                    if let Some(uid) = owner {
+                        let flags = libc::AT_SYMLINK_NOFOLLOW;
+                        if libc::fchownat(parent.as_raw_fd(), name.as_ptr(), uid, uid, flags) != 0 {
+                            return Err(last_errno());
+                        }
+                    }
+                } else if last_errno() != libc::EEXIST {
+                    return Err(last_errno());
+                }
+            }
+        }
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NONBLOCK;
+        let file = regular_file(open_beneath(dir.as_raw_fd(), &self.rel, flags, 0o644)?)?;
+        if let Some(uid) = owner {
+            // SAFETY: fchown on a descriptor we own.
+            if unsafe { libc::fchown(file.as_raw_fd(), uid, uid) } != 0 {
+                return Err(last_errno());
+            }
+        }
+        Ok(file)
+    }
+
+    /// Removes the file (or symlink).
+    pub(crate) fn remove(&self) -> Result<(), i32> {
+        let name = self.name.as_ref().ok_or(libc::EINVAL)?;
+        let dir = self.area()?;
+        let parent = open_beneath(dir.as_raw_fd(), &self.parent, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        // SAFETY: unlinkat relative to a directory we hold; it does not follow a symlink in `name`.
+        if unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), 0) } != 0 {
+            return Err(last_errno());
+        }
+        Ok(())
+    }
 }
 
 /// Opens `rel` under the area `area` for reading.
 pub(crate) fn open_file(area: &Path, rel: &Path) -> io::Result<File> {
-    let dir = open_area(area)?;
-    regular_file(open_beneath(dir.as_fd(), rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)?)
+    FilePlan::new(area, rel)?.open().map(File::from).map_err(io_error)
 }
 
 /// Creates or truncates `rel` under `area`, with its missing parent
 /// directories, all owned by `owner` when given.
 pub(crate) fn create_file(area: &Path, rel: &Path, owner: Option<u32>) -> io::Result<File> {
-    let dir = open_area(area)?;
-    let mut done = PathBuf::new();
-    for part in rel.parent().into_iter().flat_map(Path::components) {
-        let parent = open_beneath(dir.as_fd(), &done, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-        let name = c_path(Path::new(part.as_os_str()))?;
-        // SAFETY: mkdirat/fchownat relative to a directory we hold, on a single NUL-terminated name;
-        // neither follows a symlink in that name.
-        unsafe {
-            match check(libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o755)) {
-                Ok(_) => {
-                    if let Some(uid) = owner {
-                        let flags = libc::AT_SYMLINK_NOFOLLOW;
-                        check(libc::fchownat(parent.as_raw_fd(), name.as_ptr(), uid, uid, flags))?;
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        done.push(part);
-    }
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NONBLOCK;
-    let file = regular_file(open_beneath(dir.as_fd(), rel, flags, 0o644)?)?;
-    if let Some(uid) = owner {
-        // SAFETY: fchown on a descriptor we own.
-        check(unsafe { libc::fchown(file.as_raw_fd(), uid, uid) })?;
-    }
-    Ok(file)
+    FilePlan::new(area, rel)?.create(owner).map(File::from).map_err(io_error)
 }
 
 /// Removes the file (or symlink) `rel` under `area`.
 pub(crate) fn remove_file(area: &Path, rel: &Path) -> io::Result<()> {
-    let dir = open_area(area)?;
-    let name = rel.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let parent = open_beneath(dir.as_fd(), rel.parent().unwrap_or(Path::new("")), libc::O_PATH | libc::O_DIRECTORY, 0)?;
-    let name = c_path(Path::new(name))?;
-    // SAFETY: unlinkat relative to a directory we hold; it does not follow a symlink in `name`.
-    check(unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
+    FilePlan::new(area, rel)?.remove().map_err(io_error)
 }
 
 /// Says what an I/O error of the file API means for the caller.

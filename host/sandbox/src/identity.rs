@@ -97,9 +97,172 @@ pub(crate) fn lock_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Ids of a rootless sandbox besides sandbox root (this user's own uid):
+/// uids and gids 1..=[`SUBORDINATE_IDS`] inside.
+pub const SUBORDINATE_IDS: u32 = UIDS_PER_SANDBOX - 1;
+
+/// Whether rootless sandboxes may use this user's subordinate ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubordinateIds {
+    /// Where `newuidmap`, `newgidmap` and a range in `/etc/subuid` and
+    /// `/etc/subgid` exist (see [`RootlessIds`]); otherwise one uid.
+    #[default]
+    WhereAvailable,
+    /// Always this user's one uid (what a machine without them gets).
+    Never,
+}
+
+/// How the ids of a rootless sandbox map to host ids (chosen once, at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootlessIds {
+    /// This user's one uid is sandbox root and, through a nested user
+    /// namespace, the sandbox user; nothing else is mapped. `why`: what was
+    /// missing for subordinate ids.
+    OneUid { why: String },
+    /// Sandbox root is this user's own uid (and gid); uids 1..=65535 inside
+    /// are the subordinate uids `uid_start..`, gids 1..=65535 the
+    /// subordinate gids `gid_start..`; mapped by `newuidmap`/`newgidmap`.
+    /// Every sandbox of this process uses the same ids.
+    Subordinate { uid_start: u32, gid_start: u32 },
+}
+
+impl RootlessIds {
+    /// For the log line and each create answer.
+    pub fn describe(&self) -> String {
+        match self {
+            RootlessIds::OneUid { why } => format!(
+                "one uid: this user's host uid is sandbox root and the sandbox user, no other uid is mapped ({why})"
+            ),
+            RootlessIds::Subordinate { uid_start, gid_start } => format!(
+                "subordinate ids: sandbox root is this user's host uid, uids 1..65535 are host uids {uid_start}..{} \
+                 and gids 1..65535 host gids {gid_start}..{} (newuidmap, newgidmap; shared by this user's sandboxes)",
+                uid_start + SUBORDINATE_IDS - 1,
+                gid_start + SUBORDINATE_IDS - 1
+            ),
+        }
+    }
+}
+
+/// The first range of at least [`SUBORDINATE_IDS`] ids of `user` (its name or
+/// its number) in the contents of `/etc/subuid` or `/etc/subgid`; its start.
+pub(crate) fn subordinate_start(contents: &str, name: &str, id: u32) -> Option<u32> {
+    contents.lines().find_map(|line| {
+        let mut fields = line.trim().split(':');
+        let (owner, start, count) = (fields.next()?, fields.next()?, fields.next()?);
+        if owner != name && owner.parse::<u32>().ok() != Some(id) {
+            return None;
+        }
+        let (start, count) = (start.parse::<u32>().ok()?, count.parse::<u32>().ok()?);
+        (count >= SUBORDINATE_IDS && start.checked_add(SUBORDINATE_IDS).is_some()).then_some(start)
+    })
+}
+
+/// The name of host user `uid`, from the password database.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: getpwuid_r into a zeroed passwd and a buffer of the size passed.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result = std::ptr::null_mut();
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string in `buf`.
+    Some(unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) }.to_string_lossy().into_owned())
+}
+
+/// Where `tool` is installed: the directories of `PATH`, then the usual ones.
+pub(crate) fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .chain(["/usr/bin", "/bin", "/usr/sbin", "/sbin"])
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// This user's subordinate ids and the tools that map them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SubIds {
+    /// This user's uid and gid: sandbox root.
+    pub uid: u32,
+    pub gid: u32,
+    /// First subordinate uid and gid: uid and gid 1 inside.
+    pub uid_start: u32,
+    pub gid_start: u32,
+    pub newuidmap: PathBuf,
+    pub newgidmap: PathBuf,
+}
+
+impl SubIds {
+    pub(crate) fn mode(&self) -> RootlessIds {
+        RootlessIds::Subordinate { uid_start: self.uid_start, gid_start: self.gid_start }
+    }
+
+    /// Host uid of `inside` (0..=65535).
+    pub(crate) fn host_uid(&self, inside: u32) -> Option<u32> {
+        match inside {
+            0 => Some(self.uid),
+            1..=SUBORDINATE_IDS => Some(self.uid_start + inside - 1),
+            _ => None,
+        }
+    }
+}
+
+/// What this user has for subordinate ids: `newuidmap` and `newgidmap`, and
+/// a range of at least 65535 ids in `/etc/subuid` and `/etc/subgid`; or why not.
+pub(crate) fn find_subordinate_ids(uid: u32, gid: u32) -> std::result::Result<SubIds, String> {
+    let tools = (find_tool("newuidmap"), find_tool("newgidmap"));
+    let (Some(newuidmap), Some(newgidmap)) = tools else {
+        return Err("newuidmap or newgidmap is not installed; install Debian's uidmap (shadow-utils elsewhere)".into());
+    };
+    let name = user_name(uid).ok_or_else(|| format!("uid {uid} has no entry in the password database"))?;
+    // Both files name the user (by name or uid), as newuidmap and newgidmap look them up.
+    let start = |file: &str| -> std::result::Result<u32, String> {
+        let contents = std::fs::read_to_string(file).unwrap_or_default();
+        subordinate_start(&contents, &name, uid).ok_or_else(|| {
+            format!(
+                "{file} gives {name} (uid {uid}) no range of {SUBORDINATE_IDS} ids or more; add one with: sudo \
+                 usermod --add-subuids 165536-231071 --add-subgids 165536-231071 {name}"
+            )
+        })
+    };
+    let (uid_start, gid_start) = (start("/etc/subuid")?, start("/etc/subgid")?);
+    Ok(SubIds { uid, gid, uid_start, gid_start, newuidmap, newgidmap })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subordinate_range_is_found_by_name_or_uid_and_must_hold_65535_ids() {
+        let file = "# comment\nother:100000:65536\nsnapsign-ci:165536:65536\n1003:300000:131072\nsmall:400000:1000\n";
+        assert_eq!(subordinate_start(file, "snapsign-ci", 1002), Some(165_536));
+        assert_eq!(subordinate_start(file, "someone", 1003), Some(300_000));
+        assert_eq!(subordinate_start(file, "small", 1004), None, "1000 ids are too few");
+        assert_eq!(subordinate_start(file, "nobody-here", 1005), None);
+        assert_eq!(subordinate_start("", "snapsign-ci", 1002), None);
+        let ids = SubIds {
+            uid: 1002,
+            gid: 1002,
+            uid_start: 165_536,
+            gid_start: 165_536,
+            newuidmap: "newuidmap".into(),
+            newgidmap: "newgidmap".into(),
+        };
+        assert_eq!(
+            [0, 1, SANDBOX_UID, SUBORDINATE_IDS, UIDS_PER_SANDBOX].map(|id| ids.host_uid(id)),
+            [Some(1002), Some(165_536), Some(166_535), Some(231_070), None]
+        );
+    }
+
+    #[test]
+    fn a_uid_without_a_password_entry_gets_no_subordinate_ids() {
+        // uid 3999999999 has no password entry.
+        let err = find_subordinate_ids(3_999_999_999, 3_999_999_999).unwrap_err();
+        assert!(err.contains("uid 3999999999 has no entry in the password database"), "{err}");
+    }
 
     #[test]
     fn ranges_are_exclusive_and_inside_the_container_block() {

@@ -1,7 +1,7 @@
 //! Local sandboxes for snapsign's dev stack and its `local` sandbox-exec
 //! backend: a sandbox is a directory on this host (`root_dir/{id}/`); its
 //! processes are confined with Linux namespaces made by this process (no
-//! helper binary, nothing to install; see `namespaces.rs`), and a platform
+//! helper binary, nothing to install; see `namespaces/mod.rs`), and a platform
 //! emulator serves them as the sandbox proxy API of wit/protocol.md §4
 //! (processes, output replay, files).
 //!
@@ -34,9 +34,11 @@
 //! As an ordinary user ([`Confinement::Rootless`], chosen when unprivileged
 //! user namespaces work here) the same namespaces, root layout, descriptor
 //! hygiene and network are made through an outer user namespace (this
-//! user's uid as 0) that owns the mount and pid namespaces; sandbox root and
-//! the sandbox user are both this user's one host uid, each sandbox's own
-//! mount tree keeping sandboxes apart; limits come from a delegated cgroup
+//! user's uid as 0) that owns the mount and pid namespaces. Sandbox root is
+//! this user's host uid; where `newuidmap` and a subordinate range exist,
+//! uids 1..65535 (the sandbox user among them) are the user's subordinate
+//! ids, else the sandbox user is the same one uid ([`RootlessIds`]); each
+//! sandbox's own mount tree keeps sandboxes apart; limits come from a delegated cgroup
 //! v2 subtree, else rlimits ([`Sandbox::enforcement`] says which). See
 //! `docs/sandbox-modes.md` for the modes and what each gives up.
 //!
@@ -60,7 +62,7 @@ use anyhow::{Context, Result, bail};
 
 pub use confinement::{Confinement, UsernsProbe, UsernsSettings, probe_user_namespaces, refusal};
 pub use files::{AREAS, BUILDER_PATH};
-pub use identity::{FIRST_HOST_UID, SANDBOX_UID, UIDS_PER_SANDBOX};
+pub use identity::{FIRST_HOST_UID, RootlessIds, SANDBOX_UID, SUBORDINATE_IDS, SubordinateIds, UIDS_PER_SANDBOX};
 pub use limits::{Cgroups, DEFAULT_PIDS, Enforcement, Limits, Resources};
 pub use network::{Network, NetworkPolicy, loopback_port};
 pub use process::{DEFAULT_PATH, MAX_LINE_BYTES, MAX_OUTPUT_BYTES, OutputEvent, ProcessInfo, ProcessSpec};
@@ -106,8 +108,13 @@ impl std::fmt::Debug for Sandboxes {
     }
 }
 
-fn describe(confinement: &Confinement, cgroups: &Cgroups) -> String {
-    format!("{}; limits held by {}", confinement.describe(), limits::mechanisms(confinement, cgroups))
+fn describe(host: &Host) -> String {
+    let ids = host.ids.as_ref().map(|ids| format!("; identities: {}", ids.describe())).unwrap_or_default();
+    format!(
+        "{}{ids}; limits held by {}",
+        host.confinement.describe(),
+        limits::mechanisms(&host.confinement, &host.cgroups)
+    )
 }
 
 fn valid_id(id: &str) -> bool {
@@ -117,19 +124,20 @@ fn valid_id(id: &str) -> bool {
 impl Sandboxes {
     /// Prepares `root_dir`, and with [`Confinement::Namespaces`] checks
     /// this process is root and finds the cgroup controllers it may use.
+    /// Rootless, uses this user's subordinate ids where it has them
+    /// ([`RootlessIds`]).
     pub fn new(config: SandboxesConfig) -> Result<Self> {
+        Sandboxes::new_with(config, SubordinateIds::WhereAvailable)
+    }
+
+    /// [`Sandboxes::new`], saying whether rootless sandboxes may use
+    /// subordinate ids ([`SubordinateIds::Never`]: one uid, as on a machine
+    /// without them). Root ignores it: each sandbox has a range of its own.
+    pub fn new_with(config: SandboxesConfig, subordinate: SubordinateIds) -> Result<Self> {
         let root_dir = config.root_dir;
         std::fs::create_dir_all(&root_dir).with_context(|| format!("create sandboxes dir {}", root_dir.display()))?;
         if let Some(builder) = config.builder_binary.as_ref().filter(|b| !b.is_file()) {
             bail!("builder binary {} is not a file; build it or fix the path", builder.display());
-        }
-        // Left by a run that stopped in the middle of deleting.
-        for entry in std::fs::read_dir(&root_dir).with_context(|| format!("list {}", root_dir.display()))? {
-            let path = entry?.path();
-            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".trash-")) {
-                files::unmount_disk(&path.join("fs"));
-                std::fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
-            }
         }
         let (cgroups, uid_locks, rootless) = match config.confinement {
             Confinement::Namespaces => {
@@ -142,10 +150,13 @@ impl Sandboxes {
             }
             Confinement::Unconfined => (Cgroups::None, PathBuf::new(), None),
         };
-        // Chosen once, said once: which mechanism holds each limit of every sandbox made here.
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| tracing::info!("local sandboxes: {}", describe(&config.confinement, &cgroups)));
-        tracing::debug!(confinement = ?config.confinement, limits = %cgroups.describe(), root_dir = %root_dir.display(), "local sandboxes ready");
+        let (ids, subids, keeper) = match rootless {
+            Some(owner) => {
+                let (ids, subids, keeper) = rootless_ids(owner, subordinate)?;
+                (Some(ids), subids, Some(keeper))
+            }
+            None => (None, None, None),
+        };
         let host = Host {
             confinement: config.confinement,
             layout: namespaces::host_layout(),
@@ -153,7 +164,22 @@ impl Sandboxes {
             cgroups,
             uid_locks,
             rootless,
+            ids,
+            subids,
+            keeper,
         };
+        // Chosen once, said once: the identities and which mechanism holds each limit of every sandbox made here.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| tracing::info!("local sandboxes: {}", describe(&host)));
+        tracing::debug!(confinement = ?host.confinement, ids = ?host.ids, limits = %host.cgroups.describe(), root_dir = %root_dir.display(), "local sandboxes ready");
+        // Left by a run that stopped in the middle of deleting.
+        for entry in std::fs::read_dir(&root_dir).with_context(|| format!("list {}", root_dir.display()))? {
+            let path = entry?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".trash-")) {
+                files::unmount_disk(&path.join("fs"));
+                host.remove_dir(&path)?;
+            }
+        }
         Ok(Sandboxes {
             inner: Arc::new(Inner {
                 root_dir,
@@ -184,9 +210,15 @@ impl Sandboxes {
         Ok(SandboxSpec { limits, network, timeout })
     }
 
-    /// The mode and what holds each limit, in one line (logged once at start; the demo prints it).
+    /// The mode, its identities and what holds each limit, in one line
+    /// (logged once at start; the demo prints it).
     pub fn describe(&self) -> String {
-        describe(&self.inner.host.confinement, &self.inner.host.cgroups)
+        describe(&self.inner.host)
+    }
+
+    /// Rootless: how sandbox ids map to host ids here (`None` as root or unconfined).
+    pub fn rootless_ids(&self) -> Option<&RootlessIds> {
+        self.inner.host.ids.as_ref()
     }
 
     /// The cgroup controllers that enforce limits here ([`Cgroups::None`]: rlimits only).
@@ -278,11 +310,35 @@ impl Sandboxes {
             (sandbox, processes, trash)
         };
         sandbox.kill_all(processes, &trash).await;
-        tokio::fs::remove_dir_all(&trash)
-            .await
-            .with_context(|| format!("delete sandbox {id}: remove {}", trash.display()))?;
+        let host = self.inner.host.clone();
+        tokio::task::spawn_blocking(move || host.remove_dir(&trash))
+            .await?
+            .with_context(|| format!("delete sandbox {id}"))?;
         Ok(true)
     }
+}
+
+/// Rootless: subordinate ids where `subordinate` allows them and this user
+/// has them (else one uid, saying why), and the namespace mapped as every
+/// sandbox's outer one that the host's file operations use.
+fn rootless_ids(
+    owner: (u32, u32),
+    subordinate: SubordinateIds,
+) -> Result<(RootlessIds, Option<identity::SubIds>, std::os::fd::OwnedFd)> {
+    let found = match subordinate {
+        SubordinateIds::Never => Err("subordinate ids not used, as configured".to_owned()),
+        SubordinateIds::WhereAvailable => identity::find_subordinate_ids(owner.0, owner.1),
+    };
+    let why = match found {
+        Ok(subids) => match namespaces::keeper_namespace(owner, Some(&subids)) {
+            Ok(keeper) => return Ok((subids.mode(), Some(subids), keeper)),
+            // Refused by newuidmap (a range it does not accept, a tool not set-uid): say so, and use one uid.
+            Err(e) => format!("{e:#}"),
+        },
+        Err(why) => why,
+    };
+    let keeper = namespaces::keeper_namespace(owner, None)?;
+    Ok((RootlessIds::OneUid { why }, None, keeper))
 }
 
 #[cfg(test)]

@@ -324,6 +324,10 @@ pub struct Enforcement {
     pub timeout: String,
     /// Limits asked for that are not held (`memory`, `cpu`…): named, never silently dropped.
     pub not_held: Vec<String>,
+    /// Rootless: how the sandbox's ids map to host ids (subordinate ids or
+    /// one uid, [`crate::RootlessIds::describe`]); empty (and left out) otherwise.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub identities: String,
 }
 
 impl Enforcement {
@@ -387,7 +391,7 @@ impl Enforcement {
             timeout.is_some(),
             "the sandbox is deleted once the timeout passed without activity".into(),
         );
-        Enforcement { memory, pids, cpu, disk, timeout, not_held }
+        Enforcement { memory, pids, cpu, disk, timeout, not_held, identities: String::new() }
     }
 }
 

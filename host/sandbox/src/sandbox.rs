@@ -15,7 +15,7 @@ use tokio::io::AsyncRead;
 
 use crate::confinement::Confinement;
 use crate::files::{self, AREAS, BUILDER_DIR, BUILDER_PATH, Owners};
-use crate::identity::{SANDBOX_UID, UidRange};
+use crate::identity::{SANDBOX_UID, SubIds, UidRange};
 use crate::limits::{Cgroups, Limits, SandboxGroups};
 use crate::namespaces::{Holder, HolderSpec, Launch, RootEntry};
 use crate::network::{Forwarders, Network};
@@ -33,8 +33,65 @@ pub(crate) struct Host {
     pub cgroups: Cgroups,
     /// Where host uid ranges are locked (as root).
     pub uid_locks: PathBuf,
-    /// Rootless: this user's host uid and gid (sandbox root and the sandbox user).
+    /// Rootless: this user's host uid and gid (sandbox root).
     pub rootless: Option<(u32, u32)>,
+    /// Rootless: how sandbox ids map to host ids.
+    pub ids: Option<crate::RootlessIds>,
+    /// Rootless with subordinate ids: them (uids 1..=65535 inside).
+    pub subids: Option<SubIds>,
+    /// Rootless: a user namespace mapped as every sandbox's outer one, whose
+    /// root may chown, read and remove any file of this user's sandboxes.
+    pub keeper: Option<OwnedFd>,
+}
+
+impl Host {
+    /// Removes a sandbox's directory `dir` and all in it. Rootless, as root
+    /// of the keeper namespace: files of subordinate uids and directories
+    /// of mode 000 included.
+    pub(crate) fn remove_dir(&self, dir: &Path) -> Result<()> {
+        match &self.keeper {
+            Some(keeper) => crate::namespaces::remove_tree(dir, keeper),
+            None => std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display())),
+        }
+    }
+}
+
+/// A file operation run as root of the keeper namespace (rootless with subordinate ids).
+#[derive(Debug, Clone, Copy)]
+enum KeeperOp {
+    Open,
+    Create,
+    Remove,
+}
+
+/// Runs `op` on `plan` in a helper that is root of `host`'s keeper
+/// namespace: it may create files owned by the sandbox user, open files of
+/// any sandbox uid, and remove in directories of any sandbox uid. Returns
+/// the file opened or created.
+fn in_keeper(host: &Host, plan: &files::FilePlan, op: KeeperOp) -> Result<std::io::Result<Option<OwnedFd>>> {
+    let keeper = host.keeper.as_ref().ok_or_else(|| anyhow!("no keeper namespace (not rootless)"))?;
+    let body = |sock: std::os::fd::RawFd| -> std::result::Result<(), i32> {
+        let file = match op {
+            KeeperOp::Open => Some(plan.open()?),
+            KeeperOp::Create => Some(plan.create(Some(SANDBOX_UID))?),
+            KeeperOp::Remove => {
+                plan.remove()?;
+                None
+            }
+        };
+        let sent = match &file {
+            Some(file) => crate::namespaces::send_fds(sock, &[file.as_raw_fd()]),
+            None => crate::namespaces::send_fds(sock, &[]),
+        };
+        if sent { Ok(()) } else { Err(libc::EIO) }
+    };
+    let answer = crate::namespaces::in_keeper(&format!("file helper ({op:?})"), keeper, &body)?;
+    Ok(answer.map(|mut fds| fds.pop()))
+}
+
+/// The file a keeper helper sent back.
+fn sent_file(fd: Option<OwnedFd>) -> std::io::Result<std::fs::File> {
+    fd.map(std::fs::File::from).ok_or_else(|| std::io::Error::other("the file helper sent no descriptor"))
 }
 
 /// What a sandbox is given at creation (wit/protocol.md §3.3).
@@ -121,6 +178,13 @@ impl Drop for Sandbox {
             jail.holder.kill();
             jail.groups.remove();
             files::unmount_disk(&self.dir.join("fs"));
+            // Rootless, its files may belong to subordinate uids that this user cannot remove
+            // by hand: the directory goes now (as root, a later create with its id removes it).
+            if self.host.keeper.is_some()
+                && let Err(e) = self.host.remove_dir(&self.dir)
+            {
+                tracing::warn!(sandbox = %self.id, "removing the directory of a sandbox never deleted: {e:#}");
+            }
         }
     }
 }
@@ -130,7 +194,7 @@ impl Sandbox {
         if dir.exists() {
             tracing::warn!(sandbox = id, "removing the stale directory {} of an earlier sandbox {id}", dir.display());
             files::unmount_disk(&dir.join("fs"));
-            std::fs::remove_dir_all(&dir).with_context(|| format!("remove stale {}", dir.display()))?;
+            host.remove_dir(&dir).with_context(|| format!("remove the stale directory of sandbox {id}"))?;
         }
         match host.confinement {
             Confinement::Unconfined => {
@@ -139,9 +203,13 @@ impl Sandbox {
                 Ok(Sandbox::assemble(id, dir, fs, host, spec, None, None))
             }
             Confinement::Namespaces | Confinement::Rootless => {
-                let (uids, owners) = match host.rootless {
-                    Some((uid, _)) => (None, Owners { root: uid, user: uid }),
-                    None => {
+                let (uids, owners) = match (host.rootless, &host.subids) {
+                    (Some((uid, _)), Some(ids)) => {
+                        let user = ids.host_uid(SANDBOX_UID).expect("1000 is a subordinate id");
+                        (None, Owners { root: uid, user })
+                    }
+                    (Some((uid, _)), None) => (None, Owners { root: uid, user: uid }),
+                    (None, _) => {
                         let hint = u64::from(std::process::id()) << 16
                             ^ id.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b));
                         let uids = UidRange::take(&host.uid_locks, hint)?;
@@ -158,7 +226,9 @@ impl Sandbox {
                     }
                     Err(e) => {
                         files::unmount_disk(&dir.join("fs"));
-                        let _ = std::fs::remove_dir_all(&dir);
+                        if let Err(left) = host.remove_dir(&dir) {
+                            tracing::warn!(sandbox = id, "after a failed create: {left:#}");
+                        }
                         Err(e)
                     }
                 }
@@ -201,6 +271,7 @@ impl Sandbox {
             private_network: matches!(spec.network, Network::Private { .. }),
             rootless: host.rootless,
             disk_mb: spec.limits.disk_mb,
+            subids: host.subids.as_ref(),
         });
         let mut holder = match holder {
             Ok(holder) => holder,
@@ -283,19 +354,27 @@ impl Sandbox {
     /// Host uid of `uid` inside (sandbox root is 0, the sandbox user
     /// [`SANDBOX_UID`]); `None` when unconfined (everything is this process's user).
     ///
-    /// Rootless, sandbox root and the sandbox user are both this user's one
-    /// host uid, and other uids inside are not mapped (`None`).
+    /// Rootless, sandbox root is this user's host uid; with subordinate ids
+    /// uids 1..=65535 are those ids, with one uid the sandbox user is that
+    /// same uid and other uids inside are not mapped (`None`).
     pub fn host_uid(&self, uid: u32) -> Option<u32> {
-        match (self.host.rootless, self.owners) {
-            (Some((host, _)), Some(_)) => (uid == 0 || uid == SANDBOX_UID).then_some(host),
-            (_, owners) => owners.map(|o| o.root + uid),
+        match (self.host.rootless, &self.host.subids, self.owners) {
+            (_, _, None) => None,
+            (Some(_), Some(ids), Some(_)) => ids.host_uid(uid),
+            (Some((host, _)), None, Some(_)) => (uid == 0 || uid == SANDBOX_UID).then_some(host),
+            (None, _, Some(owners)) => Some(owners.root + uid),
         }
     }
 
     /// Which mechanism holds each of this sandbox's limits (and which asked
     /// limit nothing holds here): what its create answer reports.
     pub fn enforcement(&self) -> crate::Enforcement {
-        crate::Enforcement::new(&self.host.confinement, &self.host.cgroups, &self.spec.limits, self.spec.timeout)
+        let mut held =
+            crate::Enforcement::new(&self.host.confinement, &self.host.cgroups, &self.spec.limits, self.spec.timeout);
+        if let Some(ids) = &self.host.ids {
+            held.identities = ids.describe();
+        }
+        held
     }
 
     /// Counts as activity: the timeout starts again from now.
@@ -575,6 +654,31 @@ impl Sandbox {
         files::unmount_disk(&dir.join("fs"));
     }
 
+    /// Opens or creates the file at `path`: `direct` here, or `op` in a
+    /// helper in the keeper namespace when sandboxes use subordinate ids.
+    async fn file_op(
+        &self,
+        path: &str,
+        what: &'static str,
+        op: KeeperOp,
+        direct: impl FnOnce(&Path, &Path) -> std::io::Result<std::fs::File> + Send + 'static,
+    ) -> Result<std::fs::File> {
+        let (area, rel) = self.area_file(path)?;
+        let host = self.host.clone();
+        let file = tokio::task::spawn_blocking(move || -> Result<std::io::Result<std::fs::File>> {
+            if host.subids.is_none() {
+                return Ok(direct(&area, &rel));
+            }
+            let plan = files::FilePlan::new(&area, &rel)?;
+            Ok(in_keeper(&host, &plan, op)?.and_then(sent_file))
+        })
+        .await?
+        .with_context(|| format!("sandbox {}: {what} file {path}", self.id))?
+        .map_err(files::explain)
+        .with_context(|| format!("sandbox {}: {what} file {path}", self.id))?;
+        Ok(file)
+    }
+
     fn area_file(&self, path: &str) -> Result<(PathBuf, PathBuf)> {
         let (area, rel) = files::split(&self.id, path)?;
         if rel.as_os_str().is_empty() {
@@ -587,13 +691,13 @@ impl Sandbox {
     /// creating missing parent directories, all owned by the sandbox's user;
     /// returns the bytes written.
     pub async fn write_file(&self, path: &str, mut body: impl AsyncRead + Unpin) -> Result<u64> {
-        let (area, rel) = self.area_file(path)?;
-        // Rootless, files are this user's already (chown to the same uid is not needed).
+        // Rootless with one uid, files are this user's already (chown to the same uid is not needed).
         let owner = self.owners.filter(|_| self.host.rootless.is_none()).map(|o| o.user);
-        let file = tokio::task::spawn_blocking(move || files::create_file(&area, &rel, owner))
-            .await?
-            .map_err(files::explain)
-            .with_context(|| format!("sandbox {}: create file {path}", self.id))?;
+        // With subordinate ids the file is the sandbox user's (a subordinate
+        // uid): a helper that may chown makes it.
+        let file = self
+            .file_op(path, "create", KeeperOp::Create, move |area, rel| files::create_file(area, rel, owner))
+            .await?;
         // Large writes: tokio's File does each write as a blocking-pool task,
         // and `copy` hands it 8 KiB at a time (37,500 round trips for 300 MB).
         let mut file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, tokio::fs::File::from_std(file));
@@ -608,21 +712,28 @@ impl Sandbox {
 
     /// Opens the file at `path` for reading.
     pub async fn read_file(&self, path: &str) -> Result<tokio::fs::File> {
-        let (area, rel) = self.area_file(path)?;
-        let file = tokio::task::spawn_blocking(move || files::open_file(&area, &rel))
-            .await?
-            .map_err(files::explain)
-            .with_context(|| format!("sandbox {}: read file {path}", self.id))?;
+        // With subordinate ids a helper opens it: it may read any sandbox
+        // uid's files (mode 0600 of uid 1000 too).
+        let file = self.file_op(path, "read", KeeperOp::Open, files::open_file).await?;
         Ok(tokio::fs::File::from_std(file))
     }
 
     /// Deletes the file at `path` (a symlink itself, not its target).
     pub async fn delete_file(&self, path: &str) -> Result<()> {
         let (area, rel) = self.area_file(path)?;
-        tokio::task::spawn_blocking(move || files::remove_file(&area, &rel))
-            .await?
-            .map_err(files::explain)
-            .with_context(|| format!("sandbox {}: delete file {path}", self.id))
+        let host = self.host.clone();
+        tokio::task::spawn_blocking(move || -> Result<std::io::Result<()>> {
+            if host.subids.is_none() {
+                return Ok(files::remove_file(&area, &rel));
+            }
+            // Removed by a helper that may write in a directory of any sandbox uid.
+            let plan = files::FilePlan::new(&area, &rel)?;
+            Ok(in_keeper(&host, &plan, KeeperOp::Remove)?.map(drop))
+        })
+        .await?
+        .with_context(|| format!("sandbox {}: delete file {path}", self.id))?
+        .map_err(files::explain)
+        .with_context(|| format!("sandbox {}: delete file {path}", self.id))
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use snapsign_sandbox::{Confinement, ProcessInfo, ProcessSpec, Sandbox, Sandboxes, SandboxesConfig};
+use snapsign_sandbox::{Confinement, ProcessInfo, ProcessSpec, Sandbox, Sandboxes, SandboxesConfig, SubordinateIds};
 
 /// Every wait of these tests ends by this deadline.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -14,10 +14,37 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 /// ([`Confinement::Namespaces`]) or as an ordinary user
 /// ([`Confinement::Rootless`]); these tests run both ways (see `.ci/run`).
 pub fn sandboxes(root: &Path, builder: Option<PathBuf>) -> Sandboxes {
+    sandboxes_with(root, builder, SubordinateIds::WhereAvailable)
+}
+
+/// [`sandboxes`], saying whether rootless sandboxes may use subordinate ids.
+pub fn sandboxes_with(root: &Path, builder: Option<PathBuf>, subordinate: SubordinateIds) -> Sandboxes {
     let confinement = Confinement::detect(false).expect("these tests run sandboxes confined with namespaces");
     let expected = if host_is_root() { Confinement::Namespaces } else { Confinement::Rootless };
     assert_eq!(confinement, expected);
-    Sandboxes::new(SandboxesConfig { root_dir: root.to_owned(), confinement, builder_binary: builder }).unwrap()
+    let config = SandboxesConfig { root_dir: root.to_owned(), confinement, builder_binary: builder };
+    Sandboxes::new_with(config, subordinate).unwrap()
+}
+
+/// Owner uid and gid of a host file, not following a symlink.
+pub fn owner(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    (meta.uid(), meta.gid())
+}
+
+/// Every path under `dir` (itself excluded), read as the host sees it.
+pub fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            found.push(entry.path());
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                found.extend(tree(&entry.path()));
+            }
+        }
+    }
+    found
 }
 
 /// This test process's host uid.
