@@ -104,6 +104,33 @@ async fn base_then_diff_build_through_the_new_shape_with_parent_download() {
     stack.shutdown().await;
 }
 
+/// PAT mode end to end: the platform calls go to the org/project paths with
+/// the scope headers (the emulator refuses them otherwise), and the template
+/// is then listed through the same scope.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pat_mode_build_registers_through_the_scoped_platform_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ctx = context(&[("hello.txt", b"hello from the base image\n")]);
+    let scope = snapsign::image_build::call::Scope { organization: "org-1".into(), project: "proj-1".into() };
+    let mut opts = options(&stack, "scoped", BASE, ctx.path());
+    opts.scope = Some(scope.clone());
+    let run = build(&opts).await;
+    let template = run.outcome.unwrap_or_else(|e| panic!("PAT build failed: {e}\n{:#?}", run.events));
+    assert_eq!(template["name"], "scoped");
+    // Prepare and complete came on the scoped paths, with the headers.
+    assert!(stack.platform.scoped_requests() >= 2, "{} scoped requests", stack.platform.scoped_requests());
+    let client = snapsign_host::templates::Templates::new(&stack.api_url(), &stack.token, Some(scope)).unwrap();
+    assert_eq!(client.describe("scoped").await.unwrap()["id"], template["id"]);
+    // The same paths without the headers are refused, naming what is missing.
+    let unscoped = format!("{}/platform/v1/organizations/org-1/projects/proj-1/sandbox-templates", stack.api_url());
+    let response = reqwest::Client::new().get(unscoped).bearer_auth(&stack.token).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(response.text().await.unwrap().contains("Organization ID and project ID are required"));
+    assert!(stack.platform.live_sandboxes().is_empty(), "builder sandbox deleted");
+    stack.shutdown().await;
+}
+
 /// The client and the reference builder read a Dockerfile through one front end
 /// (src/image_build/dockerfile): a global ARG default in FROM names the parent
 /// template, a byte-order mark and CRLF change nothing, and an ARG without a
@@ -714,12 +741,12 @@ async fn run_steps_build_in_the_builder_sandbox_and_diffs_record_deletions() {
     assert!(stack.platform.live_sandboxes().is_empty(), "builder sandboxes deleted");
     assert!(open_uploads(dir.path()).is_empty(), "no upload left open");
 
-    // USER: a step runs as the image's user where the sandbox maps a uid range (as root);
-    // a rootless sandbox maps one uid, and says so.
+    // USER: a step runs as the image's user where the sandbox maps a uid range (as root, or
+    // rootless with the user's subordinate ids); a rootless sandbox of one uid says it cannot.
     let user = "FROM run-base\nUSER app\nWORKDIR /tmp\n\
                 RUN id -u > uid && id -G > groups && if touch /etc/app-was-here; then echo WROTE; else echo refused; fi > etc-write\n";
     let as_user = build(&options(&stack, "run-user", user, ctx.path())).await;
-    if unsafe { libc::geteuid() } == 0 {
+    if !stack.sandbox_mode.contains("identities: one uid") {
         let done = as_user.outcome.unwrap_or_else(|e| panic!("the USER build failed: {e}\n{:#?}", as_user.events));
         let (_, _out, tree) = stored_snapshot(dir.path(), done["snapshotUri"].as_str().unwrap());
         let read = |rel: &str| std::fs::read_to_string(tree.host(rel)).unwrap();
@@ -729,7 +756,7 @@ async fn run_steps_build_in_the_builder_sandbox_and_diffs_record_deletions() {
         let owner = tree.owner("tmp/uid");
         assert_eq!((owner.uid, owner.gid), (1000, 1000), "the snapshot records who made the file");
     } else {
-        as_user.outcome.expect_err("a rootless sandbox has no uid 1000");
+        as_user.outcome.expect_err("a rootless sandbox of one uid has no uid 1000");
         let logged =
             |needle: &str| as_user.events.iter().any(|e| matches!(e, BuildEvent::Log(_, l) if l.contains(needle)));
         assert!(

@@ -72,9 +72,19 @@ async fn prepare_answers_in_legacy_new_and_both_shapes_and_lookup_404s_unknown_n
     assert!(answer["message"].as_str().unwrap().contains("missing field `dockerfile`"), "{answer}");
     let (status, json) = api.get("/platform/v1/sandbox-templates/by-name/tensorlake%2Fpython%3A3.12").await;
     assert_eq!((status, json["code"].as_str()), (404, Some("template_not_found")));
-    // PAT mode path, and no token at all.
-    let (status, _) = api.get("/platform/v1/organizations/o/projects/p/sandbox-templates/by-name/x").await;
-    assert_eq!(status, 404);
+    // PAT mode: the path's scope must come as headers too, the same one.
+    let pat = format!("{}/platform/v1/organizations/o/projects/p/sandbox-templates/by-name/x", api.base);
+    let scoped = |org: &str, project: &str| {
+        api.http.get(&pat).header("x-forwarded-organization-id", org).header("x-forwarded-project-id", project)
+    };
+    let (status, json) = api.send(scoped("o", "p")).await;
+    assert_eq!((status, json["code"].as_str()), (404, Some("template_not_found")), "{json}");
+    let (status, json) = api.send(api.http.get(&pat)).await;
+    assert_eq!((status, json["code"].as_str()), (401, Some("unauthorized")), "{json}");
+    assert!(json["message"].as_str().unwrap().starts_with("Organization ID and project ID are required"), "{json}");
+    let (status, json) = api.send(scoped("o", "other")).await;
+    assert_eq!((status, json["code"].as_str()), (403, Some("scope_mismatch")), "{json}");
+    // No token at all.
     let anonymous = reqwest::get(format!("{}/platform/v1/sandbox-templates/by-name/x", api.base)).await.unwrap();
     assert_eq!(anonymous.status(), 401);
     stack.shutdown().await;
@@ -564,5 +574,107 @@ async fn the_signer_refuses_at_sign_time_exactly_the_keys_the_store_cannot_hold(
     assert_eq!((status, refused["code"].as_str()), (400, Some("invalid_rel_path")), "{refused}");
     assert!(refused["message"].as_str().unwrap().contains(&format!("at most {limit} bytes")), "{refused}");
     assert!(!refused.to_string().contains("X-Amz-Signature"), "{refused}");
+    stack.shutdown().await;
+}
+
+/// Registers `name` through a legacy prepare, its upload and complete; a
+/// diff on `parent` (a template name) when given.
+async fn register(api: &Api, name: &str, parent: Option<&str>) -> Value {
+    let dockerfile = parent.map(|p| format!("FROM {p}\n")).unwrap_or_else(|| SCRATCH.to_owned());
+    let (status, prepared) = api.prepare(name, &dockerfile, parent, Some("legacy")).await;
+    assert_eq!(status, 200, "{prepared}");
+    upload_legacy(api, &prepared, b"snapshot-bytes").await;
+    let mut body = completion(&prepared, 14);
+    if parent.is_some() {
+        body["rootfsNodeKind"] = json!("diff");
+        body["parentManifestUri"] = prepared["parent"]["parentManifestUri"].clone();
+    }
+    let build = prepared["buildId"].as_str().unwrap();
+    let (status, template) = api.post(&format!("/platform/v1/sandbox-template-builds/{build}/complete"), body).await;
+    assert_eq!(status, 200, "{template}");
+    template
+}
+
+/// `snapsign templates ls | describe | rm` against the emulator: pages,
+/// another namespace kept out, and a parent refused while a diff is built on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_are_listed_by_page_described_and_removed_children_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path(), |_| {}).await;
+    let api = Api::new(&stack);
+    let base = register(&api, "base-image", None).await;
+    let child = register(&api, "child", Some("base-image")).await;
+    let other = register(&api, "another", None).await;
+
+    // Pages of one, by name, through nextCursor.
+    let (status, page) = api.get("/platform/v1/sandbox-templates?limit=1").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!((page["items"][0]["name"].as_str(), page["nextCursor"].as_str()), (Some("another"), Some("another")));
+    let (_, page) = api.get("/platform/v1/sandbox-templates?limit=2&cursor=another").await;
+    let names: Vec<&str> = page["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!((names, page["nextCursor"].clone()), (vec!["base-image", "child"], Value::Null));
+    let (status, bad) = api.get("/platform/v1/sandbox-templates?limit=0").await;
+    assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_limit")), "{bad}");
+
+    // The CLI's client: every page, the lookup, the removal.
+    let client = snapsign_host::templates::Templates::new(&stack.api_url(), &stack.token, None).unwrap();
+    let all = client.list().await.unwrap();
+    assert_eq!(all.iter().map(|t| &t["id"]).collect::<Vec<_>>(), [&other["id"], &base["id"], &child["id"]]);
+    assert_eq!(client.describe("child").await.unwrap()["id"], child["id"]);
+
+    // Another namespace sees nothing of these private templates and removes nothing.
+    let stranger =
+        snapsign_host::templates::Templates::new(&stack.api_url(), &stack.token_for("other").unwrap(), None).unwrap();
+    assert!(stranger.list().await.unwrap().is_empty());
+    let id = base["id"].as_str().unwrap();
+    let (status, hidden) = api
+        .send_as(
+            &stack.token_for("other").unwrap(),
+            api.http.delete(format!("{}/platform/v1/sandbox-templates/{id}", api.base)),
+        )
+        .await;
+    assert_eq!((status, hidden["code"].as_str()), (404, Some("template_not_found")), "{hidden}");
+
+    // The parent stays while a diff template is built on it.
+    let refused = client.remove("base-image").await.unwrap_err().to_string();
+    assert!(refused.contains("HTTP 409") && refused.contains("template_in_use"), "{refused}");
+    assert!(refused.contains("yours: child"), "{refused}");
+    assert_eq!(client.describe("base-image").await.unwrap()["id"], base["id"], "still registered");
+
+    // The same through the command line.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"))
+            .arg("templates")
+            .args(args)
+            .args(["--api-url", &stack.api_url(), "--token", &stack.token])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["ls", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{out}");
+    let (code, out, _) = cli(&["ls"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("NAME") && out.contains("child") && out.contains("diff"), "{out}");
+    let (code, out, _) = cli(&["describe", "child", "--json"]);
+    assert_eq!((code, serde_json::from_str::<Value>(&out).unwrap()["id"].clone()), (Some(0), child["id"].clone()));
+    let (code, _, err) = cli(&["rm", "base-image"]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: remove template 'base-image'") && err.contains("template_in_use"), "{err}");
+
+    // Children first, then the parent: gone from lookups and lists.
+    assert_eq!(client.remove("child").await.unwrap()["id"], child["id"]);
+    assert_eq!(client.remove("base-image").await.unwrap()["id"], base["id"]);
+    let (status, _) = api.get("/platform/v1/sandbox-templates/by-name/base-image").await;
+    assert_eq!(status, 404);
+    let gone = client.remove("base-image").await.unwrap_err().to_string();
+    assert!(gone.contains("HTTP 404"), "{gone}");
+    assert_eq!(client.list().await.unwrap().len(), 1);
     stack.shutdown().await;
 }

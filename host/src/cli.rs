@@ -35,6 +35,11 @@ pub enum Command {
     /// (directory or tar) or a rootfs tarball (the builder lays it out),
     /// through the same prepare, sign, upload and complete as a build.
     Import(ImportArgs),
+    /// List, describe and remove the templates of your namespace on the platform.
+    Templates {
+        #[command(subcommand)]
+        what: TemplatesWhat,
+    },
     /// Run the dev stack: store, signer, platform emulator and local sandboxes on loopback.
     Dev(DevArgs),
     /// Mint a bearer token for a namespace, signed with SNAPSIGN_TOKEN_KEY.
@@ -68,9 +73,9 @@ pub struct ServeSignerArgs {
     /// Wall-clock limit of one request, seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
-    /// Requests served at once (size of the instance pool, idle instances
-    /// included: they give way to new callers). A request that finds all
-    /// running waits up to 1 s, then gets 503 signer_busy.
+    /// Requests served at once. Up to as many idle instances are kept
+    /// beside them for their callers (the pool holds both). A request that
+    /// finds all running waits up to 1 s, then gets 503 signer_busy.
     #[arg(long, default_value_t = 32)]
     pub max_concurrency: u32,
     /// Compiled-component cache [default: $SNAPSIGN_CACHE_DIR, ~/.cache/snapsign].
@@ -105,6 +110,70 @@ pub struct PlatformArgs {
     /// Sandbox namespace.
     #[arg(long, env = "SNAPSIGN_NAMESPACE", default_value = "default")]
     pub namespace: String,
+    /// PAT mode: the organization the token acts in (with --project). The
+    /// platform paths become /platform/v1/organizations/ORG/projects/PROJECT/…
+    /// and X-Forwarded-Organization-Id / X-Forwarded-Project-Id go with every
+    /// request; without both, API-key mode.
+    #[arg(long, env = "SNAPSIGN_ORGANIZATION_ID")]
+    pub organization: Option<String>,
+    /// PAT mode: the project the token acts in (with --organization).
+    #[arg(long, env = "SNAPSIGN_PROJECT_ID")]
+    pub project: Option<String>,
+}
+
+impl PlatformArgs {
+    /// PAT mode's scope when both --organization and --project are given,
+    /// none when neither is; one without the other is a usage error.
+    pub fn scope(&self) -> Result<Option<snapsign::image_build::call::Scope>, String> {
+        let given = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+        // Both also travel as header values: printable ASCII only.
+        for (flag, value) in [("--organization", &self.organization), ("--project", &self.project)] {
+            if let Some(bad) = given(value).filter(|v| !v.bytes().all(|b| b.is_ascii_graphic() || b == b' ')) {
+                return Err(format!("{flag} {bad:?} has characters an HTTP header cannot carry; pass the id as shown"));
+            }
+        }
+        match (given(&self.organization), given(&self.project)) {
+            (Some(organization), Some(project)) => {
+                Ok(Some(snapsign::image_build::call::Scope { organization, project }))
+            }
+            (None, None) => Ok(None),
+            _ => Err("Organization ID and project ID are required for sandbox image builds with PAT \
+                      authentication: pass both --organization and --project (or SNAPSIGN_ORGANIZATION_ID and \
+                      SNAPSIGN_PROJECT_ID), or neither for an API key"
+                .to_owned()),
+        }
+    }
+}
+
+// `snapsign templates`.
+#[derive(Subcommand)]
+pub enum TemplatesWhat {
+    /// Your namespace's templates, by name.
+    Ls {
+        #[command(flatten)]
+        platform: PlatformArgs,
+        /// Print them as a JSON array (only that) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One template: NAME of yours, or NAMESPACE/NAME of another namespace's public one.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        platform: PlatformArgs,
+        /// Print it as JSON (only that) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a template of yours. Refused while a diff template is built on it.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        platform: PlatformArgs,
+        /// Print the removed template as JSON (only that) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 // `snapsign build`.
@@ -429,4 +498,36 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 1000)]
         instantiations: usize,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn platform(organization: Option<&str>, project: Option<&str>) -> PlatformArgs {
+        PlatformArgs {
+            api_url: "http://127.0.0.1:1".into(),
+            token: "t".into(),
+            namespace: "default".into(),
+            organization: organization.map(str::to_owned),
+            project: project.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn pat_mode_needs_both_the_organization_and_the_project() {
+        let scope = platform(Some("o"), Some("p")).scope().unwrap().unwrap();
+        assert_eq!((scope.organization.as_str(), scope.project.as_str()), ("o", "p"));
+        assert_eq!(platform(None, None).scope(), Ok(None), "neither: API-key mode");
+        for half in [platform(Some("o"), None), platform(None, Some("p")), platform(Some("o"), Some(" "))] {
+            let error = half.scope().unwrap_err();
+            assert!(error.starts_with("Organization ID and project ID are required"), "{error}");
+            assert!(error.contains("--organization and --project"), "{error}");
+        }
+        let error = platform(Some("o\nX-Evil: 1"), Some("p")).scope().unwrap_err();
+        assert!(
+            error.starts_with("--organization \"o\\nX-Evil: 1\" has characters an HTTP header cannot carry"),
+            "{error}"
+        );
+    }
 }

@@ -10,7 +10,8 @@ use snapsign_host::image_build::{self, BuildFailure, BuildOptions};
 use snapsign_host::{signer, store};
 
 use crate::cli::{
-    Backend, BenchWhat, BuildArgs, Command, DevArgs, ImportArgs, PlatformArgs, ServeSignerArgs, StoreArgs, TokenArgs,
+    Backend, BenchWhat, BuildArgs, Command, DevArgs, ImportArgs, PlatformArgs, ServeSignerArgs, StoreArgs,
+    TemplatesWhat, TokenArgs,
 };
 
 /// Runs `command`; the exit code tells the outcome.
@@ -20,6 +21,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Import(args) => return import(args).await,
         Command::ServeSigner(args) => serve_signer(args).await?,
         Command::Demo { allow_unconfined } => demo(allow_unconfined).await?,
+        Command::Templates { what } => templates(what).await?,
         Command::Dev(args) => dev(args).await?,
         Command::Token(args) => token(args)?,
         Command::Deploy { target } => snapsign_host::hosts::cli::deploy(target).await?,
@@ -182,7 +184,7 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         builder_memory_mb,
         builder_disk_mb,
         public,
-        platform: PlatformArgs { api_url, token, namespace },
+        platform,
         allow_hosts,
         sandbox_wait_secs,
         max_memory_mb,
@@ -194,6 +196,14 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         sandboxes_dir,
         allow_unconfined,
     } = args;
+    let scope = match platform.scope() {
+        Ok(scope) => scope,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let PlatformArgs { api_url, token, namespace, .. } = platform;
     let text = match std::fs::read_to_string(&dockerfile) {
         Ok(text) => text,
         Err(e) => {
@@ -223,6 +233,7 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         timeout: Duration::from_secs(timeout_secs),
         cache_dir: engine::default_cache_dir(),
         import_reference,
+        scope,
     };
     let printer = image_build::progress_printer();
     let (outcome, _) = match backend {
@@ -423,5 +434,57 @@ async fn serve_store(args: StoreArgs) -> Result<()> {
     println!("store listening on {}", server.url());
     stop.await;
     server.shutdown().await;
+    Ok(())
+}
+
+/// `snapsign templates ls | describe | rm`.
+async fn templates(what: TemplatesWhat) -> Result<()> {
+    use snapsign_host::templates::Templates;
+    let client = |platform: &PlatformArgs| {
+        Templates::new(&platform.api_url, &platform.token, platform.scope().map_err(anyhow::Error::msg)?)
+    };
+    let print_json = |value: &serde_json::Value| println!("{}", serde_json::to_string_pretty(value).expect("JSON"));
+    match what {
+        TemplatesWhat::Ls { platform, json } => {
+            let templates = client(&platform)?.list().await?;
+            if json {
+                print_json(&serde_json::Value::Array(templates));
+                return Ok(());
+            }
+            if templates.is_empty() {
+                eprintln!("no templates in this namespace");
+                return Ok(());
+            }
+            println!("{:<32} {:<14} {:<5} {:>12} {:<7}", "NAME", "ID", "KIND", "SIZE", "PUBLIC");
+            for t in &templates {
+                println!(
+                    "{:<32} {:<14} {:<5} {:>12} {:<7}",
+                    t["name"].as_str().unwrap_or("?"),
+                    t["id"].as_str().unwrap_or("?"),
+                    t["rootfsNodeKind"].as_str().unwrap_or("?"),
+                    t["snapshotSizeBytes"].as_u64().map(|b| b.to_string()).unwrap_or_else(|| "?".into()),
+                    t["public"].as_bool().unwrap_or(false),
+                );
+            }
+        }
+        TemplatesWhat::Describe { name, platform, json } => {
+            let template = client(&platform)?.describe(&name).await?;
+            if json {
+                print_json(&template);
+            } else {
+                for (key, value) in template.as_object().into_iter().flatten() {
+                    println!("{key}: {}", value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string()));
+                }
+            }
+        }
+        TemplatesWhat::Rm { name, platform, json } => {
+            let removed = client(&platform)?.remove(&name).await?;
+            if json {
+                print_json(&removed);
+            } else {
+                println!("removed template '{name}' ({})", removed["id"].as_str().unwrap_or("?"));
+            }
+        }
+    }
     Ok(())
 }

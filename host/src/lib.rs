@@ -27,3 +27,4 @@ pub mod sandbox_exec;
 pub mod serve;
 pub mod signer;
 pub mod store;
+pub mod templates;

@@ -115,6 +115,7 @@ fn request_of(r: wit::BuildRequest) -> Request {
         public: r.public,
         sandbox_wait_secs: r.sandbox_wait_secs,
         import_reference: r.import_reference,
+        scope: r.scope.map(|s| snapsign::image_build::call::Scope { organization: s.organization, project: s.project }),
     }
 }
 

@@ -32,6 +32,44 @@ pub struct Request {
     pub sandbox_wait_secs: u32,
     /// An image import: spec.json's `importImageReference` (`context:<path>`).
     pub import_reference: Option<String>,
+    /// PAT mode's organization and project; `None` is API-key mode.
+    pub scope: Option<Scope>,
+}
+
+/// The scope a personal access token acts in (wit/protocol.md §2.1): PAT
+/// mode puts it in the platform's paths and sends it as headers to the
+/// platform, the lifecycle API and the sandbox proxy. API-key mode has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// `X-Forwarded-Organization-Id`.
+    pub organization: String,
+    /// `X-Forwarded-Project-Id`.
+    pub project: String,
+}
+
+/// The header that carries [`Scope::organization`].
+pub const ORGANIZATION_HEADER: &str = "x-forwarded-organization-id";
+/// The header that carries [`Scope::project`].
+pub const PROJECT_HEADER: &str = "x-forwarded-project-id";
+
+impl Scope {
+    /// The scope headers, as (name, value).
+    pub fn headers(&self) -> [(String, String); 2] {
+        [(ORGANIZATION_HEADER.to_owned(), self.organization.clone()), (PROJECT_HEADER.to_owned(), self.project.clone())]
+    }
+}
+
+/// The platform API's prefix: `{api}/platform/v1`, and in PAT mode
+/// `/organizations/{org}/projects/{project}` after it (each one segment).
+pub fn platform_base(api: &str, scope: Option<&Scope>) -> String {
+    let mut base = format!("{}/platform/v1", api.trim_end_matches('/'));
+    if let Some(scope) = scope {
+        base.push_str("/organizations/");
+        crate::presign::uri_encode(&scope.organization, false, &mut base);
+        base.push_str("/projects/");
+        crate::presign::uri_encode(&scope.project, false, &mut base);
+    }
+    base
 }
 
 impl std::fmt::Debug for Request {
@@ -44,6 +82,7 @@ impl std::fmt::Debug for Request {
             .field("public", &self.public)
             .field("sandbox_wait_secs", &self.sandbox_wait_secs)
             .field("import_reference", &self.import_reference)
+            .field("scope", &self.scope)
             .finish_non_exhaustive()
     }
 }

@@ -27,6 +27,41 @@ pub const COMPLETE_ATTEMPTS: u32 = 5;
 pub fn complete_backoff(attempt: u32) -> Duration {
     POLL * 2u32.saturating_pow(attempt.min(8))
 }
+/// Idempotent calls (template lookups, get_blob signing) are sent at most
+/// this many times while the connection fails or the answer is 429 or
+/// 502–504 (see [`retry_backoff`]). Calls that create something are not
+/// retried on a lost answer; each says why where it is answered.
+pub const RETRY_ATTEMPTS: u32 = 4;
+
+/// The upper bound of the first pause before an idempotent call is sent again; each later one doubles.
+pub const RETRY_BASE: Duration = Duration::from_millis(200);
+
+/// The pause after attempt `attempt` (from 0) of an idempotent call failed:
+/// half of [`RETRY_BASE`] × 2^attempt, plus a part of the other half drawn
+/// from `entropy` ("equal jitter"), so clients that failed together do not
+/// come back together. At most 0.2 + 0.4 + 0.8 s over the attempts.
+pub fn retry_backoff(attempt: u32, entropy: u64) -> Duration {
+    let cap = RETRY_BASE * 2u32.saturating_pow(attempt.min(8));
+    let half = cap / 2;
+    // splitmix64: the clock's low bits spread over the range.
+    let mut x = entropy.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    half + Duration::from_nanos(x % (half.as_nanos() as u64).max(1))
+}
+
+/// Why an idempotent call's answer is worth asking for again: the
+/// connection failed, or the server or a proxy on the way said it is busy or
+/// away (429, 502, 503, 504). Any other answer stands.
+fn worth_retrying(answer: &Result<(u16, Vec<u8>), String>) -> Option<String> {
+    match answer {
+        Err(e) => Some(e.clone()),
+        Ok((status @ (429 | 502 | 503 | 504), body)) => Some(format!("HTTP {status}: {}", text(body))),
+        Ok(_) => None,
+    }
+}
+
 /// Lifetime asked for the builder sandbox at create, seconds.
 pub const SANDBOX_TIMEOUT_SECS: i64 = 300;
 /// Each diagnostics command is killed after this many seconds (§5.9).
@@ -54,9 +89,14 @@ pub struct Step {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Start,
+    /// A template lookup (idempotent), its attempt (from 0).
     Lookup {
         index: usize,
-        retried: bool,
+        attempt: u32,
+    },
+    LookupPause {
+        index: usize,
+        attempt: u32,
     },
     Prepare,
     Create,
@@ -66,8 +106,12 @@ enum State {
     ProbePause,
     Proxy,
     SignUpload,
-    SignParent,
-    SignLocal(usize),
+    /// get_blob of the parent (idempotent), its attempt.
+    SignParent(u32),
+    SignParentPause(u32),
+    /// get_blob of an earlier stage's image (idempotent), its attempt.
+    SignLocal(usize, u32),
+    SignLocalPause(usize, u32),
     Setup(usize),
     WriteSpec,
     Build,
@@ -88,7 +132,8 @@ const SETUP_STEPS: usize = 6;
 /// One build, from request to outcome.
 pub struct Flow {
     request: Request,
-    api: String,
+    /// The platform API prefix (`call::platform_base`): API-key or PAT mode.
+    platform: String,
     auth: Vec<(String, String)>,
     state: State,
     started: Duration,
@@ -168,8 +213,11 @@ impl Flow {
     /// A flow for `request`, started at `now`.
     pub fn new(request: Request, now: Duration) -> Self {
         Flow {
-            api: request.api_url.trim_end_matches('/').to_owned(),
-            auth: vec![("authorization".into(), format!("Bearer {}", request.token))],
+            platform: super::call::platform_base(&request.api_url, request.scope.as_ref()),
+            // PAT mode sends its scope with every platform call (wit/protocol.md §2.1).
+            auth: std::iter::once(("authorization".into(), format!("Bearer {}", request.token)))
+                .chain(request.scope.iter().flat_map(|scope| scope.headers()))
+                .collect(),
             request,
             state: State::Start,
             started: now,
@@ -240,7 +288,7 @@ impl Flow {
     }
 
     fn lookup_call(&self, index: usize) -> Call {
-        self.http("GET", lookup::url(&self.api, &self.lookups[index]), &self.auth, None)
+        self.http("GET", lookup::url(&self.platform, &self.lookups[index]), &self.auth, None)
     }
 
     fn sign_call(&self, request: &SignRequest) -> Call {
@@ -252,6 +300,26 @@ impl Flow {
 
     fn get_blob(&self, uri: &str) -> Call {
         self.sign_call(&SignRequest::get_blob(uri))
+    }
+
+    /// When `answer` of an idempotent call is worth asking for again: a
+    /// pause (then `pause` sends it again), or the failure once
+    /// [`RETRY_ATTEMPTS`] were sent. `None` when the answer stands.
+    fn again(
+        &mut self,
+        what: &str,
+        answer: &Result<(u16, Vec<u8>), String>,
+        attempt: u32,
+        pause: State,
+        now: Duration,
+    ) -> Option<Result<Next, BuildError>> {
+        let why = worth_retrying(answer)?;
+        if attempt + 1 >= RETRY_ATTEMPTS {
+            return Some(Err(failed(format!("{what} failed {RETRY_ATTEMPTS} times: {why}"))));
+        }
+        let pause_for = retry_backoff(attempt, now.as_nanos() as u64);
+        self.warn(format!("{what} failed ({why}); asking again in {}ms", pause_for.as_millis()));
+        Some(self.go(pause, Call::Sleep(pause_for)))
     }
 
     /// Polls again after [`POLL`] while the deadline allows, else fails with `late`.
@@ -287,20 +355,16 @@ impl Flow {
                     return self.prepare();
                 }
                 let call = self.lookup_call(0);
-                self.go(State::Lookup { index: 0, retried: false }, call)
+                self.go(State::Lookup { index: 0, attempt: 0 }, call)
             }
-            (State::Lookup { index, retried }, Answer::Http(answer)) => {
+            (State::Lookup { index, attempt }, Answer::Http(answer)) => {
                 let reference = self.lookups[index].clone();
-                let (status, body) = match answer {
-                    Ok(answer) => answer,
-                    // A lookup is idempotent: one retry when the connection itself failed.
-                    Err(first) if !retried => {
-                        self.warn(format!("template lookup for '{reference}' failed ({first}); retrying once"));
-                        let call = self.lookup_call(index);
-                        return self.go(State::Lookup { index, retried: true }, call);
-                    }
-                    Err(second) => return Err(failed(second)),
-                };
+                // A lookup is idempotent: asked again while it fails in passing.
+                let what = format!("template lookup for '{reference}'");
+                if let Some(next) = self.again(&what, &answer, attempt, State::LookupPause { index, attempt }, now) {
+                    return next;
+                }
+                let (status, body) = answer.map_err(failed)?;
                 let template = lookup::classify(&reference, status, &text(&body))?;
                 if index == 0 && self.final_lookup {
                     self.parent_template = template.map(|t| t.as_parent(&reference));
@@ -310,9 +374,13 @@ impl Flow {
                 }
                 if index + 1 < self.lookups.len() {
                     let call = self.lookup_call(index + 1);
-                    return self.go(State::Lookup { index: index + 1, retried: false }, call);
+                    return self.go(State::Lookup { index: index + 1, attempt: 0 }, call);
                 }
                 self.prepare()
+            }
+            (State::LookupPause { index, attempt }, Answer::Slept) => {
+                let call = self.lookup_call(index);
+                self.go(State::Lookup { index, attempt: attempt + 1 }, call)
             }
             (State::Prepare, Answer::Http(answer)) => {
                 let (status, body) = answer.map_err(failed)?;
@@ -405,6 +473,9 @@ impl Flow {
                 self.go(State::SignUpload, call)
             }
             // The splice (§5.6): the signed uri and upload replace whatever prepare said.
+            // Not retried: put_artifact creates a multipart upload at the
+            // store, and after a lost answer a second one would leave the
+            // first open with no abort URL known to anyone.
             (State::SignUpload, Answer::Http(answer)) => {
                 let answer = signed(answer)?;
                 self.abort_url = UploadHead::read(&answer).abort_url;
@@ -412,21 +483,39 @@ impl Flow {
                 self.signed_uri = Some(uri);
                 if let Some(parent) = &self.prepared().parent {
                     let call = self.get_blob(&parent.parent_manifest_uri);
-                    return self.go(State::SignParent, call);
+                    return self.go(State::SignParent(0), call);
                 }
                 self.sign_local_images()
             }
-            (State::SignParent, Answer::Http(answer)) => {
+            // get_blob only presigns a read: idempotent, asked again while it fails in passing.
+            (State::SignParent(attempt), Answer::Http(answer)) => {
+                let what = "signing the parent snapshot's read (get_blob)";
+                if let Some(next) = self.again(what, &answer, attempt, State::SignParentPause(attempt), now) {
+                    return next;
+                }
                 splice::splice_parent_download(&mut self.spec, signed(answer)?).map_err(|e| failed(e.to_string()))?;
                 self.sign_local_images()
             }
-            (State::SignLocal(i), Answer::Http(answer)) => {
+            (State::SignParentPause(attempt), Answer::Slept) => {
+                let uri = self.prepared().parent.as_ref().expect("only a diff build signs its parent");
+                let call = self.get_blob(&uri.parent_manifest_uri);
+                self.go(State::SignParent(attempt + 1), call)
+            }
+            (State::SignLocal(i, attempt), Answer::Http(answer)) => {
+                let what = format!("signing the read of {} (get_blob)", self.local_images[i].1);
+                if let Some(next) = self.again(&what, &answer, attempt, State::SignLocalPause(i, attempt), now) {
+                    return next;
+                }
                 splice::splice_read(&mut self.spec, self.local_images[i].0, signed(answer)?);
                 if i + 1 < self.local_images.len() {
                     let call = self.get_blob(&self.local_images[i + 1].1);
-                    return self.go(State::SignLocal(i + 1), call);
+                    return self.go(State::SignLocal(i + 1, 0), call);
                 }
                 self.setup()
+            }
+            (State::SignLocalPause(i, attempt), Answer::Slept) => {
+                let call = self.get_blob(&self.local_images[i].1);
+                self.go(State::SignLocal(i, attempt + 1), call)
             }
             (State::Setup(i), Answer::Exit(exit)) => {
                 let Call::Run { process, .. } = self.setup_call(i) else {
@@ -469,7 +558,7 @@ impl Flow {
                 let request = complete::completion(prepared, self.signed_uri.as_deref(), &metadata, self.rootfs_bytes)
                     .map_err(|e| failed(e.to_string()))?;
                 let body = serde_json::to_value(request).expect("completions serialize");
-                let url = format!("{}/platform/v1/sandbox-template-builds/{}/complete", self.api, prepared.build_id);
+                let url = format!("{}/sandbox-template-builds/{}/complete", self.platform, prepared.build_id);
                 let call = self.http("POST", url, &self.auth, Some(&body));
                 self.complete_call = Some(call.clone());
                 self.go(State::Complete(0), call)
@@ -529,8 +618,7 @@ impl Flow {
             additional_local_images: self.local_templates.clone(),
         })
         .expect("a prepare request serializes");
-        let call =
-            self.http("POST", format!("{}/platform/v1/sandbox-template-builds", self.api), &self.auth, Some(&body));
+        let call = self.http("POST", format!("{}/sandbox-template-builds", self.platform), &self.auth, Some(&body));
         self.go(State::Prepare, call)
     }
 
@@ -541,7 +629,7 @@ impl Flow {
         match self.local_images.first() {
             Some((_, uri)) => {
                 let call = self.get_blob(uri);
-                self.go(State::SignLocal(0), call)
+                self.go(State::SignLocal(0, 0), call)
             }
             None => self.setup(),
         }

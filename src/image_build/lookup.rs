@@ -4,12 +4,12 @@
 use super::call::BuildError;
 use crate::wire::TemplateFound;
 
-/// `GET {api}/platform/v1/sandbox-templates/by-name/{reference}`, the
-/// reference percent-encoded as one path segment.
-pub fn url(api: &str, reference: &str) -> String {
+/// `GET {platform}/sandbox-templates/by-name/{reference}` (`platform`:
+/// [`super::call::platform_base`]), the reference percent-encoded as one path segment.
+pub fn url(platform: &str, reference: &str) -> String {
     let mut encoded = String::with_capacity(reference.len() * 3);
     crate::presign::uri_encode(reference, false, &mut encoded);
-    format!("{api}/platform/v1/sandbox-templates/by-name/{encoded}")
+    format!("{platform}/sandbox-templates/by-name/{encoded}")
 }
 
 /// The template (200), none (404), or why the build stops. Another
@@ -40,9 +40,15 @@ mod tests {
 
     #[test]
     fn encodes_the_reference_as_one_segment() {
-        assert_eq!(url("http://p", "other/base"), "http://p/platform/v1/sandbox-templates/by-name/other%2Fbase");
-        assert_eq!(url("http://p", "a b?#"), "http://p/platform/v1/sandbox-templates/by-name/a%20b%3F%23");
-        assert_eq!(url("http://p", "ok-1_2.3~"), "http://p/platform/v1/sandbox-templates/by-name/ok-1_2.3~");
+        assert_eq!(
+            url("http://p/platform/v1", "other/base"),
+            "http://p/platform/v1/sandbox-templates/by-name/other%2Fbase"
+        );
+        assert_eq!(url("http://p/platform/v1", "a b?#"), "http://p/platform/v1/sandbox-templates/by-name/a%20b%3F%23");
+        assert_eq!(
+            url("http://p/platform/v1", "ok-1_2.3~"),
+            "http://p/platform/v1/sandbox-templates/by-name/ok-1_2.3~"
+        );
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct Emulator {
     store_faults: Arc<StoreFaults>,
     admin_token: String,
     pub(crate) health_checks: std::sync::atomic::AtomicU64,
+    /// Platform requests served on PAT-mode (org/project) paths.
+    scoped_requests: std::sync::atomic::AtomicU64,
     /// Where registry images are pulled and laid out (set by the stack).
     images: OnceLock<super::images::ImageSettings>,
     /// The embedded store's root, whose records complete reads (set by the stack).
@@ -84,6 +86,7 @@ impl Emulator {
             store_faults,
             admin_token,
             health_checks: std::sync::atomic::AtomicU64::new(0),
+            scoped_requests: std::sync::atomic::AtomicU64::new(0),
             images: OnceLock::new(),
             store_root: OnceLock::new(),
         }
@@ -129,6 +132,11 @@ impl Emulator {
     pub fn set_faults(&self, faults: Faults) {
         self.store_faults.fail_upload_part(faults.store_fail_part);
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+    }
+
+    /// How many platform requests came on PAT-mode (org/project) paths with their scope headers.
+    pub fn scoped_requests(&self) -> u64 {
+        self.scoped_requests.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many `GET /api/v1/health` the proxy answered (keepalive pings).
@@ -216,18 +224,35 @@ impl Emulator {
         let headers = &parts.headers;
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         // PAT mode puts organizations/{org}/projects/{proj} after /platform/v1; same handlers.
-        let platform: Option<Vec<&str>> = match segments.as_slice() {
-            ["platform", "v1", "organizations", _, "projects", _, rest @ ..] => Some(rest.to_vec()),
-            ["platform", "v1", rest @ ..] => Some(rest.to_vec()),
-            _ => None,
+        let (platform, scope): (Option<Vec<&str>>, _) = match segments.as_slice() {
+            ["platform", "v1", "organizations", org, "projects", project, rest @ ..] => {
+                (Some(rest.to_vec()), Some((*org, *project)))
+            }
+            ["platform", "v1", rest @ ..] => (Some(rest.to_vec()), None),
+            _ => (None, None),
         };
         let key = self.signer.token_key().to_vec();
         if let Some(rest) = platform {
             let ns = namespace(headers, &key)?;
+            if let Some((org, project)) = scope {
+                check_scope(headers, org, project)?;
+                self.scoped_requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             return match (&method, rest.as_slice()) {
                 (&Method::GET, ["sandbox-templates", "by-name", name]) => {
                     let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy().into_owned();
                     Ok(super::http::json(StatusCode::OK, &self.lookup_template(&ns, &name)?))
+                }
+                (&Method::GET, ["sandbox-templates"]) => {
+                    Ok(super::http::json(StatusCode::OK, &self.list_templates(&ns, parts.uri.query())?))
+                }
+                (&Method::GET, ["sandbox-templates", id]) => {
+                    let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
+                    Ok(super::http::json(StatusCode::OK, &self.get_template(&ns, &id)?))
+                }
+                (&Method::DELETE, ["sandbox-templates", id]) => {
+                    let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
+                    Ok(super::http::json(StatusCode::OK, &self.delete_template(&ns, &id)?))
                 }
                 (&Method::POST, ["sandbox-template-builds"]) => {
                     let shape = match headers.get(SHAPE_HEADER).and_then(|v| v.to_str().ok()) {
@@ -281,6 +306,34 @@ impl Emulator {
             }
             _ => Err(ApiError::not_found("no_route", format!("no route {method} {path}"))),
         }
+    }
+}
+
+/// A PAT-mode request (org/project in its path) must carry the same
+/// organization and project in `X-Forwarded-Organization-Id` and
+/// `X-Forwarded-Project-Id`, as the platform's SDK sends them
+/// (wit/protocol.md §2.1): 401 without them, 403 when they name another.
+fn check_scope(headers: &http::HeaderMap, org: &str, project: &str) -> Result<(), ApiError> {
+    use snapsign::image_build::call::{ORGANIZATION_HEADER, PROJECT_HEADER};
+    let decode = |segment: &str| percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned();
+    let (org, project) = (decode(org), decode(project));
+    let sent = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    match (sent(ORGANIZATION_HEADER), sent(PROJECT_HEADER)) {
+        (Some(sent_org), Some(sent_project)) if sent_org == org && sent_project == project => Ok(()),
+        (Some(sent_org), Some(sent_project)) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "scope_mismatch",
+            format!(
+                "the path names organization '{org}' and project '{project}', the headers \
+                 '{sent_org}' and '{sent_project}'; send the same scope in both"
+            ),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Organization ID and project ID are required for sandbox image builds with PAT authentication: \
+             send X-Forwarded-Organization-Id and X-Forwarded-Project-Id with the request",
+        )),
     }
 }
 

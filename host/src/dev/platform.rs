@@ -85,7 +85,96 @@ pub(super) fn refuse_private(caller: &str, template: &Template) -> Result<(), Ap
     ))
 }
 
+/// Templates in one page of `GET …/sandbox-templates` unless `limit` says otherwise.
+pub const TEMPLATE_PAGE: usize = 50;
+/// The largest `limit` a page may ask for.
+pub const MAX_TEMPLATE_PAGE: usize = 500;
+
 impl Emulator {
+    /// `GET …/sandbox-templates?limit=N&cursor=C`: the caller's own templates
+    /// by name, a page at a time: `{"items": [...], "nextCursor": C|null}`;
+    /// `cursor` is the last name of the page before.
+    pub fn list_templates(&self, caller: &str, query: Option<&str>) -> Result<Value, ApiError> {
+        let (mut limit, mut cursor) = (TEMPLATE_PAGE, String::new());
+        for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            match key.as_ref() {
+                "limit" => {
+                    limit = value.parse().ok().filter(|n| (1..=MAX_TEMPLATE_PAGE).contains(n)).ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_limit",
+                            format!("limit '{value}' is not a number from 1 to {MAX_TEMPLATE_PAGE}"),
+                        )
+                    })?
+                }
+                "cursor" => cursor = value.into_owned(),
+                _ => {}
+            }
+        }
+        let mut page = self.state.templates_of(caller, &cursor, limit + 1)?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more { page.last().map(|t| t.name.clone()) } else { None };
+        Ok(json!({"items": page, "nextCursor": next}))
+    }
+
+    /// `GET …/sandbox-templates/{id}`: a template of the caller's, or
+    /// another namespace's public one. Another's private template is not
+    /// found, as if it did not exist.
+    pub fn get_template(&self, caller: &str, id: &str) -> Result<Value, ApiError> {
+        let template = self.visible_template(caller, id)?;
+        Ok(serde_json::to_value(&template).expect("templates serialize"))
+    }
+
+    fn visible_template(&self, caller: &str, id: &str) -> Result<Template, ApiError> {
+        self.state.template_by_id(id)?.filter(|t| t.namespace == caller || t.public).ok_or_else(|| {
+            ApiError::not_found("template_not_found", format!("no template {id} in namespace '{caller}'"))
+        })
+    }
+
+    /// `DELETE …/sandbox-templates/{id}`: removes a template of the caller's
+    /// and answers it. Refused with 409 `template_in_use` while a diff
+    /// template (of any namespace: a public template may have children
+    /// elsewhere) is built on its snapshot, since that template's sandboxes
+    /// need it below their own layer; remove those first. Its snapshot
+    /// object stays in the store: builds that read it are not cut off.
+    pub fn delete_template(&self, caller: &str, id: &str) -> Result<Value, ApiError> {
+        let template = self.visible_template(caller, id)?;
+        if template.namespace != caller {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not_owner",
+                format!(
+                    "template {id} ('{}/{}') belongs to namespace '{}'; namespace '{caller}' cannot remove it",
+                    template.namespace, template.name, template.namespace
+                ),
+            ));
+        }
+        if let Err(dependents) = self.state.remove_template(id)? {
+            let own: Vec<&str> = dependents.iter().filter(|(ns, _)| ns == caller).map(|(_, n)| n.as_str()).collect();
+            let others = dependents.len() - own.len();
+            let mut which = Vec::new();
+            if !own.is_empty() {
+                which.push(format!("yours: {}", own.join(", ")));
+            }
+            if others > 0 {
+                which.push(format!("{others} in other namespaces"));
+            }
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "template_in_use",
+                format!(
+                    "template '{}' ({id}) is the parent of {} diff template(s) ({}); they need its snapshot below \
+                     their own layer. Remove them first",
+                    template.name,
+                    dependents.len(),
+                    which.join("; ")
+                ),
+            ));
+        }
+        tracing::info!(namespace = caller, template = %id, name = %template.name, "template removed");
+        Ok(serde_json::to_value(&template).expect("templates serialize"))
+    }
+
     /// `GET …/sandbox-templates/by-name/{reference}`: the caller's own template,
     /// or another namespace's public one (`owner/name`).
     pub fn lookup_template(&self, caller: &str, reference: &str) -> Result<Value, ApiError> {

@@ -327,6 +327,7 @@ impl DevStack {
             timeout: Duration::from_secs(600),
             cache_dir: crate::engine::default_cache_dir(),
             import_reference: None,
+            scope: None,
         }
     }
 

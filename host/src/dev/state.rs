@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use serde::Serialize;
 
 /// A prepared build.
@@ -283,13 +283,20 @@ impl State {
 
     /// The first template matching `condition`; `what` names it in errors.
     fn template_where(&self, condition: &str, args: impl rusqlite::Params, what: &str) -> Result<Option<Template>> {
+        Ok(self.templates_where(&format!("{condition} LIMIT 1"), args, what)?.pop())
+    }
+
+    /// The templates matching `condition` (which may order and limit them).
+    fn templates_where(&self, condition: &str, args: impl rusqlite::Params, what: &str) -> Result<Vec<Template>> {
         let sql = format!(
             "SELECT id, namespace, name, snapshot_id, snapshot_uri, snapshot_format_version, snapshot_size_bytes,
                rootfs_disk_bytes, rootfs_node_kind, parent_manifest_uri, snapshot_sha256, public, build_id
-             FROM templates WHERE {condition} LIMIT 1"
+             FROM templates WHERE {condition}"
         );
-        self.db()
-            .query_row(&sql, args, |r| {
+        let db = self.db();
+        let mut statement = db.prepare(&sql).with_context(|| format!("look up templates {what}"))?;
+        let rows = statement
+            .query_map(args, |r| {
                 Ok(Template {
                     id: r.get(0)?,
                     namespace: r.get(1)?,
@@ -306,8 +313,39 @@ impl State {
                     build_id: r.get(12)?,
                 })
             })
-            .optional()
-            .with_context(|| format!("look up template {what}"))
+            .with_context(|| format!("look up templates {what}"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().with_context(|| format!("read templates {what}"))
+    }
+
+    /// Up to `limit` templates of `namespace` by name, after `after` (a page).
+    pub fn templates_of(&self, namespace: &str, after: &str, limit: usize) -> Result<Vec<Template>> {
+        self.templates_where(
+            "namespace = ?1 AND name > ?2 ORDER BY name LIMIT ?3",
+            params![namespace, after, limit as i64],
+            &format!("of namespace {namespace}"),
+        )
+    }
+
+    /// Removes the template `id` unless a diff template names its snapshot as
+    /// parent (checked in the same transaction); the dependents when it does not remove it.
+    pub fn remove_template(&self, id: &str) -> Result<std::result::Result<(), Vec<(String, String)>>> {
+        let mut db = self.db();
+        let tx = db.transaction().context("begin template removal")?;
+        let dependents: Vec<(String, String)> = tx
+            .prepare(
+                "SELECT c.namespace, c.name FROM templates c JOIN templates t ON c.parent_manifest_uri = t.snapshot_uri
+                 WHERE t.id = ?1 ORDER BY c.namespace, c.name",
+            )?
+            .query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()
+            .with_context(|| format!("find the templates built on {id}"))?;
+        if !dependents.is_empty() {
+            return Ok(Err(dependents));
+        }
+        tx.execute("DELETE FROM templates WHERE id = ?1", params![id])
+            .with_context(|| format!("remove template {id}"))?;
+        tx.commit().context("commit template removal")?;
+        Ok(Ok(()))
     }
 
     /// The template `name` of namespace `namespace` (whoever asks: visibility is the caller's check).

@@ -26,7 +26,8 @@ pub fn proxy_outbound(options: &BuildOptions) -> AllowList {
 
 /// The `proxy` backend for `options.api_url`, and the outbound policy of the build.
 pub fn proxy_backend(options: &BuildOptions) -> (Arc<ProxyBackend>, AllowList) {
-    let backend = ProxyBackend::new(&options.api_url, &options.token, &options.namespace);
+    let backend =
+        ProxyBackend::new(&options.api_url, &options.token, &options.namespace).with_scope(options.scope.clone());
     (Arc::new(backend), proxy_outbound(options))
 }
 

@@ -204,6 +204,10 @@ impl BuilderRuntime {
             public: options.public,
             sandbox_wait_secs: options.sandbox_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
             import_reference: options.import_reference.clone(),
+            scope: options.scope.as_ref().map(|s| bindings::exports::snapsign::components::build::Scope {
+                organization: s.organization.clone(),
+                project: s.project.clone(),
+            }),
         };
         let running = Instant::now();
         let call = builder.snapsign_components_build().call_run(&mut store, &request);

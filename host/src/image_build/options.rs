@@ -41,6 +41,9 @@ pub struct BuildOptions {
     /// An image import: spec.json's `importImageReference` (`context:<path>`, an
     /// image in the build context the builder lays out; `snapsign import PATH`).
     pub import_reference: Option<String>,
+    /// PAT mode's organization and project (platform paths, and headers to
+    /// the platform, the lifecycle API and the proxy); `None`: API-key mode.
+    pub scope: Option<snapsign::image_build::call::Scope>,
 }
 
 #[cfg(test)]
@@ -65,6 +68,7 @@ impl BuildOptions {
             timeout: Duration::from_secs(1),
             cache_dir: ".".into(),
             import_reference: None,
+            scope: None,
         }
     }
 }
@@ -90,6 +94,7 @@ impl std::fmt::Debug for BuildOptions {
             timeout,
             cache_dir,
             import_reference,
+            scope,
         } = self;
         f.debug_struct("BuildOptions")
             .field("api_url", api_url)
@@ -109,6 +114,7 @@ impl std::fmt::Debug for BuildOptions {
             .field("timeout", timeout)
             .field("cache_dir", cache_dir)
             .field("import_reference", import_reference)
+            .field("scope", scope)
             .finish()
     }
 }

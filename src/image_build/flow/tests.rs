@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::image_build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Request, SandboxError};
+use crate::image_build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Request, SandboxError, Scope};
 
 const ID: &str = "sbx-1";
 const URI: &str = "s3://snapshots/builds/default/sandbox-template-builds/build-1/snap-1.tlsnap";
@@ -29,6 +29,7 @@ fn request(dockerfile: &str) -> Request {
         public: false,
         sandbox_wait_secs: 1,
         import_reference: None,
+        scope: None,
     }
 }
 
@@ -67,6 +68,8 @@ struct World {
     complete: (u16, String),
     /// Answers to complete before `complete` (a transport error as `Err`).
     completes: VecDeque<Result<(u16, String), String>>,
+    /// Answers to get_blob sign requests before the signed read.
+    sign_gets: VecDeque<Result<(u16, String), String>>,
     abort: (u16, String),
     dmesg: Vec<String>,
     df: Vec<String>,
@@ -92,6 +95,7 @@ impl World {
             metadata: metadata(URI),
             complete: (200, r#"{"id":"tmpl-1","name":"base"}"#.into()),
             completes: VecDeque::new(),
+            sign_gets: VecDeque::new(),
             abort: (204, String::new()),
             dmesg: vec!["[ 0.1] booted".into()],
             df: vec![
@@ -147,6 +151,13 @@ impl World {
             }
             Call::Http { url, .. } if url.ends_with("/complete") && !self.completes.is_empty() => {
                 Answer::Http(self.completes.pop_front().expect("checked").map(|(s, t)| (s, t.into_bytes())))
+            }
+            Call::Http { url, body, .. }
+                if url.ends_with("/blob/sign")
+                    && !self.sign_gets.is_empty()
+                    && serde_json::from_slice::<Value>(body).unwrap()["op"]["kind"] == "get_blob" =>
+            {
+                Answer::Http(self.sign_gets.pop_front().expect("checked").map(|(s, t)| (s, t.into_bytes())))
             }
             Call::Http { method, url, headers, body } => {
                 let (status, text) = self.http(method, url, headers, body);
@@ -333,17 +344,25 @@ fn both_fields_shape_replaces_the_stale_snapshot_uri_with_the_signed_one() {
     assert_eq!(world.complete_body.unwrap()["snapshotUri"], URI);
 }
 
-#[test]
-fn diff_build_looks_up_the_parent_and_signs_its_download() {
+/// The parent snapshot a diff build on `other/base` gets.
+const PARENT_URI: &str = "s3://snapshots/builds/other/sandbox-template-builds/b0/s0.tlsnap";
+
+/// A world where `other/base` is a public template and prepare answers a diff on it.
+fn diff_world() -> (World, &'static str) {
     let mut world = World::new();
-    let parent_uri = "s3://snapshots/builds/other/sandbox-template-builds/b0/s0.tlsnap";
     world
         .lookups
         .push_back(Ok((200, json!({"id": "t-0", "name": "base", "snapshotId": "s0", "public": true}).to_string())));
     world.prepared["rootfsNodeKind"] = json!("diff");
-    world.prepared["parent"] = json!({"parentManifestUri": parent_uri, "rootfsDiskBytes": 2147483648u64});
+    world.prepared["parent"] = json!({"parentManifestUri": PARENT_URI, "rootfsDiskBytes": 2147483648u64});
     world.metadata["rootfs_node_kind"] = json!("diff");
-    world.metadata["parent_manifest_uri"] = json!(parent_uri);
+    world.metadata["parent_manifest_uri"] = json!(PARENT_URI);
+    (world, PARENT_URI)
+}
+
+#[test]
+fn diff_build_looks_up_the_parent_and_signs_its_download() {
+    let (mut world, parent_uri) = diff_world();
     let run = drive(request("FROM other/base\nCOPY b /b\n"), &mut world);
     assert!(run.outcome.is_ok(), "{:?}", run.outcome);
     let lookup = "GET http://api/platform/v1/sandbox-templates/by-name/other%2Fbase";
@@ -658,22 +677,103 @@ fn a_private_template_of_another_namespace_fails_the_build_not_the_credentials()
     );
 }
 
+/// The calls with each sleep (only retries sleep in these runs) checked
+/// against its bounds and named by the attempt it follows; the count starts
+/// again at each new call.
+fn with_retries(calls: &[String]) -> Vec<String> {
+    let (mut attempt, mut last) = (0u32, "");
+    let mut named = Vec::new();
+    for call in calls {
+        if let Some(ms) = call.strip_prefix("sleep ").and_then(|c| c.strip_suffix("ms")) {
+            let (ms, cap) = (ms.parse::<u128>().unwrap(), RETRY_BASE.as_millis() << attempt);
+            assert!((cap / 2..cap).contains(&ms), "pause {ms}ms after attempt {attempt} not in [{}, {cap})", cap / 2);
+            named.push(format!("retry after attempt {attempt}"));
+            attempt += 1;
+            continue;
+        }
+        if call != last {
+            (attempt, last) = (0, call);
+        }
+        named.push(call.clone());
+    }
+    named
+}
+
 #[test]
-fn a_lookup_whose_connection_fails_is_retried_once() {
+fn a_lookup_that_fails_in_passing_is_asked_again_with_jittered_backoff() {
     let lookup = "GET http://api/platform/v1/sandbox-templates/by-name/base";
     let mut world = World::new();
-    world.lookups = VecDeque::from([Err("connection refused".into()), Ok((404, String::new()))]);
+    world.lookups = VecDeque::from([
+        Err("connection refused".into()),
+        Ok((503, "busy".into())),
+        Ok((504, "gateway timeout".into())),
+        Ok((404, String::new())),
+    ]);
     let run = drive(request("FROM base\n"), &mut world);
     assert!(run.outcome.is_ok(), "{:?}", run.outcome);
-    assert_eq!(run.calls[..3], [lookup, lookup, PREPARE]);
-    assert_eq!(run.warnings(), ["template lookup for 'base' failed (connection refused); retrying once"]);
+    assert_eq!(
+        with_retries(&run.calls[..8]),
+        [
+            lookup,
+            "retry after attempt 0",
+            lookup,
+            "retry after attempt 1",
+            lookup,
+            "retry after attempt 2",
+            lookup,
+            PREPARE
+        ]
+    );
+    let warnings = run.warnings();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(warnings[0].starts_with("template lookup for 'base' failed (connection refused); asking again in "));
+    assert!(warnings[1].starts_with("template lookup for 'base' failed (HTTP 503: busy); asking again in "));
     assert_eq!(world.prepare_body.unwrap()["rootfsNodeKind"], "base", "404: not a template, a base build");
 
+    // Four failures: the build fails before any sandbox exists.
     let mut world = World::new();
-    world.lookups = VecDeque::from([Err("connection refused".into()), Err("connection reset".into())]);
+    world.lookups = (0..RETRY_ATTEMPTS).map(|i| Err(format!("connection reset {i}"))).collect();
     let run = drive(request("FROM base\n"), &mut world);
-    assert_eq!(run.calls, [lookup, lookup]);
-    assert_eq!(run.outcome, Err(BuildError::Failed("connection reset".into())));
+    assert_eq!(run.calls.iter().filter(|c| *c == lookup).count(), RETRY_ATTEMPTS as usize);
+    assert!(run.calls.iter().all(|c| c == lookup || c.starts_with("sleep")), "{:?}", run.calls);
+    assert_eq!(
+        run.outcome,
+        Err(BuildError::Failed("template lookup for 'base' failed 4 times: connection reset 3".into()))
+    );
+
+    // An answer that is not a passing failure stands: one lookup.
+    let mut world = World::new();
+    world.lookups = VecDeque::from([Ok((500, "internal".into()))]);
+    let run = drive(request("FROM base\n"), &mut world);
+    assert_eq!(run.calls, [lookup]);
+    assert!(run.outcome.is_err());
+}
+
+#[test]
+fn a_parent_read_whose_signing_fails_in_passing_is_signed_again_and_the_build_succeeds() {
+    let (mut world, parent_uri) = diff_world();
+    let busy = r#"{"code":"signer_busy"}"#;
+    world.sign_gets = VecDeque::from([Ok((503, busy.into())), Err("connection reset".into())]);
+    let run = drive(request("FROM other/base\nCOPY b /b\n"), &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    let lookup = "GET http://api/platform/v1/sandbox-templates/by-name/other%2Fbase";
+    let signs =
+        ["proxy sbx-1", SIGN_PUT, SIGN_GET, "retry after attempt 0", SIGN_GET, "retry after attempt 1", SIGN_GET];
+    let expected = calls(&[&[lookup], START, &signs, SETUP, READ_METADATA, &[COMPLETE], DELETE]);
+    assert_eq!(with_retries(&run.calls), expected);
+    assert_eq!(world.spec.unwrap()["parent"]["download"]["url"], format!("http://store/get/{parent_uri}"));
+    assert_eq!(world.sign_bodies.iter().filter(|b| b["op"]["kind"] == "put_artifact").count(), 1);
+}
+
+#[test]
+fn retry_pauses_grow_stay_in_their_bounds_and_spread() {
+    for attempt in 0..RETRY_ATTEMPTS {
+        let cap = RETRY_BASE * 2u32.pow(attempt);
+        let pauses: Vec<Duration> = (0..200u64).map(|e| retry_backoff(attempt, e * 1_000_003)).collect();
+        assert!(pauses.iter().all(|p| *p >= cap / 2 && *p < cap), "attempt {attempt}: {pauses:?}");
+        let distinct: std::collections::BTreeSet<_> = pauses.iter().collect();
+        assert!(distinct.len() > 150, "attempt {attempt}: only {} distinct pauses of 200", distinct.len());
+    }
 }
 
 #[test]
@@ -744,4 +844,38 @@ fn a_from_arg_with_a_default_is_looked_up_and_one_without_is_a_warning() {
           (no default before the first FROM and no build argument)"]
     );
     assert_eq!(world.prepare_body.unwrap()["baseImage"], "$BASE");
+}
+
+/// PAT mode: the organization and project go into every platform path (one
+/// segment each) and, as headers, with every platform call.
+#[test]
+fn pat_mode_scopes_the_platform_paths_and_sends_the_scope_headers() {
+    let mut pat = request("FROM base\n");
+    pat.scope = Some(Scope { organization: "org 1".into(), project: "p/2".into() });
+    let mut flow = Flow::new(pat, Duration::from_secs(100));
+    let scoped = "http://api/platform/v1/organizations/org%201/projects/p%2F2";
+    let expect_call = |next: Next, method: &str, url: &str| match next {
+        Next::Call(Call::Http { method: m, url: u, headers, .. }) => {
+            assert_eq!((m, u.as_str()), (method, url));
+            for (name, value) in [("x-forwarded-organization-id", "org 1"), ("x-forwarded-project-id", "p/2")] {
+                assert!(headers.contains(&(name.to_owned(), value.to_owned())), "{name} missing: {headers:?}");
+            }
+            assert!(headers.contains(&("authorization".to_owned(), "Bearer sst1.tok".to_owned())));
+        }
+        other => panic!("expected {method} {url}, got {other:?}"),
+    };
+    let step = flow.step(Answer::Start, Duration::from_secs(100));
+    expect_call(step.next, "GET", &format!("{scoped}/sandbox-templates/by-name/base"));
+    let step = flow.step(Answer::Http(Ok((404, Vec::new()))), Duration::from_secs(100));
+    expect_call(step.next, "POST", &format!("{scoped}/sandbox-template-builds"));
+
+    // API-key mode: no scope in the path, no scope headers.
+    let mut flow = Flow::new(request("FROM scratch\n"), Duration::from_secs(100));
+    match flow.step(Answer::Start, Duration::from_secs(100)).next {
+        Next::Call(Call::Http { url, headers, .. }) => {
+            assert_eq!(url, PREPARE.trim_start_matches("POST "));
+            assert!(headers.iter().all(|(name, _)| !name.starts_with("x-forwarded")), "{headers:?}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

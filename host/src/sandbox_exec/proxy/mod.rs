@@ -40,6 +40,8 @@ struct Known {
 pub struct ProxyBackend {
     http: reqwest::Client,
     token: String,
+    /// PAT mode's scope headers, sent with every lifecycle and proxy request.
+    scope: Option<snapsign::image_build::call::Scope>,
     lifecycle: String,
     localhost: bool,
     known: Mutex<HashMap<String, Known>>,
@@ -80,19 +82,47 @@ fn http_error(what: &str, e: reqwest::Error) -> SandboxError {
     }
 }
 
+/// The client of lifecycle and proxy requests, sending `headers` with each.
+fn http_client(headers: reqwest::header::HeaderMap) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .default_headers(headers)
+        .build()
+        .expect("HTTP client")
+}
+
 impl ProxyBackend {
     /// A backend for `api_url`'s lifecycle API and the sandbox proxies it names.
     pub fn new(api_url: &str, token: &str, namespace: &str) -> Self {
         let localhost = url::Url::parse(api_url).ok().and_then(|u| u.host_str().map(is_local)).unwrap_or(false);
         ProxyBackend {
-            http: reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build().expect("HTTP client"),
+            http: http_client(reqwest::header::HeaderMap::new()),
             token: token.to_owned(),
+            scope: None,
             lifecycle: lifecycle_base(api_url, namespace),
             localhost,
             known: Mutex::new(HashMap::new()),
             keepalive: KEEPALIVE_INTERVAL,
             keepalives: Arc::default(),
         }
+    }
+
+    /// PAT mode: `scope`'s headers go with every lifecycle and proxy request
+    /// (as the platform's SDK sends them, wit/protocol.md §2.1), the
+    /// proxy endpoint handed to the guest included.
+    pub fn with_scope(mut self, scope: Option<snapsign::image_build::call::Scope>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in scope.iter().flat_map(|s| s.headers()) {
+            match (reqwest::header::HeaderName::try_from(name), reqwest::header::HeaderValue::try_from(value)) {
+                (Ok(name), Ok(value)) => drop(headers.insert(name, value)),
+                // The CLI refuses such values; an embedder's is left out
+                // here, and the platform's own check then refuses the request.
+                _ => tracing::warn!("a PAT scope value is not a valid HTTP header value; not sent"),
+            }
+        }
+        self.http = http_client(headers);
+        self.scope = scope;
+        self
     }
 
     /// Keepalive tasks still alive: 0 once every run has ended.
@@ -166,6 +196,48 @@ mod tests {
         assert!(matches!(classify("get", 401, ""), SandboxError::Denied(_)));
         assert!(matches!(classify("get", 404, ""), SandboxError::Gone(_)));
         assert!(matches!(classify("get", 500, "boom"), SandboxError::Failed(m) if m.contains("HTTP 500")));
+    }
+
+    /// PAT mode: the scope headers go with lifecycle requests and with the
+    /// proxy endpoint the guest signs through; API-key mode sends none.
+    #[tokio::test]
+    async fn pat_mode_sends_the_scope_headers_to_the_lifecycle_and_the_proxy() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            for _ in 0..2 {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let body = r#"{"sandbox_id":"sbx-1","status":"pending","sandbox_url":"http://127.0.0.1:1"}"#;
+                let answer =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                socket.write_all(answer.as_bytes()).await.unwrap();
+                heads.push(String::from_utf8_lossy(&head).to_lowercase());
+            }
+            heads
+        });
+        let scope = snapsign::image_build::call::Scope { organization: "org-1".into(), project: "proj-2".into() };
+        let pat = ProxyBackend::new(&api, "t", "ns").with_scope(Some(scope));
+        let resources = Resources { cpus: 1.0, memory_mb: 1024, disk_mb: 2048 };
+        pat.create("image", resources, 60).await.unwrap();
+        let endpoint = pat.endpoint("sbx-1").unwrap();
+        for header in [("x-forwarded-organization-id", "org-1"), ("x-forwarded-project-id", "proj-2")] {
+            assert!(endpoint.headers.contains(&(header.0.to_owned(), header.1.to_owned())), "{:?}", endpoint.headers);
+        }
+        let key = ProxyBackend::new(&api, "t", "ns");
+        key.create("image", resources, 60).await.unwrap();
+        assert!(key.endpoint("sbx-1").unwrap().headers.iter().all(|(name, _)| !name.starts_with("x-forwarded")));
+        let heads = server.await.unwrap();
+        assert!(heads[0].contains("x-forwarded-organization-id: org-1"), "{}", heads[0]);
+        assert!(heads[0].contains("x-forwarded-project-id: proj-2"), "{}", heads[0]);
+        assert!(!heads[1].contains("x-forwarded"), "{}", heads[1]);
     }
 
     #[test]

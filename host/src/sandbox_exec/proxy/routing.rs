@@ -24,6 +24,7 @@ impl ProxyBackend {
         if let Some(hint) = known.routing_hint {
             headers.push(("x-tensorlake-route-hint".to_owned(), hint));
         }
+        headers.extend(self.scope.iter().flat_map(|s| s.headers()));
         Ok(ProxyEndpoint { base_url: base, headers })
     }
 
