@@ -305,6 +305,34 @@ async fn unsigned_amz_headers_on_a_presigned_put_are_refused_and_signed_ones_kep
     assert_eq!(got.headers().get("x-amz-meta-owner").map(|v| v.to_str().unwrap()), Some("alice"));
 }
 
+/// A body of unknown length, sent chunked (reqwest sends a stream without Content-Length so).
+fn chunked(bytes: &'static [u8]) -> reqwest::Body {
+    reqwest::Body::wrap_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(bytes))]))
+}
+
+// S3 refuses chunked uploads to presigned URLs (e2b users hit 501s); the store does too, so a client
+// that forgets Content-Length fails here first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunked_put_or_part_is_refused_501_as_s3_does_and_stores_nothing() {
+    let store = Direct::start(Duration::from_secs(3600)).await;
+    let before = snapshot(&store.root());
+    let refused = store.http.put(store.sign.url(Method::Put, "chunked.bin", &[])).body(chunked(b"abc")).send().await;
+    let body = s3_error(refused.unwrap(), 501, "NotImplemented").await;
+    assert!(body.contains("<Header>Transfer-Encoding</Header>") && body.contains("Content-Length"), "{body}");
+    assert_eq!(snapshot(&store.root()), before, "nothing stored");
+
+    let id = store.create("parts.bin").await;
+    let with_parts = snapshot(&store.root());
+    let refused = store.http.put(store.sign.part("parts.bin", &id, 1)).body(chunked(b"part")).send().await;
+    s3_error(refused.unwrap(), 501, "NotImplemented").await;
+    assert_eq!(snapshot(&store.root()), with_parts, "no part stored");
+
+    // The same bytes with their length go in.
+    let etag = store.upload_part("parts.bin", &id, 1, b"part".to_vec()).await;
+    assert_eq!(store.complete("parts.bin", &id, &[(1, &etag)]).await.status(), 200);
+    assert_eq!(store.get("parts.bin").await.bytes().await.unwrap().as_ref(), b"part");
+}
+
 // Attack 5, first bullet: an unsigned Content-Type is not kept (the choice: drop, not refuse).
 #[tokio::test(flavor = "multi_thread")]
 async fn unsigned_content_type_on_a_presigned_put_is_neither_stored_nor_served() {

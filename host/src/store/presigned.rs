@@ -15,6 +15,10 @@
 //!   store sees it, so it is neither stored nor served back. (S3 would keep
 //!   it; refusing it would break clients such as curl that add a
 //!   Content-Type by themselves.)
+//! - **A PUT says its length**: a body sent with `Transfer-Encoding`
+//!   (chunked, no `Content-Length`) is refused as S3 refuses it (501
+//!   NotImplemented naming the header), so a client that streams without a
+//!   length fails here as it would against S3.
 
 use http::HeaderMap;
 use http::header::{AUTHORIZATION, HeaderName};
@@ -32,12 +36,14 @@ pub struct Refusal {
     pub message: String,
     /// The `HeadersNotSigned` element, when that is the reason.
     pub headers_not_signed: Option<String>,
+    /// The `Header` element (S3's NotImplemented names the header).
+    pub header: Option<&'static str>,
 }
 
 impl Refusal {
-    /// HTTP status (every refusal here is S3's 403).
+    /// HTTP status: S3's 403, or 501 for what S3 does not implement.
     pub fn status(&self) -> u16 {
-        403
+        if self.code == "NotImplemented" { 501 } else { 403 }
     }
 
     /// `<Error>` XML as S3 sends it.
@@ -49,6 +55,9 @@ impl Refusal {
         );
         if let Some(headers) = &self.headers_not_signed {
             xml.push_str(&format!("<HeadersNotSigned>{}</HeadersNotSigned>", escape(headers)));
+        }
+        if let Some(header) = self.header {
+            xml.push_str(&format!("<Header>{header}</Header>"));
         }
         xml.push_str("</Error>");
         xml
@@ -96,6 +105,7 @@ pub fn check(query: Option<&str>, headers: &mut HeaderMap) -> Result<Vec<HeaderN
                 code: "AccessDenied",
                 message: "There were headers present in the request which were not signed".into(),
                 headers_not_signed: Some(unsigned.join(", ")),
+                header: None,
             });
         }
     }
@@ -108,6 +118,7 @@ pub fn check(query: Option<&str>, headers: &mut HeaderMap) -> Result<Vec<HeaderN
                       (x-amz-copy-source) are refused; copy with the store's credentials instead"
                 .into(),
             headers_not_signed: None,
+            header: None,
         });
     }
 
@@ -130,6 +141,22 @@ pub fn check(query: Option<&str>, headers: &mut HeaderMap) -> Result<Vec<HeaderN
     Ok(dropped)
 }
 
+/// A PUT (an object or a part) must say its length: S3 answers a body sent
+/// with `Transfer-Encoding` (chunked) 501 NotImplemented, naming the header.
+pub fn check_length(method: &http::Method, headers: &HeaderMap) -> Result<(), Refusal> {
+    if method != http::Method::PUT || !headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    Err(Refusal {
+        code: "NotImplemented",
+        message: "A header you provided implies functionality that is not implemented: send the body with a \
+                  Content-Length, not with Transfer-Encoding"
+            .into(),
+        headers_not_signed: None,
+        header: Some("Transfer-Encoding"),
+    })
+}
+
 fn signing(query: Option<&str>, headers: &HeaderMap) -> Result<Signing, Refusal> {
     let pairs: Vec<(String, String)> = query
         .map(|q| url::form_urlencoded::parse(q.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
@@ -149,6 +176,7 @@ fn signing(query: Option<&str>, headers: &HeaderMap) -> Result<Signing, Refusal>
                     lists.len()
                 ),
                 headers_not_signed: None,
+                header: None,
             });
         };
         return Ok(Signing::Presigned(split_list(list)));

@@ -68,7 +68,9 @@ pub async fn start(config: &StoreConfig) -> Result<Server> {
                 return Ok(xml_error(500, body));
             }
             let (mut parts, body) = request.into_parts();
-            match presigned::check(parts.uri.query(), &mut parts.headers) {
+            let checked = presigned::check_length(&parts.method, &parts.headers)
+                .and_then(|()| presigned::check(parts.uri.query(), &mut parts.headers));
+            match checked {
                 Ok(dropped) if !dropped.is_empty() => {
                     tracing::info!(path = parts.uri.path(), ?dropped, "store: unsigned object attributes not kept");
                 }
