@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::dev::start_stack;
-use serde_json::Value;
+use serde_json::{Value, json};
 use snapsign_host::dev::{DevConfig, DevStack, Faults, PrepareShape};
 use snapsign_host::image_build::{BuildEvent, BuildFailure, BuildOptions};
 
@@ -195,6 +195,31 @@ async fn legacy_shape_is_unchanged_and_both_fields_let_the_signed_uri_win() {
     let uri = both["snapshotUri"].as_str().unwrap();
     assert!(!uri.contains("/stale/"), "the signed uri wins over the stale snapshotUri: {uri}");
     stack.shutdown().await;
+}
+
+/// `--build-arg`: the values reach the planner (a FROM names the parent
+/// through one) and the reference builder (a stage's ARG), in the new and
+/// the legacy prepare shape.
+#[tokio::test(flavor = "multi_thread")]
+async fn build_arguments_reach_the_from_lookup_and_the_builders_args_in_both_prepare_shapes() {
+    let dockerfile = "ARG BASE=scratch\nFROM $BASE\nARG DIR=default-dir\nCOPY hello.txt /$DIR/hello.txt\n";
+    for shape in [PrepareShape::New, PrepareShape::Legacy] {
+        let dir = tempfile::tempdir().unwrap();
+        let stack = stack_with(dir.path(), |c| c.shape = shape).await;
+        let ctx = context(&[("hello.txt", b"built with arguments\n")]);
+        let base = build(&options(&stack, "args-base", BASE, ctx.path())).await;
+        base.outcome.unwrap_or_else(|e| panic!("{shape:?}: base build failed: {e}\n{:#?}", base.events));
+        let mut opts = options(&stack, "args-child", dockerfile, ctx.path());
+        opts.build_args = vec![("BASE".into(), "args-base".into()), ("DIR".into(), "from arg $x".into())];
+        let run = build(&opts).await;
+        let child = run.outcome.unwrap_or_else(|e| panic!("{shape:?}: build failed: {e}\n{:#?}", run.events));
+        assert_eq!(child["rootfsNodeKind"], "diff", "{shape:?}: FROM $BASE found the template the argument names");
+        let (_, _out, tree) = stored_snapshot(dir.path(), child["snapshotUri"].as_str().unwrap());
+        let copied = std::fs::read_to_string(tree.host("from arg $x/hello.txt"));
+        assert_eq!(copied.unwrap_or_else(|e| panic!("{shape:?}: {e}")), "built with arguments\n");
+        assert!(!tree.host("default-dir").exists(), "{shape:?}: the default is replaced");
+        stack.shutdown().await;
+    }
 }
 
 /// Builds `dockerfile` as namespace `namespace` (its own token), in `shape`.
@@ -545,24 +570,45 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
             )
         })
     };
+    // --json: one JSON object a line on stdout (NDJSON), the result last.
+    let lines = |output: &std::process::Output| -> Vec<Value> {
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
+    };
     let ok = run("cli-image", token.clone(), dockerfile.clone()).await.unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let template: Value = serde_json::from_slice(&ok.stdout).expect("--json prints only the template");
-    assert_eq!(template["name"], "cli-image");
-    let stderr = String::from_utf8_lossy(&ok.stderr);
+    let events = lines(&ok);
+    let result = events.last().unwrap();
+    assert_eq!((&result["event"], &result["template"]["name"]), (&json!("result"), &json!("cli-image")), "{events:#?}");
+    let stages: Vec<&str> =
+        events.iter().filter(|e| e["event"] == "stage").filter_map(|e| e["stage"].as_str()).collect();
+    assert_eq!(stages[..8], ["plan", "prepare", "sandbox", "sign", "upload", "build", "complete", "cleanup"]);
     assert!(
-        stderr.contains("==> build") && stderr.contains("[builder stdout] Step 1/"),
-        "progress and log lines: {stderr}"
+        events.iter().any(|e| e["event"] == "log" && e["line"].as_str().unwrap().starts_with("Step 1/")),
+        "{events:#?}"
     );
+    let upload = events.iter().rfind(|e| e["event"] == "upload").expect("upload progress");
+    assert!(upload["totalBytes"].as_u64().unwrap() > 0 && upload["sentBytes"] == upload["totalBytes"], "{upload}");
+    assert_eq!(events.iter().filter(|e| e["event"] == "metadata").count(), 1, "{events:#?}");
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(!stderr.contains("==> build"), "with --json the progress goes to stdout only: {stderr}");
 
+    let error_line = |output: &std::process::Output| lines(output).last().cloned().unwrap();
     let missing = run("x", token.clone(), "/no/such/Dockerfile".into()).await.unwrap();
     assert_eq!(missing.status.code(), Some(2), "{}", String::from_utf8_lossy(&missing.stderr));
+    let said = error_line(&missing);
+    assert_eq!((&said["event"], &said["kind"], &said["exitCode"]), (&json!("error"), &json!("usage"), &json!(2)));
+    assert!(said["message"].as_str().unwrap().contains("/no/such/Dockerfile"), "{said}");
     let refused = run("x", "sst1.not.valid".into(), dockerfile.clone()).await.unwrap();
     assert_eq!(refused.status.code(), Some(3), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert_eq!(error_line(&refused)["kind"], "auth");
     stack.platform.set_faults(Faults { builder_exit_nonzero: true, ..Faults::default() });
     let failed = run("y", token, dockerfile).await.unwrap();
     assert_eq!(failed.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&failed.stderr).contains("(builder sandbox: sbx-"));
+    let said = error_line(&failed);
+    assert_eq!((&said["kind"], &said["exitCode"]), (&json!("failed"), &json!(1)));
+    assert!(said["message"].as_str().unwrap().contains("(builder sandbox: sbx-"), "{said}");
     stack.shutdown().await;
 }
 
@@ -831,7 +877,11 @@ async fn a_dockerfile_from_a_registry_image_builds_and_the_same_digest_is_not_pu
         .await
         .unwrap();
         assert_eq!(out.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&out.stderr));
-        let template: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // --json: NDJSON events, the result last.
+        let last = String::from_utf8_lossy(&out.stdout).lines().last().map(str::to_owned).unwrap_or_default();
+        let result: serde_json::Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(result["event"], "result", "{result}");
+        let template = &result["template"];
         assert_eq!((template["name"].as_str(), template["rootfsNodeKind"].as_str()), (Some(name), Some("base")));
         let (_, out, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
         assert!(tree.host("bin/sh").exists() && !tree.host("etc/motd").exists(), "{name}: layers and whiteout");
@@ -861,5 +911,85 @@ async fn a_dockerfile_from_a_registry_image_builds_and_the_same_digest_is_not_pu
     let error = run.outcome.expect_err("a missing image fails the build").to_string();
     assert!(error.contains("image_pull_failed") && error.contains("team/missing:1"), "{error}");
     assert!(stack.platform.live_sandboxes().is_empty());
+    stack.shutdown().await;
+}
+
+/// Ctrl-C during `snapsign build`: the build stops while its RUN step
+/// sleeps, the upload is aborted, the builder sandbox deleted, nothing is
+/// registered, and the CLI says what it cleaned and exits 130.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_during_snapsign_build_aborts_the_upload_deletes_the_sandbox_and_exits_130() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let ctx = tempfile::tempdir().unwrap();
+    common::rootfs::write(&ctx.path().join("rootfs"));
+    let dockerfile = ctx.path().join("Dockerfile");
+    std::fs::write(&dockerfile, "FROM scratch\nCOPY --chmod=755 rootfs/ /\nRUN echo step-started && sleep 600\n")
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"))
+        .args(["build", "--name", "cancelled", "--disk-mb", "256", "-f"])
+        .arg(&dockerfile)
+        .arg("--context")
+        .arg(ctx.path())
+        .args(["--allow-host", &stack.store.addr().to_string()])
+        .env("SNAPSIGN_API_URL", stack.api_url())
+        .env("SNAPSIGN_API_TOKEN", &stack.token)
+        .env("SNAPSIGN_CACHE_DIR", common::cache_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut said = Vec::new();
+    let started = std::time::Instant::now();
+    while !said.last().is_some_and(|line: &String| line.ends_with("] step-started")) {
+        let left = Duration::from_secs(240).saturating_sub(started.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(line) => said.push(line),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the RUN step did not start ({e}): {said:#?}");
+            }
+        }
+    }
+    assert_eq!(stack.platform.live_sandboxes().len(), 1, "the builder sandbox runs the step");
+    assert_eq!(open_uploads(dir.path()).len(), 1, "the snapshot's upload is open");
+
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let waited = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if waited.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("snapsign build did not end within 60 s of Ctrl-C: {said:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    said.extend(rx.iter());
+    let said = said.join("\n");
+    assert_eq!(status.code(), Some(130), "{said}");
+    assert!(said.contains("cancelling the build: stopping it and cleaning up"), "{said}");
+    assert!(
+        said.contains("error: the build was cancelled during its build stage")
+            && said.contains("cleaned up: aborted the snapshot's multipart upload, deleted builder sandbox sbx-"),
+        "{said}"
+    );
+    assert!(stack.platform.live_sandboxes().is_empty(), "the builder sandbox is deleted");
+    assert!(open_uploads(dir.path()).is_empty(), "the upload is aborted: {:?}", open_uploads(dir.path()));
+    assert_eq!(lookup(&stack, "cancelled").await, 404, "nothing is registered");
     stack.shutdown().await;
 }

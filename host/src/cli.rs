@@ -188,6 +188,10 @@ pub struct BuildArgs {
     /// Template name to register.
     #[arg(long)]
     pub name: String,
+    /// A build argument: every ARG that declares NAME takes VALUE; NAME alone
+    /// takes its value from the environment (unset there: not set). Repeatable.
+    #[arg(long = "build-arg", value_name = "NAME[=VALUE]")]
+    pub build_args: Vec<String>,
     /// Rootfs size, MiB [default: the parent's for diff builds, else 10240].
     #[arg(long)]
     pub disk_mb: Option<u64>,
@@ -217,7 +221,8 @@ pub struct BuildArgs {
     /// Whole-build time limit, seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout_secs: u64,
-    /// Print the registered template as JSON (only that) on stdout.
+    /// Stream the build's events on stdout as one JSON object a line (NDJSON),
+    /// ending with `{"event":"result","template":…}` or `{"event":"error",…}`.
     #[arg(long)]
     pub json: bool,
     /// Where builder sandboxes come from: `proxy` (the platform's lifecycle API and
@@ -258,7 +263,8 @@ pub struct ImportArgs {
     /// Whole-import time limit, seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout_secs: u64,
-    /// Print the registered template as JSON (only that) on stdout.
+    /// Stream the build's events on stdout as one JSON object a line (NDJSON),
+    /// ending with `{"event":"result","template":…}` or `{"event":"error",…}`.
     #[arg(long)]
     pub json: bool,
 }

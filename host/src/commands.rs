@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use snapsign_host::engine::{self, EngineLimits};
 use snapsign_host::image_build::{self, BuildFailure, BuildOptions};
+use snapsign_host::sandbox_exec::Cancel;
 use snapsign_host::{signer, store};
 
 use crate::cli::{
@@ -47,19 +48,78 @@ fn default_data_dir() -> PathBuf {
 /// before it prints its address, so a signal sent once the address is read
 /// cannot arrive before the handler (and kill the process uncleanly).
 fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
+    let mut signals = StopSignals::install()?;
+    Ok(async move { signals.next().await })
+}
+
+/// Ctrl-C and SIGTERM, each time they come.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
-        Ok(async move {
-            tokio::select! { _ = term.recv() => {}, _ = interrupt.recv() => {} }
-        })
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+                interrupt: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
     }
-    #[cfg(not(unix))]
-    Ok(async {
+
+    /// The next Ctrl-C or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! { _ = self.term.recv() => {}, _ = self.interrupt.recv() => {} }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-    })
+    }
+}
+
+/// The exit code of a build stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+const CANCELLED_EXIT: u8 = 130;
+
+/// During a build, the first Ctrl-C or SIGTERM cancels it: its sandbox calls
+/// stop and it cleans up (wit/protocol.md §5.10). A second exits at once,
+/// after saying what is left behind.
+fn cancel_on_signals(cancel: Cancel) -> Result<tokio::task::JoinHandle<()>> {
+    let mut signals = StopSignals::install()?;
+    Ok(tokio::spawn(async move {
+        signals.next().await;
+        eprintln!("cancelling the build: stopping it and cleaning up (press Ctrl-C again to exit at once)");
+        cancel.cancel();
+        signals.next().await;
+        eprintln!("{}", left_behind(&cancel.held_sandboxes()));
+        std::process::exit(i32::from(CANCELLED_EXIT));
+    }))
+}
+
+/// What a second Ctrl-C leaves behind, said before exiting.
+fn left_behind(sandboxes: &[String]) -> String {
+    let held = match sandboxes {
+        [] => "no builder sandbox".to_owned(),
+        [one] => format!("builder sandbox {one}"),
+        many => format!("builder sandboxes {}", many.join(", ")),
+    };
+    let ends = if sandboxes.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (it ends when its lifetime of {} s from creation is over, or delete it with the lifecycle API)",
+            snapsign::image_build::flow::SANDBOX_TIMEOUT_SECS
+        )
+    };
+    format!(
+        "exiting without cleaning up; left behind: {held}{ends}, and the snapshot's multipart upload if one was \
+         signed and not yet aborted (the store's rule for incomplete uploads removes it)"
+    )
 }
 
 /// `snapsign build`: exit 0 registered, 1 build failed, 2 usage error, 3 credentials refused.
@@ -132,6 +192,7 @@ async fn import(args: ImportArgs) -> Result<ExitCode> {
         dockerfile,
         context,
         name,
+        build_args: Vec::new(),
         disk_mb,
         builder_cpus: None,
         builder_memory_mb: None,
@@ -179,6 +240,7 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         dockerfile,
         context,
         name,
+        build_args,
         disk_mb,
         builder_cpus,
         builder_memory_mb,
@@ -196,24 +258,26 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         sandboxes_dir,
         allow_unconfined,
     } = args;
+    let ended = |failure: BuildFailure| ended(json, failure);
     let scope = match platform.scope() {
         Ok(scope) => scope,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(2));
-        }
+        Err(e) => return Ok(ended(BuildFailure::Usage(e.to_string()))),
     };
     let PlatformArgs { api_url, token, namespace, .. } = platform;
+    let (build_args, unset) = resolve_build_args(&build_args, |name| std::env::var(name).ok());
+    for name in unset {
+        eprintln!("warning: build argument {name} is not set: it has no value here and is not in the environment");
+    }
     let text = match std::fs::read_to_string(&dockerfile) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("error: cannot read the Dockerfile {}: {e}; pass --dockerfile", dockerfile.display());
-            return Ok(ExitCode::from(2));
+            let message = format!("cannot read the Dockerfile {}: {e}; pass --dockerfile", dockerfile.display());
+            return Ok(ended(BuildFailure::Usage(message)));
         }
     };
     if !context.is_dir() {
-        eprintln!("error: the build context {} is not a directory; pass --context", context.display());
-        return Ok(ExitCode::from(2));
+        let message = format!("the build context {} is not a directory; pass --context", context.display());
+        return Ok(ended(BuildFailure::Usage(message)));
     }
     let options = BuildOptions {
         api_url,
@@ -234,16 +298,17 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         cache_dir: engine::default_cache_dir(),
         import_reference,
         scope,
+        cancel: Cancel::new(),
+        build_args,
     };
-    let printer = image_build::progress_printer();
+    let cancelling = cancel_on_signals(options.cancel.clone())?;
+    let printer = if json { image_build::json_printer() } else { image_build::progress_printer() };
     let (outcome, _) = match backend {
         Backend::Proxy => image_build::run(&options, printer).await?,
         Backend::Local => {
             let (Some(url), Some(token)) = (signer_url, signer_token) else {
-                eprintln!(
-                    "error: --backend local needs --signer-url and --signer-token (or SNAPSIGN_SIGNER_URL/TOKEN)"
-                );
-                return Ok(ExitCode::from(2));
+                let message = "--backend local needs --signer-url and --signer-token (or SNAPSIGN_SIGNER_URL/TOKEN)";
+                return Ok(ended(BuildFailure::Usage(message.into())));
             };
             let dir = sandboxes_dir
                 .unwrap_or_else(|| std::env::temp_dir().join(format!("snapsign-sandboxes-{}", std::process::id())));
@@ -253,24 +318,57 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
             result?
         }
     };
+    cancelling.abort();
     Ok(match outcome {
         Ok(template) => {
+            if options.cancel.is_cancelled() {
+                eprintln!("the build was registered before the cancel took effect");
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&template)?);
+                image_build::print_json_line(&serde_json::json!({"event": "result", "template": template}));
             } else {
                 println!("Image '{name}' registered ({})", template["id"].as_str().unwrap_or("-"));
             }
             ExitCode::SUCCESS
         }
-        Err(failure) => {
-            eprintln!("error: {failure}");
-            match failure {
-                BuildFailure::Usage(_) => ExitCode::from(2),
-                BuildFailure::Auth(_) => ExitCode::from(3),
-                BuildFailure::Failed(_) => ExitCode::from(1),
-            }
-        }
+        Err(failure) => ended(failure),
     })
+}
+
+/// `--build-arg` values: `NAME=VALUE` as given, `NAME` alone from `env`;
+/// the names `env` has no value for are left out and returned, as Docker
+/// leaves them unset.
+fn resolve_build_args(given: &[String], env: impl Fn(&str) -> Option<String>) -> (Vec<(String, String)>, Vec<String>) {
+    let (mut args, mut unset) = (Vec::new(), Vec::new());
+    for arg in given {
+        match arg.split_once('=') {
+            Some((name, value)) => args.push((name.to_owned(), value.to_owned())),
+            None => match env(arg) {
+                Some(value) => args.push((arg.clone(), value)),
+                None => unset.push(arg.clone()),
+            },
+        }
+    }
+    (args, unset)
+}
+
+/// A build that did not register: the error on stderr (and with `--json`
+/// the last NDJSON line, `{"event":"error",…}`), and its exit code: 1
+/// failed, 2 usage, 3 credentials refused, 130 cancelled.
+fn ended(json: bool, failure: BuildFailure) -> ExitCode {
+    eprintln!("error: {failure}");
+    let (kind, code) = match failure {
+        BuildFailure::Usage(_) => ("usage", 2),
+        BuildFailure::Auth(_) => ("auth", 3),
+        BuildFailure::Failed(_) => ("failed", 1),
+        BuildFailure::Cancelled(_) => ("cancelled", CANCELLED_EXIT),
+    };
+    if json {
+        let line =
+            serde_json::json!({"event": "error", "kind": kind, "message": failure.to_string(), "exitCode": code});
+        image_build::print_json_line(&line);
+    }
+    ExitCode::from(code)
 }
 
 /// `snapsign serve-signer`.
@@ -487,4 +585,30 @@ async fn templates(what: TemplatesWhat) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{left_behind, resolve_build_args};
+
+    #[test]
+    fn build_args_take_their_value_or_the_environments_and_unset_ones_are_named() {
+        let given = ["A=1".to_owned(), "B".to_owned(), "C".to_owned(), "D=x=y".to_owned(), "E=".to_owned()];
+        let env = |name: &str| (name == "B").then(|| "from-env".to_owned());
+        let (args, unset) = resolve_build_args(&given, env);
+        let pairs: Vec<(&str, &str)> = args.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(pairs, [("A", "1"), ("B", "from-env"), ("D", "x=y"), ("E", "")]);
+        assert_eq!(unset, ["C"]);
+    }
+
+    #[test]
+    fn a_second_ctrl_c_names_what_it_leaves_behind() {
+        let one = left_behind(&["sbx-7".into()]);
+        assert!(one.contains("left behind: builder sandbox sbx-7 (it ends when its lifetime of 300 s"), "{one}");
+        assert!(one.contains("multipart upload"), "{one}");
+        let none = left_behind(&[]);
+        assert!(none.contains("left behind: no builder sandbox, and the snapshot's multipart upload"), "{none}");
+        let two = left_behind(&["a".into(), "b".into()]);
+        assert!(two.contains("builder sandboxes a, b ("), "{two}");
+    }
 }

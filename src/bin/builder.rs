@@ -47,6 +47,7 @@ impl wit::Guest for Component {
                         BuildError::Usage(m) => wit::BuildError::Usage(m),
                         BuildError::Auth(m) => wit::BuildError::Auth(m),
                         BuildError::Failed(m) => wit::BuildError::Failed(m),
+                        BuildError::Cancelled(m) => wit::BuildError::Cancelled(m),
                     });
                 }
             }
@@ -90,16 +91,14 @@ fn perform(call: Call) -> Answer {
 }
 
 /// Sends the context, leaving out what its `.dockerignore` names.
-fn upload_context(id: &str, path: &str) -> Result<(), String> {
+fn upload_context(id: &str, path: &str) -> Result<(), SandboxError> {
     let ignore_file = format!("{CONTEXT_DIR}/{}", context::DOCKERIGNORE);
     let ignore = match std::fs::read_to_string(&ignore_file) {
         Ok(text) => Some(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(format!("read the context's {}: {e}", context::DOCKERIGNORE)),
+        Err(e) => return Err(SandboxError::Failed(format!("read the context's {}: {e}", context::DOCKERIGNORE))),
     };
-    sx::upload_directory(id, CONTEXT_DIR, &context::exclusions(ignore.as_deref()), path)
-        .map(drop)
-        .map_err(|e| format!("upload the context: {}", error(e)))
+    sx::upload_directory(id, CONTEXT_DIR, &context::exclusions(ignore.as_deref()), path).map(drop).map_err(error)
 }
 
 fn request_of(r: wit::BuildRequest) -> Request {
@@ -116,6 +115,7 @@ fn request_of(r: wit::BuildRequest) -> Request {
         sandbox_wait_secs: r.sandbox_wait_secs,
         import_reference: r.import_reference,
         scope: r.scope.map(|s| snapsign::image_build::call::Scope { organization: s.organization, project: s.project }),
+        build_args: r.build_args,
     }
 }
 
@@ -129,5 +129,6 @@ fn error(e: types::SandboxError) -> SandboxError {
         types::SandboxError::Gone(m) => SandboxError::Gone(m),
         types::SandboxError::Denied(m) => SandboxError::Denied(m),
         types::SandboxError::Failed(m) => SandboxError::Failed(m),
+        types::SandboxError::Cancelled(m) => SandboxError::Cancelled(m),
     }
 }

@@ -34,6 +34,9 @@ pub struct Request {
     pub import_reference: Option<String>,
     /// PAT mode's organization and project; `None` is API-key mode.
     pub scope: Option<Scope>,
+    /// Build arguments (`--build-arg`), applied to the Dockerfile's `ARG`s
+    /// before anything reads it ([`super::dockerfile::apply_build_args`]).
+    pub build_args: Vec<(String, String)>,
 }
 
 /// The scope a personal access token acts in (wit/protocol.md §2.1): PAT
@@ -83,6 +86,7 @@ impl std::fmt::Debug for Request {
             .field("sandbox_wait_secs", &self.sandbox_wait_secs)
             .field("import_reference", &self.import_reference)
             .field("scope", &self.scope)
+            .field("build_args", &self.build_args.iter().map(|(name, _)| name).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +140,11 @@ pub enum SandboxError {
     Denied(String),
     /// Anything else.
     Failed(String),
+    /// The host's user cancelled the build (Ctrl-C): the call was stopped,
+    /// or refused because the build is being cancelled. Only `delete` (and
+    /// the flow's own HTTP, the abort among it) still goes through, so the
+    /// flow unwinds and ends with [`BuildError::Cancelled`].
+    Cancelled(String),
 }
 
 impl std::fmt::Display for SandboxError {
@@ -145,6 +154,7 @@ impl std::fmt::Display for SandboxError {
             SandboxError::Gone(m) => write!(f, "sandbox gone: {m}"),
             SandboxError::Denied(m) => write!(f, "sandbox access denied: {m}"),
             SandboxError::Failed(m) => f.write_str(m),
+            SandboxError::Cancelled(m) => write!(f, "cancelled: {m}"),
         }
     }
 }
@@ -235,8 +245,8 @@ pub enum Answer {
     Exit(Result<Exit, SandboxError>),
     /// A captured process's stdout lines.
     Captured(Result<Vec<String>, SandboxError>),
-    /// The context upload, or why it failed (already worded by the shell).
-    Uploaded(Result<(), String>),
+    /// The context upload, or why it failed.
+    Uploaded(Result<(), SandboxError>),
     /// A file write or a delete.
     Done(Result<(), SandboxError>),
     /// A file's contents.
@@ -258,6 +268,23 @@ impl Answer {
             Answer::Uploaded(_) => "Uploaded",
             Answer::Done(_) => "Done",
             Answer::File(_) => "File",
+        }
+    }
+
+    /// Why the call was cancelled, when the host cancelled it
+    /// ([`SandboxError::Cancelled`]).
+    pub fn cancelled(&self) -> Option<&str> {
+        let error = match self {
+            Answer::Created(Err(e)) | Answer::Status(Err(e)) | Answer::Captured(Err(e)) => e,
+            Answer::Proxy(Err(e)) => e,
+            Answer::Exit(Err(e)) => e,
+            Answer::Uploaded(Err(e)) | Answer::Done(Err(e)) => e,
+            Answer::File(Err(e)) => e,
+            _ => return None,
+        };
+        match error {
+            SandboxError::Cancelled(why) => Some(why),
+            _ => None,
         }
     }
 }
@@ -283,13 +310,16 @@ pub enum BuildError {
     Auth(String),
     /// The build failed; past sandbox creation the message names the sandbox and build ids.
     Failed(String),
+    /// The host's user cancelled the build; the message says at which
+    /// stage and what the flow cleaned up.
+    Cancelled(String),
 }
 
 impl BuildError {
     /// The message, whatever the kind.
     pub fn message(&self) -> &str {
         match self {
-            BuildError::Usage(m) | BuildError::Auth(m) | BuildError::Failed(m) => m,
+            BuildError::Usage(m) | BuildError::Auth(m) | BuildError::Failed(m) | BuildError::Cancelled(m) => m,
         }
     }
 
@@ -298,6 +328,7 @@ impl BuildError {
             BuildError::Usage(m) => BuildError::Usage(f(&m)),
             BuildError::Auth(m) => BuildError::Auth(f(&m)),
             BuildError::Failed(m) => BuildError::Failed(f(&m)),
+            BuildError::Cancelled(m) => BuildError::Cancelled(f(&m)),
         }
     }
 }

@@ -9,9 +9,11 @@
 //! line ends read as LF, `\` at the end of a line continues it, and comment
 //! and blank lines are skipped, also inside a continuation, as Docker does.
 
+mod build_args;
 mod stages;
 mod words;
 
+pub use build_args::{BuildArgError, apply_build_args};
 pub use stages::{FromLine, Stages, parse_args, stages};
 pub use words::{Vars, expand, words};
 
@@ -105,8 +107,14 @@ pub fn unset_names(names: &[String]) -> String {
 /// Splits Dockerfile text into instructions (see the module comment for
 /// what is skipped). Never fails: [`check_known`] refuses unknown words.
 pub fn parse(text: &str) -> Vec<Instruction> {
+    spans(text).into_iter().map(|(instruction, _)| instruction).collect()
+}
+
+/// [`parse`], with the 0-based index of each instruction's last physical
+/// line in `text.lines()` (after a leading byte-order mark is dropped).
+fn spans(text: &str) -> Vec<(Instruction, usize)> {
     let mut instructions = Vec::new();
-    let mut pending: Option<(usize, String)> = None;
+    let mut pending: Option<(usize, String, usize)> = None;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // `str::lines` also drops the `\r` of a CRLF line end.
     for (index, raw) in text.lines().enumerate() {
@@ -119,18 +127,18 @@ pub fn parse(text: &str) -> Vec<Instruction> {
             Some(body) => (body, true),
             None => (raw, false),
         };
-        let (start, mut joined) = pending.take().unwrap_or((number, String::new()));
+        let (start, mut joined, _) = pending.take().unwrap_or((number, String::new(), index));
         joined.push_str(if joined.is_empty() { body.trim_start() } else { body });
         if continues {
-            pending = Some((start, joined));
+            pending = Some((start, joined, index));
         } else {
-            instructions.push(instruction(start, &joined));
+            instructions.push((instruction(start, &joined), index));
         }
     }
-    if let Some((start, joined)) = pending
+    if let Some((start, joined, last)) = pending
         && !joined.trim().is_empty()
     {
-        instructions.push(instruction(start, &joined));
+        instructions.push((instruction(start, &joined), last));
     }
     instructions
 }

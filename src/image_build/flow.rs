@@ -160,6 +160,11 @@ pub struct Flow {
     /// The sandbox answered: failures from here on get diagnostics.
     ready: bool,
     diagnostics: Vec<Vec<String>>,
+    /// The stage the flow is in (named by its last stage event).
+    stage: String,
+    /// What unwinding cleaned up and what it could not, for a cancelled build's message.
+    cleaned: Vec<String>,
+    left: Vec<String>,
     outcome: Option<Result<String, BuildError>>,
     events: Vec<Event>,
 }
@@ -239,6 +244,9 @@ impl Flow {
             complete_call: None,
             ready: false,
             diagnostics: Vec::new(),
+            stage: String::new(),
+            cleaned: Vec::new(),
+            left: Vec::new(),
             outcome: None,
             events: Vec::new(),
         }
@@ -249,12 +257,21 @@ impl Flow {
     pub fn step(&mut self, answer: Answer, now: Duration) -> Step {
         let next = match self.state {
             State::Abort | State::Diagnose(_) | State::Delete | State::Finished => self.unwind(answer, now),
-            _ => self.advance(answer, now).unwrap_or_else(|e| self.fail(e)),
+            // The host stops a cancelled build's sandbox calls; whichever one
+            // answers so, the flow unwinds (abort, delete) without diagnostics.
+            _ => match answer.cancelled() {
+                Some(why) => {
+                    let message = format!("the build was cancelled during its {} stage ({why})", self.stage);
+                    self.fail(BuildError::Cancelled(message))
+                }
+                None => self.advance(answer, now).unwrap_or_else(|e| self.fail(e)),
+            },
         };
         Step { events: std::mem::take(&mut self.events), next }
     }
 
     fn stage(&mut self, name: &str) {
+        self.stage = name.to_owned();
         self.events.push(Event::Stage(name.to_owned()));
     }
 
@@ -344,6 +361,15 @@ impl Flow {
         match (self.state, answer) {
             (State::Start, Answer::Start) => {
                 self.stage("plan");
+                // Build arguments become ARG values in the Dockerfile itself, so
+                // the planner, prepare (both shapes) and any builder read them.
+                let build_args = std::mem::take(&mut self.request.build_args);
+                let (dockerfile, unused) = super::dockerfile::apply_build_args(&self.request.dockerfile, &build_args)
+                    .map_err(|e| BuildError::Usage(e.to_string()))?;
+                self.request.dockerfile = dockerfile;
+                if !unused.is_empty() {
+                    self.warn(format!("build arguments not declared by any ARG, so not used: {}", unused.join(", ")));
+                }
                 let plan = plan::plan(&self.request.dockerfile).map_err(|e| BuildError::Usage(e.to_string()))?;
                 for warning in plan.warnings {
                     self.warn(warning);
@@ -525,7 +551,7 @@ impl Flow {
                 self.setup_next(i + 1)
             }
             (State::Setup(i), Answer::Uploaded(done)) if matches!(self.setup_call(i), Call::UploadContext { .. }) => {
-                done.map_err(failed)?;
+                done.map_err(|e| failed(format!("upload the context: {e}")))?;
                 self.setup_next(i + 1)
             }
             (State::WriteSpec, Answer::Done(done)) => {
@@ -713,12 +739,17 @@ impl Flow {
             (State::Abort, Answer::Http(answer)) => {
                 let warning = match answer {
                     Ok((status, _)) if is_2xx(status) => {
+                        self.cleaned.push("aborted the snapshot's multipart upload".into());
                         format!("aborted the multipart upload of build {}", self.prepared().build_id)
                     }
                     Ok((status, body)) => {
+                        self.left.push(format!("the snapshot's multipart upload (its abort answered HTTP {status})"));
                         format!("abort of the multipart upload answered HTTP {status}: {}", text(&body))
                     }
-                    Err(e) => format!("cannot abort the multipart upload: {e}"),
+                    Err(e) => {
+                        self.left.push(format!("the snapshot's multipart upload (its abort failed: {e})"));
+                        format!("cannot abort the multipart upload: {e}")
+                    }
                 };
                 self.warn(warning);
                 self.diagnose_or_cleanup()
@@ -735,9 +766,13 @@ impl Flow {
                 self.cleanup()
             }
             (State::Delete, Answer::Done(deleted)) => {
-                if let Err(e) = deleted {
-                    let id = self.id();
-                    self.warn(format!("Failed to terminate rootfs builder sandbox {id} during cleanup: {e}"));
+                let id = self.id();
+                match deleted {
+                    Ok(()) => self.cleaned.push(format!("deleted builder sandbox {id}")),
+                    Err(e) => {
+                        self.left.push(format!("builder sandbox {id} (its delete failed: {e})"));
+                        self.warn(format!("Failed to terminate rootfs builder sandbox {id} during cleanup: {e}"));
+                    }
                 }
                 self.finish(now)
             }
@@ -758,6 +793,23 @@ impl Flow {
             (Ok(registered), _) => {
                 self.stage(&format!("done in {:.1} s", now.saturating_sub(self.started).as_secs_f64()));
                 Next::Finished(Ok(registered))
+            }
+            (Err(BuildError::Cancelled(message)), sandbox) => {
+                // A cancelled build says what it cleaned and what it could not.
+                let mut said = message;
+                if self.cleaned.is_empty() && self.left.is_empty() {
+                    said.push_str("; nothing was left to clean up");
+                }
+                if !self.cleaned.is_empty() {
+                    said.push_str(&format!("; cleaned up: {}", self.cleaned.join(", ")));
+                }
+                if !self.left.is_empty() {
+                    said.push_str(&format!("; left behind: {}", self.left.join(", ")));
+                }
+                if let Some(id) = sandbox {
+                    said = decorate(&said, &id, &self.prepared().build_id);
+                }
+                Next::Finished(Err(BuildError::Cancelled(said)))
             }
             (Err(e), Some(id)) => {
                 let build_id = &self.prepared().build_id;

@@ -328,6 +328,8 @@ impl DevStack {
             cache_dir: crate::engine::default_cache_dir(),
             import_reference: None,
             scope: None,
+            cancel: Default::default(),
+            build_args: Vec::new(),
         }
     }
 

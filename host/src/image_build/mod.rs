@@ -149,7 +149,8 @@ impl BuilderRuntime {
         let sandbox = SandboxExecCtx::new(backend, outbound.clone())
             .with_output(Arc::new(move |stream, line| logs(BuildEvent::Log(stream.to_owned(), line.to_owned()))))
             .with_progress(Arc::new(move |sent, total| progress(BuildEvent::Upload(sent, total))))
-            .with_directory("/context", options.context_dir.clone());
+            .with_directory("/context", options.context_dir.clone())
+            .with_cancel(options.cancel.clone());
         let limits = StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(8).build();
         let state = GuestState::new(wasi.build(), outbound, limits, BuildData { sandbox, events });
         Ok(guest::store(&self.engine, state, options.timeout))
@@ -208,6 +209,7 @@ impl BuilderRuntime {
                 organization: s.organization.clone(),
                 project: s.project.clone(),
             }),
+            build_args: options.build_args.clone(),
         };
         let running = Instant::now();
         let call = builder.snapsign_components_build().call_run(&mut store, &request);
@@ -229,8 +231,42 @@ impl BuilderRuntime {
             Err(BuildError::Usage(m)) => Err(BuildFailure::Usage(m)),
             Err(BuildError::Auth(m)) => Err(BuildFailure::Auth(m)),
             Err(BuildError::Failed(m)) => Err(BuildFailure::Failed(m)),
+            Err(BuildError::Cancelled(m)) => Err(BuildFailure::Cancelled(m)),
         };
         Ok((outcome, timings))
+    }
+}
+
+/// Upload progress is reported every this many bytes (and once at the end).
+const UPLOAD_REPORT_EVERY: u64 = 8 << 20;
+
+/// Whether an upload event is worth reporting: the last one, or
+/// [`UPLOAD_REPORT_EVERY`] bytes after the last reported.
+fn upload_worth_reporting(last: &std::sync::Mutex<u64>, sent: u64, total: u64) -> bool {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    if total == 0 && sent < *last + UPLOAD_REPORT_EVERY {
+        return false;
+    }
+    *last = sent;
+    true
+}
+
+impl BuildEvent {
+    /// The event as one JSON object (`--json`'s NDJSON lines), tagged by `event`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            BuildEvent::Stage(stage) => json!({"event": "stage", "stage": stage}),
+            BuildEvent::Upload(sent, total) => {
+                json!({"event": "upload", "sentBytes": sent, "totalBytes": (*total > 0).then_some(*total)})
+            }
+            BuildEvent::Log(stream, line) => json!({"event": "log", "stream": stream, "line": line}),
+            BuildEvent::Warning(message) => json!({"event": "warning", "message": message}),
+            BuildEvent::Metadata(text) => {
+                let metadata = serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.clone()));
+                json!({"event": "metadata", "metadata": metadata})
+            }
+        }
     }
 }
 
@@ -241,18 +277,39 @@ pub fn progress_printer() -> EventFn {
         BuildEvent::Stage(stage) => eprintln!("==> {stage}"),
         BuildEvent::Log(stream, line) => eprintln!("  [builder {stream}] {line}"),
         BuildEvent::Warning(warning) => eprintln!("warning: {warning}"),
-        BuildEvent::Upload(sent, total) => {
-            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        BuildEvent::Upload(sent, total) if upload_worth_reporting(&last, sent, total) => {
             if total > 0 {
                 eprintln!("  context uploaded: {total} bytes (gzip tar)");
-            } else if sent >= *last + (8 << 20) {
-                *last = sent;
+            } else {
                 eprintln!("  context upload: {:.1} MiB sent", sent as f64 / 1048576.0);
             }
         }
+        BuildEvent::Upload(..) => {}
         // The platform's answer to completion names what was registered.
         BuildEvent::Metadata(_) => {}
     })
+}
+
+/// Prints every event to stdout as one JSON object a line (NDJSON; upload
+/// progress every 8 MiB and at the end), for hosts that follow a build; the
+/// caller prints the last line, the result.
+pub fn json_printer() -> EventFn {
+    let last = std::sync::Mutex::new(0u64);
+    Arc::new(move |event| {
+        if let BuildEvent::Upload(sent, total) = event
+            && !upload_worth_reporting(&last, sent, total)
+        {
+            return;
+        }
+        print_json_line(&event.to_json());
+    })
+}
+
+/// Writes `value` to stdout as one line, at once (a follower reads it as it comes).
+pub fn print_json_line(value: &serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}").and_then(|()| out.flush());
 }
 
 #[cfg(test)]

@@ -44,6 +44,11 @@ pub struct BuildOptions {
     /// PAT mode's organization and project (platform paths, and headers to
     /// the platform, the lifecycle API and the proxy); `None`: API-key mode.
     pub scope: Option<snapsign::image_build::call::Scope>,
+    /// Cancels the build (Ctrl-C): its sandbox calls stop and it cleans up
+    /// (wit/protocol.md §5.10). Keep a clone to cancel with.
+    pub cancel: crate::sandbox_exec::Cancel,
+    /// Build arguments (`--build-arg NAME=value`), in order.
+    pub build_args: Vec<(String, String)>,
 }
 
 #[cfg(test)]
@@ -69,6 +74,8 @@ impl BuildOptions {
             cache_dir: ".".into(),
             import_reference: None,
             scope: None,
+            cancel: Default::default(),
+            build_args: Vec::new(),
         }
     }
 }
@@ -95,6 +102,8 @@ impl std::fmt::Debug for BuildOptions {
             cache_dir,
             import_reference,
             scope,
+            cancel,
+            build_args,
         } = self;
         f.debug_struct("BuildOptions")
             .field("api_url", api_url)
@@ -115,6 +124,9 @@ impl std::fmt::Debug for BuildOptions {
             .field("cache_dir", cache_dir)
             .field("import_reference", import_reference)
             .field("scope", scope)
+            .field("cancel", cancel)
+            // Names only: a value may be a secret.
+            .field("build_args", &build_args.iter().map(|(name, _)| name).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -128,12 +140,16 @@ pub enum BuildFailure {
     Auth(String),
     /// The build failed.
     Failed(String),
+    /// The build was cancelled; the message says what was cleaned up.
+    Cancelled(String),
 }
 
 impl std::fmt::Display for BuildFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BuildFailure::Usage(m) | BuildFailure::Auth(m) | BuildFailure::Failed(m) => write!(f, "{m}"),
+            BuildFailure::Usage(m) | BuildFailure::Auth(m) | BuildFailure::Failed(m) | BuildFailure::Cancelled(m) => {
+                write!(f, "{m}")
+            }
         }
     }
 }

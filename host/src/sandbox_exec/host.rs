@@ -1,13 +1,14 @@
 //! The generated `Host` traits, implemented on [`SandboxExecView`]: checks
 //! and limits here, mechanics in the backend.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::Resource;
 
 use super::backend::{self, FileSink};
 use super::bindings::snapsign::components::{sandbox_exec, types};
-use super::ctx::SandboxExecView;
+use super::ctx::{Cancel, SandboxExecView};
 
 impl From<backend::SandboxError> for types::SandboxError {
     fn from(e: backend::SandboxError) -> Self {
@@ -16,6 +17,7 @@ impl From<backend::SandboxError> for types::SandboxError {
             backend::SandboxError::Gone(m) => types::SandboxError::Gone(m),
             backend::SandboxError::Denied(m) => types::SandboxError::Denied(m),
             backend::SandboxError::Failed(m) => types::SandboxError::Failed(m),
+            backend::SandboxError::Cancelled(m) => types::SandboxError::Cancelled(m),
         }
     }
 }
@@ -36,6 +38,24 @@ fn exit(status: backend::ExitStatus) -> types::ExitStatus {
 
 fn failed(message: String) -> types::SandboxError {
     types::SandboxError::Failed(message)
+}
+
+/// `work`, unless the build is cancelled before or while it runs: then
+/// `cancelled` naming `what` (wit/protocol.md §5.10). The work is dropped
+/// where it stands; deleting the sandbox ends whatever it started there.
+async fn stoppable<T, E: Into<types::SandboxError>>(
+    cancel: &Cancel,
+    what: impl FnOnce() -> String,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, types::SandboxError> {
+    if cancel.is_cancelled() {
+        return Err(types::SandboxError::Cancelled(format!("{} was not started", what())));
+    }
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(types::SandboxError::Cancelled(format!("{} was stopped", what()))),
+        done = work => done.map_err(Into::into),
+    }
 }
 
 impl SandboxExecView<'_> {
@@ -67,22 +87,29 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
                 self.ctx.live_sandboxes().join(", ")
             )));
         }
+        if self.ctx.cancel.is_cancelled() {
+            return Err(types::SandboxError::Cancelled(format!("creating a sandbox from {image} was not started")));
+        }
         let resources =
             backend::Resources { cpus: resources.cpus, memory_mb: resources.memory_mb, disk_mb: resources.disk_mb };
+        // Not stopped once under way: a sandbox it makes must be known, to be deleted.
         let created = self.ctx.backend.create(&image, resources, timeout_secs).await?;
         tracing::info!(sandbox = %created.id, "builder sandbox created");
         self.ctx.sandboxes.insert(created.id.clone());
+        self.ctx.cancel.hold(&created.id, true);
         Ok(types::Sandbox { id: created.id, status: created.status })
     }
 
     async fn status(&mut self, id: String) -> Result<String, types::SandboxError> {
         self.own(&id)?;
-        Ok(self.ctx.backend.status(&id).await?)
+        stoppable(&self.ctx.cancel, || format!("the status of sandbox {id}"), self.ctx.backend.status(&id)).await
     }
 
     async fn proxy(&mut self, id: String) -> Result<types::ProxyEndpoint, types::SandboxError> {
         self.own(&id)?;
-        let endpoint = self.ctx.backend.proxy(&id)?;
+        let endpoint =
+            stoppable(&self.ctx.cancel, || format!("the proxy of sandbox {id}"), async { self.ctx.backend.proxy(&id) })
+                .await?;
         // The guest calls this endpoint over wasi:http: it must already be
         // admitted by the policy the embedder set; nothing here widens it.
         let url = url::Url::parse(&endpoint.base_url)
@@ -115,7 +142,9 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
             }
         };
         let started = Instant::now();
-        let result = self.ctx.backend.run(&id, spec(process), &mut sink).await;
+        let what = || format!("{} in sandbox {id}", process.command);
+        let work = self.ctx.backend.run(&id, spec(process.clone()), &mut sink);
+        let result = stoppable(&self.ctx.cancel, what, work).await;
         if log_output {
             self.ctx.logged_run_time += started.elapsed();
         }
@@ -144,9 +173,13 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
             lines.push(line.to_owned());
         };
         let limit = Duration::from_secs(u64::from(timeout_secs.max(1)));
-        let status = tokio::time::timeout(limit, self.ctx.backend.run(&id, spec(process), &mut sink))
-            .await
-            .map_err(|_| failed(format!("diagnostic process did not finish within {limit:?}")))??;
+        let what = || format!("{} in sandbox {id}", process.command);
+        let work = tokio::time::timeout(limit, self.ctx.backend.run(&id, spec(process.clone()), &mut sink));
+        let status = stoppable(&self.ctx.cancel, what, async {
+            let ran = work.await.map_err(|_| failed(format!("diagnostic process did not finish within {limit:?}")))?;
+            ran.map_err(types::SandboxError::from)
+        })
+        .await?;
         Ok((exit(status), lines))
     }
 
@@ -159,7 +192,8 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
                 contents.len()
             )));
         }
-        Ok(self.ctx.backend.write_file(&id, &path, contents).await?)
+        let work = self.ctx.backend.write_file(&id, &path, contents);
+        stoppable(&self.ctx.cancel, || format!("writing {path} in sandbox {id}"), work).await
     }
 
     async fn open_file_writer(&mut self, id: String, path: String) -> Result<Resource<FileSink>, types::SandboxError> {
@@ -170,7 +204,8 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
                 "sandbox-exec allows {max} open file writers; finish and drop one before opening {path}"
             )));
         }
-        let sink = self.ctx.backend.open_file(&id, &path).await?;
+        let opening = self.ctx.backend.open_file(&id, &path);
+        let sink = stoppable(&self.ctx.cancel, || format!("opening {path} in sandbox {id}"), opening).await?;
         let writer = self.table.push(sink).map_err(|e| failed(format!("file writer for {path}: {e}")))?;
         self.ctx.open_writers += 1;
         Ok(writer)
@@ -194,29 +229,37 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
         };
         let exclude = crate::pack::Patterns::new(&exclude)
             .map_err(|e| failed(format!("upload-directory of {dir}: the exclusions: {e}")))?;
-        let sink = self.ctx.backend.open_file(&id, &path).await?;
-        let progress = self.ctx.on_progress.clone();
-        let packed = super::upload::directory(host_dir.clone(), exclude, sink, progress).await;
-        packed.map_err(|e| match e {
-            super::upload::Failed::Pack(e) => failed(format!("pack {dir} for sandbox {id}: {e}")),
-            super::upload::Failed::Sandbox(e) => e.into(),
-        })
+        let (cancel, progress) = (self.ctx.cancel.clone(), self.ctx.on_progress.clone());
+        let host_dir = host_dir.clone();
+        let backend = self.ctx.backend.clone();
+        let work = async {
+            let sink = backend.open_file(&id, &path).await?;
+            super::upload::directory(host_dir, exclude, sink, progress).await.map_err(|e| match e {
+                super::upload::Failed::Pack(e) => failed(format!("pack {dir} for sandbox {id}: {e}")),
+                super::upload::Failed::Sandbox(e) => e.into(),
+            })
+        };
+        stoppable(&cancel, || format!("the upload of {dir} to sandbox {id}"), work).await
     }
 
     async fn read_file(&mut self, id: String, path: String) -> Result<Vec<u8>, types::SandboxError> {
         self.own(&id)?;
-        Ok(self.ctx.backend.read_file(&id, &path, self.ctx.limits.max_read_bytes).await?)
+        let work = self.ctx.backend.read_file(&id, &path, self.ctx.limits.max_read_bytes);
+        stoppable(&self.ctx.cancel, || format!("reading {path} in sandbox {id}"), work).await
     }
 
     async fn delete(&mut self, id: String) -> Result<(), types::SandboxError> {
         self.own(&id)?;
+        // Never stopped: a cancelled build's cleanup is this call.
         match self.ctx.backend.delete(&id).await {
             Ok(()) => {
                 self.ctx.sandboxes.remove(&id);
+                self.ctx.cancel.hold(&id, false);
                 Ok(())
             }
             Err(backend::SandboxError::Gone(m)) => {
                 self.ctx.sandboxes.remove(&id);
+                self.ctx.cancel.hold(&id, false);
                 Err(types::SandboxError::Gone(m))
             }
             Err(e) => Err(e.into()),
@@ -227,12 +270,12 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
 impl sandbox_exec::HostFileWriter for SandboxExecView<'_> {
     async fn write(&mut self, writer: Resource<FileSink>, chunk: Vec<u8>) -> Result<(), types::SandboxError> {
         let sink = self.table.get_mut(&writer).map_err(|e| failed(format!("file writer: {e}")))?;
-        Ok(sink.write(chunk).await?)
+        stoppable(&self.ctx.cancel, || "a file writer's write".to_owned(), sink.write(chunk)).await
     }
 
     async fn finish(&mut self, writer: Resource<FileSink>) -> Result<u64, types::SandboxError> {
         let sink = self.table.get_mut(&writer).map_err(|e| failed(format!("file writer: {e}")))?;
-        Ok(sink.finish().await?)
+        stoppable(&self.ctx.cancel, || "a file writer's finish".to_owned(), sink.finish()).await
     }
 
     async fn drop(&mut self, writer: Resource<FileSink>) -> wasmtime::Result<()> {

@@ -20,4 +20,4 @@ mod upload;
 pub use backend::{
     Created, ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
 };
-pub use ctx::{OutputFn, SandboxExec, SandboxExecCtx, SandboxExecLimits, SandboxExecView, add_to_linker};
+pub use ctx::{Cancel, OutputFn, SandboxExec, SandboxExecCtx, SandboxExecLimits, SandboxExecView, add_to_linker};

@@ -122,12 +122,15 @@ async fn backend_errors_reach_the_guest_as_the_wit_variants() {
         (SandboxError::Gone("terminated".into()), "gone"),
         (SandboxError::Denied("401".into()), "denied"),
         (SandboxError::Failed("boom".into()), "failed"),
+        (SandboxError::Cancelled("stopped".into()), "cancelled"),
     ];
     for (error, variant) in cases {
         let message = match &error {
-            SandboxError::Transient(m) | SandboxError::Gone(m) | SandboxError::Denied(m) | SandboxError::Failed(m) => {
-                m.clone()
-            }
+            SandboxError::Transient(m)
+            | SandboxError::Gone(m)
+            | SandboxError::Denied(m)
+            | SandboxError::Failed(m)
+            | SandboxError::Cancelled(m) => m.clone(),
         };
         guest.fake.fail_next("status", error);
         let got = Host::status(&mut guest.view(), id.clone()).await.unwrap_err();
@@ -136,6 +139,7 @@ async fn backend_errors_reach_the_guest_as_the_wit_variants() {
             WitError::Gone(m) => ("gone", m),
             WitError::Denied(m) => ("denied", m),
             WitError::Failed(m) => ("failed", m),
+            WitError::Cancelled(m) => ("cancelled", m),
         };
         assert_eq!((name, text), (variant, message));
     }
@@ -303,4 +307,53 @@ async fn upload_directory_packs_only_the_lent_directory_into_an_own_sandbox() {
         archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(names, ["app/", "app/main.py"]);
     assert_eq!(progress.lock().unwrap().last(), Some(&(written, written)));
+}
+
+#[tokio::test]
+async fn a_cancelled_build_stops_its_pending_call_refuses_later_ones_and_still_deletes() {
+    let mut guest = Guest::new(SandboxExecLimits::default());
+    let cancel = super::Cancel::new();
+    guest.ctx = SandboxExecCtx::new(Arc::new(guest.fake.clone()), AllowList::new(["127.0.0.1:4000"]))
+        .with_cancel(cancel.clone());
+    let id = guest.create().await;
+    let kept = guest.create().await;
+    assert_eq!(cancel.held_sandboxes(), {
+        let mut both = vec![id.clone(), kept.clone()];
+        both.sort();
+        both
+    });
+    guest.fake.program("/bin/sleep", FakeProgram { hangs: true, ..Default::default() });
+
+    // The builder hangs; Ctrl-C arrives while the host waits for it.
+    let canceller = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        canceller.cancel();
+    });
+    let stopped = Host::run(&mut guest.view(), id.clone(), process("/bin/sleep", &["600"]), true).await;
+    match stopped {
+        Err(WitError::Cancelled(m)) => assert_eq!(m, format!("/bin/sleep in sandbox {id} was stopped")),
+        other => panic!("expected cancelled, got {other:?}"),
+    }
+
+    // Every later call answers at once, without reaching the backend...
+    let runs = guest.fake.runs().len();
+    let refused = Host::run(&mut guest.view(), id.clone(), process("/bin/true", &[]), false).await;
+    assert!(matches!(&refused, Err(WitError::Cancelled(m)) if m.ends_with("was not started")), "{refused:?}");
+    assert_eq!(guest.fake.runs().len(), runs, "a refused run never reached the backend");
+    let status = Host::status(&mut guest.view(), id.clone()).await;
+    assert!(matches!(status, Err(WitError::Cancelled(_))), "{status:?}");
+    let write = Host::write_file(&mut guest.view(), id.clone(), "/x".into(), b"x".to_vec()).await;
+    assert!(matches!(write, Err(WitError::Cancelled(_))), "{write:?}");
+    let read = Host::read_file(&mut guest.view(), id.clone(), "/x".into()).await;
+    assert!(matches!(read, Err(WitError::Cancelled(_))), "{read:?}");
+    let resources = types::Resources { cpus: 1.0, memory_mb: 512, disk_mb: 1024 };
+    let create = Host::create(&mut guest.view(), "img".into(), resources, 60).await;
+    assert!(matches!(create, Err(WitError::Cancelled(_))), "{create:?}");
+
+    // ...but delete, the cleanup, goes through, and what is still held is known.
+    Host::delete(&mut guest.view(), id.clone()).await.expect("delete after cancel");
+    assert!(guest.fake.deleted().contains(&id), "{:?}", guest.fake.deleted());
+    assert_eq!(cancel.held_sandboxes(), [kept.clone()]);
+    assert_eq!(guest.ctx.live_sandboxes(), [kept]);
 }

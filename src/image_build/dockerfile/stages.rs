@@ -106,7 +106,7 @@ pub fn parse_args(ins: &Instruction, vars: &Vars) -> Result<Vec<(String, Option<
         .collect()
 }
 
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -30,6 +30,7 @@ fn request(dockerfile: &str) -> Request {
         sandbox_wait_secs: 1,
         import_reference: None,
         scope: None,
+        build_args: Vec::new(),
     }
 }
 
@@ -80,6 +81,10 @@ struct World {
     complete_body: Option<Value>,
     sign_bodies: Vec<Value>,
     platform_auth: Vec<String>,
+    /// The host cancels the build when the flow makes this call (a label):
+    /// it and every later sandbox call but delete answer `cancelled`.
+    cancel_at: Option<&'static str>,
+    cancelled: bool,
 }
 
 impl World {
@@ -108,7 +113,31 @@ impl World {
             complete_body: None,
             sign_bodies: Vec::new(),
             platform_auth: Vec::new(),
+            cancel_at: None,
+            cancelled: false,
         }
+    }
+
+    /// What the host answers a sandbox call once the build is cancelled.
+    fn cancelled_answer(&mut self, call: &Call) -> Option<Answer> {
+        if self.cancel_at.is_some_and(|at| label(call).starts_with(at)) {
+            self.cancelled = true;
+        }
+        if !self.cancelled {
+            return None;
+        }
+        let e = SandboxError::Cancelled("Ctrl-C".into());
+        Some(match call {
+            Call::Create { .. } => Answer::Created(Err(e)),
+            Call::Status { .. } => Answer::Status(Err(e)),
+            Call::Proxy { .. } => Answer::Proxy(Err(e)),
+            Call::Run { .. } => Answer::Exit(Err(e)),
+            Call::RunCaptured { .. } => Answer::Captured(Err(e)),
+            Call::UploadContext { .. } => Answer::Uploaded(Err(e)),
+            Call::WriteFile { .. } => Answer::Done(Err(e)),
+            Call::ReadFile { .. } => Answer::File(Err(e)),
+            Call::Http { .. } | Call::Sleep(_) | Call::Delete { .. } => return None,
+        })
     }
 
     fn http(&mut self, method: &str, url: &str, headers: &[(String, String)], body: &[u8]) -> (u16, String) {
@@ -145,6 +174,9 @@ impl World {
     }
 
     fn answer(&mut self, call: &Call) -> Answer {
+        if let Some(answer) = self.cancelled_answer(call) {
+            return answer;
+        }
         match call {
             Call::Http { method, url, .. } if *method == "GET" && url.contains("/by-name/") => {
                 Answer::Http(self.lookups.pop_front().expect("a lookup answer").map(|(s, t)| (s, t.into_bytes())))
@@ -878,4 +910,109 @@ fn pat_mode_scopes_the_platform_paths_and_sends_the_scope_headers() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+fn cancellation(run: &Run) -> &str {
+    match &run.outcome {
+        Err(BuildError::Cancelled(m)) => m,
+        other => panic!("expected a cancelled build, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_build_cancelled_while_the_builder_runs_aborts_the_upload_and_deletes_the_sandbox_without_diagnostics() {
+    let mut world = World::new();
+    world.cancel_at = Some("run /usr/local/bin/tl-rootfs-build");
+    let run = drive(request("FROM scratch\n"), &mut world);
+    // No diagnostics: nothing failed, the user stopped it.
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DELETE]));
+    assert_eq!(
+        cancellation(&run),
+        format!(
+            "the build was cancelled during its build stage (Ctrl-C); cleaned up: aborted the snapshot's multipart \
+             upload, deleted builder sandbox sbx-1{DECORATION}"
+        )
+    );
+    assert!(world.complete_body.is_none(), "nothing is completed");
+}
+
+#[test]
+fn a_build_cancelled_before_its_sandbox_exists_creates_none_and_says_nothing_was_left() {
+    let mut world = World::new();
+    world.cancel_at = Some("create ");
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, [PREPARE, "create tensorlake/rootfs-builder"]);
+    assert_eq!(
+        cancellation(&run),
+        "the build was cancelled during its sandbox stage (Ctrl-C); nothing was left to clean up"
+    );
+}
+
+#[test]
+fn a_build_cancelled_while_its_sandbox_starts_deletes_it_and_names_what_could_not_be_cleaned() {
+    let mut world = World::new();
+    world.cancel_at = Some("status ");
+    world.delete = Err(SandboxError::Transient("HTTP 502".into()));
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[&START[..3], DELETE]));
+    let said = cancellation(&run);
+    assert!(
+        said.starts_with("the build was cancelled during its sandbox stage (Ctrl-C); left behind: builder sandbox sbx-1 (its delete failed: transient sandbox error: HTTP 502)"),
+        "{said}"
+    );
+
+    // Cancelled during the context upload: the signed upload is aborted too.
+    let mut world = World::new();
+    world.cancel_at = Some("upload-context ");
+    world.abort = (403, "expired".into());
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], &SETUP[..3], ABORT_CALL, DELETE]));
+    let said = cancellation(&run);
+    assert!(
+        said.contains("during its upload stage")
+            && said.contains("cleaned up: deleted builder sandbox sbx-1; left behind: the snapshot's multipart upload (its abort answered HTTP 403)"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_build_that_failed_finishes_its_cleanup_when_cancelled_during_diagnostics() {
+    let mut world = World::new();
+    world.builder_exit = Exit { code: 1, oom_killed: false };
+    world.cancel_at = Some("diagnose dmesg");
+    let run = drive(request("FROM scratch\n"), &mut world);
+    // The failure stands; the diagnostics answer cancelled and the sandbox is still deleted.
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DIAGNOSE, DELETE]));
+    assert!(
+        run.failure().starts_with("Command '/usr/local/bin/tl-rootfs-build' failed with exit code 1"),
+        "{}",
+        run.failure()
+    );
+}
+
+#[test]
+fn build_arguments_reach_the_lookups_prepare_and_spec_json_through_the_dockerfiles_args() {
+    let (mut world, _) = diff_world();
+    let mut r = request("ARG BASE=scratch\nFROM $BASE\nARG GREETING\nENV G=$GREETING\n");
+    r.build_args =
+        vec![("BASE".into(), "other/base".into()), ("GREETING".into(), "hi $there".into()), ("X".into(), "1".into())];
+    let run = drive(r, &mut world);
+    assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+    let lookup = "GET http://api/platform/v1/sandbox-templates/by-name/other%2Fbase";
+    assert_eq!(run.calls[0], lookup, "the FROM is looked up with the argument");
+    let sent =
+        "ARG BASE=scratch BASE=\"other/base\"\nFROM $BASE\nARG GREETING GREETING=\"hi \\$there\"\nENV G=$GREETING\n";
+    let prepare = world.prepare_body.unwrap();
+    assert_eq!(prepare["dockerfile"], sent);
+    assert_eq!(prepare["rootfsNodeKind"], "diff", "a template named by the argument is the parent");
+    assert_eq!(world.spec.unwrap()["dockerfile"], sent);
+    assert_eq!(run.warnings(), ["build arguments not declared by any ARG, so not used: X"]);
+
+    // A value an ARG cannot hold is a usage error before any call.
+    let mut world = World::new();
+    let mut r = request("FROM scratch\nARG A\n");
+    r.build_args = vec![("A".into(), "x\nRUN evil".into())];
+    let run = drive(r, &mut world);
+    assert!(run.calls.is_empty(), "{:?}", run.calls);
+    assert!(matches!(&run.outcome, Err(BuildError::Usage(m)) if m.contains("build argument A")), "{:?}", run.outcome);
 }
