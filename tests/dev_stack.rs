@@ -528,6 +528,8 @@ async fn a_stack_killed_mid_build_fails_the_build_and_aborts_its_upload_at_resta
         "the restart says what it cleaned: {:#?}",
         dev.banner
     );
+    let minting = format!("snapsign token --namespace NS --data-dir {}", data.path().display());
+    assert!(dev.banner.iter().any(|l| l.contains(&minting)), "the banner says how to mint a token: {:#?}", dev.banner);
     // The upload is gone: no part file left, and its part URLs no longer take bytes.
     assert!(files_named(&data.path().join("store"), &upload_id).is_empty(), "parts and record removed");
     let late = api.http.put(part(1)).body(vec![8u8; 1024]).send().await.unwrap();
@@ -677,4 +679,34 @@ async fn templates_are_listed_by_page_described_and_removed_children_first() {
     assert!(gone.contains("HTTP 404"), "{gone}");
     assert_eq!(client.list().await.unwrap().len(), 1);
     stack.shutdown().await;
+}
+
+/// Logs written to a pipe or a file carry no colour codes; on a terminal they would.
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"))
+        .args(["store", "--listen", "127.0.0.1:0", "--bucket", "b", "--dir"])
+        .arg(dir.path())
+        .env("SNAPSIGN_ACCESS_KEY_ID", "AKIDLOGS")
+        .env("SNAPSIGN_SECRET_ACCESS_KEY", "logs-secret")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(store.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    for line in stderr.lines().map_while(Result::ok) {
+        let listening = line.contains("S3 store listening");
+        lines.push(line);
+        if listening {
+            break;
+        }
+    }
+    let _ = store.kill();
+    let _ = store.wait();
+    assert!(lines.last().is_some_and(|l| l.contains("S3 store listening")), "{lines:#?}");
+    assert!(lines.iter().all(|l| !l.contains('\u{1b}')), "escape codes in piped logs: {lines:?}");
 }

@@ -341,8 +341,11 @@ pub struct TokenArgs {
     #[arg(long, default_value_t = 3600)]
     pub ttl_secs: i64,
     /// The signing key (at least 32 bytes).
-    #[arg(long, env = "SNAPSIGN_TOKEN_KEY", hide_env_values = true)]
-    pub key: String,
+    #[arg(long, env = "SNAPSIGN_TOKEN_KEY", hide_env_values = true, conflicts_with = "data_dir")]
+    pub key: Option<String>,
+    /// Instead of --key: the data directory of a `snapsign dev` stack, whose key signs the token.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 // `snapsign store`.

@@ -446,6 +446,10 @@ async fn dev(args: DevArgs) -> Result<()> {
     println!("  namespace     {}", stack.namespace);
     println!("  token         {}", stack.token);
     println!("  admin token   {}   (operator only: PUT /_snapsign/faults)", stack.admin_token);
+    println!(
+        "  more tokens   snapsign token --namespace NS --data-dir {}   (another namespace's)",
+        config.data_dir.display()
+    );
     println!();
     println!(
         "  export SNAPSIGN_API_URL={} SNAPSIGN_NAMESPACE={} SNAPSIGN_API_TOKEN={}",
@@ -464,7 +468,14 @@ async fn dev(args: DevArgs) -> Result<()> {
 
 /// `snapsign token`.
 fn token(args: TokenArgs) -> Result<()> {
-    let TokenArgs { namespace, ttl_secs, key } = args;
+    let TokenArgs { namespace, ttl_secs, key, data_dir } = args;
+    let key = match (key, data_dir) {
+        (Some(key), _) => key,
+        (None, Some(dir)) => snapsign_host::dev::stack::token_key(&dir)?,
+        (None, None) => {
+            bail!("no signing key: pass --key (or set SNAPSIGN_TOKEN_KEY), or --data-dir DIR of a snapsign dev stack")
+        }
+    };
     if key.len() < snapsign::token::MIN_KEY_LEN {
         bail!("the token key is {} bytes; use at least {}", key.len(), snapsign::token::MIN_KEY_LEN);
     }

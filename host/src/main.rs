@@ -28,7 +28,11 @@ fn main() -> ExitCode {
         Command::ServeSigner(_) | Command::Store(_) | Command::Dev(_) => "snapsign=info,snapsign_host=info,warn",
         _ => "warn",
     };
+    // Colour only on a terminal, and never when NO_COLOR is set (no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     tracing_subscriber::fmt()
+        .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )

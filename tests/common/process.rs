@@ -88,11 +88,12 @@ impl DevProcess {
         serde_json::from_slice(&std::fs::read(self.data_dir.join("secrets.json")).unwrap()).unwrap()
     }
 
-    /// A token for another namespace, minted as the operator would (`snapsign token`).
+    /// A token for another namespace, minted as the banner says (`snapsign token --data-dir`).
     pub fn token_for(&self, namespace: &str) -> String {
-        let key = self.secrets()["token_key"].as_str().unwrap().to_owned();
         let out = Command::new(env!("CARGO_BIN_EXE_snapsign"))
-            .args(["token", "--namespace", namespace, "--ttl-secs", "3600", "--key", &key])
+            .args(["token", "--namespace", namespace, "--ttl-secs", "3600", "--data-dir"])
+            .arg(&self.data_dir)
+            .env_remove("SNAPSIGN_TOKEN_KEY")
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

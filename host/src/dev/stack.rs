@@ -120,6 +120,18 @@ fn write_secrets(path: &Path, secrets: &Secrets) -> Result<()> {
     write().with_context(|| format!("write {} (through {})", path.display(), tmp.display()))
 }
 
+/// The key a stack with `data_dir` signs namespace tokens with, for
+/// `snapsign token --data-dir` (a second namespace's token): read from its
+/// `secrets.json`, never made.
+pub fn token_key(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("secrets.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("read {}: is {} the data directory of a snapsign dev stack?", path.display(), data_dir.display())
+    })?;
+    let secrets: Secrets = serde_json::from_str(&text).with_context(|| format!("read {}", path.display()))?;
+    Ok(secrets.token_key)
+}
+
 /// The stack's secrets: read from `data_dir/secrets.json`, or made and saved
 /// when there is none. Any other failure to read it is an error, never a
 /// silent replacement (that would void every token already issued).
