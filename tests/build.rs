@@ -609,6 +609,46 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
     let said = error_line(&failed);
     assert_eq!((&said["kind"], &said["exitCode"]), (&json!("failed"), &json!(1)));
     assert!(said["message"].as_str().unwrap().contains("(builder sandbox: sbx-"), "{said}");
+    stack.platform.set_faults(Faults::default());
+
+    // Without --json, on a pipe: plain lines, no escape codes.
+    let (api, token, store) = (stack.api_url(), stack.token.clone(), stack.store.addr().to_string());
+    let args = ["build", "--name", "plain-image", "-f", &dockerfile, "--context", &context_dir];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--disk-mb", "256", "--allow-host", &store].map(String::from));
+    let env = [("SNAPSIGN_API_URL", api.clone()), ("SNAPSIGN_API_TOKEN", token.clone())];
+    let plain = {
+        let (args, env) = (args.clone(), env.clone());
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(&args, &env.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap()
+    };
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(plain.status.success(), "{stderr}");
+    assert!(stderr.contains("==> build\n") && stderr.contains("[builder stdout] Step 1/"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}') && !stderr.contains('\r'), "escape codes on a pipe: {stderr:?}");
+
+    // On a terminal (a pty from `script`): the same lines, drawn live around a spinner.
+    args[2] = "tty-image".into();
+    let command = std::iter::once(env!("CARGO_BIN_EXE_snapsign").to_owned()).chain(args).collect::<Vec<_>>().join(" ");
+    let tty = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("script")
+            .args(["-q", "-e", "-c", &command, "/dev/null"])
+            .envs(env)
+            .env("TERM", "xterm")
+            .env("SNAPSIGN_CACHE_DIR", common::cache_dir())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{shown}");
+    assert!(shown.contains("==> build") && shown.contains("Image 'tty-image' registered"), "{shown}");
+    assert!(shown.contains("\u{1b}["), "a terminal gets the live view (cursor control): {shown:?}");
     stack.shutdown().await;
 }
 

@@ -687,7 +687,7 @@ fn logs_written_to_a_pipe_carry_no_colour_codes() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let mut store = std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"))
-        .args(["store", "--listen", "127.0.0.1:0", "--bucket", "b", "--dir"])
+        .args(["store", "--listen", "127.0.0.1:0", "--bucket", "logs", "--dir"])
         .arg(dir.path())
         .env("SNAPSIGN_ACCESS_KEY_ID", "AKIDLOGS")
         .env("SNAPSIGN_SECRET_ACCESS_KEY", "logs-secret")

@@ -102,11 +102,15 @@ pub fn s3_multipart_overlapped(
     archive: &Path,
     write: impl FnOnce(&dyn Fn(u64) -> io::Result<()>) -> Result<ArchiveSummary>,
 ) -> Result<ArchiveSummary> {
+    // The URLs are signed before the snapshot exists, for the largest it may be (the rootfs size);
+    // those it does not need expire unused.
     println!(
-        "Multipart upload {}: parts of {} bytes go up as they are written, {} part URLs signed",
+        "Multipart upload {}: parts of {} go up as they are written; {} part URLs were signed, \
+         enough for {} (the rootfs size), and only those the snapshot fills are used",
         multipart.upload_id,
-        multipart.part_size_bytes,
-        multipart.part_urls.len()
+        human_bytes(multipart.part_size_bytes),
+        multipart.part_urls.len(),
+        human_bytes(multipart.part_size_bytes.saturating_mul(multipart.part_urls.len() as u64))
     );
     let started = Instant::now();
     let result = overlapped_parts(agent, multipart, archive, write).and_then(|(summary, etags)| {

@@ -6,6 +6,7 @@
 
 mod backends;
 mod options;
+mod progress;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx};
 
 pub use self::backends::{proxy_backend, proxy_outbound, run, run_local, run_with};
 pub use self::options::{BuildFailure, BuildOptions, RunTimings};
+pub use self::progress::{json_printer, print_json_line, progress_printer};
 use crate::engine::{self, EngineLimits, WasmtimeResultExt};
 use crate::guest::{self, GuestState};
 use crate::outbound::AllowList;
@@ -235,81 +237,6 @@ impl BuilderRuntime {
         };
         Ok((outcome, timings))
     }
-}
-
-/// Upload progress is reported every this many bytes (and once at the end).
-const UPLOAD_REPORT_EVERY: u64 = 8 << 20;
-
-/// Whether an upload event is worth reporting: the last one, or
-/// [`UPLOAD_REPORT_EVERY`] bytes after the last reported.
-fn upload_worth_reporting(last: &std::sync::Mutex<u64>, sent: u64, total: u64) -> bool {
-    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-    if total == 0 && sent < *last + UPLOAD_REPORT_EVERY {
-        return false;
-    }
-    *last = sent;
-    true
-}
-
-impl BuildEvent {
-    /// The event as one JSON object (`--json`'s NDJSON lines), tagged by `event`.
-    pub fn to_json(&self) -> serde_json::Value {
-        use serde_json::json;
-        match self {
-            BuildEvent::Stage(stage) => json!({"event": "stage", "stage": stage}),
-            BuildEvent::Upload(sent, total) => {
-                json!({"event": "upload", "sentBytes": sent, "totalBytes": (*total > 0).then_some(*total)})
-            }
-            BuildEvent::Log(stream, line) => json!({"event": "log", "stream": stream, "line": line}),
-            BuildEvent::Warning(message) => json!({"event": "warning", "message": message}),
-            BuildEvent::Metadata(text) => {
-                let metadata = serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.clone()));
-                json!({"event": "metadata", "metadata": metadata})
-            }
-        }
-    }
-}
-
-/// Prints events to stderr: stages, builder log lines, upload progress every 8 MiB, warnings.
-pub fn progress_printer() -> EventFn {
-    let last = std::sync::Mutex::new(0u64);
-    Arc::new(move |event| match event {
-        BuildEvent::Stage(stage) => eprintln!("==> {stage}"),
-        BuildEvent::Log(stream, line) => eprintln!("  [builder {stream}] {line}"),
-        BuildEvent::Warning(warning) => eprintln!("warning: {warning}"),
-        BuildEvent::Upload(sent, total) if upload_worth_reporting(&last, sent, total) => {
-            if total > 0 {
-                eprintln!("  context uploaded: {total} bytes (gzip tar)");
-            } else {
-                eprintln!("  context upload: {:.1} MiB sent", sent as f64 / 1048576.0);
-            }
-        }
-        BuildEvent::Upload(..) => {}
-        // The platform's answer to completion names what was registered.
-        BuildEvent::Metadata(_) => {}
-    })
-}
-
-/// Prints every event to stdout as one JSON object a line (NDJSON; upload
-/// progress every 8 MiB and at the end), for hosts that follow a build; the
-/// caller prints the last line, the result.
-pub fn json_printer() -> EventFn {
-    let last = std::sync::Mutex::new(0u64);
-    Arc::new(move |event| {
-        if let BuildEvent::Upload(sent, total) = event
-            && !upload_worth_reporting(&last, sent, total)
-        {
-            return;
-        }
-        print_json_line(&event.to_json());
-    })
-}
-
-/// Writes `value` to stdout as one line, at once (a follower reads it as it comes).
-pub fn print_json_line(value: &serde_json::Value) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}").and_then(|()| out.flush());
 }
 
 #[cfg(test)]
