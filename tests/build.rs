@@ -548,8 +548,9 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
     let dockerfile = ctx.path().join("Dockerfile").display().to_string();
     let context_dir = ctx.path().display().to_string();
     let (api, token, store) = (stack.api_url(), stack.token.clone(), stack.store.addr().to_string());
+    let in_context = context_dir.clone();
     let run = move |name: &'static str, token: String, dockerfile: String| {
-        let (api, store, context_dir) = (api.clone(), store.clone(), context_dir.clone());
+        let (api, store, context_dir) = (api.clone(), store.clone(), in_context.clone());
         tokio::task::spawn_blocking(move || {
             cli(
                 &[
@@ -603,7 +604,7 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
     assert_eq!(refused.status.code(), Some(3), "{}", String::from_utf8_lossy(&refused.stderr));
     assert_eq!(error_line(&refused)["kind"], "auth");
     stack.platform.set_faults(Faults { builder_exit_nonzero: true, ..Faults::default() });
-    let failed = run("y", token, dockerfile).await.unwrap();
+    let failed = run("y", token, dockerfile.clone()).await.unwrap();
     assert_eq!(failed.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&failed.stderr).contains("(builder sandbox: sbx-"));
     let said = error_line(&failed);
