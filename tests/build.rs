@@ -344,6 +344,18 @@ async fn each_fault_ends_in_a_clear_error_with_nothing_left_behind() {
     .await;
     assert!(!run.events.contains(&BuildEvent::Stage("build".into())), "the builder never ran");
     assert!(!run.events.iter().any(|e| matches!(e, BuildEvent::Log(..))), "the builder never ran");
+    // Without --allow-host for the store the upload is still aborted (the host admits the
+    // DELETE of the abort URL the signer gave), and nothing warns that it could not be.
+    let run = failing_with(
+        Faults { sign_without_uri: true, ..Faults::default() },
+        |o| o.allow_hosts.clear(),
+        "dataplane signed upload response is missing uri",
+    )
+    .await;
+    let warnings: Vec<&String> =
+        run.events.iter().filter_map(|e| if let BuildEvent::Warning(w) = e { Some(w) } else { None }).collect();
+    assert!(warnings.iter().any(|w| w.starts_with("aborted the multipart upload")), "{warnings:?}");
+    assert!(!warnings.iter().any(|w| w.contains("cannot abort")), "{warnings:?}");
     failing(Faults { store_fail_part: Some(1), ..Faults::default() }, "failed with exit code").await;
     failing(Faults { builder_exit_nonzero: true, ..Faults::default() }, "failed with exit code 3").await;
     // A real OOM kill: the builder uses memory past its sandbox's 64 MiB (+ 256 MiB RAM-backed disk).

@@ -1,16 +1,29 @@
 //! Outbound HTTP policy for guests: an allow-list of `host:port`
 //! authorities, plugged in through wasi-http's hooks.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
+use http_body_util::{BodyExt, Full, Limited};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
+
+/// The largest sign answer read for its abort URL (10,000 part URLs are a few MiB).
+const MAX_SIGN_ANSWER: usize = 32 << 20;
 
 /// Lets a guest reach only the listed authorities. The embedder fixes the
 /// list when the guest starts; nothing can widen it afterwards (no
-/// capability or backend holds a way to).
+/// capability or backend holds a way to), with one narrow exception: the
+/// `abortUrl` of a sign answer the guest received from an admitted host
+/// (`POST …/api/v1/blob/sign`) may be sent as a `DELETE`, that exact URL
+/// only, so a failed build aborts its upload wherever the store is
+/// (wit/protocol.md §5.6).
 #[derive(Debug, Clone)]
 pub struct AllowList {
     allowed: Arc<[String]>,
+    aborts: Arc<Mutex<HashSet<String>>>,
 }
 
 fn normalise(authority: &str, https: bool) -> String {
@@ -34,7 +47,7 @@ impl AllowList {
                 }
             })
             .collect();
-        AllowList { allowed: allowed.into() }
+        AllowList { allowed: allowed.into(), aborts: Arc::default() }
     }
 
     /// Whether a request to `authority` over `https` (or http) may go out.
@@ -42,6 +55,68 @@ impl AllowList {
         let wanted = normalise(authority, https);
         self.allowed.contains(&wanted)
     }
+
+    /// Whether `method url` may go out: an admitted authority, or the
+    /// `DELETE` of an abort URL a sign answer gave this guest.
+    fn admits(&self, method: &http::Method, url: &str, authority: &str, https: bool) -> bool {
+        self.permits(authority, https)
+            || (method == http::Method::DELETE && self.aborts.lock().unwrap_or_else(|p| p.into_inner()).contains(url))
+    }
+
+    /// Notes the `abortUrl` of a sign answer's JSON, if it has one.
+    fn admit_abort_of(&self, answer: &[u8]) {
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(answer) else { return };
+        if let Some(url) = json.get("abortUrl").and_then(|u| u.as_str()) {
+            self.aborts.lock().unwrap_or_else(|p| p.into_inner()).insert(url.to_owned());
+        }
+    }
+}
+
+type IoFuture = Pin<Box<dyn Future<Output = Result<(), HttpError>> + Send>>;
+
+/// Reads a sign answer whole (at most [`MAX_SIGN_ANSWER`]) while its
+/// connection's I/O future runs, notes its abort URL, and hands the guest
+/// the same answer.
+async fn read_sign_answer(
+    list: AllowList,
+    response: http::Response<WasiBody>,
+    io: IoFuture,
+) -> Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), HttpError>> + Send>), HttpError> {
+    let (parts, body) = response.into_parts();
+    let mut io = Some(io);
+    let mut collect = std::pin::pin!(Limited::new(body, MAX_SIGN_ANSWER).collect());
+    // The body arrives only while the connection's I/O is driven: poll both until the body is in.
+    let collected = std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = collect.as_mut().poll(cx) {
+            return Poll::Ready(done.map_err(|e| HttpError::InternalError(Some(format!("read the sign answer: {e}")))));
+        }
+        if let Some(running) = io.as_mut()
+            && let Poll::Ready(result) = running.as_mut().poll(cx)
+        {
+            io = None;
+            if let Err(e) = result {
+                return Poll::Ready(Err(e));
+            }
+            return collect
+                .as_mut()
+                .poll(cx)
+                .map(|done| done.map_err(|e| HttpError::InternalError(Some(format!("read the sign answer: {e}")))));
+        }
+        Poll::Pending
+    })
+    .await?;
+    let bytes = collected.to_bytes();
+    if parts.status.is_success() {
+        list.admit_abort_of(&bytes);
+    }
+    let body = Full::new(bytes).map_err(|never| match never {}).boxed_unsync();
+    let io: Box<dyn Future<Output = Result<(), HttpError>> + Send> = Box::new(async move {
+        match io {
+            Some(running) => running.await,
+            None => Ok(()),
+        }
+    });
+    Ok((http::Response::from_parts(parts, body), io))
 }
 
 type SendFuture = Box<
@@ -63,12 +138,21 @@ impl WasiHttpHooks for AllowList {
         let uri = request.uri();
         let https = uri.scheme_str() == Some("https");
         let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-        if !self.permits(&authority, https) {
+        if !self.admits(request.method(), &uri.to_string(), &authority, https) {
             tracing::warn!(%authority, method = %request.method(), "guest request denied by the outbound allow-list");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
+        let signing = request.method() == http::Method::POST && uri.path().ends_with(snapsign::signer::SIGN_PATH);
         let default = wasmtime_wasi_http::default_hooks();
-        default.send_request(request, options, fut)
+        let sent = default.send_request(request, options, fut);
+        if !signing {
+            return sent;
+        }
+        let list = self.clone();
+        Box::new(async move {
+            let (response, io) = Box::into_pin(sent).await?;
+            read_sign_answer(list, response, Box::into_pin(io)).await
+        })
     }
 }
 
@@ -86,5 +170,25 @@ mod tests {
         assert!(list.permits("s3.amazonaws.com:443", true));
         assert!(!list.permits("evil.example", true));
         assert!(!list.permits("s3.amazonaws.com.evil.example", true));
+    }
+
+    #[test]
+    fn a_sign_answers_abort_url_admits_that_one_delete_and_nothing_else() {
+        let list = AllowList::new(["127.0.0.1:9000"]);
+        let abort = "http://127.0.0.1:7000/snapshots/k?uploadId=u-1&X-Amz-Signature=00";
+        let delete = http::Method::DELETE;
+        assert!(!list.admits(&delete, abort, "127.0.0.1:7000", false), "not before the answer");
+        list.admit_abort_of(format!(r#"{{"kind": "s3_multipart", "abortUrl": "{abort}"}}"#).as_bytes());
+        // A clone (the capability's, the hooks') sees the same admission.
+        let seen = list.clone();
+        assert!(seen.admits(&delete, abort, "127.0.0.1:7000", false));
+        assert!(!seen.admits(&http::Method::GET, abort, "127.0.0.1:7000", false), "only a DELETE");
+        assert!(!seen.admits(&http::Method::PUT, abort, "127.0.0.1:7000", false));
+        let other = "http://127.0.0.1:7000/snapshots/other?uploadId=u-2";
+        assert!(!seen.admits(&delete, other, "127.0.0.1:7000", false), "only that URL");
+        assert!(!seen.permits("127.0.0.1:7000", false), "the authority itself stays closed");
+        list.admit_abort_of(b"not json");
+        list.admit_abort_of(br#"{"abortUrl": 7}"#);
+        assert_eq!(list.aborts.lock().unwrap().len(), 1);
     }
 }
