@@ -222,6 +222,45 @@ async fn build_arguments_reach_the_from_lookup_and_the_builders_args_in_both_pre
     }
 }
 
+/// The bytes of the context upload (the last progress event's total).
+fn context_bytes(run: &Run) -> u64 {
+    run.events
+        .iter()
+        .rev()
+        .find_map(|e| if let BuildEvent::Upload(_, total) = e { Some(*total) } else { None })
+        .expect("upload progress reported")
+}
+
+/// Only what COPY and ADD read leaves the machine (an unreferenced file that
+/// would fill the builder's disk stays here), also across long paths and
+/// escaping symlinks; a source through a symlink sends the whole context.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_files_copy_reads_are_sent_unless_a_symlink_leads_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let unused = snapsign_rootfs_builder::sample::random(4 << 20, 7);
+    let deep = ["d".repeat(60); 6].join("/");
+    let ctx = context(&[("hello.txt", b"sent\n"), ("unused.bin", &unused), (&format!("{deep}/deep.txt"), b"deep\n")]);
+    std::os::unix::fs::symlink("/etc/passwd", ctx.path().join("escape")).unwrap();
+    std::os::unix::fs::symlink("hello.txt", ctx.path().join("link.txt")).unwrap();
+
+    let dockerfile = format!("FROM scratch\nCOPY hello.txt /hello.txt\nCOPY {deep}/deep.txt /deep.txt\n");
+    let run = build(&options(&stack, "narrow", &dockerfile, ctx.path())).await;
+    let template = run.outcome.unwrap_or_else(|e| panic!("narrow build failed: {e}\n{:#?}", run.events));
+    assert!(context_bytes(&run) < 64 << 10, "the 4 MiB unreferenced file was sent: {} bytes", context_bytes(&run));
+    let (_, _out, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
+    assert_eq!(std::fs::read_to_string(tree.host("hello.txt")).unwrap(), "sent\n");
+    assert_eq!(std::fs::read_to_string(tree.host("deep.txt")).unwrap(), "deep\n", "a 360-byte path arrives");
+
+    // COPY follows a symlink that stays in the context, so its target must be there: all is sent.
+    let run = build(&options(&stack, "through-link", "FROM scratch\nCOPY link.txt /l.txt\n", ctx.path())).await;
+    let template = run.outcome.unwrap_or_else(|e| panic!("symlink build failed: {e}\n{:#?}", run.events));
+    assert!(context_bytes(&run) > 4 << 20, "the whole context: {} bytes", context_bytes(&run));
+    let (_, _out, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
+    assert_eq!(std::fs::read_to_string(tree.host("l.txt")).unwrap(), "sent\n");
+    stack.shutdown().await;
+}
+
 /// Builds `dockerfile` as namespace `namespace` (its own token), in `shape`.
 async fn build_as(stack: &DevStack, namespace: &str, name: &str, dockerfile: &str, public: bool, shape: &str) -> Run {
     let ctx = context(&[("hello.txt", format!("{namespace}/{name}\n").as_bytes())]);

@@ -83,22 +83,27 @@ fn perform(call: Call) -> Answer {
             Answer::Captured(sx::run_captured(&id, &spec(process), timeout_secs).map(|(_, lines)| lines).map_err(error))
         }
         // The host packs the preopened context natively (wit/protocol.md §5.6) and reports the progress.
-        Call::UploadContext { id, path } => Answer::Uploaded(upload_context(&id, &path)),
+        Call::UploadContext { id, path, only } => Answer::Uploaded(upload_context(&id, &path, only)),
         Call::WriteFile { id, path, contents } => Answer::Done(sx::write_file(&id, &path, &contents).map_err(error)),
         Call::ReadFile { id, path } => Answer::File(sx::read_file(&id, &path).map_err(error)),
         Call::Delete { id } => Answer::Done(sx::delete(&id).map_err(error)),
     }
 }
 
-/// Sends the context, leaving out what its `.dockerignore` names.
-fn upload_context(id: &str, path: &str) -> Result<(), SandboxError> {
+/// Sends the context (`only` those paths, when they reach no symlink),
+/// leaving out what its `.dockerignore` names.
+fn upload_context(id: &str, path: &str, only: Option<Vec<String>>) -> Result<(), SandboxError> {
     let ignore_file = format!("{CONTEXT_DIR}/{}", context::DOCKERIGNORE);
     let ignore = match std::fs::read_to_string(&ignore_file) {
         Ok(text) => Some(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(SandboxError::Failed(format!("read the context's {}: {e}", context::DOCKERIGNORE))),
     };
-    sx::upload_directory(id, CONTEXT_DIR, &context::exclusions(ignore.as_deref()), path).map(drop).map_err(error)
+    let is_symlink =
+        |rel: &str| std::fs::symlink_metadata(format!("{CONTEXT_DIR}/{rel}")).is_ok_and(|m| m.file_type().is_symlink());
+    let only = only.filter(|paths| context::through_no_symlink(paths, is_symlink));
+    let exclude = context::exclusions(ignore.as_deref(), only.as_deref());
+    sx::upload_directory(id, CONTEXT_DIR, &exclude, path).map(drop).map_err(error)
 }
 
 fn request_of(r: wit::BuildRequest) -> Request {

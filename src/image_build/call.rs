@@ -195,7 +195,7 @@ pub enum Call {
     /// `sandbox-exec.run-captured`; the shell answers the stdout lines.
     RunCaptured { id: String, process: Process, timeout_secs: u32 },
     /// Streams the gzip tar of the preopened build context to `path`.
-    UploadContext { id: String, path: String },
+    UploadContext { id: String, path: String, only: Option<Vec<String>> },
     /// `sandbox-exec.write-file`.
     WriteFile { id: String, path: String, contents: Vec<u8> },
     /// `sandbox-exec.read-file`.
@@ -218,7 +218,7 @@ impl std::fmt::Debug for Call {
             Call::Proxy { id } => write!(f, "Proxy({id})"),
             Call::Run { id, process, log } => write!(f, "Run({id}, {} {:?}, log {log})", process.command, process.args),
             Call::RunCaptured { id, process, .. } => write!(f, "RunCaptured({id}, {})", process.command),
-            Call::UploadContext { id, path } => write!(f, "UploadContext({id}, {path})"),
+            Call::UploadContext { id, path, only } => write!(f, "UploadContext({id}, {path}, only {only:?})"),
             Call::WriteFile { id, path, contents } => write!(f, "WriteFile({id}, {path}, {} bytes)", contents.len()),
             Call::ReadFile { id, path } => write!(f, "ReadFile({id}, {path})"),
             Call::Delete { id } => write!(f, "Delete({id})"),

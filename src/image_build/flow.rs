@@ -673,7 +673,14 @@ impl Flow {
         let process = match i {
             0 => Process::new("mkdir", &["-p", dir], true),
             1 => Process::new("chmod", &["0777", dir], true),
-            2 => return Call::UploadContext { id, path: archive },
+            // Only what COPY and ADD read, when that is known (an image import reads its archive).
+            2 => {
+                let only = match self.request.import_reference {
+                    Some(_) => None,
+                    None => super::context::referenced_paths(&self.request.dockerfile),
+                };
+                return Call::UploadContext { id, path: archive, only };
+            }
             3 => Process::new("mkdir", &["-p", &context], false),
             4 => Process::new("tar", &["-xzf", &archive, "-C", &context], false),
             _ => Process::new("rm", &["-f", &archive], false),

@@ -85,6 +85,8 @@ struct World {
     /// it and every later sandbox call but delete answer `cancelled`.
     cancel_at: Option<&'static str>,
     cancelled: bool,
+    /// The `only` of the context upload, once asked for.
+    upload_only: Option<Option<Vec<String>>>,
 }
 
 impl World {
@@ -115,6 +117,7 @@ impl World {
             platform_auth: Vec::new(),
             cancel_at: None,
             cancelled: false,
+            upload_only: None,
         }
     }
 
@@ -212,7 +215,10 @@ impl World {
             } else {
                 self.df.clone()
             })),
-            Call::UploadContext { .. } => Answer::Uploaded(Ok(())),
+            Call::UploadContext { only, .. } => {
+                self.upload_only = Some(only.clone());
+                Answer::Uploaded(Ok(()))
+            }
             Call::WriteFile { contents, .. } => {
                 self.spec = Some(serde_json::from_slice(contents).unwrap());
                 Answer::Done(Ok(()))
@@ -315,6 +321,7 @@ fn new_shape_base_build_signs_splices_and_completes_with_the_signed_uri() {
     let mut world = World::new();
     let run = drive(request("FROM scratch\nCOPY a /a\n"), &mut world);
     assert_eq!(run.outcome, Ok(r#"{"id":"tmpl-1","name":"base"}"#.into()));
+    assert_eq!(world.upload_only, Some(Some(vec!["a".to_owned()])), "only what COPY reads is sent");
     let expected = calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, READ_METADATA, &[COMPLETE], DELETE]);
     assert_eq!(run.calls, expected);
     let stages: Vec<&str> =
