@@ -239,7 +239,7 @@ async fn only_the_files_copy_reads_are_sent_unless_a_symlink_leads_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_with(dir.path(), |_| {}).await;
     let unused = snapsign_rootfs_builder::sample::random(4 << 20, 7);
-    let deep = ["d".repeat(60); 6].join("/");
+    let deep = vec!["d".repeat(60); 6].join("/");
     let ctx = context(&[("hello.txt", b"sent\n"), ("unused.bin", &unused), (&format!("{deep}/deep.txt"), b"deep\n")]);
     std::os::unix::fs::symlink("/etc/passwd", ctx.path().join("escape")).unwrap();
     std::os::unix::fs::symlink("hello.txt", ctx.path().join("link.txt")).unwrap();
