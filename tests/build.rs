@@ -223,8 +223,8 @@ async fn build_arguments_reach_the_from_lookup_and_the_builders_args_in_both_pre
 }
 
 /// The bytes of the context upload (the last progress event's total).
-fn context_bytes(run: &Run) -> u64 {
-    run.events
+fn context_bytes(events: &[BuildEvent]) -> u64 {
+    events
         .iter()
         .rev()
         .find_map(|e| if let BuildEvent::Upload(_, total) = e { Some(*total) } else { None })
@@ -247,7 +247,11 @@ async fn only_the_files_copy_reads_are_sent_unless_a_symlink_leads_elsewhere() {
     let dockerfile = format!("FROM scratch\nCOPY hello.txt /hello.txt\nCOPY {deep}/deep.txt /deep.txt\n");
     let run = build(&options(&stack, "narrow", &dockerfile, ctx.path())).await;
     let template = run.outcome.unwrap_or_else(|e| panic!("narrow build failed: {e}\n{:#?}", run.events));
-    assert!(context_bytes(&run) < 64 << 10, "the 4 MiB unreferenced file was sent: {} bytes", context_bytes(&run));
+    assert!(
+        context_bytes(&run.events) < 64 << 10,
+        "the 4 MiB unreferenced file was sent: {} bytes",
+        context_bytes(&run.events)
+    );
     let (_, _out, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(tree.host("hello.txt")).unwrap(), "sent\n");
     assert_eq!(std::fs::read_to_string(tree.host("deep.txt")).unwrap(), "deep\n", "a 360-byte path arrives");
@@ -255,7 +259,7 @@ async fn only_the_files_copy_reads_are_sent_unless_a_symlink_leads_elsewhere() {
     // COPY follows a symlink that stays in the context, so its target must be there: all is sent.
     let run = build(&options(&stack, "through-link", "FROM scratch\nCOPY link.txt /l.txt\n", ctx.path())).await;
     let template = run.outcome.unwrap_or_else(|e| panic!("symlink build failed: {e}\n{:#?}", run.events));
-    assert!(context_bytes(&run) > 4 << 20, "the whole context: {} bytes", context_bytes(&run));
+    assert!(context_bytes(&run.events) > 4 << 20, "the whole context: {} bytes", context_bytes(&run.events));
     let (_, _out, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(tree.host("l.txt")).unwrap(), "sent\n");
     stack.shutdown().await;
