@@ -879,6 +879,8 @@ async fn run_steps_build_in_the_builder_sandbox_and_diffs_record_deletions() {
         "the builder's log names the step: {:#?}",
         failed.events
     );
+    // The build's own error carries the builder's reason, not only the exit code.
+    assert!(error.contains(&format!("failed with exit code 1: {said} (builder sandbox: sbx-")), "{error}");
     assert_eq!(lookup(&stack, "run-fails").await, 404, "no template for a failed build");
     assert!(stack.platform.live_sandboxes().is_empty(), "builder sandboxes deleted");
     assert!(open_uploads(dir.path()).is_empty(), "no upload left open");

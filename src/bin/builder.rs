@@ -77,7 +77,9 @@ fn perform(call: Call) -> Answer {
             Answer::Proxy(sx::proxy(&id).map(|e| Endpoint { base_url: e.base_url, headers: e.headers }).map_err(error))
         }
         Call::Run { id, process, log } => Answer::Exit(
-            sx::run(&id, &spec(process), log).map(|e| Exit { code: e.code, oom_killed: e.oom_killed }).map_err(error),
+            sx::run(&id, &spec(process), log)
+                .map(|e| Exit { code: e.code, oom_killed: e.oom_killed, last_error: e.last_error })
+                .map_err(error),
         ),
         Call::RunCaptured { id, process, timeout_secs } => {
             Answer::Captured(sx::run_captured(&id, &spec(process), timeout_secs).map(|(_, lines)| lines).map_err(error))

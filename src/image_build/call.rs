@@ -121,12 +121,15 @@ impl Process {
 }
 
 /// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
     /// Exit code, or the negated signal number.
     pub code: i64,
     /// The kernel OOM killer ended it.
     pub oom_killed: bool,
+    /// The last line it wrote to stderr, when the host followed its output
+    /// (a logged `run`): the reason a builder gives when it fails.
+    pub last_error: Option<String>,
 }
 
 /// A `sandbox-exec` failure, classified by the host (wit/protocol.md §5.1).

@@ -200,7 +200,9 @@ fn run_ok(name: &str, exit: Result<Exit, SandboxError>) -> Result<(), BuildError
     let exit = exit.map_err(|e| failed(format!("run '{name}': {e}")))?;
     if exit.code != 0 || exit.oom_killed {
         let oom = if exit.oom_killed { " (process was killed by the kernel OOM killer)" } else { "" };
-        return Err(failed(format!("Command '{name}' failed with exit code {}{oom}", exit.code)));
+        // The builder's own last word names the step and the reason.
+        let said = exit.last_error.map(|line| format!(": {}", line.trim())).unwrap_or_default();
+        return Err(failed(format!("Command '{name}' failed with exit code {}{oom}{said}", exit.code)));
     }
     Ok(())
 }

@@ -152,7 +152,7 @@ impl SandboxBackend for FakeBackend {
         if program.hangs {
             std::future::pending::<()>().await;
         }
-        Ok(ExitStatus { code: program.code, oom_killed: program.oom_killed })
+        Ok(ExitStatus { code: program.code, oom_killed: program.oom_killed, last_error: None })
     }
 
     async fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> Result<(), SandboxError> {

@@ -33,7 +33,19 @@ fn spec(spec: types::ProcessSpec) -> backend::ProcessSpec {
 }
 
 fn exit(status: backend::ExitStatus) -> types::ExitStatus {
-    types::ExitStatus { code: status.code, oom_killed: status.oom_killed }
+    types::ExitStatus { code: status.code, oom_killed: status.oom_killed, last_error: status.last_error }
+}
+
+/// The longest stderr line kept as an exit's `last-error`.
+const MAX_LAST_ERROR: usize = 4 << 10;
+
+/// `line` cut to [`MAX_LAST_ERROR`] bytes, on a character boundary.
+fn cut(line: &str) -> String {
+    let mut end = line.len().min(MAX_LAST_ERROR);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line[..end].to_owned()
 }
 
 fn failed(message: String) -> types::SandboxError {
@@ -136,9 +148,13 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
     ) -> Result<types::ExitStatus, types::SandboxError> {
         self.own(&id)?;
         let on_output = if log_output { self.ctx.on_output.clone() } else { None };
+        let mut last_error = None;
         let mut sink = |stream: &str, line: &str| {
             if let Some(on_output) = &on_output {
                 on_output(stream, line);
+                if stream == "stderr" && !line.trim().is_empty() {
+                    last_error = Some(cut(line));
+                }
             }
         };
         let started = Instant::now();
@@ -148,7 +164,7 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
         if log_output {
             self.ctx.logged_run_time += started.elapsed();
         }
-        Ok(exit(result?))
+        Ok(exit(backend::ExitStatus { last_error, ..result? }))
     }
 
     async fn run_captured(

@@ -104,7 +104,7 @@ impl SandboxBackend for LocalBackend {
         let done =
             sandbox.wait(info.pid).await.ok_or_else(|| SandboxError::Gone(format!("process {} vanished", info.pid)))?;
         let code = done.exit_code.or(done.signal.map(|s| -s)).unwrap_or(-9);
-        Ok(ExitStatus { code, oom_killed: done.oom_killed })
+        Ok(ExitStatus { code, oom_killed: done.oom_killed, last_error: None })
     }
 
     async fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> Result<(), SandboxError> {

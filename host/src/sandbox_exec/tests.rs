@@ -71,6 +71,7 @@ async fn runs_a_process_and_reports_its_output_and_exit() {
         .await
         .unwrap();
     assert_eq!((exit.code, exit.oom_killed), (3, false));
+    assert_eq!(exit.last_error.as_deref(), Some("warn"), "the last stderr line of a logged run");
     assert_eq!(*guest.logged.lock().unwrap(), lines(&[("stdout", "Step 1/2"), ("stderr", "warn")]));
     let (ran_in, spec) = guest.fake.runs().pop().unwrap();
     assert_eq!((ran_in.as_str(), spec.working_dir.as_deref(), spec.as_root), (id.as_str(), Some("/work"), true));
@@ -79,9 +80,9 @@ async fn runs_a_process_and_reports_its_output_and_exit() {
     // Without log-output nothing reaches the embedder's log.
     guest
         .fake
-        .program("oom", FakeProgram { output: lines(&[("stdout", "x")]), code: -9, oom_killed: true, hangs: false });
+        .program("oom", FakeProgram { output: lines(&[("stderr", "x")]), code: -9, oom_killed: true, hangs: false });
     let exit = Host::run(&mut guest.view(), id.clone(), process("oom", &[]), false).await.unwrap();
-    assert_eq!((exit.code, exit.oom_killed), (-9, true));
+    assert_eq!((exit.code, exit.oom_killed, exit.last_error), (-9, true, None), "an unlogged run keeps no line");
     assert_eq!(guest.logged.lock().unwrap().len(), 2);
 }
 

@@ -98,7 +98,7 @@ impl World {
             statuses: VecDeque::new(),
             probes: VecDeque::new(),
             put_answer: (200, multipart(Some(URI))),
-            builder_exit: Exit { code: 0, oom_killed: false },
+            builder_exit: Exit { code: 0, oom_killed: false, last_error: None },
             metadata: metadata(URI),
             complete: (200, r#"{"id":"tmpl-1","name":"base"}"#.into()),
             completes: VecDeque::new(),
@@ -206,10 +206,14 @@ impl World {
                 headers: vec![("x-tensorlake-sandbox-id".into(), ID.into())],
             })),
             Call::Run { process, .. } if process.command == "/bin/true" => {
-                Answer::Exit(self.probes.pop_front().unwrap_or(Ok(Exit { code: 0, oom_killed: false })))
+                Answer::Exit(self.probes.pop_front().unwrap_or(Ok(Exit {
+                    code: 0,
+                    oom_killed: false,
+                    last_error: None,
+                })))
             }
-            Call::Run { process, .. } if process.command == BUILDER => Answer::Exit(Ok(self.builder_exit)),
-            Call::Run { .. } => Answer::Exit(Ok(Exit { code: 0, oom_killed: false })),
+            Call::Run { process, .. } if process.command == BUILDER => Answer::Exit(Ok(self.builder_exit.clone())),
+            Call::Run { .. } => Answer::Exit(Ok(Exit { code: 0, oom_killed: false, last_error: None })),
             Call::RunCaptured { process, .. } => Answer::Captured(Ok(if process.args[1].starts_with("dmesg") {
                 self.dmesg.clone()
             } else {
@@ -478,8 +482,10 @@ fn pending_502s_and_lifecycle_502_while_pending_are_retried_until_running() {
     request.sandbox_wait_secs = 10;
     let gateway = || Err(SandboxError::Transient("HTTP 502: PROXY_ERROR Failed to proxy request".into()));
     world.statuses = VecDeque::from([gateway(), Ok("pending".into()), gateway(), gateway()]);
-    world.probes =
-        VecDeque::from([Err(SandboxError::Transient("HTTP 502".into())), Ok(Exit { code: 1, oom_killed: false })]);
+    world.probes = VecDeque::from([
+        Err(SandboxError::Transient("HTTP 502".into())),
+        Ok(Exit { code: 1, oom_killed: false, last_error: None }),
+    ]);
     let run = drive(request, &mut world);
     assert!(run.outcome.is_ok(), "{:?}", run.outcome);
     let wait: Vec<&str> = [["status sbx-1", "sleep 250ms"]; 4].concat();
@@ -558,7 +564,7 @@ fn a_sign_answer_without_uri_fails_before_the_builder_and_aborts_the_upload() {
 #[test]
 fn a_store_part_failure_fails_the_builder_and_the_flow_aborts_what_is_left() {
     let mut world = World::new();
-    world.builder_exit = Exit { code: 1, oom_killed: false };
+    world.builder_exit = Exit { code: 1, oom_killed: false, last_error: None };
     // The reference builder aborted the upload itself: the store no longer knows it.
     world.abort = (404, "<Error><Code>NoSuchUpload</Code></Error>".into());
     let run = drive(request("FROM scratch\n"), &mut world);
@@ -573,7 +579,7 @@ fn a_store_part_failure_fails_the_builder_and_the_flow_aborts_what_is_left() {
 #[test]
 fn a_builder_that_exits_nonzero_fails_aborts_and_reads_no_metadata() {
     let mut world = World::new();
-    world.builder_exit = Exit { code: 3, oom_killed: false };
+    world.builder_exit = Exit { code: 3, oom_killed: false, last_error: None };
     let run = drive(request("FROM scratch\n"), &mut world);
     assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DIAGNOSE, DELETE]));
     assert_eq!(run.failure(), format!("Command '{BUILDER}' failed with exit code 3{DECORATION}"));
@@ -583,7 +589,7 @@ fn a_builder_that_exits_nonzero_fails_aborts_and_reads_no_metadata() {
 #[test]
 fn a_builder_killed_for_memory_gets_memory_advice() {
     let mut world = World::new();
-    world.builder_exit = Exit { code: -9, oom_killed: true };
+    world.builder_exit = Exit { code: -9, oom_killed: true, last_error: None };
     world.dmesg = vec!["[ 9.1] Out of memory: Killed process 42 (tl-rootfs-build)".into()];
     let run = drive(request("FROM scratch\n"), &mut world);
     assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DIAGNOSE, DELETE]));
@@ -599,7 +605,7 @@ fn a_builder_killed_for_memory_gets_memory_advice() {
 #[test]
 fn a_full_disk_in_df_gets_disk_advice() {
     let mut world = World::new();
-    world.builder_exit = Exit { code: 1, oom_killed: false };
+    world.builder_exit = Exit { code: 1, oom_killed: false, last_error: None };
     world.df[1] = "/dev/vda 100 97 3 97% /var/lib/tensorlake/rootfs-builder/build".into();
     let run = drive(request("FROM scratch\n"), &mut world);
     assert!(run.failure().contains("\nThe builder sandbox's disk is full (97% used)"), "{}", run.failure());
@@ -834,7 +840,7 @@ fn a_refused_prepare_is_an_auth_failure_and_a_bad_dockerfile_a_usage_error() {
 #[test]
 fn failing_abort_and_delete_are_warnings_and_the_first_failure_stands() {
     let mut world = World::new();
-    world.builder_exit = Exit { code: 2, oom_killed: false };
+    world.builder_exit = Exit { code: 2, oom_killed: false, last_error: None };
     world.abort = (403, "AccessDenied".into());
     world.delete = Err(SandboxError::Gone("HTTP 404".into()));
     let run = drive(request("FROM scratch\n"), &mut world);
@@ -985,7 +991,7 @@ fn a_build_cancelled_while_its_sandbox_starts_deletes_it_and_names_what_could_no
 #[test]
 fn a_build_that_failed_finishes_its_cleanup_when_cancelled_during_diagnostics() {
     let mut world = World::new();
-    world.builder_exit = Exit { code: 1, oom_killed: false };
+    world.builder_exit = Exit { code: 1, oom_killed: false, last_error: None };
     world.cancel_at = Some("diagnose dmesg");
     let run = drive(request("FROM scratch\n"), &mut world);
     // The failure stands; the diagnostics answer cancelled and the sandbox is still deleted.
@@ -1022,4 +1028,20 @@ fn build_arguments_reach_the_lookups_prepare_and_spec_json_through_the_dockerfil
     let run = drive(r, &mut world);
     assert!(run.calls.is_empty(), "{:?}", run.calls);
     assert!(matches!(&run.outcome, Err(BuildError::Usage(m)) if m.contains("build argument A")), "{:?}", run.outcome);
+}
+
+#[test]
+fn a_failed_builder_s_last_error_line_is_in_the_failure() {
+    let mut world = World::new();
+    let said =
+        "error: spec.dockerfile line 2: COPY missing.txt /x: source missing.txt does not exist in the build context";
+    world.builder_exit = Exit { code: 1, oom_killed: false, last_error: Some(format!("{said}\n")) };
+    let run = drive(request("FROM scratch\nCOPY missing.txt /x\n"), &mut world);
+    assert!(
+        run.failure().starts_with(&format!(
+            "Command '/usr/local/bin/tl-rootfs-build' failed with exit code 1: {said} (builder sandbox: sbx-1"
+        )),
+        "{}",
+        run.failure()
+    );
 }

@@ -92,7 +92,7 @@ fn exit_status(info: &Value) -> Option<ExitStatus> {
         (false, None, None) if info["status"] != "running" => Some(0),
         _ => None,
     };
-    code.map(|code| ExitStatus { code, oom_killed: oom })
+    code.map(|code| ExitStatus { code, oom_killed: oom, last_error: None })
 }
 
 impl ProxyBackend {
