@@ -711,7 +711,7 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_proxy_backend_pings_health_while_a_silent_process_runs() {
     use snapsign_host::sandbox_exec::proxy::ProxyBackend;
-    use snapsign_host::sandbox_exec::{ProcessSpec, Resources, SandboxBackend};
+    use snapsign_host::sandbox_exec::{Process, Resources, SandboxBackend};
 
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_with(dir.path(), |c| c.pending = Duration::ZERO).await;
@@ -719,7 +719,7 @@ async fn the_proxy_backend_pings_health_while_a_silent_process_runs() {
         ProxyBackend::new(&stack.api_url(), &stack.token, &stack.namespace).with_keepalive(Duration::from_millis(100));
     let id = backend.create("img", Resources { cpus: 1.0, memory_mb: 64, disk_mb: 64 }, 60).await.unwrap().id;
     assert_eq!(backend.status(&id).await.unwrap(), "running");
-    let spec = ProcessSpec {
+    let spec = Process {
         command: "/bin/sh".into(),
         args: vec!["-c".into(), "sleep 1; echo done".into()],
         env: vec![],

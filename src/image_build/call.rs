@@ -92,7 +92,7 @@ impl std::fmt::Debug for Request {
 }
 
 /// A process to run in the sandbox (wit/protocol.md §4.2). The host's
-/// `sandbox-exec` backends take the same type (as `ProcessSpec`).
+/// `sandbox-exec` backends take the same type.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Process {
     /// Executable.

@@ -112,7 +112,7 @@ enum State {
     /// get_blob of an earlier stage's image (idempotent), its attempt.
     SignLocal(usize, u32),
     SignLocalPause(usize, u32),
-    Setup(usize),
+    Setup(Setup),
     WriteSpec,
     Build,
     ReadMetadata,
@@ -125,9 +125,37 @@ enum State {
     Finished,
 }
 
-/// The setup runs between proxy readiness and spec.json (wit/protocol.md
-/// §5.5): the build directory, the context archive, its unpacking.
-const SETUP_STEPS: usize = 6;
+/// The setup, between proxy readiness and spec.json (wit/protocol.md §5.5),
+/// in order: the build directory, the context archive, its unpacking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// `mkdir -p BUILD` (as root).
+    MakeBuildDir,
+    /// `chmod 0777 BUILD` (as root), so the sandbox user writes there.
+    OpenBuildDir,
+    /// The context, packed by the host, to `BUILD/context.tar.gz`.
+    UploadContext,
+    /// `mkdir -p BUILD/context`.
+    MakeContextDir,
+    /// `tar -xzf` the archive into it.
+    Unpack,
+    /// `rm -f` the archive.
+    RemoveArchive,
+}
+
+impl Setup {
+    /// The step after this one; `None` after the last.
+    fn next(self) -> Option<Setup> {
+        match self {
+            Setup::MakeBuildDir => Some(Setup::OpenBuildDir),
+            Setup::OpenBuildDir => Some(Setup::UploadContext),
+            Setup::UploadContext => Some(Setup::MakeContextDir),
+            Setup::MakeContextDir => Some(Setup::Unpack),
+            Setup::Unpack => Some(Setup::RemoveArchive),
+            Setup::RemoveArchive => None,
+        }
+    }
+}
 
 /// One build, from request to outcome.
 pub struct Flow {
@@ -545,16 +573,16 @@ impl Flow {
                 let call = self.get_blob(&self.local_images[i].1);
                 self.go(State::SignLocal(i, attempt + 1), call)
             }
-            (State::Setup(i), Answer::Exit(exit)) => {
-                let Call::Run { process, .. } = self.setup_call(i) else {
-                    return Err(unexpected(self.state, &Answer::Exit(exit)));
+            (State::Setup(step), Answer::Uploaded(done)) if step == Setup::UploadContext => {
+                done.map_err(|e| failed(format!("upload the context: {e}")))?;
+                self.setup_next(step.next())
+            }
+            (State::Setup(step), Answer::Exit(exit)) if step != Setup::UploadContext => {
+                let Call::Run { process, .. } = self.setup_call(step) else {
+                    unreachable!("every setup step but the upload runs a process")
                 };
                 run_ok(&process.command, exit)?;
-                self.setup_next(i + 1)
-            }
-            (State::Setup(i), Answer::Uploaded(done)) if matches!(self.setup_call(i), Call::UploadContext { .. }) => {
-                done.map_err(|e| failed(format!("upload the context: {e}")))?;
-                self.setup_next(i + 1)
+                self.setup_next(step.next())
             }
             (State::WriteSpec, Answer::Done(done)) => {
                 done.map_err(|e| failed(format!("write spec.json: {e}")))?;
@@ -665,35 +693,36 @@ impl Flow {
 
     fn setup(&mut self) -> Result<Next, BuildError> {
         self.stage("upload");
-        self.setup_next(0)
+        self.setup_next(Some(Setup::MakeBuildDir))
     }
 
-    fn setup_call(&self, i: usize) -> Call {
+    fn setup_call(&self, step: Setup) -> Call {
         let (id, dir) = (self.id(), command::BUILD_DIR);
         let archive = format!("{dir}/context.tar.gz");
         let context = format!("{dir}/context");
-        let process = match i {
-            0 => Process::new("mkdir", &["-p", dir], true),
-            1 => Process::new("chmod", &["0777", dir], true),
+        let process = match step {
+            Setup::MakeBuildDir => Process::new("mkdir", &["-p", dir], true),
+            Setup::OpenBuildDir => Process::new("chmod", &["0777", dir], true),
             // Only what COPY and ADD read, when that is known (an image import reads its archive).
-            2 => {
+            Setup::UploadContext => {
                 let only = match self.request.import_reference {
                     Some(_) => None,
                     None => super::context::referenced_paths(&self.request.dockerfile),
                 };
                 return Call::UploadContext { id, path: archive, only };
             }
-            3 => Process::new("mkdir", &["-p", &context], false),
-            4 => Process::new("tar", &["-xzf", &archive, "-C", &context], false),
-            _ => Process::new("rm", &["-f", &archive], false),
+            Setup::MakeContextDir => Process::new("mkdir", &["-p", &context], false),
+            Setup::Unpack => Process::new("tar", &["-xzf", &archive, "-C", &context], false),
+            Setup::RemoveArchive => Process::new("rm", &["-f", &archive], false),
         };
         Call::Run { id, process, log: false }
     }
 
-    fn setup_next(&mut self, i: usize) -> Result<Next, BuildError> {
-        if i < SETUP_STEPS {
-            let call = self.setup_call(i);
-            return self.go(State::Setup(i), call);
+    /// Performs setup step `step`, or, after the last, writes spec.json.
+    fn setup_next(&mut self, step: Option<Setup>) -> Result<Next, BuildError> {
+        if let Some(step) = step {
+            let call = self.setup_call(step);
+            return self.go(State::Setup(step), call);
         }
         let context = format!("{}/context", command::BUILD_DIR);
         ClientFields {

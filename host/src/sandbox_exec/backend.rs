@@ -5,21 +5,13 @@
 
 use async_trait::async_trait;
 
-/// Why a sandbox operation failed (the component decides about retries,
-/// wit/protocol.md §5.1), how a process ended, and what to run: the core's
-/// types, the same ones the build flow reads on the guest side.
-pub use snapsign::image_build::call::{Exit as ExitStatus, Process as ProcessSpec, SandboxError};
-
-/// Resources asked for when creating a sandbox.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Resources {
-    /// CPU count.
-    pub cpus: f64,
-    /// Memory, MiB.
-    pub memory_mb: i64,
-    /// Disk, MiB.
-    pub disk_mb: u64,
-}
+/// The build flow's own types, the same ones it reads on the guest side
+/// (one vocabulary from the flow to the backends): why a sandbox operation
+/// failed (the component decides about retries, wit/protocol.md §5.1), how
+/// a process ended, what to run, the resources asked for, and where a
+/// sandbox's proxy answers (its `Debug` keeps the header values out).
+pub use snapsign::image_build::call::{Endpoint, Exit, Process, SandboxError};
+pub use snapsign::image_build::sizing::Resources;
 
 /// A created sandbox: its id and lifecycle status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,23 +20,6 @@ pub struct Created {
     pub id: String,
     /// Lifecycle status ("pending", "running", ...).
     pub status: String,
-}
-
-/// Where a sandbox's proxy answers, for the component's own HTTP calls.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ProxyEndpoint {
-    /// Base URL.
-    pub base_url: String,
-    /// Headers every request to it must carry (routing, auth).
-    pub headers: Vec<(String, String)>,
-}
-
-impl std::fmt::Debug for ProxyEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The headers carry the bearer token.
-        let names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
-        f.debug_struct("ProxyEndpoint").field("base_url", &self.base_url).field("header_names", &names).finish()
-    }
 }
 
 /// Receives a process's output lines: (stream, line).
@@ -112,9 +87,9 @@ pub trait SandboxBackend: Send + Sync + 'static {
     /// Lifecycle status.
     async fn status(&self, id: &str) -> Result<String, SandboxError>;
     /// Proxy endpoint for the component's own calls.
-    fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError>;
+    fn proxy(&self, id: &str) -> Result<Endpoint, SandboxError>;
     /// Runs a process to completion, feeding its output to `sink`.
-    async fn run(&self, id: &str, spec: ProcessSpec, sink: &mut LineSink<'_>) -> Result<ExitStatus, SandboxError>;
+    async fn run(&self, id: &str, spec: Process, sink: &mut LineSink<'_>) -> Result<Exit, SandboxError>;
     /// Writes a whole file.
     async fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> Result<(), SandboxError>;
     /// Starts streaming a file.

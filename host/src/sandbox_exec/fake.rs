@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures_util::StreamExt;
 
 use super::backend::{
-    Created, ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
-    too_large,
+    Created, Endpoint, Exit, FileSink, LineSink, Process, Resources, SandboxBackend, SandboxError, too_large,
 };
 
 /// What a scripted command prints and how it ends.
@@ -32,7 +31,7 @@ struct State {
     deleted: Vec<String>,
     programs: HashMap<String, FakeProgram>,
     faults: VecDeque<(&'static str, SandboxError)>,
-    runs: Vec<(String, ProcessSpec)>,
+    runs: Vec<(String, Process)>,
 }
 
 /// The in-memory fake. `cat PATH` prints a file's lines; other commands
@@ -80,7 +79,7 @@ impl FakeBackend {
     }
 
     /// Processes run so far: (sandbox, spec).
-    pub fn runs(&self) -> Vec<(String, ProcessSpec)> {
+    pub fn runs(&self) -> Vec<(String, Process)> {
         self.state().runs.clone()
     }
 
@@ -112,15 +111,15 @@ impl SandboxBackend for FakeBackend {
         self.check("status", Some(id)).map(|()| "running".into())
     }
 
-    fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError> {
+    fn proxy(&self, id: &str) -> Result<Endpoint, SandboxError> {
         self.check("proxy", Some(id))?;
-        Ok(ProxyEndpoint {
+        Ok(Endpoint {
             base_url: self.proxy_url.clone(),
             headers: vec![("x-tensorlake-sandbox-id".into(), id.to_owned())],
         })
     }
 
-    async fn run(&self, id: &str, spec: ProcessSpec, sink: &mut LineSink<'_>) -> Result<ExitStatus, SandboxError> {
+    async fn run(&self, id: &str, spec: Process, sink: &mut LineSink<'_>) -> Result<Exit, SandboxError> {
         self.check("run", Some(id))?;
         let program = {
             let mut state = self.state();
@@ -152,7 +151,7 @@ impl SandboxBackend for FakeBackend {
         if program.hangs {
             std::future::pending::<()>().await;
         }
-        Ok(ExitStatus { code: program.code, oom_killed: program.oom_killed, last_error: None })
+        Ok(Exit { code: program.code, oom_killed: program.oom_killed, last_error: None })
     }
 
     async fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> Result<(), SandboxError> {

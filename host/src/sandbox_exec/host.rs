@@ -22,8 +22,8 @@ impl From<backend::SandboxError> for types::SandboxError {
     }
 }
 
-fn spec(spec: types::ProcessSpec) -> backend::ProcessSpec {
-    backend::ProcessSpec {
+fn spec(spec: types::ProcessSpec) -> backend::Process {
+    backend::Process {
         command: spec.command,
         args: spec.args,
         env: spec.env,
@@ -32,7 +32,7 @@ fn spec(spec: types::ProcessSpec) -> backend::ProcessSpec {
     }
 }
 
-fn exit(status: backend::ExitStatus) -> types::ExitStatus {
+fn exit(status: backend::Exit) -> types::ExitStatus {
     types::ExitStatus { code: status.code, oom_killed: status.oom_killed, last_error: status.last_error }
 }
 
@@ -164,7 +164,7 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
         if log_output {
             self.ctx.logged_run_time += started.elapsed();
         }
-        Ok(exit(backend::ExitStatus { last_error, ..result? }))
+        Ok(exit(backend::Exit { last_error, ..result? }))
     }
 
     async fn run_captured(

@@ -12,8 +12,7 @@ use futures_util::StreamExt;
 use snapsign_sandbox::Sandboxes;
 
 use super::backend::{
-    Created, ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
-    too_large,
+    Created, Endpoint, Exit, FileSink, LineSink, Process, Resources, SandboxBackend, SandboxError, too_large,
 };
 
 /// How often a `run` in progress renews its sandbox's timeout.
@@ -71,15 +70,15 @@ impl SandboxBackend for LocalBackend {
         self.sandbox(id).map(|_| "running".into())
     }
 
-    fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError> {
+    fn proxy(&self, id: &str) -> Result<Endpoint, SandboxError> {
         self.sandbox(id)?;
-        Ok(ProxyEndpoint {
+        Ok(Endpoint {
             base_url: self.signer_url.clone(),
             headers: vec![("authorization".into(), format!("Bearer {}", self.signer_token))],
         })
     }
 
-    async fn run(&self, id: &str, spec: ProcessSpec, sink: &mut LineSink<'_>) -> Result<ExitStatus, SandboxError> {
+    async fn run(&self, id: &str, spec: Process, sink: &mut LineSink<'_>) -> Result<Exit, SandboxError> {
         let sandbox = self.sandbox(id)?;
         let process = snapsign_sandbox::ProcessSpec {
             command: spec.command,
@@ -104,7 +103,7 @@ impl SandboxBackend for LocalBackend {
         let done =
             sandbox.wait(info.pid).await.ok_or_else(|| SandboxError::Gone(format!("process {} vanished", info.pid)))?;
         let code = done.exit_code.or(done.signal.map(|s| -s)).unwrap_or(-9);
-        Ok(ExitStatus { code, oom_killed: done.oom_killed, last_error: None })
+        Ok(Exit { code, oom_killed: done.oom_killed, last_error: None })
     }
 
     async fn write_file(&self, id: &str, path: &str, contents: Vec<u8>) -> Result<(), SandboxError> {

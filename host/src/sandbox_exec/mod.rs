@@ -17,7 +17,5 @@ pub mod proxy;
 mod tests;
 mod upload;
 
-pub use backend::{
-    Created, ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
-};
+pub use backend::{Created, Endpoint, Exit, FileSink, LineSink, Process, Resources, SandboxBackend, SandboxError};
 pub use ctx::{Cancel, OutputFn, SandboxExec, SandboxExecCtx, SandboxExecLimits, SandboxExecView, add_to_linker};

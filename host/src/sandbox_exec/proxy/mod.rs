@@ -21,9 +21,7 @@ use std::time::Duration;
 
 use snapsign::image_build::transient::is_transient;
 
-use super::backend::{
-    Created, ExitStatus, FileSink, LineSink, ProcessSpec, ProxyEndpoint, Resources, SandboxBackend, SandboxError,
-};
+use super::backend::{Created, Endpoint, Exit, FileSink, LineSink, Process, Resources, SandboxBackend, SandboxError};
 
 pub use lifecycle::lifecycle_base;
 pub use processes::KEEPALIVE_INTERVAL;
@@ -160,11 +158,11 @@ impl SandboxBackend for ProxyBackend {
         self.sandbox_status(id).await
     }
 
-    fn proxy(&self, id: &str) -> Result<ProxyEndpoint, SandboxError> {
+    fn proxy(&self, id: &str) -> Result<Endpoint, SandboxError> {
         self.endpoint(id)
     }
 
-    async fn run(&self, id: &str, spec: ProcessSpec, sink: &mut LineSink<'_>) -> Result<ExitStatus, SandboxError> {
+    async fn run(&self, id: &str, spec: Process, sink: &mut LineSink<'_>) -> Result<Exit, SandboxError> {
         self.run_process(id, spec, sink).await
     }
 

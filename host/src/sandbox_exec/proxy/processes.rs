@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::{ProxyBackend, classify, http_error, sse};
-use crate::sandbox_exec::backend::{ExitStatus, LineSink, ProcessSpec, SandboxError};
+use crate::sandbox_exec::backend::{Exit, LineSink, Process, SandboxError};
 
 /// Start attempts of a process (wit/protocol.md §4.3).
 const START_ATTEMPTS: usize = 3;
@@ -78,7 +78,7 @@ impl Drop for KeepaliveCount {
 }
 
 /// The terminal status in a process answer, or `None` while it runs.
-fn exit_status(info: &Value) -> Option<ExitStatus> {
+fn exit_status(info: &Value) -> Option<Exit> {
     let oom = info["oom_killed"] == true
         || info["status"] == "oom_killed"
         || info["managed"]["last_exit"]["oom_killed"] == true;
@@ -92,7 +92,7 @@ fn exit_status(info: &Value) -> Option<ExitStatus> {
         (false, None, None) if info["status"] != "running" => Some(0),
         _ => None,
     };
-    code.map(|code| ExitStatus { code, oom_killed: oom, last_error: None })
+    code.map(|code| Exit { code, oom_killed: oom, last_error: None })
 }
 
 impl ProxyBackend {
@@ -201,9 +201,9 @@ impl ProxyBackend {
     pub(super) async fn run_process(
         &self,
         id: &str,
-        spec: ProcessSpec,
+        spec: Process,
         sink: &mut LineSink<'_>,
-    ) -> Result<ExitStatus, SandboxError> {
+    ) -> Result<Exit, SandboxError> {
         let mut payload = json!({"command": spec.command, "args": spec.args});
         if !spec.env.is_empty() {
             payload["env"] = json!(spec.env.iter().cloned().collect::<HashMap<String, String>>());

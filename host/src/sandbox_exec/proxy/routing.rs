@@ -1,11 +1,11 @@
 //! The sandbox proxy's URL and routing headers (wit/protocol.md §4.1).
 
 use super::ProxyBackend;
-use crate::sandbox_exec::backend::{ProxyEndpoint, SandboxError};
+use crate::sandbox_exec::backend::{Endpoint, SandboxError};
 
 impl ProxyBackend {
     /// Base URL and headers for calls to sandbox `id`'s proxy.
-    pub(super) fn endpoint(&self, id: &str) -> Result<ProxyEndpoint, SandboxError> {
+    pub(super) fn endpoint(&self, id: &str) -> Result<Endpoint, SandboxError> {
         let known = self.known.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().unwrap_or_default();
         let base = known
             .sandbox_url
@@ -25,7 +25,7 @@ impl ProxyBackend {
             headers.push(("x-tensorlake-route-hint".to_owned(), hint));
         }
         headers.extend(self.scope.iter().flat_map(|s| s.headers()));
-        Ok(ProxyEndpoint { base_url: base, headers })
+        Ok(Endpoint { base_url: base, headers })
     }
 
     /// A request to `path` on sandbox `id`'s proxy, routed (no auth yet).
