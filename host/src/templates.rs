@@ -26,7 +26,7 @@ impl Templates {
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .context("make the HTTP client")?;
-        let base = format!("{}/sandbox-templates", platform_base(api_url, scope.as_ref()));
+        let base = snapsign::image_build::call::templates_url(&platform_base(api_url, scope.as_ref()));
         Ok(Templates { http, base, token: token.to_owned(), scope })
     }
 

@@ -75,6 +75,27 @@ pub fn platform_base(api: &str, scope: Option<&Scope>) -> String {
     base
 }
 
+/// `{platform}/sandbox-templates`: list, get and delete (wit/protocol.md §2.7);
+/// `platform` is [`platform_base`].
+pub fn templates_url(platform: &str) -> String {
+    format!("{platform}/sandbox-templates")
+}
+
+/// `{platform}/sandbox-template-builds`: prepare (wit/protocol.md §2.4).
+pub fn builds_url(platform: &str) -> String {
+    format!("{platform}/sandbox-template-builds")
+}
+
+/// `{platform}/sandbox-template-builds/{build}/complete` (wit/protocol.md
+/// §2.6), the build id as one segment whatever the platform answered.
+pub fn complete_url(platform: &str, build_id: &str) -> String {
+    let mut url = builds_url(platform);
+    url.push('/');
+    crate::presign::uri_encode(build_id, false, &mut url);
+    url.push_str("/complete");
+    url
+}
+
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Request")
@@ -343,3 +364,22 @@ impl std::fmt::Display for BuildError {
 }
 
 impl std::error::Error for BuildError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_urls_are_built_in_one_place_and_ids_stay_one_segment() {
+        let scope = Scope { organization: "org 1".into(), project: "p/2".into() };
+        let base = platform_base("http://api/", Some(&scope));
+        assert_eq!(base, "http://api/platform/v1/organizations/org%201/projects/p%2F2");
+        assert_eq!(templates_url("http://api/platform/v1"), "http://api/platform/v1/sandbox-templates");
+        assert_eq!(builds_url("http://api/platform/v1"), "http://api/platform/v1/sandbox-template-builds");
+        assert_eq!(
+            complete_url("http://api/platform/v1", "../../x?y"),
+            "http://api/platform/v1/sandbox-template-builds/..%2F..%2Fx%3Fy/complete",
+            "a hostile build id cannot reach another path"
+        );
+    }
+}

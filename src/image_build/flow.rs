@@ -614,7 +614,7 @@ impl Flow {
                 let request = complete::completion(prepared, self.signed_uri.as_deref(), &metadata, self.rootfs_bytes)
                     .map_err(|e| failed(e.to_string()))?;
                 let body = serde_json::to_value(request).expect("completions serialize");
-                let url = format!("{}/sandbox-template-builds/{}/complete", self.platform, prepared.build_id);
+                let url = super::call::complete_url(&self.platform, &prepared.build_id);
                 let call = self.http("POST", url, &self.auth, Some(&body));
                 self.complete_call = Some(call.clone());
                 self.go(State::Complete(0), call)
@@ -674,7 +674,7 @@ impl Flow {
             additional_local_images: self.local_templates.clone(),
         })
         .expect("a prepare request serializes");
-        let call = self.http("POST", format!("{}/sandbox-template-builds", self.platform), &self.auth, Some(&body));
+        let call = self.http("POST", super::call::builds_url(&self.platform), &self.auth, Some(&body));
         self.go(State::Prepare, call)
     }
 

@@ -7,9 +7,10 @@ use crate::wire::TemplateFound;
 /// `GET {platform}/sandbox-templates/by-name/{reference}` (`platform`:
 /// [`super::call::platform_base`]), the reference percent-encoded as one path segment.
 pub fn url(platform: &str, reference: &str) -> String {
-    let mut encoded = String::with_capacity(reference.len() * 3);
-    crate::presign::uri_encode(reference, false, &mut encoded);
-    format!("{platform}/sandbox-templates/by-name/{encoded}")
+    let mut url = super::call::templates_url(platform);
+    url.push_str("/by-name/");
+    crate::presign::uri_encode(reference, false, &mut url);
+    url
 }
 
 /// The template (200), none (404), or why the build stops. Another
