@@ -1,7 +1,7 @@
 //! The sandbox backend trait behind `sandbox-exec`: sandbox mechanics, no
 //! policy, in this crate's own types (the generated WIT types stay inside
 //! the capability). Backends: [`super::proxy`] (a remote platform),
-//! [`super::local`] (sandboxes on this machine), [`super::fake`] (tests).
+//! [`super::local`] (sandboxes on this machine), `fake` (unit tests only).
 
 use async_trait::async_trait;
 

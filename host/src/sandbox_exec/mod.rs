@@ -4,11 +4,12 @@
 //! ([`SandboxExecCtx`]), a view that implements the generated `Host` traits
 //! ([`SandboxExecView`], in `host`), and [`add_to_linker`]. Backends sit
 //! behind [`SandboxBackend`]: [`proxy`] (a remote platform), [`local`]
-//! (sandboxes on this machine), [`fake`] (in memory, for tests).
+//! (sandboxes on this machine), `fake` (in memory, built for unit tests only).
 
 pub mod backend;
 pub(crate) mod bindings;
 mod ctx;
+#[cfg(test)]
 pub mod fake;
 mod host;
 pub mod local;
