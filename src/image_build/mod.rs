@@ -1,8 +1,11 @@
 //! The build client's decisions (wit/protocol.md §0, §2, §5), free of I/O:
 //! the flow's step machine and the rules it applies (Dockerfile planning,
 //! lookup, sizing, the spec splices, the completion rules, the builder
-//! invocation, diagnostics, the transient-error rule). The builder
-//! component is the shell that performs the calls the flow asks for.
+//! invocation, diagnostics). The builder component is the shell that
+//! performs the calls the flow asks for. Two rules here serve the host's
+//! `proxy` backend instead, which reads the platform's answers for the
+//! flow: [`transient`] (which answers are worth retrying, §5.1) and
+//! [`sandbox_info`] (a lifecycle answer's status).
 
 pub mod call;
 pub mod command;
