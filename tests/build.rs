@@ -1083,7 +1083,8 @@ async fn ctrl_c_during_snapsign_build_aborts_the_upload_deletes_the_sandbox_and_
     assert!(said.contains("cancelling the build: stopping it and cleaning up"), "{said}");
     assert!(
         said.contains("error: the build was cancelled during its build stage")
-            && said.contains("cleaned up: aborted the snapshot's multipart upload, deleted builder sandbox sbx-"),
+            && said.contains("cleaned up: deleted builder sandbox sbx-")
+            && said.contains(", aborted the snapshot's multipart upload"),
         "{said}"
     );
     assert!(stack.platform.live_sandboxes().is_empty(), "the builder sandbox is deleted");

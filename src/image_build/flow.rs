@@ -193,6 +193,8 @@ pub struct Flow {
     /// What unwinding cleaned up and what it could not, for a cancelled build's message.
     cleaned: Vec<String>,
     left: Vec<String>,
+    /// The delete was answered (a cancelled build aborts its upload after it).
+    deleted: bool,
     outcome: Option<Result<String, BuildError>>,
     events: Vec<Event>,
 }
@@ -277,6 +279,7 @@ impl Flow {
             stage: String::new(),
             cleaned: Vec::new(),
             left: Vec::new(),
+            deleted: false,
             outcome: None,
             events: Vec::new(),
         }
@@ -741,9 +744,15 @@ impl Flow {
     /// A failure: before the sandbox exists it is the outcome; after, the
     /// upload is aborted, the sandbox diagnosed and deleted first.
     fn fail(&mut self, error: BuildError) -> Next {
+        let cancelled = matches!(error, BuildError::Cancelled(_));
         self.outcome = Some(Err(error));
         if self.sandbox.is_none() {
             return self.finish(Duration::ZERO);
+        }
+        // A cancelled builder may still be writing parts: the sandbox goes
+        // first (ending it), then the upload is aborted.
+        if cancelled {
+            return self.cleanup();
         }
         match self.abort_url.take() {
             Some(url) => {
@@ -790,7 +799,7 @@ impl Flow {
                     }
                 };
                 self.warn(warning);
-                self.diagnose_or_cleanup()
+                if self.deleted { self.finish(now) } else { self.diagnose_or_cleanup() }
             }
             (State::Diagnose(i), Answer::Captured(lines)) => {
                 self.diagnostics.push(lines.unwrap_or_default());
@@ -812,7 +821,15 @@ impl Flow {
                         self.warn(format!("Failed to terminate rootfs builder sandbox {id} during cleanup: {e}"));
                     }
                 }
-                self.finish(now)
+                self.deleted = true;
+                // A cancelled build aborts its upload once its builder is gone.
+                match self.abort_url.take() {
+                    Some(url) => {
+                        self.state = State::Abort;
+                        Next::Call(self.http("DELETE", url, &[], None))
+                    }
+                    None => self.finish(now),
+                }
             }
             (State::Finished, _) => Next::Finished(Err(failed("build flow: stepped after it finished (a shell bug)"))),
             (state, answer) => {

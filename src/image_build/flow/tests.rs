@@ -937,13 +937,14 @@ fn a_build_cancelled_while_the_builder_runs_aborts_the_upload_and_deletes_the_sa
     let mut world = World::new();
     world.cancel_at = Some("run /usr/local/bin/tl-rootfs-build");
     let run = drive(request("FROM scratch\n"), &mut world);
-    // No diagnostics: nothing failed, the user stopped it.
-    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, ABORT_CALL, DELETE]));
+    // No diagnostics: nothing failed, the user stopped it. The sandbox goes first (its builder
+    // may still be writing parts), then the upload.
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, DELETE, ABORT_CALL]));
     assert_eq!(
         cancellation(&run),
         format!(
-            "the build was cancelled during its build stage (Ctrl-C); cleaned up: aborted the snapshot's multipart \
-             upload, deleted builder sandbox sbx-1{DECORATION}"
+            "the build was cancelled during its build stage (Ctrl-C); cleaned up: deleted builder sandbox sbx-1, \
+             aborted the snapshot's multipart upload{DECORATION}"
         )
     );
     assert!(world.complete_body.is_none(), "nothing is completed");
@@ -979,7 +980,7 @@ fn a_build_cancelled_while_its_sandbox_starts_deletes_it_and_names_what_could_no
     world.cancel_at = Some("upload-context ");
     world.abort = (403, "expired".into());
     let run = drive(request("FROM scratch\n"), &mut world);
-    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], &SETUP[..3], ABORT_CALL, DELETE]));
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], &SETUP[..3], DELETE, ABORT_CALL]));
     let said = cancellation(&run);
     assert!(
         said.contains("during its upload stage")
