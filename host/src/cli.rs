@@ -341,9 +341,10 @@ pub struct TokenArgs {
     #[arg(long, default_value_t = 3600)]
     pub ttl_secs: i64,
     /// The signing key (at least 32 bytes).
-    #[arg(long, env = "SNAPSIGN_TOKEN_KEY", hide_env_values = true, conflicts_with = "data_dir")]
+    #[arg(long, env = "SNAPSIGN_TOKEN_KEY", hide_env_values = true)]
     pub key: Option<String>,
-    /// Instead of --key: the data directory of a `snapsign dev` stack, whose key signs the token.
+    /// Instead of --key: the data directory of a `snapsign dev` stack, whose
+    /// key signs the token (it wins over --key and SNAPSIGN_TOKEN_KEY).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }

@@ -470,8 +470,8 @@ async fn dev(args: DevArgs) -> Result<()> {
 fn token(args: TokenArgs) -> Result<()> {
     let TokenArgs { namespace, ttl_secs, key, data_dir } = args;
     let key = match (key, data_dir) {
-        (Some(key), _) => key,
-        (None, Some(dir)) => snapsign_host::dev::stack::token_key(&dir)?,
+        (_, Some(dir)) => snapsign_host::dev::stack::token_key(&dir)?,
+        (Some(key), None) => key,
         (None, None) => {
             bail!("no signing key: pass --key (or set SNAPSIGN_TOKEN_KEY), or --data-dir DIR of a snapsign dev stack")
         }

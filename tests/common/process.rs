@@ -93,7 +93,7 @@ impl DevProcess {
         let out = Command::new(env!("CARGO_BIN_EXE_snapsign"))
             .args(["token", "--namespace", namespace, "--ttl-secs", "3600", "--data-dir"])
             .arg(&self.data_dir)
-            .env_remove("SNAPSIGN_TOKEN_KEY")
+            .env("SNAPSIGN_TOKEN_KEY", "a key from the environment, which --data-dir overrides")
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
