@@ -4,6 +4,7 @@
 //! - [`engine`]: engine, pooling allocator, epoch deadlines, compiled cache;
 //! - [`guest`]: one guest's WASI context and Store, shared by the runtimes;
 //! - [`outbound`]: the outbound HTTP allow-list guests get;
+//! - [`cancel`]: cancelling a build from outside its guest;
 //! - [`sandbox_exec`]: the `sandbox-exec` capability and its backends;
 //! - [`image_build`]: the builder component runner;
 //! - [`pack`]: build contexts as gzip tars, compressed on every core;
@@ -14,6 +15,7 @@
 //! - [`registry`]: pulling base images over the OCI distribution API into a cache.
 
 pub mod bench;
+pub mod cancel;
 pub mod demo;
 pub mod dev;
 pub mod engine;

@@ -8,12 +8,20 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use http_body_util::{BodyExt, Full, Limited};
+use snapsign::image_build::call::CANCELLED_BY_HOST;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::cancel::Cancel;
+
+fn cancelled() -> HttpError {
+    HttpError::InternalError(Some(CANCELLED_BY_HOST.to_owned()))
+}
 
 /// The largest sign answer read for its abort URL (10,000 part URLs are a few MiB).
 const MAX_SIGN_ANSWER: usize = 32 << 20;
 
-/// Lets a guest reach only the listed authorities. The embedder fixes the
+/// Lets a guest reach only the listed authorities (and, with a [`Cancel`],
+/// stops its requests when the build is cancelled). The embedder fixes the
 /// list when the guest starts; nothing can widen it afterwards (no
 /// capability or backend holds a way to), with one narrow exception: the
 /// `abortUrl` of a sign answer the guest received from an admitted host
@@ -24,6 +32,7 @@ const MAX_SIGN_ANSWER: usize = 32 << 20;
 pub struct AllowList {
     allowed: Arc<[String]>,
     aborts: Arc<Mutex<HashSet<String>>>,
+    cancel: Option<Cancel>,
 }
 
 fn normalise(authority: &str, https: bool) -> String {
@@ -47,7 +56,15 @@ impl AllowList {
                 }
             })
             .collect();
-        AllowList { allowed: allowed.into(), aborts: Arc::default() }
+        AllowList { allowed: allowed.into(), aborts: Arc::default(), cancel: None }
+    }
+
+    /// The same policy, whose requests stop when `cancel` fires: one in
+    /// flight then fails, and later ones fail at once, except a `DELETE`
+    /// (the upload's abort, a cancelled build's cleanup). The error names
+    /// [`CANCELLED_BY_HOST`], which the build flow reads as cancellation.
+    pub fn with_cancel(&self, cancel: Cancel) -> Self {
+        AllowList { cancel: Some(cancel), ..self.clone() }
     }
 
     /// Whether a request to `authority` over `https` (or http) may go out.
@@ -143,16 +160,37 @@ impl WasiHttpHooks for AllowList {
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
         let signing = request.method() == http::Method::POST && uri.path().ends_with(snapsign::signer::SIGN_PATH);
+        // A cancelled build sends only its cleanup (the abort's DELETE); a request
+        // in flight when it is cancelled stops.
+        let stop = match &self.cancel {
+            Some(cancel) if cancel.is_cancelled() => {
+                if request.method() != http::Method::DELETE {
+                    return Box::new(async { Err(cancelled()) });
+                }
+                None
+            }
+            other => other.clone(),
+        };
         let default = wasmtime_wasi_http::default_hooks();
         let sent = default.send_request(request, options, fut);
-        if !signing {
-            return sent;
-        }
         let list = self.clone();
-        Box::new(async move {
+        let exchange = async move {
             let (response, io) = Box::into_pin(sent).await?;
-            read_sign_answer(list, response, Box::into_pin(io)).await
-        })
+            if signing {
+                return read_sign_answer(list, response, Box::into_pin(io)).await;
+            }
+            Ok((response, io))
+        };
+        match stop {
+            None => Box::new(exchange),
+            Some(cancel) => Box::new(async move {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => Err(cancelled()),
+                    done = exchange => done,
+                }
+            }),
+        }
     }
 }
 
@@ -190,5 +228,64 @@ mod tests {
         list.admit_abort_of(b"not json");
         list.admit_abort_of(br#"{"abortUrl": 7}"#);
         assert_eq!(list.aborts.lock().unwrap().len(), 1);
+    }
+
+    fn request(method: http::Method, url: &str) -> http::Request<WasiBody> {
+        let body = Full::new(bytes::Bytes::new()).map_err(|never| match never {}).boxed_unsync();
+        http::Request::builder().method(method).uri(url).body(body).unwrap()
+    }
+
+    fn no_error() -> Box<dyn Future<Output = Result<(), HttpError>> + Send> {
+        Box::new(async { Ok(()) })
+    }
+
+    fn is_cancelled(result: &Result<impl Sized, HttpError>) -> bool {
+        matches!(result, Err(HttpError::InternalError(Some(m))) if m == CANCELLED_BY_HOST)
+    }
+
+    /// A server on loopback that answers a DELETE with 204 and never answers anything else.
+    async fn silent_but_for_deletes() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = vec![0u8; 4096];
+                    let n = conn.read(&mut head).await.unwrap_or(0);
+                    if head[..n].starts_with(b"DELETE") {
+                        let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await;
+                    }
+                    // Held open, silent.
+                    tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_build_s_requests_stop_but_its_abort_delete_still_goes_out() {
+        let addr = silent_but_for_deletes().await;
+        let cancel = Cancel::new();
+        let mut list = AllowList::new([addr.to_string()]).with_cancel(cancel.clone());
+        let url = format!("http://{addr}/platform/v1/sandbox-template-builds");
+
+        // In flight when the build is cancelled: stopped, with the error the flow reads.
+        let pending = Box::into_pin(list.send_request(request(http::Method::POST, &url), None, no_error()));
+        let canceller = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            canceller.cancel();
+        });
+        assert!(is_cancelled(&pending.await), "the request in flight stops");
+
+        // Afterwards: refused at once, except the DELETE of the cleanup.
+        let later = Box::into_pin(list.send_request(request(http::Method::GET, &url), None, no_error())).await;
+        assert!(is_cancelled(&later), "a later request is refused");
+        let abort = format!("http://{addr}/snapshots/k?uploadId=u-1");
+        let deleted = Box::into_pin(list.send_request(request(http::Method::DELETE, &abort), None, no_error())).await;
+        let (response, _io) = deleted.expect("the abort goes out after the cancel");
+        assert_eq!(response.status(), 204);
     }
 }

@@ -185,6 +185,11 @@ impl std::fmt::Display for SandboxError {
 
 impl std::error::Error for SandboxError {}
 
+/// What the host says when it stops or refuses a build's HTTP request
+/// because the build is being cancelled (it is in the request's error, as
+/// the shell reports it): the flow reads such an answer as cancellation.
+pub const CANCELLED_BY_HOST: &str = "stopped by the host: the build is being cancelled";
+
 /// Where the sandbox proxy answers, for the sign calls.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -299,6 +304,7 @@ impl Answer {
     /// ([`SandboxError::Cancelled`]).
     pub fn cancelled(&self) -> Option<&str> {
         let error = match self {
+            Answer::Http(Err(e)) if e.contains(CANCELLED_BY_HOST) => return Some(CANCELLED_BY_HOST),
             Answer::Created(Err(e)) | Answer::Status(Err(e)) | Answer::Captured(Err(e)) => e,
             Answer::Proxy(Err(e)) => e,
             Answer::Exit(Err(e)) => e,

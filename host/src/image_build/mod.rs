@@ -154,6 +154,8 @@ impl BuilderRuntime {
             .with_directory("/context", options.context_dir.clone())
             .with_cancel(options.cancel.clone());
         let limits = StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(8).build();
+        // The guest's own HTTP stops with the build too (wit/protocol.md §5.10).
+        let outbound = outbound.with_cancel(options.cancel.clone());
         let state = GuestState::new(wasi.build(), outbound, limits, BuildData { sandbox, events });
         Ok(guest::store(&self.engine, state, options.timeout))
     }

@@ -2,16 +2,15 @@
 //! `Host` traits are implemented on, and `add_to_linker`, in the shape of
 //! wasmtime-wasi's `WasiCtx` / `WasiCtxView` / `add_to_linker_async`.
 
-use std::collections::{BTreeSet, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use wasmtime::component::{HasData, Linker, ResourceTable};
 
 use super::backend::SandboxBackend;
 use super::bindings::snapsign::components::{sandbox_exec, types};
+pub use crate::cancel::Cancel;
 use crate::outbound::AllowList;
 
 /// What one guest may do through `sandbox-exec`, whatever the backend.
@@ -46,59 +45,6 @@ pub type OutputFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// Receives `upload-directory` progress: bytes sent, and the total once known (else 0).
 pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
-
-/// Cancels a guest's sandbox work from outside (Ctrl-C; wit/protocol.md
-/// §5.10): the pending `sandbox-exec` call returns `cancelled`, and later
-/// ones do at once, except `delete`, so the guest runs its cleanup. Clones
-/// share one state, which also tells which sandboxes the guest still holds,
-/// for a user who will not wait for the cleanup.
-#[derive(Clone, Default)]
-pub struct Cancel {
-    token: CancellationToken,
-    held: Arc<Mutex<BTreeSet<String>>>,
-}
-
-impl Cancel {
-    /// A handle that has not cancelled anything yet.
-    pub fn new() -> Self {
-        Cancel::default()
-    }
-
-    /// Cancels: every holder of a clone sees it.
-    pub fn cancel(&self) {
-        self.token.cancel();
-    }
-
-    /// Whether [`Cancel::cancel`] was called.
-    pub fn is_cancelled(&self) -> bool {
-        self.token.is_cancelled()
-    }
-
-    /// Resolves once [`Cancel::cancel`] was called.
-    pub async fn cancelled(&self) {
-        self.token.cancelled().await
-    }
-
-    /// Sandboxes the guest created and has not deleted, sorted.
-    pub fn held_sandboxes(&self) -> Vec<String> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
-    }
-
-    pub(super) fn hold(&self, id: &str, held: bool) {
-        let mut set = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held {
-            set.insert(id.to_owned());
-        } else {
-            set.remove(id);
-        }
-    }
-}
-
-impl std::fmt::Debug for Cancel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cancel").field("cancelled", &self.is_cancelled()).field("held", &self.held_sandboxes()).finish()
-    }
-}
 
 /// Per-guest state of `sandbox-exec`: the backend, the limits, the
 /// outbound policy proxy endpoints are checked against, and what the guest

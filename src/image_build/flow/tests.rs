@@ -139,6 +139,11 @@ impl World {
             Call::UploadContext { .. } => Answer::Uploaded(Err(e)),
             Call::WriteFile { .. } => Answer::Done(Err(e)),
             Call::ReadFile { .. } => Answer::File(Err(e)),
+            // As the host's outbound policy: only the abort's DELETE still goes out.
+            Call::Http { method, url, .. } if *method != "DELETE" => Answer::Http(Err(format!(
+                "{url}: InternalError(Some({:?}))",
+                crate::image_build::call::CANCELLED_BY_HOST
+            ))),
             Call::Http { .. } | Call::Sleep(_) | Call::Delete { .. } => return None,
         })
     }
@@ -1045,4 +1050,26 @@ fn a_failed_builder_s_last_error_line_is_in_the_failure() {
         "{}",
         run.failure()
     );
+}
+
+#[test]
+fn a_build_cancelled_while_a_platform_request_is_in_flight_ends_before_any_sandbox() {
+    let mut world = World::new();
+    world.cancel_at = Some(PREPARE);
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, [PREPARE]);
+    assert_eq!(
+        cancellation(&run),
+        format!(
+            "the build was cancelled during its prepare stage ({}); nothing was left to clean up",
+            crate::image_build::call::CANCELLED_BY_HOST
+        )
+    );
+
+    // During the sign request: the sandbox is deleted; the upload was never signed.
+    let mut world = World::new();
+    world.cancel_at = Some(SIGN_PUT);
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], DELETE]));
+    assert!(cancellation(&run).contains("during its sign stage"), "{}", cancellation(&run));
 }
