@@ -161,7 +161,9 @@ impl WasiHttpHooks for AllowList {
         }
         let signing = request.method() == http::Method::POST && uri.path().ends_with(snapsign::signer::SIGN_PATH);
         // A cancelled build sends only its cleanup (the abort's DELETE); a request
-        // in flight when it is cancelled stops.
+        // in flight when it is cancelled stops, but for a platform complete,
+        // the build's commit point, which is let finish (as a sandbox create is).
+        let completing = request.method() == http::Method::POST && uri.path().ends_with("/complete");
         let stop = match &self.cancel {
             Some(cancel) if cancel.is_cancelled() => {
                 if request.method() != http::Method::DELETE {
@@ -169,6 +171,7 @@ impl WasiHttpHooks for AllowList {
                 }
                 None
             }
+            Some(_) if completing => None,
             other => other.clone(),
         };
         let default = wasmtime_wasi_http::default_hooks();
@@ -287,5 +290,14 @@ mod tests {
         let deleted = Box::into_pin(list.send_request(request(http::Method::DELETE, &abort), None, no_error())).await;
         let (response, _io) = deleted.expect("the abort goes out after the cancel");
         assert_eq!(response.status(), 204);
+
+        // A platform complete in flight is the build's commit point: it is let finish.
+        let cancel = Cancel::new();
+        let mut list = AllowList::new([addr.to_string()]).with_cancel(cancel.clone());
+        let complete = format!("http://{addr}/platform/v1/sandbox-template-builds/b-1/complete");
+        let pending = Box::into_pin(list.send_request(request(http::Method::POST, &complete), None, no_error()));
+        cancel.cancel();
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(300), pending).await;
+        assert!(waited.is_err(), "the complete in flight is still waiting for its answer, not stopped");
     }
 }
