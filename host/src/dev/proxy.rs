@@ -307,7 +307,11 @@ impl Emulator {
             && build.namespace == namespace
             && build.state == "prepared"
         {
-            self.state.record_upload(&super::state::Upload { upload_id, build_id: build.id, uri: uri.to_owned() })?;
+            self.state.record_upload(&super::state::UploadRecord {
+                upload_id,
+                build_id: build.id,
+                uri: uri.to_owned(),
+            })?;
         }
         Ok(())
     }

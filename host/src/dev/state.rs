@@ -35,7 +35,7 @@ pub struct Build {
 
 /// A multipart upload the signer created for a build (seen by the proxy).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upload {
+pub struct UploadRecord {
     /// S3's UploadId.
     pub upload_id: String,
     /// The build it belongs to.
@@ -211,7 +211,7 @@ impl State {
     }
 
     /// Records a multipart upload created for a build.
-    pub fn record_upload(&self, upload: &Upload) -> Result<()> {
+    pub fn record_upload(&self, upload: &UploadRecord) -> Result<()> {
         self.db()
             .execute(
                 "INSERT INTO uploads (upload_id, build_id, uri, state) VALUES (?1, ?2, ?3, 'open')
@@ -223,14 +223,14 @@ impl State {
     }
 
     /// The uploads of a build not yet closed (completed or aborted).
-    pub fn open_uploads(&self, build_id: &str) -> Result<Vec<Upload>> {
+    pub fn open_uploads(&self, build_id: &str) -> Result<Vec<UploadRecord>> {
         let db = self.db();
         let mut statement =
             db.prepare("SELECT upload_id, build_id, uri FROM uploads WHERE build_id = ?1 AND state = 'open'")?;
         let rows = statement.query_map(params![build_id], |r| {
-            Ok(Upload { upload_id: r.get(0)?, build_id: r.get(1)?, uri: r.get(2)? })
+            Ok(UploadRecord { upload_id: r.get(0)?, build_id: r.get(1)?, uri: r.get(2)? })
         })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<Upload>>>()?)
+        Ok(rows.collect::<rusqlite::Result<Vec<UploadRecord>>>()?)
     }
 
     /// Closes an upload (`completed` or `aborted`).
@@ -485,7 +485,7 @@ mod tests {
         let build = state.build("build-7").unwrap().unwrap();
         assert_eq!((build.state.as_str(), build.failure), ("prepared", None));
         assert_eq!(state.build_by_snapshot_uri("s3://b/k7").unwrap().unwrap().id, "build-7");
-        let upload = Upload { upload_id: "up-1".into(), build_id: "build-7".into(), uri: "s3://b/k7".into() };
+        let upload = UploadRecord { upload_id: "up-1".into(), build_id: "build-7".into(), uri: "s3://b/k7".into() };
         state.record_upload(&upload).unwrap();
         state.record_upload(&upload).unwrap();
         assert_eq!(state.open_uploads("build-7").unwrap(), vec![upload]);

@@ -83,7 +83,7 @@ pub struct BenchHosts {
     rounds: usize,
     /// Measure only these hosts (comma-separated) after the native ceiling, which always runs [default: all].
     #[arg(long, value_delimiter = ',')]
-    only: Vec<super::bench::BenchHost>,
+    only: Vec<super::load::BenchHost>,
     /// Distinct caller tokens, sent in turn (1: one tenant; 1000: many
     /// tenants, each signing now and then); several (`1,1000`) measure each in turn.
     #[arg(long, value_delimiter = ',', default_value = "1")]
@@ -98,7 +98,7 @@ pub async fn bench_hosts(args: BenchHosts) -> Result<()> {
     if let Some(bad) = args.callers.iter().find(|&&n| n == 0 || n > 100_000) {
         bail!("--callers must be in 1..=100000 (got {bad})");
     }
-    let options = super::bench::BenchOptions {
+    let options = super::load::BenchOptions {
         seconds: args.seconds,
         warmup_seconds: args.warmup_seconds.max(0.0),
         concurrency: args.concurrency,
@@ -108,7 +108,7 @@ pub async fn bench_hosts(args: BenchHosts) -> Result<()> {
         callers: 1,
     };
     for callers in args.callers {
-        super::bench::run(&super::bench::BenchOptions { callers, ..options.clone() }).await?;
+        super::load::run(&super::load::BenchOptions { callers, ..options.clone() }).await?;
     }
     Ok(())
 }

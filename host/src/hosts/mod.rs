@@ -14,10 +14,10 @@
 //! | `jco serve` | npm `@bytecodealliance/jco@1.35.0` | `node_modules/.bin/jco` |
 //! | OCI registry | Debian `docker-registry=2.8.2+ds1-1` (`apt-get download`, unpacked) | `usr/bin/docker-registry` |
 
-pub mod bench;
 pub mod cli;
 pub mod install;
 pub mod launch;
+pub mod load;
 pub mod native;
 pub mod nats;
 pub mod process;
