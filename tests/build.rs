@@ -279,7 +279,8 @@ async fn build_as(stack: &DevStack, namespace: &str, name: &str, dockerfile: &st
 #[tokio::test(flavor = "multi_thread")]
 async fn another_namespaces_public_template_is_a_parent_in_both_shapes_and_a_private_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let stack = stack_with(dir.path(), |_| {}).await;
+    // Docker Hub names go to a closed loopback port, not to the internet.
+    let stack = stack_with(dir.path(), |c| c.registry_mirror = Some("127.0.0.1:1".into())).await;
     let published = build_as(&stack, "other", "pub-base", BASE, true, "new").await;
     let published = published.outcome.unwrap_or_else(|e| panic!("public base: {e}\n{:#?}", published.events));
     let secret = build_as(&stack, "other", "secret-base", BASE, false, "new").await;
@@ -299,6 +300,18 @@ async fn another_namespaces_public_template_is_a_parent_in_both_shapes_and_a_pri
         assert_eq!(child["parentManifestUri"], published["snapshotUri"], "{shape}");
         assert!(child["snapshotUri"].as_str().unwrap().starts_with("s3://snapshots/builds/default/"), "{child}");
     }
+
+    // FROM pub-base (the bare name) from another namespace: it is no template there and no
+    // image to pull, and the error names the public template the user most likely meant.
+    let run = build_as(&stack, "default", "bare", "FROM pub-base\nCOPY hello.txt /x\n", false, "new").await;
+    let error = run.outcome.expect_err("a bare name of another namespace's template is not found").to_string();
+    assert!(
+        error.contains(
+            "There is no template 'pub-base' in namespace 'default', but a public one of that name: \
+                        write FROM other/pub-base"
+        ),
+        "{error}"
+    );
 
     // FROM other/secret-base: refused before anything is prepared, in both shapes.
     for shape in ["new", "legacy"] {

@@ -329,6 +329,11 @@ pub struct DevArgs {
     /// [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json].
     #[arg(long)]
     pub docker_config: Option<PathBuf>,
+    /// Pull Docker Hub images (`FROM debian`) from this registry instead of
+    /// docker.io, as Docker's registry-mirrors: a pull-through cache or an
+    /// offline machine's own registry.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub registry_mirror: Option<String>,
 }
 
 // `snapsign token`.

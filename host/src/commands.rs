@@ -421,6 +421,7 @@ async fn dev(args: DevArgs) -> Result<()> {
         abort_incomplete_uploads_after_secs,
         insecure_registries,
         docker_config,
+        registry_mirror,
     } = args;
     let data_dir = data_dir.unwrap_or_else(default_data_dir);
     let mut config = DevConfig::new(data_dir, this_executable_as_builder()?);
@@ -434,6 +435,7 @@ async fn dev(args: DevArgs) -> Result<()> {
     config.abort_incomplete_uploads_after = Duration::from_secs(abort_incomplete_uploads_after_secs);
     config.insecure_registries = insecure_registries;
     config.docker_config = docker_config;
+    config.registry_mirror = registry_mirror;
     if let Some(json) = faults {
         config.faults = serde_json::from_str::<Faults>(&json).context("parse --faults")?;
     }

@@ -53,11 +53,16 @@ pub struct PullOptions {
     /// Registries (`host:port` or `host`) reached over plain HTTP. 127.0.0.1,
     /// localhost and `[::1]` always are.
     pub insecure_registries: Vec<String>,
+    /// A registry (`host:port`) Docker Hub images are pulled from instead of
+    /// docker.io, as Docker's `registry-mirrors` (a pull-through cache, an
+    /// offline machine); its own credentials apply. Images keep their
+    /// docker.io names in the cache.
+    pub mirror: Option<String>,
 }
 
 impl PullOptions {
     pub fn new(cache_dir: impl Into<PathBuf>) -> PullOptions {
-        PullOptions { cache_dir: cache_dir.into(), docker_config: None, insecure_registries: Vec::new() }
+        PullOptions { cache_dir: cache_dir.into(), docker_config: None, insecure_registries: Vec::new(), mirror: None }
     }
 
     /// The Docker config file used for credentials.
@@ -113,6 +118,15 @@ pub fn normalise(reference: &str) -> Result<Reference> {
     Ok(parsed)
 }
 
+/// `reference` (a Docker Hub image) at `mirror`: the same repository, tag and digest.
+fn mirrored(reference: &Reference, mirror: &str) -> Reference {
+    let (registry, repository) = (mirror.to_owned(), reference.repository().to_owned());
+    match (reference.tag(), reference.digest()) {
+        (_, Some(digest)) => Reference::with_digest(registry, repository, digest.to_owned()),
+        (tag, None) => Reference::with_tag(registry, repository, tag.unwrap_or("latest").to_owned()),
+    }
+}
+
 /// The normalised text of a reference: `registry/repository[:tag][@digest]`;
 /// a tag next to a digest is dropped, as the digest decides.
 fn reference_name(reference: &Reference) -> String {
@@ -126,6 +140,11 @@ fn reference_name(reference: &Reference) -> String {
 pub async fn pull(reference: &str, options: &PullOptions) -> Result<Pulled> {
     let parsed = normalise(reference)?;
     let name = reference_name(&parsed);
+    // From here `parsed` is where the bytes come from: the mirror, for a Docker Hub image.
+    let parsed = match &options.mirror {
+        Some(mirror) if parsed.registry() == "docker.io" => mirrored(&parsed, mirror),
+        _ => parsed,
+    };
     let registry = parsed.resolve_registry().to_owned();
     let cache = Cache::open(&options.cache_dir).await?;
     let mut pulled = Pulled {

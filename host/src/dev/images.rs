@@ -76,12 +76,18 @@ impl Emulator {
     /// Pulls `reference` (or finds it by digest) and returns its snapshot as a local image.
     async fn import_image(&self, namespace: &str, reference: &str) -> Result<LocalImage<Value>, ApiError> {
         let settings = self.image_settings();
-        let pulled = registry::pull(reference, &settings.pull).await.map_err(|e| {
-            ApiError::bad_request(
-                "image_pull_failed",
-                format!("FROM {reference}: it is not a template, and pulling it as a registry image failed: {e:#}"),
-            )
-        })?;
+        let pulled = match registry::pull(reference, &settings.pull).await {
+            Ok(pulled) => pulled,
+            Err(e) => {
+                let hint = self.public_elsewhere(namespace, reference)?;
+                return Err(ApiError::bad_request(
+                    "image_pull_failed",
+                    format!(
+                        "FROM {reference}: it is not a template, and pulling it as a registry image failed: {e:#}{hint}"
+                    ),
+                ));
+            }
+        };
         let local = |uri: String, sha256: String| LocalImage::<Value> {
             reference: reference.to_owned(),
             template_id: None,
@@ -160,6 +166,26 @@ impl Emulator {
 
     /// Whether `reference` names a template the caller may build on (its
     /// own, or another namespace's public one). Another namespace's private template is refused, as at prepare.
+    /// For a bare name that is no template here: the public templates of
+    /// that name in other namespaces, as a hint ("write FROM other/name").
+    fn public_elsewhere(&self, namespace: &str, reference: &str) -> Result<String, ApiError> {
+        if reference.contains(['/', ':', '@']) {
+            return Ok(String::new());
+        }
+        let found = self.state.public_templates_named(reference, namespace)?;
+        let names: Vec<String> = found.iter().map(|t| format!("FROM {}/{}", t.namespace, t.name)).collect();
+        Ok(match names.as_slice() {
+            [] => String::new(),
+            [one] => format!(
+                ". There is no template '{reference}' in namespace '{namespace}', but a public one of that name: write {one}"
+            ),
+            many => format!(
+                ". There is no template '{reference}' in namespace '{namespace}', but public ones of that name: write {}",
+                many.join(" or ")
+            ),
+        })
+    }
+
     fn readable_template(&self, namespace: &str, reference: &str) -> Result<bool, ApiError> {
         let (owner, name) = super::platform::split_reference(namespace, reference);
         match self.state.template_by_name(owner, name)? {

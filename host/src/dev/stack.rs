@@ -56,6 +56,8 @@ pub struct DevConfig {
     pub insecure_registries: Vec<String>,
     /// Registry credentials (Docker's config.json); `None`: Docker's default place.
     pub docker_config: Option<PathBuf>,
+    /// Where Docker Hub images are pulled from instead of docker.io (`host:port`).
+    pub registry_mirror: Option<String>,
 }
 
 impl DevConfig {
@@ -77,6 +79,7 @@ impl DevConfig {
             abort_incomplete_uploads_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
             insecure_registries: Vec::new(),
             docker_config: None,
+            registry_mirror: None,
         }
     }
 }
@@ -274,6 +277,7 @@ impl DevStack {
                 cache_dir: images.join("oci"),
                 docker_config: config.docker_config.clone(),
                 insecure_registries: config.insecure_registries.clone(),
+                mirror: config.registry_mirror.clone(),
             },
             work_dir: images.join("work"),
         });

@@ -348,6 +348,15 @@ impl State {
         Ok(Ok(()))
     }
 
+    /// Public templates called `name` in namespaces other than `namespace`, at most 5 (for a hint).
+    pub fn public_templates_named(&self, name: &str, namespace: &str) -> Result<Vec<Template>> {
+        self.templates_where(
+            "name = ?1 AND namespace != ?2 AND public ORDER BY namespace LIMIT 5",
+            params![name, namespace],
+            &format!("named {name} elsewhere"),
+        )
+    }
+
     /// The template `name` of namespace `namespace` (whoever asks: visibility is the caller's check).
     pub fn template_by_name(&self, namespace: &str, name: &str) -> Result<Option<Template>> {
         self.template_where("namespace = ?1 AND name = ?2", params![namespace, name], &format!("{namespace}/{name}"))

@@ -87,7 +87,37 @@ fn options(cache: &Path, work: &Path) -> PullOptions {
         // No credentials: not the machine's own Docker config.
         docker_config: Some(work.join("no-docker-config.json")),
         insecure_registries: Vec::new(),
+        mirror: None,
     }
+}
+
+/// `--registry-mirror`: a Docker Hub name is pulled from the mirror (its
+/// repository and tag unchanged) and keeps its docker.io name; other
+/// registries are not mirrored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_hub_name_is_pulled_from_the_mirror_and_keeps_its_name() {
+    let work = tempfile::tempdir().unwrap();
+    let (_registry, upstream) = crate::hosts::launch::oci_registry(&tools(), &work.path().join("registry"))
+        .await
+        .expect("start Debian's docker-registry on loopback (apt-get download docker-registry)");
+    let image = test_image(work.path());
+    push(&upstream, &image).await;
+    let proxy = CountingProxy::start(upstream.clone()).await;
+    let mut options = options(&work.path().join("cache"), work.path());
+    options.mirror = Some(proxy.addr.clone());
+    let pulled = pull("team/base:1.2", &options).await.unwrap();
+    assert_eq!(
+        (pulled.reference.as_str(), pulled.digest.as_str()),
+        ("docker.io/team/base:1.2", image.manifest.digest().as_str())
+    );
+    let log = proxy.take();
+    assert!(log.iter().any(|l| l == "GET /v2/team/base/manifests/1.2"), "the mirror served it: {log:?}");
+    // Cached under its docker.io name: by digest it comes from the cache, not the mirror.
+    let by_digest = format!("team/base@{}", image.manifest.digest());
+    assert_eq!(pull(&by_digest, &options).await.unwrap().requests, 0);
+    // An image of another registry goes there, not to the mirror (port 1 refuses at once).
+    assert!(pull("127.0.0.1:1/team/base:1.2", &options).await.is_err());
+    assert!(proxy.take().is_empty(), "the mirror is for docker.io only");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
