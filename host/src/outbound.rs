@@ -80,10 +80,16 @@ impl AllowList {
             || (method == http::Method::DELETE && self.aborts.lock().unwrap_or_else(|p| p.into_inner()).contains(url))
     }
 
-    /// Notes the `abortUrl` of a sign answer's JSON, if it has one.
+    /// Notes the `abortUrl` of a sign answer's JSON, if it has one and it
+    /// looks like what a signer hands out: a presigned S3 AbortMultipartUpload
+    /// (an `uploadId` and a SigV4 `X-Amz-Signature` in its query), so an
+    /// answer that merely echoes a guest's input admits nothing.
     fn admit_abort_of(&self, answer: &[u8]) {
         let Ok(json) = serde_json::from_slice::<serde_json::Value>(answer) else { return };
-        if let Some(url) = json.get("abortUrl").and_then(|u| u.as_str()) {
+        let Some(url) = json.get("abortUrl").and_then(|u| u.as_str()) else { return };
+        let Ok(parsed) = url::Url::parse(url) else { return };
+        let has = |name: &str| parsed.query_pairs().any(|(k, v)| k == name && !v.is_empty());
+        if matches!(parsed.scheme(), "http" | "https") && has("uploadId") && has("X-Amz-Signature") {
             self.aborts.lock().unwrap_or_else(|p| p.into_inner()).insert(url.to_owned());
         }
     }
@@ -230,6 +236,10 @@ mod tests {
         assert!(!seen.permits("127.0.0.1:7000", false), "the authority itself stays closed");
         list.admit_abort_of(b"not json");
         list.admit_abort_of(br#"{"abortUrl": 7}"#);
+        // An echo of anything else is not a presigned abort: not admitted.
+        list.admit_abort_of(br#"{"abortUrl": "http://evil.example/leak?data=secret"}"#);
+        list.admit_abort_of(br#"{"abortUrl": "http://evil.example/x?uploadId=1&X-Amz-Signature="}"#);
+        list.admit_abort_of(br#"{"abortUrl": "file:///etc/passwd?uploadId=1&X-Amz-Signature=00"}"#);
         assert_eq!(list.aborts.lock().unwrap().len(), 1);
     }
 
