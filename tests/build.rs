@@ -680,6 +680,20 @@ async fn snapsign_build_prints_json_and_its_exit_codes_tell_failures_apart() {
     assert!(said["message"].as_str().unwrap().contains("(builder sandbox: sbx-"), "{said}");
     stack.platform.set_faults(Faults::default());
 
+    // The host itself failing (here: a memory limit below the component's own) ends the stream too.
+    let (api, token_) = (stack.api_url(), stack.token.clone());
+    let (file, dir_) = (dockerfile.clone(), context_dir.clone());
+    let tiny = tokio::task::spawn_blocking(move || {
+        let args = ["build", "--name", "tiny", "-f", &file, "--context", &dir_, "--max-memory-mb", "1", "--json"];
+        cli(&args, &[("SNAPSIGN_API_URL", &api), ("SNAPSIGN_API_TOKEN", &token_)])
+    })
+    .await
+    .unwrap();
+    assert_eq!(tiny.status.code(), Some(1), "{}", String::from_utf8_lossy(&tiny.stderr));
+    let said = error_line(&tiny);
+    assert_eq!((&said["kind"], &said["exitCode"]), (&json!("failed"), &json!(1)), "{said}");
+    assert!(said["message"].as_str().unwrap().contains("raise --max-memory-mb"), "{said}");
+
     // Without --json, on a pipe: plain lines, no escape codes.
     let (api, token, store) = (stack.api_url(), stack.token.clone(), stack.store.addr().to_string());
     let args = ["build", "--name", "plain-image", "-f", &dockerfile, "--context", &context_dir];

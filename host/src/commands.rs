@@ -104,7 +104,7 @@ fn cancel_on_signals(cancel: Cancel) -> Result<tokio::task::JoinHandle<()>> {
 /// What a second Ctrl-C leaves behind, said before exiting.
 fn left_behind(sandboxes: &[String]) -> String {
     let held = match sandboxes {
-        [] => "no builder sandbox".to_owned(),
+        [] => "no builder sandbox the build knew of (one being created at this moment may remain)".to_owned(),
         [one] => format!("builder sandbox {one}"),
         many => format!("builder sandboxes {}", many.join(", ")),
     };
@@ -112,7 +112,8 @@ fn left_behind(sandboxes: &[String]) -> String {
         String::new()
     } else {
         format!(
-            " (it ends when its lifetime of {} s from creation is over, or delete it with the lifecycle API)",
+            " (the platform ends it about {} s after the build's last request to it; or delete it with the \
+             lifecycle API)",
             snapsign::image_build::flow::SANDBOX_TIMEOUT_SECS
         )
     };
@@ -303,8 +304,8 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
     };
     let cancelling = cancel_on_signals(options.cancel.clone())?;
     let printer = if json { image_build::json_printer() } else { image_build::progress_printer() };
-    let (outcome, _) = match backend {
-        Backend::Proxy => image_build::run(&options, printer).await?,
+    let ran = match backend {
+        Backend::Proxy => image_build::run(&options, printer).await,
         Backend::Local => {
             let (Some(url), Some(token)) = (signer_url, signer_token) else {
                 let message = "--backend local needs --signer-url and --signer-token (or SNAPSIGN_SIGNER_URL/TOKEN)";
@@ -315,10 +316,15 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
             let builder = this_executable_as_builder()?;
             let result = image_build::run_local(&options, &dir, builder, allow_unconfined, &url, &token, printer).await;
             let _ = std::fs::remove_dir(&dir);
-            result?
+            result
         }
     };
     cancelling.abort();
+    // The host itself failed (the engine, a trap, the time limit): a failed build, said the same way.
+    let outcome = match ran {
+        Ok((outcome, _)) => outcome,
+        Err(e) => Err(BuildFailure::Failed(format!("{e:#}"))),
+    };
     Ok(match outcome {
         Ok(template) => {
             if options.cancel.is_cancelled() {
@@ -617,10 +623,10 @@ mod tests {
     #[test]
     fn a_second_ctrl_c_names_what_it_leaves_behind() {
         let one = left_behind(&["sbx-7".into()]);
-        assert!(one.contains("left behind: builder sandbox sbx-7 (it ends when its lifetime of 300 s"), "{one}");
+        assert!(one.contains("left behind: builder sandbox sbx-7 (the platform ends it about 300 s after"), "{one}");
         assert!(one.contains("multipart upload"), "{one}");
         let none = left_behind(&[]);
-        assert!(none.contains("left behind: no builder sandbox, and the snapshot's multipart upload"), "{none}");
+        assert!(none.contains("left behind: no builder sandbox the build knew of"), "{none}");
         let two = left_behind(&["a".into(), "b".into()]);
         assert!(two.contains("builder sandboxes a, b ("), "{two}");
     }

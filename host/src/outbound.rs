@@ -24,13 +24,15 @@ const MAX_SIGN_ANSWER: usize = 32 << 20;
 /// stops its requests when the build is cancelled). The embedder fixes the
 /// list when the guest starts; nothing can widen it afterwards (no
 /// capability or backend holds a way to), with one narrow exception: the
-/// `abortUrl` of a sign answer the guest received from an admitted host
-/// (`POST …/api/v1/blob/sign`) may be sent as a `DELETE`, that exact URL
-/// only, so a failed build aborts its upload wherever the store is
-/// (wit/protocol.md §5.6).
+/// `abortUrl` of a sign answer from a sandbox's sign endpoint (the one
+/// `sandbox-exec.proxy` handed the guest, `POST {proxy}/api/v1/blob/sign`)
+/// may be sent once as a `DELETE`, that exact URL only, so a failed build
+/// aborts its upload wherever the store is (wit/protocol.md §5.6).
 #[derive(Debug, Clone)]
 pub struct AllowList {
     allowed: Arc<[String]>,
+    /// The sign endpoints `sandbox-exec.proxy` handed out (full URLs).
+    sign_endpoints: Arc<Mutex<HashSet<String>>>,
     aborts: Arc<Mutex<HashSet<String>>>,
     cancel: Option<Cancel>,
 }
@@ -56,7 +58,7 @@ impl AllowList {
                 }
             })
             .collect();
-        AllowList { allowed: allowed.into(), aborts: Arc::default(), cancel: None }
+        AllowList { allowed: allowed.into(), sign_endpoints: Arc::default(), aborts: Arc::default(), cancel: None }
     }
 
     /// The same policy, whose requests stop when `cancel` fires: one in
@@ -75,9 +77,29 @@ impl AllowList {
 
     /// Whether `method url` may go out: an admitted authority, or the
     /// `DELETE` of an abort URL a sign answer gave this guest.
+    /// An admitted abort URL is used once.
     fn admits(&self, method: &http::Method, url: &str, authority: &str, https: bool) -> bool {
         self.permits(authority, https)
-            || (method == http::Method::DELETE && self.aborts.lock().unwrap_or_else(|p| p.into_inner()).contains(url))
+            || (method == http::Method::DELETE && self.aborts.lock().unwrap_or_else(|p| p.into_inner()).remove(url))
+    }
+
+    /// Notes the sign endpoint of a sandbox proxy at `base_url` (called by
+    /// `sandbox-exec.proxy` as it hands the endpoint to the guest): only
+    /// answers from there admit an abort URL.
+    pub(crate) fn note_sign_endpoint(&self, base_url: &str) {
+        let url = format!("{}{}", base_url.trim_end_matches('/'), snapsign::signer::SIGN_PATH);
+        self.sign_endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(url);
+    }
+
+    fn is_sign_endpoint(&self, method: &http::Method, uri: &http::Uri) -> bool {
+        let without_query = format!(
+            "{}://{}{}",
+            uri.scheme_str().unwrap_or("http"),
+            uri.authority().map_or("", |a| a.as_str()),
+            uri.path()
+        );
+        method == http::Method::POST
+            && self.sign_endpoints.lock().unwrap_or_else(|p| p.into_inner()).contains(&without_query)
     }
 
     /// Notes the `abortUrl` of a sign answer's JSON, if it has one and it
@@ -165,10 +187,12 @@ impl WasiHttpHooks for AllowList {
             tracing::warn!(%authority, method = %request.method(), "guest request denied by the outbound allow-list");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
-        let signing = request.method() == http::Method::POST && uri.path().ends_with(snapsign::signer::SIGN_PATH);
+        let signing = self.is_sign_endpoint(request.method(), uri);
         // A cancelled build sends only its cleanup (the abort's DELETE); a request
-        // in flight when it is cancelled stops, but for a platform complete,
-        // the build's commit point, which is let finish (as a sandbox create is).
+        // in flight when it is cancelled stops, but for two that make
+        // something, let finish as a sandbox create is: a sign request (it may
+        // create the upload, whose abort URL the cleanup then needs) and a
+        // platform complete (the build's commit point).
         let completing = request.method() == http::Method::POST && uri.path().ends_with("/complete");
         let stop = match &self.cancel {
             Some(cancel) if cancel.is_cancelled() => {
@@ -177,7 +201,7 @@ impl WasiHttpHooks for AllowList {
                 }
                 None
             }
-            Some(_) if completing => None,
+            Some(_) if completing || signing => None,
             other => other.clone(),
         };
         let default = wasmtime_wasi_http::default_hooks();
@@ -222,6 +246,14 @@ mod tests {
     #[test]
     fn a_sign_answers_abort_url_admits_that_one_delete_and_nothing_else() {
         let list = AllowList::new(["127.0.0.1:9000"]);
+        list.note_sign_endpoint("http://127.0.0.1:9000/");
+        let sign = |path: &str| http::Uri::try_from(format!("http://127.0.0.1:9000{path}")).unwrap();
+        assert!(list.is_sign_endpoint(&http::Method::POST, &sign("/api/v1/blob/sign")));
+        assert!(
+            !list.is_sign_endpoint(&http::Method::POST, &sign("/other/api/v1/blob/sign")),
+            "only the endpoint handed out"
+        );
+        assert!(!list.is_sign_endpoint(&http::Method::GET, &sign("/api/v1/blob/sign")));
         let abort = "http://127.0.0.1:7000/snapshots/k?uploadId=u-1&X-Amz-Signature=00";
         let delete = http::Method::DELETE;
         assert!(!list.admits(&delete, abort, "127.0.0.1:7000", false), "not before the answer");
@@ -233,6 +265,7 @@ mod tests {
         assert!(!seen.admits(&http::Method::PUT, abort, "127.0.0.1:7000", false));
         let other = "http://127.0.0.1:7000/snapshots/other?uploadId=u-2";
         assert!(!seen.admits(&delete, other, "127.0.0.1:7000", false), "only that URL");
+        assert!(!seen.admits(&delete, abort, "127.0.0.1:7000", false), "once: the DELETE above used it");
         assert!(!seen.permits("127.0.0.1:7000", false), "the authority itself stays closed");
         list.admit_abort_of(b"not json");
         list.admit_abort_of(br#"{"abortUrl": 7}"#);
@@ -240,7 +273,7 @@ mod tests {
         list.admit_abort_of(br#"{"abortUrl": "http://evil.example/leak?data=secret"}"#);
         list.admit_abort_of(br#"{"abortUrl": "http://evil.example/x?uploadId=1&X-Amz-Signature="}"#);
         list.admit_abort_of(br#"{"abortUrl": "file:///etc/passwd?uploadId=1&X-Amz-Signature=00"}"#);
-        assert_eq!(list.aborts.lock().unwrap().len(), 1);
+        assert!(list.aborts.lock().unwrap().is_empty(), "none of those was admitted");
     }
 
     fn request(method: http::Method, url: &str) -> http::Request<WasiBody> {

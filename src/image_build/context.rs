@@ -59,7 +59,8 @@ fn literal_path(source: &str) -> Option<String> {
         return None;
     }
     let parts: Vec<&str> = source.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-    if parts.is_empty() || parts.contains(&"..") {
+    // A part with blanks at its ends would be trimmed as a pattern, and `..` is the builder's to refuse.
+    if parts.is_empty() || parts.iter().any(|p| *p == ".." || *p != p.trim()) {
         return None; // the whole context, or a path the builder refuses by name
     }
     Some(parts.join("/"))
@@ -77,6 +78,8 @@ pub fn exclusions(dockerignore: Option<&str>, only: Option<&[String]>) -> Vec<St
         lines.extend(paths.iter().map(|path| format!("!{path}")));
     }
     if let Some(text) = dockerignore {
+        // A byte-order mark is dropped here: the pattern reader drops it only from its first line.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         lines.extend(text.lines().map(str::to_owned));
     }
     if !lines.is_empty() {
@@ -130,6 +133,8 @@ mod tests {
             "COPY src/[ab].txt /",
             "COPY $DIR /app/",
             "COPY ../secret /",
+            "COPY [\"./ spaced\", \"/d/\"]",
+            "COPY [\"dir/trailing \", \"/d/\"]",
             "COPY <<EOF /x\nhi\nEOF",
             "RUN --mount=type=bind,target=/src make",
         ] {
@@ -145,6 +150,12 @@ mod tests {
             ["**", "!app.py", "!lib", "lib/secret.key", "!.dockerignore", "!Dockerfile"]
         );
         assert_eq!(exclusions(None, Some(&[])), ["**", "!.dockerignore", "!Dockerfile"]);
+        // A .dockerignore saved with a byte-order mark: its first pattern still reads as written.
+        assert_eq!(
+            exclusions(Some("\u{feff}lib/secret.key\n"), Some(&only))[3],
+            "lib/secret.key",
+            "the mark would hide the pattern once other lines come first"
+        );
     }
 
     #[test]

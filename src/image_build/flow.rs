@@ -230,8 +230,12 @@ fn run_ok(name: &str, exit: Result<Exit, SandboxError>) -> Result<(), BuildError
     let exit = exit.map_err(|e| failed(format!("run '{name}': {e}")))?;
     if exit.code != 0 || exit.oom_killed {
         let oom = if exit.oom_killed { " (process was killed by the kernel OOM killer)" } else { "" };
-        // The builder's own last word names the step and the reason.
-        let said = exit.last_error.map(|line| format!(": {}", line.trim())).unwrap_or_default();
+        // The builder's own last word names the step and the reason; after a
+        // kill (a signal, the OOM killer) its last line is older news.
+        let said = match exit.last_error {
+            Some(line) if exit.code > 0 && !exit.oom_killed => format!(": {}", line.trim()),
+            _ => String::new(),
+        };
         return Err(failed(format!("Command '{name}' failed with exit code {}{oom}{said}", exit.code)));
     }
     Ok(())
@@ -294,7 +298,14 @@ impl Flow {
             // answers so, the flow unwinds (abort, delete) without diagnostics.
             _ => match answer.cancelled() {
                 Some(why) => {
-                    let message = format!("the build was cancelled during its {} stage ({why})", self.stage);
+                    let mut message = format!("the build was cancelled during its {} stage ({why})", self.stage);
+                    if matches!(self.state, State::CompletePause(_) | State::Complete(1..)) {
+                        let build = &self.prepared().build_id;
+                        message.push_str(&format!(
+                            "; an earlier complete went unanswered, so the platform may have registered it: look \
+                             for the template of build {build}"
+                        ));
+                    }
                     self.fail(BuildError::Cancelled(message))
                 }
                 None => self.advance(answer, now).unwrap_or_else(|e| self.fail(e)),

@@ -137,6 +137,8 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
                  admit; add it when the build starts (`--allow-host {authority}`) if you trust it"
             )));
         }
+        // Sign answers from there may admit their upload's abort URL (crate::outbound).
+        self.ctx.outbound.note_sign_endpoint(&endpoint.base_url);
         Ok(types::ProxyEndpoint { base_url: endpoint.base_url, headers: endpoint.headers })
     }
 

@@ -20,6 +20,9 @@ pub enum BuildArgError {
     BadName(String),
     /// A value a Dockerfile line cannot hold (a line break or a NUL).
     BadValue(String),
+    /// The Dockerfile changes its escape character (`# escape=`), which
+    /// the quoting of values assumes is `\`.
+    EscapeDirective,
 }
 
 impl std::fmt::Display for BuildArgError {
@@ -31,6 +34,11 @@ impl std::fmt::Display for BuildArgError {
             BuildArgError::BadValue(name) => {
                 write!(f, "build argument {name}: its value holds a line break or a NUL, which an ARG cannot carry")
             }
+            BuildArgError::EscapeDirective => write!(
+                f,
+                "build arguments cannot be applied to a Dockerfile with an `# escape=` directive; \
+                 give the ARGs defaults instead"
+            ),
         }
     }
 }
@@ -53,6 +61,9 @@ pub fn apply_build_args(text: &str, args: &[(String, String)]) -> Result<(String
         return Ok((text.to_owned(), Vec::new()));
     }
     let body = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if has_escape_directive(body) {
+        return Err(BuildArgError::EscapeDirective);
+    }
     let mut lines: Vec<String> = body.lines().map(str::to_owned).collect();
     let mut used = vec![false; args.len()];
     for (instruction, last) in spans(body) {
@@ -84,6 +95,19 @@ pub fn apply_build_args(text: &str, args: &[(String, String)]) -> Result<(String
     }
     let unused = args.iter().zip(used).filter(|(_, used)| !used).map(|((name, _), _)| name.clone()).collect();
     Ok((rewritten, unused))
+}
+
+/// Whether the parser directives at the top (comment lines of the form
+/// `# name=value`, before anything else) set `escape`.
+fn has_escape_directive(text: &str) -> bool {
+    for line in text.lines() {
+        let Some(directive) = line.trim().strip_prefix('#') else { return false };
+        let Some((name, _)) = directive.split_once('=') else { return false };
+        if name.trim().eq_ignore_ascii_case("escape") {
+            return true;
+        }
+    }
+    false
 }
 
 /// `value` in double quotes, with the three characters the lexer reads
@@ -144,6 +168,11 @@ mod tests {
         assert_eq!(apply_build_args(text, &args(&[("1A", "x")])), Err(BuildArgError::BadName("1A".into())));
         assert_eq!(apply_build_args(text, &args(&[("A", "x\nRUN evil")])), Err(BuildArgError::BadValue("A".into())));
         assert!(BuildArgError::BadValue("A".into()).to_string().contains("line break"));
+        // Another escape character would change what the quotes mean.
+        let escaped = "# syntax=docker/dockerfile:1\n# escape=`\nFROM scratch\nARG A\n";
+        assert_eq!(apply_build_args(escaped, &args(&[("A", "x")])), Err(BuildArgError::EscapeDirective));
+        let commented = "FROM scratch\n# escape=`\nARG A\n";
+        assert!(apply_build_args(commented, &args(&[("A", "x")])).is_ok(), "after an instruction it is a comment");
         // A CRLF file is read as the parser reads it.
         let (rewritten, unused) = apply_build_args(text, &args(&[("A", "2")])).unwrap();
         assert!(unused.is_empty());

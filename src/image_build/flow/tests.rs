@@ -123,9 +123,8 @@ impl World {
 
     /// What the host answers a sandbox call once the build is cancelled.
     fn cancelled_answer(&mut self, call: &Call) -> Option<Answer> {
-        if self.cancel_at.is_some_and(|at| label(call).starts_with(at)) {
-            self.cancelled = true;
-        }
+        let now = !self.cancelled && self.cancel_at.is_some_and(|at| label(call).starts_with(at));
+        self.cancelled |= now;
         if !self.cancelled {
             return None;
         }
@@ -139,7 +138,11 @@ impl World {
             Call::UploadContext { .. } => Answer::Uploaded(Err(e)),
             Call::WriteFile { .. } => Answer::Done(Err(e)),
             Call::ReadFile { .. } => Answer::File(Err(e)),
-            // As the host's outbound policy: only the abort's DELETE still goes out.
+            // As the host's outbound policy: a sign request or a complete in flight
+            // is let finish; later, only the abort's DELETE still goes out.
+            Call::Http { url, .. } if now && (url.ends_with("/blob/sign") || url.ends_with("/complete")) => {
+                return None;
+            }
             Call::Http { method, url, .. } if *method != "DELETE" => Answer::Http(Err(format!(
                 "{url}: InternalError(Some({:?}))",
                 crate::image_build::call::CANCELLED_BY_HOST
@@ -1050,6 +1053,11 @@ fn a_failed_builder_s_last_error_line_is_in_the_failure() {
         "{}",
         run.failure()
     );
+    // Killed (here by the OOM killer), its last stderr line is older news and is not quoted.
+    let mut world = World::new();
+    world.builder_exit = Exit { code: -9, oom_killed: true, last_error: Some("Uploading part 3".into()) };
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert!(!run.failure().contains("Uploading part 3"), "{}", run.failure());
 }
 
 #[test]
@@ -1066,10 +1074,26 @@ fn a_build_cancelled_while_a_platform_request_is_in_flight_ends_before_any_sandb
         )
     );
 
-    // During the sign request: the sandbox is deleted; the upload was never signed.
+    // During the sign request: it is let finish (it may create the upload), so the
+    // sandbox is deleted and the upload it signed is aborted.
     let mut world = World::new();
     world.cancel_at = Some(SIGN_PUT);
     let run = drive(request("FROM scratch\n"), &mut world);
-    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], DELETE]));
-    assert!(cancellation(&run).contains("during its sign stage"), "{}", cancellation(&run));
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT, "run mkdir"], DELETE, ABORT_CALL]));
+    let said = cancellation(&run);
+    assert!(
+        said.contains("cleaned up: deleted builder sandbox sbx-1, aborted the snapshot's multipart upload"),
+        "{said}"
+    );
+
+    // While complete is asked for again after a lost answer: the platform may have
+    // registered the build, and the message says so.
+    let mut world = World::new();
+    world.completes.push_back(Err("connection reset".into()));
+    world.cancel_at = Some("sleep ");
+    let run = drive(request("FROM scratch\n"), &mut world);
+    let said = cancellation(&run);
+    assert!(said.contains("during its complete stage"), "{said}");
+    assert!(said.contains("an earlier complete went unanswered, so the platform may have registered it"), "{said}");
+    assert!(world.complete_body.is_none(), "the retry was not sent");
 }
