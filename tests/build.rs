@@ -312,6 +312,10 @@ async fn another_namespaces_public_template_is_a_parent_in_both_shapes_and_a_pri
         ),
         "{error}"
     );
+    // A private template of that name elsewhere is never named.
+    let run = build_as(&stack, "default", "bare-secret", "FROM secret-base\n", false, "new").await;
+    let error = run.outcome.expect_err("no template secret-base here").to_string();
+    assert!(error.contains("image_pull_failed") && !error.contains("There is no template"), "{error}");
 
     // FROM other/secret-base: refused before anything is prepared, in both shapes.
     for shape in ["new", "legacy"] {
