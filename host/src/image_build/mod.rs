@@ -103,7 +103,11 @@ impl BuilderRuntime {
     /// Loads the builder component (from `cache_dir` when compiled before) and pre-instantiates it.
     pub fn new(max_memory_bytes: usize, cache_dir: &std::path::Path) -> Result<Self> {
         let started = Instant::now();
-        let engine = engine::engine(EngineLimits { max_concurrency: 4, max_memory_bytes })?;
+        // The pool's slots are at least 16 MiB, so a limit below what the component
+        // needs is refused by name when a build's Store is made (the Store holds the
+        // limit), not as a pooling-allocator error while compiling.
+        let slot = max_memory_bytes.max(16 << 20);
+        let engine = engine::engine(EngineLimits { max_concurrency: 4, max_memory_bytes: slot })?;
         let (component, _) = engine::load_component(&engine, "builder", BUILDER_WASM, cache_dir)?;
         let initial_memory_bytes = component
             .resources_required()
