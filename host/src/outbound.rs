@@ -35,6 +35,9 @@ pub struct AllowList {
     sign_endpoints: Arc<Mutex<HashSet<String>>>,
     aborts: Arc<Mutex<HashSet<String>>>,
     cancel: Option<Cancel>,
+    /// The URL prefix of the platform's builds (`{platform}/sandbox-template-builds/`):
+    /// a complete under it in flight when the build is cancelled is let finish.
+    builds: Option<String>,
 }
 
 fn normalise(authority: &str, https: bool) -> String {
@@ -58,15 +61,24 @@ impl AllowList {
                 }
             })
             .collect();
-        AllowList { allowed: allowed.into(), sign_endpoints: Arc::default(), aborts: Arc::default(), cancel: None }
+        AllowList {
+            allowed: allowed.into(),
+            sign_endpoints: Arc::default(),
+            aborts: Arc::default(),
+            cancel: None,
+            builds: None,
+        }
     }
 
     /// The same policy, whose requests stop when `cancel` fires: one in
     /// flight then fails, and later ones fail at once, except a `DELETE`
     /// (the upload's abort, a cancelled build's cleanup). The error names
     /// [`CANCELLED_BY_HOST`], which the build flow reads as cancellation.
-    pub fn with_cancel(&self, cancel: Cancel) -> Self {
-        AllowList { cancel: Some(cancel), ..self.clone() }
+    /// `builds` is the platform's builds URL prefix
+    /// (`{platform}/sandbox-template-builds/`): a complete under it already
+    /// in flight is let finish, as the build's commit point.
+    pub fn with_cancel(&self, cancel: Cancel, builds: String) -> Self {
+        AllowList { cancel: Some(cancel), builds: Some(builds), ..self.clone() }
     }
 
     /// Whether a request to `authority` over `https` (or http) may go out.
@@ -78,9 +90,9 @@ impl AllowList {
     /// Whether `method url` may go out: an admitted authority, or the
     /// `DELETE` of an abort URL a sign answer gave this guest.
     /// An admitted abort URL is used once.
-    fn admits(&self, method: &http::Method, url: &str, authority: &str, https: bool) -> bool {
+    fn admits(&self, method: &http::Method, url: impl FnOnce() -> String, authority: &str, https: bool) -> bool {
         self.permits(authority, https)
-            || (method == http::Method::DELETE && self.aborts.lock().unwrap_or_else(|p| p.into_inner()).remove(url))
+            || (method == http::Method::DELETE && self.aborts.lock().unwrap_or_else(|p| p.into_inner()).remove(&url()))
     }
 
     /// Notes the sign endpoint of a sandbox proxy at `base_url` (called by
@@ -92,14 +104,18 @@ impl AllowList {
     }
 
     fn is_sign_endpoint(&self, method: &http::Method, uri: &http::Uri) -> bool {
-        let without_query = format!(
-            "{}://{}{}",
-            uri.scheme_str().unwrap_or("http"),
-            uri.authority().map_or("", |a| a.as_str()),
-            uri.path()
-        );
+        if method != http::Method::POST {
+            return false;
+        }
+        let endpoints = self.sign_endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        !endpoints.is_empty() && endpoints.contains(&without_query(uri))
+    }
+
+    /// Whether `method uri` is a platform complete (with a cancel, see [`AllowList::with_cancel`]).
+    fn is_complete(&self, method: &http::Method, uri: &http::Uri) -> bool {
         method == http::Method::POST
-            && self.sign_endpoints.lock().unwrap_or_else(|p| p.into_inner()).contains(&without_query)
+            && uri.path().ends_with("/complete")
+            && self.builds.as_deref().is_some_and(|builds| without_query(uri).starts_with(builds))
     }
 
     /// Notes the `abortUrl` of a sign answer's JSON, if it has one and it
@@ -115,6 +131,11 @@ impl AllowList {
             self.aborts.lock().unwrap_or_else(|p| p.into_inner()).insert(url.to_owned());
         }
     }
+}
+
+/// `scheme://authority/path` of `uri`.
+fn without_query(uri: &http::Uri) -> String {
+    format!("{}://{}{}", uri.scheme_str().unwrap_or("http"), uri.authority().map_or("", |a| a.as_str()), uri.path())
 }
 
 type IoFuture = Pin<Box<dyn Future<Output = Result<(), HttpError>> + Send>>;
@@ -183,7 +204,7 @@ impl WasiHttpHooks for AllowList {
         let uri = request.uri();
         let https = uri.scheme_str() == Some("https");
         let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-        if !self.admits(request.method(), &uri.to_string(), &authority, https) {
+        if !self.admits(request.method(), || uri.to_string(), &authority, https) {
             tracing::warn!(%authority, method = %request.method(), "guest request denied by the outbound allow-list");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
@@ -193,7 +214,6 @@ impl WasiHttpHooks for AllowList {
         // something, let finish as a sandbox create is: a sign request (it may
         // create the upload, whose abort URL the cleanup then needs) and a
         // platform complete (the build's commit point).
-        let completing = request.method() == http::Method::POST && uri.path().ends_with("/complete");
         let stop = match &self.cancel {
             Some(cancel) if cancel.is_cancelled() => {
                 if request.method() != http::Method::DELETE {
@@ -201,7 +221,7 @@ impl WasiHttpHooks for AllowList {
                 }
                 None
             }
-            Some(_) if completing || signing => None,
+            Some(_) if signing || self.is_complete(request.method(), uri) => None,
             other => other.clone(),
         };
         let default = wasmtime_wasi_http::default_hooks();
@@ -256,16 +276,16 @@ mod tests {
         assert!(!list.is_sign_endpoint(&http::Method::GET, &sign("/api/v1/blob/sign")));
         let abort = "http://127.0.0.1:7000/snapshots/k?uploadId=u-1&X-Amz-Signature=00";
         let delete = http::Method::DELETE;
-        assert!(!list.admits(&delete, abort, "127.0.0.1:7000", false), "not before the answer");
+        assert!(!list.admits(&delete, || abort.to_owned(), "127.0.0.1:7000", false), "not before the answer");
         list.admit_abort_of(format!(r#"{{"kind": "s3_multipart", "abortUrl": "{abort}"}}"#).as_bytes());
         // A clone (the capability's, the hooks') sees the same admission.
         let seen = list.clone();
-        assert!(seen.admits(&delete, abort, "127.0.0.1:7000", false));
-        assert!(!seen.admits(&http::Method::GET, abort, "127.0.0.1:7000", false), "only a DELETE");
-        assert!(!seen.admits(&http::Method::PUT, abort, "127.0.0.1:7000", false));
+        assert!(seen.admits(&delete, || abort.to_owned(), "127.0.0.1:7000", false));
+        assert!(!seen.admits(&http::Method::GET, || abort.to_owned(), "127.0.0.1:7000", false), "only a DELETE");
+        assert!(!seen.admits(&http::Method::PUT, || abort.to_owned(), "127.0.0.1:7000", false));
         let other = "http://127.0.0.1:7000/snapshots/other?uploadId=u-2";
-        assert!(!seen.admits(&delete, other, "127.0.0.1:7000", false), "only that URL");
-        assert!(!seen.admits(&delete, abort, "127.0.0.1:7000", false), "once: the DELETE above used it");
+        assert!(!seen.admits(&delete, || other.to_owned(), "127.0.0.1:7000", false), "only that URL");
+        assert!(!seen.admits(&delete, || abort.to_owned(), "127.0.0.1:7000", false), "once: the DELETE above used it");
         assert!(!seen.permits("127.0.0.1:7000", false), "the authority itself stays closed");
         list.admit_abort_of(b"not json");
         list.admit_abort_of(br#"{"abortUrl": 7}"#);
@@ -314,7 +334,8 @@ mod tests {
     async fn a_cancelled_build_s_requests_stop_but_its_abort_delete_still_goes_out() {
         let addr = silent_but_for_deletes().await;
         let cancel = Cancel::new();
-        let mut list = AllowList::new([addr.to_string()]).with_cancel(cancel.clone());
+        let builds = format!("http://{addr}/platform/v1/sandbox-template-builds/");
+        let mut list = AllowList::new([addr.to_string()]).with_cancel(cancel.clone(), builds.clone());
         let url = format!("http://{addr}/platform/v1/sandbox-template-builds");
 
         // In flight when the build is cancelled: stopped, with the error the flow reads.
@@ -336,11 +357,18 @@ mod tests {
 
         // A platform complete in flight is the build's commit point: it is let finish.
         let cancel = Cancel::new();
-        let mut list = AllowList::new([addr.to_string()]).with_cancel(cancel.clone());
-        let complete = format!("http://{addr}/platform/v1/sandbox-template-builds/b-1/complete");
+        let mut list = AllowList::new([addr.to_string()]).with_cancel(cancel.clone(), builds.clone());
+        let complete = format!("{builds}b-1/complete");
         let pending = Box::into_pin(list.send_request(request(http::Method::POST, &complete), None, no_error()));
         cancel.cancel();
         let waited = tokio::time::timeout(std::time::Duration::from_millis(300), pending).await;
         assert!(waited.is_err(), "the complete in flight is still waiting for its answer, not stopped");
+        // Only the platform's: a `/complete` elsewhere stops like any request.
+        let cancel = Cancel::new();
+        let mut list = AllowList::new([addr.to_string()]).with_cancel(cancel.clone(), builds);
+        let elsewhere = format!("http://{addr}/other/b-1/complete");
+        let pending = Box::into_pin(list.send_request(request(http::Method::POST, &elsewhere), None, no_error()));
+        cancel.cancel();
+        assert!(is_cancelled(&pending.await), "not the platform's complete: stopped");
     }
 }

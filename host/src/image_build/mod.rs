@@ -159,7 +159,11 @@ impl BuilderRuntime {
             .with_cancel(options.cancel.clone());
         let limits = StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(8).build();
         // The guest's own HTTP stops with the build too (wit/protocol.md §5.10).
-        let outbound = outbound.with_cancel(options.cancel.clone());
+        let builds = snapsign::image_build::call::builds_url(&snapsign::image_build::call::platform_base(
+            &options.api_url,
+            options.scope.as_ref(),
+        ));
+        let outbound = outbound.with_cancel(options.cancel.clone(), format!("{builds}/"));
         let state = GuestState::new(wasi.build(), outbound, limits, BuildData { sandbox, events });
         Ok(guest::store(&self.engine, state, options.timeout))
     }

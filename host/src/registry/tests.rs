@@ -21,7 +21,7 @@ use crate::hosts::Tools;
 
 #[path = "../../../tests/common/registry.rs"]
 mod test_registry;
-use test_registry::{Blob, push, test_image};
+use test_registry::{Blob, TestImage, push, test_image};
 
 /// The hosts' tool cache, `target/hosts-cache`, as tests/hosts.rs has it.
 fn tools() -> Tools {
@@ -91,18 +91,25 @@ fn options(cache: &Path, work: &Path) -> PullOptions {
     }
 }
 
+/// Debian's docker-registry on loopback with the test image pushed as
+/// `team/base:1.2`, behind a counting proxy.
+async fn registry_with_test_image(work: &Path) -> (crate::hosts::process::HostProcess, TestImage, CountingProxy) {
+    let (registry, upstream) = crate::hosts::launch::oci_registry(&tools(), &work.join("registry"))
+        .await
+        .expect("start Debian's docker-registry on loopback (apt-get download docker-registry)");
+    let image = test_image(work);
+    push(&upstream, &image).await;
+    let proxy = CountingProxy::start(upstream).await;
+    (registry, image, proxy)
+}
+
 /// `--registry-mirror`: a Docker Hub name is pulled from the mirror (its
 /// repository and tag unchanged) and keeps its docker.io name; other
 /// registries are not mirrored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_docker_hub_name_is_pulled_from_the_mirror_and_keeps_its_name() {
     let work = tempfile::tempdir().unwrap();
-    let (_registry, upstream) = crate::hosts::launch::oci_registry(&tools(), &work.path().join("registry"))
-        .await
-        .expect("start Debian's docker-registry on loopback (apt-get download docker-registry)");
-    let image = test_image(work.path());
-    push(&upstream, &image).await;
-    let proxy = CountingProxy::start(upstream.clone()).await;
+    let (_registry, image, proxy) = registry_with_test_image(work.path()).await;
     let mut options = options(&work.path().join("cache"), work.path());
     options.mirror = Some(proxy.addr.clone());
     let pulled = pull("team/base:1.2", &options).await.unwrap();
@@ -123,12 +130,7 @@ async fn a_docker_hub_name_is_pulled_from_the_mirror_and_keeps_its_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_from_a_registry_by_tag_then_from_the_cache_by_digest() {
     let work = tempfile::tempdir().unwrap();
-    let (_registry, upstream) = crate::hosts::launch::oci_registry(&tools(), &work.path().join("registry"))
-        .await
-        .expect("start Debian's docker-registry on loopback (apt-get download docker-registry)");
-    let image = test_image(work.path());
-    push(&upstream, &image).await;
-    let proxy = CountingProxy::start(upstream.clone()).await;
+    let (_registry, image, proxy) = registry_with_test_image(work.path()).await;
     let cache = work.path().join("cache");
     let options = options(&cache, work.path());
     let by_tag = format!("{}/team/base:1.2", proxy.addr);

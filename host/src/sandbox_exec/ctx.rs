@@ -57,6 +57,9 @@ pub struct SandboxExecCtx {
     pub(super) on_progress: Option<ProgressFn>,
     /// Directories `upload-directory` may pack: (the guest's path, the host's).
     pub(super) directories: Vec<(String, std::path::PathBuf)>,
+    /// This guest's sandboxes, the ownership check's record. The
+    /// [`Cancel`] keeps a second one for whoever cancels; it is not used
+    /// for ownership, since an embedder may share one `Cancel` between builds.
     pub(super) sandboxes: HashSet<String>,
     pub(super) cancel: Cancel,
     pub(super) open_writers: usize,
