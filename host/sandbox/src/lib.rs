@@ -157,6 +157,11 @@ impl Sandboxes {
             }
             None => (None, None, None),
         };
+        // With two blocks of subordinate ids or more, each sandbox locks one of its own.
+        let uid_locks = match (&subids, rootless) {
+            (Some(ids), Some((uid, _))) if ids.ranges > 1 => identity::user_lock_dir(uid)?,
+            _ => uid_locks,
+        };
         let host = Host {
             confinement: config.confinement,
             layout: namespaces::host_layout(),

@@ -15,7 +15,7 @@ use tokio::io::AsyncRead;
 
 use crate::confinement::Confinement;
 use crate::files::{self, AREAS, BUILDER_DIR, BUILDER_PATH, Owners};
-use crate::identity::{SANDBOX_UID, SubIds, UidRange};
+use crate::identity::{SANDBOX_UID, SubIds, SubRange, UidRange};
 use crate::limits::{Cgroups, Limits, SandboxGroups};
 use crate::namespaces::{Holder, HolderSpec, Launch, RootEntry};
 use crate::network::{Forwarders, Network};
@@ -31,13 +31,15 @@ pub(crate) struct Host {
     pub layout: Vec<RootEntry>,
     pub builder: Option<PathBuf>,
     pub cgroups: Cgroups,
-    /// Where host uid ranges are locked (as root).
+    /// Where host uid ranges are locked (as root), or this user's blocks of
+    /// subordinate ids (rootless, with two blocks or more).
     pub uid_locks: PathBuf,
     /// Rootless: this user's host uid and gid (sandbox root).
     pub rootless: Option<(u32, u32)>,
     /// Rootless: how sandbox ids map to host ids.
     pub ids: Option<crate::RootlessIds>,
-    /// Rootless with subordinate ids: them (uids 1..=65535 inside).
+    /// Rootless with subordinate ids: them (a block of them is uids
+    /// 1..=65535 inside each sandbox).
     pub subids: Option<SubIds>,
     /// Rootless: a user namespace mapped as every sandbox's outer one, whose
     /// root may chown, read and remove any file of this user's sandboxes.
@@ -67,13 +69,21 @@ enum KeeperOp {
 /// Runs `op` on `plan` in a helper that is root of `host`'s keeper
 /// namespace: it may create files owned by the sandbox user, open files of
 /// any sandbox uid, and remove in directories of any sandbox uid. Returns
-/// the file opened or created.
-fn in_keeper(host: &Host, plan: &files::FilePlan, op: KeeperOp) -> Result<std::io::Result<Option<OwnedFd>>> {
+/// the file opened or created. `block`: the sandbox's block of subordinate ids.
+fn in_keeper(
+    host: &Host,
+    block: u32,
+    plan: &files::FilePlan,
+    op: KeeperOp,
+) -> Result<std::io::Result<Option<OwnedFd>>> {
     let keeper = host.keeper.as_ref().ok_or_else(|| anyhow!("no keeper namespace (not rootless)"))?;
+    let ids = host.subids.as_ref().ok_or_else(|| anyhow!("no subordinate ids"))?;
+    // The sandbox user as the keeper namespace numbers it (it maps every block).
+    let user = ids.keeper_uid(block, SANDBOX_UID);
     let body = |sock: std::os::fd::RawFd| -> std::result::Result<(), i32> {
         let file = match op {
             KeeperOp::Open => Some(plan.open()?),
-            KeeperOp::Create => Some(plan.create(Some(SANDBOX_UID))?),
+            KeeperOp::Create => Some(plan.create(Some(user))?),
             KeeperOp::Remove => {
                 plan.remove()?;
                 None
@@ -132,6 +142,8 @@ struct Jail {
     holder: Holder,
     /// As root; rootless sandboxes share this user's uid.
     uids: Option<UidRange>,
+    /// Rootless with subordinate ids: the block the sandbox holds.
+    block: Option<SubRange>,
     groups: Arc<SandboxGroups>,
     _forwarders: Option<Forwarders>,
 }
@@ -144,6 +156,8 @@ pub struct Sandbox {
     host: Arc<Host>,
     spec: SandboxSpec,
     owners: Option<Owners>,
+    /// Rootless with subordinate ids: the index of its block (uids 1..=65535).
+    block: u32,
     jail: Mutex<Option<Jail>>,
     /// The sandbox's disk (a tmpfs no longer mounted on the host: see
     /// [`Sandbox::confine`]), reached as `/proc/self/fd/N`; held as long as
@@ -203,25 +217,28 @@ impl Sandbox {
                 Ok(Sandbox::assemble(id, dir, fs, host, spec, None, None))
             }
             Confinement::Namespaces | Confinement::Rootless => {
-                let (uids, owners) = match (host.rootless, &host.subids) {
+                let hint = u64::from(std::process::id()) << 16
+                    ^ id.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b));
+                let (uids, block, owners) = match (host.rootless, &host.subids) {
                     (Some((uid, _)), Some(ids)) => {
-                        let user = ids.host_uid(SANDBOX_UID).expect("1000 is a subordinate id");
-                        (None, Owners { root: uid, user })
+                        let block = ids.take(&host.uid_locks, hint).with_context(|| format!("sandbox {id}"))?;
+                        let user = ids.host_uid(block.index, SANDBOX_UID).expect("1000 is a subordinate id");
+                        (None, Some(block), Owners { root: uid, user })
                     }
-                    (Some((uid, _)), None) => (None, Owners { root: uid, user: uid }),
+                    (Some((uid, _)), None) => (None, None, Owners { root: uid, user: uid }),
                     (None, _) => {
-                        let hint = u64::from(std::process::id()) << 16
-                            ^ id.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b));
                         let uids = UidRange::take(&host.uid_locks, hint)?;
                         let owners = Owners { root: uids.host(0), user: uids.host(SANDBOX_UID) };
-                        (Some(uids), owners)
+                        (Some(uids), None, owners)
                     }
                 };
-                let made = Sandbox::confine(id, &dir, &host, &spec, uids, owners);
+                let index = block.as_ref().map_or(0, |b| b.index);
+                let made = Sandbox::confine(id, &dir, &host, &spec, (uids, block), owners);
                 match made {
                     Ok((fs, jail, disk)) => {
                         let mut sandbox = Sandbox::assemble(id, dir, fs, host, spec, Some(owners), Some(jail));
                         sandbox._disk = disk;
+                        sandbox.block = index;
                         Ok(sandbox)
                     }
                     Err(e) => {
@@ -241,7 +258,7 @@ impl Sandbox {
         dir: &Path,
         host: &Host,
         spec: &SandboxSpec,
-        uids: Option<UidRange>,
+        (uids, block): (Option<UidRange>, Option<SubRange>),
         owners: Owners,
     ) -> Result<(PathBuf, Jail, Option<OwnedFd>)> {
         // Rootless: everything is this user's already, and the holder mounts the disk (the host cannot).
@@ -271,7 +288,7 @@ impl Sandbox {
             private_network: matches!(spec.network, Network::Private { .. }),
             rootless: host.rootless,
             disk_mb: spec.limits.disk_mb,
-            subids: host.subids.as_ref(),
+            subids: host.subids.as_ref().map(|ids| (ids, block.as_ref().map_or(0, |b| b.index))),
         });
         let mut holder = match holder {
             Ok(holder) => holder,
@@ -294,7 +311,7 @@ impl Sandbox {
             }
         };
         let holder_disk = holder.take_disk();
-        let jail = Jail { holder, uids, groups, _forwarders: forwarders };
+        let jail = Jail { holder, uids, block, groups, _forwarders: forwarders };
         if spec.limits.disk_mb.is_none() {
             return Ok((fs, jail, None));
         }
@@ -328,6 +345,7 @@ impl Sandbox {
             host,
             spec,
             owners,
+            block: 0,
             jail: Mutex::new(jail),
             _disk: None,
             processes: Mutex::new(Processes::default()),
@@ -360,7 +378,7 @@ impl Sandbox {
     pub fn host_uid(&self, uid: u32) -> Option<u32> {
         match (self.host.rootless, &self.host.subids, self.owners) {
             (_, _, None) => None,
-            (Some(_), Some(ids), Some(_)) => ids.host_uid(uid),
+            (Some(_), Some(ids), Some(_)) => ids.host_uid(self.block, uid),
             (Some((host, _)), None, Some(_)) => (uid == 0 || uid == SANDBOX_UID).then_some(host),
             (None, _, Some(owners)) => Some(owners.root + uid),
         }
@@ -371,9 +389,23 @@ impl Sandbox {
     pub fn enforcement(&self) -> crate::Enforcement {
         let mut held =
             crate::Enforcement::new(&self.host.confinement, &self.host.cgroups, &self.spec.limits, self.spec.timeout);
-        if let Some(ids) = &self.host.ids {
-            held.identities = ids.describe();
-        }
+        held.identities = match (&self.host.ids, &self.host.subids) {
+            (Some(_), Some(ids)) if ids.ranges > 1 => {
+                let own = ids.extent(self.block);
+                format!(
+                    "subordinate ids: sandbox root is this user's host uid, uids 1..65535 are host uids {}..{} and \
+                     gids 1..65535 host gids {}..{}, this sandbox's own (block {} of {}; newuidmap, newgidmap)",
+                    own.uid_start,
+                    own.uid_start + own.count - 1,
+                    own.gid_start,
+                    own.gid_start + own.count - 1,
+                    self.block,
+                    ids.ranges
+                )
+            }
+            (Some(ids), _) => ids.describe(),
+            (None, _) => String::new(),
+        };
         held
     }
 
@@ -645,11 +677,11 @@ impl Sandbox {
             }
         }
         if let Some(jail) = jail {
-            let Jail { holder, uids, groups, _forwarders } = jail;
+            let Jail { holder, uids, block, groups, _forwarders } = jail;
             drop(_forwarders);
             let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
-            // The uid range is free again only once nothing of the sandbox runs.
-            drop((holder, uids));
+            // The uid range (or block) is free again only once nothing of the sandbox runs.
+            drop((holder, uids, block));
         }
         files::unmount_disk(&dir.join("fs"));
     }
@@ -664,13 +696,13 @@ impl Sandbox {
         direct: impl FnOnce(&Path, &Path) -> std::io::Result<std::fs::File> + Send + 'static,
     ) -> Result<std::fs::File> {
         let (area, rel) = self.area_file(path)?;
-        let host = self.host.clone();
+        let (host, block) = (self.host.clone(), self.block);
         let file = tokio::task::spawn_blocking(move || -> Result<std::io::Result<std::fs::File>> {
             if host.subids.is_none() {
                 return Ok(direct(&area, &rel));
             }
             let plan = files::FilePlan::new(&area, &rel)?;
-            Ok(in_keeper(&host, &plan, op)?.and_then(sent_file))
+            Ok(in_keeper(&host, block, &plan, op)?.and_then(sent_file))
         })
         .await?
         .with_context(|| format!("sandbox {}: {what} file {path}", self.id))?
@@ -721,14 +753,14 @@ impl Sandbox {
     /// Deletes the file at `path` (a symlink itself, not its target).
     pub async fn delete_file(&self, path: &str) -> Result<()> {
         let (area, rel) = self.area_file(path)?;
-        let host = self.host.clone();
+        let (host, block) = (self.host.clone(), self.block);
         tokio::task::spawn_blocking(move || -> Result<std::io::Result<()>> {
             if host.subids.is_none() {
                 return Ok(files::remove_file(&area, &rel));
             }
             // Removed by a helper that may write in a directory of any sandbox uid.
             let plan = files::FilePlan::new(&area, &rel)?;
-            Ok(in_keeper(&host, &plan, KeeperOp::Remove)?.map(drop))
+            Ok(in_keeper(&host, block, &plan, KeeperOp::Remove)?.map(drop))
         })
         .await?
         .with_context(|| format!("sandbox {}: delete file {path}", self.id))?

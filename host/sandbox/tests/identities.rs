@@ -20,16 +20,17 @@ fn my_name() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-/// The first subordinate uid of this user in `/etc/subuid`, failing the test
-/// (with what to do) when it has none.
-fn my_subordinate_uids() -> u32 {
+/// The first subordinate uid of this user in `/etc/subuid` and how many
+/// it has there, failing the test (with what to do) when it has none.
+fn my_subordinate_uids() -> (u32, u32) {
     let name = my_name();
     let file = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
     file.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.len() == 3 && (f[0] == name || f[0] == my_uid().to_string()) && f[2].parse::<u32>().ok()? >= 65_535)
-                .then(|| f[1].parse().ok())?
+            let count = f.get(2)?.parse::<u32>().ok()?;
+            (f.len() == 3 && (f[0] == name || f[0] == my_uid().to_string()) && count >= 65_535)
+                .then(|| Some((f[1].parse().ok()?, count)))?
         })
         .next()
         .unwrap_or_else(|| {
@@ -46,9 +47,12 @@ fn my_subordinate_uids() -> u32 {
 fn with_subordinate_ids(root: &Path) -> Sandboxes {
     let boxes = sandboxes(root, None);
     if !host_is_root() {
-        let start = my_subordinate_uids();
+        let (start, count) = my_subordinate_uids();
         match boxes.rootless_ids() {
-            Some(RootlessIds::Subordinate { uid_start, .. }) => assert_eq!(*uid_start, start),
+            // A block per sandbox where the range holds two (CI's user has 32), else one shared.
+            Some(RootlessIds::Subordinate { uid_start, ranges, .. }) => {
+                assert_eq!((*uid_start, *ranges), (start, count / 65_535), "from {start}, {count} ids")
+            }
             other => panic!(
                 "as uid {} with subordinate uids from {start} in /etc/subuid, rootless sandboxes use {other:?}; \
                  expected subordinate ids (is newuidmap installed? `apt-get install uidmap`)",
@@ -80,16 +84,19 @@ async fn sandbox_root_and_the_sandbox_user_are_different_host_uids() {
     assert_ne!(root, user, "sandbox root and the sandbox user are one host uid");
     assert_ne!(root, 0);
     if !host_is_root() {
-        let start = my_subordinate_uids();
+        let (start, _) = my_subordinate_uids();
         assert_eq!(root, my_uid(), "rootless, sandbox root is this user");
-        assert_eq!(user, start + SANDBOX_UID - 1, "uid 1000 is subordinate uid 1000 - 1 from the start");
-        assert_eq!(sandbox.host_uid(65_535), Some(start + 65_534));
+        // Uid 1 inside is the first id of the sandbox's block (block n starts n × 65535 after the start).
+        let first = sandbox.host_uid(1).unwrap();
+        assert_eq!((first - start) % 65_535, 0, "uid 1 is {first}, not the start of a block from {start}");
+        assert_eq!(user, first + SANDBOX_UID - 1);
+        assert_eq!(sandbox.host_uid(65_535), Some(first + 65_534));
         assert_eq!(sandbox.host_uid(65_536), None);
         // Said once at start and in each create answer.
         assert!(boxes.describe().contains("identities: subordinate ids"), "{}", boxes.describe());
         let answer = serde_json::to_value(sandbox.enforcement()).unwrap();
         let said = answer["identities"].as_str().unwrap_or_default();
-        assert!(said.starts_with("subordinate ids") && said.contains(&start.to_string()), "{answer}");
+        assert!(said.starts_with("subordinate ids") && said.contains(&first.to_string()), "{answer}");
     }
     // Files each made, as the host sees them.
     run_ok(&sandbox, root_sh("touch /tmp/by-root")).await;
@@ -193,6 +200,9 @@ async fn the_file_api_writes_as_the_sandbox_user_and_reads_and_deletes_files_of_
     disk.write_file("/home/d/f", &b"on the disk\n"[..]).await.unwrap();
     let disk_user = disk.host_uid(SANDBOX_UID).unwrap();
     assert_eq!(owner(&disk.host_path("/home/d/f").unwrap()), (disk_user, disk_user));
+    if matches!(boxes.rootless_ids(), Some(RootlessIds::Subordinate { ranges: 2.., .. })) || host_is_root() {
+        assert_ne!(disk_user, user, "each sandbox's user is its own host uid, for the file API too");
+    }
     run_ok(&disk, root_sh("echo of-root > /root/s && chmod 600 /root/s && chown 4242 /root/s")).await;
     let mut read = String::new();
     disk.read_file("/root/s").await.unwrap().read_to_string(&mut read).await.unwrap();

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
-use snapsign_sandbox::{Limits, Network, ProcessSpec, SandboxSpec};
+use snapsign_sandbox::{
+    Limits, Network, ProcessSpec, RootlessIds, SANDBOX_UID, SUBORDINATE_IDS, SandboxSpec, Sandboxes,
+};
 
 fn spec(limits: Limits) -> SandboxSpec {
     SandboxSpec { limits, ..SandboxSpec::default() }
@@ -57,7 +59,7 @@ async fn the_sandbox_user_cannot_write_roots_files_and_as_root_sandboxes_share_n
     let meta = std::fs::metadata(a.host_path("/var/secret").unwrap()).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), root_a);
     if !host_is_root() {
-        return rootless_identities(&a, &b).await;
+        return rootless_identities(&a, &b, &boxes).await;
     }
     let range_b = root_b..root_b + snapsign_sandbox::UIDS_PER_SANDBOX;
     assert!(!range_b.contains(&root_a) && !range_b.contains(&user_a), "a's uids fall in b's range");
@@ -69,21 +71,39 @@ async fn the_sandbox_user_cannot_write_roots_files_and_as_root_sandboxes_share_n
 }
 
 /// Rootless with subordinate ids (one uid: `tests/identities.rs`): sandbox
-/// root is this user, uids 1..65535 its subordinate range, which every
-/// sandbox of this user shares (what that gives up: `docs/sandbox-modes.md`),
-/// so sandboxes are kept apart by their mount trees and namespaces.
-async fn rootless_identities(a: &snapsign_sandbox::Sandbox, b: &snapsign_sandbox::Sandbox) {
+/// root is this user, uids 1..65535 a block of its subordinate ids. With two
+/// blocks or more (CI gives its user 32) each sandbox holds its own; with
+/// one, every sandbox of this user shares it (what that gives up:
+/// `docs/sandbox-modes.md`). Either way sandboxes are kept apart by their
+/// mount trees and namespaces.
+async fn rootless_identities(a: &snapsign_sandbox::Sandbox, b: &snapsign_sandbox::Sandbox, boxes: &Sandboxes) {
     let me = my_uid();
     for sandbox in [a, b] {
         assert_eq!(sandbox.host_uid(0), Some(me));
     }
-    let user = a.host_uid(snapsign_sandbox::SANDBOX_UID).unwrap();
-    assert_eq!(b.host_uid(snapsign_sandbox::SANDBOX_UID), Some(user), "the sandboxes share the subordinate range");
-    // Root maps itself and the subordinate range, nothing else.
+    let (user_a, user_b) = (a.host_uid(SANDBOX_UID).unwrap(), b.host_uid(SANDBOX_UID).unwrap());
+    let Some(RootlessIds::Subordinate { ranges, .. }) = boxes.rootless_ids() else {
+        panic!("rootless with subordinate ids expected: {:?}", boxes.rootless_ids())
+    };
+    if *ranges > 1 {
+        // Blocks apart: no uid of a (1..65535) is a uid of b.
+        let block_b = b.host_uid(1).unwrap()..=b.host_uid(SUBORDINATE_IDS).unwrap();
+        for inside in [1, SANDBOX_UID, 4242, SUBORDINATE_IDS] {
+            assert!(!block_b.contains(&a.host_uid(inside).unwrap()), "a's uid {inside} is in b's block {block_b:?}");
+        }
+        // What a's user makes is owned on the host by a uid no process of b can have.
+        run_ok(a, sh("echo user-a-secret > /tmp/mine && chmod 0600 /tmp/mine")).await;
+        assert_eq!(owner(&a.host_path("/tmp/mine").unwrap()).0, user_a);
+        assert_ne!(user_a, user_b, "each sandbox's user is its own host uid");
+        assert!(a.enforcement().identities.contains("this sandbox's own"), "{:?}", a.enforcement());
+    } else {
+        assert_eq!(user_b, user_a, "the sandboxes share the one block");
+    }
+    // Root maps itself and a block, nothing else.
     let lines = run_ok(a, root_sh("cat /proc/self/uid_map")).await;
     let map: Vec<Vec<&str>> = lines.iter().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(map, [vec!["0", "0", "1"], vec!["1", "1", "65535"]], "{lines:?}");
-    // Same host uids, yet b cannot reach a's files: they are not in its mount tree.
+    // Kept apart anyway: b cannot reach a's files, they are not in its mount tree.
     let (lines, _) = run(b, root_sh(&format!("cat /var/secret {}/fs/var/secret; exit 0", a.dir().display()))).await;
     assert!(!lines.iter().any(|l| l.contains("root-secret")), "{lines:?}");
 }

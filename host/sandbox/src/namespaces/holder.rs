@@ -63,8 +63,9 @@ pub(crate) struct HolderSpec<'a> {
     pub rootless: Option<(u32, u32)>,
     /// Rootless: the disk the holder mounts on `fs` (MiB).
     pub disk_mb: Option<u64>,
-    /// Rootless with subordinate ids: uids 1..=65535 inside are these.
-    pub subids: Option<&'a SubIds>,
+    /// Rootless with subordinate ids: uids 1..=65535 inside are these, block
+    /// [`SubIds::extent`] of the sandbox.
+    pub subids: Option<(&'a SubIds, u32)>,
 }
 pub(super) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -148,7 +149,7 @@ impl Holder {
                 // This user's uid and gid become root of the outer namespace, which owns
                 // the mount and pid namespaces (sandbox root never has capabilities there).
                 let outer = open_ns(pid, "user")?;
-                map_outer(pid, (uid, gid), spec.subids)
+                map_outer(pid, (uid, gid), spec.subids.map(|(ids, index)| (ids, ids.extent(index))))
                     .with_context(|| format!("sandbox {id}: map its user namespace"))?;
                 if !write_all(to_holder.as_raw_fd(), &[OUTER_MAPPED]) {
                     return Err(ended("before its outer uid maps were written"));

@@ -13,7 +13,7 @@ use super::child::{helpers, keeper_main};
 use super::helper::{helper, run_helper};
 use super::holder::{KillOnError, open_ns, pipe};
 use super::plan::c;
-use crate::identity::{SUBORDINATE_IDS, SubIds};
+use crate::identity::{Extent, SUBORDINATE_IDS, SubIds};
 
 /// Rootless: writes the maps of the sandbox's user namespace `inner`
 /// (sandbox root is root of `outer`, i.e. this user), from a helper that
@@ -32,10 +32,10 @@ pub(super) fn map_rootless(id: &str, holder: libc::pid_t, outer: &OwnedFd, inner
 
 /// Rootless: maps the user namespace of `pid`, a child of this process
 /// made with CLONE_NEWUSER: this user's uid and gid as 0, and with `subids`
-/// the subordinate ids as 1..=65535 (by `newuidmap` and `newgidmap`, which
+/// the ids of the extent as 1.. (by `newuidmap` and `newgidmap`, which
 /// check `/etc/subuid` and `/etc/subgid`); without, only 0 (written here).
-pub(super) fn map_outer(pid: libc::pid_t, (uid, gid): (u32, u32), subids: Option<&SubIds>) -> Result<()> {
-    let Some(ids) = subids else {
+pub(super) fn map_outer(pid: libc::pid_t, (uid, gid): (u32, u32), subids: Option<(&SubIds, Extent)>) -> Result<()> {
+    let Some((ids, extent)) = subids else {
         for (file, value) in
             [("setgroups", "deny".to_owned()), ("uid_map", format!("0 {uid} 1")), ("gid_map", format!("0 {gid} 1"))]
         {
@@ -45,9 +45,9 @@ pub(super) fn map_outer(pid: libc::pid_t, (uid, gid): (u32, u32), subids: Option
         return Ok(());
     };
     for (tool, own, start, file) in
-        [(&ids.newuidmap, uid, ids.uid_start, "/etc/subuid"), (&ids.newgidmap, gid, ids.gid_start, "/etc/subgid")]
+        [(&ids.newuidmap, uid, extent.uid_start, "/etc/subuid"), (&ids.newgidmap, gid, extent.gid_start, "/etc/subgid")]
     {
-        let args = [pid as u32, 0, own, 1, 1, start, SUBORDINATE_IDS].map(|n| n.to_string());
+        let args = [pid as u32, 0, own, 1, 1, start, extent.count].map(|n| n.to_string());
         let run = std::process::Command::new(tool).args(&args).stdin(std::process::Stdio::null()).output();
         let out = run.with_context(|| format!("run {}", tool.display()))?;
         if !out.status.success() {
@@ -78,8 +78,8 @@ pub(super) fn map_all_of_outer(id: &str, holder: libc::pid_t, outer: &OwnedFd) -
     run_helper(&format!("sandbox {id}: map its user namespace"), &helpers::MAP_ALL_OF_OUTER_STEPS, &body).map(drop)
 }
 
-/// Rootless: a user namespace mapped as every rootless sandbox's outer one
-/// (this user as 0; with `subids` the subordinate ids as 1..=65535), held by
+/// Rootless: a user namespace that maps what every rootless sandbox's outer
+/// one maps (this user as 0; with `subids` all its blocks from 1), held by
 /// its descriptor alone. Root there, a helper may chown, read and remove
 /// any file of this user's sandboxes ([`in_keeper`], [`remove_tree`]).
 pub(crate) fn keeper_namespace(owner: (u32, u32), subids: Option<&SubIds>) -> Result<OwnedFd> {
@@ -99,7 +99,8 @@ pub(crate) fn keeper_namespace(owner: (u32, u32), subids: Option<&SubIds>) -> Re
     // Dropped last: kills and reaps the child once its namespace is held by a descriptor.
     let _reap = KillOnError(pid);
     drop(wait_end);
-    map_outer(pid, owner, subids).context("map the user namespace for this user's sandbox files")?;
+    map_outer(pid, owner, subids.map(|ids| (ids, ids.all())))
+        .context("map the user namespace for this user's sandbox files")?;
     let ns = open_ns(pid, "user")?;
     drop(hold_end);
     Ok(ns)
@@ -154,6 +155,7 @@ pub(crate) fn remove_tree(path: &Path, keeper: &OwnedFd) -> Result<()> {
     }
     Ok(())
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,11 +176,12 @@ mod tests {
             gid: owner.1,
             uid_start: 4_000_000_000,
             gid_start: 4_000_000_000,
+            ranges: 2,
             newuidmap: newuidmap.clone(),
             newgidmap: newuidmap.with_file_name("newgidmap"),
         };
         let err = format!("{:#}", keeper_namespace(owner, Some(&ids)).unwrap_err());
-        for needle in [newuidmap.to_str().unwrap(), "1 1 4000000000 65535", "/etc/subuid", "failed"] {
+        for needle in [newuidmap.to_str().unwrap(), "1 1 4000000000 131070", "/etc/subuid", "failed"] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
         }
         // Without subordinate ids, this user's one uid maps (no tool needed).
