@@ -215,6 +215,38 @@ async fn the_public_tensorlake_client_builds_base_diff_and_a_diff_on_another_nam
     assert_eq!(names, ["snapshot.json", "rootfs/out.txt", "rootfs/run.txt"]);
     assert_eq!(std::fs::read_to_string(tree.path().join("tree/out.txt")).unwrap(), "staged\n");
 
+    // A failing COPY and a failing RUN: the client raises with the builder's exit code (its own
+    // words), and its build log, which `verbose` prints, carries the builder's last line: the
+    // Dockerfile line, the step and the reason. Nothing is registered.
+    for (name, dockerfile, reasons) in [
+        (
+            "fails-copy",
+            "FROM scratch\nCOPY hello.txt /a\nCOPY missing.txt /b\n",
+            ["spec.dockerfile line 3: COPY missing.txt /b:", "source missing.txt does not exist in the build context"],
+        ),
+        (
+            "fails-run",
+            "FROM with-run\nRUN echo before\nRUN exit 7\n",
+            ["spec.dockerfile line 3: RUN exit 7:", "exited with code 7"],
+        ),
+    ] {
+        let built = run(default.clone(), "default", name, dockerfile, false).await;
+        assert!(!built.ok && built.error.contains("failed with exit code 1"), "{name}: {}", built.error);
+        let stderr: Vec<&str> = built
+            .events
+            .iter()
+            .filter(|e| e["type"] == "build_log" && e["stream"] == "stderr")
+            .filter_map(|e| e["message"].as_str())
+            .collect();
+        assert!(
+            stderr.iter().any(|line| reasons.iter().all(|r| line.contains(r))),
+            "{name}: no stderr line names {reasons:?}: {stderr:#?}"
+        );
+        let url = format!("{}/platform/v1/sandbox-templates/by-name/{name}", dev.api);
+        let status = reqwest::Client::new().get(url).bearer_auth(&default).send().await.unwrap().status();
+        assert_eq!(status, 404, "{name} was registered");
+    }
+
     // FROM a registry image: the platform imports it, the builder starts from it.
     let tools =
         snapsign_host::hosts::Tools::new(Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("hosts-cache"));
