@@ -514,6 +514,44 @@ async fn a_context_of_random_and_text_files_arrives_byte_for_byte_with_its_permi
     stack.shutdown().await;
 }
 
+/// Part URLs that expire during the upload (the stack presigns for 5 s, and
+/// the builder waits 6 s before each part after the first): the builder
+/// stops with the upload open and its archive kept, the client asks the
+/// signer for fresh URLs of the same upload (`refresh_upload`), the builder
+/// resumes, and the build registers the snapshot it wrote, once, with no
+/// upload left open.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_urls_that_expire_during_the_upload_the_build_finishes_through_fresh_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |config| {
+        config.url_ttl_secs = Some(5);
+        config.faults = Faults { builder_delay_parts_ms: Some(6000), ..Faults::default() };
+    })
+    .await;
+    // Incompressible and over one 64 MiB part: two parts.
+    let random = snapsign_rootfs_builder::sample::random(70 << 20, 21);
+    let ctx = context(&[("big.bin", &random)]);
+    let run = build(&options(&stack, "expiring", "FROM scratch\nCOPY big.bin /big.bin\n", ctx.path())).await;
+    let template = run.outcome.unwrap_or_else(|e| panic!("build failed: {e}\n{:#?}", run.events));
+    let refreshed: Vec<&String> = run
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            BuildEvent::Warning(w) if w.contains("fresh URLs of the same upload") => Some(w),
+            _ => None,
+        })
+        .collect();
+    assert!(!refreshed.is_empty(), "no refresh: {:#?}", run.events);
+    assert!(refreshed[0].contains("expired"), "{refreshed:?}");
+    let logged = |needle: &str| run.events.iter().any(|e| matches!(e, BuildEvent::Log(_, l) if l.contains(needle)));
+    assert!(logged("Resuming multipart upload"), "{:#?}", run.events);
+    let (_, _keep, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
+    assert!(std::fs::read(tree.host("big.bin")).unwrap() == random, "the snapshot does not hold what was copied");
+    assert_eq!(lookup(&stack, "expiring").await, 200);
+    assert!(open_uploads(dir.path()).is_empty(), "{:?}", open_uploads(dir.path()));
+    stack.shutdown().await;
+}
+
 /// `.dockerignore` with Docker's semantics: what it leaves out never reaches
 /// the sandbox (so `COPY . /app/` cannot copy it), exceptions reach inside
 /// left-out directories, and the Dockerfile and `.dockerignore` are still sent.

@@ -442,6 +442,31 @@ async fn after_a_failed_complete_a_retry_succeeds_and_an_abort_leaves_nothing() 
     assert_eq!(snapshot(&store.root()), before, "a part sent after the abort stayed on disk");
 }
 
+/// An upload id belongs to the object it was made for, as at S3: through a
+/// URL signed for another key (another tenant's, say) it is NoSuchUpload
+/// for every call, and the upload and the other key are left as they were.
+/// (`refresh_upload` signs URLs for a caller-named upload id on the
+/// caller's own key: this is what keeps that id from reaching another key's upload.)
+#[tokio::test]
+async fn an_upload_id_reaches_only_the_object_it_was_made_for() {
+    let store = Direct::start(Duration::from_secs(3600)).await;
+    let theirs = store.create("team-b/theirs.bin").await;
+    let p1 = store.upload_part("team-b/theirs.bin", &theirs, 1, vec![7u8; 5 * MIB]).await;
+    let before = snapshot(&store.root());
+    let mine = "team-a/mine.bin";
+    s3_error(store.late_part(mine, &theirs, 2).await, 404, "NoSuchUpload").await;
+    let list = store.http.get(store.sign.url(Method::Get, mine, &[("uploadId", &theirs)])).send().await.unwrap();
+    s3_error(list, 404, "NoSuchUpload").await;
+    s3_error(store.complete(mine, &theirs, &[(1, &p1)]).await, 404, "NoSuchUpload").await;
+    s3_error(store.abort(mine, &theirs).await, 404, "NoSuchUpload").await;
+    assert_eq!(snapshot(&store.root()), before, "a call through another key changed the store");
+    assert_eq!(store.get(mine).await.status(), 404);
+    // Through its own key it still works.
+    let own = store.http.get(store.sign.url(Method::Get, "team-b/theirs.bin", &[("uploadId", &theirs)])).send();
+    assert_eq!(own.await.unwrap().status(), 200);
+    assert_eq!(store.complete("team-b/theirs.bin", &theirs, &[(1, &p1)]).await.status(), 200);
+}
+
 /// `snapsign store` as a child process; SIGKILLed on drop.
 struct StoreProcess {
     child: Child,
@@ -646,6 +671,78 @@ async fn the_signer_refuses_segments_over_255_bytes_and_keys_over_1024_bytes() {
     assert!(stack.open_uploads().is_empty());
 }
 
+/// Part URLs that expire during the upload (signed two hours ago for a
+/// minute, as the store sees them): a resumable upload stops with the
+/// archive finished and part 1 up, leaves the upload open, and fresh URLs
+/// for the same upload finish it with the right object. Not resumable, the
+/// upload is aborted and the error says the URL expired.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_part_urls_interrupt_a_resumable_upload_and_fresh_urls_for_it_finish_it() {
+    use snapsign_rootfs_builder::archive::ArchiveSummary;
+    use snapsign_rootfs_builder::upload::{self, Interrupted, PartOptions};
+    use std::io::Write;
+
+    let store = Direct::start(Duration::from_secs(3600)).await;
+    let part_size = 5 * MIB;
+    let data = snapsign_rootfs_builder::sample::random(3 * part_size + 999, 5);
+    let work = tempfile::tempdir().unwrap();
+    let long_ago = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 7200).unwrap();
+    let stale = Presigner::new(&credentials(), "us-east-1", long_ago, 60);
+    for resumable in [false, true] {
+        let key = format!("builds/expiring-{resumable}.tlsnap");
+        let id = store.create(&key).await;
+        let mut multipart = store.sign.multipart(&key, &id, part_size as u64, 4);
+        let object = store.sign.endpoint.object(BUCKET, &key);
+        for part in &mut multipart.part_urls[1..] {
+            let number = part.part_number.to_string();
+            part.url = stale.presign(Method::Put, &object, &[("partNumber", &number), ("uploadId", &id)]);
+        }
+        let archive = work.path().join(format!("archive-{resumable}"));
+        let (written, path) = (data.clone(), archive.clone());
+        let options = PartOptions { resumable, ..Default::default() };
+        let err = tokio::task::spawn_blocking(move || {
+            let agent = snapsign_rootfs_builder::http::agent();
+            upload::s3_multipart_overlapped(&agent, &multipart, &path.clone(), options, |observe| {
+                let mut file = std::fs::File::create(&path)?;
+                for (i, chunk) in written.chunks(MIB).enumerate() {
+                    file.write_all(chunk)?;
+                    observe(((i + 1) * MIB).min(written.len()) as u64)?;
+                }
+                let sha256 = hex::encode(Sha256::digest(&written));
+                Ok(ArchiveSummary { sha256, size_bytes: written.len() as u64, files: 0 })
+            })
+        })
+        .await
+        .unwrap()
+        .expect_err("part URLs 2 to 4 had expired");
+        let list = store.http.get(store.sign.url(Method::Get, &key, &[("uploadId", &id)])).send().await.unwrap();
+        if !resumable {
+            assert!(format!("{err:#}").contains("expired"), "{err:#}");
+            s3_error(list, 404, "NoSuchUpload").await;
+            continue;
+        }
+        let interrupted = err.downcast_ref::<Interrupted>().unwrap_or_else(|| panic!("{err:#}")).clone();
+        assert_eq!(interrupted.etags.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1], "{interrupted:?}");
+        assert_eq!(interrupted.summary.size_bytes, data.len() as u64);
+        assert_eq!(std::fs::metadata(&archive).unwrap().len(), data.len() as u64, "the archive was finished");
+        assert_eq!(list.status(), 200, "the upload stays open");
+        assert_eq!(store.get(&key).await.status(), 404);
+
+        let fresh = store.sign.multipart(&key, &id, part_size as u64, 4);
+        let summary = tokio::task::spawn_blocking(move || {
+            upload::resume(&snapsign_rootfs_builder::http::agent(), &fresh, &archive, interrupted)
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("resume failed: {e:#}"));
+        assert_eq!(summary.size_bytes, data.len() as u64);
+        let got = store.get(&key).await;
+        let parts: Vec<&[u8]> = data.chunks(part_size).collect();
+        assert_eq!(got.headers()["etag"].to_str().unwrap(), multipart_etag(&parts));
+        assert!(got.bytes().await.unwrap() == data, "the object is not what was written");
+    }
+}
+
 /// The reference builder's uploader sends each part as soon as the archive
 /// writer has put its bytes in the file: the writer below stops after two
 /// parts until part 1 is at the store, which never happens if parts wait
@@ -668,25 +765,31 @@ async fn parts_go_up_while_the_archive_is_written_and_the_object_has_the_right_e
     let (written, path) = (data.clone(), archive.clone());
     let summary = tokio::task::spawn_blocking(move || {
         let agent = snapsign_rootfs_builder::http::agent();
-        snapsign_rootfs_builder::upload::s3_multipart_overlapped(&agent, &multipart, &archive, |observe| {
-            let mut file = std::fs::File::create(&path)?;
-            let mut sha256 = Sha256::new();
-            let mut size = 0;
-            for chunk in written.chunks(MIB) {
-                file.write_all(chunk)?;
-                sha256.update(chunk);
-                size += chunk.len();
-                observe(size as u64)?;
-                if size == 2 * part_size {
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    while std::fs::metadata(&part_1).map(|m| m.len()).ok() != Some(part_size as u64) {
-                        assert!(Instant::now() < deadline, "part 1 did not go up while the archive was written");
-                        std::thread::sleep(Duration::from_millis(5));
+        snapsign_rootfs_builder::upload::s3_multipart_overlapped(
+            &agent,
+            &multipart,
+            &archive,
+            Default::default(),
+            |observe| {
+                let mut file = std::fs::File::create(&path)?;
+                let mut sha256 = Sha256::new();
+                let mut size = 0;
+                for chunk in written.chunks(MIB) {
+                    file.write_all(chunk)?;
+                    sha256.update(chunk);
+                    size += chunk.len();
+                    observe(size as u64)?;
+                    if size == 2 * part_size {
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        while std::fs::metadata(&part_1).map(|m| m.len()).ok() != Some(part_size as u64) {
+                            assert!(Instant::now() < deadline, "part 1 did not go up while the archive was written");
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
                     }
                 }
-            }
-            Ok(ArchiveSummary { sha256: hex::encode(sha256.finalize()), size_bytes: size as u64, files: 0 })
-        })
+                Ok(ArchiveSummary { sha256: hex::encode(sha256.finalize()), size_bytes: size as u64, files: 0 })
+            },
+        )
     })
     .await
     .unwrap()
@@ -731,8 +834,12 @@ async fn a_failed_part_stops_the_archive_writer_and_aborts_the_upload() {
     let (error, chunks_written) = tokio::task::spawn_blocking(move || {
         let agent = snapsign_rootfs_builder::http::agent();
         let mut chunks = 0;
-        let result =
-            snapsign_rootfs_builder::upload::s3_multipart_overlapped(&agent, &multipart, &archive, |observe| {
+        let result = snapsign_rootfs_builder::upload::s3_multipart_overlapped(
+            &agent,
+            &multipart,
+            &archive,
+            Default::default(),
+            |observe| {
                 let mut file = std::fs::File::create(&path)?;
                 let chunk = vec![7u8; MIB];
                 for i in 1..=400u64 {
@@ -742,7 +849,8 @@ async fn a_failed_part_stops_the_archive_writer_and_aborts_the_upload() {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 unreachable!("the writer was not stopped")
-            });
+            },
+        );
         (result.unwrap_err(), chunks)
     })
     .await
@@ -771,11 +879,17 @@ async fn a_panicking_archive_writer_ends_the_upload_instead_of_hanging_it() {
         let agent = snapsign_rootfs_builder::http::agent();
         let path = archive.clone();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            snapsign_rootfs_builder::upload::s3_multipart_overlapped(&agent, &multipart, &archive, |observe| {
-                std::fs::File::create(&path)?.write_all(&[1u8; 1024])?;
-                observe(1024)?;
-                panic!("the archive writer broke");
-            })
+            snapsign_rootfs_builder::upload::s3_multipart_overlapped(
+                &agent,
+                &multipart,
+                &archive,
+                Default::default(),
+                |observe| {
+                    std::fs::File::create(&path)?.write_all(&[1u8; 1024])?;
+                    observe(1024)?;
+                    panic!("the archive writer broke");
+                },
+            )
         }));
         let _ = done.send(outcome.is_err());
     });

@@ -87,7 +87,7 @@ fn native_sign(config: &SignerConfig, token: &str, rounds: usize) -> Result<Vec<
             body: body.as_bytes(),
             request_id: "bench",
         };
-        let Step::CreateMultipartUpload(pending) = signer::handle(config, &incoming, jiff::Timestamp::now()) else {
+        let Step::StoreCall(pending) = signer::handle(config, &incoming, jiff::Timestamp::now()) else {
             bail!("native core did not ask for CreateMultipartUpload");
         };
         let started = Instant::now();

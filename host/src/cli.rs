@@ -334,6 +334,10 @@ pub struct DevArgs {
     /// offline machine's own registry.
     #[arg(long, value_name = "HOST:PORT")]
     pub registry_mirror: Option<String>,
+    /// Lifetime of presigned URLs, seconds (5..=604800) [default: the
+    /// signer's, 3600]. Short ones make builds refresh their part URLs.
+    #[arg(long, value_name = "SECS")]
+    pub url_ttl_secs: Option<u32>,
 }
 
 // `snapsign token`.

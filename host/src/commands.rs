@@ -428,6 +428,7 @@ async fn dev(args: DevArgs) -> Result<()> {
         insecure_registries,
         docker_config,
         registry_mirror,
+        url_ttl_secs,
     } = args;
     let data_dir = data_dir.unwrap_or_else(default_data_dir);
     let mut config = DevConfig::new(data_dir, this_executable_as_builder()?);
@@ -442,6 +443,7 @@ async fn dev(args: DevArgs) -> Result<()> {
     config.insecure_registries = insecure_registries;
     config.docker_config = docker_config;
     config.registry_mirror = registry_mirror;
+    config.url_ttl_secs = url_ttl_secs;
     if let Some(json) = faults {
         config.faults = serde_json::from_str::<Faults>(&json).context("parse --faults")?;
     }

@@ -61,7 +61,7 @@ fn serve(request: incoming::Request, request_id: &str) -> Result<(Answer, Option
         Incoming { method: &method, path: &path, authorization: authorization.as_deref(), body: &bytes, request_id };
     Ok(match signer::handle(config, &incoming, jiff::Timestamp::now()) {
         Step::Respond(answer) => (answer, None),
-        Step::CreateMultipartUpload(pending) => match wasi_http::send("POST", &pending.store_url, &[], &[]) {
+        Step::StoreCall(pending) => match wasi_http::send(pending.store_method, &pending.store_url, &[], &[]) {
             Ok((status, body)) => {
                 let text = String::from_utf8_lossy(&body);
                 // Server-Timing reports the signing itself, for `snapsign bench`.

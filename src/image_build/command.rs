@@ -6,6 +6,17 @@ pub const BUILD_DIR: &str = "/var/lib/tensorlake/rootfs-builder/build";
 /// `PATH` of the builder process.
 pub const BUILDER_PATH_ENV: &str = "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Set to `1` in the builder's environment by a client that signs fresh URLs
+/// for an open upload (wit/protocol.md §5.12): the reference builder then
+/// answers expired part URLs with [`BUILDER_EXIT_INTERRUPTED`], keeping the
+/// upload open and its archive, instead of aborting. A builder that does
+/// not know it ignores it.
+pub const BUILDER_RESUMABLE_ENV: &str = "TL_ROOTFS_BUILD_RESUMABLE";
+/// Set to `1` (with fresh URLs in spec.json) to resume an interrupted upload.
+pub const BUILDER_RESUME_ENV: &str = "TL_ROOTFS_BUILD_RESUME";
+/// The reference builder's exit status when part URLs expired (EX_TEMPFAIL).
+pub const BUILDER_EXIT_INTERRUPTED: i64 = 75;
+
 /// Why the command cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandError(pub String);

@@ -62,6 +62,10 @@ fn worth_retrying(answer: &Result<(u16, Vec<u8>), String>) -> Option<String> {
     }
 }
 
+/// The builder is resumed with fresh part URLs at most this many times
+/// (wit/protocol.md §5.12).
+pub const MAX_REFRESHES: u32 = 3;
+
 /// Lifetime asked for the builder sandbox at create, seconds.
 pub const SANDBOX_TIMEOUT_SECS: i64 = 300;
 /// Each diagnostics command is killed after this many seconds (§5.9).
@@ -106,6 +110,8 @@ enum State {
     ProbePause,
     Proxy,
     SignUpload,
+    /// refresh_upload after the builder's part URLs expired.
+    RefreshUpload,
     /// get_blob of the parent (idempotent), its attempt.
     SignParent(u32),
     SignParentPause(u32),
@@ -183,6 +189,10 @@ pub struct Flow {
     local_images: Vec<(splice::ReadSlot, String)>,
     /// Set by a multipart sign answer, cleared by a successful complete.
     abort_url: Option<String>,
+    /// The multipart upload's id, for fresh URLs when the builder's expire.
+    upload_id: Option<String>,
+    /// Times the builder was resumed with fresh URLs.
+    refreshes: u32,
     /// The complete request, kept to send again.
     complete_call: Option<Call>,
     /// The sandbox answered: failures from here on get diagnostics.
@@ -277,6 +287,8 @@ impl Flow {
             signed_uri: None,
             local_images: Vec::new(),
             abort_url: None,
+            upload_id: None,
+            refreshes: 0,
             complete_call: None,
             ready: false,
             diagnostics: Vec::new(),
@@ -548,7 +560,8 @@ impl Flow {
             // first open with no abort URL known to anyone.
             (State::SignUpload, Answer::Http(answer)) => {
                 let answer = signed(answer)?;
-                self.abort_url = UploadHead::read(&answer).abort_url;
+                let head = UploadHead::read(&answer);
+                (self.abort_url, self.upload_id) = (head.abort_url, head.upload_id);
                 let uri = splice::splice_upload(&mut self.spec, answer).map_err(|e| failed(e.to_string()))?;
                 self.signed_uri = Some(uri);
                 if let Some(parent) = &self.prepared().parent {
@@ -602,15 +615,58 @@ impl Flow {
                 done.map_err(|e| failed(format!("write spec.json: {e}")))?;
                 self.stage("build");
                 let (program, args) = self.invocation.clone();
+                let mut env = vec![
+                    ("PATH".into(), command::BUILDER_PATH_ENV.into()),
+                    (command::BUILDER_RESUMABLE_ENV.into(), "1".into()),
+                ];
+                if self.refreshes > 0 {
+                    env.push((command::BUILDER_RESUME_ENV.into(), "1".into()));
+                }
                 let process = Process {
                     command: program,
                     args,
-                    env: vec![("PATH".into(), command::BUILDER_PATH_ENV.into())],
+                    env,
                     working_dir: Some(command::BUILD_DIR.into()),
                     as_root: true,
                 };
                 let id = self.id();
                 self.go(State::Build, Call::Run { id, process, log: true })
+            }
+            // The builder's part URLs expired (§5.12): the upload is open and
+            // its archive kept; fresh URLs for the same upload, then it resumes.
+            (State::Build, Answer::Exit(Ok(exit)))
+                if exit.code == command::BUILDER_EXIT_INTERRUPTED
+                    && !exit.oom_killed
+                    && self.refreshes < MAX_REFRESHES
+                    && self.upload_id.is_some() =>
+            {
+                self.refreshes += 1;
+                let said = exit.last_error.as_deref().map(str::trim).unwrap_or("part URLs expired");
+                self.events.push(Event::Warning(format!(
+                    "{said}: asking the signer for fresh URLs of the same upload (refresh {} of {MAX_REFRESHES})",
+                    self.refreshes
+                )));
+                let uri = self.signed_uri.clone().expect("a multipart upload was signed");
+                let upload_id = self.upload_id.clone().expect("checked above");
+                let hint = sizing::multipart_hint(self.rootfs_bytes);
+                let call = self.sign_call(&SignRequest::refresh_upload(&uri, &upload_id, hint));
+                self.go(State::RefreshUpload, call)
+            }
+            // Not retried blindly: a refresh that fails leaves the upload to the abort.
+            (State::RefreshUpload, Answer::Http(answer)) => {
+                let answer = signed(answer).map_err(|e| failed(format!("fresh URLs for the upload: {e}")))?;
+                let head = UploadHead::read(&answer);
+                if head.upload_id != self.upload_id || head.uri != self.signed_uri {
+                    return Err(failed(format!(
+                        "the refresh_upload answer is for upload {:?} of {:?}, not {:?} of {:?}",
+                        head.upload_id, head.uri, self.upload_id, self.signed_uri
+                    )));
+                }
+                self.abort_url = head.abort_url;
+                splice::splice_upload(&mut self.spec, answer).map_err(|e| failed(e.to_string()))?;
+                let contents = serde_json::to_vec_pretty(&self.spec).expect("a JSON map always serializes");
+                let (id, path) = (self.id(), format!("{}/spec.json", command::BUILD_DIR));
+                self.go(State::WriteSpec, Call::WriteFile { id, path, contents })
             }
             (State::Build, Answer::Exit(exit)) => {
                 run_ok(&self.invocation.0, exit)?;

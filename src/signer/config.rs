@@ -9,8 +9,9 @@ use jiff::Timestamp;
 use crate::presign::{Addressing, Credentials, Endpoint, MAX_EXPIRES_SECS, Presigner, SigningKeys};
 use crate::token::{Claims, DEFAULT_MAX_TTL_SECS, MIN_KEY_LEN, TokenError, TokenKey};
 
-/// Shortest URL lifetime accepted, in seconds.
-pub const MIN_URL_TTL_SECS: u32 = 60;
+/// Shortest URL lifetime accepted, in seconds. Short lifetimes are safe
+/// (a build refreshes expired part URLs, wit/protocol.md §5.12), only slow.
+pub const MIN_URL_TTL_SECS: u32 = 5;
 /// URL lifetime when `SNAPSIGN_URL_TTL_SECS` is unset.
 pub const DEFAULT_URL_TTL_SECS: u32 = 3600;
 
@@ -316,7 +317,8 @@ mod tests {
         let missing = SignerConfig::from_vars(base().into_iter().filter(|(k, _)| k != vars::BUCKET)).unwrap_err();
         assert_eq!(missing.var, vars::BUCKET);
         assert_eq!(with(vars::URL_TTL_SECS, "604801").unwrap_err().var, vars::URL_TTL_SECS);
-        assert_eq!(with(vars::URL_TTL_SECS, "59").unwrap_err().var, vars::URL_TTL_SECS);
+        assert_eq!(with(vars::URL_TTL_SECS, "4").unwrap_err().var, vars::URL_TTL_SECS);
+        assert_eq!(with(vars::URL_TTL_SECS, "5").unwrap().url_ttl_secs, 5);
         assert_eq!(with(vars::URL_TTL_SECS, "604800").unwrap().url_ttl_secs, 604800);
         assert_eq!(with(vars::TOKEN_KEY, "short").unwrap_err().var, vars::TOKEN_KEY);
         assert_eq!(with(vars::BUCKET, "Not_A_Bucket").unwrap_err().var, vars::BUCKET);

@@ -41,9 +41,12 @@ pub enum SignError {
     ForeignBucket { uri: String, bucket: String },
     /// A blob outside the caller's namespace and the shared prefixes.
     OutsideNamespace { uri: String, namespace: String },
-    /// The store refused CreateMultipartUpload: its status, its S3 error
+    /// refresh_upload of an upload the store does not know for that object
+    /// (never made, completed, aborted, or another object's).
+    NoSuchUpload { uri: String, upload_id: String },
+    /// The store refused CreateMultipartUpload (or ListParts): its status, its S3 error
     /// code, and the whole story for the log.
-    StoreFailed { status: u16, s3_code: Option<String>, detail: String },
+    StoreFailed { action: &'static str, status: u16, s3_code: Option<String>, detail: String },
     /// The store could not be reached (the detail is for the log).
     StoreUnreachable { detail: String },
     /// The signer's own configuration is broken (the detail is for the log).
@@ -69,6 +72,7 @@ impl SignError {
             | InvalidRelPath { .. }
             | InvalidUri { .. } => 400,
             ForeignBucket { .. } | OutsideNamespace { .. } => 403,
+            NoSuchUpload { .. } => 404,
             StoreFailed { .. } | StoreUnreachable { .. } => 502,
             Misconfigured(_) => 500,
         }
@@ -95,6 +99,7 @@ impl SignError {
             InvalidUri { .. } => "invalid_uri",
             ForeignBucket { .. } => "foreign_bucket",
             OutsideNamespace { .. } => "outside_namespace",
+            NoSuchUpload { .. } => "no_such_upload",
             StoreFailed { .. } => "store_failed",
             StoreUnreachable { .. } => "store_unreachable",
             Misconfigured(_) => "signer_misconfigured",
@@ -141,10 +146,16 @@ impl fmt::Display for SignError {
             }
             UnsupportedCombination { target, op } => write!(
                 f,
-                "target kind '{target}' cannot be used with op '{op}'; use artifact+put_artifact or blob+get_blob"
+                "target kind '{target}' cannot be used with op '{op}'; use artifact+put_artifact, blob+get_blob or \
+                 blob+refresh_upload"
             ),
             InvalidRelPath { rel_path, problem } => write!(f, "rel_path {rel_path:?} {problem}"),
             InvalidUri { uri, problem } => write!(f, "uri {uri:?} {problem}"),
+            NoSuchUpload { uri, upload_id } => write!(
+                f,
+                "the store has no open multipart upload {upload_id:?} of {uri:?} (completed, aborted, expired or \
+                 never made); sign a new upload with put_artifact"
+            ),
             ForeignBucket { uri, bucket } => {
                 write!(f, "uri {uri:?} is not in bucket '{bucket}', the only bucket this signer signs for")
             }
@@ -152,14 +163,14 @@ impl fmt::Display for SignError {
                 f,
                 "uri {uri:?} is outside namespace '{namespace}' and every shared prefix; ask its owner to share it"
             ),
-            StoreFailed { status, s3_code: Some(code), .. } => {
-                write!(f, "store refused CreateMultipartUpload: HTTP {status}, S3 error code {code}")
+            StoreFailed { action, status, s3_code: Some(code), .. } => {
+                write!(f, "store refused {action}: HTTP {status}, S3 error code {code}")
             }
-            StoreFailed { status, s3_code: None, .. } if (200..300).contains(status) => {
-                write!(f, "store answered CreateMultipartUpload with HTTP {status} but no UploadId")
+            StoreFailed { action, status, s3_code: None, .. } if (200..300).contains(status) => {
+                write!(f, "store answered {action} with HTTP {status} but no UploadId")
             }
-            StoreFailed { status, s3_code: None, .. } => {
-                write!(f, "store refused CreateMultipartUpload: HTTP {status}, without an S3 error code")
+            StoreFailed { action, status, s3_code: None, .. } => {
+                write!(f, "store refused {action}: HTTP {status}, without an S3 error code")
             }
             StoreUnreachable { .. } => {
                 write!(f, "store did not answer CreateMultipartUpload (no connection or no answer); retry later")

@@ -59,14 +59,27 @@ impl SignError {
 pub enum Step {
     /// Send this answer.
     Respond(Answer),
-    /// POST (empty body) to `store_url`, then call [`PendingUpload::finish`].
-    CreateMultipartUpload(Box<PendingUpload>),
+    /// Send `store_method` (empty body) to `store_url`, then call
+    /// [`PendingUpload::finish`] with the store's answer.
+    StoreCall(Box<PendingUpload>),
 }
 
-/// A multipart upload waiting for the store's CreateMultipartUpload answer.
+/// The one store call a multipart answer waits for: CreateMultipartUpload
+/// (put_artifact), or ListParts of the upload (refresh_upload: does the
+/// store know it for this object?).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    Create,
+    Refresh { upload_id: String },
+}
+
+/// A multipart upload waiting for the store's answer.
 pub struct PendingUpload {
-    /// Presigned CreateMultipartUpload URL.
+    /// `POST` (CreateMultipartUpload) or `GET` (ListParts).
+    pub store_method: &'static str,
+    /// Presigned URL of the store call.
     pub store_url: String,
+    pending: Pending,
     uri: String,
     object: ObjectUrl,
     hint: MultipartHint,
@@ -77,7 +90,11 @@ pub struct PendingUpload {
 
 impl std::fmt::Debug for PendingUpload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingUpload").field("uri", &self.uri).field("hint", &self.hint).finish_non_exhaustive()
+        f.debug_struct("PendingUpload")
+            .field("uri", &self.uri)
+            .field("pending", &self.pending)
+            .field("hint", &self.hint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,26 +108,41 @@ impl PendingUpload {
         &self.uri
     }
 
-    /// Turns the store's answer to CreateMultipartUpload into the signer's answer.
-    pub fn finish(self, store_status: u16, store_body: &str) -> Answer {
-        if !(200..300).contains(&store_status) {
-            return SignError::StoreFailed {
-                status: store_status,
-                s3_code: s3_error_code(store_body),
-                detail: s3_error_detail(store_body),
-            }
-            .answer(&self.request_id);
+    fn action(&self) -> &'static str {
+        match self.pending {
+            Pending::Create => "CreateMultipartUpload",
+            Pending::Refresh { .. } => "ListParts",
         }
-        let upload_id = match rusty_s3::actions::CreateMultipartUpload::parse_response(store_body) {
-            Ok(parsed) => parsed.upload_id().to_owned(),
-            Err(e) => {
-                return SignError::StoreFailed {
-                    status: store_status,
-                    s3_code: None,
-                    detail: format!("answer has no UploadId ({e}): {}", crate::wire::excerpt(store_body)),
-                }
+    }
+
+    /// Turns the store's answer to its call into the signer's answer.
+    pub fn finish(self, store_status: u16, store_body: &str) -> Answer {
+        let s3_code = s3_error_code(store_body);
+        if let Pending::Refresh { upload_id } = &self.pending
+            && (store_status == 404 || s3_code.as_deref() == Some("NoSuchUpload"))
+        {
+            return SignError::NoSuchUpload { uri: self.uri.clone(), upload_id: upload_id.clone() }
                 .answer(&self.request_id);
-            }
+        }
+        if !(200..300).contains(&store_status) || s3_code.is_some() {
+            let detail = s3_error_detail(store_body);
+            return SignError::StoreFailed { action: self.action(), status: store_status, s3_code, detail }
+                .answer(&self.request_id);
+        }
+        let upload_id = match &self.pending {
+            Pending::Refresh { upload_id } => upload_id.clone(),
+            Pending::Create => match rusty_s3::actions::CreateMultipartUpload::parse_response(store_body) {
+                Ok(parsed) => parsed.upload_id().to_owned(),
+                Err(e) => {
+                    return SignError::StoreFailed {
+                        action: self.action(),
+                        status: store_status,
+                        s3_code: None,
+                        detail: format!("answer has no UploadId ({e}): {}", crate::wire::excerpt(store_body)),
+                    }
+                    .answer(&self.request_id);
+                }
+            },
         };
         let (p, object) = (&self.presigner, &self.object);
         let head = S3Multipart {
@@ -227,8 +259,10 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
                     headers: BTreeMap::new(),
                     expires_at: Some(expires_at),
                 })))),
-                Some(hint) => Ok(Step::CreateMultipartUpload(Box::new(PendingUpload {
+                Some(hint) => Ok(Step::StoreCall(Box::new(PendingUpload {
+                    store_method: "POST",
                     store_url: presigner.presign(Method::Post, &object, &[("uploads", "")]),
+                    pending: Pending::Create,
                     uri,
                     object,
                     hint,
@@ -261,7 +295,33 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
                 expires_at: Some(expires_at),
             }))))
         }
-        _ => unreachable!("request::parse admits only artifact+put_artifact and blob+get_blob"),
+        // Fresh URLs for an upload already open (its URLs expired): the
+        // caller's own namespace only (not a shared prefix, not a read
+        // grant: those give reads), and only an upload the store knows for
+        // this very object, which ListParts on the object's key checks.
+        (Target::Blob { uri }, Op::RefreshUpload { upload_id, multipart_hint }) => {
+            let parsed =
+                validate::s3_uri(&uri).map_err(|problem| SignError::InvalidUri { uri: uri.clone(), problem })?;
+            if parsed.bucket != config.bucket {
+                return Err(SignError::ForeignBucket { uri, bucket: config.bucket.clone() });
+            }
+            if !config.in_namespace(&claims.namespace, parsed.key) {
+                return Err(SignError::OutsideNamespace { uri, namespace: claims.namespace });
+            }
+            let object = config.endpoint.object(&config.bucket, parsed.key);
+            Ok(Step::StoreCall(Box::new(PendingUpload {
+                store_method: "GET",
+                store_url: presigner.presign(Method::Get, &object, &[("uploadId", &upload_id), ("max-parts", "1")]),
+                pending: Pending::Refresh { upload_id },
+                uri,
+                object,
+                hint: multipart_hint,
+                presigner,
+                expires_at,
+                request_id: incoming.request_id.to_owned(),
+            })))
+        }
+        _ => unreachable!("request::parse admits only artifact+put_artifact, blob+get_blob and blob+refresh_upload"),
     }
 }
 
@@ -316,7 +376,7 @@ mod tests {
     fn answer(step: Step) -> (u16, Value) {
         match step {
             Step::Respond(a) => (a.status, serde_json::from_str(&a.body).unwrap()),
-            Step::CreateMultipartUpload(p) => panic!("unexpected store call for {}", p.uri),
+            Step::StoreCall(p) => panic!("unexpected store call for {}", p.uri),
         }
     }
 
@@ -347,7 +407,7 @@ mod tests {
 
     #[test]
     fn multipart_asks_the_store_then_signs_every_part() {
-        let Step::CreateMultipartUpload(pending) = run(
+        let Step::StoreCall(pending) = run(
             r#"{"target":{"kind":"artifact","rel_path":"s.tlsnap"},"op":{"kind":"put_artifact","multipart_hint":{"max_parts":3,"part_size_bytes":5242880}}}"#,
         ) else {
             panic!("expected a store call")
@@ -370,9 +430,100 @@ mod tests {
         assert!(body["abortUrl"].as_str().unwrap().contains("uploadId=up-1"));
     }
 
+    fn refresh(uri: &str, upload_id: &str) -> String {
+        serde_json::to_string(&crate::wire::SignRequest::refresh_upload(
+            uri,
+            upload_id,
+            MultipartHint { max_parts: 3, part_size_bytes: 5_242_880 },
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn refresh_upload_checks_the_upload_at_the_store_then_signs_fresh_urls_for_it() {
+        let own = "s3://snaps/builds/team-a/sandbox-template-builds/b-1/s.tlsnap";
+        let Step::StoreCall(pending) = run(&refresh(own, "up/1+x")) else { panic!("expected a store call") };
+        // ListParts of that upload on that object's key: S3 knows an upload id only under its key.
+        assert_eq!(pending.store_method, "GET");
+        let url = pending.store_url.clone();
+        assert!(
+            url.starts_with("http://127.0.0.1:9000/snaps/builds/team-a/sandbox-template-builds/b-1/s.tlsnap?X-Amz-")
+        );
+        assert!(url.contains("&max-parts=1&uploadId=up%2F1%2Bx&X-Amz-Signature="), "{url}");
+        let a = pending.finish(200, "<ListPartsResult><UploadId>up/1+x</UploadId></ListPartsResult>");
+        let body: Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(
+            (a.status, body["kind"].as_str(), body["uploadId"].as_str()),
+            (200, Some("s3_multipart"), Some("up/1+x"))
+        );
+        assert_eq!(body["uri"], own);
+        assert_eq!(body["expiresAt"], "2027-01-15T09:00:00Z");
+        let parts = body["partUrls"].as_array().unwrap();
+        assert_eq!(parts.len(), 3);
+        assert!(parts[1]["url"].as_str().unwrap().contains("partNumber=2&uploadId=up%2F1%2Bx&X-Amz-Signature="));
+        assert!(body["abortUrl"].as_str().unwrap().contains("uploadId=up%2F1%2Bx"));
+        // An upload the store does not know there (another object's, completed, aborted): 404, nothing signed.
+        let Step::StoreCall(pending) = run(&refresh(own, "up-2")) else { panic!("expected a store call") };
+        let a = pending.finish(404, "<Error><Code>NoSuchUpload</Code><Message>gone</Message></Error>");
+        let body: Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!((a.status, body["code"].as_str()), (404, Some("no_such_upload")));
+        assert!(body["message"].as_str().unwrap().contains("\"up-2\""), "{body}");
+        assert!(!a.body.contains("X-Amz-"), "{}", a.body);
+        // Any other refusal names ListParts.
+        let Step::StoreCall(pending) = run(&refresh(own, "up-3")) else { panic!("expected a store call") };
+        let a = pending.finish(403, "<Error><Code>AccessDenied</Code></Error>");
+        assert_eq!(a.status, 502);
+        assert!(a.body.contains("store refused ListParts: HTTP 403, S3 error code AccessDenied"), "{}", a.body);
+    }
+
+    #[test]
+    fn refresh_upload_is_refused_outside_the_callers_own_namespace_before_the_store_is_asked() {
+        // Another namespace, a shared prefix (readable, not writable), another bucket, a key that climbs out.
+        for (uri, code) in [
+            ("s3://snaps/builds/team-b/sandbox-template-builds/b-1/s.tlsnap", "outside_namespace"),
+            ("s3://snaps/public/s.tlsnap", "outside_namespace"),
+            ("s3://snaps/builds/team-a-evil/s.tlsnap", "outside_namespace"),
+            ("s3://other/builds/team-a/s.tlsnap", "foreign_bucket"),
+            ("s3://snaps/builds/team-a/../team-b/s.tlsnap", "invalid_uri"),
+        ] {
+            let (status, body) = answer(run(&refresh(uri, "up-1")));
+            assert_eq!(body["code"], code, "{uri}: {body}");
+            assert!(matches!(status, 400 | 403), "{uri}: {status}");
+        }
+        // A read grant in the token gives reads, not uploads.
+        let granted = "s3://snaps/builds/team-b/s.tlsnap";
+        let claims = token::Claims { read: vec![granted.into()], ..token::Claims::new("team-a", 1_800_000_600) };
+        let token = token::mint_claims(KEY.as_bytes(), &claims).unwrap();
+        let (status, body) = answer(sign(&config(), &token, &refresh(granted, "up-1")));
+        assert_eq!((status, body["code"].as_str()), (403, Some("outside_namespace")));
+        // Malformed requests name their field.
+        for (body, field) in [
+            (
+                r#"{"target":{"kind":"blob","uri":"s3://snaps/builds/team-a/s"},"op":{"kind":"refresh_upload","multipart_hint":{"max_parts":1,"part_size_bytes":5242880}}}"#,
+                "op.upload_id",
+            ),
+            (
+                r#"{"target":{"kind":"blob","uri":"s3://snaps/builds/team-a/s"},"op":{"kind":"refresh_upload","upload_id":"a b","multipart_hint":{"max_parts":1,"part_size_bytes":5242880}}}"#,
+                "op.upload_id",
+            ),
+            (
+                r#"{"target":{"kind":"blob","uri":"s3://snaps/builds/team-a/s"},"op":{"kind":"refresh_upload","upload_id":"u"}}"#,
+                "op.multipart_hint",
+            ),
+        ] {
+            let (status, answer) = answer(run(body));
+            assert_eq!(status, 400, "{answer}");
+            assert!(answer["message"].as_str().unwrap().contains(field), "{field}: {answer}");
+        }
+        let (_, answer) = answer(run(
+            r#"{"target":{"kind":"artifact","rel_path":"s"},"op":{"kind":"refresh_upload","upload_id":"u","multipart_hint":{"max_parts":1,"part_size_bytes":5242880}}}"#,
+        ));
+        assert_eq!(answer["code"], "unsupported_combination");
+    }
+
     #[test]
     fn store_failures_are_502_with_what_the_store_said() {
-        let Step::CreateMultipartUpload(pending) = run(
+        let Step::StoreCall(pending) = run(
             r#"{"target":{"kind":"artifact","rel_path":"s"},"op":{"kind":"put_artifact","multipart_hint":{"max_parts":1,"part_size_bytes":5242880}}}"#,
         ) else {
             panic!("expected a store call")
@@ -395,7 +546,7 @@ mod tests {
 
     #[test]
     fn an_unreachable_store_is_a_502_whose_detail_stays_in_the_log() {
-        let Step::CreateMultipartUpload(pending) = run(
+        let Step::StoreCall(pending) = run(
             r#"{"target":{"kind":"artifact","rel_path":"s"},"op":{"kind":"put_artifact","multipart_hint":{"max_parts":1,"part_size_bytes":5242880}}}"#,
         ) else {
             panic!("expected a store call")
@@ -740,7 +891,7 @@ mod tests {
             ) {
                 let body = json!({"target": {"kind": "artifact", "rel_path": "s.tlsnap"},
                     "op": {"kind": "put_artifact", "multipart_hint": {"max_parts": max_parts, "part_size_bytes": 5_242_880}}});
-                let Step::CreateMultipartUpload(pending) = run_as(&ns, &body.to_string()) else {
+                let Step::StoreCall(pending) = run_as(&ns, &body.to_string()) else {
                     panic!("a valid multipart request asks the store");
                 };
                 let store_url = pending.store_url.clone();
@@ -751,7 +902,7 @@ mod tests {
                 } else {
                     assert_signs_nothing(&answer)?;
                 }
-                let Step::CreateMultipartUpload(again) = run_as(&ns, &body.to_string()) else {
+                let Step::StoreCall(again) = run_as(&ns, &body.to_string()) else {
                     panic!("the same request decided differently");
                 };
                 // The transport error names the presigned URL; only the log may see it.
@@ -789,7 +940,7 @@ mod tests {
                         prop_assert!(answer.body.contains("X-Amz-Signature="));
                     }
                     Step::Respond(answer) => assert_signs_nothing(&answer)?,
-                    Step::CreateMultipartUpload(pending) => {
+                    Step::StoreCall(pending) => {
                         prop_assert!(verifies);
                         let store_url = pending.store_url.clone();
                         let answer = pending.finish(store_status, &store_body);
@@ -799,7 +950,7 @@ mod tests {
                             assert_signs_nothing(&answer)?;
                         }
                         // The transport error names the URL; the caller must not see it.
-                        let Step::CreateMultipartUpload(again) = handle(&config(), &incoming, now()) else {
+                        let Step::StoreCall(again) = handle(&config(), &incoming, now()) else {
                             panic!("the same request decided differently");
                         };
                         let answer = again.unreachable(&format!("{store_url}: connection refused"));

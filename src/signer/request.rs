@@ -83,6 +83,9 @@ fn number(parent: &Members<'_>, name: &str, field: &'static str) -> Result<u64, 
     }
 }
 
+/// Longest `op.upload_id` accepted (S3's are about 100 bytes).
+pub const MAX_UPLOAD_ID_BYTES: usize = 1024;
+
 /// Parses and checks a request body (everything but policy, which needs the caller).
 pub fn parse(body: &[u8]) -> Result<SignRequest, SignError> {
     let duplicate = RefCell::new(None);
@@ -104,12 +107,34 @@ pub fn parse(body: &[u8]) -> Result<SignRequest, SignError> {
     let op = match string(op, "kind", "op.kind")? {
         "put_artifact" => Op::PutArtifact { multipart_hint: hint(op)? },
         "get_blob" => Op::GetBlob,
+        "refresh_upload" => {
+            let upload_id = string(op, "upload_id", "op.upload_id")?;
+            if upload_id.is_empty()
+                || upload_id.len() > MAX_UPLOAD_ID_BYTES
+                || !upload_id.bytes().all(|b| b.is_ascii_graphic() && b != b'%')
+            {
+                return Err(SignError::InvalidField {
+                    field: "op.upload_id",
+                    problem: format!(
+                        "must be the UploadId the store gave (1 to {MAX_UPLOAD_ID_BYTES} printable ASCII characters, \
+                         no '%' or space)"
+                    ),
+                });
+            }
+            let multipart_hint = hint(op)?.ok_or(SignError::MissingField("op.multipart_hint"))?;
+            Op::RefreshUpload { upload_id: upload_id.to_owned(), multipart_hint }
+        }
         other => return Err(SignError::UnknownKind { field: "op.kind", value: other.to_owned() }),
     };
     match (&target, &op) {
-        (Target::Artifact { .. }, Op::PutArtifact { .. }) | (Target::Blob { .. }, Op::GetBlob) => {}
+        (Target::Artifact { .. }, Op::PutArtifact { .. })
+        | (Target::Blob { .. }, Op::GetBlob)
+        | (Target::Blob { .. }, Op::RefreshUpload { .. }) => {}
         (Target::Artifact { .. }, Op::GetBlob) => {
             return Err(SignError::UnsupportedCombination { target: "artifact", op: "get_blob" });
+        }
+        (Target::Artifact { .. }, Op::RefreshUpload { .. }) => {
+            return Err(SignError::UnsupportedCombination { target: "artifact", op: "refresh_upload" });
         }
         (Target::Blob { .. }, Op::PutArtifact { .. }) => {
             return Err(SignError::UnsupportedCombination { target: "blob", op: "put_artifact" });

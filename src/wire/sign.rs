@@ -42,6 +42,15 @@ impl SignRequest {
     pub fn get_blob(uri: &str) -> Self {
         SignRequest { target: Target::Blob { uri: uri.to_owned() }, op: Op::GetBlob }
     }
+
+    /// `refresh_upload`: fresh URLs for the open multipart upload
+    /// `upload_id` of the object `uri`, for parts as `hint` says.
+    pub fn refresh_upload(uri: &str, upload_id: &str, hint: MultipartHint) -> Self {
+        SignRequest {
+            target: Target::Blob { uri: uri.to_owned() },
+            op: Op::RefreshUpload { upload_id: upload_id.to_owned(), multipart_hint: hint },
+        }
+    }
 }
 
 /// What to sign for.
@@ -62,6 +71,10 @@ pub enum Op {
     PutArtifact { multipart_hint: Option<MultipartHint> },
     /// Read a blob.
     GetBlob,
+    /// Fresh part, complete and abort URLs for an upload already open on
+    /// the blob (its URLs expired): only in the caller's namespace, only an
+    /// upload the store knows for that object (wit/protocol.md §4.8).
+    RefreshUpload { upload_id: String, multipart_hint: MultipartHint },
 }
 
 /// The caller's multipart hint: part URLs to sign (1..=[`MAX_PARTS`]) of
@@ -231,6 +244,8 @@ pub struct UploadHead {
     pub uri: Option<String>,
     /// `abortUrl` of an `s3_multipart` answer.
     pub abort_url: Option<String>,
+    /// `uploadId` of an `s3_multipart` answer.
+    pub upload_id: Option<String>,
 }
 
 impl UploadHead {
@@ -238,7 +253,11 @@ impl UploadHead {
     pub fn read(answer: &Value) -> Self {
         let text = |field: &str| answer.get(field).and_then(Value::as_str).map(str::to_owned);
         let multipart = answer.get("kind").and_then(Value::as_str) == Some("s3_multipart");
-        UploadHead { uri: text("uri"), abort_url: if multipart { text("abortUrl") } else { None } }
+        UploadHead {
+            uri: text("uri"),
+            abort_url: if multipart { text("abortUrl") } else { None },
+            upload_id: if multipart { text("uploadId") } else { None },
+        }
     }
 }
 

@@ -20,8 +20,12 @@ options:
 
 Other words (the platform's builder.command may carry some) are ignored.
 Environment: SNAPSIGN_BUILDER_FAULT=exit_nonzero,allocate,metadata_missing:<field>,
-metadata_uri:<uri> injects faults for tests.
-Exit status: 0 built and uploaded, 1 build failed, 2 usage error.";
+metadata_uri:<uri>,delay_parts_ms:<n> injects faults for tests.
+TL_ROOTFS_BUILD_RESUMABLE=1: expired part URLs keep the upload open and the
+archive (exit 75) instead of aborting; TL_ROOTFS_BUILD_RESUME=1 resumes it
+with spec.json's fresh URLs for the same upload.
+Exit status: 0 built and uploaded, 1 build failed, 2 usage error, 75 part URLs
+expired (resumable).";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {

@@ -6,6 +6,8 @@
 //! - `metadata_missing:<field>`: write metadata.json without `<field>`
 //!   (one of the snake_case fields of [`crate::metadata`]);
 //! - `metadata_uri:<uri>`: write metadata.json with `snapshot_uri` = `<uri>`;
+//! - `delay_parts_ms:<n>`: wait `n` ms before each part upload after the
+//!   first (not when resuming), so that short-lived part URLs expire;
 //! - `allocate`: before anything else, use memory without bound (touching
 //!   every page, up to [`ALLOCATE_LIMIT`]) so that the sandbox's memory limit
 //!   makes the kernel OOM-kill the builder; a builder still alive past the
@@ -28,6 +30,7 @@ pub struct Faults {
     pub allocate: bool,
     pub metadata_missing: Vec<String>,
     pub metadata_uri: Option<String>,
+    pub delay_parts: std::time::Duration,
 }
 
 impl Faults {
@@ -48,9 +51,15 @@ impl Faults {
                 faults.metadata_missing.push(field.to_owned());
             } else if let Some(uri) = entry.strip_prefix("metadata_uri:") {
                 faults.metadata_uri = Some(uri.to_owned());
+            } else if let Some(ms) = entry.strip_prefix("delay_parts_ms:") {
+                let ms = ms.parse::<u64>().ok().filter(|ms| *ms <= 600_000).ok_or_else(|| {
+                    format!("{ENV}: delay_parts_ms:{ms} is not a number of milliseconds up to 600000")
+                })?;
+                faults.delay_parts = std::time::Duration::from_millis(ms);
             } else {
                 return Err(format!(
-                    "{ENV}: unknown entry '{entry}' (known: exit_nonzero, allocate, metadata_missing:<field>, metadata_uri:<uri>)"
+                    "{ENV}: unknown entry '{entry}' (known: exit_nonzero, allocate, metadata_missing:<field>, metadata_uri:<uri>, \
+                     delay_parts_ms:<n>)"
                 ));
             }
         }
@@ -88,11 +97,16 @@ mod tests {
         assert_eq!(faults.metadata_missing, ["rootfs_disk_bytes"]);
         assert_eq!(faults.metadata_uri.as_deref(), Some("s3://b/other"));
         assert!(Faults::parse("").unwrap().is_empty());
+        let delay = Faults::parse("delay_parts_ms:6000").unwrap().delay_parts;
+        assert_eq!(delay, std::time::Duration::from_secs(6));
     }
 
     #[test]
     fn unknown_entries_and_fields_are_refused() {
         assert!(Faults::parse("exit_zero").unwrap_err().contains("unknown entry 'exit_zero'"));
         assert!(Faults::parse("metadata_missing:size").unwrap_err().contains("names no metadata field"));
+        for bad in ["delay_parts_ms:", "delay_parts_ms:x", "delay_parts_ms:600001"] {
+            assert!(Faults::parse(bad).unwrap_err().contains("not a number of milliseconds"), "{bad}");
+        }
     }
 }

@@ -133,11 +133,20 @@ pub fn run(args: &[String], fault_env: Option<&str>) -> u8 {
         );
         return 4;
     }
-    match run::build(&build_args, &faults) {
+    let outcome = if std::env::var(run::RESUME_ENV).is_ok_and(|v| v == "1") {
+        run::resume(&build_args, &faults)
+    } else {
+        run::build(&build_args, &faults)
+    };
+    match outcome {
         Ok(Outcome::Done) => 0,
         Ok(Outcome::InjectedExit) => {
             eprintln!("injected fault: exit_nonzero");
             3
+        }
+        Ok(Outcome::Interrupted(what)) => {
+            eprintln!("interrupted: {what}");
+            EXIT_INTERRUPTED
         }
         Err(err) => {
             let message = format!("{err:#}").replace('\n', " ");
@@ -146,6 +155,10 @@ pub fn run(args: &[String], fault_env: Option<&str>) -> u8 {
         }
     }
 }
+
+/// Exit status of a resumable build whose part URLs expired (BSD's
+/// EX_TEMPFAIL: try again): see [`run::RESUMABLE_ENV`].
+pub const EXIT_INTERRUPTED: u8 = snapsign::image_build::command::BUILDER_EXIT_INTERRUPTED as u8;
 
 /// `12.3 MiB`.
 pub(crate) fn human_bytes(bytes: u64) -> String {

@@ -25,12 +25,141 @@ use crate::tree::{CopyStats, Tree};
 use crate::{dockerfile, http, human_bytes, upload};
 
 /// How a build that did not fail ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Uploaded and metadata written.
     Done,
     /// Uploaded, then stopped by the `exit_nonzero` fault (no metadata).
     InjectedExit,
+    /// Part URLs expired (a resumable build): the archive and the parts up
+    /// are kept in [`RESUME_DIR`], the upload stays open; the message says
+    /// what the caller does next.
+    Interrupted(String),
+}
+
+/// Set to `1` by a caller that can sign fresh URLs for an open upload: part
+/// URLs that expire then interrupt the build ([`Outcome::Interrupted`],
+/// exit [`crate::EXIT_INTERRUPTED`]) instead of aborting the upload.
+pub const RESUMABLE_ENV: &str = snapsign::image_build::command::BUILDER_RESUMABLE_ENV;
+/// Set to `1` to resume an interrupted build with spec.json's fresh URLs.
+pub const RESUME_ENV: &str = snapsign::image_build::command::BUILDER_RESUME_ENV;
+/// Beside metadata.json: the interrupted build's archive and state.
+pub const RESUME_DIR: &str = ".tl-rootfs-build-resume";
+
+fn env_on(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+/// What an interrupted upload leaves for its resume (`RESUME_DIR/state.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ResumeState {
+    upload_id: String,
+    part_size_bytes: u64,
+    sha256: String,
+    size_bytes: u64,
+    files: u64,
+    /// Parts up, with their ETags.
+    etags: Vec<(u32, String)>,
+    expired_part: u32,
+}
+
+const RESUME_ARCHIVE: &str = "snapshot.tar.zst";
+
+/// Keeps what a resume needs and says what the caller does next.
+fn interrupt(
+    build_dir: &Path,
+    archive: &Path,
+    upload_id: &str,
+    part_size: u64,
+    i: &upload::Interrupted,
+) -> Result<Outcome> {
+    let dir = build_dir.join(RESUME_DIR);
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let kept = dir.join(RESUME_ARCHIVE);
+    if archive != kept {
+        fs::rename(archive, &kept).with_context(|| format!("keep the archive as {}", kept.display()))?;
+    }
+    let state = ResumeState {
+        upload_id: upload_id.to_owned(),
+        part_size_bytes: part_size,
+        sha256: i.summary.sha256.clone(),
+        size_bytes: i.summary.size_bytes,
+        files: i.summary.files,
+        etags: i.etags.clone(),
+        expired_part: i.expired.part,
+    };
+    let path = dir.join("state.json");
+    fs::write(&path, serde_json::to_vec_pretty(&state).expect("state serializes"))
+        .with_context(|| format!("write {}", path.display()))?;
+    let total = i.summary.size_bytes.div_ceil(part_size.max(1)).max(1);
+    Ok(Outcome::Interrupted(format!(
+        "the signed URL of part {} expired with {} of {total} parts of multipart upload {upload_id} up; the upload \
+         stays open: sign fresh URLs for it (refresh_upload), put them in spec.json and run again with {RESUME_ENV}=1",
+        i.expired.part,
+        i.etags.len()
+    )))
+}
+
+/// Resumes an interrupted build ([`RESUME_ENV`]): the kept archive goes up
+/// through spec.json's fresh URLs for the same upload, then metadata.json
+/// is written as by [`build`].
+pub fn resume(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
+    let text = fs::read_to_string(&args.spec).with_context(|| format!("read the spec {}", args.spec.display()))?;
+    let spec = Spec::from_json(&text).with_context(|| format!("parse the spec {}", args.spec.display()))?;
+    let Some(snapsign::wire::Upload::S3Multipart(multipart)) = &spec.upload else {
+        bail!("{RESUME_ENV}=1, but spec.upload is not an s3_multipart upload; only a multipart upload resumes");
+    };
+    for (field, url) in upload::urls(spec.upload.as_ref().expect("matched above")) {
+        http::check_plain_http(&field, url).map_err(|m| anyhow!(m))?;
+    }
+    let build_dir = build_dir(args);
+    let dir = build_dir.join(RESUME_DIR);
+    let path = dir.join("state.json");
+    let state: ResumeState = serde_json::from_slice(
+        &fs::read(&path).with_context(|| format!("read {} (was the build interrupted?)", path.display()))?,
+    )
+    .with_context(|| format!("parse {}", path.display()))?;
+    if state.upload_id != multipart.upload_id || state.part_size_bytes != multipart.part_size_bytes {
+        bail!(
+            "spec.upload is upload {} of {}-byte parts, but the interrupted upload is {} of {}-byte parts: sign \
+             fresh URLs for that one (refresh_upload)",
+            multipart.upload_id,
+            multipart.part_size_bytes,
+            state.upload_id,
+            state.part_size_bytes
+        );
+    }
+    let archive = dir.join(RESUME_ARCHIVE);
+    let summary = crate::archive::ArchiveSummary {
+        sha256: state.sha256.clone(),
+        size_bytes: state.size_bytes,
+        files: state.files,
+    };
+    let interrupted = upload::Interrupted {
+        summary,
+        etags: state.etags.clone(),
+        expired: upload::UrlExpired { part: state.expired_part },
+    };
+    let summary = match upload::resume(&http::agent(), multipart, &archive, interrupted) {
+        Ok(summary) => summary,
+        Err(err) => {
+            if let Some(again) = err.downcast_ref::<upload::Interrupted>() {
+                return interrupt(&build_dir, &archive, &multipart.upload_id, multipart.part_size_bytes, again);
+            }
+            remove_tree(&dir);
+            return Err(err.context("resume the snapshot upload"));
+        }
+    };
+    remove_tree(&dir);
+    let work = WorkDir::create(&build_dir)?;
+    write_metadata(&spec, args, faults, &work.0, &summary)
+}
+
+fn build_dir(args: &BuildArgs) -> PathBuf {
+    match args.metadata_out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// The build's scratch directory next to metadata.json, removed when dropped.
@@ -102,7 +231,6 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         .upload
         .as_ref()
         .ok_or_else(|| anyhow!("spec.upload is missing: there is nowhere to upload the snapshot"))?;
-    let snapshot_uri = spec.snapshot_uri().map(str::to_owned);
     for (field, url) in upload::urls(upload) {
         http::check_plain_http(&field, url).map_err(|m| anyhow!(m))?;
     }
@@ -110,10 +238,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         http::check_plain_http("spec.parent.download.url", &get.url).map_err(|m| anyhow!(m))?;
     }
 
-    let build_dir = match args.metadata_out.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let build_dir = build_dir(args);
     fs::create_dir_all(&build_dir).with_context(|| format!("create {}", build_dir.display()))?;
     let work = WorkDir::create(&build_dir)?;
     let (tree, config, parent_index) = match &spec.import_image_reference {
@@ -161,7 +286,8 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         "Writing the snapshot archive ({FORMAT_VERSION}{})",
         if diff { ", changes over the parent only" } else { "" }
     );
-    let summary = upload::write_and_upload(&http::agent(), upload, &archive_path, |observe| {
+    let options = upload::PartOptions { resumable: env_on(RESUMABLE_ENV), delay: faults.delay_parts };
+    let written = upload::write_and_upload(&http::agent(), upload, &archive_path, options, |observe| {
         let summary = write_archive_observed(&archive_path, manifest, &tree, parent_index.as_ref(), observe)
             .context("write the snapshot archive")?;
         println!(
@@ -172,13 +298,37 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
             summary.sha256
         );
         Ok(summary)
-    })
-    .context("upload the snapshot archive")?;
+    });
+    let summary = match written {
+        Ok(summary) => summary,
+        Err(err) => {
+            if let (Some(interrupted), snapsign::wire::Upload::S3Multipart(multipart)) =
+                (err.downcast_ref::<upload::Interrupted>(), upload)
+            {
+                let (id, size) = (&multipart.upload_id, multipart.part_size_bytes);
+                return interrupt(&build_dir, &archive_path, id, size, interrupted);
+            }
+            return Err(err.context("upload the snapshot archive"));
+        }
+    };
     drop(tree);
+    write_metadata(&spec, args, faults, &work.0, &summary)
+}
+
+/// After the upload: metadata.json from the spec and the archive's summary.
+fn write_metadata(
+    spec: &Spec,
+    args: &BuildArgs,
+    faults: &Faults,
+    work: &Path,
+    summary: &crate::archive::ArchiveSummary,
+) -> Result<Outcome> {
     if faults.exit_nonzero {
         return Ok(Outcome::InjectedExit);
     }
-
+    let snapshot_uri = spec.snapshot_uri().map(str::to_owned);
+    let diff = spec.rootfs_node_kind == "diff";
+    let parent_manifest_uri = if diff { spec.parent.as_ref().map(|p| p.parent_manifest_uri.clone()) } else { None };
     let built = Built {
         snapshot_id: spec.snapshot_id.clone(),
         snapshot_uri: snapshot_uri.clone(),
@@ -189,7 +339,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         sha256: summary.sha256.clone(),
     };
     let json = serde_json::to_string_pretty(&metadata_json(&built, faults)).expect("metadata serializes");
-    let temporary = work.0.join("metadata.json");
+    let temporary = work.join("metadata.json");
     fs::write(&temporary, json + "\n").with_context(|| format!("write {}", temporary.display()))?;
     fs::rename(&temporary, &args.metadata_out).with_context(|| format!("write {}", args.metadata_out.display()))?;
     if let Some(peak) = crate::peak_rss_bytes() {

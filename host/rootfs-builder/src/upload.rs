@@ -25,6 +25,76 @@ use snapsign::wire::{S3Multipart, SinglePut, Upload};
 /// At most this many UploadPart requests at once.
 pub const PARALLEL_PARTS: usize = 4;
 
+/// The store said a part's signed URL expired (S3: 403 AccessDenied
+/// "Request has expired"). Found with `downcast_ref` through any context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UrlExpired {
+    pub part: u32,
+}
+
+impl std::fmt::Display for UrlExpired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the signed URL of part {} expired", self.part)
+    }
+}
+
+impl std::error::Error for UrlExpired {}
+
+/// A resumable upload stopped because part URLs expired: the archive is
+/// whole, these parts are up, the upload is still open (not aborted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interrupted {
+    pub summary: ArchiveSummary,
+    /// Parts the store took, with their ETags, in order.
+    pub etags: Vec<(u32, String)>,
+    /// The first part whose URL expired.
+    pub expired: UrlExpired,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {} parts are up and the upload stays open for fresh URLs", self.expired, self.etags.len())
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Whether an UploadPart answer means its URL expired.
+pub fn is_expired(status: u16, body: &str) -> bool {
+    status == 403 && body.contains("Request has expired")
+}
+
+/// Whether a SigV4 presigned `url` is past its lifetime at `now` (seconds
+/// since the epoch): `X-Amz-Date` plus `X-Amz-Expires`. A store refuses
+/// such a URL as soon as it reads the request line, often before the body
+/// is read, so the client sees a broken pipe rather than the 403: the
+/// uploader checks first. `None` when the URL does not say.
+pub fn url_expired(url: &str, now: u64) -> Option<bool> {
+    let query = url.split_once('?')?.1;
+    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+    let expires: u64 = param("X-Amz-Expires")?.parse().ok()?;
+    let date = param("X-Amz-Date")?.as_bytes();
+    if date.len() != 16 || date[8] != b'T' || date[15] != b'Z' {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<i64> { std::str::from_utf8(&date[range]).ok()?.parse().ok() };
+    let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hh, mm, ss) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let signed = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(now as i64 > signed + expires as i64)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Every URL of an upload block, named by its spec field.
 pub fn urls(upload: &Upload) -> Vec<(String, &str)> {
     match upload {
@@ -76,10 +146,15 @@ pub fn single_put(agent: &Agent, put: &SinglePut, archive: &Path, size: u64) -> 
 /// still being compressed ([`s3_multipart_overlapped`]); a single PUT goes
 /// once the archive is whole. `write` gets the observer to hand to
 /// [`crate::archive::write_archive_observed`].
+///
+/// `options.resumable`: when part URLs expire, a multipart upload is not
+/// aborted; the archive is still written whole, and the error is an
+/// [`Interrupted`] saying which parts are up, for a resume with fresh URLs.
 pub fn write_and_upload(
     agent: &Agent,
     upload: &Upload,
     archive: &Path,
+    options: PartOptions,
     write: impl FnOnce(&dyn Fn(u64) -> io::Result<()>) -> Result<ArchiveSummary>,
 ) -> Result<ArchiveSummary> {
     match upload {
@@ -88,8 +163,18 @@ pub fn write_and_upload(
             single_put(agent, put, archive, summary.size_bytes)?;
             Ok(summary)
         }
-        Upload::S3Multipart(multipart) => s3_multipart_overlapped(agent, multipart, archive, write),
+        Upload::S3Multipart(multipart) => s3_multipart_overlapped(agent, multipart, archive, options, write),
     }
+}
+
+/// How parts go up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartOptions {
+    /// Expired part URLs end the upload as [`Interrupted`], not aborted.
+    pub resumable: bool,
+    /// Wait this long before each part after the first (the
+    /// `delay_parts_ms` fault: lets short-lived URLs expire in tests).
+    pub delay: std::time::Duration,
 }
 
 /// UploadPart for each part as soon as its bytes are written (up to
@@ -100,6 +185,7 @@ pub fn s3_multipart_overlapped(
     agent: &Agent,
     multipart: &S3Multipart,
     archive: &Path,
+    options: PartOptions,
     write: impl FnOnce(&dyn Fn(u64) -> io::Result<()>) -> Result<ArchiveSummary>,
 ) -> Result<ArchiveSummary> {
     // The URLs are signed before the snapshot exists, for the largest it may be (the rootfs size);
@@ -113,7 +199,7 @@ pub fn s3_multipart_overlapped(
         human_bytes(multipart.part_size_bytes.saturating_mul(multipart.part_urls.len() as u64))
     );
     let started = Instant::now();
-    let result = overlapped_parts(agent, multipart, archive, write).and_then(|(summary, etags)| {
+    let result = overlapped_parts(agent, multipart, archive, options, write).and_then(|(summary, etags)| {
         complete(agent, multipart, &etags)?;
         Ok(summary)
     });
@@ -127,9 +213,77 @@ pub fn s3_multipart_overlapped(
             );
             Ok(summary)
         }
+        // Kept open: the caller asks for fresh URLs and resumes.
+        Err(err) if err.downcast_ref::<Interrupted>().is_some() => Err(err),
         Err(err) => {
             abort(agent, multipart);
             Err(err.context(format!("multipart upload {} failed", multipart.upload_id)))
+        }
+    }
+}
+
+/// Resumes an [`Interrupted`] upload through `multipart`, the same upload
+/// with fresh URLs: the parts not yet up go, one at a time, then
+/// CompleteMultipartUpload. URLs expired again: [`Interrupted`] with the
+/// parts up by then (the upload stays open). Any other failure aborts it.
+pub fn resume(
+    agent: &Agent,
+    multipart: &S3Multipart,
+    archive: &Path,
+    interrupted: Interrupted,
+) -> Result<ArchiveSummary> {
+    let Interrupted { summary, mut etags, .. } = interrupted;
+    let (size, part_size) = (summary.size_bytes, multipart.part_size_bytes);
+    let started = Instant::now();
+    println!(
+        "Resuming multipart upload {} with fresh URLs: {} of {} parts are up",
+        multipart.upload_id,
+        etags.len(),
+        size.div_ceil(part_size.max(1)).max(1)
+    );
+    let mut send_rest = || -> Result<()> {
+        check_fits(size, part_size, multipart.max_parts, &multipart.part_urls)?;
+        let on_disk = std::fs::metadata(archive).with_context(|| format!("stat {}", archive.display()))?.len();
+        if on_disk != size {
+            bail!("the kept archive {} is {on_disk} bytes, not the {size} that were written", archive.display());
+        }
+        let mut number = 1;
+        while let Some(len) = part_len(number, part_size, size) {
+            if !etags.iter().any(|(done, _)| *done == number) {
+                let url = part_url(&multipart.part_urls, number)?.to_owned();
+                let part = PartRange { number, offset: u64::from(number - 1) * part_size, len, url };
+                match upload_part(agent, multipart, archive, &part) {
+                    Ok(etag) => etags.push((number, etag)),
+                    Err(err) => {
+                        return Err(match err.downcast_ref::<UrlExpired>() {
+                            Some(expired) => {
+                                let expired = *expired;
+                                Interrupted { summary: summary.clone(), etags: etags.clone(), expired }.into()
+                            }
+                            None => err,
+                        });
+                    }
+                }
+            }
+            number += 1;
+        }
+        etags.sort();
+        complete(agent, multipart, &etags)
+    };
+    match send_rest() {
+        Ok(()) => {
+            println!(
+                "Multipart upload {} complete after the resume: {} in {:.1}s",
+                multipart.upload_id,
+                human_bytes(size),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(summary)
+        }
+        Err(err) if err.downcast_ref::<Interrupted>().is_some() => Err(err),
+        Err(err) => {
+            abort(agent, multipart);
+            Err(err.context(format!("multipart upload {} failed while resuming", multipart.upload_id)))
         }
     }
 }
@@ -148,6 +302,8 @@ struct FeedState {
     total: Option<u64>,
     /// Something failed: everyone stops.
     stopped: bool,
+    /// A part URL expired (resumable): no new part starts, the writer goes on.
+    expired: Option<UrlExpired>,
 }
 
 /// Stops the uploaders when dropped before the archive is whole (the writer panicked).
@@ -186,7 +342,7 @@ impl Feed {
     fn wait_for(&self, number: u32, offset: u64, part_size: u64) -> Ready {
         let mut state = self.state.lock().expect("no panics while held");
         loop {
-            if state.stopped {
+            if state.stopped || state.expired.is_some() {
                 return Ready::Stopped;
             }
             if let Some(total) = state.total {
@@ -206,6 +362,7 @@ fn overlapped_parts(
     agent: &Agent,
     multipart: &S3Multipart,
     archive: &Path,
+    options: PartOptions,
     write: impl FnOnce(&dyn Fn(u64) -> io::Result<()>) -> Result<ArchiveSummary>,
 ) -> Result<(ArchiveSummary, Vec<(u32, String)>)> {
     let part_size = multipart.part_size_bytes;
@@ -237,12 +394,25 @@ fn overlapped_parts(
                         }
                     };
                     let part = PartRange { number, offset, len, url };
+                    if number > 1 && !options.delay.is_zero() {
+                        thread::sleep(options.delay);
+                    }
                     match upload_part(agent, multipart, archive, &part) {
                         Ok(etag) => etags.lock().expect("no panics while held").push((number, etag)),
-                        Err(err) => {
-                            fail(err);
-                            break;
-                        }
+                        Err(err) => match err.downcast_ref::<UrlExpired>() {
+                            Some(expired) if options.resumable => {
+                                let expired = *expired;
+                                println!("{expired}: no new part starts; the archive is finished for a resume");
+                                feed.update(|state| {
+                                    state.expired.get_or_insert(expired);
+                                });
+                                break;
+                            }
+                            _ => {
+                                fail(err);
+                                break;
+                            }
+                        },
                     }
                 }
             });
@@ -269,12 +439,19 @@ fn overlapped_parts(
     let summary = written?;
     let mut etags = etags.into_inner().expect("no panics while held");
     etags.sort();
+    let expired = feed.state.into_inner().expect("no panics while held").expired;
+    if let Some(expired) = expired {
+        return Err(Interrupted { summary, etags, expired }.into());
+    }
     Ok((summary, etags))
 }
 
 /// One UploadPart: the part's bytes streamed from the file, its ETag returned as sent.
-fn upload_part(agent: &Agent, multipart: &S3Multipart, archive: &Path, part: &PartRange) -> Result<String> {
+pub fn upload_part(agent: &Agent, multipart: &S3Multipart, archive: &Path, part: &PartRange) -> Result<String> {
     let n = part.number;
+    if url_expired(&part.url, now_secs()) == Some(true) {
+        return Err(anyhow::Error::new(UrlExpired { part: n }).context(format!("UploadPart part {n}")));
+    }
     let url = redact_url(&part.url);
     let mut file = File::open(archive).with_context(|| format!("open {}", archive.display()))?;
     file.seek(SeekFrom::Start(part.offset)).with_context(|| format!("seek to part {n}"))?;
@@ -287,9 +464,18 @@ fn upload_part(agent: &Agent, multipart: &S3Multipart, archive: &Path, part: &Pa
     let mut response = request
         .header("content-length", part.len.to_string())
         .send(SendBody::from_owned_reader(file.take(part.len)))
-        .map_err(|e| anyhow!("UploadPart part {n} (PUT {url}) failed: {e}"))?;
+        .map_err(|e| match url_expired(&part.url, now_secs()) {
+            // Refused for its age while the body was on its way.
+            Some(true) => {
+                anyhow::Error::new(UrlExpired { part: n }).context(format!("UploadPart part {n} (PUT {url}): {e}"))
+            }
+            _ => anyhow!("UploadPart part {n} (PUT {url}) failed: {e}"),
+        })?;
     let status = response.status().as_u16();
     let body = body_text(&mut response);
+    if is_expired(status, &body) {
+        return Err(anyhow::Error::new(UrlExpired { part: n }).context(format!("UploadPart part {n} (PUT {url})")));
+    }
     if !response.status().is_success() {
         bail!("UploadPart part {n} (PUT {url}) answered HTTP {status}: {}", excerpt(&body));
     }
@@ -303,7 +489,7 @@ fn upload_part(agent: &Agent, multipart: &S3Multipart, archive: &Path, part: &Pa
     Ok(etag)
 }
 
-fn complete(agent: &Agent, multipart: &S3Multipart, etags: &[(u32, String)]) -> Result<()> {
+pub fn complete(agent: &Agent, multipart: &S3Multipart, etags: &[(u32, String)]) -> Result<()> {
     let url = redact_url(&multipart.complete_url);
     println!("Completing multipart upload {} ({} parts) at {url}", multipart.upload_id, etags.len());
     let mut response = agent
@@ -317,7 +503,7 @@ fn complete(agent: &Agent, multipart: &S3Multipart, etags: &[(u32, String)]) -> 
 }
 
 /// AbortMultipartUpload through `abortUrl`; the outcome is only logged.
-fn abort(agent: &Agent, multipart: &S3Multipart) {
+pub fn abort(agent: &Agent, multipart: &S3Multipart) {
     let id = &multipart.upload_id;
     let Some(abort_url) = &multipart.abort_url else {
         eprintln!("warning: spec.upload has no abortUrl; multipart upload {id} is left for the store to expire");
@@ -339,5 +525,27 @@ fn abort(agent: &Agent, multipart: &S3Multipart) {
         Err(e) => {
             eprintln!("warning: aborting multipart upload {id} failed: DELETE {url}: {}", scrub_urls(&e.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_presigned_url_is_expired_once_its_date_plus_its_lifetime_is_past() {
+        // 2026-01-01T00:00:00Z is 1767225600.
+        let url = "http://s/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20260101T000000Z&X-Amz-Expires=600\
+                   &X-Amz-SignedHeaders=host&partNumber=2&X-Amz-Signature=00";
+        assert_eq!(url_expired(url, 1_767_225_600 + 600), Some(false));
+        assert_eq!(url_expired(url, 1_767_225_600 + 601), Some(true));
+        let leap = "http://s/k?X-Amz-Date=20240229T235959Z&X-Amz-Expires=1";
+        assert_eq!(url_expired(leap, 1_709_251_199 + 1), Some(false));
+        assert_eq!(url_expired(leap, 1_709_251_199 + 2), Some(true));
+        for unknown in ["http://s/k", "http://s/k?X-Amz-Expires=5", "http://s/k?X-Amz-Date=2026&X-Amz-Expires=5"] {
+            assert_eq!(url_expired(unknown, 0), None, "{unknown}");
+        }
+        assert!(is_expired(403, "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"));
+        assert!(!is_expired(403, "<Error><Code>AccessDenied</Code></Error>"));
     }
 }

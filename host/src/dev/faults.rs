@@ -35,6 +35,10 @@ pub struct Faults {
     pub metadata_uri: Option<String>,
     /// `POST …/complete` answers 500 and registers nothing.
     pub complete_fail: bool,
+    /// The reference builder waits this long before each part after the
+    /// first: with a short URL lifetime (`snapsign dev --url-ttl-secs`) the
+    /// part URLs expire during the upload.
+    pub builder_delay_parts_ms: Option<u64>,
 }
 
 impl Faults {
@@ -50,6 +54,9 @@ impl Faults {
         if let Some(uri) = &self.metadata_uri {
             entries.push(format!("metadata_uri:{uri}"));
         }
+        if let Some(ms) = self.builder_delay_parts_ms {
+            entries.push(format!("delay_parts_ms:{ms}"));
+        }
         (!entries.is_empty()).then(|| entries.join(","))
     }
 }
@@ -61,9 +68,12 @@ mod tests {
     #[test]
     fn builder_faults_become_one_env_value_and_unknown_switches_are_refused() {
         let faults: Faults =
-            serde_json::from_str(r#"{"builder_exit_nonzero":true,"metadata_missing_field":"rootfs_disk_bytes"}"#)
+            serde_json::from_str(r#"{"builder_exit_nonzero":true,"metadata_missing_field":"rootfs_disk_bytes","builder_delay_parts_ms":6000}"#)
                 .unwrap();
-        assert_eq!(faults.builder_env().as_deref(), Some("exit_nonzero,metadata_missing:rootfs_disk_bytes"));
+        assert_eq!(
+            faults.builder_env().as_deref(),
+            Some("exit_nonzero,metadata_missing:rootfs_disk_bytes,delay_parts_ms:6000")
+        );
         assert_eq!(Faults::default().builder_env(), None);
         assert!(serde_json::from_str::<Faults>(r#"{"no_such_fault":true}"#).is_err());
     }

@@ -58,6 +58,9 @@ pub struct DevConfig {
     pub docker_config: Option<PathBuf>,
     /// Where Docker Hub images are pulled from instead of docker.io (`host:port`).
     pub registry_mirror: Option<String>,
+    /// Lifetime of the URLs the signer and the emulator presign, seconds
+    /// (`SNAPSIGN_URL_TTL_SECS`); `None`: the signer's default.
+    pub url_ttl_secs: Option<u32>,
 }
 
 impl DevConfig {
@@ -80,6 +83,7 @@ impl DevConfig {
             insecure_registries: Vec::new(),
             docker_config: None,
             registry_mirror: None,
+            url_ttl_secs: None,
         }
     }
 }
@@ -243,6 +247,7 @@ impl DevStack {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .chain(config.url_ttl_secs.map(|ttl| ("SNAPSIGN_URL_TTL_SECS".to_owned(), ttl.to_string())))
         .collect();
         let signer_config = SignerConfig::from_vars(env.clone())?;
         let (signer, _) = crate::signer::start(&SignerServerConfig {

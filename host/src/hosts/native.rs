@@ -45,14 +45,16 @@ async fn handle(
     };
     match signer::handle(config, &incoming, jiff::Timestamp::now()) {
         Step::Respond(answer) => answer,
-        Step::CreateMultipartUpload(pending) => match store.post(&pending.store_url).send().await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let text = response.text().await.unwrap_or_default();
-                pending.finish(status, &text)
+        Step::StoreCall(pending) => {
+            match store.request(pending.store_method.parse().expect("POST or GET"), &pending.store_url).send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let text = response.text().await.unwrap_or_default();
+                    pending.finish(status, &text)
+                }
+                Err(e) => pending.unreachable(&e.to_string()),
             }
-            Err(e) => pending.unreachable(&e.to_string()),
-        },
+        }
     }
 }
 

@@ -98,8 +98,15 @@ impl Uploads {
         Uuid::parse_str(raw).map_err(|_| no_such_upload(raw))
     }
 
-    /// NoSuchUpload unless the upload is open, AccessDenied if another access key opened it.
-    pub fn check_open(&self, id: &Uuid, access_key: Option<&str>) -> Result<(), S3Error> {
+    /// NoSuchUpload unless the upload is open and was made for object
+    /// `bucket`/`key` (as S3 ties an upload id to its key: a URL signed for
+    /// one key cannot reach an upload of another), AccessDenied if another
+    /// access key opened it.
+    pub fn check_open(&self, id: &Uuid, access_key: Option<&str>, bucket: &str, key: &str) -> Result<(), S3Error> {
+        // s3s-fs writes the upload's attributes at CreateMultipartUpload under its bucket and key.
+        if !self.layout.upload_attrs(bucket, key, id).exists() {
+            return Err(no_such_upload(&id.to_string()));
+        }
         let path = self.layout.record(id);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -142,7 +149,7 @@ impl Uploads {
             let exclusive = lock.write_owned().await;
             tokio::task::spawn_blocking(move || {
                 let _exclusive = exclusive;
-                uploads.check_open(&id, request.access_key.as_deref())?;
+                uploads.check_open(&id, request.access_key.as_deref(), &request.bucket, &request.key)?;
                 uploads.assemble(&id, &request.bucket, &request.key, &parts)
             })
             .await
@@ -152,16 +159,22 @@ impl Uploads {
     }
 
     /// AbortMultipartUpload: parts, attributes and temporary files go, the record last.
-    pub async fn abort(self: &Arc<Self>, upload_id: &str, access_key: Option<&str>) -> Result<usize, S3Error> {
+    pub async fn abort(
+        self: &Arc<Self>,
+        upload_id: &str,
+        access_key: Option<&str>,
+        (bucket, key): (&str, &str),
+    ) -> Result<usize, S3Error> {
         let id = Self::parse_id(upload_id)?;
         let lock = self.lock(id);
         let uploads = self.clone();
         let access_key = access_key.map(str::to_owned);
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
         let task = tokio::spawn(async move {
             let exclusive = lock.write_owned().await;
             tokio::task::spawn_blocking(move || {
                 let _exclusive = exclusive;
-                uploads.check_open(&id, access_key.as_deref())?;
+                uploads.check_open(&id, access_key.as_deref(), &bucket, &key)?;
                 uploads.remove_upload(&id).map(|(parts, _)| parts)
             })
             .await

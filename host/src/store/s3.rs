@@ -131,7 +131,7 @@ impl S3 for Store {
         keys::check(&req.input.bucket, &req.input.key)?;
         check_part_number(req.input.part_number)?;
         let id = Uploads::parse_id(&req.input.upload_id)?;
-        self.uploads.check_open(&id, access_key(&req))?;
+        self.uploads.check_open(&id, access_key(&req), &req.input.bucket, &req.input.key)?;
         let part = req.input.part_number;
         let written = self.fs.upload_part(req).await?;
         self.uploads.part_written(id, part).await?;
@@ -146,7 +146,7 @@ impl S3 for Store {
         check_copy_source(&req.input.copy_source)?;
         check_part_number(req.input.part_number)?;
         let id = Uploads::parse_id(&req.input.upload_id)?;
-        self.uploads.check_open(&id, access_key(&req))?;
+        self.uploads.check_open(&id, access_key(&req), &req.input.bucket, &req.input.key)?;
         let part = req.input.part_number;
         let written = self.fs.upload_part_copy(req).await?;
         self.uploads.part_written(id, part).await?;
@@ -156,7 +156,7 @@ impl S3 for Store {
     async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
         keys::check(&req.input.bucket, &req.input.key)?;
         let id = Uploads::parse_id(&req.input.upload_id)?;
-        self.uploads.check_open(&id, access_key(&req))?;
+        self.uploads.check_open(&id, access_key(&req), &req.input.bucket, &req.input.key)?;
         self.fs.list_parts(req).await
     }
 
@@ -195,7 +195,8 @@ impl S3 for Store {
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         keys::check(&req.input.bucket, &req.input.key)?;
-        let parts = self.uploads.abort(&req.input.upload_id, access_key(&req)).await?;
+        let object = (req.input.bucket.as_str(), req.input.key.as_str());
+        let parts = self.uploads.abort(&req.input.upload_id, access_key(&req), object).await?;
         tracing::debug!(upload_id = %req.input.upload_id, parts, "store: upload aborted");
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
     }

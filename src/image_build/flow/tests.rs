@@ -13,6 +13,8 @@ use crate::image_build::call::{Answer, BuildError, Call, Endpoint, Event, Exit, 
 const ID: &str = "sbx-1";
 const URI: &str = "s3://snapshots/builds/default/sandbox-template-builds/build-1/snap-1.tlsnap";
 const ABORT: &str = "http://store/snapshots/abort?uploadId=u-1";
+/// The abort URL of a refresh_upload answer.
+const FRESH_ABORT: &str = "http://store/snapshots/abort?uploadId=u-1&fresh";
 const BUILDER: &str = "/usr/local/bin/tl-rootfs-build";
 const DECORATION: &str = " (builder sandbox: sbx-1, build: build-1)";
 
@@ -65,6 +67,12 @@ struct World {
     probes: VecDeque<Result<Exit, SandboxError>>,
     put_answer: (u16, Value),
     builder_exit: Exit,
+    /// Builder exits before `builder_exit`.
+    builder_exits: VecDeque<Exit>,
+    /// The environment of each builder run.
+    builder_envs: Vec<Vec<(String, String)>>,
+    /// The answer to refresh_upload.
+    refresh_answer: (u16, Value),
     metadata: Value,
     complete: (u16, String),
     /// Answers to complete before `complete` (a transport error as `Err`).
@@ -99,6 +107,14 @@ impl World {
             probes: VecDeque::new(),
             put_answer: (200, multipart(Some(URI))),
             builder_exit: Exit { code: 0, oom_killed: false, last_error: None },
+            builder_exits: VecDeque::new(),
+            builder_envs: Vec::new(),
+            refresh_answer: (200, {
+                let mut fresh = multipart(Some(URI));
+                fresh["abortUrl"] = json!(FRESH_ABORT);
+                fresh["partUrls"][0]["url"] = json!("http://store/snapshots/part?partNumber=1&fresh");
+                fresh
+            }),
             metadata: metadata(URI),
             complete: (200, r#"{"id":"tmpl-1","name":"base"}"#.into()),
             completes: VecDeque::new(),
@@ -174,12 +190,15 @@ impl World {
                 if body["op"]["kind"] == "put_artifact" {
                     let (status, answer) = &self.put_answer;
                     (*status, answer.to_string())
+                } else if body["op"]["kind"] == "refresh_upload" {
+                    let (status, answer) = &self.refresh_answer;
+                    (*status, answer.to_string())
                 } else {
                     let uri = body["target"]["uri"].as_str().unwrap();
                     (200, json!({"kind": "single_get", "uri": uri, "method": "GET", "url": format!("http://store/get/{uri}")}).to_string())
                 }
             }
-            ("DELETE", ABORT) => self.abort.clone(),
+            ("DELETE", ABORT | FRESH_ABORT) => self.abort.clone(),
             other => panic!("unexpected HTTP call {other:?}"),
         }
     }
@@ -220,7 +239,10 @@ impl World {
                     last_error: None,
                 })))
             }
-            Call::Run { process, .. } if process.command == BUILDER => Answer::Exit(Ok(self.builder_exit.clone())),
+            Call::Run { process, .. } if process.command == BUILDER => {
+                self.builder_envs.push(process.env.clone());
+                Answer::Exit(Ok(self.builder_exits.pop_front().unwrap_or_else(|| self.builder_exit.clone())))
+            }
             Call::Run { .. } => Answer::Exit(Ok(Exit { code: 0, oom_killed: false, last_error: None })),
             Call::RunCaptured { process, .. } => Answer::Captured(Ok(if process.args[1].starts_with("dmesg") {
                 self.dmesg.clone()
@@ -1096,4 +1118,75 @@ fn a_build_cancelled_while_a_platform_request_is_in_flight_ends_before_any_sandb
     assert!(said.contains("during its complete stage"), "{said}");
     assert!(said.contains("an earlier complete went unanswered, so the platform may have registered it"), "{said}");
     assert!(world.complete_body.is_none(), "the retry was not sent");
+}
+
+const SIGN_REFRESH: &str = "POST http://proxy/api/v1/blob/sign refresh_upload";
+const RESUME: &[&str] = &[
+    SIGN_REFRESH,
+    "write /var/lib/tensorlake/rootfs-builder/build/spec.json",
+    "run /usr/local/bin/tl-rootfs-build (logged)",
+];
+
+fn interrupted() -> Exit {
+    let line = "interrupted: the signed URL of part 2 expired with 1 of 2 parts of multipart upload u-1 up";
+    Exit { code: 75, oom_killed: false, last_error: Some(line.into()) }
+}
+
+#[test]
+fn expired_part_urls_are_signed_again_for_the_same_upload_and_the_builder_resumes() {
+    let mut world = World::new();
+    world.builder_exits = VecDeque::from([interrupted()]);
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.outcome, Ok(r#"{"id":"tmpl-1","name":"base"}"#.into()));
+    let expected = calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, RESUME, READ_METADATA, &[COMPLETE], DELETE]);
+    assert_eq!(run.calls, expected);
+    // Fresh URLs of the same upload of the same object, for the same parts.
+    let refresh = &world.sign_bodies[1];
+    assert_eq!(refresh["target"], json!({"kind": "blob", "uri": URI}));
+    assert_eq!(refresh["op"]["upload_id"], "u-1");
+    assert_eq!(refresh["op"]["multipart_hint"], world.sign_bodies[0]["op"]["multipart_hint"]);
+    // spec.json carries them; the first run may be interrupted, the second resumes.
+    let spec = world.spec.as_ref().unwrap();
+    assert_eq!(spec["upload"]["abortUrl"], FRESH_ABORT);
+    assert_eq!(spec["upload"]["partUrls"][0]["url"], "http://store/snapshots/part?partNumber=1&fresh");
+    let has = |env: &[(String, String)], name: &str| env.iter().any(|(k, v)| k == name && v == "1");
+    let (first, second) = (&world.builder_envs[0], &world.builder_envs[1]);
+    assert!(has(first, command::BUILDER_RESUMABLE_ENV) && !has(first, command::BUILDER_RESUME_ENV), "{first:?}");
+    assert!(has(second, command::BUILDER_RESUMABLE_ENV) && has(second, command::BUILDER_RESUME_ENV), "{second:?}");
+    assert_eq!(run.warnings().len(), 1);
+    assert!(run.warnings()[0].starts_with("interrupted: the signed URL of part 2 expired"), "{:?}", run.warnings());
+    assert!(run.warnings()[0].ends_with("asking the signer for fresh URLs of the same upload (refresh 1 of 3)"));
+}
+
+#[test]
+fn a_builder_interrupted_more_than_three_times_fails_and_aborts_with_the_fresh_abort_url() {
+    let mut world = World::new();
+    world.builder_exit = interrupted();
+    let run = drive(request("FROM scratch\n"), &mut world);
+    let resumed = [RESUME, RESUME, RESUME].concat();
+    let aborted = ["DELETE http://store/snapshots/abort?uploadId=u-1&fresh"];
+    let expected = calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, &resumed, &aborted, DIAGNOSE, DELETE]);
+    assert_eq!(run.calls, expected);
+    assert!(run.failure().starts_with(&format!("Command '{BUILDER}' failed with exit code 75: interrupted:")));
+}
+
+#[test]
+fn a_refresh_answer_for_another_upload_or_a_refused_one_fails_the_build_and_aborts_the_first_upload() {
+    for (answer, says) in [
+        ((200, multipart(Some("s3://snapshots/builds/default/other.tlsnap"))), "not Some(\"u-1\") of Some("),
+        (
+            (404, json!({"code": "no_such_upload"})),
+            "fresh URLs for the upload: dataplane sign request failed (HTTP 404)",
+        ),
+    ] {
+        let mut world = World::new();
+        world.builder_exits = VecDeque::from([interrupted()]);
+        world.refresh_answer = answer;
+        let run = drive(request("FROM scratch\n"), &mut world);
+        let expected =
+            calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, &[SIGN_REFRESH], ABORT_CALL, DIAGNOSE, DELETE]);
+        assert_eq!(run.calls, expected);
+        assert!(run.failure().contains(says), "{says}: {}", run.failure());
+        assert!(world.complete_body.is_none());
+    }
 }
