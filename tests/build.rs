@@ -1086,17 +1086,75 @@ async fn a_dockerfile_from_a_registry_image_builds_and_the_same_digest_is_not_pu
 /// registered, and the CLI says what it cleaned and exits 130.
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_during_snapsign_build_aborts_the_upload_deletes_the_sandbox_and_exits_130() {
-    use std::io::BufRead;
-    use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_with(dir.path(), |_| {}).await;
+    let (mut child, rx, mut said) = build_until_its_run_step_runs(&stack, "cancelled");
+    assert_eq!(stack.platform.live_sandboxes().len(), 1, "the builder sandbox runs the step");
+    assert_eq!(open_uploads(dir.path()).len(), 1, "the snapshot's upload is open");
+
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = wait_for_exit(&mut child, &said).await;
+    said.extend(rx.iter());
+    let said = said.join("\n");
+    assert_eq!(status.code(), Some(130), "{said}");
+    assert!(said.contains("cancelling the build: stopping it and cleaning up"), "{said}");
+    assert!(
+        said.contains("error: the build was cancelled during its build stage")
+            && said.contains("cleaned up: deleted builder sandbox sbx-")
+            && said.contains(", aborted the snapshot's multipart upload"),
+        "{said}"
+    );
+    assert!(stack.platform.live_sandboxes().is_empty(), "the builder sandbox is deleted");
+    assert!(open_uploads(dir.path()).is_empty(), "the upload is aborted: {:?}", open_uploads(dir.path()));
+    assert_eq!(lookup(&stack, "cancelled").await, 404, "nothing is registered");
+    stack.shutdown().await;
+}
+
+/// A second signal while the first one's cleanup runs (SIGINT, then
+/// SIGTERM a moment later: two of one kind could merge into one) exits at
+/// once, 130, naming the builder sandbox it leaves behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_during_the_cleanup_exits_at_once_naming_the_sandbox_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_with(dir.path(), |_| {}).await;
+    let (mut child, rx, mut said) = build_until_its_run_step_runs(&stack, "abandoned");
+    let live = stack.platform.live_sandboxes();
+    assert_eq!(live.len(), 1, "the builder sandbox runs the step");
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    std::thread::sleep(Duration::from_millis(1));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = wait_for_exit(&mut child, &said).await;
+    said.extend(rx.iter());
+    let said = said.join("\n");
+    assert_eq!(status.code(), Some(130), "{said}");
+    let left = format!("exiting without cleaning up; left behind: builder sandbox {}", live[0]);
+    assert!(said.contains(&left), "{left}\n{said}");
+    assert!(said.contains("the snapshot's multipart upload if one was signed and not yet aborted"), "{said}");
+    assert!(!said.contains("cleaned up:"), "the cleanup did not finish: {said}");
+    assert_eq!(lookup(&stack, "abandoned").await, 404, "nothing is registered");
+    stack.shutdown().await;
+}
+
+/// `snapsign build` of a Dockerfile whose RUN step sleeps, as a child
+/// process, once the step has started: the child, its stderr lines to come
+/// and those so far.
+fn build_until_its_run_step_runs(
+    stack: &DevStack,
+    name: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>, Vec<String>) {
+    use std::io::BufRead;
+    use std::process::Stdio;
     let ctx = tempfile::tempdir().unwrap();
     common::rootfs::write(&ctx.path().join("rootfs"));
     let dockerfile = ctx.path().join("Dockerfile");
     std::fs::write(&dockerfile, "FROM scratch\nCOPY --chmod=755 rootfs/ /\nRUN echo step-started && sleep 600\n")
         .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"))
-        .args(["build", "--name", "cancelled", "--disk-mb", "256", "-f"])
+        .args(["build", "--name", name, "--disk-mb", "256", "-f"])
         .arg(&dockerfile)
         .arg("--context")
         .arg(ctx.path())
@@ -1130,34 +1188,20 @@ async fn ctrl_c_during_snapsign_build_aborts_the_upload_deletes_the_sandbox_and_
             }
         }
     }
-    assert_eq!(stack.platform.live_sandboxes().len(), 1, "the builder sandbox runs the step");
-    assert_eq!(open_uploads(dir.path()).len(), 1, "the snapshot's upload is open");
+    (child, rx, said)
+}
 
-    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+/// The child's exit status, killing it (and failing) after 60 s.
+async fn wait_for_exit(child: &mut std::process::Child, said: &[String]) -> std::process::ExitStatus {
     let waited = std::time::Instant::now();
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            return status;
         }
         if waited.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            panic!("snapsign build did not end within 60 s of Ctrl-C: {said:#?}");
+            panic!("snapsign build did not end within 60 s of the signal: {said:#?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    said.extend(rx.iter());
-    let said = said.join("\n");
-    assert_eq!(status.code(), Some(130), "{said}");
-    assert!(said.contains("cancelling the build: stopping it and cleaning up"), "{said}");
-    assert!(
-        said.contains("error: the build was cancelled during its build stage")
-            && said.contains("cleaned up: deleted builder sandbox sbx-")
-            && said.contains(", aborted the snapshot's multipart upload"),
-        "{said}"
-    );
-    assert!(stack.platform.live_sandboxes().is_empty(), "the builder sandbox is deleted");
-    assert!(open_uploads(dir.path()).is_empty(), "the upload is aborted: {:?}", open_uploads(dir.path()));
-    assert_eq!(lookup(&stack, "cancelled").await, 404, "nothing is registered");
-    stack.shutdown().await;
+    }
 }
