@@ -518,8 +518,8 @@ async fn a_context_of_random_and_text_files_arrives_byte_for_byte_with_its_permi
 /// the builder waits 6 s before each part after the first): the builder
 /// stops with the upload open and its archive kept, the client asks the
 /// signer for fresh URLs of the same upload (`refresh_upload`), the builder
-/// resumes, and the build registers the snapshot it wrote, once, with no
-/// upload left open.
+/// resumes, and the build registers the snapshot it wrote, with no upload
+/// left open.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_urls_that_expire_during_the_upload_the_build_finishes_through_fresh_urls() {
     let dir = tempfile::tempdir().unwrap();

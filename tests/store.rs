@@ -672,9 +672,11 @@ async fn the_signer_refuses_segments_over_255_bytes_and_keys_over_1024_bytes() {
 }
 
 /// Part URLs that expire during the upload (signed two hours ago for a
-/// minute, as the store sees them): a resumable upload stops with the
-/// archive finished and part 1 up, leaves the upload open, and fresh URLs
-/// for the same upload finish it with the right object. Not resumable, the
+/// minute): a resumable upload finds them expired before sending them,
+/// stops with the archive finished and part 1 up, leaves the upload open,
+/// and fresh URLs for the same upload finish it with the right object. Not
+/// resumable, the URLs are sent and the store refuses them (a 403 "Request
+/// has expired", or the connection closed before the body was read): the
 /// upload is aborted and the error says the URL expired.
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_part_urls_interrupt_a_resumable_upload_and_fresh_urls_for_it_finish_it() {

@@ -335,7 +335,8 @@ pub struct DevArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub registry_mirror: Option<String>,
     /// Lifetime of presigned URLs, seconds (5..=604800) [default: the
-    /// signer's, 3600]. Short ones make builds refresh their part URLs.
+    /// signer's, 3600]. Builds sign expired multipart URLs again; reads
+    /// and single PUTs must outlive the build.
     #[arg(long, value_name = "SECS")]
     pub url_ttl_secs: Option<u32>,
 }

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use super::call::{Answer, BuildError, Call, Endpoint, Event, Exit, Process, Request, SandboxError};
 use super::splice;
 use super::{command, complete, decorate, diagnose, lookup, plan, sizing};
-use crate::wire::{ClientFields, PrepareRequest, Prepared, SignRequest, TemplateRef, UploadHead};
+use crate::wire::{ClientFields, MultipartHint, PrepareRequest, Prepared, SignRequest, TemplateRef, UploadHead};
 
 /// Pause between two polls of a starting sandbox (wit/protocol.md §5.2).
 pub const POLL: Duration = Duration::from_millis(250);
@@ -126,6 +126,8 @@ enum State {
     Complete(u32),
     CompletePause(u32),
     Abort,
+    /// refresh_upload for a live abort URL, the first one having expired.
+    AbortRefresh,
     Diagnose(usize),
     Delete,
     Finished,
@@ -193,6 +195,8 @@ pub struct Flow {
     upload_id: Option<String>,
     /// Times the builder was resumed with fresh URLs.
     refreshes: u32,
+    /// The abort URL had expired and a fresh one was asked for.
+    abort_refreshed: bool,
     /// The complete request, kept to send again.
     complete_call: Option<Call>,
     /// The sandbox answered: failures from here on get diagnostics.
@@ -289,6 +293,7 @@ impl Flow {
             abort_url: None,
             upload_id: None,
             refreshes: 0,
+            abort_refreshed: false,
             complete_call: None,
             ready: false,
             diagnostics: Vec::new(),
@@ -305,7 +310,9 @@ impl Flow {
     /// time, and says what to do next.
     pub fn step(&mut self, answer: Answer, now: Duration) -> Step {
         let next = match self.state {
-            State::Abort | State::Diagnose(_) | State::Delete | State::Finished => self.unwind(answer, now),
+            State::Abort | State::AbortRefresh | State::Diagnose(_) | State::Delete | State::Finished => {
+                self.unwind(answer, now)
+            }
             // The host stops a cancelled build's sandbox calls; whichever one
             // answers so, the flow unwinds (abort, delete) without diagnostics.
             _ => match answer.cancelled() {
@@ -669,7 +676,15 @@ impl Flow {
                 self.go(State::WriteSpec, Call::WriteFile { id, path, contents })
             }
             (State::Build, Answer::Exit(exit)) => {
-                run_ok(&self.invocation.0, exit)?;
+                let interrupted = matches!(&exit, Ok(e) if e.code == command::BUILDER_EXIT_INTERRUPTED);
+                run_ok(&self.invocation.0, exit).map_err(|e| match e {
+                    BuildError::Failed(message) if interrupted => failed(format!(
+                        "{message}; gave up after {} refreshes of the upload's URLs (a longer URL lifetime at the \
+                         signer, SNAPSIGN_URL_TTL_SECS, helps)",
+                        self.refreshes
+                    )),
+                    other => other,
+                })?;
                 self.stage("complete");
                 let (id, path) = (self.id(), format!("{}/metadata.json", command::BUILD_DIR));
                 self.go(State::ReadMetadata, Call::ReadFile { id, path })
@@ -850,6 +865,42 @@ impl Flow {
     /// The unwinding steps: none of them can fail the build further.
     fn unwind(&mut self, answer: Answer, now: Duration) -> Next {
         match (self.state, answer) {
+            // The abort URL is signed with the part URLs and expires with
+            // them: while the sandbox (and its proxy) lives, a fresh one is
+            // asked for once (§5.12).
+            (State::Abort, Answer::Http(Ok((403, body))))
+                if text(&body).contains("expired")
+                    && !self.deleted
+                    && !self.abort_refreshed
+                    && self.upload_id.is_some()
+                    && self.signed_uri.is_some() =>
+            {
+                self.abort_refreshed = true;
+                self.warn("the abort URL of the multipart upload expired; asking the signer for a fresh one".into());
+                let (uri, upload_id) = (self.signed_uri.clone().unwrap_or_default(), self.upload_id.clone());
+                let hint = MultipartHint { max_parts: 1, ..sizing::multipart_hint(self.rootfs_bytes) };
+                let call = self.sign_call(&SignRequest::refresh_upload(&uri, &upload_id.unwrap_or_default(), hint));
+                self.state = State::AbortRefresh;
+                Next::Call(call)
+            }
+            (State::AbortRefresh, Answer::Http(answer)) => {
+                let fresh = signed(answer).ok().and_then(|answer| UploadHead::read(&answer).abort_url);
+                match fresh {
+                    Some(url) => {
+                        self.state = State::Abort;
+                        Next::Call(self.http("DELETE", url, &[], None))
+                    }
+                    None => {
+                        self.left.push("the snapshot's multipart upload (its abort URL expired)".into());
+                        self.warn(
+                            "cannot abort the multipart upload: its abort URL expired and no fresh one was signed; \
+                             the store's rule for incomplete uploads removes it"
+                                .into(),
+                        );
+                        self.diagnose_or_cleanup()
+                    }
+                }
+            }
             (State::Abort, Answer::Http(answer)) => {
                 let warning = match answer {
                     Ok((status, _)) if is_2xx(status) => {

@@ -9,8 +9,10 @@ use jiff::Timestamp;
 use crate::presign::{Addressing, Credentials, Endpoint, MAX_EXPIRES_SECS, Presigner, SigningKeys};
 use crate::token::{Claims, DEFAULT_MAX_TTL_SECS, MIN_KEY_LEN, TokenError, TokenKey};
 
-/// Shortest URL lifetime accepted, in seconds. Short lifetimes are safe
-/// (a build refreshes expired part URLs, wit/protocol.md §5.12), only slow.
+/// Shortest URL lifetime accepted, in seconds (tests use it). A build signs
+/// its multipart URLs again when they expire (wit/protocol.md §5.12), but
+/// not its reads nor a single PUT: a lifetime shorter than a build's
+/// slowest step fails builds.
 pub const MIN_URL_TTL_SECS: u32 = 5;
 /// URL lifetime when `SNAPSIGN_URL_TTL_SECS` is unset.
 pub const DEFAULT_URL_TTL_SECS: u32 = 3600;

@@ -48,7 +48,7 @@ pub enum SignError {
     /// code, and the whole story for the log.
     StoreFailed { action: &'static str, status: u16, s3_code: Option<String>, detail: String },
     /// The store could not be reached (the detail is for the log).
-    StoreUnreachable { detail: String },
+    StoreUnreachable { action: &'static str, detail: String },
     /// The signer's own configuration is broken (the detail is for the log).
     Misconfigured(String),
 }
@@ -111,7 +111,7 @@ impl SignError {
     pub fn log_detail(&self) -> Option<&str> {
         use SignError::*;
         match self {
-            StoreFailed { detail, .. } | StoreUnreachable { detail } | Misconfigured(detail) => Some(detail),
+            StoreFailed { detail, .. } | StoreUnreachable { detail, .. } | Misconfigured(detail) => Some(detail),
             _ => None,
         }
     }
@@ -172,8 +172,8 @@ impl fmt::Display for SignError {
             StoreFailed { action, status, s3_code: None, .. } => {
                 write!(f, "store refused {action}: HTTP {status}, without an S3 error code")
             }
-            StoreUnreachable { .. } => {
-                write!(f, "store did not answer CreateMultipartUpload (no connection or no answer); retry later")
+            StoreUnreachable { action, .. } => {
+                write!(f, "store did not answer {action} (no connection or no answer); retry later")
             }
             Misconfigured(_) => write!(f, "signer is misconfigured; its operator must fix its environment"),
         }

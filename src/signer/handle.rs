@@ -118,8 +118,9 @@ impl PendingUpload {
     /// Turns the store's answer to its call into the signer's answer.
     pub fn finish(self, store_status: u16, store_body: &str) -> Answer {
         let s3_code = s3_error_code(store_body);
+        // NoSuchUpload, or a bare 404 (a store that sends no error document); not NoSuchBucket.
         if let Pending::Refresh { upload_id } = &self.pending
-            && (store_status == 404 || s3_code.as_deref() == Some("NoSuchUpload"))
+            && (s3_code.as_deref() == Some("NoSuchUpload") || (store_status == 404 && s3_code.is_none()))
         {
             return SignError::NoSuchUpload { uri: self.uri.clone(), upload_id: upload_id.clone() }
                 .answer(&self.request_id);
@@ -167,7 +168,7 @@ impl PendingUpload {
 
     /// The store could not be reached at all; `detail` goes to the log only.
     pub fn unreachable(self, detail: &str) -> Answer {
-        SignError::StoreUnreachable { detail: detail.to_owned() }.answer(&self.request_id)
+        SignError::StoreUnreachable { action: self.action(), detail: detail.to_owned() }.answer(&self.request_id)
     }
 }
 
@@ -469,6 +470,13 @@ mod tests {
         assert_eq!((a.status, body["code"].as_str()), (404, Some("no_such_upload")));
         assert!(body["message"].as_str().unwrap().contains("\"up-2\""), "{body}");
         assert!(!a.body.contains("X-Amz-"), "{}", a.body);
+        // A 404 that is not NoSuchUpload (the bucket is gone) is the store's failure, not the caller's.
+        let Step::StoreCall(pending) = run(&refresh(own, "up-4")) else { panic!("expected a store call") };
+        let a = pending.finish(404, "<Error><Code>NoSuchBucket</Code></Error>");
+        assert_eq!(a.status, 502, "{}", a.body);
+        let Step::StoreCall(pending) = run(&refresh(own, "up-5")) else { panic!("expected a store call") };
+        let a = pending.unreachable("connection refused");
+        assert!(a.body.contains("store did not answer ListParts"), "{}", a.body);
         // Any other refusal names ListParts.
         let Step::StoreCall(pending) = run(&refresh(own, "up-3")) else { panic!("expected a store call") };
         let a = pending.finish(403, "<Error><Code>AccessDenied</Code></Error>");

@@ -65,6 +65,35 @@ struct ResumeState {
 
 const RESUME_ARCHIVE: &str = "snapshot.tar.zst";
 
+/// `BUILD/.tl-rootfs-build-resume`: made (mode 0700) or found, refusing
+/// anything but a directory of this user that no one else may write (BUILD
+/// itself is open to the sandbox user).
+fn resume_dir(build_dir: &Path, create: bool) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = build_dir.join(RESUME_DIR);
+    if create {
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("create {}", dir.display())),
+        }
+    }
+    let meta = fs::symlink_metadata(&dir)
+        .with_context(|| format!("inspect {} (was the build interrupted?)", dir.display()))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} is not a directory of uid {me} that only it may use (owner {}, mode {:o}); refusing to keep or \
+             read a resume there",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(dir)
+}
+
 /// Keeps what a resume needs and says what the caller does next.
 fn interrupt(
     build_dir: &Path,
@@ -73,8 +102,7 @@ fn interrupt(
     part_size: u64,
     i: &upload::Interrupted,
 ) -> Result<Outcome> {
-    let dir = build_dir.join(RESUME_DIR);
-    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir = resume_dir(build_dir, true)?;
     let kept = dir.join(RESUME_ARCHIVE);
     if archive != kept {
         fs::rename(archive, &kept).with_context(|| format!("keep the archive as {}", kept.display()))?;
@@ -93,16 +121,31 @@ fn interrupt(
         .with_context(|| format!("write {}", path.display()))?;
     let total = i.summary.size_bytes.div_ceil(part_size.max(1)).max(1);
     Ok(Outcome::Interrupted(format!(
-        "the signed URL of part {} expired with {} of {total} parts of multipart upload {upload_id} up; the upload \
-         stays open: sign fresh URLs for it (refresh_upload), put them in spec.json and run again with {RESUME_ENV}=1",
-        i.expired.part,
+        "{} with {} of {total} parts of multipart upload {upload_id} up; the upload stays open for a resume with \
+         fresh URLs of it (refresh_upload, then {RESUME_ENV}=1)",
+        i.expired,
         i.etags.len()
     )))
 }
 
+/// [`interrupt`], or when keeping the resume fails, the upload aborted
+/// and the error.
+fn interrupt_or_abort(
+    build_dir: &Path,
+    archive: &Path,
+    multipart: &snapsign::wire::S3Multipart,
+    i: &upload::Interrupted,
+) -> Result<Outcome> {
+    interrupt(build_dir, archive, &multipart.upload_id, multipart.part_size_bytes, i).inspect_err(|_| {
+        upload::abort(&http::agent(), multipart);
+        remove_tree(&build_dir.join(RESUME_DIR));
+    })
+}
+
 /// Resumes an interrupted build ([`RESUME_ENV`]): the kept archive goes up
 /// through spec.json's fresh URLs for the same upload, then metadata.json
-/// is written as by [`build`].
+/// is written as by [`build`]. What was kept is checked first (the upload,
+/// the part size, the part numbers, the archive's size and sha256).
 pub fn resume(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     let text = fs::read_to_string(&args.spec).with_context(|| format!("read the spec {}", args.spec.display()))?;
     let spec = Spec::from_json(&text).with_context(|| format!("parse the spec {}", args.spec.display()))?;
@@ -113,12 +156,41 @@ pub fn resume(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
         http::check_plain_http(&field, url).map_err(|m| anyhow!(m))?;
     }
     let build_dir = build_dir(args);
-    let dir = build_dir.join(RESUME_DIR);
+    let dir = resume_dir(&build_dir, false)?;
+    let archive = dir.join(RESUME_ARCHIVE);
+    let checked = check_resume(&dir, &archive, multipart);
+    let state = match checked {
+        Ok(state) => state,
+        Err(err) => {
+            remove_tree(&dir);
+            return Err(err);
+        }
+    };
+    let summary =
+        crate::archive::ArchiveSummary { sha256: state.sha256, size_bytes: state.size_bytes, files: state.files };
+    let interrupted =
+        upload::Interrupted { summary, etags: state.etags, expired: upload::UrlExpired { part: state.expired_part } };
+    let summary = match upload::resume(&http::agent(), multipart, &archive, interrupted) {
+        Ok(summary) => summary,
+        Err(err) => {
+            if let Some(again) = err.downcast_ref::<upload::Interrupted>() {
+                return interrupt_or_abort(&build_dir, &archive, multipart, again);
+            }
+            remove_tree(&dir);
+            return Err(err.context("resume the snapshot upload"));
+        }
+    };
+    remove_tree(&dir);
+    let work = WorkDir::create(&build_dir)?;
+    write_metadata(&spec, args, faults, &work.0, &summary)
+}
+
+/// The kept state, if it fits `multipart` and the kept archive.
+fn check_resume(dir: &Path, archive: &Path, multipart: &snapsign::wire::S3Multipart) -> Result<ResumeState> {
     let path = dir.join("state.json");
-    let state: ResumeState = serde_json::from_slice(
-        &fs::read(&path).with_context(|| format!("read {} (was the build interrupted?)", path.display()))?,
-    )
-    .with_context(|| format!("parse {}", path.display()))?;
+    let state: ResumeState =
+        serde_json::from_slice(&fs::read(&path).with_context(|| format!("read {}", path.display()))?)
+            .with_context(|| format!("parse {}", path.display()))?;
     if state.upload_id != multipart.upload_id || state.part_size_bytes != multipart.part_size_bytes {
         bail!(
             "spec.upload is upload {} of {}-byte parts, but the interrupted upload is {} of {}-byte parts: sign \
@@ -129,30 +201,35 @@ pub fn resume(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
             state.part_size_bytes
         );
     }
-    let archive = dir.join(RESUME_ARCHIVE);
-    let summary = crate::archive::ArchiveSummary {
-        sha256: state.sha256.clone(),
-        size_bytes: state.size_bytes,
-        files: state.files,
-    };
-    let interrupted = upload::Interrupted {
-        summary,
-        etags: state.etags.clone(),
-        expired: upload::UrlExpired { part: state.expired_part },
-    };
-    let summary = match upload::resume(&http::agent(), multipart, &archive, interrupted) {
-        Ok(summary) => summary,
-        Err(err) => {
-            if let Some(again) = err.downcast_ref::<upload::Interrupted>() {
-                return interrupt(&build_dir, &archive, &multipart.upload_id, multipart.part_size_bytes, again);
-            }
-            remove_tree(&dir);
-            return Err(err.context("resume the snapshot upload"));
+    let total = state.size_bytes.div_ceil(state.part_size_bytes.max(1)).max(1);
+    let mut numbers: Vec<u32> = state.etags.iter().map(|(n, _)| *n).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    if numbers.len() != state.etags.len() || numbers.iter().any(|n| !(1..=total).contains(&u64::from(*n))) {
+        bail!("{} lists parts {numbers:?}, not distinct parts of 1..={total}", path.display());
+    }
+    // The archive is read back whole: its sha256 goes to metadata.json, so it must be what was written.
+    let mut file = fs::File::open(archive).with_context(|| format!("open {}", archive.display()))?;
+    let (mut hasher, mut size, mut buf) = (sha2::Sha256::default(), 0u64, vec![0u8; 1 << 20]);
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf).with_context(|| format!("read {}", archive.display()))?;
+        if n == 0 {
+            break;
         }
-    };
-    remove_tree(&dir);
-    let work = WorkDir::create(&build_dir)?;
-    write_metadata(&spec, args, faults, &work.0, &summary)
+        sha2::Digest::update(&mut hasher, &buf[..n]);
+        size += n as u64;
+    }
+    let sha256 = hex::encode(sha2::Digest::finalize(hasher));
+    if size != state.size_bytes || sha256 != state.sha256 {
+        bail!(
+            "the kept archive {} is {size} bytes with sha256 {sha256}, not the {} bytes with sha256 {} that were \
+             written",
+            archive.display(),
+            state.size_bytes,
+            state.sha256
+        );
+    }
+    Ok(state)
 }
 
 fn build_dir(args: &BuildArgs) -> PathBuf {
@@ -305,8 +382,7 @@ pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
             if let (Some(interrupted), snapsign::wire::Upload::S3Multipart(multipart)) =
                 (err.downcast_ref::<upload::Interrupted>(), upload)
             {
-                let (id, size) = (&multipart.upload_id, multipart.part_size_bytes);
-                return interrupt(&build_dir, &archive_path, id, size, interrupted);
+                return interrupt_or_abort(&build_dir, &archive_path, multipart, interrupted);
             }
             return Err(err.context("upload the snapshot archive"));
         }

@@ -25,16 +25,21 @@ use snapsign::wire::{S3Multipart, SinglePut, Upload};
 /// At most this many UploadPart requests at once.
 pub const PARALLEL_PARTS: usize = 4;
 
-/// The store said a part's signed URL expired (S3: 403 AccessDenied
-/// "Request has expired"). Found with `downcast_ref` through any context.
+/// A signed URL of the upload expired: past its `X-Amz-Date` plus
+/// `X-Amz-Expires`, or the store said so (S3: 403 AccessDenied "Request
+/// has expired"). Found with `downcast_ref` through any context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UrlExpired {
+    /// The part whose URL expired; 0: `completeUrl`.
     pub part: u32,
 }
 
 impl std::fmt::Display for UrlExpired {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the signed URL of part {} expired", self.part)
+        match self.part {
+            0 => write!(f, "the signed completeUrl expired"),
+            part => write!(f, "the signed URL of part {part} expired"),
+        }
     }
 }
 
@@ -199,10 +204,16 @@ pub fn s3_multipart_overlapped(
         human_bytes(multipart.part_size_bytes.saturating_mul(multipart.part_urls.len() as u64))
     );
     let started = Instant::now();
-    let result = overlapped_parts(agent, multipart, archive, options, write).and_then(|(summary, etags)| {
-        complete(agent, multipart, &etags)?;
-        Ok(summary)
-    });
+    let result =
+        overlapped_parts(agent, multipart, archive, options, write).and_then(|(summary, etags)| {
+            match complete(agent, multipart, &etags, options.resumable) {
+                Ok(()) => Ok(summary),
+                Err(err) => match err.downcast_ref::<UrlExpired>() {
+                    Some(expired) if options.resumable => Err(Interrupted { summary, etags, expired: *expired }.into()),
+                    _ => Err(err),
+                },
+            }
+        });
     match result {
         Ok(summary) => {
             println!(
@@ -223,52 +234,62 @@ pub fn s3_multipart_overlapped(
 }
 
 /// Resumes an [`Interrupted`] upload through `multipart`, the same upload
-/// with fresh URLs: the parts not yet up go, one at a time, then
-/// CompleteMultipartUpload. URLs expired again: [`Interrupted`] with the
-/// parts up by then (the upload stays open). Any other failure aborts it.
+/// with fresh URLs: the parts not yet up go ([`PARALLEL_PARTS`] at once),
+/// then CompleteMultipartUpload. A URL expired again: [`Interrupted`] with
+/// the parts up by then (the upload stays open). Any other failure aborts it.
 pub fn resume(
     agent: &Agent,
     multipart: &S3Multipart,
     archive: &Path,
     interrupted: Interrupted,
 ) -> Result<ArchiveSummary> {
-    let Interrupted { summary, mut etags, .. } = interrupted;
+    let Interrupted { summary, etags, .. } = interrupted;
     let (size, part_size) = (summary.size_bytes, multipart.part_size_bytes);
     let started = Instant::now();
+    let total = size.div_ceil(part_size.max(1)).max(1);
     println!(
-        "Resuming multipart upload {} with fresh URLs: {} of {} parts are up",
+        "Resuming multipart upload {} with fresh URLs: {} of {total} parts are up",
         multipart.upload_id,
-        etags.len(),
-        size.div_ceil(part_size.max(1)).max(1)
+        etags.len()
     );
-    let mut send_rest = || -> Result<()> {
+    let etags = Mutex::new(etags);
+    let send_rest = || -> Result<()> {
         check_fits(size, part_size, multipart.max_parts, &multipart.part_urls)?;
-        let on_disk = std::fs::metadata(archive).with_context(|| format!("stat {}", archive.display()))?.len();
-        if on_disk != size {
-            bail!("the kept archive {} is {on_disk} bytes, not the {size} that were written", archive.display());
-        }
-        let mut number = 1;
-        while let Some(len) = part_len(number, part_size, size) {
-            if !etags.iter().any(|(done, _)| *done == number) {
+        let missing: Vec<PartRange> = (1..)
+            .map_while(|number| part_len(number, part_size, size).map(|len| (number, len)))
+            .filter(|(number, _)| !etags.lock().expect("no panics while held").iter().any(|(n, _)| n == number))
+            .map(|(number, len)| {
                 let url = part_url(&multipart.part_urls, number)?.to_owned();
-                let part = PartRange { number, offset: u64::from(number - 1) * part_size, len, url };
-                match upload_part(agent, multipart, archive, &part) {
-                    Ok(etag) => etags.push((number, etag)),
-                    Err(err) => {
-                        return Err(match err.downcast_ref::<UrlExpired>() {
-                            Some(expired) => {
-                                let expired = *expired;
-                                Interrupted { summary: summary.clone(), etags: etags.clone(), expired }.into()
+                Ok(PartRange { number, offset: u64::from(number - 1) * part_size, len, url })
+            })
+            .collect::<Result<_, crate::multipart::MultipartError>>()?;
+        let next = AtomicU32::new(0);
+        let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        thread::scope(|scope| {
+            for _ in 0..PARALLEL_PARTS.min(missing.len()) {
+                scope.spawn(|| {
+                    loop {
+                        if failure.lock().expect("no panics while held").is_some() {
+                            break;
+                        }
+                        let Some(part) = missing.get(next.fetch_add(1, Ordering::SeqCst) as usize) else { break };
+                        match upload_part(agent, multipart, archive, part, true) {
+                            Ok(etag) => etags.lock().expect("no panics while held").push((part.number, etag)),
+                            Err(err) => {
+                                failure.lock().expect("no panics while held").get_or_insert(err);
+                                break;
                             }
-                            None => err,
-                        });
+                        }
                     }
-                }
+                });
             }
-            number += 1;
+        });
+        if let Some(err) = failure.into_inner().expect("no panics while held") {
+            return Err(err);
         }
-        etags.sort();
-        complete(agent, multipart, &etags)
+        let mut done = etags.lock().expect("no panics while held").clone();
+        done.sort();
+        complete(agent, multipart, &done, true)
     };
     match send_rest() {
         Ok(()) => {
@@ -280,11 +301,17 @@ pub fn resume(
             );
             Ok(summary)
         }
-        Err(err) if err.downcast_ref::<Interrupted>().is_some() => Err(err),
-        Err(err) => {
-            abort(agent, multipart);
-            Err(err.context(format!("multipart upload {} failed while resuming", multipart.upload_id)))
-        }
+        Err(err) => match err.downcast_ref::<UrlExpired>() {
+            Some(expired) => {
+                let mut etags = etags.into_inner().expect("no panics while held");
+                etags.sort();
+                Err(Interrupted { summary, etags, expired: *expired }.into())
+            }
+            None => {
+                abort(agent, multipart);
+                Err(err.context(format!("multipart upload {} failed while resuming", multipart.upload_id)))
+            }
+        },
     }
 }
 
@@ -397,7 +424,7 @@ fn overlapped_parts(
                     if number > 1 && !options.delay.is_zero() {
                         thread::sleep(options.delay);
                     }
-                    match upload_part(agent, multipart, archive, &part) {
+                    match upload_part(agent, multipart, archive, &part, options.resumable) {
                         Ok(etag) => etags.lock().expect("no panics while held").push((number, etag)),
                         Err(err) => match err.downcast_ref::<UrlExpired>() {
                             Some(expired) if options.resumable => {
@@ -446,10 +473,19 @@ fn overlapped_parts(
     Ok((summary, etags))
 }
 
-/// One UploadPart: the part's bytes streamed from the file, its ETag returned as sent.
-pub fn upload_part(agent: &Agent, multipart: &S3Multipart, archive: &Path, part: &PartRange) -> Result<String> {
+/// One UploadPart: the part's bytes streamed from the file, its ETag
+/// returned as sent. `precheck`: a URL past its lifetime by this machine's
+/// clock is [`UrlExpired`] without being sent (only where the caller can get
+/// fresh URLs: a clock ahead of the signer's would refuse good URLs).
+pub fn upload_part(
+    agent: &Agent,
+    multipart: &S3Multipart,
+    archive: &Path,
+    part: &PartRange,
+    precheck: bool,
+) -> Result<String> {
     let n = part.number;
-    if url_expired(&part.url, now_secs()) == Some(true) {
+    if precheck && url_expired(&part.url, now_secs()) == Some(true) {
         return Err(anyhow::Error::new(UrlExpired { part: n }).context(format!("UploadPart part {n}")));
     }
     let url = redact_url(&part.url);
@@ -489,8 +525,13 @@ pub fn upload_part(agent: &Agent, multipart: &S3Multipart, archive: &Path, part:
     Ok(etag)
 }
 
-pub fn complete(agent: &Agent, multipart: &S3Multipart, etags: &[(u32, String)]) -> Result<()> {
+/// CompleteMultipartUpload with `etags`. Its URL expired (checked first
+/// with `precheck`, as [`upload_part`]; or the store said so): [`UrlExpired`] for part 0.
+pub fn complete(agent: &Agent, multipart: &S3Multipart, etags: &[(u32, String)], precheck: bool) -> Result<()> {
     let url = redact_url(&multipart.complete_url);
+    if precheck && url_expired(&multipart.complete_url, now_secs()) == Some(true) {
+        return Err(anyhow::Error::new(UrlExpired { part: 0 }).context("CompleteMultipartUpload"));
+    }
     println!("Completing multipart upload {} ({} parts) at {url}", multipart.upload_id, etags.len());
     let mut response = agent
         .post(&multipart.complete_url)
@@ -499,6 +540,9 @@ pub fn complete(agent: &Agent, multipart: &S3Multipart, etags: &[(u32, String)])
         .map_err(|e| anyhow!("CompleteMultipartUpload (POST {url}) failed: {e}"))?;
     let status = response.status().as_u16();
     let body = body_text(&mut response);
+    if is_expired(status, &body) {
+        return Err(anyhow::Error::new(UrlExpired { part: 0 }).context(format!("CompleteMultipartUpload (POST {url})")));
+    }
     check_complete(status, &body).map_err(|e| anyhow!("{e} (POST {url})"))
 }
 

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 /// First host uid of the ranges: inside the block systemd sets aside for
 /// containers (524288..=1879048191), away from its low end where
@@ -114,37 +114,45 @@ pub(crate) fn lock_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Rootless: where this user's processes lock their subordinate ranges
-/// (one directory per user, shared by all its snapsign processes): under
-/// `$XDG_RUNTIME_DIR`, else the temporary directory. It must be this
-/// user's and writable by nobody else, or another user could make two
-/// sandboxes share a range by swapping lock files.
-pub(crate) fn user_lock_dir(uid: u32) -> Result<PathBuf> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|d| d.is_absolute() && d.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    user_lock_dir_in(&base, uid)
+/// Rootless: the directory where this user's processes lock their blocks
+/// of subordinate ids, `/tmp/snapsign-sandbox-subids-UID` (one fixed place,
+/// whatever the environment, so every snapsign process of the user finds
+/// the same locks), held open: the returned path names it through the
+/// descriptor (`/proc/self/fd/N`), so a later rename or replacement of the
+/// path changes nothing. It must be this user's and writable by nobody else,
+/// or another user could make two sandboxes share a block by swapping lock
+/// files; `/tmp` is sticky, so once made it stays this user's.
+pub(crate) fn user_lock_dir(uid: u32) -> Result<(std::os::fd::OwnedFd, PathBuf)> {
+    user_lock_dir_in(Path::new("/tmp"), uid)
 }
 
-fn user_lock_dir_in(base: &Path, uid: u32) -> Result<PathBuf> {
+fn user_lock_dir_in(base: &Path, uid: u32) -> Result<(std::os::fd::OwnedFd, PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = base.join(format!("snapsign-sandbox-subids-{uid}"));
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("create subordinate id lock dir {}", dir.display())),
     }
-    let meta = std::fs::symlink_metadata(&dir).with_context(|| format!("inspect {}", dir.display()))?;
-    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
-        bail!(
-            "subordinate id lock dir {} is not a directory of uid {uid} that only it may write (owner {}, mode \
-             {:o}); remove it, or set XDG_RUNTIME_DIR to a directory of your own",
-            dir.display(),
-            meta.uid(),
-            meta.mode() & 0o7777
-        );
+    let refused = |what: String| {
+        anyhow::anyhow!(
+            "subordinate id lock dir {} {what}: it must be a directory of uid {uid} that only it may write; \
+             another user may have made it first (remove it as root)",
+            dir.display()
+        )
+    };
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&dir)
+        .map_err(|e| refused(format!("cannot be opened as a directory ({e})")))?;
+    let meta = opened.metadata().with_context(|| format!("inspect {}", dir.display()))?;
+    if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        return Err(refused(format!("has owner {} and mode {:o}", meta.uid(), meta.mode() & 0o7777)));
     }
-    Ok(dir)
+    let fd = std::os::fd::OwnedFd::from(opened);
+    let through = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    Ok((fd, through))
 }
 
 /// Ids of a rootless sandbox besides sandbox root (this user's own uid):
@@ -424,21 +432,29 @@ mod tests {
     }
 
     #[test]
-    fn the_lock_dir_of_subordinate_ids_must_be_this_users_alone() {
+    fn the_lock_dir_of_subordinate_ids_must_be_this_users_alone_and_is_held_open() {
         let dir = tempfile::tempdir().unwrap();
         // SAFETY: geteuid cannot fail.
         let uid = unsafe { libc::geteuid() };
-        let locks = user_lock_dir_in(dir.path(), uid).unwrap();
-        assert_eq!(locks, dir.path().join(format!("snapsign-sandbox-subids-{uid}")));
-        assert_eq!(std::fs::metadata(&locks).unwrap().mode() & 0o777, 0o700);
-        assert_eq!(user_lock_dir_in(dir.path(), uid).unwrap(), locks, "found again");
-        std::fs::set_permissions(&locks, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let path = dir.path().join(format!("snapsign-sandbox-subids-{uid}"));
+        let (held, through) = user_lock_dir_in(dir.path(), uid).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(through, PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd())));
+        // Locks go through the descriptor: the directory as it was opened, wherever its name goes.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&path, &moved).unwrap();
+        let (slot, _lock) = take_slot(&through, 2, 0).unwrap().unwrap();
+        assert!(moved.join(slot.to_string()).exists(), "the lock is in the directory held open");
+        drop(held);
+        // Writable by others, or a symlink: refused, naming it.
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
         let err = format!("{:#}", user_lock_dir_in(dir.path(), uid).unwrap_err());
-        assert!(err.contains("that only it may write") && err.contains("mode 777"), "{err}");
-        std::fs::remove_dir(&locks).unwrap();
-        std::os::unix::fs::symlink(dir.path(), &locks).unwrap();
+        assert!(err.contains("has owner") && err.contains("mode 777") && err.contains("only it may write"), "{err}");
+        std::fs::remove_dir(&path).unwrap();
+        std::os::unix::fs::symlink(&moved, &path).unwrap();
         let err = format!("{:#}", user_lock_dir_in(dir.path(), uid).unwrap_err());
-        assert!(err.contains("is not a directory of uid"), "{err}");
+        assert!(err.contains("cannot be opened as a directory"), "{err}");
     }
 
     #[test]

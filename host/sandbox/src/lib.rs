@@ -157,11 +157,22 @@ impl Sandboxes {
             }
             None => (None, None, None),
         };
-        // With two blocks of subordinate ids or more, each sandbox locks one of its own.
-        let uid_locks = match (&subids, rootless) {
-            (Some(ids), Some((uid, _))) if ids.ranges > 1 => identity::user_lock_dir(uid)?,
-            _ => uid_locks,
-        };
+        // With two blocks of subordinate ids or more, each sandbox locks one of its own (in a
+        // directory held open). Where the lock directory is refused, they share one, said.
+        let (mut ids, mut subids, mut uid_locks, mut locks_dir) = (ids, subids, uid_locks, None);
+        if let (Some(found), Some((uid, _))) = (subids.as_mut(), rootless)
+            && found.ranges > 1
+        {
+            match identity::user_lock_dir(uid) {
+                Ok((held, through)) => (uid_locks, locks_dir) = (through, Some(held)),
+                Err(e) => {
+                    tracing::warn!("sandboxes share one block of subordinate ids: {e:#}");
+                    found.ranges = 1;
+                    ids = Some(found.mode());
+                }
+            }
+        }
+        let subids = subids;
         let host = Host {
             confinement: config.confinement,
             layout: namespaces::host_layout(),
@@ -172,6 +183,7 @@ impl Sandboxes {
             ids,
             subids,
             keeper,
+            _locks_dir: locks_dir,
         };
         // Chosen once, said once: the identities and which mechanism holds each limit of every sandbox made here.
         static SAID: std::sync::Once = std::sync::Once::new();

@@ -44,6 +44,9 @@ pub(crate) struct Host {
     /// Rootless: a user namespace mapped as every sandbox's outer one, whose
     /// root may chown, read and remove any file of this user's sandboxes.
     pub keeper: Option<OwnedFd>,
+    /// Rootless with blocks of subordinate ids: the lock directory, held
+    /// open (`uid_locks` names it through this descriptor).
+    pub _locks_dir: Option<OwnedFd>,
 }
 
 impl Host {

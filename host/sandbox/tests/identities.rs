@@ -20,26 +20,27 @@ fn my_name() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-/// The first subordinate uid of this user in `/etc/subuid` and how many
-/// it has there, failing the test (with what to do) when it has none.
+/// The first subordinate uid of this user in `/etc/subuid` and how many ids
+/// it has in both `/etc/subuid` and `/etc/subgid` (the smaller), failing the
+/// test (with what to do) when it has none.
 fn my_subordinate_uids() -> (u32, u32) {
     let name = my_name();
-    let file = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-    file.lines()
-        .filter_map(|l| {
+    let range = |file: &str| -> Option<(u32, u32)> {
+        std::fs::read_to_string(file).unwrap_or_default().lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
             let count = f.get(2)?.parse::<u32>().ok()?;
             (f.len() == 3 && (f[0] == name || f[0] == my_uid().to_string()) && count >= 65_535)
                 .then(|| Some((f[1].parse().ok()?, count)))?
         })
-        .next()
-        .unwrap_or_else(|| {
-            panic!(
-                "user {name} (uid {}) has no range of 65535 ids in /etc/subuid; add one with: sudo usermod \
-                 --add-subuids 165536-231071 --add-subgids 165536-231071 {name} (and install uidmap)",
-                my_uid()
-            )
-        })
+    };
+    match (range("/etc/subuid"), range("/etc/subgid")) {
+        (Some((start, uids)), Some((_, gids))) => (start, uids.min(gids)),
+        _ => panic!(
+            "user {name} (uid {}) has no range of 65535 ids in /etc/subuid and /etc/subgid; add one with: sudo \
+             usermod --add-subuids 165536-231071 --add-subgids 165536-231071 {name} (and install uidmap)",
+            my_uid()
+        ),
+    }
 }
 
 /// The sandboxes these tests make: as root, ranges; as an ordinary user,

@@ -80,6 +80,8 @@ struct World {
     /// Answers to get_blob sign requests before the signed read.
     sign_gets: VecDeque<Result<(u16, String), String>>,
     abort: (u16, String),
+    /// Answers to aborts before `abort`.
+    aborts: VecDeque<(u16, String)>,
     dmesg: Vec<String>,
     df: Vec<String>,
     delete: Result<(), SandboxError>,
@@ -120,6 +122,7 @@ impl World {
             completes: VecDeque::new(),
             sign_gets: VecDeque::new(),
             abort: (204, String::new()),
+            aborts: VecDeque::new(),
             dmesg: vec!["[ 0.1] booted".into()],
             df: vec![
                 "Filesystem 1024-blocks Used Available Capacity Mounted on".into(),
@@ -198,7 +201,7 @@ impl World {
                     (200, json!({"kind": "single_get", "uri": uri, "method": "GET", "url": format!("http://store/get/{uri}")}).to_string())
                 }
             }
-            ("DELETE", ABORT | FRESH_ABORT) => self.abort.clone(),
+            ("DELETE", ABORT | FRESH_ABORT) => self.aborts.pop_front().unwrap_or_else(|| self.abort.clone()),
             other => panic!("unexpected HTTP call {other:?}"),
         }
     }
@@ -1168,6 +1171,33 @@ fn a_builder_interrupted_more_than_three_times_fails_and_aborts_with_the_fresh_a
     let expected = calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, &resumed, &aborted, DIAGNOSE, DELETE]);
     assert_eq!(run.calls, expected);
     assert!(run.failure().starts_with(&format!("Command '{BUILDER}' failed with exit code 75: interrupted:")));
+    assert!(run.failure().contains("; gave up after 3 refreshes of the upload's URLs"), "{}", run.failure());
+}
+
+/// The abort URL expires with the part URLs: answered 403 "Request has
+/// expired", the flow asks once for a fresh one (the sandbox's proxy still
+/// lives) and aborts with it; a refusal of that leaves the upload, said.
+#[test]
+fn an_expired_abort_url_is_signed_again_once_and_the_upload_aborted_with_the_fresh_one() {
+    let expired = "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>";
+    let mut world = World::new();
+    world.builder_exit = Exit { code: 1, oom_killed: false, last_error: Some("error: COPY failed".into()) };
+    world.aborts = VecDeque::from([(403, expired.to_owned())]);
+    let run = drive(request("FROM scratch\n"), &mut world);
+    let aborts = [ABORT_CALL[0], SIGN_REFRESH, "DELETE http://store/snapshots/abort?uploadId=u-1&fresh"];
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, &aborts, DIAGNOSE, DELETE]));
+    assert_eq!(world.sign_bodies[1]["op"]["multipart_hint"]["max_parts"], 1);
+    assert!(run.warnings().iter().any(|w| w.contains("abort URL of the multipart upload expired")));
+    assert!(run.warnings().iter().any(|w| w.starts_with("aborted the multipart upload")), "{:?}", run.warnings());
+
+    // The fresh one refused too: said, and asked for only once.
+    let mut world = World::new();
+    world.builder_exit = Exit { code: 1, oom_killed: false, last_error: None };
+    world.aborts = VecDeque::from([(403, expired.to_owned())]);
+    world.refresh_answer = (404, json!({"code": "no_such_upload"}));
+    let run = drive(request("FROM scratch\n"), &mut world);
+    assert_eq!(run.calls, calls(&[START, &["proxy sbx-1", SIGN_PUT], SETUP, &aborts[..2], DIAGNOSE, DELETE]));
+    assert!(run.warnings().iter().any(|w| w.contains("no fresh one was signed")), "{:?}", run.warnings());
 }
 
 #[test]
