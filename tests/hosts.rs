@@ -21,7 +21,7 @@ use snapsign_host::hosts::{Tools, wasmcloud};
 
 const MIB: usize = 1024 * 1024;
 /// The component as built, served byte for byte.
-const SIGNER_WASM: &str = env!("SNAPSIGN_SIGNER_WASM");
+const SIGNER_WASM: &str = snapsign_host::signer::SIGNER_WASM_PATH;
 
 fn tools() -> Tools {
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));

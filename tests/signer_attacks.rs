@@ -25,7 +25,7 @@ fn captured_log() -> &'static Arc<Mutex<Vec<u8>>> {
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
         tracing_subscriber::fmt()
-            .with_env_filter("snapsign_host=info")
+            .with_env_filter("snapsign_host=info,snapsign_runtime=info")
             .with_ansi(false)
             .with_writer(move || LogWriter(sink.clone()))
             .init();

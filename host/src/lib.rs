@@ -1,32 +1,21 @@
-//! The snapsign host: a wasmtime embedding that runs the snapsign
-//! components with limits, and the embedded servers of the dev stack.
+//! The snapsign host: the `snapsign` CLI, the embedded dev stack and the
+//! third-party host tooling, on top of the runtime (`snapsign-runtime`,
+//! re-exported here under the same module names).
 //!
-//! - [`engine`]: engine, pooling allocator, epoch deadlines, compiled cache;
-//! - [`guest`]: one guest's WASI context and Store, shared by the runtimes;
-//! - [`outbound`]: the outbound HTTP allow-list guests get;
-//! - [`cancel`]: cancelling a build from outside its guest;
-//! - [`sandbox_exec`]: the `sandbox-exec` capability and its backends;
-//! - [`image_build`]: the builder component runner;
-//! - [`pack`]: build contexts as gzip tars, compressed on every core;
-//! - [`signer`]: `serve-signer`, the signer component behind wasi:http;
+//! - [`dev`]: the dev stack (platform emulator, local sandboxes, state);
 //! - [`store`]: the embedded S3-compatible store;
-//! - [`serve`]: the HTTP server loop they share;
+//! - [`registry`]: pulling base images over the OCI distribution API into a cache;
 //! - [`hosts`]: the signer on third-party hosts (wasmtime serve, jco, wasmCloud);
-//! - [`registry`]: pulling base images over the OCI distribution API into a cache.
+//! - [`bench`]: the benchmarks;
+//! - from the runtime: [`engine`], [`guest`], [`outbound`], [`cancel`],
+//!   [`sandbox_exec`], [`image_build`], [`pack`], [`signer`], [`serve`].
+
+pub use snapsign_runtime::{cancel, engine, guest, image_build, outbound, pack, sandbox_exec, serve, signer};
 
 pub mod bench;
-pub mod cancel;
 pub mod demo;
 pub mod dev;
-pub mod engine;
-pub mod guest;
 pub mod hosts;
-pub mod image_build;
-pub mod outbound;
-pub mod pack;
 pub mod registry;
-pub mod sandbox_exec;
-pub mod serve;
-pub mod signer;
 pub mod store;
 pub mod templates;

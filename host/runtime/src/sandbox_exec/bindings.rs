@@ -4,7 +4,7 @@
 //! `wasi:io` to wasmtime-wasi's.
 
 wasmtime::component::bindgen!({
-    path: "../wit",
+    path: "../../wit",
     interfaces: "import snapsign:components/sandbox-exec@0.1.0;",
     imports: { default: async },
     with: { "snapsign:components/sandbox-exec.file-writer": super::backend::FileSink },

@@ -31,7 +31,7 @@ pub const BUILDER_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_BUILDER_WASM"));
 
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "builder",
         imports: { default: async },
         exports: { default: async },

@@ -17,7 +17,11 @@ const COMPONENTS: &[(&str, &str)] = &[
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let root = manifest_dir.parent().expect("host/ lives in the workspace root").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("host/runtime/ lives two levels below the workspace root")
+        .to_path_buf();
     for watched in ["src", "wit", "build.rs", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }

@@ -14,6 +14,7 @@
 
 mod guest_log;
 mod instance_pool;
+mod relay;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,9 +43,12 @@ use crate::outbound::AllowList;
 use crate::serve::{self, ServeLimits, Server};
 use guest_log::GuestLog;
 use instance_pool::{Caller, InstancePool};
+use relay::{Next as RelayNext, Relay};
 
 /// The signer component, built by `host/build.rs` from `src/bin/signer.rs`.
 pub const SIGNER_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_SIGNER_WASM"));
+/// Where the build put that component (for hosts that load it from a file).
+pub const SIGNER_WASM_PATH: &str = env!("SNAPSIGN_SIGNER_WASM");
 
 /// The header that carries a request's id, to the guest and back to the caller.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -102,13 +106,19 @@ type Guest = GuestState<GuestLog>;
 
 /// Request ids: a per-process random base plus a counter, so ids are unique
 /// within a process and unlikely to repeat across processes.
-pub(crate) struct RequestIds {
+pub struct RequestIds {
     base: u64,
     next: AtomicU64,
 }
 
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RequestIds {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         use std::hash::{BuildHasher, Hasher};
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u128(
@@ -118,7 +128,8 @@ impl RequestIds {
         RequestIds { base: hasher.finish(), next: AtomicU64::new(0) }
     }
 
-    pub(crate) fn next(&self) -> String {
+    /// The next id (16 hex digits).
+    pub fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{:016x}", self.base.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
     }
@@ -363,69 +374,69 @@ impl SignerHost {
             })?,
         };
         let limit = self.max_memory_bytes;
-        let (called, read) = {
-            let call = proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out);
-            tokio::pin!(call);
-            let mut reading: Option<AnswerRead> = None;
-            let mut waiting = true;
-            let mut read: Option<Result<http::Response<Bytes>>> = None;
-            let mut called = None;
-            // What the guest set on its outparam: start reading the body, or its error.
-            let answered = |set: GuestAnswer, reading: &mut Option<AnswerRead>| match set {
-                Ok(response) => {
-                    *reading = Some(Box::pin(read_answer(response, limit)));
-                    Ok(())
-                }
+        // What the guest set on its outparam: start reading the body, or its error.
+        let answered = |set: GuestAnswer| -> Result<AnswerRead, Failure> {
+            match set {
+                Ok(response) => Ok(Box::pin(read_answer(response, limit))),
                 Err(code) => Err(Failure::new(
                     502,
                     "guest_error",
                     "the signer ended this request with an error instead of an answer".into(),
                     anyhow::anyhow!("signer failed: {code:?}"),
                 )),
-            };
+            }
+        };
+        // The relay decides what to wait for (relay.rs); this loop performs it.
+        let mut relay = Relay::new();
+        let mut reading: Option<AnswerRead> = None;
+        let mut read: Option<Result<http::Response<Bytes>>> = None;
+        let mut called = None;
+        {
+            let call = proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out);
+            tokio::pin!(call);
             loop {
-                tokio::select! {
-                    set = &mut guest_answer, if waiting => {
-                        waiting = false;
-                        if let Ok(set) = set {
-                            answered(set, &mut reading)?;
-                        }
-                    }
-                    body = std::future::poll_fn(|cx| match reading.as_mut() {
-                        Some(body) => body.as_mut().poll(cx),
-                        None => std::task::Poll::Pending,
-                    }), if read.is_none() => read = Some(body),
-                    result = &mut call, if called.is_none() => called = Some(result),
-                }
-                if called.is_some() {
-                    // An answer set just before the call returned.
-                    if waiting {
-                        waiting = false;
-                        if let Ok(set) = guest_answer.try_recv() {
-                            answered(set, &mut reading)?;
-                        }
-                    }
-                    // Once it failed, nothing more comes: what it wrote
-                    // before is taken only when it is the whole answer.
-                    if matches!(called, Some(Err(_))) {
-                        let mut now = std::task::Context::from_waker(std::task::Waker::noop());
-                        if read.is_none()
-                            && let Some(body) = reading.as_mut()
-                            && let std::task::Poll::Ready(done) = body.as_mut().poll(&mut now)
-                        {
+                match relay.next() {
+                    RelayNext::Done => break,
+                    RelayNext::Wait { answer, body, call: running } => tokio::select! {
+                        set = &mut guest_answer, if answer => match set {
+                            Ok(set) => {
+                                reading = Some(answered(set)?);
+                                relay.answer_set();
+                            }
+                            Err(_) => relay.answer_missing(),
+                        },
+                        done = std::future::poll_fn(|cx| match reading.as_mut() {
+                            Some(body) => body.as_mut().poll(cx),
+                            None => std::task::Poll::Pending,
+                        }), if body => {
                             read = Some(done);
+                            relay.body_done();
                         }
-                        break;
-                    }
-                    // Once the guest returned, only its body may still be in
-                    // flight (a guest that kept it open runs into the deadline).
-                    if reading.is_none() || read.is_some() {
-                        break;
+                        result = &mut call, if running => {
+                            relay.call_ended(result.is_ok());
+                            called = Some(result);
+                        }
+                    },
+                    RelayNext::CheckAnswerOnce => match guest_answer.try_recv() {
+                        Ok(set) => {
+                            reading = Some(answered(set)?);
+                            relay.answer_set();
+                        }
+                        Err(_) => relay.answer_missing(),
+                    },
+                    RelayNext::PollBodyOnce => {
+                        let mut now = std::task::Context::from_waker(std::task::Waker::noop());
+                        match reading.as_mut().map(|body| body.as_mut().poll(&mut now)) {
+                            Some(std::task::Poll::Ready(done)) => {
+                                read = Some(done);
+                                relay.body_done();
+                            }
+                            _ => relay.body_unfinished(),
+                        }
                     }
                 }
             }
-            (called, read)
-        };
+        }
         let trapped = match called {
             // The epoch deadline traps the guest when it computes too long.
             Some(Err(e)) if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) => {
@@ -681,6 +692,22 @@ mod tests {
         assert!(exports.iter().any(|e| e.starts_with("wasi:http/incoming-handler@0.2")), "{exports:?}");
     }
 
+    /// A signer environment for a store at `store_url` (the tests here never reach it).
+    fn signer_env(store_url: &str) -> Vec<(String, String)> {
+        [
+            ("SNAPSIGN_BUCKET", "tests"),
+            ("SNAPSIGN_KEY_PREFIX", "builds"),
+            ("SNAPSIGN_S3_ENDPOINT", store_url),
+            ("SNAPSIGN_S3_ADDRESSING", "path"),
+            ("SNAPSIGN_ACCESS_KEY_ID", "AKIDTEST"),
+            ("SNAPSIGN_SECRET_ACCESS_KEY", "test-secret"),
+            ("SNAPSIGN_TOKEN_KEY", "test-token-key-0123456789abcdef0123456"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
     /// A wasi:http handler that keeps the last request's caller and body in
     /// a static and answers with them: the worst guest bug, on purpose.
     const REUSE_PROBE_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_REUSE_PROBE_WASM"));
@@ -712,7 +739,7 @@ mod tests {
             let config = SignerServerConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 // The probe never calls the store; the address only has to be valid.
-                env: crate::bench::env("http://127.0.0.1:9"),
+                env: signer_env("http://127.0.0.1:9"),
                 limits: EngineLimits { max_concurrency, max_memory_bytes },
                 request_timeout: Duration::from_secs(20),
                 cache_dir: cache.path().to_owned(),
@@ -1017,7 +1044,7 @@ mod tests {
     fn debug_output_names_variables_but_not_their_values() {
         let config = SignerServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            env: crate::bench::env("http://127.0.0.1:9"),
+            env: signer_env("http://127.0.0.1:9"),
             limits: EngineLimits::default(),
             request_timeout: Duration::from_secs(1),
             cache_dir: PathBuf::from("/tmp"),
