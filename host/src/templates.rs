@@ -5,16 +5,14 @@
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use snapsign::image_build::call::{Scope, platform_base};
-
-/// What a path segment escapes: all but RFC 3986's unreserved characters.
-const SEGMENT: &percent_encoding::AsciiSet =
-    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+use snapsign::image_build::call::Scope;
+use snapsign::image_build::routes;
 
 /// A client of one platform, with one bearer token (its namespace).
 pub struct Templates {
     http: reqwest::Client,
-    base: String,
+    /// [`routes::platform_base`].
+    platform: String,
     token: String,
     scope: Option<Scope>,
 }
@@ -26,8 +24,8 @@ impl Templates {
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .context("make the HTTP client")?;
-        let base = snapsign::image_build::call::templates_url(&platform_base(api_url, scope.as_ref()));
-        Ok(Templates { http, base, token: token.to_owned(), scope })
+        let platform = routes::platform_base(api_url, scope.as_ref());
+        Ok(Templates { http, platform, token: token.to_owned(), scope })
     }
 
     /// Every template of the token's namespace, by name.
@@ -35,7 +33,7 @@ impl Templates {
         let mut all = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut request = self.http.get(&self.base);
+            let mut request = self.http.get(routes::templates_url(&self.platform));
             if let Some(cursor) = &cursor {
                 request = request.query(&[("cursor", cursor)]);
             }
@@ -53,18 +51,16 @@ impl Templates {
     /// The template `reference` (`name`, or `namespace/name` for another
     /// namespace's public one), as the build client's lookup reads it.
     pub async fn describe(&self, reference: &str) -> Result<Value> {
-        let encoded = percent_encoding::utf8_percent_encode(reference, SEGMENT);
         let what = format!("describe template '{reference}'");
-        self.send(&what, self.http.get(format!("{}/by-name/{encoded}", self.base))).await
+        self.send(&what, self.http.get(routes::lookup_url(&self.platform, reference))).await
     }
 
     /// Removes the template `name` of the token's namespace; answers what was removed.
     pub async fn remove(&self, name: &str) -> Result<Value> {
         let template = self.describe(name).await?;
         let id = template["id"].as_str().with_context(|| format!("template '{name}': the lookup answer has no id"))?;
-        let encoded = percent_encoding::utf8_percent_encode(id, SEGMENT);
         let what = format!("remove template '{name}' ({id})");
-        self.send(&what, self.http.delete(format!("{}/{encoded}", self.base))).await
+        self.send(&what, self.http.delete(routes::template_url(&self.platform, id))).await
     }
 
     async fn send(&self, what: &str, mut request: reqwest::RequestBuilder) -> Result<Value> {

@@ -62,39 +62,7 @@ impl Scope {
     }
 }
 
-/// The platform API's prefix: `{api}/platform/v1`, and in PAT mode
-/// `/organizations/{org}/projects/{project}` after it (each one segment).
-pub fn platform_base(api: &str, scope: Option<&Scope>) -> String {
-    let mut base = format!("{}/platform/v1", api.trim_end_matches('/'));
-    if let Some(scope) = scope {
-        base.push_str("/organizations/");
-        crate::presign::uri_encode(&scope.organization, false, &mut base);
-        base.push_str("/projects/");
-        crate::presign::uri_encode(&scope.project, false, &mut base);
-    }
-    base
-}
-
-/// `{platform}/sandbox-templates`: list, get and delete (wit/protocol.md §2.7);
-/// `platform` is [`platform_base`].
-pub fn templates_url(platform: &str) -> String {
-    format!("{platform}/sandbox-templates")
-}
-
-/// `{platform}/sandbox-template-builds`: prepare (wit/protocol.md §2.4).
-pub fn builds_url(platform: &str) -> String {
-    format!("{platform}/sandbox-template-builds")
-}
-
-/// `{platform}/sandbox-template-builds/{build}/complete` (wit/protocol.md
-/// §2.6), the build id as one segment whatever the platform answered.
-pub fn complete_url(platform: &str, build_id: &str) -> String {
-    let mut url = builds_url(platform);
-    url.push('/');
-    crate::presign::uri_encode(build_id, false, &mut url);
-    url.push_str("/complete");
-    url
-}
+pub use super::routes::{builds_url, complete_url, platform_base, templates_url};
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

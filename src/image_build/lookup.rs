@@ -5,12 +5,9 @@ use super::call::BuildError;
 use crate::wire::TemplateFound;
 
 /// `GET {platform}/sandbox-templates/by-name/{reference}` (`platform`:
-/// [`super::call::platform_base`]), the reference percent-encoded as one path segment.
+/// [`super::routes::platform_base`]), the reference percent-encoded as one path segment.
 pub fn url(platform: &str, reference: &str) -> String {
-    let mut url = super::call::templates_url(platform);
-    url.push_str("/by-name/");
-    crate::presign::uri_encode(reference, false, &mut url);
-    url
+    super::routes::lookup_url(platform, reference)
 }
 
 /// The template (200), none (404), or why the build stops. Another

@@ -16,6 +16,7 @@ pub mod dockerfile;
 pub mod flow;
 pub mod lookup;
 pub mod plan;
+pub mod routes;
 pub mod sandbox_info;
 pub mod sizing;
 pub mod splice;

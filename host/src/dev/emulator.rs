@@ -17,9 +17,10 @@ use snapsign_sandbox::Sandboxes;
 
 use super::faults::Faults;
 use super::http::{ApiError, Body, namespace};
-use super::platform::{PrepareShape, SHAPE_HEADER};
+use super::shape::{PrepareShape, SHAPE_HEADER};
 use super::state::State;
 use crate::store::StoreFaults;
+use snapsign::image_build::routes::{BUILDS, BY_NAME, COMPLETE, ORGANIZATIONS, PLATFORM, PROJECTS, TEMPLATES, V1};
 
 /// Largest JSON body the platform and lifecycle routes read.
 const MAX_JSON_BODY: usize = 1 << 20;
@@ -57,20 +58,33 @@ pub struct Emulator {
     store_root: OnceLock<std::path::PathBuf>,
 }
 
+/// What the emulator is built over.
+pub struct EmulatorConfig {
+    /// Templates, builds and sandboxes (SQLite).
+    pub state: State,
+    /// The signer's configuration (its keys, bucket and URL lifetime).
+    pub signer: SignerConfig,
+    /// Where the proxy forwards sign requests.
+    pub signer_url: String,
+    /// The local sandboxes the lifecycle API makes.
+    pub sandboxes: Sandboxes,
+    /// How long a new sandbox stays pending.
+    pub pending: Duration,
+    /// The prepare shape answered when a request does not pick one.
+    pub shape: PrepareShape,
+    /// Fault switches at start.
+    pub faults: Faults,
+    /// The store's own fault switch (a part number it refuses).
+    pub store_faults: Arc<StoreFaults>,
+    /// The operator's token (`/_snapsign/…`).
+    pub admin_token: String,
+}
+
 impl Emulator {
     /// Builds the emulator over its state, the signer's config and URL, and local sandboxes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        state: State,
-        signer: SignerConfig,
-        signer_url: String,
-        sandboxes: Sandboxes,
-        pending: Duration,
-        shape: PrepareShape,
-        faults: Faults,
-        store_faults: Arc<StoreFaults>,
-        admin_token: String,
-    ) -> Self {
+    pub fn new(config: EmulatorConfig) -> Self {
+        let EmulatorConfig { state, signer, signer_url, sandboxes, pending, shape, faults, store_faults, admin_token } =
+            config;
         store_faults.fail_upload_part(faults.store_fail_part);
         Emulator {
             state,
@@ -225,10 +239,10 @@ impl Emulator {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         // PAT mode puts organizations/{org}/projects/{proj} after /platform/v1; same handlers.
         let (platform, scope): (Option<Vec<&str>>, _) = match segments.as_slice() {
-            ["platform", "v1", "organizations", org, "projects", project, rest @ ..] => {
+            [PLATFORM, V1, ORGANIZATIONS, org, PROJECTS, project, rest @ ..] => {
                 (Some(rest.to_vec()), Some((*org, *project)))
             }
-            ["platform", "v1", rest @ ..] => (Some(rest.to_vec()), None),
+            [PLATFORM, V1, rest @ ..] => (Some(rest.to_vec()), None),
             _ => (None, None),
         };
         let key = self.signer.token_key().to_vec();
@@ -239,22 +253,22 @@ impl Emulator {
                 self.scoped_requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             return match (&method, rest.as_slice()) {
-                (&Method::GET, ["sandbox-templates", "by-name", name]) => {
+                (&Method::GET, [TEMPLATES, BY_NAME, name]) => {
                     let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy().into_owned();
                     Ok(super::http::json(StatusCode::OK, &self.lookup_template(&ns, &name)?))
                 }
-                (&Method::GET, ["sandbox-templates"]) => {
+                (&Method::GET, [TEMPLATES]) => {
                     Ok(super::http::json(StatusCode::OK, &self.list_templates(&ns, parts.uri.query())?))
                 }
-                (&Method::GET, ["sandbox-templates", id]) => {
+                (&Method::GET, [TEMPLATES, id]) => {
                     let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
                     Ok(super::http::json(StatusCode::OK, &self.get_template(&ns, &id)?))
                 }
-                (&Method::DELETE, ["sandbox-templates", id]) => {
+                (&Method::DELETE, [TEMPLATES, id]) => {
                     let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
                     Ok(super::http::json(StatusCode::OK, &self.delete_template(&ns, &id)?))
                 }
-                (&Method::POST, ["sandbox-template-builds"]) => {
+                (&Method::POST, [BUILDS]) => {
                     let shape = match headers.get(SHAPE_HEADER).and_then(|v| v.to_str().ok()) {
                         Some(value) => {
                             PrepareShape::parse(value).map_err(|e| ApiError::bad_request("invalid_header", e))?
@@ -265,7 +279,7 @@ impl Emulator {
                     let imported = self.import_images(&ns, &body).await?;
                     Ok(super::http::json(StatusCode::OK, &self.prepare(&ns, &body, shape, imported)?))
                 }
-                (&Method::POST, ["sandbox-template-builds", build_id, "complete"]) => {
+                (&Method::POST, [BUILDS, build_id, COMPLETE]) => {
                     let build_id = build_id.to_string();
                     Ok(super::http::json(StatusCode::OK, &self.complete(&ns, &build_id, &parse_json(&body)?).await?))
                 }

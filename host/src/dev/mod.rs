@@ -10,11 +10,12 @@ pub mod lifecycle;
 pub mod platform;
 pub mod proxy;
 pub mod recover;
+pub mod shape;
 pub mod stack;
 pub mod state;
 
 pub use emulator::Emulator;
 pub use faults::Faults;
-pub use platform::PrepareShape;
 pub use recover::Recovered;
+pub use shape::PrepareShape;
 pub use stack::{DevConfig, DevStack};

@@ -11,34 +11,10 @@ use super::emulator::Emulator;
 use super::http::ApiError;
 use super::state::{Build, Template};
 
-/// Which shape prepare answers in (wit/protocol.md §2.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrepareShape {
-    /// `snapshotUri` + an `upload` block presigned by the platform.
-    Legacy,
-    /// `snapshotRelPath` only: the client asks the dataplane to sign.
-    New,
-    /// Both fields; `snapshotUri` is deliberately stale (the signed uri must win).
-    Both,
-}
-
-impl PrepareShape {
-    /// Parses `legacy`, `new` or `both`.
-    pub fn parse(value: &str) -> Result<Self, String> {
-        match value {
-            "legacy" => Ok(PrepareShape::Legacy),
-            "new" => Ok(PrepareShape::New),
-            "both" => Ok(PrepareShape::Both),
-            other => Err(format!("prepare shape '{other}' is not legacy, new or both")),
-        }
-    }
-}
+pub use super::shape::{PrepareShape, SHAPE_HEADER};
 
 /// The most layers a parent may have below it.
 const MAX_ANCESTORS: usize = 64;
-
-/// Header that picks the prepare shape of one request.
-pub const SHAPE_HEADER: &str = "x-snapsign-prepare-shape";
 
 /// `body` read as a `T` of the wire model; an error names the field at
 /// fault (`parentTemplate.templateId: invalid type: …`), as `missing_field`

@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use snapsign::signer::SignerConfig;
 use snapsign_sandbox::{Confinement, Sandboxes, SandboxesConfig};
 
-use super::emulator::Emulator;
+use super::emulator::{Emulator, EmulatorConfig};
 use super::faults::Faults;
-use super::platform::PrepareShape;
+use super::shape::PrepareShape;
 use super::state::State;
 use crate::engine::EngineLimits;
 use crate::serve::{self, Server};
@@ -262,17 +262,17 @@ impl DevStack {
 
         let sandbox_mode = sandboxes.describe();
         let granted = sandboxes.clone();
-        let platform = Arc::new(Emulator::new(
+        let platform = Arc::new(Emulator::new(EmulatorConfig {
             state,
-            signer_config,
-            signer.url(),
+            signer: signer_config,
+            signer_url: signer.url(),
             sandboxes,
-            config.pending,
-            config.shape,
-            config.faults.clone(),
+            pending: config.pending,
+            shape: config.shape,
+            faults: config.faults.clone(),
             store_faults,
-            secrets.admin_token.clone(),
-        ));
+            admin_token: secrets.admin_token.clone(),
+        }));
         platform.set_store_root(config.data_dir.join("store"));
         // Registry images a Dockerfile FROMs: pulled into data_dir/images (an OCI layout, by digest).
         let images = config.data_dir.join("images");
