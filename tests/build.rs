@@ -15,7 +15,7 @@ use snapsign_host::image_build::{BuildEvent, BuildFailure, BuildOptions};
 
 fn options(stack: &DevStack, name: &str, dockerfile: &str, context: &Path) -> BuildOptions {
     let mut options = stack.build_options(name, dockerfile, context);
-    options.sandbox_wait = Duration::from_secs(30);
+    options.request.sandbox_wait_secs = 30;
     options.timeout = Duration::from_secs(300);
     options.cache_dir = common::cache_dir();
     options
@@ -114,7 +114,7 @@ async fn a_pat_mode_build_registers_through_the_scoped_platform_paths() {
     let ctx = context(&[("hello.txt", b"hello from the base image\n")]);
     let scope = snapsign::image_build::call::Scope { organization: "org-1".into(), project: "proj-1".into() };
     let mut opts = options(&stack, "scoped", BASE, ctx.path());
-    opts.scope = Some(scope.clone());
+    opts.request.scope = Some(scope.clone());
     let run = build(&opts).await;
     let template = run.outcome.unwrap_or_else(|e| panic!("PAT build failed: {e}\n{:#?}", run.events));
     assert_eq!(template["name"], "scoped");
@@ -210,7 +210,7 @@ async fn build_arguments_reach_the_from_lookup_and_the_builders_args_in_both_pre
         let base = build(&options(&stack, "args-base", BASE, ctx.path())).await;
         base.outcome.unwrap_or_else(|e| panic!("{shape:?}: base build failed: {e}\n{:#?}", base.events));
         let mut opts = options(&stack, "args-child", dockerfile, ctx.path());
-        opts.build_args = vec![("BASE".into(), "args-base".into()), ("DIR".into(), "from arg $x".into())];
+        opts.request.build_args = vec![("BASE".into(), "args-base".into()), ("DIR".into(), "from arg $x".into())];
         let run = build(&opts).await;
         let child = run.outcome.unwrap_or_else(|e| panic!("{shape:?}: build failed: {e}\n{:#?}", run.events));
         assert_eq!(child["rootfsNodeKind"], "diff", "{shape:?}: FROM $BASE found the template the argument names");
@@ -270,8 +270,8 @@ async fn build_as(stack: &DevStack, namespace: &str, name: &str, dockerfile: &st
     let ctx = context(&[("hello.txt", format!("{namespace}/{name}\n").as_bytes())]);
     let mut options = options(stack, name, dockerfile, ctx.path());
     options.namespace = namespace.into();
-    options.token = stack.token_for(namespace).unwrap();
-    options.public = public;
+    options.request.token = stack.token_for(namespace).unwrap();
+    options.request.public = public;
     stack.platform.set_shape(PrepareShape::parse(shape).unwrap());
     build(&options).await
 }
@@ -421,7 +421,7 @@ async fn each_fault_ends_in_a_clear_error_with_nothing_left_behind() {
     // A real OOM kill: the builder uses memory past its sandbox's 64 MiB (+ 256 MiB RAM-backed disk).
     let oom = failing_with(
         Faults { builder_oom: true, ..Faults::default() },
-        |o| (o.builder_memory_mb, o.builder_disk_mb) = (Some(64), Some(64)),
+        |o| (o.request.builder_memory_mb, o.request.builder_disk_mb) = (Some(64), Some(64)),
         "(process was killed by the kernel OOM killer)",
     )
     .await;
@@ -594,7 +594,7 @@ async fn usage_and_auth_errors_are_told_apart() {
     let run = build(&options(&stack, "x", "COPY a b\n", ctx.path())).await;
     assert!(matches!(&run.outcome, Err(BuildFailure::Usage(m)) if m.contains("no FROM")), "{:?}", run.outcome);
     let mut bad = options(&stack, "x", BASE, ctx.path());
-    bad.token = "sst1.forged.token".into();
+    bad.request.token = "sst1.forged.token".into();
     let run = build(&bad).await;
     assert!(matches!(&run.outcome, Err(BuildFailure::Auth(_))), "{:?}", run.outcome);
     stack.shutdown().await;

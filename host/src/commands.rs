@@ -280,27 +280,30 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         let message = format!("the build context {} is not a directory; pass --context", context.display());
         return Ok(ended(BuildFailure::Usage(message)));
     }
-    let options = BuildOptions {
+    let request = snapsign::image_build::call::Request {
         api_url,
         token,
-        namespace,
         name: name.clone(),
         dockerfile: text,
-        context_dir: context,
         disk_mb,
         builder_cpus,
         builder_memory_mb,
         builder_disk_mb,
         public,
-        sandbox_wait: Duration::from_secs(sandbox_wait_secs),
+        sandbox_wait_secs: sandbox_wait_secs.clamp(1, u64::from(u32::MAX)) as u32,
+        import_reference,
+        scope,
+        build_args,
+    };
+    let options = BuildOptions {
+        request,
+        namespace,
+        context_dir: context,
         allow_hosts,
         max_memory_bytes: max_memory_mb << 20,
         timeout: Duration::from_secs(timeout_secs),
         cache_dir: engine::default_cache_dir(),
-        import_reference,
-        scope,
         cancel: Cancel::new(),
-        build_args,
     };
     let cancelling = cancel_on_signals(options.cancel.clone())?;
     let printer = if json { image_build::json_printer() } else { image_build::progress_printer() };

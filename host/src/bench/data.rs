@@ -87,9 +87,9 @@ pub async fn run(options: DataOptions) -> Result<()> {
         floors.push(floor(&stack, &context, &dir.0, round).await?);
         let mut build = stack.build_options(&format!("bench-data-{round}"), dockerfile, &context);
         build.cache_dir = config.cache_dir.clone();
-        build.disk_mb = Some(context_mib + 256);
-        build.builder_disk_mb = Some(4 * context_mib + 1024);
-        build.builder_memory_mb = Some(4 * context_mib as i64 + 2048);
+        build.request.disk_mb = Some(context_mib + 256);
+        build.request.builder_disk_mb = Some(4 * context_mib + 1024);
+        build.request.builder_memory_mb = Some(4 * context_mib as i64 + 2048);
         build.timeout = Duration::from_secs(3600);
         let marks: Arc<Mutex<Vec<(Instant, BuildEvent)>>> = Arc::default();
         let record = marks.clone();

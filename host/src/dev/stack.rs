@@ -330,27 +330,17 @@ impl DevStack {
     /// Options for a build against this stack: its token and namespace, a
     /// 256 MiB rootfs, the store admitted (so an unfinished upload can be aborted).
     pub fn build_options(&self, name: &str, dockerfile: &str, context: &Path) -> crate::image_build::BuildOptions {
-        crate::image_build::BuildOptions {
-            api_url: self.api_url(),
-            token: self.token.clone(),
+        use crate::image_build::BuildOptions;
+        let request = BuildOptions::request(&self.api_url(), &self.token, name, dockerfile);
+        BuildOptions {
+            request: snapsign::image_build::call::Request { disk_mb: Some(256), ..request },
             namespace: self.namespace.clone(),
-            name: name.into(),
-            dockerfile: dockerfile.into(),
             context_dir: context.to_owned(),
-            disk_mb: Some(256),
-            builder_cpus: None,
-            builder_memory_mb: None,
-            builder_disk_mb: None,
-            public: false,
-            sandbox_wait: Duration::from_secs(60),
             allow_hosts: vec![self.store.addr().to_string()],
             max_memory_bytes: 128 << 20,
             timeout: Duration::from_secs(600),
             cache_dir: crate::engine::default_cache_dir(),
-            import_reference: None,
-            scope: None,
             cancel: Default::default(),
-            build_args: Vec::new(),
         }
     }
 

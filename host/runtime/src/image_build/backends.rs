@@ -18,16 +18,19 @@ use crate::sandbox_exec::proxy::{self, ProxyBackend};
 /// if set, and the extra hosts. A sandbox proxy elsewhere is refused by
 /// `sandbox-exec`'s `proxy` with a message naming `--allow-host`.
 pub fn proxy_outbound(options: &BuildOptions) -> AllowList {
-    let lifecycle = proxy::lifecycle_base(&options.api_url, &options.namespace);
-    let known =
-        [proxy::authority(&options.api_url), proxy::authority(&lifecycle), ProxyBackend::fallback_proxy_authority()];
+    let lifecycle = proxy::lifecycle_base(&options.request.api_url, &options.namespace);
+    let known = [
+        proxy::authority(&options.request.api_url),
+        proxy::authority(&lifecycle),
+        ProxyBackend::fallback_proxy_authority(),
+    ];
     AllowList::new(known.into_iter().flatten().chain(options.allow_hosts.iter().cloned()))
 }
 
 /// The `proxy` backend for `options.api_url`, and the outbound policy of the build.
 pub fn proxy_backend(options: &BuildOptions) -> (Arc<ProxyBackend>, AllowList) {
-    let backend =
-        ProxyBackend::new(&options.api_url, &options.token, &options.namespace).with_scope(options.scope.clone());
+    let backend = ProxyBackend::new(&options.request.api_url, &options.request.token, &options.namespace)
+        .with_scope(options.request.scope.clone());
     (Arc::new(backend), proxy_outbound(options))
 }
 
@@ -60,7 +63,7 @@ pub async fn run_local(
     let ports: Vec<u16> = options.allow_hosts.iter().filter_map(|h| snapsign_sandbox::loopback_port(h)).collect();
     sandboxes.grant_ports(&ports);
     let backend = Arc::new(LocalBackend::new(Arc::new(sandboxes), signer_url, signer_token));
-    let allowed = [proxy::authority(&options.api_url), proxy::authority(signer_url)];
+    let allowed = [proxy::authority(&options.request.api_url), proxy::authority(signer_url)];
     let outbound = AllowList::new(allowed.into_iter().flatten().chain(options.allow_hosts.iter().cloned()));
     run_with(options, backend, outbound, events).await
 }

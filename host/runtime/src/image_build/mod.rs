@@ -160,8 +160,8 @@ impl BuilderRuntime {
         let limits = StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(8).build();
         // The guest's own HTTP stops with the build too (wit/protocol.md §5.10).
         let builds = snapsign::image_build::call::builds_url(&snapsign::image_build::call::platform_base(
-            &options.api_url,
-            options.scope.as_ref(),
+            &options.request.api_url,
+            options.request.scope.as_ref(),
         ));
         let outbound = outbound.with_cancel(options.cancel.clone(), format!("{builds}/"));
         let state = GuestState::new(wasi.build(), outbound, limits, BuildData { sandbox, events });
@@ -204,25 +204,7 @@ impl BuilderRuntime {
         let builder = self.pre.instantiate_async(&mut store).await.anyhow().context("instantiate the builder")?;
         let instantiate = instantiating.elapsed();
 
-        let request = BuildRequest {
-            api_url: options.api_url.clone(),
-            token: options.token.clone(),
-            namespace: options.namespace.clone(),
-            name: options.name.clone(),
-            dockerfile: options.dockerfile.clone(),
-            disk_mb: options.disk_mb,
-            builder_cpus: options.builder_cpus,
-            builder_memory_mb: options.builder_memory_mb,
-            builder_disk_mb: options.builder_disk_mb,
-            public: options.public,
-            sandbox_wait_secs: options.sandbox_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
-            import_reference: options.import_reference.clone(),
-            scope: options.scope.as_ref().map(|s| bindings::exports::snapsign::components::build::Scope {
-                organization: s.organization.clone(),
-                project: s.project.clone(),
-            }),
-            build_args: options.build_args.clone(),
-        };
+        let request = wit_request(&options.request);
         let running = Instant::now();
         let call = builder.snapsign_components_build().call_run(&mut store, &request);
         let outcome = tokio::time::timeout(options.timeout, call)
@@ -246,6 +228,30 @@ impl BuilderRuntime {
             Err(BuildError::Cancelled(m)) => Err(BuildFailure::Cancelled(m)),
         };
         Ok((outcome, timings))
+    }
+}
+
+/// The core's request as the WIT `build-request` the component receives:
+/// the one place the two meet on the host's side (the component maps it
+/// back in `src/bin/builder.rs`).
+fn wit_request(r: &snapsign::image_build::call::Request) -> BuildRequest {
+    BuildRequest {
+        api_url: r.api_url.clone(),
+        token: r.token.clone(),
+        name: r.name.clone(),
+        dockerfile: r.dockerfile.clone(),
+        disk_mb: r.disk_mb,
+        builder_cpus: r.builder_cpus,
+        builder_memory_mb: r.builder_memory_mb,
+        builder_disk_mb: r.builder_disk_mb,
+        public: r.public,
+        sandbox_wait_secs: r.sandbox_wait_secs.max(1),
+        import_reference: r.import_reference.clone(),
+        scope: r.scope.as_ref().map(|s| bindings::exports::snapsign::components::build::Scope {
+            organization: s.organization.clone(),
+            project: s.project.clone(),
+        }),
+        build_args: r.build_args.clone(),
     }
 }
 

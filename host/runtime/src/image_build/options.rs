@@ -3,33 +3,22 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// One build's settings.
+use snapsign::image_build::call::Request;
+
+/// One build's settings: the core's request, which the builder component
+/// receives as it is (the WIT `build-request` is its image), and what only
+/// the host uses.
 #[derive(Clone)]
 pub struct BuildOptions {
-    /// Platform API base URL.
-    pub api_url: String,
-    /// Bearer token (platform, lifecycle, proxy).
-    pub token: String,
-    /// Lifecycle namespace.
+    /// What to build and against which platform: the platform API, the
+    /// token, the template, the Dockerfile, the overrides, the scope, the
+    /// build arguments.
+    pub request: Request,
+    /// Lifecycle namespace (the host's proxy backend builds its lifecycle
+    /// URL with it; the component needs none).
     pub namespace: String,
-    /// Template name.
-    pub name: String,
-    /// Dockerfile text.
-    pub dockerfile: String,
     /// Build context directory (preopened read-only).
     pub context_dir: PathBuf,
-    /// Rootfs size, MiB.
-    pub disk_mb: Option<u64>,
-    /// Builder sandbox CPU override.
-    pub builder_cpus: Option<f64>,
-    /// Builder sandbox memory override, MiB.
-    pub builder_memory_mb: Option<i64>,
-    /// Builder sandbox disk override, MiB.
-    pub builder_disk_mb: Option<u64>,
-    /// Register as public.
-    pub public: bool,
-    /// Deadline for the sandbox to run and answer.
-    pub sandbox_wait: Duration,
     /// Extra hosts the guest may reach (e.g. the store, to abort uploads).
     pub allow_hosts: Vec<String>,
     /// Guest linear memory limit.
@@ -38,17 +27,30 @@ pub struct BuildOptions {
     pub timeout: Duration,
     /// Compiled-component cache.
     pub cache_dir: PathBuf,
-    /// An image import: spec.json's `importImageReference` (`context:<path>`, an
-    /// image in the build context the builder lays out; `snapsign import PATH`).
-    pub import_reference: Option<String>,
-    /// PAT mode's organization and project (platform paths, and headers to
-    /// the platform, the lifecycle API and the proxy); `None`: API-key mode.
-    pub scope: Option<snapsign::image_build::call::Scope>,
     /// Cancels the build (Ctrl-C): its sandbox calls stop and it cleans up
     /// (wit/protocol.md §5.10). Keep a clone to cancel with.
     pub cancel: crate::sandbox_exec::Cancel,
-    /// Build arguments (`--build-arg NAME=value`), in order.
-    pub build_args: Vec<(String, String)>,
+}
+
+impl BuildOptions {
+    /// A request with no overrides, a 60 s sandbox wait, and API-key mode.
+    pub fn request(api_url: &str, token: &str, name: &str, dockerfile: &str) -> Request {
+        Request {
+            api_url: api_url.into(),
+            token: token.into(),
+            name: name.into(),
+            dockerfile: dockerfile.into(),
+            disk_mb: None,
+            builder_cpus: None,
+            builder_memory_mb: None,
+            builder_disk_mb: None,
+            public: false,
+            sandbox_wait_secs: 60,
+            import_reference: None,
+            scope: None,
+            build_args: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -56,77 +58,32 @@ impl BuildOptions {
     /// Settings for unit tests: the API at `api_url`, small limits, nothing optional.
     pub(crate) fn for_tests(api_url: &str) -> Self {
         BuildOptions {
-            api_url: api_url.into(),
-            token: "t".into(),
+            request: BuildOptions::request(api_url, "t", "n", ""),
             namespace: "ns".into(),
-            name: "n".into(),
-            dockerfile: String::new(),
             context_dir: ".".into(),
-            disk_mb: None,
-            builder_cpus: None,
-            builder_memory_mb: None,
-            builder_disk_mb: None,
-            public: false,
-            sandbox_wait: Duration::from_secs(1),
             allow_hosts: Vec::new(),
             max_memory_bytes: 1 << 20,
             timeout: Duration::from_secs(1),
             cache_dir: ".".into(),
-            import_reference: None,
-            scope: None,
             cancel: Default::default(),
-            build_args: Vec::new(),
         }
     }
 }
 
 impl std::fmt::Debug for BuildOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Every field but the token, which never reaches a log.
-        let BuildOptions {
-            api_url,
-            token: _,
-            namespace,
-            name,
-            dockerfile,
-            context_dir,
-            disk_mb,
-            builder_cpus,
-            builder_memory_mb,
-            builder_disk_mb,
-            public,
-            sandbox_wait,
-            allow_hosts,
-            max_memory_bytes,
-            timeout,
-            cache_dir,
-            import_reference,
-            scope,
-            cancel,
-            build_args,
-        } = self;
+        // Every field; the request's own Debug leaves out the token and build argument values.
+        let BuildOptions { request, namespace, context_dir, allow_hosts, max_memory_bytes, timeout, cache_dir, cancel } =
+            self;
         f.debug_struct("BuildOptions")
-            .field("api_url", api_url)
-            .field("token", &"<redacted>")
+            .field("request", request)
             .field("namespace", namespace)
-            .field("name", name)
-            .field("dockerfile", dockerfile)
             .field("context_dir", context_dir)
-            .field("disk_mb", disk_mb)
-            .field("builder_cpus", builder_cpus)
-            .field("builder_memory_mb", builder_memory_mb)
-            .field("builder_disk_mb", builder_disk_mb)
-            .field("public", public)
-            .field("sandbox_wait", sandbox_wait)
             .field("allow_hosts", allow_hosts)
             .field("max_memory_bytes", max_memory_bytes)
             .field("timeout", timeout)
             .field("cache_dir", cache_dir)
-            .field("import_reference", import_reference)
-            .field("scope", scope)
             .field("cancel", cancel)
-            // Names only: a value may be a secret.
-            .field("build_args", &build_args.iter().map(|(name, _)| name).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -177,18 +134,18 @@ mod tests {
 
     #[test]
     fn debug_prints_every_setting_but_the_token() {
+        let mut request =
+            BuildOptions::request("http://127.0.0.1:1", "sst1.very-secret-token", "img", "FROM scratch\n");
+        request.build_args = vec![("PASSWORD".into(), "hunter2-secret".into())];
         let options = BuildOptions {
-            api_url: "http://127.0.0.1:1".into(),
-            token: "sst1.very-secret-token".into(),
-            name: "img".into(),
-            dockerfile: "FROM scratch\n".into(),
+            request,
             context_dir: "/ctx".into(),
-            disk_mb: Some(256),
             allow_hosts: vec!["127.0.0.1:9000".into()],
             ..BuildOptions::for_tests("http://127.0.0.1:1")
         };
         let text = format!("{options:?} {options:#?}");
-        assert!(!text.contains("very-secret-token"), "{text}");
+        assert!(!text.contains("very-secret-token") && !text.contains("hunter2-secret"), "{text}");
+        assert!(text.contains("PASSWORD"), "build argument names are shown: {text}");
         assert!(text.contains("token: \"<redacted>\"") && text.contains("127.0.0.1:9000") && text.contains("img"));
     }
 }
