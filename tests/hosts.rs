@@ -1,4 +1,4 @@
-//! The signer component, unmodified (the `.wasm` host/build.rs built), on
+//! The signer component, unmodified (the `.wasm` host/runtime/build.rs built), on
 //! third-party hosts: `wasmtime serve`, `jco serve` (Node) and `wash dev`,
 //! each against the real store on loopback; and on a two-host wasmCloud
 //! lattice placed by `snapsign deploy wasmcloud`, which keeps answering when

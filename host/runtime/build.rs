@@ -11,7 +11,7 @@ const PROFILE: &str = "component";
 const COMPONENTS: &[(&str, &str)] = &[
     ("snapsign-signer", "SNAPSIGN_SIGNER_WASM"),
     ("snapsign-builder", "SNAPSIGN_BUILDER_WASM"),
-    // Only the host's unit tests embed it (serve-signer's instance reuse tests).
+    // Only the runtime's unit tests embed it (serve-signer's instance reuse tests).
     ("snapsign-reuse-probe", "SNAPSIGN_REUSE_PROBE_WASM"),
 ];
 

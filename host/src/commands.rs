@@ -306,7 +306,8 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         cancel: Cancel::new(),
     };
     let cancelling = cancel_on_signals(options.cancel.clone())?;
-    let printer = if json { image_build::json_printer() } else { image_build::progress_printer() };
+    let printer =
+        if json { snapsign_host::progress::json_printer() } else { snapsign_host::progress::progress_printer() };
     let ran = match backend {
         Backend::Proxy => image_build::run(&options, printer).await,
         Backend::Local => {
@@ -334,7 +335,7 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
                 eprintln!("the build was registered before the cancel took effect");
             }
             if json {
-                image_build::print_json_line(&serde_json::json!({"event": "result", "template": template}));
+                snapsign_host::progress::print_json_line(&serde_json::json!({"event": "result", "template": template}));
             } else {
                 println!("Image '{name}' registered ({})", template["id"].as_str().unwrap_or("-"));
             }
@@ -375,7 +376,7 @@ fn ended(json: bool, failure: BuildFailure) -> ExitCode {
     if json {
         let line =
             serde_json::json!({"event": "error", "kind": kind, "message": failure.to_string(), "exitCode": code});
-        image_build::print_json_line(&line);
+        snapsign_host::progress::print_json_line(&line);
     }
     ExitCode::from(code)
 }

@@ -62,7 +62,7 @@ async fn build(runtime: &Runtime, stack: &DevStack, name: &str, context: &Path, 
     let options = stack.build_options(name, &dockerfile, context);
     let declared = Arc::new(Mutex::new(None::<String>));
     let seen = declared.clone();
-    let printer = crate::image_build::progress_printer();
+    let printer = crate::progress::progress_printer();
     let events: crate::image_build::EventFn = Arc::new(move |event: BuildEvent| {
         // The builder's metadata.json, as the build flow read it.
         if let BuildEvent::Metadata(json) = &event

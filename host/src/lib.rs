@@ -7,6 +7,7 @@
 //! - [`registry`]: pulling base images over the OCI distribution API into a cache;
 //! - [`hosts`]: the signer on third-party hosts (wasmtime serve, jco, wasmCloud);
 //! - [`bench`]: the benchmarks;
+//! - [`progress`]: `snapsign build`'s live progress, plain lines and `--json` events;
 //! - from the runtime: [`engine`], [`guest`], [`outbound`], [`cancel`],
 //!   [`sandbox_exec`], [`image_build`], [`pack`], [`signer`], [`serve`].
 
@@ -16,6 +17,7 @@ pub mod bench;
 pub mod demo;
 pub mod dev;
 pub mod hosts;
+pub mod progress;
 pub mod registry;
 pub mod store;
 pub mod templates;

@@ -25,7 +25,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Servers log requests by default; one-shot commands only warnings.
     let default_filter = match cli.command {
-        Command::ServeSigner(_) | Command::Store(_) | Command::Dev(_) => "snapsign=info,snapsign_host=info,warn",
+        Command::ServeSigner(_) | Command::Store(_) | Command::Dev(_) => {
+            "snapsign=info,snapsign_host=info,snapsign_runtime=info,warn"
+        }
         _ => "warn",
     };
     // Colour only on a terminal, and never when NO_COLOR is set (no-color.org).

@@ -70,13 +70,17 @@ impl std::fmt::Debug for Request {
             .field("api_url", &self.api_url)
             .field("token", &"<redacted>")
             .field("name", &self.name)
+            .field("dockerfile", &self.dockerfile)
             .field("disk_mb", &self.disk_mb)
+            .field("builder_cpus", &self.builder_cpus)
+            .field("builder_memory_mb", &self.builder_memory_mb)
+            .field("builder_disk_mb", &self.builder_disk_mb)
             .field("public", &self.public)
             .field("sandbox_wait_secs", &self.sandbox_wait_secs)
             .field("import_reference", &self.import_reference)
             .field("scope", &self.scope)
             .field("build_args", &self.build_args.iter().map(|(name, _)| name).collect::<Vec<_>>())
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 

@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // Refuses a configuration the component would refuse, naming the variable.
     let (server, _host) = signer::start(&config).await?;
-    println!("signer listening on {}{}; Ctrl-C stops it", server.url(), snapsign::signer::SIGN_PATH);
+    println!("signer listening on {}{}; Ctrl-C stops it", server.url(), signer::SIGN_PATH);
     tokio::signal::ctrl_c().await?;
     server.shutdown().await;
     Ok(())

@@ -209,7 +209,7 @@ fn make_executable(path: &Path) -> Result<()> {
     std::fs::set_permissions(path, permissions).with_context(|| format!("chmod {}", path.display()))
 }
 
-/// The signer component as built (`host/build.rs`), written where hosts can
+/// The signer component as built (`host/runtime/build.rs`), written where hosts can
 /// read it: the bytes are `serve-signer`'s, unmodified.
 pub fn signer_wasm(dir: &Path) -> Result<PathBuf> {
     use sha2::Digest;

@@ -27,14 +27,14 @@ pub fn proxy_outbound(options: &BuildOptions) -> AllowList {
     AllowList::new(known.into_iter().flatten().chain(options.allow_hosts.iter().cloned()))
 }
 
-/// The `proxy` backend for `options.api_url`, and the outbound policy of the build.
+/// The `proxy` backend for `options.request.api_url`, and the outbound policy of the build.
 pub fn proxy_backend(options: &BuildOptions) -> (Arc<ProxyBackend>, AllowList) {
     let backend = ProxyBackend::new(&options.request.api_url, &options.request.token, &options.namespace)
         .with_scope(options.request.scope.clone());
     (Arc::new(backend), proxy_outbound(options))
 }
 
-/// Runs one build with the `proxy` backend against `options.api_url`.
+/// Runs one build with the `proxy` backend against `options.request.api_url`.
 pub async fn run(
     options: &BuildOptions,
     events: EventFn,

@@ -6,7 +6,6 @@
 
 mod backends;
 mod options;
-mod progress;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +17,6 @@ use wasmtime_wasi::{FsPerms, WasiCtx};
 
 pub use self::backends::{proxy_backend, proxy_outbound, run, run_local, run_with};
 pub use self::options::{BuildFailure, BuildOptions, RunTimings};
-pub use self::progress::{json_printer, print_json_line, progress_printer};
 use crate::engine::{self, EngineLimits, WasmtimeResultExt};
 use crate::guest::{self, GuestState};
 use crate::outbound::AllowList;
@@ -26,7 +24,7 @@ use crate::sandbox_exec::{self, SandboxBackend, SandboxExecCtx, SandboxExecView}
 
 const WASM_PAGE: usize = 64 << 10;
 
-/// The builder component, built by `host/build.rs` from `src/bin/builder.rs`.
+/// The builder component, built by `host/runtime/build.rs` from `src/bin/builder.rs`.
 pub const BUILDER_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_BUILDER_WASM"));
 
 mod bindings {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use snapsign::image_build::call::Request;
 
 /// One build's settings: the core's request, which the builder component
-/// receives as it is (the WIT `build-request` is its image), and what only
-/// the host uses.
+/// receives (the WIT `build-request` is its image, field for field; a
+/// sandbox wait of 0 s goes as 1 s), and what only the host uses.
 #[derive(Clone)]
 pub struct BuildOptions {
     /// What to build and against which platform: the platform API, the
@@ -146,6 +146,9 @@ mod tests {
         let text = format!("{options:?} {options:#?}");
         assert!(!text.contains("very-secret-token") && !text.contains("hunter2-secret"), "{text}");
         assert!(text.contains("PASSWORD"), "build argument names are shown: {text}");
+        for shown in ["FROM scratch", "builder_memory_mb", "/ctx", "namespace"] {
+            assert!(text.contains(shown), "{shown}: {text}");
+        }
         assert!(text.contains("token: \"<redacted>\"") && text.contains("127.0.0.1:9000") && text.contains("img"));
     }
 }

@@ -45,8 +45,11 @@ use guest_log::GuestLog;
 use instance_pool::{Caller, InstancePool};
 use relay::{Next as RelayNext, Relay};
 
-/// The signer component, built by `host/build.rs` from `src/bin/signer.rs`.
+/// The signer component, built by `host/runtime/build.rs` from `src/bin/signer.rs`.
 pub const SIGNER_WASM: &[u8] = include_bytes!(env!("SNAPSIGN_SIGNER_WASM"));
+/// The one route the signer serves.
+pub use snapsign::signer::SIGN_PATH;
+
 /// Where the build put that component (for hosts that load it from a file).
 pub const SIGNER_WASM_PATH: &str = env!("SNAPSIGN_SIGNER_WASM");
 

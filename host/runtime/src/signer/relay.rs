@@ -126,12 +126,12 @@ impl Relay {
 mod tests {
     use super::*;
 
-    const WAIT_ALL: Next = Next::Wait { answer: true, body: false, call: true };
+    const AT_START: Next = Next::Wait { answer: true, body: false, call: true };
 
     #[test]
     fn answer_then_body_then_return_is_a_whole_answer_from_a_clean_instance() {
         let mut relay = Relay::new();
-        assert_eq!(relay.next(), WAIT_ALL);
+        assert_eq!(relay.next(), AT_START);
         relay.answer_set();
         assert_eq!(relay.next(), Next::Wait { answer: false, body: true, call: true });
         relay.body_done();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{BuildEvent, EventFn};
+use crate::image_build::{BuildEvent, EventFn};
 
 /// Upload progress is reported every this many bytes (and once at the end).
 const UPLOAD_REPORT_EVERY: u64 = 8 << 20;
@@ -23,11 +23,11 @@ fn upload_worth_reporting(last: &Mutex<u64>, sent: u64, total: u64) -> bool {
     true
 }
 
-impl BuildEvent {
-    /// The event as one JSON object (`--json`'s NDJSON lines), tagged by `event`.
-    pub fn to_json(&self) -> serde_json::Value {
-        use serde_json::json;
-        match self {
+/// A build event as one JSON object (`--json`'s NDJSON lines), tagged by `event`.
+pub fn event_json(event: &BuildEvent) -> serde_json::Value {
+    use serde_json::json;
+    {
+        match event {
             BuildEvent::Stage(stage) => json!({"event": "stage", "stage": stage}),
             BuildEvent::Upload(sent, total) => {
                 json!({"event": "upload", "sentBytes": sent, "totalBytes": (*total > 0).then_some(*total)})
@@ -151,7 +151,7 @@ pub fn json_printer() -> EventFn {
         {
             return;
         }
-        print_json_line(&event.to_json());
+        print_json_line(&event_json(&event));
     })
 }
 
