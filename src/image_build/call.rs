@@ -64,6 +64,28 @@ impl Scope {
 
 pub use super::routes::{builds_url, complete_url, platform_base, templates_url};
 
+impl Request {
+    /// A request with no overrides, a 60 s sandbox wait, no build
+    /// arguments, and API-key mode.
+    pub fn new(api_url: &str, token: &str, name: &str, dockerfile: &str) -> Self {
+        Request {
+            api_url: api_url.into(),
+            token: token.into(),
+            name: name.into(),
+            dockerfile: dockerfile.into(),
+            disk_mb: None,
+            builder_cpus: None,
+            builder_memory_mb: None,
+            builder_disk_mb: None,
+            public: false,
+            sandbox_wait_secs: 60,
+            import_reference: None,
+            scope: None,
+            build_args: Vec::new(),
+        }
+    }
+}
+
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Request")

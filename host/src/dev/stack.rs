@@ -331,7 +331,7 @@ impl DevStack {
     /// 256 MiB rootfs, the store admitted (so an unfinished upload can be aborted).
     pub fn build_options(&self, name: &str, dockerfile: &str, context: &Path) -> crate::image_build::BuildOptions {
         use crate::image_build::BuildOptions;
-        let request = BuildOptions::request(&self.api_url(), &self.token, name, dockerfile);
+        let request = snapsign::image_build::call::Request::new(&self.api_url(), &self.token, name, dockerfile);
         BuildOptions {
             request: snapsign::image_build::call::Request { disk_mb: Some(256), ..request },
             namespace: self.namespace.clone(),

@@ -19,21 +19,7 @@ const BUILDER: &str = "/usr/local/bin/tl-rootfs-build";
 const DECORATION: &str = " (builder sandbox: sbx-1, build: build-1)";
 
 fn request(dockerfile: &str) -> Request {
-    Request {
-        api_url: "http://api/".into(),
-        token: "sst1.tok".into(),
-        name: "base".into(),
-        dockerfile: dockerfile.into(),
-        disk_mb: None,
-        builder_cpus: None,
-        builder_memory_mb: None,
-        builder_disk_mb: None,
-        public: false,
-        sandbox_wait_secs: 1,
-        import_reference: None,
-        scope: None,
-        build_args: Vec::new(),
-    }
+    Request { sandbox_wait_secs: 1, ..Request::new("http://api/", "sst1.tok", "base", dockerfile) }
 }
 
 fn new_shape() -> Value {

@@ -32,33 +32,12 @@ pub struct BuildOptions {
     pub cancel: crate::sandbox_exec::Cancel,
 }
 
-impl BuildOptions {
-    /// A request with no overrides, a 60 s sandbox wait, and API-key mode.
-    pub fn request(api_url: &str, token: &str, name: &str, dockerfile: &str) -> Request {
-        Request {
-            api_url: api_url.into(),
-            token: token.into(),
-            name: name.into(),
-            dockerfile: dockerfile.into(),
-            disk_mb: None,
-            builder_cpus: None,
-            builder_memory_mb: None,
-            builder_disk_mb: None,
-            public: false,
-            sandbox_wait_secs: 60,
-            import_reference: None,
-            scope: None,
-            build_args: Vec::new(),
-        }
-    }
-}
-
 #[cfg(test)]
 impl BuildOptions {
     /// Settings for unit tests: the API at `api_url`, small limits, nothing optional.
     pub(crate) fn for_tests(api_url: &str) -> Self {
         BuildOptions {
-            request: BuildOptions::request(api_url, "t", "n", ""),
+            request: Request::new(api_url, "t", "n", ""),
             namespace: "ns".into(),
             context_dir: ".".into(),
             allow_hosts: Vec::new(),
@@ -134,8 +113,7 @@ mod tests {
 
     #[test]
     fn debug_prints_every_setting_but_the_token() {
-        let mut request =
-            BuildOptions::request("http://127.0.0.1:1", "sst1.very-secret-token", "img", "FROM scratch\n");
+        let mut request = Request::new("http://127.0.0.1:1", "sst1.very-secret-token", "img", "FROM scratch\n");
         request.build_args = vec![("PASSWORD".into(), "hunter2-secret".into())];
         let options = BuildOptions {
             request,
