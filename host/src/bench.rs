@@ -13,40 +13,9 @@ use snapsign::signer::{self, Incoming, SIGN_PATH, SignerConfig, Step};
 
 use crate::engine::EngineLimits;
 use crate::signer::SignerServerConfig;
-use crate::store::StoreConfig;
+use snapsign_dev_stack::fixture::{TOKEN_KEY, env, store};
 
-pub(crate) const TOKEN_KEY: &str = "bench-token-key-0123456789abcdef01234";
 const PARTS: u32 = 10_000;
-
-/// The store every bench signs for (bucket `bench`), under `dir`.
-pub(crate) async fn store(dir: &std::path::Path) -> Result<crate::serve::Server> {
-    crate::store::start(&StoreConfig {
-        root: dir.join("store"),
-        listen: "127.0.0.1:0".parse()?,
-        access_key_id: "AKIDBENCH".into(),
-        secret_access_key: "bench-secret".into(),
-        buckets: vec!["bench".into()],
-        faults: Default::default(),
-        abort_incomplete_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
-    })
-    .await
-}
-
-/// The signer's environment for the bench store.
-pub(crate) fn env(store_url: &str) -> Vec<(String, String)> {
-    [
-        ("SNAPSIGN_BUCKET", "bench"),
-        ("SNAPSIGN_KEY_PREFIX", "builds"),
-        ("SNAPSIGN_S3_ENDPOINT", store_url),
-        ("SNAPSIGN_S3_ADDRESSING", "path"),
-        ("SNAPSIGN_ACCESS_KEY_ID", "AKIDBENCH"),
-        ("SNAPSIGN_SECRET_ACCESS_KEY", "bench-secret"),
-        ("SNAPSIGN_TOKEN_KEY", TOKEN_KEY),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
 
 fn put_body() -> String {
     format!(
@@ -79,6 +48,7 @@ fn native_sign(config: &SignerConfig, token: &str, rounds: usize) -> Result<Vec<
     let auth = format!("Bearer {token}");
     let body = put_body();
     let mut samples = Vec::with_capacity(rounds);
+    let mut memo = signer::Memo::default();
     for _ in 0..rounds {
         let incoming = Incoming {
             method: "POST",
@@ -87,7 +57,7 @@ fn native_sign(config: &SignerConfig, token: &str, rounds: usize) -> Result<Vec<
             body: body.as_bytes(),
             request_id: "bench",
         };
-        let Step::StoreCall(pending) = signer::handle(config, &incoming, jiff::Timestamp::now()) else {
+        let Step::StoreCall(pending) = signer::handle(config, &mut memo, &incoming, jiff::Timestamp::now()) else {
             bail!("native core did not ask for CreateMultipartUpload");
         };
         let started = Instant::now();
@@ -367,8 +337,8 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 /// the builder process), warm instantiation, and a cold start from the cache.
 pub async fn build(rounds: usize, instantiations: usize, builder: std::path::PathBuf) -> Result<()> {
     at_least_one(&[("--rounds", rounds), ("--instantiations", instantiations)])?;
-    use crate::dev::{DevConfig, DevStack};
     use crate::image_build::{BuilderRuntime, proxy_backend};
+    use snapsign_dev_stack::{DevConfig, DevStack};
 
     let dir = tempfile_dir()?;
     let mut config = DevConfig::new(dir.join("dev"), builder);

@@ -47,7 +47,7 @@ pub enum Command {
     /// Deploy the signer component onto a distributed host.
     Deploy {
         #[command(subcommand)]
-        target: snapsign_host::hosts::cli::Deploy,
+        target: snapsign_foreign_hosts::cli::Deploy,
     },
     /// Print benchmark figures (run with --release).
     Bench {
@@ -269,7 +269,7 @@ pub struct ImportArgs {
     pub json: bool,
 }
 
-/// The dev stack's default prepare answer shape (`snapsign_host::dev::PrepareShape`).
+/// The dev stack's default prepare answer shape (`snapsign_dev_stack::PrepareShape`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PrepareShape {
     New,
@@ -277,12 +277,12 @@ pub enum PrepareShape {
     Both,
 }
 
-impl From<PrepareShape> for snapsign_host::dev::PrepareShape {
+impl From<PrepareShape> for snapsign_dev_stack::PrepareShape {
     fn from(shape: PrepareShape) -> Self {
         match shape {
-            PrepareShape::New => snapsign_host::dev::PrepareShape::New,
-            PrepareShape::Legacy => snapsign_host::dev::PrepareShape::Legacy,
-            PrepareShape::Both => snapsign_host::dev::PrepareShape::Both,
+            PrepareShape::New => snapsign_dev_stack::PrepareShape::New,
+            PrepareShape::Legacy => snapsign_dev_stack::PrepareShape::Legacy,
+            PrepareShape::Both => snapsign_dev_stack::PrepareShape::Both,
         }
     }
 }
@@ -430,7 +430,7 @@ pub enum BenchWhat {
         concurrency: usize,
     },
     /// get_blob throughput and latency on every host of the signer, native ceiling included.
-    Hosts(snapsign_host::hosts::cli::BenchHosts),
+    Hosts(snapsign_foreign_hosts::cli::BenchHosts),
     /// get_blob latency and throughput through serve-signer processes: this
     /// binary and, side by side, a --baseline binary (e.g. an older build).
     Serve {

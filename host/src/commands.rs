@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use snapsign_dev_stack::store;
 use snapsign_host::engine::{self, EngineLimits};
 use snapsign_host::image_build::{self, BuildFailure, BuildOptions};
 use snapsign_host::sandbox_exec::Cancel;
-use snapsign_host::{signer, store};
+use snapsign_host::signer;
 
 use crate::cli::{
     Backend, BenchWhat, BuildArgs, Command, DevArgs, ImportArgs, PlatformArgs, ServeSignerArgs, StoreArgs,
@@ -25,7 +26,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Templates { what } => templates(what).await?,
         Command::Dev(args) => dev(args).await?,
         Command::Token(args) => token(args)?,
-        Command::Deploy { target } => snapsign_host::hosts::cli::deploy(target).await?,
+        Command::Deploy { target } => snapsign_foreign_hosts::cli::deploy(target).await?,
         Command::Bench { what } => bench(what).await?,
         Command::Store(args) => serve_store(args).await?,
     }
@@ -417,7 +418,7 @@ async fn demo(allow_unconfined: bool) -> Result<()> {
 
 /// `snapsign dev`: runs the stack until Ctrl-C or SIGTERM.
 async fn dev(args: DevArgs) -> Result<()> {
-    use snapsign_host::dev::{DevConfig, DevStack, Faults};
+    use snapsign_dev_stack::{DevConfig, DevStack, Faults};
     let DevArgs {
         data_dir,
         listen,
@@ -484,7 +485,7 @@ async fn dev(args: DevArgs) -> Result<()> {
 fn token(args: TokenArgs) -> Result<()> {
     let TokenArgs { namespace, ttl_secs, key, data_dir } = args;
     let key = match (key, data_dir) {
-        (_, Some(dir)) => snapsign_host::dev::stack::token_key(&dir)?,
+        (_, Some(dir)) => snapsign_dev_stack::stack::token_key(&dir)?,
         (Some(key), None) => key,
         (None, None) => {
             bail!("no signing key: pass --key (or set SNAPSIGN_TOKEN_KEY), or --data-dir DIR of a snapsign dev stack")
@@ -514,7 +515,7 @@ async fn bench(what: BenchWhat) -> Result<()> {
         BenchWhat::Sign { rounds, requests, concurrency } => {
             snapsign_host::bench::sign(rounds, requests, concurrency).await
         }
-        BenchWhat::Hosts(args) => snapsign_host::hosts::cli::bench_hosts(args).await,
+        BenchWhat::Hosts(args) => snapsign_foreign_hosts::cli::bench_hosts(args).await,
         BenchWhat::Serve { baseline, rounds, requests, concurrency } => {
             let this = std::env::current_exe().context("find this executable")?;
             snapsign_host::bench::serve(this, baseline, rounds, requests, concurrency).await

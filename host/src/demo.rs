@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::dev::{DevConfig, DevStack, PrepareShape};
 use crate::image_build::BuildEvent;
+use snapsign_dev_stack::{DevConfig, DevStack, PrepareShape};
 
 /// The example images shipped in the repository.
 fn examples_dir() -> PathBuf {
@@ -78,7 +78,8 @@ async fn build(runtime: &Runtime, stack: &DevStack, name: &str, context: &Path, 
     let template = outcome.map_err(|failure| anyhow::anyhow!("{name} failed: {failure}"))?;
     println!("registered: {}", serde_json::to_string_pretty(&template)?);
     let uri = template["snapshotUri"].as_str().context("template has a snapshotUri")?;
-    let (size, sha256) = stack.platform.object_digest(uri).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let (size, sha256) =
+        stack.platform.platform_api().object_digest(uri).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let declared_size = template["snapshotSizeBytes"].as_u64().unwrap_or_default();
     let declared_sha = declared.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
     if size != declared_size || sha256 != declared_sha {

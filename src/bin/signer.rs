@@ -59,7 +59,8 @@ fn serve(request: incoming::Request, request_id: &str) -> Result<(Answer, Option
     };
     let incoming =
         Incoming { method: &method, path: &path, authorization: authorization.as_deref(), body: &bytes, request_id };
-    Ok(match signer::handle(config, &incoming, jiff::Timestamp::now()) {
+    let step = MEMO.with_borrow_mut(|memo| signer::handle(config, memo, &incoming, jiff::Timestamp::now()));
+    Ok(match step {
         Step::Respond(answer) => (answer, None),
         Step::StoreCall(pending) => match wasi_http::send(pending.store_method, &pending.store_url, &[], &[]) {
             Ok((status, body)) => {
@@ -74,13 +75,18 @@ fn serve(request: incoming::Request, request_id: &str) -> Result<(Answer, Option
     })
 }
 
+thread_local! {
+    /// What the instance keeps between requests besides its configuration
+    /// (`snapsign::signer::Memo`): the day's signing key and the second's
+    /// presigner (nothing a caller sent), and the last accepted token (hit
+    /// only by the same whole token, its lifetime checked every time;
+    /// serve-signer keeps an instance for one caller only).
+    static MEMO: std::cell::RefCell<signer::Memo> = std::cell::RefCell::default();
+}
+
 /// The configuration, read from the environment once per instance: hosts
 /// that reuse an instance (serve-signer, `wasmtime serve`) parse it and
-/// decode its keys once. It is the only state kept between requests, with
-/// its caches: the day's signing key and the second's presigner (nothing a
-/// caller sent), and the last accepted token (hit only by the same whole
-/// token, its lifetime checked every time; serve-signer keeps an instance
-/// for one caller only).
+/// decode its keys once.
 fn config() -> Result<&'static SignerConfig, &'static String> {
     static CONFIG: OnceLock<Result<SignerConfig, String>> = OnceLock::new();
     CONFIG.get_or_init(|| SignerConfig::from_vars(std::env::vars()).map_err(|e| e.to_string())).as_ref()

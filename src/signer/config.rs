@@ -6,7 +6,7 @@ use std::fmt;
 
 use jiff::Timestamp;
 
-use crate::presign::{Addressing, Credentials, Endpoint, MAX_EXPIRES_SECS, Presigner, SigningKeys};
+use crate::presign::{Addressing, Credentials, Endpoint, MAX_EXPIRES_SECS, Presigner};
 use crate::token::{Claims, DEFAULT_MAX_TTL_SECS, MIN_KEY_LEN, TokenError, TokenKey};
 
 /// Shortest URL lifetime accepted, in seconds (tests use it). A build signs
@@ -77,8 +77,6 @@ pub struct SignerConfig {
     pub max_key_bytes: usize,
     /// `token_key` with its HMAC state prepared once.
     token_verifier: TokenKey,
-    /// The day's SigV4 signing key, derived once a day, not per request.
-    signing_keys: SigningKeys,
 }
 
 impl fmt::Debug for SignerConfig {
@@ -192,7 +190,6 @@ impl SignerConfig {
             shared_prefixes,
             token_max_ttl_secs,
             max_key_bytes,
-            signing_keys: SigningKeys::default(),
         })
     }
 
@@ -206,9 +203,9 @@ impl SignerConfig {
         self.token_verifier.verify(token, now, self.token_max_ttl_secs)
     }
 
-    /// A presigner for `now`, with the day's signing key derived at most once.
+    /// A presigner for `now` (its signing key derived afresh; [`super::Memo`] keeps one).
     pub fn presigner(&self, now: Timestamp) -> Presigner {
-        Presigner::with_keys(&self.credentials, &self.region, now, self.url_ttl_secs, &self.signing_keys)
+        Presigner::new(&self.credentials, &self.region, now, self.url_ttl_secs)
     }
 
     /// The key prefix (ending in `/`) of `namespace`'s artifacts.

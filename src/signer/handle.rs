@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::config::SignerConfig;
 use super::error::SignError;
+use super::memo::Memo;
 use super::{request, validate};
 use crate::presign::{Method, ObjectUrl, Presigner};
 use crate::wire::sign::{
@@ -206,15 +207,16 @@ pub fn route(method: &str, path: &str) -> Result<(), SignError> {
     Ok(())
 }
 
-/// Decides what to do with one request.
-pub fn handle(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Step {
-    match decide(config, incoming, now) {
+/// Decides what to do with one request; `memo` is what the shell keeps
+/// between requests (a fresh one gives the same answer).
+pub fn handle(config: &SignerConfig, memo: &mut Memo, incoming: &Incoming<'_>, now: Timestamp) -> Step {
+    match decide(config, memo, incoming, now) {
         Ok(step) => step,
         Err(e) => Step::Respond(e.answer(incoming.request_id)),
     }
 }
 
-fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Result<Step, SignError> {
+fn decide(config: &SignerConfig, memo: &mut Memo, incoming: &Incoming<'_>, now: Timestamp) -> Result<Step, SignError> {
     route(incoming.method, incoming.path)?;
     if incoming.body.len() > MAX_BODY_BYTES {
         return Err(SignError::BodyTooLarge { limit: MAX_BODY_BYTES });
@@ -225,13 +227,13 @@ fn decide(config: &SignerConfig, incoming: &Incoming<'_>, now: Timestamp) -> Res
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or(SignError::MissingToken)?;
-    let claims = config.verify_token(bearer, now.as_second()).map_err(SignError::BadToken)?;
+    let claims = memo.claims(config, bearer, now.as_second()).map_err(SignError::BadToken)?;
     let request = request::parse(incoming.body)?;
 
     let expires_at = Timestamp::from_second(now.as_second() + i64::from(config.url_ttl_secs))
         .expect("now + at most 7 days is a valid timestamp")
         .to_string();
-    let presigner = config.presigner(now);
+    let presigner = memo.presigner(config, now);
 
     match (request.target, request.op) {
         (Target::Artifact { rel_path }, Op::PutArtifact { multipart_hint }) => {
@@ -367,7 +369,7 @@ mod tests {
             body: body.as_bytes(),
             request_id: "req-1",
         };
-        handle(config, &incoming, now())
+        handle(config, &mut Memo::default(), &incoming, now())
     }
 
     fn run(body: &str) -> Step {
@@ -644,18 +646,18 @@ mod tests {
             (Some(other_key.as_str()), "invalid_token"),
         ] {
             let incoming = Incoming { method: "POST", path: SIGN_PATH, authorization: auth, body, request_id: "req-1" };
-            let (status, json) = answer(handle(&config(), &incoming, now()));
+            let (status, json) = answer(handle(&config(), &mut Memo::default(), &incoming, now()));
             assert_eq!((status, json["code"].as_str()), (401, Some(code)));
         }
         let incoming = Incoming { method: "GET", path: SIGN_PATH, authorization: None, body, request_id: "req-1" };
-        assert_eq!(answer(handle(&config(), &incoming, now())).0, 405);
+        assert_eq!(answer(handle(&config(), &mut Memo::default(), &incoming, now())).0, 405);
         let incoming =
             Incoming { method: "POST", path: "/api/v1/blob", authorization: None, body, request_id: "req-1" };
-        assert_eq!(answer(handle(&config(), &incoming, now())).0, 404);
+        assert_eq!(answer(handle(&config(), &mut Memo::default(), &incoming, now())).0, 404);
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         let incoming =
             Incoming { method: "POST", path: SIGN_PATH, authorization: None, body: &big, request_id: "req-1" };
-        assert_eq!(answer(handle(&config(), &incoming, now())).0, 413);
+        assert_eq!(answer(handle(&config(), &mut Memo::default(), &incoming, now())).0, 413);
     }
 
     #[test]
@@ -942,7 +944,7 @@ mod tests {
                     body: &body,
                     request_id: "req-1",
                 };
-                match handle(&config(), &incoming, now()) {
+                match handle(&config(), &mut Memo::default(), &incoming, now()) {
                     Step::Respond(answer) if answer.status == 200 => {
                         prop_assert!(verifies, "signed for a token that does not verify: {}", answer.body);
                         prop_assert!(answer.body.contains("X-Amz-Signature="));
@@ -958,7 +960,7 @@ mod tests {
                             assert_signs_nothing(&answer)?;
                         }
                         // The transport error names the URL; the caller must not see it.
-                        let Step::StoreCall(again) = handle(&config(), &incoming, now()) else {
+                        let Step::StoreCall(again) = handle(&config(), &mut Memo::default(), &incoming, now()) else {
                             panic!("the same request decided differently");
                         };
                         let answer = again.unreachable(&format!("{store_url}: connection refused"));

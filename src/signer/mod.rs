@@ -3,9 +3,11 @@
 pub mod config;
 pub mod error;
 pub mod handle;
+pub mod memo;
 pub mod request;
 pub mod validate;
 
 pub use config::{ConfigError, SignerConfig};
 pub use error::SignError;
 pub use handle::{Answer, Incoming, MAX_BODY_BYTES, PendingUpload, SIGN_PATH, Step, handle};
+pub use memo::Memo;

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use snapsign_host::dev::{DevConfig, DevStack};
+use snapsign_dev_stack::{DevConfig, DevStack};
 
 pub async fn start_stack(data_dir: &std::path::Path, edit: impl FnOnce(&mut DevConfig)) -> DevStack {
     let mut config = DevConfig::new(data_dir.to_owned(), env!("CARGO_BIN_EXE_snapsign").into());

@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use snapsign_dev_stack::store::{self, StoreConfig};
 use snapsign_host::engine::EngineLimits;
 use snapsign_host::serve::Server;
 use snapsign_host::signer::{self, DEFAULT_MAX_INSTANCE_REUSE, SignerServerConfig};
-use snapsign_host::store::{self, StoreConfig};
 
 pub const BUCKET: &str = "snaps";
 pub const ACCESS_KEY: &str = "AKIDSNAPSIGNTEST";

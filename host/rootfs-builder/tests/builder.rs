@@ -15,20 +15,9 @@ use fake_http::{FakeHttp, Recorded, Reply};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use snapsign_rootfs_builder::archive::{read_archive, write_archive};
+use snapsign_rootfs_builder::sample::random;
 use snapsign_rootfs_builder::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
 use snapsign_rootfs_builder::tree::Tree;
-
-/// Bytes zstd cannot shrink, so archives span several small parts.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
-}
 
 struct Build {
     dir: tempfile::TempDir,
@@ -40,7 +29,7 @@ impl Build {
         let dir = tempfile::tempdir().unwrap();
         let ctx = dir.path().join("build/context");
         fs::create_dir_all(ctx.join("app")).unwrap();
-        fs::write(ctx.join("app/blob.bin"), noise(5000, 7)).unwrap();
+        fs::write(ctx.join("app/blob.bin"), random(5000, 7)).unwrap();
         fs::write(ctx.join("app/hello.txt"), "hello\n").unwrap();
         fs::write(ctx.join("run.sh"), "#!/bin/sh\necho run\n").unwrap();
         fs::set_permissions(ctx.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
@@ -223,7 +212,7 @@ fn multipart_parts_carry_their_bytes_and_completion_carries_the_returned_etags()
     assert_eq!(manifest.config.cmd, Some(vec!["/usr/local/bin/run".to_owned()]));
     assert_eq!(manifest.config.env, ["MODE=prod"]);
     assert_eq!(manifest.config.workdir, "/srv");
-    assert_eq!(fs::read(dir.path().join("tree/srv/app/blob.bin")).unwrap(), noise(5000, 7));
+    assert_eq!(fs::read(dir.path().join("tree/srv/app/blob.bin")).unwrap(), random(5000, 7));
     let mode = fs::metadata(dir.path().join("tree/usr/local/bin/run")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 
@@ -931,7 +920,7 @@ fn linked_as_gzip_it_decodes_for_tar_xzf_and_hands_other_uses_to_the_system_gzip
     let bin = dir.path().join("bin");
     fs::create_dir(&bin).unwrap();
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_tl-rootfs-build"), bin.join("gzip")).unwrap();
-    let random = noise(3 << 20, 5);
+    let random = random(3 << 20, 5);
     let lines: Vec<u8> = (0..50_000).flat_map(|i| format!("line {i} of the context\n").into_bytes()).collect();
     let mut tar = tar::Builder::new(Vec::new());
     for (name, data) in [("random.bin", &random), ("text.txt", &lines)] {

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::dev::{DevConfig, DevStack};
 use crate::image_build::{BuildEvent, BuilderRuntime, proxy_backend};
+use snapsign_dev_stack::{DevConfig, DevStack};
 
 /// What the run measures.
 pub struct DataOptions {
@@ -259,12 +259,13 @@ async fn floor(stack: &DevStack, context: &Path, dir: &Path, round: usize) -> Re
     .await??;
     let bytes = std::fs::metadata(&out)?.len();
     let platform = &stack.platform;
-    let object = platform.signer.endpoint.object(&platform.signer.bucket, &format!("bench/floor-{round}.tar.zst"));
-    let url = platform.presigner().presign(snapsign::presign::Method::Put, &object, &[]);
+    let signer = platform.signer();
+    let object = signer.endpoint.object(&signer.bucket, &format!("bench/floor-{round}.tar.zst"));
+    let url = signer.presigner(jiff::Timestamp::now()).presign(snapsign::presign::Method::Put, &object, &[]);
     let started = Instant::now();
     let file = tokio::fs::File::open(&out).await?;
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
-    let response = platform.http.put(url).header("content-length", bytes).body(body).send().await?;
+    let response = reqwest::Client::new().put(url).header("content-length", bytes).body(body).send().await?;
     if !response.status().is_success() {
         bail!("the floor's PUT to the store answered {}", response.status());
     }

@@ -17,8 +17,8 @@ use snapsign_rootfs_builder::image::oci;
 use snapsign_rootfs_builder::snapshot::{FORMAT_VERSION, SnapshotManifest};
 use snapsign_rootfs_builder::tree::Tree;
 
-use crate::hosts::Tools;
-use crate::registry::{PullOptions, pull};
+use snapsign_dev_stack::registry::{PullOptions, pull};
+use snapsign_foreign_hosts::Tools;
 
 /// Runs `rounds` rounds of import and floor on an image of about `megabytes` MB
 /// (half random bytes, half text, in one gzip layer).
@@ -29,7 +29,9 @@ pub async fn run(megabytes: usize, rounds: usize, tools_dir: Option<PathBuf>) ->
     let scratch = super::Scratch::new("import")?;
     let tools = Tools::new(tools_dir.unwrap_or_else(Tools::default_dir));
     let (_registry_process, registry) =
-        crate::hosts::launch::oci_registry(&tools, &scratch.0.join("registry")).await.context("start a registry")?;
+        snapsign_foreign_hosts::launch::oci_registry(&tools, &scratch.0.join("registry"))
+            .await
+            .context("start a registry")?;
     let layer_path = scratch.0.join("layer.tar.gz");
     let made = {
         let layer_path = layer_path.clone();
@@ -117,17 +119,9 @@ struct Made {
 fn make_layer(path: &Path, megabytes: usize) -> Result<Made> {
     use std::io::Write;
     let mut tar = tar::Builder::new(Vec::new());
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for i in 0..megabytes {
         let data: Vec<u8> = if i % 2 == 0 {
-            (0..1 << 20)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect()
+            snapsign_rootfs_builder::sample::random(1 << 20, 0x9e37_79b9_7f4a_7c15 ^ i as u64)
         } else {
             format!("line {i} of a text file that compresses well\n").repeat(1 << 20).into_bytes()[..1 << 20].to_vec()
         };

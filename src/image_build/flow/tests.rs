@@ -1,5 +1,5 @@
 //! The whole flow driven from literal answers, one test per fault of the
-//! dev stack's fault matrix (host/src/dev/faults.rs) and per prepare shape.
+//! dev stack's fault matrix (host/dev-stack/src/faults.rs) and per prepare shape.
 //! Each test asserts the calls the flow asks for, in order, and its outcome.
 
 use std::collections::VecDeque;

@@ -80,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
         request_id: "fuzz",
     };
     let routed = selector & 0xc0 == 0;
-    match signer::handle(config, &incoming, jiff::Timestamp::from_second(NOW).unwrap()) {
+    match signer::handle(config, &mut signer::Memo::default(), &incoming, jiff::Timestamp::from_second(NOW).unwrap()) {
         Step::Respond(answer) if answer.status == 200 => {
             assert!(verifies && routed, "signed without a verified token or route");
             let request = parsed.expect("an answered request parsed");

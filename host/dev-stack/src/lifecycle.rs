@@ -2,26 +2,53 @@
 //! `pending` until the sandbox runs, as the platform answers now; 502
 //! PROXY_ERROR while pending only under a fault switch), delete.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{Method, Response, StatusCode};
 use serde_json::{Value, json};
+use snapsign_sandbox::Sandboxes;
 
-use super::emulator::{Emulator, SandboxRecord, parse_json};
+use super::emulator::{Shared, parse_json};
 use super::http::{ApiError, Body};
+
+/// Lifecycle bookkeeping of one sandbox.
+#[derive(Debug, Clone)]
+pub(crate) struct SandboxRecord {
+    pub namespace: String,
+    pub ready_at: Instant,
+    pub pending_502s_left: u32,
+    pub resources: Value,
+    pub image: String,
+}
+
+/// The lifecycle API's handler: the local sandboxes and their records.
+pub struct LifecycleApi {
+    shared: Arc<Shared>,
+    pub(crate) sandboxes: Sandboxes,
+    records: Mutex<HashMap<String, SandboxRecord>>,
+    /// How long a new sandbox stays pending.
+    pending: Duration,
+}
 
 /// What the gateway answers while a sandbox is not running yet.
 pub(crate) fn pending_error(id: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "PROXY_ERROR", format!("Failed to proxy request: sandbox {id} is pending"))
 }
 
-impl Emulator {
-    pub(crate) async fn lifecycle(
+impl LifecycleApi {
+    pub(crate) fn new(shared: Arc<Shared>, sandboxes: Sandboxes, pending: Duration) -> Self {
+        LifecycleApi { shared, sandboxes, records: Mutex::new(HashMap::new()), pending }
+    }
+
+    /// Serves `method` on `…/sandboxes/{rest}` for `namespace`.
+    pub(crate) async fn handle(
         &self,
         namespace: &str,
         method: &Method,
         body: &[u8],
-        rest: &[String],
+        rest: &[&str],
     ) -> Result<Response<Body>, ApiError> {
         match (method, rest) {
             (&Method::POST, []) => {
@@ -54,30 +81,30 @@ impl Emulator {
         .map_err(|e| ApiError::bad_request("invalid_field", format!("create request: {e}")))?;
         let spec =
             self.sandboxes.spec_for(&request).map_err(|e| ApiError::bad_request("invalid_field", format!("{e:#}")))?;
-        let id = format!("sbx-{}", self.state.next_id("sandbox")?);
+        let id = format!("sbx-{}", self.shared.state.next_id("sandbox")?);
         let sandbox = self
             .sandboxes
             .create_with(&id, spec)
             .map_err(|e| ApiError::internal(e.context(format!("create sandbox {id}"))))?;
         // Which mechanism holds each limit here (cgroups, rlimits, tmpfs), and which asked limit none holds.
         let limits = serde_json::to_value(sandbox.enforcement()).unwrap_or_default();
-        self.state.put_sandbox(&id, namespace, &image, "pending")?;
+        self.shared.state.put_sandbox(&id, namespace, &image, "pending")?;
         let record = SandboxRecord {
             namespace: namespace.to_owned(),
             ready_at: Instant::now() + self.pending,
-            pending_502s_left: self.faults().pending_502s,
+            pending_502s_left: self.shared.faults().pending_502s,
             resources,
             image,
         };
-        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), record);
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), record);
         tracing::info!(sandbox = %id, %namespace, "sandbox created (pending)");
         Ok(
-            json!({"sandbox_id": id, "status": "pending", "routing_hint": format!("local-{id}"), "sandbox_url": self.base_url(), "limits": limits}),
+            json!({"sandbox_id": id, "status": "pending", "routing_hint": format!("local-{id}"), "sandbox_url": self.shared.base_url(), "limits": limits}),
         )
     }
 
     pub(crate) fn record(&self, namespace: &str, id: &str) -> Result<SandboxRecord, ApiError> {
-        self.lifecycle
+        self.records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
@@ -88,10 +115,15 @@ impl Emulator {
             })
     }
 
+    /// The record of sandbox `id`, whatever its namespace.
+    pub(crate) fn record_by_id(&self, id: &str) -> Option<SandboxRecord> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
     /// Whether the sandbox answers yet; counts down injected 502s.
     pub(crate) fn running(&self, id: &str, consume_fault: bool) -> bool {
-        let mut lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(record) = lifecycle.get_mut(id) else { return false };
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(record) = records.get_mut(id) else { return false };
         if Instant::now() < record.ready_at {
             return false;
         }
@@ -106,7 +138,7 @@ impl Emulator {
 
     fn sandbox_info(&self, namespace: &str, id: &str) -> Result<Value, ApiError> {
         let record = self.record(namespace, id)?;
-        let faults = self.faults();
+        let faults = self.shared.faults();
         let status = if faults.terminate_sandbox || self.sandboxes.get(id).is_none() {
             // The local sandbox is gone: it timed out (see timeout_secs).
             "terminated"
@@ -131,27 +163,27 @@ impl Emulator {
         // One id field: the public client reads `id` and `sandbox_id` as
         // aliases and refuses an answer that has both (wit/protocol.md §12).
         Ok(json!({"id": id, "namespace": namespace, "status": status, "image": record.image,
-                  "resources": resources, "routing_hint": format!("local-{id}"), "sandbox_url": self.base_url()}))
+                  "resources": resources, "routing_hint": format!("local-{id}"), "sandbox_url": self.shared.base_url()}))
     }
 
     async fn delete_sandbox(&self, namespace: &str, id: &str) -> Result<(), ApiError> {
         self.record(namespace, id)?;
         self.sandboxes.delete(id).await.map_err(|e| ApiError::internal(e.context(format!("delete sandbox {id}"))))?;
-        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        self.state.put_sandbox(id, namespace, "", "deleted")?;
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.shared.state.put_sandbox(id, namespace, "", "deleted")?;
         tracing::info!(sandbox = %id, "sandbox deleted");
         Ok(())
     }
 
     /// Ids of the sandboxes that exist now.
     pub fn live_sandboxes(&self) -> Vec<String> {
-        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
     /// Deletes every sandbox (stack shutdown).
     pub async fn delete_all_sandboxes(&self) {
         let ids: Vec<(String, String)> = self
-            .lifecycle
+            .records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()

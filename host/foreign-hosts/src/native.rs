@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use snapsign::signer::{self, Answer, Incoming, MAX_BODY_BYTES, SignError, SignerConfig, Step};
 
-use crate::serve::{self, Server};
+use snapsign_runtime::serve::{self, Server};
 
 /// Serves the core on `listen` until the returned server stops.
 pub async fn start(env: Vec<(String, String)>, listen: SocketAddr) -> Result<Server> {
@@ -29,8 +29,8 @@ async fn handle(
     request: http::Request<hyper::body::Incoming>,
 ) -> Answer {
     // Request ids as serve-signer makes them, so the ceiling does the same work.
-    static IDS: std::sync::OnceLock<crate::signer::RequestIds> = std::sync::OnceLock::new();
-    let request_id = IDS.get_or_init(crate::signer::RequestIds::new).next();
+    static IDS: std::sync::OnceLock<snapsign_runtime::signer::RequestIds> = std::sync::OnceLock::new();
+    let request_id = IDS.get_or_init(snapsign_runtime::signer::RequestIds::new).next();
     let (parts, body) = request.into_parts();
     let Ok(body) = Limited::new(body, MAX_BODY_BYTES).collect().await.map(|b| b.to_bytes()) else {
         return SignError::BodyTooLarge { limit: MAX_BODY_BYTES }.answer(&request_id);
@@ -43,7 +43,12 @@ async fn handle(
         body: &body,
         request_id: &request_id,
     };
-    match signer::handle(config, &incoming, jiff::Timestamp::now()) {
+    thread_local! {
+        // The shell's memo, one per worker thread (no lock between them).
+        static MEMO: std::cell::RefCell<signer::Memo> = std::cell::RefCell::default();
+    }
+    let step = MEMO.with_borrow_mut(|memo| signer::handle(config, memo, &incoming, jiff::Timestamp::now()));
+    match step {
         Step::Respond(answer) => answer,
         Step::StoreCall(pending) => {
             match store.request(pending.store_method.parse().expect("POST or GET"), &pending.store_url).send().await {

@@ -16,7 +16,7 @@ use super::layout::Layout;
 use super::multipart::Uploads;
 use super::s3::Store;
 use super::{presigned, reaper};
-use crate::serve::{self, Server};
+use snapsign_runtime::serve::{self, Server};
 
 /// Creates `bucket` under `root` unless it exists.
 pub fn ensure_bucket(root: &Path, bucket: &str) -> Result<()> {

@@ -1,7 +1,9 @@
 //! The platform emulator: one loopback server that speaks platform-api,
-//! the sandbox lifecycle API and the sandbox proxy (wit/protocol.md §0–§4, §8).
+//! the sandbox lifecycle API and the sandbox proxy (wit/protocol.md §0–§4,
+//! §8). The router here sends each request to its API's handler
+//! ([`PlatformApi`], [`LifecycleApi`], [`ProxyApi`]); they share only
+//! [`Shared`].
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,164 +19,49 @@ use snapsign_sandbox::Sandboxes;
 
 use super::faults::Faults;
 use super::http::{ApiError, Body, namespace};
-use super::shape::{PrepareShape, SHAPE_HEADER};
+use super::lifecycle::LifecycleApi;
+use super::platform::PlatformApi;
+use super::proxy::ProxyApi;
+use super::shape::PrepareShape;
 use super::state::State;
 use crate::store::StoreFaults;
-use snapsign::image_build::routes::{BUILDS, BY_NAME, COMPLETE, ORGANIZATIONS, PLATFORM, PROJECTS, TEMPLATES, V1};
+use snapsign::image_build::routes::{ORGANIZATIONS, PLATFORM, PROJECTS, V1};
 
 /// Largest JSON body the platform and lifecycle routes read.
 const MAX_JSON_BODY: usize = 1 << 20;
 
-/// Lifecycle bookkeeping of one sandbox.
-#[derive(Debug, Clone)]
-pub(crate) struct SandboxRecord {
-    pub namespace: String,
-    pub ready_at: Instant,
-    pub pending_502s_left: u32,
-    pub resources: Value,
-    pub image: String,
-}
-
-/// Everything the emulator's handlers share.
-pub struct Emulator {
+/// What every handler reads: the state, the signer's settings, the fault
+/// switches and the stack's URL. Each API's own state is its handler's.
+pub struct Shared {
+    /// Templates, builds, sandboxes and uploads (SQLite).
     pub(crate) state: State,
+    /// The signer's configuration (its keys, bucket and URL lifetime).
     pub(crate) signer: SignerConfig,
-    pub(crate) signer_url: String,
-    pub(crate) sandboxes: Sandboxes,
-    pub(crate) lifecycle: Mutex<HashMap<String, SandboxRecord>>,
+    /// The client the handlers reach the store and the signer with.
     pub(crate) http: reqwest::Client,
-    pub(crate) base_url: OnceLock<String>,
-    pub(crate) pending: Duration,
-    shape: Mutex<PrepareShape>,
     faults: Mutex<Faults>,
     store_faults: Arc<StoreFaults>,
-    admin_token: String,
-    pub(crate) health_checks: std::sync::atomic::AtomicU64,
-    /// Platform requests served on PAT-mode (org/project) paths.
-    scoped_requests: std::sync::atomic::AtomicU64,
-    /// Where registry images are pulled and laid out (set by the stack).
-    images: OnceLock<super::images::ImageSettings>,
-    /// The embedded store's root, whose records complete reads (set by the stack).
-    store_root: OnceLock<std::path::PathBuf>,
+    base_url: OnceLock<String>,
 }
 
-/// What the emulator is built over.
-pub struct EmulatorConfig {
-    /// Templates, builds and sandboxes (SQLite).
-    pub state: State,
-    /// The signer's configuration (its keys, bucket and URL lifetime).
-    pub signer: SignerConfig,
-    /// Where the proxy forwards sign requests.
-    pub signer_url: String,
-    /// The local sandboxes the lifecycle API makes.
-    pub sandboxes: Sandboxes,
-    /// How long a new sandbox stays pending.
-    pub pending: Duration,
-    /// The prepare shape answered when a request does not pick one.
-    pub shape: PrepareShape,
-    /// Fault switches at start.
-    pub faults: Faults,
-    /// The store's own fault switch (a part number it refuses).
-    pub store_faults: Arc<StoreFaults>,
-    /// The operator's token (`/_snapsign/…`).
-    pub admin_token: String,
-}
-
-impl Emulator {
-    /// Builds the emulator over its state, the signer's config and URL, and local sandboxes.
-    pub fn new(config: EmulatorConfig) -> Self {
-        let EmulatorConfig { state, signer, signer_url, sandboxes, pending, shape, faults, store_faults, admin_token } =
-            config;
-        store_faults.fail_upload_part(faults.store_fail_part);
-        Emulator {
-            state,
-            signer,
-            signer_url,
-            sandboxes,
-            lifecycle: Mutex::new(HashMap::new()),
-            http: reqwest::Client::new(),
-            base_url: OnceLock::new(),
-            pending,
-            shape: Mutex::new(shape),
-            faults: Mutex::new(faults),
-            store_faults,
-            admin_token,
-            health_checks: std::sync::atomic::AtomicU64::new(0),
-            scoped_requests: std::sync::atomic::AtomicU64::new(0),
-            images: OnceLock::new(),
-            store_root: OnceLock::new(),
-        }
-    }
-
-    /// Lets complete read the embedded store's own record of an object
-    /// (its size and sha256, kept at CompleteMultipartUpload) instead of the object.
-    pub fn set_store_root(&self, root: std::path::PathBuf) {
-        let _ = self.store_root.set(root);
-    }
-
-    /// The store's record of `uri`'s object, when the store keeps one.
-    pub(crate) fn store_record(&self, uri: &str) -> Option<(u64, String)> {
-        let root = self.store_root.get()?;
-        let parsed = snapsign::signer::validate::s3_uri(uri).ok()?;
-        crate::store::recorded_digest(root, parsed.bucket, parsed.key)
-    }
-
-    /// Sets where registry images are pulled and laid out (once, before serving).
-    pub fn set_image_settings(&self, settings: super::images::ImageSettings) {
-        let _ = self.images.set(settings);
-    }
-
-    /// Where registry images go: as set, else under the system's temporary directory.
-    pub(crate) fn image_settings(&self) -> super::images::ImageSettings {
-        self.images
-            .get_or_init(|| {
-                let dir = std::env::temp_dir().join("snapsign-dev-images");
-                super::images::ImageSettings {
-                    pull: crate::registry::PullOptions::new(dir.join("oci")),
-                    work_dir: dir.join("work"),
-                }
-            })
-            .clone()
-    }
-
+impl Shared {
     /// The current fault switches.
-    pub fn faults(&self) -> Faults {
+    pub(crate) fn faults(&self) -> Faults {
         self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces the fault switches.
-    pub fn set_faults(&self, faults: Faults) {
+    fn set_faults(&self, faults: Faults) {
         self.store_faults.fail_upload_part(faults.store_fail_part);
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
     }
 
-    /// How many platform requests came on PAT-mode (org/project) paths with their scope headers.
-    pub fn scoped_requests(&self) -> u64 {
-        self.scoped_requests.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// How many `GET /api/v1/health` the proxy answered (keepalive pings).
-    pub fn health_checks(&self) -> u64 {
-        self.health_checks.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// The prepare shape answered when a request does not pick one.
-    pub fn shape(&self) -> PrepareShape {
-        *self.shape.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Changes the default prepare shape.
-    pub fn set_shape(&self, shape: PrepareShape) {
-        *self.shape.lock().unwrap_or_else(|p| p.into_inner()) = shape;
-    }
-
     /// The emulator's own URL (also every sandbox's `sandbox_url`).
-    pub fn base_url(&self) -> &str {
+    pub(crate) fn base_url(&self) -> &str {
         self.base_url.get().map(String::as_str).unwrap_or("http://127.0.0.1")
     }
 
     pub(crate) fn presigner(&self) -> Presigner {
-        Presigner::new(&self.signer.credentials, &self.signer.region, jiff::Timestamp::now(), self.signer.url_ttl_secs)
+        self.signer.presigner(jiff::Timestamp::now())
     }
 
     pub(crate) fn expires_at(&self) -> String {
@@ -203,6 +90,118 @@ impl Emulator {
             expires_at: Some(self.expires_at()),
         })
     }
+}
+
+/// The platform emulator: a router over one handler per API (platform-api,
+/// sandbox lifecycle, sandbox proxy) and the operator's routes.
+pub struct Emulator {
+    shared: Arc<Shared>,
+    platform: PlatformApi,
+    lifecycle: Arc<LifecycleApi>,
+    proxy: ProxyApi,
+    admin_token: String,
+}
+
+/// What the emulator is built over.
+pub struct EmulatorConfig {
+    /// Templates, builds and sandboxes (SQLite).
+    pub state: State,
+    /// The signer's configuration (its keys, bucket and URL lifetime).
+    pub signer: SignerConfig,
+    /// Where the proxy forwards sign requests.
+    pub signer_url: String,
+    /// The local sandboxes the lifecycle API makes.
+    pub sandboxes: Sandboxes,
+    /// How long a new sandbox stays pending.
+    pub pending: Duration,
+    /// The prepare shape answered when a request does not pick one.
+    pub shape: PrepareShape,
+    /// Fault switches at start.
+    pub faults: Faults,
+    /// The store's own fault switch (a part number it refuses).
+    pub store_faults: Arc<StoreFaults>,
+    /// The operator's token (`/_snapsign/…`).
+    pub admin_token: String,
+}
+
+impl Emulator {
+    /// Builds the emulator's handlers over their shared state.
+    pub fn new(config: EmulatorConfig) -> Self {
+        let EmulatorConfig { state, signer, signer_url, sandboxes, pending, shape, faults, store_faults, admin_token } =
+            config;
+        store_faults.fail_upload_part(faults.store_fail_part);
+        let shared = Arc::new(Shared {
+            state,
+            signer,
+            http: reqwest::Client::new(),
+            faults: Mutex::new(faults),
+            store_faults,
+            base_url: OnceLock::new(),
+        });
+        let lifecycle = Arc::new(LifecycleApi::new(shared.clone(), sandboxes, pending));
+        Emulator {
+            platform: PlatformApi::new(shared.clone(), shape),
+            proxy: ProxyApi::new(shared.clone(), lifecycle.clone(), signer_url),
+            lifecycle,
+            shared,
+            admin_token,
+        }
+    }
+
+    /// Sets the emulator's own URL once it listens (before serving).
+    pub fn set_base_url(&self, url: String) {
+        let _ = self.shared.base_url.set(url);
+    }
+
+    /// The emulator's own URL (also every sandbox's `sandbox_url`).
+    pub fn base_url(&self) -> &str {
+        self.shared.base_url()
+    }
+
+    /// The platform-api handler (templates, builds, images, recovery).
+    pub fn platform_api(&self) -> &PlatformApi {
+        &self.platform
+    }
+
+    /// The lifecycle handler (the local sandboxes).
+    pub fn lifecycle_api(&self) -> &LifecycleApi {
+        &self.lifecycle
+    }
+
+    /// The signer's configuration the emulator signs with.
+    pub fn signer(&self) -> &SignerConfig {
+        &self.shared.signer
+    }
+
+    /// The current fault switches.
+    pub fn faults(&self) -> Faults {
+        self.shared.faults()
+    }
+
+    /// Replaces the fault switches.
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.set_faults(faults);
+    }
+
+    /// How many `GET /api/v1/health` the proxy answered (keepalive pings).
+    pub fn health_checks(&self) -> u64 {
+        self.proxy.health_checks()
+    }
+
+    /// How many platform requests came on PAT-mode (org/project) paths with their scope headers.
+    pub fn scoped_requests(&self) -> u64 {
+        self.platform.scoped_requests()
+    }
+
+    /// Changes the default prepare shape.
+    pub fn set_shape(&self, shape: PrepareShape) {
+        self.platform.set_shape(shape);
+    }
+
+    /// Ids of the sandboxes that exist now.
+    pub fn live_sandboxes(&self) -> Vec<String> {
+        self.lifecycle.live_sandboxes()
+    }
 
     /// Serves one request.
     pub async fn route(
@@ -211,7 +210,7 @@ impl Emulator {
     ) -> Result<Response<Body>, std::convert::Infallible> {
         let started = Instant::now();
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-        let response = match self.clone().dispatch(request).await {
+        let response = match self.dispatch(request).await {
             Ok(response) => response,
             Err(error) => {
                 // A pending sandbox's 502 PROXY_ERROR is expected, not worth a warning.
@@ -225,10 +224,10 @@ impl Emulator {
         Ok(response)
     }
 
-    async fn dispatch(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    async fn dispatch(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         let path = request.uri().path().to_owned();
         if path.starts_with("/api/v1/") {
-            return self.proxy(request).await;
+            return self.proxy.handle(request).await;
         }
         let method = request.method().clone();
         // Read the (bounded) body before any check: answering early and
@@ -245,46 +244,14 @@ impl Emulator {
             [PLATFORM, V1, rest @ ..] => (Some(rest.to_vec()), None),
             _ => (None, None),
         };
-        let key = self.signer.token_key().to_vec();
+        let key = self.shared.signer.token_key();
         if let Some(rest) = platform {
-            let ns = namespace(headers, &key)?;
+            let ns = namespace(headers, key)?;
             if let Some((org, project)) = scope {
                 check_scope(headers, org, project)?;
-                self.scoped_requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.platform.count_scoped();
             }
-            return match (&method, rest.as_slice()) {
-                (&Method::GET, [TEMPLATES, BY_NAME, name]) => {
-                    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy().into_owned();
-                    Ok(super::http::json(StatusCode::OK, &self.lookup_template(&ns, &name)?))
-                }
-                (&Method::GET, [TEMPLATES]) => {
-                    Ok(super::http::json(StatusCode::OK, &self.list_templates(&ns, parts.uri.query())?))
-                }
-                (&Method::GET, [TEMPLATES, id]) => {
-                    let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
-                    Ok(super::http::json(StatusCode::OK, &self.get_template(&ns, &id)?))
-                }
-                (&Method::DELETE, [TEMPLATES, id]) => {
-                    let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
-                    Ok(super::http::json(StatusCode::OK, &self.delete_template(&ns, &id)?))
-                }
-                (&Method::POST, [BUILDS]) => {
-                    let shape = match headers.get(SHAPE_HEADER).and_then(|v| v.to_str().ok()) {
-                        Some(value) => {
-                            PrepareShape::parse(value).map_err(|e| ApiError::bad_request("invalid_header", e))?
-                        }
-                        None => self.shape(),
-                    };
-                    let body = parse_json(&body)?;
-                    let imported = self.import_images(&ns, &body).await?;
-                    Ok(super::http::json(StatusCode::OK, &self.prepare(&ns, &body, shape, imported)?))
-                }
-                (&Method::POST, [BUILDS, build_id, COMPLETE]) => {
-                    let build_id = build_id.to_string();
-                    Ok(super::http::json(StatusCode::OK, &self.complete(&ns, &build_id, &parse_json(&body)?).await?))
-                }
-                _ => Err(ApiError::not_found("no_route", format!("no platform route {method} {path}"))),
-            };
+            return self.platform.handle(&ns, &method, &rest, headers, &parts.uri, &body).await;
         }
         match (&method, segments.as_slice()) {
             (_, ["_snapsign", ..]) if !operator(headers, &self.admin_token)? => Err(ApiError::new(
@@ -302,7 +269,7 @@ impl Emulator {
                 Ok(super::http::json(StatusCode::OK, &faults))
             }
             (_, ["v1", "namespaces", ns, "sandboxes", rest @ ..]) => {
-                let caller = namespace(headers, &key)?;
+                let caller = namespace(headers, key)?;
                 if *ns != caller {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,
@@ -310,13 +277,11 @@ impl Emulator {
                         format!("token is for namespace '{caller}', not '{ns}'"),
                     ));
                 }
-                let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
-                self.lifecycle(&caller, &method, &body, &rest).await
+                self.lifecycle.handle(&caller, &method, &body, rest).await
             }
             (_, ["sandboxes", rest @ ..]) => {
-                let caller = namespace(headers, &key)?;
-                let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
-                self.lifecycle(&caller, &method, &body, &rest).await
+                let caller = namespace(headers, key)?;
+                self.lifecycle.handle(&caller, &method, &body, rest).await
             }
             _ => Err(ApiError::not_found("no_route", format!("no route {method} {path}"))),
         }

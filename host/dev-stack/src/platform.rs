@@ -1,15 +1,21 @@
 //! platform-api: template lookup by name, prepare and complete
 //! (wit/protocol.md §2).
 
-use http::StatusCode;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use http::{HeaderMap, Method, Response, StatusCode};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use snapsign::presign::Method;
+use snapsign::presign::Method as SignMethod;
 use snapsign::wire::{self, CompleteRequest, Download, PrepareRequest, Prepared, SinglePut, TemplateRef, Upload};
 
-use super::emulator::Emulator;
-use super::http::ApiError;
+use super::emulator::{Shared, parse_json};
+use super::http::{ApiError, Body};
+use super::images::ImageSettings;
 use super::state::{Build, Template};
+use snapsign::image_build::routes::{BUILDS, BY_NAME, COMPLETE, TEMPLATES};
 
 pub use super::shape::{PrepareShape, SHAPE_HEADER};
 
@@ -66,7 +72,113 @@ pub const TEMPLATE_PAGE: usize = 50;
 /// The largest `limit` a page may ask for.
 pub const MAX_TEMPLATE_PAGE: usize = 500;
 
-impl Emulator {
+/// The platform API's handler: templates, builds and their images.
+pub struct PlatformApi {
+    pub(crate) shared: Arc<Shared>,
+    /// The prepare shape answered when a request does not pick one.
+    shape: Mutex<PrepareShape>,
+    /// Platform requests served on PAT-mode (org/project) paths.
+    scoped_requests: AtomicU64,
+    /// Where registry images are pulled and laid out (set by the stack).
+    images: OnceLock<ImageSettings>,
+    /// The embedded store's root, whose records complete reads (set by the stack).
+    store_root: OnceLock<PathBuf>,
+}
+
+impl PlatformApi {
+    pub(crate) fn new(shared: Arc<Shared>, shape: PrepareShape) -> Self {
+        PlatformApi {
+            shared,
+            shape: Mutex::new(shape),
+            scoped_requests: AtomicU64::new(0),
+            images: OnceLock::new(),
+            store_root: OnceLock::new(),
+        }
+    }
+
+    /// Serves `method` on `uri`, whose path is `/platform/v1/[…scope/]{rest}`, for namespace `ns`.
+    pub(crate) async fn handle(
+        &self,
+        ns: &str,
+        method: &Method,
+        rest: &[&str],
+        headers: &HeaderMap,
+        uri: &http::Uri,
+        body: &[u8],
+    ) -> Result<Response<Body>, ApiError> {
+        let decode = |segment: &str| percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned();
+        let answer = match (method, rest) {
+            (&Method::GET, [TEMPLATES, BY_NAME, name]) => self.lookup_template(ns, &decode(name))?,
+            (&Method::GET, [TEMPLATES]) => self.list_templates(ns, uri.query())?,
+            (&Method::GET, [TEMPLATES, id]) => self.get_template(ns, &decode(id))?,
+            (&Method::DELETE, [TEMPLATES, id]) => self.delete_template(ns, &decode(id))?,
+            (&Method::POST, [BUILDS]) => {
+                let shape = match headers.get(SHAPE_HEADER).and_then(|v| v.to_str().ok()) {
+                    Some(value) => {
+                        PrepareShape::parse(value).map_err(|e| ApiError::bad_request("invalid_header", e))?
+                    }
+                    None => self.shape(),
+                };
+                let body = parse_json(body)?;
+                let imported = self.import_images(ns, &body).await?;
+                self.prepare(ns, &body, shape, imported)?
+            }
+            (&Method::POST, [BUILDS, build_id, COMPLETE]) => self.complete(ns, build_id, &parse_json(body)?).await?,
+            _ => {
+                return Err(ApiError::not_found("no_route", format!("no platform route {method} {}", uri.path())));
+            }
+        };
+        Ok(super::http::json(StatusCode::OK, &answer))
+    }
+
+    /// Counts a request that came on a PAT-mode path with its scope headers.
+    pub(crate) fn count_scoped(&self) {
+        self.scoped_requests.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many platform requests came on PAT-mode (org/project) paths with their scope headers.
+    pub fn scoped_requests(&self) -> u64 {
+        self.scoped_requests.load(Ordering::SeqCst)
+    }
+
+    /// The prepare shape answered when a request does not pick one.
+    pub fn shape(&self) -> PrepareShape {
+        *self.shape.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the default prepare shape.
+    pub fn set_shape(&self, shape: PrepareShape) {
+        *self.shape.lock().unwrap_or_else(|p| p.into_inner()) = shape;
+    }
+
+    /// Lets complete read the embedded store's own record of an object
+    /// (its size and sha256, kept at CompleteMultipartUpload) instead of the object.
+    pub fn set_store_root(&self, root: PathBuf) {
+        let _ = self.store_root.set(root);
+    }
+
+    /// The store's record of `uri`'s object, when the store keeps one.
+    fn store_record(&self, uri: &str) -> Option<(u64, String)> {
+        let root = self.store_root.get()?;
+        let parsed = snapsign::signer::validate::s3_uri(uri).ok()?;
+        crate::store::recorded_digest(root, parsed.bucket, parsed.key)
+    }
+
+    /// Sets where registry images are pulled and laid out (once, before serving).
+    pub fn set_image_settings(&self, settings: ImageSettings) {
+        let _ = self.images.set(settings);
+    }
+
+    /// Where registry images go: as set, else under the system's temporary directory.
+    pub(crate) fn image_settings(&self) -> ImageSettings {
+        self.images
+            .get_or_init(|| {
+                let dir = std::env::temp_dir().join("snapsign-dev-images");
+                ImageSettings { pull: crate::registry::PullOptions::new(dir.join("oci")), work_dir: dir.join("work") }
+            })
+            .clone()
+    }
+
     /// `GET …/sandbox-templates?limit=N&cursor=C`: the caller's own templates
     /// by name, a page at a time: `{"items": [...], "nextCursor": C|null}`;
     /// `cursor` is the last name of the page before.
@@ -86,7 +198,7 @@ impl Emulator {
                 _ => {}
             }
         }
-        let mut page = self.state.templates_of(caller, &cursor, limit + 1)?;
+        let mut page = self.shared.state.templates_of(caller, &cursor, limit + 1)?;
         let more = page.len() > limit;
         page.truncate(limit);
         let next = if more { page.last().map(|t| t.name.clone()) } else { None };
@@ -102,7 +214,7 @@ impl Emulator {
     }
 
     fn visible_template(&self, caller: &str, id: &str) -> Result<Template, ApiError> {
-        self.state.template_by_id(id)?.filter(|t| t.namespace == caller || t.public).ok_or_else(|| {
+        self.shared.state.template_by_id(id)?.filter(|t| t.namespace == caller || t.public).ok_or_else(|| {
             ApiError::not_found("template_not_found", format!("no template {id} in namespace '{caller}'"))
         })
     }
@@ -125,7 +237,7 @@ impl Emulator {
                 ),
             ));
         }
-        if let Err(dependents) = self.state.remove_template(id)? {
+        if let Err(dependents) = self.shared.state.remove_template(id)? {
             let own: Vec<&str> = dependents.iter().filter(|(ns, _)| ns == caller).map(|(_, n)| n.as_str()).collect();
             let others = dependents.len() - own.len();
             let mut which = Vec::new();
@@ -155,7 +267,7 @@ impl Emulator {
     /// or another namespace's public one (`owner/name`).
     pub fn lookup_template(&self, caller: &str, reference: &str) -> Result<Value, ApiError> {
         let (owner, name) = split_reference(caller, reference);
-        let template = self.state.template_by_name(owner, name)?.ok_or_else(|| {
+        let template = self.shared.state.template_by_name(owner, name)?.ok_or_else(|| {
             ApiError::not_found("template_not_found", format!("no template named '{name}' in namespace '{owner}'"))
         })?;
         refuse_private(caller, &template)?;
@@ -179,10 +291,10 @@ impl Emulator {
         let by_id = parent.template_id.as_deref().filter(|s| !s.is_empty());
         let reference = parent.reference.as_deref().or(parent.name.as_deref()).unwrap_or_default();
         let template = match by_id {
-            Some(id) => self.state.template_by_id(id)?,
+            Some(id) => self.shared.state.template_by_id(id)?,
             None => {
                 let (owner, name) = split_reference(caller, reference);
-                self.state.template_by_name(owner, name)?
+                self.shared.state.template_by_name(owner, name)?
             }
         };
         let template = template.ok_or_else(|| {
@@ -193,7 +305,7 @@ impl Emulator {
     }
 
     /// `POST …/sandbox-template-builds`.
-    /// `imported`: registry images the Dockerfile names ([`Emulator::import_images`]).
+    /// `imported`: registry images the Dockerfile names ([`PlatformApi::import_images`]).
     pub fn prepare(
         &self,
         namespace: &str,
@@ -232,11 +344,11 @@ impl Emulator {
             _ => None,
         };
 
-        let n = self.state.next_id("build")?;
+        let n = self.shared.state.next_id("build")?;
         let build_id = format!("build-{n}");
         let snapshot_id = format!("snap-{n}");
         let rel_path = format!("sandbox-template-builds/{build_id}/{snapshot_id}.tlsnap");
-        let (key, snapshot_uri) = self.signer.artifact(namespace, &rel_path);
+        let (key, snapshot_uri) = self.shared.signer.artifact(namespace, &rel_path);
 
         let mut prepared = Prepared {
             build_id: build_id.clone(),
@@ -265,7 +377,7 @@ impl Emulator {
             let mut ancestors = Vec::new();
             let mut below = parent.parent_manifest_uri.clone();
             while let Some(uri) = below.take() {
-                let Some(template) = self.state.template_by_snapshot_uri(&uri)? else { break };
+                let Some(template) = self.shared.state.template_by_snapshot_uri(&uri)? else { break };
                 if ancestors.len() >= MAX_ANCESTORS {
                     return Err(ApiError::bad_request(
                         "parent_too_deep",
@@ -274,7 +386,7 @@ impl Emulator {
                 }
                 ancestors.push(wire::Ancestor::<Value> {
                     download: Some(
-                        serde_json::to_value(Download::SingleGet(self.presigned_get(&uri)?))
+                        serde_json::to_value(Download::SingleGet(self.shared.presigned_get(&uri)?))
                             .expect("answers serialize"),
                     ),
                     snapshot_uri: uri,
@@ -291,7 +403,7 @@ impl Emulator {
                 // (inferred, wit/protocol.md §2.4) the legacy platform presigned parent reads itself.
                 download: match shape {
                     PrepareShape::Legacy => Some(
-                        serde_json::to_value(Download::SingleGet(self.presigned_get(&parent.snapshot_uri)?))
+                        serde_json::to_value(Download::SingleGet(self.shared.presigned_get(&parent.snapshot_uri)?))
                             .expect("answers serialize"),
                     ),
                     _ => None,
@@ -306,7 +418,7 @@ impl Emulator {
                 self.named_template(namespace, local, "additionalLocalImages entry", "unknown_local_image")?;
             let download = match shape {
                 PrepareShape::Legacy => Some(
-                    serde_json::to_value(Download::SingleGet(self.presigned_get(&template.snapshot_uri)?))
+                    serde_json::to_value(Download::SingleGet(self.shared.presigned_get(&template.snapshot_uri)?))
                         .expect("answers serialize"),
                 ),
                 _ => None,
@@ -322,7 +434,7 @@ impl Emulator {
         for mut image in imported {
             if shape == PrepareShape::Legacy {
                 image.download = Some(
-                    serde_json::to_value(Download::SingleGet(self.presigned_get(&image.snapshot_uri)?))
+                    serde_json::to_value(Download::SingleGet(self.shared.presigned_get(&image.snapshot_uri)?))
                         .expect("answers serialize"),
                 );
             }
@@ -332,13 +444,13 @@ impl Emulator {
             .rest
             .insert("additionalLocalImages".into(), serde_json::to_value(local_images).expect("answers serialize"));
         let legacy_upload = |uri: &str, key: &str| {
-            let object = self.signer.endpoint.object(&self.signer.bucket, key);
+            let object = self.shared.signer.endpoint.object(&self.shared.signer.bucket, key);
             let upload = Upload::<()>::SinglePut(SinglePut {
                 uri: Some(uri.to_owned()),
-                method: Method::Put.as_str().into(),
-                url: self.presigner().presign(Method::Put, &object, &[]),
+                method: SignMethod::Put.as_str().into(),
+                url: self.shared.presigner().presign(SignMethod::Put, &object, &[]),
                 headers: Default::default(),
-                expires_at: Some(self.expires_at()),
+                expires_at: Some(self.shared.expires_at()),
             });
             serde_json::to_value(upload).expect("answers serialize")
         };
@@ -350,13 +462,13 @@ impl Emulator {
             }
             PrepareShape::Both => {
                 let stale_key = format!("stale/{key}");
-                let stale = wire::object_uri(&self.signer.bucket, &stale_key);
+                let stale = wire::object_uri(&self.shared.signer.bucket, &stale_key);
                 prepared.snapshot_rel_path = Some(rel_path);
                 prepared.rest.insert("upload".into(), legacy_upload(&stale, &stale_key));
                 prepared.snapshot_uri = Some(stale);
             }
         }
-        self.state.insert_build(&Build {
+        self.shared.state.insert_build(&Build {
             id: build_id,
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -373,10 +485,10 @@ impl Emulator {
 
     /// `POST …/sandbox-template-builds/{buildId}/complete`.
     pub async fn complete(&self, namespace: &str, build_id: &str, body: &Value) -> Result<Value, ApiError> {
-        let build = self.state.build(build_id)?.filter(|b| b.namespace == namespace).ok_or_else(|| {
+        let build = self.shared.state.build(build_id)?.filter(|b| b.namespace == namespace).ok_or_else(|| {
             ApiError::not_found("build_not_found", format!("no build '{build_id}' in namespace '{namespace}'"))
         })?;
-        if self.faults().complete_fail {
+        if self.shared.faults().complete_fail {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "injected_fault",
@@ -431,7 +543,7 @@ impl Emulator {
             ));
         }
         let template = Template {
-            id: format!("tpl-{}", self.state.next_id("template")?),
+            id: format!("tpl-{}", self.shared.state.next_id("template")?),
             namespace: namespace.to_owned(),
             name: build.name.clone(),
             snapshot_id: snapshot_id.to_owned(),
@@ -445,7 +557,7 @@ impl Emulator {
             public: build.public,
             build_id: build_id.to_owned(),
         };
-        if !self.state.complete(build_id, &template)? {
+        if !self.shared.state.complete(build_id, &template)? {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "already_completed",
@@ -468,7 +580,8 @@ impl Emulator {
                 format!("build {build_id} was already completed{why}"),
             )
         };
-        let Some(template) = self.state.template_by_snapshot_uri(snapshot_uri)?.filter(|t| t.build_id == build_id)
+        let Some(template) =
+            self.shared.state.template_by_snapshot_uri(snapshot_uri)?.filter(|t| t.build_id == build_id)
         else {
             // Its name was registered again by a later build since.
             return Err(conflict(String::new()));
@@ -510,9 +623,9 @@ impl Emulator {
         if let Some(recorded) = self.store_record(uri) {
             return Ok(recorded);
         }
-        let url = self.presigned_get(uri)?.url;
+        let url = self.shared.presigned_get(uri)?.url;
         let mut response =
-            self.http.get(&url).send().await.map_err(|e| anyhow::anyhow!("read {uri} from the store: {e}"))?;
+            self.shared.http.get(&url).send().await.map_err(|e| anyhow::anyhow!("read {uri} from the store: {e}"))?;
         if response.status() == StatusCode::NOT_FOUND {
             return Err(ApiError::bad_request(
                 "object_missing",

@@ -95,7 +95,7 @@ impl Tools {
     pub fn default_dir() -> PathBuf {
         std::env::var_os("SNAPSIGN_HOSTS_CACHE")
             .map(PathBuf::from)
-            .unwrap_or_else(|| crate::engine::default_cache_dir().join("hosts"))
+            .unwrap_or_else(|| snapsign_runtime::engine::default_cache_dir().join("hosts"))
     }
 
     /// The cache directory.
@@ -213,7 +213,7 @@ fn make_executable(path: &Path) -> Result<()> {
 /// read it: the bytes are `serve-signer`'s, unmodified.
 pub fn signer_wasm(dir: &Path) -> Result<PathBuf> {
     use sha2::Digest;
-    let bytes = crate::signer::SIGNER_WASM;
+    let bytes = snapsign_runtime::signer::SIGNER_WASM;
     let digest = hex::encode(&sha2::Sha256::digest(bytes)[..8]);
     let path = dir.join(format!("snapsign-signer-{digest}.wasm"));
     if !path.exists() {

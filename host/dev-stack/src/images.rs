@@ -20,8 +20,8 @@ use snapsign_rootfs_builder::archive::write_archive;
 use snapsign_rootfs_builder::snapshot::{FORMAT_VERSION, SnapshotManifest};
 use snapsign_rootfs_builder::tree::Tree;
 
-use super::emulator::Emulator;
 use super::http::ApiError;
+use super::platform::PlatformApi;
 use crate::registry::{self, PullOptions};
 
 /// Where images are pulled to and laid out.
@@ -33,7 +33,7 @@ pub struct ImageSettings {
     pub work_dir: PathBuf,
 }
 
-impl Emulator {
+impl PlatformApi {
     /// The registry images the prepare request's Dockerfile names and the
     /// client did not send as templates: the final FROM of a base build and
     /// the other external references (earlier FROMs, `COPY --from`) that
@@ -95,13 +95,13 @@ impl Emulator {
             snapshot_sha256: Some(sha256),
             download: None,
         };
-        if let Some((uri, sha256, _)) = self.state.image(namespace, &pulled.digest)? {
+        if let Some((uri, sha256, _)) = self.shared.state.image(namespace, &pulled.digest)? {
             tracing::info!(reference, digest = %pulled.digest, requests = pulled.requests, "registry image already imported");
             return Ok(local(uri, sha256));
         }
         let rel = format!("images/{}.tlsnap", pulled.digest.replace(':', "-"));
-        let (key, uri) = self.signer.artifact(namespace, &rel);
-        let n = self.state.next_id("image")?;
+        let (key, uri) = self.shared.signer.artifact(namespace, &rel);
+        let n = self.shared.state.next_id("image")?;
         let work = settings.work_dir.join(format!("import-{n}"));
         let snapshot_id = format!("image-{}", pulled.digest.trim_start_matches("sha256:").get(..12).unwrap_or("x"));
         let archive = work.join("image.tar.zst");
@@ -129,10 +129,11 @@ impl Emulator {
             let (pulled, stats, summary) = written.map_err(|e| {
                 ApiError::bad_request("image_invalid", format!("FROM {reference}: the image cannot be laid out: {e:#}"))
             })?;
-            let object = self.signer.endpoint.object(&self.signer.bucket, &key);
-            let url = self.presigner().presign(Method::Put, &object, &[]);
+            let object = self.shared.signer.endpoint.object(&self.shared.signer.bucket, &key);
+            let url = self.shared.presigner().presign(Method::Put, &object, &[]);
             let file = tokio::fs::File::open(&archive).await.map_err(|e| ApiError::internal(e.into()))?;
             let response = self
+                .shared
                 .http
                 .put(url)
                 .header(http::header::CONTENT_LENGTH, summary.size_bytes)
@@ -147,7 +148,7 @@ impl Emulator {
                     format!("the store answered {} storing the imported image {reference}", response.status()),
                 ));
             }
-            self.state.put_image(namespace, &pulled.digest, &uri, &summary.sha256, summary.size_bytes)?;
+            self.shared.state.put_image(namespace, &pulled.digest, &uri, &summary.sha256, summary.size_bytes)?;
             tracing::info!(
                 reference,
                 digest = %pulled.digest,
@@ -172,7 +173,7 @@ impl Emulator {
         if reference.contains(['/', ':', '@']) {
             return Ok(String::new());
         }
-        let found = self.state.public_templates_named(reference, namespace)?;
+        let found = self.shared.state.public_templates_named(reference, namespace)?;
         let names: Vec<String> = found.iter().map(|t| format!("FROM {}/{}", t.namespace, t.name)).collect();
         Ok(match names.as_slice() {
             [] => String::new(),
@@ -188,7 +189,7 @@ impl Emulator {
 
     fn readable_template(&self, namespace: &str, reference: &str) -> Result<bool, ApiError> {
         let (owner, name) = super::platform::split_reference(namespace, reference);
-        match self.state.template_by_name(owner, name)? {
+        match self.shared.state.template_by_name(owner, name)? {
             Some(template) => super::platform::refuse_private(namespace, &template).map(|()| true),
             None => Ok(false),
         }

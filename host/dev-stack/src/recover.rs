@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use http::StatusCode;
 use snapsign::presign::Method;
 
-use super::emulator::Emulator;
+use super::platform::PlatformApi;
 use super::state::Build;
 
 /// What one restart cleaned.
@@ -20,17 +20,17 @@ pub struct Recovered {
     pub uploads: Vec<String>,
 }
 
-impl Emulator {
+impl PlatformApi {
     /// Fails every build a previous run left `prepared` and cleans up after it.
     pub async fn recover_interrupted_builds(&self) -> Result<Recovered> {
         let mut recovered = Recovered::default();
-        for build in self.state.prepared_builds()? {
+        for build in self.shared.state.prepared_builds()? {
             let mut aborted = Vec::new();
-            for upload in self.state.open_uploads(&build.id)? {
+            for upload in self.shared.state.open_uploads(&build.id)? {
                 self.abort_upload(&upload.uri, &upload.upload_id)
                     .await
                     .with_context(|| format!("abort upload {} of interrupted build {}", upload.upload_id, build.id))?;
-                self.state.close_upload(&upload.upload_id, "aborted")?;
+                self.shared.state.close_upload(&upload.upload_id, "aborted")?;
                 aborted.push(upload.upload_id);
             }
             let deleted = self.delete_unregistered(&build).await?;
@@ -45,7 +45,7 @@ impl Emulator {
                 reason.push_str(&format!("; the unregistered object {} deleted", build.snapshot_uri));
             }
             reason.push_str("; build again");
-            self.state.fail_build(&build.id, &reason)?;
+            self.shared.state.fail_build(&build.id, &reason)?;
             tracing::warn!(build = %build.id, namespace = %build.namespace, "{reason}");
             recovered.builds.push(build.id);
             recovered.uploads.extend(aborted);
@@ -56,9 +56,9 @@ impl Emulator {
     /// AbortMultipartUpload; an upload the store no longer knows is already gone.
     async fn abort_upload(&self, uri: &str, upload_id: &str) -> Result<()> {
         let key = self.key_of(uri)?;
-        let object = self.signer.endpoint.object(&self.signer.bucket, &key);
-        let url = self.presigner().presign(Method::Delete, &object, &[("uploadId", upload_id)]);
-        let response = self.http.delete(url).send().await.context("reach the store")?;
+        let object = self.shared.signer.endpoint.object(&self.shared.signer.bucket, &key);
+        let url = self.shared.presigner().presign(Method::Delete, &object, &[("uploadId", upload_id)]);
+        let response = self.shared.http.delete(url).send().await.context("reach the store")?;
         match response.status() {
             s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
             s => anyhow::bail!("the store answered {s}: {}", response.text().await.unwrap_or_default()),
@@ -68,18 +68,18 @@ impl Emulator {
     /// Deletes the object a failed build may have written (it was never
     /// registered, so nothing refers to it); true when there was one.
     async fn delete_unregistered(&self, build: &Build) -> Result<bool> {
-        if self.state.template_by_snapshot_uri(&build.snapshot_uri)?.is_some() {
+        if self.shared.state.template_by_snapshot_uri(&build.snapshot_uri)?.is_some() {
             return Ok(false);
         }
         let key = self.key_of(&build.snapshot_uri)?;
-        let object = self.signer.endpoint.object(&self.signer.bucket, &key);
-        let head = self.presigner().presign(Method::Get, &object, &[]);
-        let exists = self.http.get(head).send().await.context("reach the store")?.status().is_success();
+        let object = self.shared.signer.endpoint.object(&self.shared.signer.bucket, &key);
+        let head = self.shared.presigner().presign(Method::Get, &object, &[]);
+        let exists = self.shared.http.get(head).send().await.context("reach the store")?.status().is_success();
         if !exists {
             return Ok(false);
         }
-        let delete = self.presigner().presign(Method::Delete, &object, &[]);
-        let response = self.http.delete(delete).send().await.context("reach the store")?;
+        let delete = self.shared.presigner().presign(Method::Delete, &object, &[]);
+        let response = self.shared.http.delete(delete).send().await.context("reach the store")?;
         anyhow::ensure!(
             response.status().is_success(),
             "delete {} of interrupted build {}: the store answered {}",

@@ -12,10 +12,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 use super::{Tools, launch};
-use crate::engine::EngineLimits;
-use crate::signer::SignerServerConfig;
+use snapsign_runtime::engine::EngineLimits;
+use snapsign_runtime::signer::SignerServerConfig;
 
-use crate::bench::{TOKEN_KEY, env};
+use snapsign_dev_stack::fixture::{TOKEN_KEY, env};
 const GET_BLOB: &str =
     r#"{"target":{"kind":"blob","uri":"s3://bench/builds/ns/bench/s.tlsnap"},"op":{"kind":"get_blob"}}"#;
 /// No run sends more than this many requests, whatever the duration.
@@ -208,7 +208,7 @@ struct Running {
 enum Serving {
     /// In this process (the native ceiling, serve-signer): up for the whole
     /// run, idle while the others are measured.
-    Here { server: crate::serve::Server, sign_url: String },
+    Here { server: snapsign_runtime::serve::Server, sign_url: String },
     /// A child process, started for its turn in each round and stopped after
     /// it, so that no other host's process runs (and idles, or not) during a
     /// measurement.
@@ -242,7 +242,7 @@ async fn run_in(options: &BenchOptions, work: &Path) -> Result<Vec<Figures>> {
         }
     }
     let wasm = super::signer_wasm(tools.dir())?;
-    let store = crate::bench::store(work).await?;
+    let store = snapsign_dev_stack::fixture::store(work).await?;
     let env = env(&store.url());
     // Distinct tokens of one namespace: each expiry second is another caller.
     let expiry = jiff::Timestamp::now().as_second() + 3600;
@@ -323,14 +323,14 @@ async fn start_hosts(options: &BenchOptions, env: &[(String, String)], work: &Pa
 
     // Reuse on (the default) and off (a fresh instance per request, as before reuse) side by side.
     for (which, host, max_instance_reuse) in [
-        (BenchHost::ServeSigner, "snapsign serve-signer", crate::signer::DEFAULT_MAX_INSTANCE_REUSE),
+        (BenchHost::ServeSigner, "snapsign serve-signer", snapsign_runtime::signer::DEFAULT_MAX_INSTANCE_REUSE),
         (BenchHost::ServeSignerNoReuse, "snapsign serve-signer, no reuse", 1),
     ] {
         if !options.measures(which) {
             continue;
         }
         let started = Instant::now();
-        let (signer, _) = crate::signer::start(&SignerServerConfig {
+        let (signer, _) = snapsign_runtime::signer::start(&SignerServerConfig {
             listen: "127.0.0.1:0".parse()?,
             env: env.to_vec(),
             limits: EngineLimits::default(),
@@ -369,7 +369,7 @@ async fn launch_host(
     work: &Path,
 ) -> Result<launch::Served> {
     // wasmtime serve reuses p2 instances only when asked, and then across callers.
-    let reuse = crate::signer::DEFAULT_MAX_INSTANCE_REUSE.to_string();
+    let reuse = snapsign_runtime::signer::DEFAULT_MAX_INSTANCE_REUSE.to_string();
     match which {
         BenchHost::Wasmtime => launch::wasmtime_serve(tools, wasm, env).await,
         BenchHost::WasmtimeReuse => {

@@ -119,7 +119,7 @@ pub async fn deploy(command: Deploy) -> Result<()> {
     let tools = Tools::new(args.tools_dir.clone().unwrap_or_else(Tools::default_dir));
     let wash = tools.get(super::WASH)?;
     let wasm = super::signer_wasm(tools.dir())?;
-    let env = crate::signer::guest_env(&args.env)?;
+    let env = snapsign_runtime::signer::guest_env(&args.env)?;
     let work = std::env::temp_dir().join(format!("snapsign-deploy-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
 

@@ -15,10 +15,10 @@ use super::emulator::{Emulator, EmulatorConfig};
 use super::faults::Faults;
 use super::shape::PrepareShape;
 use super::state::State;
-use crate::engine::EngineLimits;
-use crate::serve::{self, Server};
-use crate::signer::SignerServerConfig;
 use crate::store::{StoreConfig, StoreFaults};
+use snapsign_runtime::engine::EngineLimits;
+use snapsign_runtime::serve::{self, Server};
+use snapsign_runtime::signer::SignerServerConfig;
 
 /// The bucket the dev stack stores snapshots in.
 pub const BUCKET: &str = "snapshots";
@@ -78,7 +78,7 @@ impl DevConfig {
             faults: Faults::default(),
             allow_unconfined: false,
             builder_binary,
-            cache_dir: crate::engine::default_cache_dir(),
+            cache_dir: snapsign_runtime::engine::default_cache_dir(),
             abort_incomplete_uploads_after: crate::store::DEFAULT_ABORT_INCOMPLETE_AFTER,
             insecure_registries: Vec::new(),
             docker_config: None,
@@ -250,13 +250,13 @@ impl DevStack {
         .chain(config.url_ttl_secs.map(|ttl| ("SNAPSIGN_URL_TTL_SECS".to_owned(), ttl.to_string())))
         .collect();
         let signer_config = SignerConfig::from_vars(env.clone())?;
-        let (signer, _) = crate::signer::start(&SignerServerConfig {
+        let (signer, _) = snapsign_runtime::signer::start(&SignerServerConfig {
             listen: config.signer_listen,
             env,
             limits: EngineLimits::default(),
             request_timeout: Duration::from_secs(30),
             cache_dir: config.cache_dir.clone(),
-            max_instance_reuse: crate::signer::DEFAULT_MAX_INSTANCE_REUSE,
+            max_instance_reuse: snapsign_runtime::signer::DEFAULT_MAX_INSTANCE_REUSE,
         })
         .await?;
 
@@ -273,11 +273,11 @@ impl DevStack {
             store_faults,
             admin_token: secrets.admin_token.clone(),
         }));
-        platform.set_store_root(config.data_dir.join("store"));
+        platform.platform_api().set_store_root(config.data_dir.join("store"));
         // Registry images a Dockerfile FROMs: pulled into data_dir/images (an OCI layout, by digest).
         let images = config.data_dir.join("images");
         let _ = std::fs::remove_dir_all(images.join("work")); // what an import interrupted by a kill left
-        platform.set_image_settings(super::images::ImageSettings {
+        platform.platform_api().set_image_settings(super::images::ImageSettings {
             pull: crate::registry::PullOptions {
                 cache_dir: images.join("oci"),
                 docker_config: config.docker_config.clone(),
@@ -286,14 +286,14 @@ impl DevStack {
             },
             work_dir: images.join("work"),
         });
-        let recovered = platform.recover_interrupted_builds().await.unwrap_or_else(|e| {
+        let recovered = platform.platform_api().recover_interrupted_builds().await.unwrap_or_else(|e| {
             tracing::warn!("cannot clean up after the previous run yet (next start tries again): {e:#}");
             super::Recovered::default()
         });
         let routed = platform.clone();
         let service = hyper::service::service_fn(move |request| routed.clone().route(request));
         let emulator = serve::spawn("emulator", config.listen, service).await?;
-        let _ = platform.base_url.set(emulator.url());
+        platform.set_base_url(emulator.url());
         // A sandbox reaches the store (uploads) and the sandbox proxy, nothing else of this host.
         granted.grant_ports(&[store.addr().port(), emulator.addr().port()]);
         let token = snapsign::token::mint(
@@ -319,7 +319,7 @@ impl DevStack {
     /// to another tenant.
     pub fn token_for(&self, namespace: &str) -> Result<String> {
         let expires = jiff::Timestamp::now().as_second() + 24 * 3600;
-        Ok(snapsign::token::mint(self.platform.signer.token_key(), namespace, expires)?)
+        Ok(snapsign::token::mint(self.platform.signer().token_key(), namespace, expires)?)
     }
 
     /// The platform API URL (`api_url` of a build).
@@ -329,8 +329,13 @@ impl DevStack {
 
     /// Options for a build against this stack: its token and namespace, a
     /// 256 MiB rootfs, the store admitted (so an unfinished upload can be aborted).
-    pub fn build_options(&self, name: &str, dockerfile: &str, context: &Path) -> crate::image_build::BuildOptions {
-        use crate::image_build::BuildOptions;
+    pub fn build_options(
+        &self,
+        name: &str,
+        dockerfile: &str,
+        context: &Path,
+    ) -> snapsign_runtime::image_build::BuildOptions {
+        use snapsign_runtime::image_build::BuildOptions;
         let request = snapsign::image_build::call::Request::new(&self.api_url(), &self.token, name, dockerfile);
         BuildOptions {
             request: snapsign::image_build::call::Request { disk_mb: Some(256), ..request },
@@ -339,14 +344,14 @@ impl DevStack {
             allow_hosts: vec![self.store.addr().to_string()],
             max_memory_bytes: 128 << 20,
             timeout: Duration::from_secs(600),
-            cache_dir: crate::engine::default_cache_dir(),
+            cache_dir: snapsign_runtime::engine::default_cache_dir(),
             cancel: Default::default(),
         }
     }
 
     /// Deletes every sandbox and stops the servers.
     pub async fn shutdown(self) {
-        self.platform.delete_all_sandboxes().await;
+        self.platform.lifecycle_api().delete_all_sandboxes().await;
         self.emulator.shutdown().await;
         self.signer.shutdown().await;
         self.store.shutdown().await;

@@ -3,6 +3,7 @@
 //! sandbox's namespace. Routed by `Host: {id}.local` or `X-Tensorlake-Sandbox-Id`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,9 +15,19 @@ use serde_json::{Value, json};
 use snapsign::wire::{Op, S3Multipart, SignRequest, Target, Upload};
 use snapsign_sandbox::{ProcessSpec, Sandbox};
 
-use super::emulator::{Emulator, read_json};
+use super::emulator::{Shared, read_json};
 use super::http::{ApiError, Body, channel_body, namespace, query_param, sse, sse_frame};
-use super::lifecycle::pending_error;
+use super::lifecycle::{LifecycleApi, SandboxRecord, pending_error};
+
+/// The sandbox proxy's handler: it reaches the sandboxes the lifecycle API
+/// made, and forwards sign requests to the signer.
+pub struct ProxyApi {
+    shared: Arc<Shared>,
+    lifecycle: Arc<LifecycleApi>,
+    /// Where sign requests go.
+    signer_url: String,
+    health_checks: AtomicU64,
+}
 
 /// The sandbox a proxy request is for.
 fn sandbox_id(request: &Request<Incoming>) -> Option<String> {
@@ -32,8 +43,18 @@ fn is_builder(command: &str) -> bool {
     command.rsplit('/').next() == Some("tl-rootfs-build")
 }
 
-impl Emulator {
-    pub(crate) async fn proxy(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+impl ProxyApi {
+    pub(crate) fn new(shared: Arc<Shared>, lifecycle: Arc<LifecycleApi>, signer_url: String) -> Self {
+        ProxyApi { shared, lifecycle, signer_url, health_checks: AtomicU64::new(0) }
+    }
+
+    /// How many `GET /api/v1/health` it answered.
+    pub(crate) fn health_checks(&self) -> u64 {
+        self.health_checks.load(Ordering::SeqCst)
+    }
+
+    /// Serves one request under `/api/v1/`.
+    pub(crate) async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         let sandbox = match self.admit(&request) {
             Ok(found) => found,
             Err(error) => {
@@ -52,7 +73,7 @@ impl Emulator {
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         match (&method, segments.as_slice()) {
             (&Method::GET, ["health"]) => {
-                self.health_checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.health_checks.fetch_add(1, Ordering::SeqCst);
                 Ok(super::http::json(StatusCode::OK, &json!({"healthy": true})))
             }
             (&Method::POST, ["blob", "sign"]) => self.forward_sign(&record.namespace, request).await,
@@ -138,29 +159,28 @@ impl Emulator {
                 "proxy request names no sandbox: send X-Tensorlake-Sandbox-Id or Host: {id}.local",
             )
         })?;
-        let caller = namespace(request.headers(), self.signer.token_key())?;
-        self.record(&caller, &id)?;
-        if !self.running(&id, false) {
+        let caller = namespace(request.headers(), self.shared.signer.token_key())?;
+        self.lifecycle.record(&caller, &id)?;
+        if !self.lifecycle.running(&id, false) {
             return Err(pending_error(&id));
         }
-        self.sandboxes
+        self.lifecycle
+            .sandboxes
             .get(&id)
             .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("sandbox {id} has no local sandbox")))
     }
 
-    fn record_of(&self, sandbox: &Sandbox) -> Result<super::emulator::SandboxRecord, ApiError> {
-        let lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
-        lifecycle
-            .get(sandbox.id())
-            .cloned()
+    fn record_of(&self, sandbox: &Sandbox) -> Result<SandboxRecord, ApiError> {
+        self.lifecycle
+            .record_by_id(sandbox.id())
             .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("sandbox {} was deleted", sandbox.id())))
     }
 
     fn start_process(&self, sandbox: &Sandbox, spec: ProcessSpec) -> Result<snapsign_sandbox::ProcessInfo, ApiError> {
-        let faults = self.faults();
+        let faults = self.shared.faults();
         let builder = is_builder(&spec.command);
         // A real OOM kill where the sandbox has a memory controller: the builder uses memory until killed.
-        let real_oom = builder && faults.builder_oom && self.sandboxes.cgroups().has_memory();
+        let real_oom = builder && faults.builder_oom && self.lifecycle.sandboxes.cgroups().has_memory();
         let mut entries: Vec<String> = faults.builder_env().into_iter().collect();
         if real_oom {
             entries.push("allocate".into());
@@ -227,7 +247,7 @@ impl Emulator {
     }
 
     async fn forward_sign(&self, namespace: &str, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        let faults = self.faults();
+        let faults = self.shared.faults();
         let body = http_body_util::Limited::new(request.into_body(), snapsign::signer::MAX_BODY_BYTES + 1)
             .collect()
             .await
@@ -247,9 +267,10 @@ impl Emulator {
             read: self.read_grant(namespace, &body)?,
             ..snapsign::token::Claims::new(namespace, jiff::Timestamp::now().as_second() + 300)
         };
-        let token = snapsign::token::mint_claims(self.signer.token_key(), &claims)
+        let token = snapsign::token::mint_claims(self.shared.signer.token_key(), &claims)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("mint a signer token for {namespace}: {e}")))?;
         let response = self
+            .shared
             .http
             .post(format!("{}{}", self.signer_url, snapsign::signer::SIGN_PATH))
             .bearer_auth(token)
@@ -303,11 +324,11 @@ impl Emulator {
             return Ok(());
         };
         let uri = uri.as_str();
-        if let Some(build) = self.state.build_by_snapshot_uri(uri)?
+        if let Some(build) = self.shared.state.build_by_snapshot_uri(uri)?
             && build.namespace == namespace
             && build.state == "prepared"
         {
-            self.state.record_upload(&super::state::UploadRecord {
+            self.shared.state.record_upload(&super::state::UploadRecord {
                 upload_id,
                 build_id: build.id,
                 uri: uri.to_owned(),
@@ -315,9 +336,7 @@ impl Emulator {
         }
         Ok(())
     }
-}
 
-impl Emulator {
     /// The read grant a forwarded sign request gets: the one object it asks
     /// to `get_blob` when that object is the snapshot of another namespace's
     /// public template (wit/protocol.md §11). Everything else: no grant, so
@@ -329,7 +348,7 @@ impl Emulator {
             return Ok(Vec::new());
         };
         let uri = uri.as_str();
-        Ok(match self.state.template_by_snapshot_uri(uri)? {
+        Ok(match self.shared.state.template_by_snapshot_uri(uri)? {
             Some(template) if template.public && template.namespace != namespace => {
                 tracing::info!(%namespace, template = %template.id, owner = %template.namespace, "read grant for a public template");
                 vec![uri.to_owned()]
