@@ -4,93 +4,26 @@
 //! ([`PlatformApi`], [`LifecycleApi`], [`ProxyApi`]); they share only
 //! [`Shared`].
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
-use snapsign::presign::Presigner;
 use snapsign::signer::SignerConfig;
-use snapsign::wire::SingleGet;
 use snapsign_sandbox::Sandboxes;
 
 use super::faults::Faults;
-use super::http::{ApiError, Body, namespace};
+use super::http::{ApiError, Body, namespace, parse_json, read_body};
 use super::lifecycle::LifecycleApi;
 use super::platform::PlatformApi;
 use super::proxy::ProxyApi;
+use super::recover::Recovered;
 use super::shape::PrepareShape;
+use super::shared::Shared;
 use super::state::State;
 use crate::store::StoreFaults;
 use snapsign::image_build::routes::{ORGANIZATIONS, PLATFORM, PROJECTS, V1};
-
-/// Largest JSON body the platform and lifecycle routes read.
-const MAX_JSON_BODY: usize = 1 << 20;
-
-/// What every handler reads: the state, the signer's settings, the fault
-/// switches and the stack's URL. Each API's own state is its handler's.
-pub struct Shared {
-    /// Templates, builds, sandboxes and uploads (SQLite).
-    pub(crate) state: State,
-    /// The signer's configuration (its keys, bucket and URL lifetime).
-    pub(crate) signer: SignerConfig,
-    /// The client the handlers reach the store and the signer with.
-    pub(crate) http: reqwest::Client,
-    faults: Mutex<Faults>,
-    store_faults: Arc<StoreFaults>,
-    base_url: OnceLock<String>,
-}
-
-impl Shared {
-    /// The current fault switches.
-    pub(crate) fn faults(&self) -> Faults {
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set_faults(&self, faults: Faults) {
-        self.store_faults.fail_upload_part(faults.store_fail_part);
-        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
-    }
-
-    /// The emulator's own URL (also every sandbox's `sandbox_url`).
-    pub(crate) fn base_url(&self) -> &str {
-        self.base_url.get().map(String::as_str).unwrap_or("http://127.0.0.1")
-    }
-
-    pub(crate) fn presigner(&self) -> Presigner {
-        self.signer.presigner(jiff::Timestamp::now())
-    }
-
-    pub(crate) fn expires_at(&self) -> String {
-        jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + i64::from(self.signer.url_ttl_secs))
-            .expect("valid timestamp")
-            .to_string()
-    }
-
-    /// A `single_get` block for an object of the signer's bucket (what the legacy platform presigned).
-    pub(crate) fn presigned_get(&self, uri: &str) -> Result<SingleGet, ApiError> {
-        let parsed = snapsign::signer::validate::s3_uri(uri)
-            .map_err(|why| ApiError::bad_request("invalid_uri", format!("uri {uri:?} {why}")))?;
-        if parsed.bucket != self.signer.bucket {
-            return Err(ApiError::bad_request(
-                "foreign_bucket",
-                format!("uri {uri:?} is not in bucket {}", self.signer.bucket),
-            ));
-        }
-        let object = self.signer.endpoint.object(&self.signer.bucket, parsed.key);
-        let method = snapsign::presign::Method::Get;
-        Ok(SingleGet {
-            uri: Some(uri.to_owned()),
-            method: method.as_str().into(),
-            url: self.presigner().presign(method, &object, &[]),
-            headers: Default::default(),
-            expires_at: Some(self.expires_at()),
-        })
-    }
-}
 
 /// The platform emulator: a router over one handler per API (platform-api,
 /// sandbox lifecycle, sandbox proxy) and the operator's routes.
@@ -129,15 +62,7 @@ impl Emulator {
     pub fn new(config: EmulatorConfig) -> Self {
         let EmulatorConfig { state, signer, signer_url, sandboxes, pending, shape, faults, store_faults, admin_token } =
             config;
-        store_faults.fail_upload_part(faults.store_fail_part);
-        let shared = Arc::new(Shared {
-            state,
-            signer,
-            http: reqwest::Client::new(),
-            faults: Mutex::new(faults),
-            store_faults,
-            base_url: OnceLock::new(),
-        });
+        let shared = Arc::new(Shared::new(state, signer, faults, store_faults));
         let lifecycle = Arc::new(LifecycleApi::new(shared.clone(), sandboxes, pending));
         Emulator {
             platform: PlatformApi::new(shared.clone(), shape),
@@ -150,7 +75,7 @@ impl Emulator {
 
     /// Sets the emulator's own URL once it listens (before serving).
     pub fn set_base_url(&self, url: String) {
-        let _ = self.shared.base_url.set(url);
+        self.shared.set_base_url(url);
     }
 
     /// The emulator's own URL (also every sandbox's `sandbox_url`).
@@ -196,6 +121,11 @@ impl Emulator {
     /// Changes the default prepare shape.
     pub fn set_shape(&self, shape: PrepareShape) {
         self.platform.set_shape(shape);
+    }
+
+    /// Fails every build a previous run left `prepared` and cleans up after it.
+    pub async fn recover_interrupted_builds(&self) -> anyhow::Result<Recovered> {
+        super::recover::interrupted_builds(&self.shared).await
     }
 
     /// Ids of the sandboxes that exist now.
@@ -328,24 +258,4 @@ fn operator(headers: &http::HeaderMap, admin_token: &str) -> Result<bool, ApiErr
     })?;
     let (given, wanted) = (Sha256::digest(token.as_bytes()), Sha256::digest(admin_token.as_bytes()));
     Ok(!admin_token.is_empty() && given.iter().zip(wanted.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
-}
-
-/// Reads a body of at most [`MAX_JSON_BODY`] bytes.
-pub(crate) async fn read_body(body: Incoming) -> Result<bytes::Bytes, ApiError> {
-    Ok(http_body_util::Limited::new(body, MAX_JSON_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body: {e}")))?
-        .to_bytes())
-}
-
-/// Parses a JSON body.
-pub(crate) fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("request body is not JSON: {e}")))
-}
-
-/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes.
-pub(crate) async fn read_json(request: Request<Incoming>) -> Result<Value, ApiError> {
-    parse_json(&read_body(request.into_body()).await?)
 }

@@ -1,11 +1,13 @@
-//! Small HTTP helpers the emulator's handlers share: one body type, JSON
-//! answers, `{code, message}` errors, bearer-token namespaces.
+//! Small HTTP helpers the emulator's handlers share: one body type, bounded
+//! JSON bodies, JSON answers, `{code, message}` errors, bearer-token namespaces.
 
 use bytes::Bytes;
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use serde::Serialize;
+use serde_json::Value;
 
 /// Every emulator response body.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -115,4 +117,27 @@ pub fn sse(body: Body) -> Response<Body> {
         .header("cache-control", "no-cache")
         .body(body)
         .expect("static response parts are valid")
+}
+
+/// Largest JSON body the platform and lifecycle routes read.
+const MAX_JSON_BODY: usize = 1 << 20;
+
+/// Reads a body of at most [`MAX_JSON_BODY`] bytes.
+pub(crate) async fn read_body(body: Incoming) -> Result<bytes::Bytes, ApiError> {
+    Ok(http_body_util::Limited::new(body, MAX_JSON_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body: {e}")))?
+        .to_bytes())
+}
+
+/// Parses a JSON body.
+pub(crate) fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("request body is not JSON: {e}")))
+}
+
+/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes.
+pub(crate) async fn read_json(request: Request<Incoming>) -> Result<Value, ApiError> {
+    parse_json(&read_body(request.into_body()).await?)
 }

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use http::StatusCode;
 use serde_json::Value;
@@ -20,8 +21,9 @@ use snapsign_rootfs_builder::archive::write_archive;
 use snapsign_rootfs_builder::snapshot::{FORMAT_VERSION, SnapshotManifest};
 use snapsign_rootfs_builder::tree::Tree;
 
+use super::access::{refuse_private, split_reference};
 use super::http::ApiError;
-use super::platform::PlatformApi;
+use super::shared::Shared;
 use crate::registry::{self, PullOptions};
 
 /// Where images are pulled to and laid out.
@@ -33,7 +35,33 @@ pub struct ImageSettings {
     pub work_dir: PathBuf,
 }
 
-impl PlatformApi {
+/// The platform's image import: the settings and what the import reads and writes.
+pub struct Images {
+    shared: Arc<Shared>,
+    /// Where registry images are pulled and laid out (set by the stack).
+    settings: OnceLock<ImageSettings>,
+}
+
+impl Images {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Images { shared, settings: OnceLock::new() }
+    }
+
+    /// Sets where registry images are pulled and laid out (once, before serving).
+    pub(crate) fn set_settings(&self, settings: ImageSettings) {
+        let _ = self.settings.set(settings);
+    }
+
+    /// Where registry images go: as set, else under the system's temporary directory.
+    fn settings(&self) -> ImageSettings {
+        self.settings
+            .get_or_init(|| {
+                let dir = std::env::temp_dir().join("snapsign-dev-images");
+                ImageSettings { pull: PullOptions::new(dir.join("oci")), work_dir: dir.join("work") }
+            })
+            .clone()
+    }
+
     /// The registry images the prepare request's Dockerfile names and the
     /// client did not send as templates: the final FROM of a base build and
     /// the other external references (earlier FROMs, `COPY --from`) that
@@ -75,7 +103,7 @@ impl PlatformApi {
 
     /// Pulls `reference` (or finds it by digest) and returns its snapshot as a local image.
     async fn import_image(&self, namespace: &str, reference: &str) -> Result<LocalImage<Value>, ApiError> {
-        let settings = self.image_settings();
+        let settings = self.settings();
         let pulled = match registry::pull(reference, &settings.pull).await {
             Ok(pulled) => pulled,
             Err(e) => {
@@ -188,9 +216,9 @@ impl PlatformApi {
     }
 
     fn readable_template(&self, namespace: &str, reference: &str) -> Result<bool, ApiError> {
-        let (owner, name) = super::platform::split_reference(namespace, reference);
+        let (owner, name) = split_reference(namespace, reference);
         match self.shared.state.template_by_name(owner, name)? {
-            Some(template) => super::platform::refuse_private(namespace, &template).map(|()| true),
+            Some(template) => refuse_private(namespace, &template).map(|()| true),
             None => Ok(false),
         }
     }

@@ -10,8 +10,8 @@ use http::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use snapsign_sandbox::Sandboxes;
 
-use super::emulator::{Shared, parse_json};
-use super::http::{ApiError, Body};
+use super::http::{ApiError, Body, parse_json};
+use super::shared::Shared;
 
 /// Lifecycle bookkeeping of one sandbox.
 #[derive(Debug, Clone)]

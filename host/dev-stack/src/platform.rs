@@ -11,9 +11,11 @@ use sha2::{Digest, Sha256};
 use snapsign::presign::Method as SignMethod;
 use snapsign::wire::{self, CompleteRequest, Download, PrepareRequest, Prepared, SinglePut, TemplateRef, Upload};
 
-use super::emulator::{Shared, parse_json};
-use super::http::{ApiError, Body};
+use super::access::{refuse_private, split_reference};
+use super::http::{ApiError, Body, parse_json};
 use super::images::ImageSettings;
+use super::images::Images;
+use super::shared::Shared;
 use super::state::{Build, Template};
 use snapsign::image_build::routes::{BUILDS, BY_NAME, COMPLETE, TEMPLATES};
 
@@ -45,28 +47,6 @@ fn required(fields: &[(&str, &String)]) -> Result<(), ApiError> {
     }
 }
 
-/// A template reference: `name` names the caller's own template, `owner/name`
-/// namespace `owner`'s (wit/protocol.md §11).
-pub(super) fn split_reference<'a>(caller: &'a str, reference: &'a str) -> (&'a str, &'a str) {
-    reference.split_once('/').unwrap_or((caller, reference))
-}
-
-/// Why `caller` may not build on `template`, if it may not.
-pub(super) fn refuse_private(caller: &str, template: &Template) -> Result<(), ApiError> {
-    if template.namespace == caller || template.public {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "template_private",
-        format!(
-            "template '{}/{}' ({}) is private to namespace '{}'; namespace '{caller}' cannot build on it. \
-             Ask its owner to publish it (build it with public: true), or build from a template of your own",
-            template.namespace, template.name, template.id, template.namespace
-        ),
-    ))
-}
-
 /// Templates in one page of `GET …/sandbox-templates` unless `limit` says otherwise.
 pub const TEMPLATE_PAGE: usize = 50;
 /// The largest `limit` a page may ask for.
@@ -79,8 +59,8 @@ pub struct PlatformApi {
     shape: Mutex<PrepareShape>,
     /// Platform requests served on PAT-mode (org/project) paths.
     scoped_requests: AtomicU64,
-    /// Where registry images are pulled and laid out (set by the stack).
-    images: OnceLock<ImageSettings>,
+    /// Registry images the Dockerfiles name, imported as templates.
+    images: Images,
     /// The embedded store's root, whose records complete reads (set by the stack).
     store_root: OnceLock<PathBuf>,
 }
@@ -88,10 +68,10 @@ pub struct PlatformApi {
 impl PlatformApi {
     pub(crate) fn new(shared: Arc<Shared>, shape: PrepareShape) -> Self {
         PlatformApi {
+            images: Images::new(shared.clone()),
             shared,
             shape: Mutex::new(shape),
             scoped_requests: AtomicU64::new(0),
-            images: OnceLock::new(),
             store_root: OnceLock::new(),
         }
     }
@@ -120,7 +100,7 @@ impl PlatformApi {
                     None => self.shape(),
                 };
                 let body = parse_json(body)?;
-                let imported = self.import_images(ns, &body).await?;
+                let imported = self.images.import_images(ns, &body).await?;
                 self.prepare(ns, &body, shape, imported)?
             }
             (&Method::POST, [BUILDS, build_id, COMPLETE]) => self.complete(ns, build_id, &parse_json(body)?).await?,
@@ -166,17 +146,7 @@ impl PlatformApi {
 
     /// Sets where registry images are pulled and laid out (once, before serving).
     pub fn set_image_settings(&self, settings: ImageSettings) {
-        let _ = self.images.set(settings);
-    }
-
-    /// Where registry images go: as set, else under the system's temporary directory.
-    pub(crate) fn image_settings(&self) -> ImageSettings {
-        self.images
-            .get_or_init(|| {
-                let dir = std::env::temp_dir().join("snapsign-dev-images");
-                ImageSettings { pull: crate::registry::PullOptions::new(dir.join("oci")), work_dir: dir.join("work") }
-            })
-            .clone()
+        self.images.set_settings(settings);
     }
 
     /// `GET …/sandbox-templates?limit=N&cursor=C`: the caller's own templates
@@ -305,7 +275,7 @@ impl PlatformApi {
     }
 
     /// `POST …/sandbox-template-builds`.
-    /// `imported`: registry images the Dockerfile names ([`PlatformApi::import_images`]).
+    /// `imported`: registry images the Dockerfile names ([`Images::import_images`]).
     pub fn prepare(
         &self,
         namespace: &str,

@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use snapsign::wire::{Op, S3Multipart, SignRequest, Target, Upload};
 use snapsign_sandbox::{ProcessSpec, Sandbox};
 
-use super::emulator::{Shared, read_json};
-use super::http::{ApiError, Body, channel_body, namespace, query_param, sse, sse_frame};
+use super::http::{ApiError, Body, channel_body, namespace, query_param, read_json, sse, sse_frame};
 use super::lifecycle::{LifecycleApi, SandboxRecord, pending_error};
+use super::shared::Shared;
 
 /// The sandbox proxy's handler: it reaches the sandboxes the lifecycle API
 /// made, and forwards sign requests to the signer.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use http::StatusCode;
 use snapsign::presign::Method;
 
-use super::platform::PlatformApi;
+use super::shared::Shared;
 use super::state::Build;
 
 /// What one restart cleaned.
@@ -20,9 +20,18 @@ pub struct Recovered {
     pub uploads: Vec<String>,
 }
 
-impl PlatformApi {
-    /// Fails every build a previous run left `prepared` and cleans up after it.
-    pub async fn recover_interrupted_builds(&self) -> Result<Recovered> {
+/// Fails every build a previous run left `prepared` and cleans up after it.
+pub(crate) async fn interrupted_builds(shared: &Shared) -> Result<Recovered> {
+    Cleaner { shared }.run().await
+}
+
+/// The clean-up, over what the handlers share.
+struct Cleaner<'a> {
+    shared: &'a Shared,
+}
+
+impl Cleaner<'_> {
+    async fn run(&self) -> Result<Recovered> {
         let mut recovered = Recovered::default();
         for build in self.shared.state.prepared_builds()? {
             let mut aborted = Vec::new();

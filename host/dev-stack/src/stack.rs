@@ -286,7 +286,7 @@ impl DevStack {
             },
             work_dir: images.join("work"),
         });
-        let recovered = platform.platform_api().recover_interrupted_builds().await.unwrap_or_else(|e| {
+        let recovered = platform.recover_interrupted_builds().await.unwrap_or_else(|e| {
             tracing::warn!("cannot clean up after the previous run yet (next start tries again): {e:#}");
             super::Recovered::default()
         });

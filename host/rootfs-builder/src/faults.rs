@@ -16,7 +16,9 @@
 //! An entry that is none of these is a usage error (exit 2), so a typo in a
 //! test cannot pass silently.
 
-use crate::metadata::FIELDS;
+use serde_json::{Value, json};
+
+use crate::metadata::{Built, FIELDS};
 
 /// The environment variable read by [`crate::run_cli`].
 pub const ENV: &str = "SNAPSIGN_BUILDER_FAULT";
@@ -84,6 +86,21 @@ pub fn allocate() -> usize {
     held.len() * CHUNK
 }
 
+impl Faults {
+    /// `built`'s metadata JSON object, with the injected faults applied.
+    pub fn metadata_json(&self, built: &Built) -> Value {
+        let mut value = built.json();
+        let object = value.as_object_mut().expect("metadata is an object");
+        if let Some(uri) = &self.metadata_uri {
+            object.insert("snapshot_uri".into(), json!(uri));
+        }
+        for field in &self.metadata_missing {
+            object.remove(field);
+        }
+        value
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +125,22 @@ mod tests {
         for bad in ["delay_parts_ms:", "delay_parts_ms:x", "delay_parts_ms:600001"] {
             assert!(Faults::parse(bad).unwrap_err().contains("not a number of milliseconds"), "{bad}");
         }
+    }
+
+    #[test]
+    fn faults_drop_a_field_or_replace_the_uri() {
+        let faults = Faults {
+            metadata_missing: vec!["rootfs_disk_bytes".into()],
+            metadata_uri: Some("s3://b/elsewhere".into()),
+            ..Faults::default()
+        };
+        let value = faults.metadata_json(&crate::metadata::tests::diff());
+        assert!(value.get("rootfs_disk_bytes").is_none());
+        assert_eq!(value["snapshot_uri"], "s3://b/elsewhere");
+        assert_eq!(value["snapshot_size_bytes"], 1234);
+        assert_eq!(
+            Faults::default().metadata_json(&crate::metadata::tests::diff()),
+            crate::metadata::tests::diff().json()
+        );
     }
 }

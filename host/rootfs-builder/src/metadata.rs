@@ -1,11 +1,10 @@
 //! metadata.json, the builder's answer to the build client (wit/protocol.md §5.8, §14),
 //! written from the core's wire model with the injected faults applied.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use snapsign::wire::Metadata;
 pub use snapsign::wire::metadata::FIELDS;
 
-use crate::faults::Faults;
 use crate::snapshot::FORMAT_VERSION;
 
 /// What the build produced.
@@ -23,6 +22,11 @@ pub struct Built {
 }
 
 impl Built {
+    /// The metadata's JSON object as written (see [`crate::faults::Faults::metadata_json`] for injected faults).
+    pub fn json(&self) -> Value {
+        Value::Object(self.metadata().to_json())
+    }
+
     /// The metadata this builder writes (no CAS fields: it has no CAS branch).
     pub fn metadata(&self) -> Metadata {
         Metadata {
@@ -40,23 +44,13 @@ impl Built {
     }
 }
 
-/// The JSON object, with the injected faults applied.
-pub fn metadata_json(built: &Built, faults: &Faults) -> Value {
-    let mut object = built.metadata().to_json();
-    if let Some(uri) = &faults.metadata_uri {
-        object.insert("snapshot_uri".into(), json!(uri));
-    }
-    for field in &faults.metadata_missing {
-        object.remove(field);
-    }
-    Value::Object(object)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use serde_json::json;
 
-    fn diff() -> Built {
+    /// A diff build's result.
+    pub(crate) fn diff() -> Built {
         Built {
             snapshot_id: "snap-2".into(),
             snapshot_uri: Some("s3://b/child.tlsnap".into()),
@@ -71,34 +65,20 @@ mod tests {
     #[test]
     fn carries_every_field_the_client_reads() {
         assert_eq!(
-            metadata_json(&diff(), &Faults::default()),
+            diff().json(),
             json!({"snapshot_id": "snap-2", "snapshot_uri": "s3://b/child.tlsnap",
                    "snapshot_format_version": "snapsign_tar_zstd_v1", "snapshot_size_bytes": 1234,
                    "rootfs_disk_bytes": 10737418240u64, "rootfs_node_kind": "diff",
                    "parent_manifest_uri": "s3://b/parent.tlsnap", "sha256": "ab".repeat(32)})
         );
         let base = Built { rootfs_node_kind: "base".into(), parent_manifest_uri: None, snapshot_uri: None, ..diff() };
-        let value = metadata_json(&base, &Faults::default());
+        let value = base.json();
         assert!(value.get("parent_manifest_uri").is_none());
         assert!(value.get("snapshot_uri").is_none());
     }
 
     #[test]
     fn what_is_written_reads_back_through_the_clients_reader() {
-        let value = metadata_json(&diff(), &Faults::default());
-        assert_eq!(Metadata::read(&value).unwrap(), diff().metadata());
-    }
-
-    #[test]
-    fn faults_drop_a_field_or_replace_the_uri() {
-        let faults = Faults {
-            metadata_missing: vec!["rootfs_disk_bytes".into()],
-            metadata_uri: Some("s3://b/elsewhere".into()),
-            ..Faults::default()
-        };
-        let value = metadata_json(&diff(), &faults);
-        assert!(value.get("rootfs_disk_bytes").is_none());
-        assert_eq!(value["snapshot_uri"], "s3://b/elsewhere");
-        assert_eq!(value["snapshot_size_bytes"], 1234);
+        assert_eq!(Metadata::read(&diff().json()).unwrap(), diff().metadata());
     }
 }

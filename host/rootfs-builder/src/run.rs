@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
@@ -17,11 +16,11 @@ use crate::cli::BuildArgs;
 use crate::context::Context;
 use crate::download::{check_sha256, download_parent};
 use crate::faults::Faults;
-use crate::metadata::{Built, metadata_json};
+use crate::metadata::Built;
 use crate::plan::{Action, Base, CopyFrom, CopyOp, RunOp, Stage, plan, stages_to_build};
 use crate::snapshot::{FORMAT_VERSION, ImageConfig, SnapshotManifest};
 use crate::step::{self, Confined, Ended};
-use crate::tree::{CopyStats, Tree};
+use crate::tree::{CopyStats, Tree, remove_tree};
 use crate::{dockerfile, http, human_bytes, upload};
 
 /// How a build that did not fail ended.
@@ -262,24 +261,6 @@ impl Drop for WorkDir {
     }
 }
 
-/// Makes the directories at and below `path` writable (0755), so they can be removed.
-pub(crate) fn open_up(path: &Path) {
-    if let Ok(meta) = fs::symlink_metadata(path)
-        && meta.is_dir()
-    {
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o755));
-        if let Ok(children) = fs::read_dir(path) {
-            children.flatten().for_each(|c| open_up(&c.path()));
-        }
-    }
-}
-
-/// `rm -rf`, first making read-only directories (copied from the context) writable.
-fn remove_tree(path: &Path) {
-    open_up(path);
-    let _ = fs::remove_dir_all(path);
-}
-
 pub fn build(args: &BuildArgs, faults: &Faults) -> Result<Outcome> {
     let text = fs::read_to_string(&args.spec).with_context(|| format!("read the spec {}", args.spec.display()))?;
     let spec = Spec::from_json(&text).with_context(|| format!("parse the spec {}", args.spec.display()))?;
@@ -414,7 +395,7 @@ fn write_metadata(
         parent_manifest_uri,
         sha256: summary.sha256.clone(),
     };
-    let json = serde_json::to_string_pretty(&metadata_json(&built, faults)).expect("metadata serializes");
+    let json = serde_json::to_string_pretty(&faults.metadata_json(&built)).expect("metadata serializes");
     let temporary = work.join("metadata.json");
     fs::write(&temporary, json + "\n").with_context(|| format!("write {}", temporary.display()))?;
     fs::rename(&temporary, &args.metadata_out).with_context(|| format!("write {}", args.metadata_out.display()))?;

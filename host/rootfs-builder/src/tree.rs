@@ -231,7 +231,7 @@ impl Tree {
         match fs::symlink_metadata(&host) {
             Err(_) => return Ok(()),
             Ok(meta) if meta.is_dir() => {
-                crate::run::open_up(&host);
+                open_up(&host);
                 fs::remove_dir_all(&host)
             }
             Ok(_) => fs::remove_file(&host),
@@ -315,6 +315,24 @@ impl Tree {
 /// True when `rel` is a plain relative path: `/`-separated names, none empty, `.` or `..`.
 pub fn is_plain_relative(rel: &str) -> bool {
     !rel.is_empty() && rel.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+}
+
+/// Makes the directories at and below `path` writable (0755), so they can be removed.
+pub(crate) fn open_up(path: &Path) {
+    if let Ok(meta) = fs::symlink_metadata(path)
+        && meta.is_dir()
+    {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o755));
+        if let Ok(children) = fs::read_dir(path) {
+            children.flatten().for_each(|c| open_up(&c.path()));
+        }
+    }
+}
+
+/// `rm -rf`, first making read-only directories (copied from the context) writable.
+pub(crate) fn remove_tree(path: &Path) {
+    open_up(path);
+    let _ = fs::remove_dir_all(path);
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -12,9 +11,11 @@ use anyhow::{Context, Result};
 use super::child::holder::{AFTER_STEPS, DONE, FAILED, OUTER_MAPPED, READY_FOR_MAPS, SEAL, holder_main};
 use super::child::{errno, read_byte, write_all};
 use super::ids::{map_all_of_outer, map_outer, map_rootless};
+use super::os::{KillOnError, open_ns, pipe};
 use super::plan::HolderPlan;
-use super::root::{RootEntry, Step};
-use crate::identity::{SubIds, UIDS_PER_SANDBOX};
+use super::root::Step;
+use super::spec::HolderSpec;
+use crate::identity::UIDS_PER_SANDBOX;
 
 /// The namespaces of one sandbox, held by descriptors and by its holder process.
 pub(crate) struct Holder {
@@ -43,44 +44,6 @@ impl std::fmt::Debug for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Holder").field("pid", &self.pid).finish_non_exhaustive()
     }
-}
-
-/// What the holder needs, prepared before the clone.
-pub(crate) struct HolderSpec<'a> {
-    pub id: &'a str,
-    /// Empty directory that becomes the sandbox's `/`.
-    pub root: &'a Path,
-    /// The sandbox's areas directory (`fs/`).
-    pub fs: &'a Path,
-    pub areas: &'a [&'a str],
-    pub builder_dir: &'a Path,
-    pub layout: &'a [RootEntry],
-    /// Host uid (and gid) of uid 0 inside (as root).
-    pub base_uid: u32,
-    /// A network namespace of its own (else the host's).
-    pub private_network: bool,
-    /// Rootless: this user's host uid and gid, mapped to sandbox root.
-    pub rootless: Option<(u32, u32)>,
-    /// Rootless: the disk the holder mounts on `fs` (MiB).
-    pub disk_mb: Option<u64>,
-    /// Rootless with subordinate ids: uids 1..=65535 inside are these, block
-    /// [`SubIds::extent`] of the sandbox.
-    pub subids: Option<(&'a SubIds, u32)>,
-}
-pub(super) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 into a local array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("create a pipe");
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-pub(super) fn open_ns(pid: libc::pid_t, name: &str) -> Result<OwnedFd> {
-    let path = format!("/proc/{pid}/ns/{name}");
-    let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-    Ok(file.into())
 }
 
 impl Holder {
@@ -262,18 +225,5 @@ impl Holder {
 impl Drop for Holder {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Kills and reaps a half-started holder.
-pub(super) struct KillOnError(pub(super) libc::pid_t);
-
-impl Drop for KillOnError {
-    fn drop(&mut self) {
-        // SAFETY: kill and reap our own child.
-        unsafe {
-            libc::kill(self.0, libc::SIGKILL);
-            libc::waitpid(self.0, std::ptr::null_mut(), 0);
-        }
     }
 }

@@ -11,8 +11,7 @@ use anyhow::{Context, Result, bail};
 
 use super::child::{helpers, keeper_main};
 use super::helper::{helper, run_helper};
-use super::holder::{KillOnError, open_ns, pipe};
-use super::plan::c;
+use super::os::{KillOnError, c, open_ns, pipe};
 use crate::identity::{Extent, SUBORDINATE_IDS, SubIds};
 
 /// Rootless: writes the maps of the sandbox's user namespace `inner`

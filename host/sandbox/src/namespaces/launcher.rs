@@ -5,27 +5,11 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 
 use super::holder::Holder;
 use super::plan::LaunchPlan;
+use super::spec::Launch;
 use crate::identity::User;
-
-/// One process to start in a sandbox.
-pub(crate) struct Launch {
-    /// For `ps` on the host and errors: the command as sent.
-    pub display: String,
-    pub user: User,
-    pub working_dir: String,
-    pub env: Vec<(String, String)>,
-    /// Executable, absolute or looked up in the `PATH` of `env`.
-    pub command: String,
-    pub args: Vec<String>,
-    /// `cgroup.procs` files the launcher joins (the process inherits them).
-    pub cgroup_procs: Vec<PathBuf>,
-    /// (resource, limit) applied to the process.
-    pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
-}
 
 impl Holder {
     /// A command that runs `launch` in this sandbox: the launcher joins the

@@ -64,18 +64,19 @@ mod helper;
 mod holder;
 mod ids;
 mod launcher;
+mod os;
 mod plan;
 mod ports;
 mod root;
+mod spec;
 
 use anyhow::{Result, bail};
 
 pub(crate) use child::send_fds;
-pub(crate) use holder::{Holder, HolderSpec};
+pub(crate) use holder::Holder;
 pub(crate) use ids::{in_keeper, keeper_namespace, remove_tree};
-pub(crate) use launcher::Launch;
 pub(crate) use ports::listen_in;
-pub(crate) use root::{RootEntry, host_layout};
+pub(crate) use spec::{HolderSpec, Launch, RootEntry, host_layout};
 
 /// Whether this process may make sandboxes here (root, with namespaces).
 pub(crate) fn check_privileges() -> Result<()> {

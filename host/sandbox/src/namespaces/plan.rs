@@ -5,20 +5,13 @@
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use super::holder::HolderSpec;
-use super::launcher::Launch;
+use super::os::c;
 use super::root::{Step, root_steps};
+use super::spec::{HolderSpec, Launch};
 use crate::identity::User;
-
-pub(super) fn c(path: impl AsRef<Path>) -> Result<CString> {
-    let path = path.as_ref();
-    CString::new(path.as_os_str().as_bytes()).with_context(|| format!("path {} has a NUL byte", path.display()))
-}
 
 /// Where this process's arguments and environment strings are
 /// (`/proc/self/stat` fields 48 to 51): a forked copy overwrites its own

@@ -3,12 +3,12 @@
 //! holder is cloned (the holder runs them with [`super::child::holder`]).
 
 use std::ffi::CString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 
-use super::holder::HolderSpec;
-use super::plan::c;
+use super::os::c;
+use super::spec::{HolderSpec, RootEntry};
 use crate::identity::SANDBOX_UID;
 
 /// Device nodes bound from the host into the sandbox's `/dev`.
@@ -62,30 +62,6 @@ impl Step {
             Step::OpenDisk(p) => format!("open the disk {}", s(p)),
         }
     }
-}
-
-/// How this host lays out `/bin`, `/sbin` and `/lib*`: symlinks into `/usr`
-/// (merged /usr) are recreated, directories are bound read-only.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum RootEntry {
-    Symlink { target: PathBuf, path: String },
-    Bind(String),
-}
-
-pub(crate) fn host_layout() -> Vec<RootEntry> {
-    ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
-        .into_iter()
-        .filter_map(|path| {
-            let meta = std::fs::symlink_metadata(path).ok()?;
-            if meta.file_type().is_symlink() {
-                Some(RootEntry::Symlink { target: std::fs::read_link(path).ok()?, path: path.to_owned() })
-            } else if meta.is_dir() {
-                Some(RootEntry::Bind(path.to_owned()))
-            } else {
-                None
-            }
-        })
-        .collect()
 }
 
 /// Flags of the mount holding `path` that a bind of it in a user namespace
