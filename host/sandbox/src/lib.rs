@@ -64,6 +64,7 @@ pub use confinement::{Confinement, UsernsProbe, UsernsSettings, probe_user_names
 pub use files::{AREAS, BUILDER_PATH};
 pub use identity::{FIRST_HOST_UID, RootlessIds, SANDBOX_UID, SUBORDINATE_IDS, SubordinateIds, UIDS_PER_SANDBOX};
 pub use limits::{Cgroups, DEFAULT_PIDS, Enforcement, Limits, Resources};
+pub use namespaces::raise_loopback;
 pub use network::{Network, NetworkPolicy, loopback_port};
 pub use process::{DEFAULT_PATH, MAX_LINE_BYTES, MAX_OUTPUT_BYTES, OutputEvent, ProcessInfo, ProcessSpec};
 pub use sandbox::{CreateRequest, Sandbox, SandboxSpec};

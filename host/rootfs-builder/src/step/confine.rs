@@ -146,7 +146,8 @@ fn prepare(step: &Confined, only_root: bool) -> Result<(), String> {
     if unsafe { libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()) } != 0 {
         return Err(format!("RUN: set the step's hostname: {}", io::Error::last_os_error()));
     }
-    raise_loopback()?;
+    snapsign_sandbox::raise_loopback()
+        .map_err(|errno| format!("RUN: raise lo in the step's network: {}", io::Error::from_raw_os_error(errno)))?;
     for cap in 0..64u32 {
         if !KEPT_CAPABILITIES.contains(&cap) {
             // SAFETY: prctl on this process; EINVAL past the kernel's last capability is fine.
@@ -289,29 +290,6 @@ fn make_root(root: &Path) -> Result<(), String> {
         sys("enter /", libc::chdir(c"/".as_ptr()))?;
     }
     Ok(())
-}
-
-/// Sets IFF_UP on `lo` of the step's network namespace.
-fn raise_loopback() -> Result<(), String> {
-    // SAFETY: a socket and two ioctls on a zeroed ifreq naming "lo".
-    unsafe {
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if sock < 0 {
-            return Err(format!("RUN: open a socket to raise lo: {}", io::Error::last_os_error()));
-        }
-        let mut request: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
-            request.ifr_name[i] = *b as libc::c_char;
-        }
-        let mut ok = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut request) == 0;
-        if ok {
-            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            ok = libc::ioctl(sock, libc::SIOCSIFFLAGS, &request) == 0;
-        }
-        let error = io::Error::last_os_error();
-        libc::close(sock);
-        if ok { Ok(()) } else { Err(format!("RUN: raise lo in the step's network: {error}")) }
-    }
 }
 
 fn write_all(fd: i32, mut bytes: &[u8]) {

@@ -72,6 +72,7 @@ mod spec;
 
 use anyhow::{Result, bail};
 
+pub use child::net::raise_loopback;
 pub(crate) use child::send_fds;
 pub(crate) use holder::Holder;
 pub(crate) use ids::{in_keeper, keeper_namespace, remove_tree};

@@ -157,7 +157,7 @@ pub(in crate::namespaces) fn holder_main(plan: &HolderPlan, to_host: RawFd, from
         if libc::sethostname(hostname.as_ptr().cast(), hostname.len()) != 0 {
             fail(n + 6);
         }
-        if private_network && !raise_loopback() {
+        if private_network && super::net::raise_loopback().is_err() {
             fail(n + 7);
         }
         if !write_file(c"/proc/sys/user/max_user_namespaces", b"0") {
@@ -187,27 +187,5 @@ pub(in crate::namespaces) fn holder_main(plan: &HolderPlan, to_host: RawFd, from
             while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
             libc::sigwaitinfo(&chld, std::ptr::null_mut());
         }
-    }
-}
-
-/// Sets IFF_UP on `lo` of the current network namespace.
-fn raise_loopback() -> bool {
-    // SAFETY: a socket and two ioctls on a zeroed ifreq naming "lo".
-    unsafe {
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if sock < 0 {
-            return false;
-        }
-        let mut request: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
-            request.ifr_name[i] = *b as libc::c_char;
-        }
-        let mut ok = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut request) == 0;
-        if ok {
-            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            ok = libc::ioctl(sock, libc::SIOCSIFFLAGS, &request) == 0;
-        }
-        libc::close(sock);
-        ok
     }
 }

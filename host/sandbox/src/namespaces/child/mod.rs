@@ -17,6 +17,7 @@ pub(in crate::namespaces) mod capabilities;
 pub(in crate::namespaces) mod helpers;
 pub(in crate::namespaces) mod holder;
 pub(in crate::namespaces) mod launcher;
+pub(crate) mod net;
 
 use std::ffi::CStr;
 use std::os::fd::RawFd;
