@@ -406,29 +406,57 @@ fn refusal(reason: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Binds `addr` and serves `service` on it with [`ServeLimits::default`].
-pub async fn spawn<S, B>(name: &'static str, addr: SocketAddr, service: S) -> Result<Server>
-where
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+/// An error a service or a body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body the server loop can send.
+pub trait ServeBody: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> ServeBody for B where B: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+/// A service the server loop can run on every connection.
+pub trait ServeService<B: ServeBody>:
+    hyper::service::Service<
+        http::Request<Incoming>,
+        Response = http::Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
 {
+}
+
+impl<S, B: ServeBody> ServeService<B> for S where
+    S: hyper::service::Service<
+            http::Request<Incoming>,
+            Response = http::Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// Binds `addr` and serves `service` on it with [`ServeLimits::default`].
+pub async fn spawn<S: ServeService<B>, B: ServeBody>(
+    name: &'static str,
+    addr: SocketAddr,
+    service: S,
+) -> Result<Server> {
     spawn_with(name, addr, ServeLimits::default(), service).await
 }
 
 /// Binds `addr` and serves `service` on it, under `limits`, until the returned [`Server`] stops.
-pub async fn spawn_with<S, B>(name: &'static str, addr: SocketAddr, limits: ServeLimits, service: S) -> Result<Server>
-where
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+pub async fn spawn_with<S: ServeService<B>, B: ServeBody>(
+    name: &'static str,
+    addr: SocketAddr,
+    limits: ServeLimits,
+    service: S,
+) -> Result<Server> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("bind the {name} to {addr}"))?;
     let addr = listener.local_addr().context("read the bound address")?;
     let (stop_tx, mut stop_rx) = oneshot::channel();
