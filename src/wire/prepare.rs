@@ -222,7 +222,7 @@ mod tests {
     use super::*;
 
     /// wit/protocol.md §2.4's new-shape answer, with its sha256 filled in.
-    const NEW_SHAPE: &str = r#"{"buildId":"build-7","snapshotId":"snap-7","rootfsNodeKind":"diff","snapshotRelPath":"sandbox-template-builds/build-7/snap-7.tlsnap","builder":{"image":"snapsign/rootfs-builder","command":"tl-rootfs-build","cpus":1.0,"memoryMb":1024,"diskMb":2048},"parent":{"parentManifestUri":"s3://snapshots/builds/default/sandbox-template-builds/build-3/snap-3.tlsnap","rootfsDiskBytes":10737418240,"snapshotSha256":"0a1b"},"runtimeContract":{"emulator":"snapsign dev","guestRuntimeLayout":"embedded"}}"#;
+    const NEW_SHAPE: &str = r#"{"buildId":"build-7","snapshotId":"snap-7","rootfsNodeKind":"diff","snapshotRelPath":"sandbox-template-builds/build-7/snap-7.tlsnap","builder":{"image":"snapsign/rootfs-builder","command":"tl-rootfs-build","cpus":2.0,"memoryMb":1024,"diskMb":2048},"parent":{"parentManifestUri":"s3://snapshots/builds/default/sandbox-template-builds/build-3/snap-3.tlsnap","rootfsDiskBytes":10737418240,"snapshotSha256":"0a1b"},"runtimeContract":{"emulator":"snapsign dev","guestRuntimeLayout":"embedded"}}"#;
 
     #[test]
     fn the_new_shape_round_trips_byte_for_byte() {
