@@ -95,6 +95,8 @@ impl Memo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+
     use crate::presign::{Addressing, Endpoint, Method};
 
     const KEY: &str = "memo-test-token-key-0123456789abcdef";
@@ -138,6 +140,11 @@ mod tests {
         tag_off[last] = if tag_off[last] == b'A' { b'B' } else { b'A' };
         assert_eq!(memo.claims(&config, std::str::from_utf8(&tag_off).unwrap(), 1_000), Err(TokenError::BadSignature));
         let (signed, tag) = token.rsplit_once('.').unwrap();
+        let other_payload = format!(
+            "sst1.{}.{tag}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"ns":"team-b","exp":2000}"#)
+        );
+        assert_eq!(memo.claims(&config, &other_payload, 1_000), Err(TokenError::BadSignature));
         let longer = format!("{signed}.{tag}A");
         assert!(memo.claims(&config, &longer, 1_000).is_err(), "a token one byte longer was accepted");
         // Another caller's good token replaces it; the first still verifies afresh.

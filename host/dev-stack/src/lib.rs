@@ -8,7 +8,7 @@
 //! - [`registry`]: pulling base images over the OCI distribution API into a cache;
 //! - [`fixture`]: the store and signer settings the benchmarks share.
 
-pub mod access;
+mod access;
 pub mod emulator;
 pub mod faults;
 pub mod fixture;
@@ -20,7 +20,7 @@ pub mod proxy;
 pub mod recover;
 pub mod registry;
 pub mod shape;
-pub mod shared;
+mod shared;
 pub mod stack;
 pub mod state;
 pub mod store;

@@ -1,4 +1,4 @@
-//! The command-line faces of this module: `snapsign deploy wasmcloud` and
+//! The command-line faces of this crate: `snapsign deploy wasmcloud` and
 //! `snapsign bench hosts` (main.rs only dispatches to them).
 
 use std::path::PathBuf;

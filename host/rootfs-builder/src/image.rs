@@ -4,7 +4,7 @@
 //! Three kinds of input, told apart by content, not by file name:
 //! - an **OCI image layout** (a directory with `oci-layout` and
 //!   `index.json`, or a tar of one, as `docker save` of Docker 25+ and
-//!   `snapsign_host::registry`'s cache write): blobs are checked against the
+//!   `snapsign_dev_stack::registry`'s cache write): blobs are checked against the
 //!   sha256 digest and size of their descriptors before anything is applied;
 //! - a **`docker save` archive** (a tar with `manifest.json`, the config and
 //!   the layers it names): the layers are checked against the config's

@@ -1,6 +1,7 @@
 //! The snapsign runtime: a wasmtime embedding that runs the snapsign
 //! components with limits. What an embedder depends on; the dev stack
-//! (`snapsign-host`'s `dev`, `store`, `registry`) and the CLI sit on top.
+//! (`snapsign-dev-stack`), the third-party host tooling (`snapsign-foreign-hosts`)
+//! and the CLI (`snapsign-host`) sit on top.
 //!
 //! - [`engine`]: engine, pooling allocator, epoch deadlines, compiled cache;
 //! - [`guest`]: one guest's WASI context and Store, shared by the runtimes;

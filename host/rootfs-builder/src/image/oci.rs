@@ -1,7 +1,7 @@
 //! The JSON documents of OCI images and `docker save` archives: descriptors,
 //! image indexes (and Docker manifest lists), image manifests, the image
 //! config, and the choice of a platform. Shared with the host's registry
-//! client (`snapsign_host::registry`), which caches pulls as an OCI layout.
+//! client (`snapsign_dev_stack::registry`), which caches pulls as an OCI layout.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -42,8 +42,13 @@
 //! every sandbox's outer one and held by a descriptor (`in_keeper`), and a
 //! sandbox's directory is removed by `rm -rf` run as root there (`remove_tree`).
 //!
-//! The parts, host side (before a fork, or in this process):
-//! - [`root`]: the steps that build a sandbox's root, from this host's layout;
+//! The parts, host side (before a fork, or in this process), each importing
+//! only those above it:
+//! - [`spec`]: what the host asks, as plain values (a holder's spec with this
+//!   host's root layout, a process's launch);
+//! - [`os`]: pipes, namespace descriptors, a guard that kills a half-started
+//!   child, paths as C strings;
+//! - [`root`]: the steps that build a sandbox's root from a spec;
 //! - [`plan`]: the data a forked child reads ([`plan::HolderPlan`],
 //!   [`plan::LaunchPlan`]): C strings, pointer arrays, raw descriptors and
 //!   integers, all made before the fork;

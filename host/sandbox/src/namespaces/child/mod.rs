@@ -192,6 +192,7 @@ mod tests {
             ("child/holder.rs", include_str!("holder.rs")),
             ("child/launcher.rs", include_str!("launcher.rs")),
             ("child/capabilities.rs", include_str!("capabilities.rs")),
+            ("child/net.rs", include_str!("net.rs")),
         ]
         .into_iter()
         .map(|(name, text)| {
