@@ -416,6 +416,46 @@ async fn complete_checks_every_etag_and_the_order_and_may_skip_parts_as_s3_does(
     s3_error(store.abort(key, &id).await, 404, "NoSuchUpload").await;
 }
 
+// Part records: complete takes the MD5 UploadPart recorded only for the file it
+// was computed from, so parts uploaded again (at once, or after the first)
+// still complete only with the ETag of the bytes that stayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_part_uploaded_again_completes_only_with_the_etag_of_the_bytes_that_stayed() {
+    let store = Direct::start(Duration::from_secs(3600)).await;
+    let key = "again/object.bin";
+    let id = store.create(key).await;
+    let last = store.upload_part(key, &id, 2, b"tail".to_vec()).await;
+    // Eight uploads of part 1 at once, each with other bytes.
+    let bodies: Vec<Vec<u8>> = (0..8u8).map(|n| vec![n; 5 * MIB]).collect();
+    let uploads = bodies.iter().map(|body| store.upload_part(key, &id, 1, body.clone()));
+    let etags = futures_util::future::join_all(uploads).await;
+    // Only one of them is the part now: every other ETag is refused, and nothing changes.
+    let before = snapshot(&store.root());
+    let mut accepted = None;
+    for (n, etag) in etags.iter().enumerate() {
+        let response = store.complete(key, &id, &[(1, etag), (2, &last)]).await;
+        if response.status() == 200 {
+            accepted = Some(n);
+            break;
+        }
+        s3_error(response, 400, "InvalidPart").await;
+        assert_eq!(snapshot(&store.root()), before, "a refused complete changed the store");
+    }
+    let n = accepted.expect("the ETag of the part that stayed completes");
+    let got = store.get(key).await.bytes().await.unwrap();
+    assert!(got == [bodies[n].as_slice(), b"tail"].concat(), "the object holds the bytes of the accepted ETag");
+
+    // Uploaded again after the first: the first ETag is refused, the second completes.
+    let key = "again/second.bin";
+    let id = store.create(key).await;
+    let first = store.upload_part(key, &id, 1, vec![1u8; 5 * MIB]).await;
+    let second = store.upload_part(key, &id, 1, vec![2u8; 5 * MIB]).await;
+    let last = store.upload_part(key, &id, 2, b"tail".to_vec()).await;
+    s3_error(store.complete(key, &id, &[(1, &first), (2, &last)]).await, 400, "InvalidPart").await;
+    assert_eq!(store.complete(key, &id, &[(1, &second), (2, &last)]).await.status(), 200);
+    assert!(store.get(key).await.bytes().await.unwrap() == [vec![2u8; 5 * MIB].as_slice(), b"tail"].concat());
+}
+
 // Attack 3, second bullet: after a failed complete, retry and abort both work.
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_failed_complete_a_retry_succeeds_and_an_abort_leaves_nothing() {

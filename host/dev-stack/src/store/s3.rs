@@ -133,8 +133,11 @@ impl S3 for Store {
         let id = Uploads::parse_id(&req.input.upload_id)?;
         self.uploads.check_open(&id, access_key(&req), &req.input.bucket, &req.input.key)?;
         let part = req.input.part_number;
+        let one_at_a_time = self.uploads.part_lock(id, part);
+        let _held = one_at_a_time.lock().await;
         let written = self.fs.upload_part(req).await?;
-        self.uploads.part_written(id, part).await?;
+        let etag = written.output.e_tag.as_ref().map(|e| e.value().to_owned());
+        self.uploads.part_written(id, part, etag.as_deref()).await?;
         Ok(written)
     }
 
@@ -148,8 +151,11 @@ impl S3 for Store {
         let id = Uploads::parse_id(&req.input.upload_id)?;
         self.uploads.check_open(&id, access_key(&req), &req.input.bucket, &req.input.key)?;
         let part = req.input.part_number;
+        let one_at_a_time = self.uploads.part_lock(id, part);
+        let _held = one_at_a_time.lock().await;
         let written = self.fs.upload_part_copy(req).await?;
-        self.uploads.part_written(id, part).await?;
+        // No record: complete computes a copied part's MD5.
+        self.uploads.part_written(id, part, None).await?;
         Ok(written)
     }
 
