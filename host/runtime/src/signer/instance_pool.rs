@@ -15,6 +15,15 @@
 //! instances are a cache of at most `max_idle`: when a caller gives one back
 //! to a full cache, the least recently used goes.
 //!
+//! **Keeping only while it pays.** With many callers that rarely return (a
+//! dataplane serving many namespaces), a kept instance is evicted before its
+//! caller comes back, and keeping it only costs. The pool remembers the last
+//! `max_idle` callers that gave an instance back (their token hashes, no
+//! instance) and counts how often a request's caller is among them: the
+//! requests a full cache could have served. While fewer than one in
+//! [`KEEP_BELOW`] could have been, give-backs drop their instance; the count
+//! goes on, so keeping resumes when callers start to return.
+//!
 //! **Why no request is refused below `--max-concurrency`.** wasmtime's
 //! pooling allocator has room for `max_concurrency + max_idle` instances
 //! (see `SignerHost`), and every instance alive is counted in one of:
@@ -65,19 +74,66 @@ struct Warm<I> {
     idle_since: Instant,
 }
 
+/// Keeping stops while fewer than one request in this many could have been
+/// served by a kept instance.
+pub(crate) const KEEP_BELOW: u32 = 16;
+
+/// The moving average's scale: [`Outlook::score`] is the share of requests a
+/// full cache could have served, in 1/`SCALE`.
+const SCALE: u32 = 1 << 16;
+
+/// How the average follows: each request moves it 1/`FOLLOW` of the way.
+const FOLLOW: u32 = 64;
+
 /// Idle instances, each tied to the caller it served.
 pub(crate) struct InstancePool<I> {
-    idle: Mutex<VecDeque<Warm<I>>>,
+    idle: Mutex<Idle<I>>,
     max_uses: u32,
     max_idle: usize,
     idle_ttl: Duration,
+}
+
+/// What the lock guards: the idle instances and the outlook of keeping them.
+struct Idle<I> {
+    warm: VecDeque<Warm<I>>,
+    outlook: Outlook,
+}
+
+/// Whether keeping instances pays (see the module documentation).
+struct Outlook {
+    /// The last `max_idle` callers that gave an instance back, kept or not.
+    recent: VecDeque<Caller>,
+    /// Moving average of the requests whose caller was in `recent`, in 1/SCALE.
+    score: u32,
+}
+
+impl Outlook {
+    fn note_request(&mut self, caller: Caller) {
+        let could = if self.recent.contains(&caller) { SCALE } else { 0 };
+        self.score = self.score - self.score / FOLLOW + could / FOLLOW;
+    }
+
+    fn note_give_back(&mut self, caller: Caller, max_idle: usize) {
+        if let Some(at) = self.recent.iter().position(|c| *c == caller) {
+            self.recent.remove(at);
+        }
+        self.recent.push_back(caller);
+        if self.recent.len() > max_idle {
+            self.recent.pop_front();
+        }
+    }
+
+    fn pays(&self) -> bool {
+        self.score >= SCALE / KEEP_BELOW
+    }
 }
 
 impl<I> InstancePool<I> {
     /// `max_uses` of 1 (or `max_idle` of 0) turns reuse off.
     pub(crate) fn new(max_uses: u32, max_idle: usize, idle_ttl: Duration) -> Self {
         let max_uses = if max_idle == 0 { 1 } else { max_uses.max(1) };
-        InstancePool { idle: Mutex::new(VecDeque::new()), max_uses, max_idle, idle_ttl }
+        let outlook = Outlook { recent: VecDeque::new(), score: SCALE };
+        InstancePool { idle: Mutex::new(Idle { warm: VecDeque::new(), outlook }), max_uses, max_idle, idle_ttl }
     }
 
     pub(crate) fn reuses(&self) -> bool {
@@ -97,7 +153,7 @@ impl<I> InstancePool<I> {
     /// Drops the idle instances that waited longer than the idle TTL.
     pub(crate) fn drop_expired(&self) {
         let mut idle = self.lock();
-        let expired = self.drain_expired(&mut idle);
+        let expired = self.drain_expired(&mut idle.warm);
         drop(expired); // Under the lock: see the module documentation.
         drop(idle);
     }
@@ -106,31 +162,41 @@ impl<I> InstancePool<I> {
     /// number of requests it has served.
     pub(crate) fn take(&self, caller: Caller) -> Option<(I, u32)> {
         let mut idle = self.lock();
-        let expired = self.drain_expired(&mut idle);
+        idle.outlook.note_request(caller);
+        let expired = self.drain_expired(&mut idle.warm);
         drop(expired); // Under the lock: see the module documentation.
-        let found = idle.iter().rposition(|w| w.caller == caller).and_then(|i| idle.remove(i));
+        let found = idle.warm.iter().rposition(|w| w.caller == caller).and_then(|i| idle.warm.remove(i));
         drop(idle);
         found.map(|w| (w.instance, w.uses))
     }
 
     /// Keeps `instance` for `caller`'s next request, unless it has served
-    /// enough. When the cache is full, the least recently used idle instance
-    /// is taken out and dropped here, after the lock is released: the caller
-    /// must still hold its concurrency slot (see the module documentation).
+    /// enough or keeping does not pay now. When the cache is full, the least
+    /// recently used idle instance is taken out and dropped here, after the
+    /// lock is released: the caller must still hold its concurrency slot (see
+    /// the module documentation).
     pub(crate) fn give_back(&self, caller: Caller, instance: I, uses: u32) {
-        if uses >= self.max_uses {
+        let mut idle = self.lock();
+        idle.outlook.note_give_back(caller, self.max_idle);
+        if uses >= self.max_uses || !idle.outlook.pays() {
+            drop(idle);
+            drop(instance);
             return;
         }
-        let warm = Warm { instance, uses, caller, idle_since: Instant::now() };
-        let mut idle = self.lock();
-        idle.push_back(warm);
-        let victim = if idle.len() > self.max_idle { idle.pop_front() } else { None };
+        idle.warm.push_back(Warm { instance, uses, caller, idle_since: Instant::now() });
+        let victim = if idle.warm.len() > self.max_idle { idle.warm.pop_front() } else { None };
         drop(idle);
         drop(victim);
     }
 
     pub(crate) fn idle_count(&self) -> usize {
-        self.lock().len()
+        self.lock().warm.len()
+    }
+
+    /// Whether give-backs keep their instance now.
+    #[cfg(test)]
+    pub(crate) fn keeping(&self) -> bool {
+        self.lock().outlook.pays()
     }
 
     fn drain_expired(&self, idle: &mut VecDeque<Warm<I>>) -> Vec<Warm<I>> {
@@ -141,7 +207,7 @@ impl<I> InstancePool<I> {
         expired
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Warm<I>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle<I>> {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -224,5 +290,42 @@ mod tests {
         assert!(!off.reuses());
         off.give_back(caller("A"), "a", 1);
         assert_eq!(off.idle_count(), 0);
+    }
+
+    /// One request of `caller`, as serve-signer makes it: take, else a fresh instance; then give back.
+    fn serve(pool: &InstancePool<String>, caller: Caller) -> bool {
+        let (instance, uses) = pool.take(caller).map_or(("fresh".to_owned(), 0), |(i, u)| (i, u));
+        pool.give_back(caller, instance, uses + 1);
+        uses > 0
+    }
+
+    #[test]
+    fn keeping_stops_while_callers_do_not_return_and_resumes_when_they_do() {
+        let pool = InstancePool::new(1000, 8, Duration::from_secs(60));
+        // One caller again and again: every request but the first reuses.
+        let reused = (0..100).filter(|_| serve(&pool, caller("steady"))).count();
+        assert_eq!(reused, 99);
+        assert!(pool.keeping());
+        // A thousand callers in turn, never back within the cache's eight: keeping stops.
+        for round in 0..3 {
+            for n in 0..1000 {
+                assert!(!serve(&pool, caller(&format!("{round}-{n}"))), "a new caller reused an instance");
+            }
+        }
+        assert!(!pool.keeping(), "keeping went on with no caller returning");
+        assert_eq!(pool.idle_count(), 8, "the last kept instances wait out their TTL");
+        for n in 0..100 {
+            serve(&pool, caller(&format!("x-{n}")));
+        }
+        assert!(pool.take(caller("steady")).is_none(), "still kept from before");
+        // Four callers in turn (within the cache's eight): the count sees
+        // they come back, keeping resumes, and they reuse.
+        let callers: Vec<Caller> = (0..4).map(|n| caller(&format!("back-{n}"))).collect();
+        let mut reused = 0;
+        for i in 0..2000 {
+            reused += usize::from(serve(&pool, callers[i % 4]));
+        }
+        assert!(pool.keeping());
+        assert!(reused > 1900, "{reused} of 2000 reused");
     }
 }
