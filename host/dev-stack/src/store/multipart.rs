@@ -27,9 +27,13 @@
 //! and renames it in, so a part uploaded again is another file). Complete
 //! trusts a record only for the very file it opened, and computes the MD5
 //! of any other part, so a part is read once at complete, not twice. Uploads
-//! of one part number run one at a time, so a record always names the file
-//! its MD5 was computed from; records live in memory (a restarted store
-//! computes every MD5 again).
+//! of one part number run one at a time, each in a task of its own that a
+//! client hanging up does not cancel, and each drops the part's record
+//! before it writes, so a record always names the file its MD5 was computed
+//! from; records live in memory (a restarted store computes every MD5
+//! again). One upload of a part that stalls holds back later uploads of the
+//! same part number of the same upload (only the holder of that URL's
+//! upload id can send them), never a complete or an abort.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -204,6 +208,12 @@ impl Uploads {
             return Err(internal(&format!("remove late part {}", path.display()), e));
         }
         Err(no_such_upload(&id.to_string()))
+    }
+
+    /// Drops what was recorded of part `part`, before it is uploaded again:
+    /// an upload that ends half way then leaves no record to trust.
+    pub fn forget_part(&self, id: Uuid, part: i32) {
+        self.part_records.lock().expect("part records poisoned").remove(&(id, part));
     }
 
     /// Keeps part `part`'s MD5 with the identity of the file now at its path;

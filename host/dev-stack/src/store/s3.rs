@@ -13,14 +13,14 @@ use super::multipart::{Complete, MAX_PART_NUMBER, Uploads};
 
 /// s3s-fs behind the store's rules.
 pub struct Store {
-    fs: FileSystem,
+    fs: Arc<FileSystem>,
     uploads: Arc<Uploads>,
 }
 
 impl Store {
     /// Wraps `fs`, whose root `uploads` describes.
     pub fn new(fs: FileSystem, uploads: Arc<Uploads>) -> Self {
-        Store { fs, uploads }
+        Store { fs: Arc::new(fs), uploads }
     }
 }
 
@@ -133,12 +133,19 @@ impl S3 for Store {
         let id = Uploads::parse_id(&req.input.upload_id)?;
         self.uploads.check_open(&id, access_key(&req), &req.input.bucket, &req.input.key)?;
         let part = req.input.part_number;
-        let one_at_a_time = self.uploads.part_lock(id, part);
-        let _held = one_at_a_time.lock().await;
-        let written = self.fs.upload_part(req).await?;
-        let etag = written.output.e_tag.as_ref().map(|e| e.value().to_owned());
-        self.uploads.part_written(id, part, etag.as_deref()).await?;
-        Ok(written)
+        let (fs, uploads) = (self.fs.clone(), self.uploads.clone());
+        // Its own task, holding the part's lock to the end: a client that
+        // hangs up must not let another upload of the part in while this
+        // one's rename may still land (see `multipart`, part records).
+        let task = tokio::spawn(async move {
+            let _held = uploads.part_lock(id, part).lock_owned().await;
+            uploads.forget_part(id, part);
+            let written = fs.upload_part(req).await?;
+            let etag = written.output.e_tag.as_ref().map(|e| e.value().to_owned());
+            uploads.part_written(id, part, etag.as_deref()).await?;
+            Ok(written)
+        });
+        task.await.map_err(|e| s3_error!(InternalError, "run UploadPart: {e}"))?
     }
 
     async fn upload_part_copy(
@@ -151,11 +158,16 @@ impl S3 for Store {
         let id = Uploads::parse_id(&req.input.upload_id)?;
         self.uploads.check_open(&id, access_key(&req), &req.input.bucket, &req.input.key)?;
         let part = req.input.part_number;
-        let one_at_a_time = self.uploads.part_lock(id, part);
-        let _held = one_at_a_time.lock().await;
-        let written = self.fs.upload_part_copy(req).await?;
-        // No record: complete computes a copied part's MD5.
-        self.uploads.part_written(id, part, None).await?;
+        let (fs, uploads) = (self.fs.clone(), self.uploads.clone());
+        let task = tokio::spawn(async move {
+            let _held = uploads.part_lock(id, part).lock_owned().await;
+            uploads.forget_part(id, part);
+            let written = fs.upload_part_copy(req).await?;
+            // No record: complete computes a copied part's MD5.
+            uploads.part_written(id, part, None).await?;
+            Ok::<_, S3Error>(written)
+        });
+        let written = task.await.map_err(|e| s3_error!(InternalError, "run UploadPartCopy: {e}"))??;
         Ok(written)
     }
 

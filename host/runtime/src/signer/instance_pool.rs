@@ -19,10 +19,11 @@
 //! dataplane serving many namespaces), a kept instance is evicted before its
 //! caller comes back, and keeping it only costs. The pool remembers the last
 //! `max_idle` callers that gave an instance back (their token hashes, no
-//! instance) and counts how often a request's caller is among them: the
-//! requests a full cache could have served. While fewer than one in
-//! [`KEEP_BELOW`] could have been, give-backs drop their instance; the count
-//! goes on, so keeping resumes when callers start to return.
+//! instance) and keeps a moving average (over about 64 give-backs) of how
+//! often the caller giving back is among them: the requests a full cache
+//! could have served. While fewer than one in [`KEEP_BELOW`] could have
+//! been, give-backs drop their instance; the average goes on, so keeping
+//! resumes when callers start to return.
 //!
 //! **Why no request is refused below `--max-concurrency`.** wasmtime's
 //! pooling allocator has room for `max_concurrency + max_idle` instances
@@ -162,7 +163,6 @@ impl<I> InstancePool<I> {
     /// number of requests it has served.
     pub(crate) fn take(&self, caller: Caller) -> Option<(I, u32)> {
         let mut idle = self.lock();
-        idle.outlook.note_request(caller);
         let expired = self.drain_expired(&mut idle.warm);
         drop(expired); // Under the lock: see the module documentation.
         let found = idle.warm.iter().rposition(|w| w.caller == caller).and_then(|i| idle.warm.remove(i));
@@ -177,6 +177,9 @@ impl<I> InstancePool<I> {
     /// the module documentation).
     pub(crate) fn give_back(&self, caller: Caller, instance: I, uses: u32) {
         let mut idle = self.lock();
+        // Counted here, not at take: only a request whose token the signer
+        // accepted gives back, so junk tokens cannot turn keeping off.
+        idle.outlook.note_request(caller);
         idle.outlook.note_give_back(caller, self.max_idle);
         if uses >= self.max_uses || !idle.outlook.pays() {
             drop(idle);
@@ -313,11 +316,13 @@ mod tests {
             }
         }
         assert!(!pool.keeping(), "keeping went on with no caller returning");
-        assert_eq!(pool.idle_count(), 8, "the last kept instances wait out their TTL");
+        assert!(pool.take(caller("2-999")).is_none(), "the last give-back was kept");
+        assert_eq!(pool.idle_count(), 8, "the instances kept before it stopped wait out their TTL");
         for n in 0..100 {
             serve(&pool, caller(&format!("x-{n}")));
         }
-        assert!(pool.take(caller("steady")).is_none(), "still kept from before");
+        assert!(pool.take(caller("x-99")).is_none(), "a give-back was kept while keeping was off");
+        assert!(pool.take(caller("steady")).is_none(), "the steady caller's instance was evicted long ago");
         // Four callers in turn (within the cache's eight): the count sees
         // they come back, keeping resumes, and they reuse.
         let callers: Vec<Caller> = (0..4).map(|n| caller(&format!("back-{n}"))).collect();
