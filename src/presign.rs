@@ -192,7 +192,8 @@ pub struct Presigner {
 #[derive(Clone)]
 pub struct SigningKey {
     secret: String,
-    day: String,
+    /// The UTC day it signs for, in days since the Unix epoch.
+    day: i64,
     region: String,
     keyed: HmacSha256,
 }
@@ -203,36 +204,37 @@ impl fmt::Debug for SigningKey {
     }
 }
 
+/// The UTC day of `now`, in days since the Unix epoch: what names a signing key.
+fn unix_day(now: Timestamp) -> i64 {
+    now.as_second().div_euclid(86_400)
+}
+
 impl SigningKey {
-    /// Derives the key of `day` (`YYYYMMDD`) in `region`.
-    pub fn derive(credentials: &Credentials, region: &str, day: &str) -> Self {
+    /// Derives the key of `now`'s UTC day in `region`.
+    pub fn derive(credentials: &Credentials, region: &str, now: Timestamp) -> Self {
+        let day = now.strftime("%Y%m%d").to_string();
         let mut key = hmac(format!("AWS4{}", credentials.secret_access_key).as_bytes(), day.as_bytes());
         key = hmac(&key, region.as_bytes());
         key = hmac(&key, b"s3");
         key = hmac(&key, b"aws4_request");
         SigningKey {
             secret: credentials.secret_access_key.clone(),
-            day: day.to_owned(),
+            day: unix_day(now),
             region: region.to_owned(),
             keyed: HmacSha256::new_from_slice(&key).expect("HMAC takes keys of any length"),
         }
     }
 
-    /// Whether this is the key of `day` in `region` for these credentials.
-    pub fn is_for(&self, credentials: &Credentials, region: &str, day: &str) -> bool {
-        self.day == day && self.region == region && self.secret == credentials.secret_access_key
+    /// Whether this is the key of `now`'s UTC day in `region` for these credentials.
+    pub fn is_for(&self, credentials: &Credentials, region: &str, now: Timestamp) -> bool {
+        self.day == unix_day(now) && self.region == region && self.secret == credentials.secret_access_key
     }
-}
-
-/// The SigV4 date (`YYYYMMDD`) of `now`, which names its signing key.
-pub fn signing_day(now: Timestamp) -> String {
-    now.strftime("%Y%m%d").to_string()
 }
 
 impl Presigner {
     /// Derives the signing key for `now`'s date and prepares the shared query.
     pub fn new(credentials: &Credentials, region: &str, now: Timestamp, expires_secs: u32) -> Self {
-        let key = SigningKey::derive(credentials, region, &signing_day(now));
+        let key = SigningKey::derive(credentials, region, now);
         Self::derive(credentials, region, now, expires_secs, &key)
     }
 
@@ -246,7 +248,7 @@ impl Presigner {
         expires_secs: u32,
         key: &SigningKey,
     ) -> Self {
-        if key.is_for(credentials, region, &signing_day(now)) {
+        if key.is_for(credentials, region, now) {
             Self::derive(credentials, region, now, expires_secs, key)
         } else {
             Self::new(credentials, region, now, expires_secs)
@@ -258,7 +260,7 @@ impl Presigner {
         let day = &amz_date[..8];
         let scope = format!("{day}/{region}/s3/aws4_request");
 
-        debug_assert!(key.is_for(credentials, region, day));
+        debug_assert!(key.is_for(credentials, region, now));
         let mut sts_prefix = key.keyed.clone();
         sts_prefix.update(b"AWS4-HMAC-SHA256\n");
         sts_prefix.update(amz_date.as_bytes());
@@ -512,15 +514,15 @@ mod tests {
         let day1: Timestamp = "2026-11-28T23:59:59Z".parse().unwrap();
         let day2: Timestamp = "2026-11-29T00:00:01Z".parse().unwrap();
         let creds = aws_example_credentials();
-        let kept = SigningKey::derive(&creds, "us-east-1", &signing_day(day1));
-        assert!(kept.is_for(&creds, "us-east-1", "20261128"));
+        let kept = SigningKey::derive(&creds, "us-east-1", day1);
+        assert!(kept.is_for(&creds, "us-east-1", "2026-11-28T00:00:00Z".parse().unwrap()));
         for (credentials, region, now, right) in [
             (&creds, "us-east-1", day1, true),
             (&creds, "us-east-1", day2, false),
             (&creds, "eu-west-1", day1, false),
             (&rotated, "us-east-1", day1, false),
         ] {
-            assert_eq!(kept.is_for(credentials, region, &signing_day(now)), right, "{region} at {now}");
+            assert_eq!(kept.is_for(credentials, region, now), right, "{region} at {now}");
             let with_kept =
                 Presigner::with_key(credentials, region, now, 3600, &kept).presign(Method::Get, &object, &[]);
             let fresh = Presigner::new(credentials, region, now, 3600).presign(Method::Get, &object, &[]);

@@ -17,7 +17,7 @@
 use jiff::Timestamp;
 
 use super::config::SignerConfig;
-use crate::presign::{Credentials, Presigner, SigningKey, signing_day};
+use crate::presign::{Credentials, Presigner, SigningKey};
 use crate::token::{self, Claims, TokenError};
 
 /// Work kept between requests by one shell; see the module.
@@ -74,10 +74,9 @@ impl Memo {
         {
             return made.presigner.clone();
         }
-        let day = signing_day(now);
         let key = match self.key.take() {
-            Some(key) if key.is_for(credentials, region, &day) => key,
-            _ => SigningKey::derive(credentials, region, &day),
+            Some(key) if key.is_for(credentials, region, now) => key,
+            _ => SigningKey::derive(credentials, region, now),
         };
         let presigner = Presigner::with_key(credentials, region, now, expires_secs, &key);
         self.key = Some(key);
