@@ -12,6 +12,7 @@ use common::dev::start_stack;
 use serde_json::{Value, json};
 use snapsign_dev_stack::{DevConfig, DevStack, Faults, PrepareShape};
 use snapsign_host::image_build::{BuildEvent, BuildFailure, BuildOptions};
+use snapsign_host::sandbox_exec::Compression;
 
 fn options(stack: &DevStack, name: &str, dockerfile: &str, context: &Path) -> BuildOptions {
     let mut options = stack.build_options(name, dockerfile, context);
@@ -465,9 +466,11 @@ async fn a_context_larger_than_the_guest_memory_limit_is_streamed() {
     stack.shutdown().await;
 }
 
-/// The host packs the context (`upload-directory`): random blocks go stored,
-/// text deflated, on every core; the sandbox's `tar -xzf` unpacks it through
-/// the builder's `gzip -d`; every byte and permission bit arrives.
+/// The host packs the context (`upload-directory`). To the dev stack's
+/// sandboxes, on this machine, it goes as a plain tar (`tar -xf`); with
+/// `--compress-context always`, gzipped: random blocks stored, text
+/// deflated, on every core, and the sandbox's `tar -xzf` unpacks it through
+/// the builder's `gzip -d`. Either way every byte and permission bit arrives.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_context_of_random_and_text_files_arrives_byte_for_byte_with_its_permission_bits() {
     let dir = tempfile::tempdir().unwrap();
@@ -487,30 +490,39 @@ async fn a_context_of_random_and_text_files_arrives_byte_for_byte_with_its_permi
     std::fs::set_permissions(ctx.path().join("run.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
     std::fs::set_permissions(ctx.path().join("data/text.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink("data/text.txt", ctx.path().join("link")).unwrap();
-    let run = build(&options(&stack, "mixed", "FROM scratch\nCOPY . /ctx/\n", ctx.path())).await;
-    let template = run.outcome.unwrap_or_else(|e| panic!("mixed build failed: {e}\n{:#?}", run.events));
-    let sent = run
-        .events
-        .iter()
-        .rev()
-        .find_map(|e| if let BuildEvent::Upload(sent, total) = e { Some((*sent, *total)) } else { None })
-        .expect("upload progress reported");
-    assert_eq!(sent.0, sent.1, "the last progress event has the total");
-    // The random part goes stored (a little over its size), the text deflated (far under).
     let raw = (random.len() + text.len()) as u64;
-    assert!(sent.1 > random.len() as u64 && sent.1 < raw - text.len() as u64 / 2, "sent {} of {raw}", sent.1);
+    for compression in [Compression::Auto, Compression::Always] {
+        let mut opts = options(&stack, "mixed", "FROM scratch\nCOPY . /ctx/\n", ctx.path());
+        opts.compression = compression;
+        let run = build(&opts).await;
+        let template = run.outcome.unwrap_or_else(|e| panic!("{compression:?}: {e}\n{:#?}", run.events));
+        let sent = run
+            .events
+            .iter()
+            .rev()
+            .find_map(|e| if let BuildEvent::Upload(sent, total) = e { Some((*sent, *total)) } else { None })
+            .expect("upload progress reported");
+        assert_eq!(sent.0, sent.1, "the last progress event has the total");
+        if compression == Compression::Always {
+            // The random part goes stored (a little over its size), the text deflated (far under).
+            assert!(sent.1 > random.len() as u64 && sent.1 < raw - text.len() as u64 / 2, "sent {} of {raw}", sent.1);
+        } else {
+            // Plain: every byte, plus the tar's headers and padding.
+            assert!(sent.1 > raw && sent.1 < raw + 64 * 1024, "sent {} of {raw}", sent.1);
+        }
 
-    let (_, _keep, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
-    let read = |rel: &str| std::fs::read(tree.host(rel)).unwrap_or_else(|e| panic!("/{rel}: {e}"));
-    assert!(read("ctx/data/random.bin") == random, "random bytes changed on the way");
-    assert!(read("ctx/data/text.txt") == text, "text changed on the way");
-    assert_eq!(read("ctx/data/deep/er/small.txt"), b"small\n");
-    assert_eq!(read("ctx/empty"), b"");
-    let modes: std::collections::BTreeMap<String, u32> =
-        tree.entries().unwrap().into_iter().map(|e| (e.rel, e.mode & 0o777)).collect();
-    assert_eq!(modes["ctx/run.sh"], 0o750);
-    assert_eq!(modes["ctx/data/text.txt"], 0o600);
-    assert_eq!(std::fs::read_link(tree.host("ctx/link")).unwrap(), Path::new("data/text.txt"));
+        let (_, _keep, tree) = stored_snapshot(dir.path(), template["snapshotUri"].as_str().unwrap());
+        let read = |rel: &str| std::fs::read(tree.host(rel)).unwrap_or_else(|e| panic!("/{rel}: {e}"));
+        assert!(read("ctx/data/random.bin") == random, "{compression:?}: random bytes changed on the way");
+        assert!(read("ctx/data/text.txt") == text, "{compression:?}: text changed on the way");
+        assert_eq!(read("ctx/data/deep/er/small.txt"), b"small\n");
+        assert_eq!(read("ctx/empty"), b"");
+        let modes: std::collections::BTreeMap<String, u32> =
+            tree.entries().unwrap().into_iter().map(|e| (e.rel, e.mode & 0o777)).collect();
+        assert_eq!(modes["ctx/run.sh"], 0o750);
+        assert_eq!(modes["ctx/data/text.txt"], 0o600);
+        assert_eq!(std::fs::read_link(tree.host("ctx/link")).unwrap(), Path::new("data/text.txt"));
+    }
     stack.shutdown().await;
 }
 

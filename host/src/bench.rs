@@ -469,6 +469,7 @@ mod tests {
             buildah: buildah.map(Into::into),
             no_peer,
             builder: "tl-rootfs-build".into(),
+            compression: Default::default(),
         };
         let error = data::run(data(2, 1, None, true)).await.unwrap_err().to_string();
         assert!(error.contains("--context-mb must be at least 3"), "{error}");

@@ -215,6 +215,11 @@ pub struct BuildArgs {
     /// Seconds to wait for the builder sandbox to run and answer.
     #[arg(long, default_value_t = 120)]
     pub sandbox_wait_secs: u64,
+    /// Gzip the context: `auto` for a builder sandbox on another machine only
+    /// (one on this machine gets the plain tar, which unpacks faster than
+    /// gzip saves), `always`, or `never`.
+    #[arg(long, value_name = "auto|always|never", default_value = "auto")]
+    pub compress_context: snapsign_host::sandbox_exec::Compression,
     /// Guest memory limit, MiB.
     #[arg(long, default_value_t = 256)]
     pub max_memory_mb: usize,
@@ -508,6 +513,10 @@ pub enum BenchWhat {
         /// Run without buildah (no peer figure).
         #[arg(long, conflicts_with = "buildah")]
         no_peer: bool,
+        /// How the context goes to the builder sandbox (on this machine): `auto`
+        /// (a plain tar), `always` (gzipped) or `never`.
+        #[arg(long, value_name = "auto|always|never", default_value = "auto")]
+        compress_context: snapsign_host::sandbox_exec::Compression,
     },
     /// Orchestration overhead of demo builds, warm instantiation and cold start.
     Build {

@@ -203,6 +203,7 @@ async fn import(args: ImportArgs) -> Result<ExitCode> {
         platform,
         allow_hosts: Vec::new(),
         sandbox_wait_secs: 120,
+        compress_context: Default::default(),
         max_memory_mb: 256,
         timeout_secs,
         json,
@@ -251,6 +252,7 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         platform,
         allow_hosts,
         sandbox_wait_secs,
+        compress_context,
         max_memory_mb,
         timeout_secs,
         json,
@@ -300,6 +302,7 @@ async fn build(args: BuildArgs, import_reference: Option<String>) -> Result<Exit
         request,
         namespace,
         context_dir: context,
+        compression: compress_context,
         allow_hosts,
         max_memory_bytes: max_memory_mb << 20,
         timeout: Duration::from_secs(timeout_secs),
@@ -529,9 +532,16 @@ async fn bench(what: BenchWhat) -> Result<()> {
         BenchWhat::RunSteps { steps, buildah, buildah_steps } => {
             snapsign_host::bench::run_steps::run(steps, buildah, buildah_steps).await
         }
-        BenchWhat::Data { context_mb, rounds, buildah, no_peer } => {
+        BenchWhat::Data { context_mb, rounds, buildah, no_peer, compress_context } => {
             let builder = this_executable_as_builder()?;
-            let options = snapsign_host::bench::data::DataOptions { context_mb, rounds, buildah, no_peer, builder };
+            let options = snapsign_host::bench::data::DataOptions {
+                context_mb,
+                rounds,
+                buildah,
+                no_peer,
+                builder,
+                compression: compress_context,
+            };
             snapsign_host::bench::data::run(options).await
         }
         BenchWhat::Build { rounds, instantiations } => {

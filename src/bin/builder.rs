@@ -94,7 +94,7 @@ fn perform(call: Call) -> Answer {
 
 /// Sends the context (`only` those paths, when they reach no symlink),
 /// leaving out what its `.dockerignore` names.
-fn upload_context(id: &str, path: &str, only: Option<Vec<String>>) -> Result<(), SandboxError> {
+fn upload_context(id: &str, path: &str, only: Option<Vec<String>>) -> Result<bool, SandboxError> {
     let ignore_file = format!("{CONTEXT_DIR}/{}", context::DOCKERIGNORE);
     let ignore = match std::fs::read_to_string(&ignore_file) {
         Ok(text) => Some(text),
@@ -105,7 +105,7 @@ fn upload_context(id: &str, path: &str, only: Option<Vec<String>>) -> Result<(),
         |rel: &str| std::fs::symlink_metadata(format!("{CONTEXT_DIR}/{rel}")).is_ok_and(|m| m.file_type().is_symlink());
     let only = only.filter(|paths| context::through_no_symlink(paths, is_symlink));
     let exclude = context::exclusions(ignore.as_deref(), only.as_deref());
-    sx::upload_directory(id, CONTEXT_DIR, &exclude, path).map(drop).map_err(error)
+    sx::upload_directory(id, CONTEXT_DIR, &exclude, path).map(|archive| archive.gzip).map_err(error)
 }
 
 fn request_of(r: wit::BuildRequest) -> Request {

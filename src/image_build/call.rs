@@ -217,7 +217,8 @@ pub enum Call {
     Run { id: String, process: Process, log: bool },
     /// `sandbox-exec.run-captured`; the shell answers the stdout lines.
     RunCaptured { id: String, process: Process, timeout_secs: u32 },
-    /// Streams the gzip tar of the preopened build context to `path`.
+    /// Streams the tar of the preopened build context to `path` (gzipped or
+    /// not, as the host chooses for the link; the answer says which).
     UploadContext { id: String, path: String, only: Option<Vec<String>> },
     /// `sandbox-exec.write-file`.
     WriteFile { id: String, path: String, contents: Vec<u8> },
@@ -249,6 +250,9 @@ impl std::fmt::Debug for Call {
     }
 }
 
+/// Whether an uploaded archive is a gzip tar (`tar -xzf`) or a plain one (`tar -xf`).
+pub type Gzipped = bool;
+
 /// The shell's answer to the last [`Call`] ([`Answer::Start`] first).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
@@ -268,8 +272,8 @@ pub enum Answer {
     Exit(Result<Exit, SandboxError>),
     /// A captured process's stdout lines.
     Captured(Result<Vec<String>, SandboxError>),
-    /// The context upload, or why it failed.
-    Uploaded(Result<(), SandboxError>),
+    /// The context upload (whether the host gzipped the tar), or why it failed.
+    Uploaded(Result<Gzipped, SandboxError>),
     /// A file write or a delete.
     Done(Result<(), SandboxError>),
     /// A file's contents.

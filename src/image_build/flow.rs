@@ -141,11 +141,12 @@ enum Setup {
     MakeBuildDir,
     /// `chmod 0777 BUILD` (as root), so the sandbox user writes there.
     OpenBuildDir,
-    /// The context, packed by the host, to `BUILD/context.tar.gz`.
+    /// The context, packed by the host, to `BUILD/context.tar` (gzipped
+    /// for a remote sandbox, plain for one on the host's machine).
     UploadContext,
     /// `mkdir -p BUILD/context`.
     MakeContextDir,
-    /// `tar -xzf` the archive into it.
+    /// `tar -xzf` (or `-xf`, plain) the archive into it.
     Unpack,
     /// `rm -f` the archive.
     RemoveArchive,
@@ -201,6 +202,8 @@ pub struct Flow {
     complete_call: Option<Call>,
     /// The sandbox answered: failures from here on get diagnostics.
     ready: bool,
+    /// The host gzipped the context it uploaded.
+    context_gzipped: bool,
     diagnostics: Vec<Vec<String>>,
     /// The stage the flow is in (named by its last stage event).
     stage: String,
@@ -296,6 +299,7 @@ impl Flow {
             abort_refreshed: false,
             complete_call: None,
             ready: false,
+            context_gzipped: true,
             diagnostics: Vec::new(),
             stage: String::new(),
             cleaned: Vec::new(),
@@ -608,7 +612,7 @@ impl Flow {
                 self.go(State::SignLocal(i, attempt + 1), call)
             }
             (State::Setup(step), Answer::Uploaded(done)) if step == Setup::UploadContext => {
-                done.map_err(|e| failed(format!("upload the context: {e}")))?;
+                self.context_gzipped = done.map_err(|e| failed(format!("upload the context: {e}")))?;
                 self.setup_next(step.next())
             }
             (State::Setup(step), Answer::Exit(exit)) if step != Setup::UploadContext => {
@@ -783,7 +787,7 @@ impl Flow {
 
     fn setup_call(&self, step: Setup) -> Call {
         let (id, dir) = (self.id(), command::BUILD_DIR);
-        let archive = format!("{dir}/context.tar.gz");
+        let archive = format!("{dir}/context.tar");
         let context = format!("{dir}/context");
         let process = match step {
             Setup::MakeBuildDir => Process::new("mkdir", &["-p", dir], true),
@@ -797,7 +801,10 @@ impl Flow {
                 return Call::UploadContext { id, path: archive, only };
             }
             Setup::MakeContextDir => Process::new("mkdir", &["-p", &context], false),
-            Setup::Unpack => Process::new("tar", &["-xzf", &archive, "-C", &context], false),
+            Setup::Unpack => {
+                let flags = if self.context_gzipped { "-xzf" } else { "-xf" };
+                Process::new("tar", &[flags, &archive, "-C", &context], false)
+            }
             Setup::RemoveArchive => Process::new("rm", &["-f", &archive], false),
         };
         Call::Run { id, process, log: false }

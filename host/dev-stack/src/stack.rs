@@ -341,6 +341,7 @@ impl DevStack {
             request: snapsign::image_build::call::Request { disk_mb: Some(256), ..request },
             namespace: self.namespace.clone(),
             context_dir: context.to_owned(),
+            compression: Default::default(),
             allow_hosts: vec![self.store.addr().to_string()],
             max_memory_bytes: 128 << 20,
             timeout: Duration::from_secs(600),

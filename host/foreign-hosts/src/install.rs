@@ -164,7 +164,7 @@ fn install(tool: Tool, staging: &Path, env: &[(String, String)]) -> Result<()> {
         Source::Npm { spec } => run(
             Command::new("npm")
                 .envs(env.iter().cloned())
-                .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+                .args(["install", "--no-audit", "--no-fund", "--loglevel=warn", "--prefix"])
                 .arg(staging)
                 .arg(spec),
             &format!("install {} (is the npm registry reachable? node and npm are needed)", tool.pinned()),

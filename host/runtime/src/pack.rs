@@ -1,7 +1,8 @@
 //! Packing a build context: a deterministic tar of a directory, gzipped on
-//! every core ([`gzip`]). `sandbox-exec`'s `upload-directory` runs it in
-//! the host, natively, for the directory the component names; the component
-//! decides what is sent (which directory, which exclusions, where to).
+//! every core ([`gzip`]) or sent as a plain tar ([`Encoding`]).
+//! `sandbox-exec`'s `upload-directory` runs it in the host, natively, for
+//! the directory the component names; the component decides what is sent
+//! (which directory, which exclusions, where to), the host how the bytes go.
 //!
 //! Entries are sorted by name, with mtime 0 and owner 0:0, so the same tree
 //! packs to the same bytes. Regular files, directories and symlinks (as
@@ -19,10 +20,31 @@ use std::path::Path;
 pub use self::gzip::{GzipStats, ParallelGzip};
 pub use self::ignore::Patterns;
 
+/// How the tar goes: gzipped, or as it is.
+///
+/// Compression pays where the link is slower than compressing and
+/// unpacking. On one machine it is not: `gzip -d` in the sandbox checks
+/// the CRC-32 of every byte at about 300 MB/s on one core, while GNU tar
+/// unpacks a plain tar at over 1 GB/s (docs/figures.md). So, as Docker's
+/// client does with its context (`docker build --compress` is opt-in), a
+/// sandbox on this machine gets the plain tar and a remote one the gzip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// A gzip tar (`tar -xzf`): stored blocks for what looks random, a fast
+    /// level for the rest, on every core.
+    Gzip,
+    /// A plain tar (`tar -xf`).
+    Tar,
+}
+
+/// The blocks a plain tar is sent in.
+const TAR_BLOCK: usize = 1 << 20;
+
 /// What [`pack_context`] sent.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Packed {
-    /// The gzip figures (bytes in and out, stored and deflated).
+    /// The gzip figures (bytes in and out, stored and deflated); for a
+    /// plain tar, only the bytes in and out.
     pub gzip: GzipStats,
     /// Regular files sent.
     pub files: u64,
@@ -32,18 +54,66 @@ pub struct Packed {
     pub skipped: Vec<String>,
 }
 
-/// Writes the gzip tar of `dir` to `out`, leaving out what `exclude` (`.dockerignore` patterns) matches.
-pub fn pack_context<W: Write>(dir: &Path, exclude: &Patterns, out: W) -> io::Result<(W, Packed)> {
+/// Writes the tar of `dir` to `out` as `encoding` says, leaving out what
+/// `exclude` (`.dockerignore` patterns) matches. A plain tar reaches `out`
+/// in writes of 1 MiB (the last shorter).
+pub fn pack_context<W: Write>(dir: &Path, exclude: &Patterns, encoding: Encoding, out: W) -> io::Result<(W, Packed)> {
     let meta = std::fs::metadata(dir).map_err(|e| named(e, "open the directory", dir))?;
     if !meta.is_dir() {
         return Err(io::Error::other(format!("{} is not a directory", dir.display())));
     }
-    let mut tar = tar::Builder::new(ParallelGzip::new(out)?);
     let mut packed = Packed::default();
-    append_tree(&mut tar, dir, "", exclude, &mut packed)?;
-    let (out, gzip) = tar.into_inner()?.finish()?;
-    packed.gzip = gzip;
-    Ok((out, packed))
+    match encoding {
+        Encoding::Gzip => {
+            let mut tar = tar::Builder::new(ParallelGzip::new(out)?);
+            append_tree(&mut tar, dir, "", exclude, &mut packed)?;
+            let (out, gzip) = tar.into_inner()?.finish()?;
+            packed.gzip = gzip;
+            Ok((out, packed))
+        }
+        Encoding::Tar => {
+            let mut tar = tar::Builder::new(Blocks { inner: out, block: Vec::with_capacity(TAR_BLOCK), bytes: 0 });
+            append_tree(&mut tar, dir, "", exclude, &mut packed)?;
+            let (out, bytes) = tar.into_inner()?.finish()?;
+            packed.gzip = GzipStats { bytes_in: bytes, bytes_out: bytes, ..GzipStats::default() };
+            Ok((out, packed))
+        }
+    }
+}
+
+/// Hands what is written to `inner` in whole blocks of [`TAR_BLOCK`] bytes.
+struct Blocks<W: Write> {
+    inner: W,
+    block: Vec<u8>,
+    bytes: u64,
+}
+
+impl<W: Write> Blocks<W> {
+    /// Writes the last (short) block; returns the writer and the bytes written.
+    fn finish(mut self) -> io::Result<(W, u64)> {
+        if !self.block.is_empty() {
+            self.inner.write_all(&self.block)?;
+        }
+        self.inner.flush()?;
+        Ok((self.inner, self.bytes))
+    }
+}
+
+impl<W: Write> Write for Blocks<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(TAR_BLOCK - self.block.len());
+        self.block.extend_from_slice(&data[..n]);
+        if self.block.len() == TAR_BLOCK {
+            self.inner.write_all(&self.block)?;
+            self.block.clear();
+        }
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn append_tree<W: Write>(
@@ -178,7 +248,7 @@ mod tests {
         // SAFETY: mkfifo(3) with a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
         let exclude = Patterns::new(&["./.git".into()]).unwrap();
-        let (gz, packed) = pack_context(root, &exclude, Vec::new()).unwrap();
+        let (gz, packed) = pack_context(root, &exclude, Encoding::Gzip, Vec::new()).unwrap();
         let entries = unpack(&gz);
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(names, ["app/", "app/lib/", "app/lib/util.py", "app/run.sh", "b.txt", "link"]);
@@ -189,14 +259,15 @@ mod tests {
         assert_eq!((packed.files, packed.file_bytes), (3, 6 + 18 + 1));
         assert_eq!(packed.skipped, ["pipe"]);
         // The same tree packs to the same bytes.
-        let (again, _) = pack_context(root, &exclude, Vec::new()).unwrap();
+        let (again, _) = pack_context(root, &exclude, Encoding::Gzip, Vec::new()).unwrap();
         assert_eq!(gz, again);
     }
 
-    /// GNU tar with the system's gzip (not the builder's) unpacks a stream
-    /// that mixes stored and deflated blocks over several workers' blocks.
+    /// GNU tar unpacks both encodings byte for byte: `tar -xzf` through the
+    /// system's gzip (not the builder's) a stream that mixes stored and
+    /// deflated blocks over several workers' blocks, `tar -xf` the plain tar.
     #[test]
-    fn gnu_tar_xzf_with_the_system_gzip_unpacks_it_byte_for_byte() {
+    fn gnu_tar_unpacks_both_encodings_byte_for_byte() {
         let dir = tempfile::tempdir().unwrap();
         let context = dir.path().join("context");
         std::fs::create_dir_all(context.join("sub")).unwrap();
@@ -204,25 +275,59 @@ mod tests {
         let text = snapsign_rootfs_builder::sample::text(4 << 20);
         std::fs::write(context.join("random.bin"), &random).unwrap();
         std::fs::write(context.join("sub/text.txt"), &text).unwrap();
-        let (gz, packed) = pack_context(&context, &Patterns::default(), Vec::new()).unwrap();
+        let (gz, packed) = pack_context(&context, &Patterns::default(), Encoding::Gzip, Vec::new()).unwrap();
         assert!(packed.gzip.stored >= 3 << 20 && packed.gzip.deflated > text.len() as u64, "{packed:?}");
+        let (plain, packed) = pack_context(&context, &Patterns::default(), Encoding::Tar, Vec::new()).unwrap();
+        assert_eq!((packed.gzip.bytes_out, packed.gzip.stored, packed.gzip.deflated), (plain.len() as u64, 0, 0));
+        for (name, bytes, flag) in [("context.tar.gz", &gz, "-xzf"), ("context.tar", &plain, "-xf")] {
+            let archive = dir.path().join(name);
+            std::fs::write(&archive, bytes).unwrap();
+            let out = dir.path().join(format!("out-{name}"));
+            std::fs::create_dir(&out).unwrap();
+            let output = std::process::Command::new("tar")
+                .arg(flag)
+                .arg(&archive)
+                .arg("-C")
+                .arg(&out)
+                .env("PATH", "/usr/bin:/bin")
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+            assert!(std::fs::read(out.join("random.bin")).unwrap() == random, "{name}");
+            assert!(std::fs::read(out.join("sub/text.txt")).unwrap() == text, "{name}");
+        }
         let archive = dir.path().join("context.tar.gz");
-        std::fs::write(&archive, &gz).unwrap();
-        let out = dir.path().join("out");
-        std::fs::create_dir(&out).unwrap();
-        let output = std::process::Command::new("tar")
-            .arg("-xzf")
-            .arg(&archive)
-            .arg("-C")
-            .arg(&out)
-            .env("PATH", "/usr/bin:/bin")
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        assert!(std::fs::read(out.join("random.bin")).unwrap() == random);
-        assert!(std::fs::read(out.join("sub/text.txt")).unwrap() == text);
         let gzip = std::process::Command::new("gzip").arg("-t").arg(&archive).env("PATH", "/usr/bin:/bin").output();
         assert!(gzip.unwrap().status.success(), "gzip -t accepts the stream");
+        // The same archive either way: the gzip stream holds the plain tar.
+        let mut gunzipped = Vec::new();
+        flate2::read::GzDecoder::new(gz.as_slice()).read_to_end(&mut gunzipped).unwrap();
+        assert!(gunzipped == plain, "the gzip holds another tar than the plain one");
+    }
+
+    /// A plain tar reaches its writer in blocks of 1 MiB, not in the tar
+    /// builder's header and 8 KiB writes.
+    #[test]
+    fn a_plain_tar_is_written_in_blocks_of_one_mib() {
+        struct Sizes(Vec<usize>);
+        impl Write for Sizes {
+            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+                self.0.push(data.len());
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            std::fs::write(dir.path().join(format!("f{i:02}")), vec![i as u8; 100_000 + i]).unwrap();
+        }
+        let (sizes, packed) = pack_context(dir.path(), &Patterns::default(), Encoding::Tar, Sizes(Vec::new())).unwrap();
+        let (last, full) = sizes.0.split_last().unwrap();
+        assert!(full.iter().all(|&n| n == TAR_BLOCK) && *last <= TAR_BLOCK, "{:?}", sizes.0);
+        assert_eq!(sizes.0.iter().sum::<usize>() as u64, packed.gzip.bytes_out);
+        assert_eq!(packed.files, 40);
     }
 
     /// Docker's rule for a left-out directory: not entered, unless an
@@ -244,7 +349,7 @@ mod tests {
         }
         let lines = ["# build context", "node_modules", "!node_modules/keep/me.js", "**/*.bak", "*.md", "!README.md"];
         let exclude = Patterns::new(&lines.map(str::to_owned)).unwrap();
-        let (gz, packed) = pack_context(root, &exclude, Vec::new()).unwrap();
+        let (gz, packed) = pack_context(root, &exclude, Encoding::Gzip, Vec::new()).unwrap();
         let names: Vec<String> = unpack(&gz).into_iter().map(|e| e.0).collect();
         assert_eq!(names, ["README.md", "node_modules/keep/me.js", "src/", "src/main.rs"]);
         assert_eq!(packed.files, 3);
@@ -255,9 +360,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "x").unwrap();
         let none = Patterns::default();
-        let error = pack_context(&dir.path().join("f"), &none, Vec::new()).unwrap_err().to_string();
+        let error = pack_context(&dir.path().join("f"), &none, Encoding::Tar, Vec::new()).unwrap_err().to_string();
         assert!(error.contains("is not a directory"), "{error}");
-        let error = pack_context(&dir.path().join("missing"), &none, Vec::new()).unwrap_err();
+        let error = pack_context(&dir.path().join("missing"), &none, Encoding::Gzip, Vec::new()).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::NotFound);
     }
 }

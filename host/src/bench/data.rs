@@ -32,6 +32,8 @@ pub struct DataOptions {
     pub no_peer: bool,
     /// The reference builder (this executable).
     pub builder: PathBuf,
+    /// How the context goes to the builder sandbox (`--compress-context`).
+    pub compression: crate::sandbox_exec::Compression,
 }
 
 /// Runs the benchmark.
@@ -83,14 +85,19 @@ pub async fn run(options: DataOptions) -> Result<()> {
     let mut peaks = (0usize, None);
     let mut snapshot_bytes = 0;
     for round in 0..options.rounds {
-        // Alternating, so both see the same machine.
+        // Alternating, so both see the same machine; each starts with the
+        // page cache written back, so that neither pays for the writes of
+        // the one before (the disk's writeback throttles a writer).
+        write_back().await?;
         floors.push(floor(&stack, &context, &dir.0, round).await?);
+        write_back().await?;
         let mut build = stack.build_options(&format!("bench-data-{round}"), dockerfile, &context);
         build.cache_dir = config.cache_dir.clone();
         build.request.disk_mb = Some(context_mib + 256);
         build.request.builder_disk_mb = Some(4 * context_mib + 1024);
         build.request.builder_memory_mb = Some(4 * context_mib as i64 + 2048);
         build.timeout = Duration::from_secs(3600);
+        build.compression = options.compression;
         let marks: Arc<Mutex<Vec<(Instant, BuildEvent)>>> = Arc::default();
         let record = marks.clone();
         let (backend, outbound) = proxy_backend(&build);
@@ -111,14 +118,18 @@ pub async fn run(options: DataOptions) -> Result<()> {
     stack.shutdown().await;
 
     println!(
-        "snapsign ({} build of the host), {} rounds, snapshot {:.0} MB; min, median, max",
+        "snapsign ({} build of the host), {} rounds, context sent {}, snapshot {:.0} MB; min, median, max",
         if cfg!(debug_assertions) { "debug" } else { "release" },
         options.rounds,
+        match options.compression.encoding(true) {
+            crate::pack::Encoding::Gzip => "gzipped",
+            crate::pack::Encoding::Tar => "as a plain tar",
+        },
         snapshot_bytes as f64 / 1e6
     );
     let rows: [(&str, Pick); 7] = [
         ("pack the context and send it to the sandbox", |s| s.upload),
-        ("unpack it in the sandbox (tar -xzf), spec.json", |s| s.unpack),
+        ("unpack it in the sandbox (tar), spec.json", |s| s.unpack),
         ("builder: plan and COPY", |s| s.copy),
         ("builder: snapshot tar+zstd, parts going up as written", |s| s.archive),
         ("store: CompleteMultipartUpload", |s| s.store_complete),
@@ -240,6 +251,13 @@ fn tools_floor(context: &Path, out: &Path) -> Result<Option<Duration>> {
 }
 
 /// `tar | zstd -3` of the context into a file, then one presigned PUT of it to the stack's store.
+/// Writes every dirty page back to disk (sync(2)).
+async fn write_back() -> Result<()> {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await?;
+    Ok(())
+}
+
 async fn floor(stack: &DevStack, context: &Path, dir: &Path, round: usize) -> Result<Floor> {
     let out = dir.join("floor.tar.zst");
     let (source, target) = (context.to_owned(), out.clone());

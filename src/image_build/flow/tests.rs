@@ -83,6 +83,10 @@ struct World {
     cancelled: bool,
     /// The `only` of the context upload, once asked for.
     upload_only: Option<Option<Vec<String>>>,
+    /// Whether the host gzipped the context it uploaded.
+    context_gzipped: bool,
+    /// The arguments of each `tar` run.
+    tar_args: Vec<Vec<String>>,
 }
 
 impl World {
@@ -123,6 +127,8 @@ impl World {
             cancel_at: None,
             cancelled: false,
             upload_only: None,
+            context_gzipped: true,
+            tar_args: Vec::new(),
         }
     }
 
@@ -232,7 +238,12 @@ impl World {
                 self.builder_envs.push(process.env.clone());
                 Answer::Exit(Ok(self.builder_exits.pop_front().unwrap_or_else(|| self.builder_exit.clone())))
             }
-            Call::Run { .. } => Answer::Exit(Ok(Exit { code: 0, oom_killed: false, last_error: None })),
+            Call::Run { process, .. } => {
+                if process.command == "tar" {
+                    self.tar_args.push(process.args.clone());
+                }
+                Answer::Exit(Ok(Exit { code: 0, oom_killed: false, last_error: None }))
+            }
             Call::RunCaptured { process, .. } => Answer::Captured(Ok(if process.args[1].starts_with("dmesg") {
                 self.dmesg.clone()
             } else {
@@ -240,7 +251,7 @@ impl World {
             })),
             Call::UploadContext { only, .. } => {
                 self.upload_only = Some(only.clone());
-                Answer::Uploaded(Ok(()))
+                Answer::Uploaded(Ok(self.context_gzipped))
             }
             Call::WriteFile { contents, .. } => {
                 self.spec = Some(serde_json::from_slice(contents).unwrap());
@@ -327,7 +338,7 @@ const START: &[&str] = &[PREPARE, "create tensorlake/rootfs-builder", "status sb
 const SETUP: &[&str] = &[
     "run mkdir",
     "run chmod",
-    "upload-context /var/lib/tensorlake/rootfs-builder/build/context.tar.gz",
+    "upload-context /var/lib/tensorlake/rootfs-builder/build/context.tar",
     "run mkdir",
     "run tar",
     "run rm",
@@ -338,6 +349,22 @@ const READ_METADATA: &[&str] = &["read /var/lib/tensorlake/rootfs-builder/build/
 const ABORT_CALL: &[&str] = &["DELETE http://store/snapshots/abort?uploadId=u-1"];
 const DIAGNOSE: &[&str] = &["diagnose dmesg", "diagnose df"];
 const DELETE: &[&str] = &["delete sbx-1"];
+
+/// The unpack reads the archive as the host sent it: `tar -xzf` a gzip
+/// tar, `tar -xf` a plain one (a sandbox on the host's machine).
+#[test]
+fn the_unpack_reads_the_context_as_the_host_sent_it() {
+    for (gzipped, flags) in [(true, "-xzf"), (false, "-xf")] {
+        let mut world = World::new();
+        world.context_gzipped = gzipped;
+        let run = drive(request("FROM scratch\nCOPY a /a\n"), &mut world);
+        assert!(run.outcome.is_ok(), "{:?}", run.outcome);
+        let build = "/var/lib/tensorlake/rootfs-builder/build";
+        let archive = format!("{build}/context.tar");
+        let context = format!("{build}/context");
+        assert_eq!(world.tar_args, [vec![flags, archive.as_str(), "-C", context.as_str()]], "gzipped {gzipped}");
+    }
+}
 
 #[test]
 fn new_shape_base_build_signs_splices_and_completes_with_the_signed_uri() {

@@ -410,18 +410,25 @@ impl Uploads {
 
         let temps = Temps(vec![layout.temp(id, "complete"), layout.temp(id, "complete-info")]);
         let mut out = File::create(&temps.0[0]).map_err(|e| internal("create the object's temporary file", e))?;
-        // One pass copies the parts and hashes the object (sha256, recorded
-        // for `Records`); beside it, a second thread computes the MD5 of each
-        // part UploadPart left no record of, reading the same bytes from the
-        // page cache.
+        // The kernel copies the parts into the object (copy_file_range, no
+        // pass through this process) while a second thread hashes the object
+        // (sha256, recorded for `Records`) and a third computes the MD5 of
+        // each part UploadPart left no record of, all reading the same bytes
+        // from the page cache.
         let recorded: Vec<Option<[u8; 16]>> =
             parts.iter().zip(&files).map(|((number, _), file)| self.recorded_md5(*id, *number, file)).collect();
         let unrecorded: Vec<&File> =
             files.iter().zip(&recorded).filter(|(_, md5)| md5.is_none()).map(|(file, _)| file).collect();
-        let (copied, computed) = std::thread::scope(|scope| {
+        let (copied, hashed, computed) = std::thread::scope(|scope| {
+            let panicked = |what: &str| internal(what, "the thread panicked");
             let md5s = scope.spawn(|| part_md5s(&unrecorded));
+            let sha256 = scope.spawn(|| hash_parts(&files));
             let copied = copy_parts(&files, &mut out);
-            (copied, md5s.join().unwrap_or_else(|_| Err(internal("check the parts' ETags", "the thread panicked"))))
+            (
+                copied,
+                sha256.join().unwrap_or_else(|_| Err(panicked("hash the object"))),
+                md5s.join().unwrap_or_else(|_| Err(panicked("check the parts' ETags"))),
+            )
         });
         let computed = computed?;
         let computed_count = computed.len();
@@ -430,7 +437,10 @@ impl Uploads {
             .into_iter()
             .map(|md5| md5.map(|m| m.to_vec()).or_else(|| computed.next()).unwrap_or_default())
             .collect();
-        let (size, sha256) = copied?;
+        let (size, (hashed_size, sha256)) = (copied?, hashed?);
+        if size != hashed_size {
+            return Err(internal("assemble the object", format!("copied {size} bytes but hashed {hashed_size}")));
+        }
         let mut md5_of_md5s = Md5::new();
         for ((number, etag), digest) in parts.iter().zip(&digests) {
             if hex::encode(digest) != *etag {
@@ -496,8 +506,19 @@ pub fn recorded_digest(root: &std::path::Path, bucket: &str, key: &str) -> Optio
     (on_disk == size && sha256.len() == 64).then_some((size, sha256))
 }
 
-/// Copies the opened parts in order into `out`, hashing as they go: (size, hex sha256).
-fn copy_parts(files: &[File], out: &mut File) -> Result<(u64, String), S3Error> {
+/// Copies the opened parts in order into `out` (std's copy between files
+/// is the kernel's copy_file_range on Linux); returns the bytes copied.
+fn copy_parts(files: &[File], out: &mut File) -> Result<u64, S3Error> {
+    let mut size = 0u64;
+    for file in files {
+        // Opened for this complete, so at offset 0: the other passes read at offsets.
+        size += std::io::copy(&mut &*file, out).map_err(|e| internal("write the object's temporary file", e))?;
+    }
+    Ok(size)
+}
+
+/// The object's sha256, read from the opened parts in order: (size, hex sha256).
+fn hash_parts(files: &[File]) -> Result<(u64, String), S3Error> {
     let mut sha256 = Sha256::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; 1024 * 1024];
@@ -505,7 +526,7 @@ fn copy_parts(files: &[File], out: &mut File) -> Result<(u64, String), S3Error> 
         read_all(file, &mut buf, |chunk| {
             sha256.update(chunk);
             size += chunk.len() as u64;
-            out.write_all(chunk).map_err(|e| internal("write the object's temporary file", e))
+            Ok(())
         })?;
     }
     Ok((size, hex::encode(sha256.finalize())))

@@ -154,6 +154,7 @@ impl BuilderRuntime {
             .with_output(Arc::new(move |stream, line| logs(BuildEvent::Log(stream.to_owned(), line.to_owned()))))
             .with_progress(Arc::new(move |sent, total| progress(BuildEvent::Upload(sent, total))))
             .with_directory("/context", options.context_dir.clone())
+            .with_compression(options.compression)
             .with_cancel(options.cancel.clone());
         let limits = StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(8).build();
         // The guest's own HTTP stops with the build too (wit/protocol.md §5.10).

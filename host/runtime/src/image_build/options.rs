@@ -19,6 +19,8 @@ pub struct BuildOptions {
     pub namespace: String,
     /// Build context directory (preopened read-only).
     pub context_dir: PathBuf,
+    /// Whether the context goes gzipped (by default, only to a sandbox on another machine).
+    pub compression: crate::sandbox_exec::Compression,
     /// Extra hosts the guest may reach (e.g. the store, to abort uploads).
     pub allow_hosts: Vec<String>,
     /// Guest linear memory limit.
@@ -40,6 +42,7 @@ impl BuildOptions {
             request: Request::new(api_url, "t", "n", ""),
             namespace: "ns".into(),
             context_dir: ".".into(),
+            compression: Default::default(),
             allow_hosts: Vec::new(),
             max_memory_bytes: 1 << 20,
             timeout: Duration::from_secs(1),
@@ -52,12 +55,22 @@ impl BuildOptions {
 impl std::fmt::Debug for BuildOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Every field; the request's own Debug leaves out the token and build argument values.
-        let BuildOptions { request, namespace, context_dir, allow_hosts, max_memory_bytes, timeout, cache_dir, cancel } =
-            self;
+        let BuildOptions {
+            request,
+            namespace,
+            context_dir,
+            compression,
+            allow_hosts,
+            max_memory_bytes,
+            timeout,
+            cache_dir,
+            cancel,
+        } = self;
         f.debug_struct("BuildOptions")
             .field("request", request)
             .field("namespace", namespace)
             .field("context_dir", context_dir)
+            .field("compression", compression)
             .field("allow_hosts", allow_hosts)
             .field("max_memory_bytes", max_memory_bytes)
             .field("timeout", timeout)
@@ -124,7 +137,7 @@ mod tests {
         let text = format!("{options:?} {options:#?}");
         assert!(!text.contains("very-secret-token") && !text.contains("hunter2-secret"), "{text}");
         assert!(text.contains("PASSWORD"), "build argument names are shown: {text}");
-        for shown in ["FROM scratch", "builder_memory_mb", "/ctx", "namespace"] {
+        for shown in ["FROM scratch", "builder_memory_mb", "/ctx", "namespace", "compression: Auto"] {
             assert!(text.contains(shown), "{shown}: {text}");
         }
         assert!(text.contains("token: \"<redacted>\"") && text.contains("127.0.0.1:9000") && text.contains("img"));

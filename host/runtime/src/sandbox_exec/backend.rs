@@ -88,6 +88,12 @@ pub trait SandboxBackend: Send + Sync + 'static {
     async fn status(&self, id: &str) -> Result<String, SandboxError>;
     /// Proxy endpoint for the component's own calls.
     fn proxy(&self, id: &str) -> Result<Endpoint, SandboxError>;
+    /// Whether the sandbox runs on this machine, so that what is sent to it
+    /// crosses no network (`upload-directory` then skips compression). By
+    /// default: its proxy, where files go, answers on a loopback address.
+    fn on_this_machine(&self, id: &str) -> bool {
+        self.proxy(id).is_ok_and(|endpoint| is_loopback_url(&endpoint.base_url))
+    }
     /// Runs a process to completion, feeding its output to `sink`.
     async fn run(&self, id: &str, spec: Process, sink: &mut LineSink<'_>) -> Result<Exit, SandboxError>;
     /// Writes a whole file.
@@ -100,9 +106,48 @@ pub trait SandboxBackend: Send + Sync + 'static {
     async fn delete(&self, id: &str) -> Result<(), SandboxError>;
 }
 
+/// Whether `url`'s host is `localhost` or a loopback address.
+pub fn is_loopback_url(url: &str) -> bool {
+    let Ok(url) = url::Url::parse(url) else { return false };
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 /// The error for a file larger than the read limit.
 pub fn too_large(id: &str, path: &str, max_bytes: u64) -> SandboxError {
     SandboxError::Failed(format!(
         "file {path} in sandbox {id} is larger than the {max_bytes}-byte read limit of sandbox-exec"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_url;
+
+    #[test]
+    fn loopback_urls_are_told_from_remote_ones() {
+        for near in [
+            "http://127.0.0.1:9443",
+            "http://127.8.0.1/x",
+            "http://localhost:1",
+            "http://LOCALHOST",
+            "http://[::1]:80/",
+        ] {
+            assert!(is_loopback_url(near), "{near}");
+        }
+        for far in [
+            "https://sandbox.tensorlake.ai",
+            "http://10.0.0.1:9443",
+            "http://localhost.evil.example",
+            "http://[::2]/",
+            "not a url",
+            "",
+        ] {
+            assert!(!is_loopback_url(far), "{far}");
+        }
+    }
 }

@@ -46,6 +46,42 @@ pub type OutputFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
 /// Receives `upload-directory` progress: bytes sent, and the total once known (else 0).
 pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
+/// Whether `upload-directory` gzips what it sends (`snapsign build --compress-context`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Gzip for a sandbox on another machine, a plain tar for one on this
+    /// machine ([`super::backend::SandboxBackend::on_this_machine`]).
+    #[default]
+    Auto,
+    /// Always gzip.
+    Always,
+    /// Never: always a plain tar.
+    Never,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Compression::Auto),
+            "always" => Ok(Compression::Always),
+            "never" => Ok(Compression::Never),
+            other => Err(format!("{other:?} is not one of auto, always, never")),
+        }
+    }
+}
+
+impl Compression {
+    /// The encoding for a sandbox that is (or is not) on this machine.
+    pub fn encoding(self, on_this_machine: bool) -> crate::pack::Encoding {
+        match (self, on_this_machine) {
+            (Compression::Always, _) | (Compression::Auto, false) => crate::pack::Encoding::Gzip,
+            (Compression::Never, _) | (Compression::Auto, true) => crate::pack::Encoding::Tar,
+        }
+    }
+}
+
 /// Per-guest state of `sandbox-exec`: the backend, the limits, the
 /// outbound policy proxy endpoints are checked against, and what the guest
 /// created. The embedder builds it when the build starts.
@@ -57,6 +93,8 @@ pub struct SandboxExecCtx {
     pub(super) on_progress: Option<ProgressFn>,
     /// Directories `upload-directory` may pack: (the guest's path, the host's).
     pub(super) directories: Vec<(String, std::path::PathBuf)>,
+    /// Whether `upload-directory` gzips.
+    pub(super) compression: Compression,
     /// This guest's sandboxes, the ownership check's record. The
     /// [`Cancel`] keeps a second one for whoever cancels; it is not used
     /// for ownership, since an embedder may share one `Cancel` between builds.
@@ -78,6 +116,7 @@ impl SandboxExecCtx {
             on_output: None,
             on_progress: None,
             directories: Vec::new(),
+            compression: Compression::Auto,
             sandboxes: HashSet::new(),
             cancel: Cancel::new(),
             open_writers: 0,
@@ -114,6 +153,12 @@ impl SandboxExecCtx {
     /// `guest_path` (the path it was preopened at); no other directory is packed.
     pub fn with_directory(mut self, guest_path: &str, host_dir: std::path::PathBuf) -> Self {
         self.directories.push((guest_path.trim_end_matches('/').to_owned(), host_dir));
+        self
+    }
+
+    /// Whether `upload-directory` gzips ([`Compression::Auto`] unless set).
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
         self
     }
 

@@ -235,7 +235,7 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
         dir: String,
         exclude: Vec<String>,
         path: String,
-    ) -> Result<u64, types::SandboxError> {
+    ) -> Result<sandbox_exec::UploadedArchive, types::SandboxError> {
         self.own(&id)?;
         let wanted = dir.trim_end_matches('/');
         let Some((_, host_dir)) = self.ctx.directories.iter().find(|(guest, _)| guest == wanted) else {
@@ -250,14 +250,16 @@ impl sandbox_exec::Host for SandboxExecView<'_> {
         let (cancel, progress) = (self.ctx.cancel.clone(), self.ctx.on_progress.clone());
         let host_dir = host_dir.clone();
         let backend = self.ctx.backend.clone();
+        let encoding = self.ctx.compression.encoding(backend.on_this_machine(&id));
         let work = async {
             let sink = backend.open_file(&id, &path).await?;
-            super::upload::directory(host_dir, exclude, sink, progress).await.map_err(|e| match e {
+            super::upload::directory(host_dir, exclude, encoding, sink, progress).await.map_err(|e| match e {
                 super::upload::Failed::Pack(e) => failed(format!("pack {dir} for sandbox {id}: {e}")),
                 super::upload::Failed::Sandbox(e) => e.into(),
             })
         };
-        stoppable(&cancel, || format!("the upload of {dir} to sandbox {id}"), work).await
+        let bytes = stoppable(&cancel, || format!("the upload of {dir} to sandbox {id}"), work).await?;
+        Ok(sandbox_exec::UploadedArchive { bytes, gzip: encoding == crate::pack::Encoding::Gzip })
     }
 
     async fn read_file(&mut self, id: String, path: String) -> Result<Vec<u8>, types::SandboxError> {

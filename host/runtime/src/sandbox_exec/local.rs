@@ -70,6 +70,10 @@ impl SandboxBackend for LocalBackend {
         self.sandbox(id).map(|_| "running".into())
     }
 
+    fn on_this_machine(&self, _id: &str) -> bool {
+        true
+    }
+
     fn proxy(&self, id: &str) -> Result<Endpoint, SandboxError> {
         self.sandbox(id)?;
         Ok(Endpoint {

@@ -19,4 +19,6 @@ mod tests;
 mod upload;
 
 pub use backend::{Created, Endpoint, Exit, FileSink, LineSink, Process, Resources, SandboxBackend, SandboxError};
-pub use ctx::{Cancel, OutputFn, SandboxExec, SandboxExecCtx, SandboxExecLimits, SandboxExecView, add_to_linker};
+pub use ctx::{
+    Cancel, Compression, OutputFn, SandboxExec, SandboxExecCtx, SandboxExecLimits, SandboxExecView, add_to_linker,
+};

@@ -8,7 +8,7 @@ use wasmtime::component::{Resource, ResourceTable};
 use super::bindings::snapsign::components::sandbox_exec::{Host, HostFileWriter};
 use super::bindings::snapsign::components::types::{self, SandboxError as WitError};
 use super::fake::{FakeBackend, FakeProgram};
-use super::{SandboxBackend, SandboxError, SandboxExecCtx, SandboxExecLimits, SandboxExecView};
+use super::{Compression, SandboxBackend, SandboxError, SandboxExecCtx, SandboxExecLimits, SandboxExecView};
 use crate::outbound::AllowList;
 
 const PROXY: &str = "http://127.0.0.1:4000";
@@ -292,22 +292,60 @@ async fn upload_directory_packs_only_the_lent_directory_into_an_own_sandbox() {
         .unwrap_err();
     assert!(matches!(&error, WitError::Failed(m) if m.contains("exclusions")), "{error:?}");
 
-    let written = Host::upload_directory(
+    let uploaded = Host::upload_directory(
         &mut guest.view(),
         id.clone(),
         "/context/".into(),
         vec!["*.env".into()],
-        "/tmp/c.tgz".into(),
+        "/tmp/c.tar".into(),
     )
     .await
     .unwrap();
-    let bytes = guest.fake.file(&id, "/tmp/c.tgz").expect("the archive is in the sandbox");
-    assert_eq!(written, bytes.len() as u64);
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+    let bytes = guest.fake.file(&id, "/tmp/c.tar").expect("the archive is in the sandbox");
+    assert_eq!(uploaded.bytes, bytes.len() as u64);
+    // Its proxy is on loopback: the plain tar.
+    assert!(!uploaded.gzip);
+    let mut archive = tar::Archive::new(bytes.as_slice());
     let names: Vec<String> =
         archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(names, ["app/", "app/main.py"]);
-    assert_eq!(progress.lock().unwrap().last(), Some(&(written, written)));
+    assert_eq!(progress.lock().unwrap().last(), Some(&(uploaded.bytes, uploaded.bytes)));
+}
+
+/// The context goes gzipped to a sandbox on another machine and plain to
+/// one on this machine, unless the embedder says otherwise; the answer
+/// says which, and the bytes are what it says.
+#[tokio::test]
+async fn upload_directory_gzips_for_a_remote_sandbox_only_unless_told() {
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(context.path().join("a.txt"), "a".repeat(10_000)).unwrap();
+    for (proxy, compression, gzip) in [
+        ("http://127.0.0.1:4000", Compression::Auto, false),
+        ("https://sandbox.example.com", Compression::Auto, true),
+        ("http://127.0.0.1:4000", Compression::Always, true),
+        ("https://sandbox.example.com", Compression::Never, false),
+    ] {
+        let fake = FakeBackend::new(proxy);
+        let ctx = SandboxExecCtx::new(Arc::new(fake.clone()), AllowList::new(["127.0.0.1:4000"]))
+            .with_directory("/context", context.path().to_owned())
+            .with_compression(compression);
+        let mut guest = Guest { ctx, table: ResourceTable::new(), fake, logged: Arc::default() };
+        let id = guest.create().await;
+        let uploaded = Host::upload_directory(&mut guest.view(), id.clone(), "/context".into(), vec![], "/c".into())
+            .await
+            .unwrap();
+        let case = format!("{proxy} {compression:?}");
+        assert_eq!(uploaded.gzip, gzip, "{case}");
+        let bytes = guest.fake.file(&id, "/c").unwrap();
+        assert_eq!(bytes.starts_with(&[0x1f, 0x8b]), gzip, "{case}");
+        let tar: Box<dyn std::io::Read> =
+            if gzip { Box::new(flate2::read::GzDecoder::new(bytes.as_slice())) } else { Box::new(bytes.as_slice()) };
+        let mut archive = tar::Archive::new(tar);
+        let mut entry = archive.entries().unwrap().next().unwrap().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+        assert_eq!((entry.path().unwrap().to_str().unwrap(), text.len()), ("a.txt", 10_000), "{case}");
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! `upload-directory`'s mechanics: the packer ([`crate::pack`]) runs on a
-//! blocking thread (its gzip workers on the others) and hands each
-//! compressed block to this task, which streams it into the backend's file
+//! blocking thread (its gzip workers on the others) and hands each block
+//! (compressed, or 1 MiB of plain tar) to this task, which streams it into the backend's file
 //! as it comes, so packing and sending overlap and at most a few blocks are
 //! held at once, whatever the directory's size.
 
@@ -23,12 +23,13 @@ pub(super) enum Failed {
 pub(super) async fn directory(
     dir: PathBuf,
     exclude: crate::pack::Patterns,
+    encoding: crate::pack::Encoding,
     mut sink: FileSink,
     progress: Option<ProgressFn>,
 ) -> Result<u64, Failed> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(QUEUE);
     let packer = tokio::task::spawn_blocking(move || {
-        crate::pack::pack_context(&dir, &exclude, Channel { tx }).map(|(_, packed)| (dir, packed))
+        crate::pack::pack_context(&dir, &exclude, encoding, Channel { tx }).map(|(_, packed)| (dir, packed))
     });
     let (mut sent, mut refused) = (0u64, None);
     while let Some(chunk) = rx.recv().await {
@@ -60,7 +61,7 @@ pub(super) async fn directory(
         progress(written, written);
     }
     tracing::debug!(
-        dir = %dir.display(), files = packed.files, bytes_in = packed.gzip.bytes_in,
+        dir = %dir.display(), ?encoding, files = packed.files, bytes_in = packed.gzip.bytes_in,
         stored = packed.gzip.stored, deflated = packed.gzip.deflated, written,
         "directory packed and sent"
     );
