@@ -84,6 +84,7 @@ pub async fn run(options: DataOptions) -> Result<()> {
     let (mut builds, mut floors) = (Vec::new(), Vec::new());
     let mut peaks = (0usize, None);
     let mut snapshot_bytes = 0;
+    let mut build_rss = 0u64;
     for round in 0..options.rounds {
         // Alternating, so both see the same machine; each starts with the
         // page cache written back, so that neither pays for the writes of
@@ -103,7 +104,10 @@ pub async fn run(options: DataOptions) -> Result<()> {
         let (backend, outbound) = proxy_backend(&build);
         let started = Instant::now();
         let events = Arc::new(move |e| record.lock().expect("no panics").push((Instant::now(), e)));
-        let (outcome, timings) = runtime.run(&build, backend, outbound, events).await?;
+        let sampler = RssSampler::start();
+        let ran = runtime.run(&build, backend, outbound, events).await;
+        build_rss = build_rss.max(sampler.stop().await);
+        let (outcome, timings) = ran?;
         let total = started.elapsed();
         let template = outcome.map_err(|e| anyhow::anyhow!("the benchmark's build failed: {e}"))?;
         snapshot_bytes = template["snapshotSizeBytes"].as_u64().unwrap_or(0);
@@ -154,8 +158,9 @@ pub async fn run(options: DataOptions) -> Result<()> {
     };
     println!("  the build takes {:.1}x the floor (medians)", ratio(median));
     println!("peak memory:");
+    println!("  host process (CLI, wasmtime, dev stack, store), RSS during the builds  {}", mib(Some(build_rss)));
     println!(
-        "  host process (CLI, wasmtime, dev stack, store) VmHWM  {}",
+        "  host process, VmHWM of the whole benchmark (the floor's in-process zstd included)  {}",
         mib(snapsign_rootfs_builder::peak_rss_bytes())
     );
     println!("  builder component linear memory                      {}", mib(Some(peaks.0 as u64)));
@@ -251,6 +256,43 @@ fn tools_floor(context: &Path, out: &Path) -> Result<Option<Duration>> {
 }
 
 /// `tar | zstd -3` of the context into a file, then one presigned PUT of it to the stack's store.
+/// The largest resident set of this process, read from /proc every 10 ms
+/// until stopped.
+struct RssSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start() -> RssSampler {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut peak = 0;
+            loop {
+                peak = peak.max(rss_bytes().unwrap_or(0));
+                tokio::select! {
+                    _ = &mut stopped => return peak.max(rss_bytes().unwrap_or(0)),
+                    () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+            }
+        });
+        RssSampler { stop, task }
+    }
+
+    async fn stop(self) -> u64 {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or(0)
+    }
+}
+
+/// This process's resident set now (VmRSS).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Writes every dirty page back to disk (sync(2)).
 async fn write_back() -> Result<()> {
     // SAFETY: sync(2) takes no arguments and cannot fail.
