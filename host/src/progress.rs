@@ -59,7 +59,7 @@ fn plain_printer() -> EventFn {
         BuildEvent::Warning(warning) => eprintln!("warning: {warning}"),
         BuildEvent::Upload(sent, total) if upload_worth_reporting(&last, sent, total) => {
             if total > 0 {
-                eprintln!("  context uploaded: {total} bytes (gzip tar)");
+                eprintln!("  context uploaded: {total} bytes");
             } else {
                 eprintln!("  context upload: {:.1} MiB sent", sent as f64 / 1048576.0);
             }
@@ -72,7 +72,7 @@ fn plain_printer() -> EventFn {
 
 /// The live view: stage, log and warning lines scroll above a spinner that
 /// names the stage and its time, and, while the context goes up, a bar with
-/// the bytes sent and the rate (the compressed total is known only at the end).
+/// the bytes sent and the rate (the total is known only at the end).
 struct Live {
     bars: MultiProgress,
     stage: ProgressBar,
@@ -117,7 +117,7 @@ impl Live {
                     bar.finish_and_clear();
                     self.bars.remove(bar);
                     *upload = None;
-                    self.line(format!("  context uploaded: {total} bytes (gzip tar)"));
+                    self.line(format!("  context uploaded: {total} bytes"));
                 }
             }
             BuildEvent::Metadata(_) => {}

@@ -1,6 +1,7 @@
 //! `gzip -d` as the builder sandbox provides it: the dev stack puts a link
 //! `gzip -> tl-rootfs-build` first in the sandbox's `PATH`, and the build
-//! client's `tar -xzf` (wit/protocol.md §5.5) then unpacks the context
+//! client's `tar -xzf` (wit/protocol.md §5.6; snapsign's host sends the
+//! dev stack's sandboxes a plain tar unless told to gzip) then unpacks the context
 //! through this decoder (zlib-rs, the CRC-32 on the CPU's carry-less
 //! multiply) instead of GNU gzip's, which decodes about 200 MB/s. Only the
 //! stream form tar uses is served here (`-d`, optionally with `-c`, `-f`,

@@ -9,7 +9,7 @@
 //! - [`cancel`]: cancelling a build from outside its guest;
 //! - [`sandbox_exec`]: the `sandbox-exec` capability and its backends;
 //! - [`image_build`]: the builder component runner;
-//! - [`pack`]: build contexts as gzip tars, compressed on every core;
+//! - [`pack`]: build contexts as tars, plain or gzipped on every core;
 //! - [`signer`]: `serve-signer`, the signer component behind wasi:http;
 //! - [`serve`]: the HTTP server loop the servers share.
 

@@ -255,7 +255,6 @@ fn tools_floor(context: &Path, out: &Path) -> Result<Option<Duration>> {
     Ok(Some(started.elapsed()))
 }
 
-/// `tar | zstd -3` of the context into a file, then one presigned PUT of it to the stack's store.
 /// The largest resident set of this process, read from /proc every 10 ms
 /// until stopped.
 struct RssSampler {
@@ -300,6 +299,7 @@ async fn write_back() -> Result<()> {
     Ok(())
 }
 
+/// `tar | zstd -3` of the context into a file, then one presigned PUT of it to the stack's store.
 async fn floor(stack: &DevStack, context: &Path, dir: &Path, round: usize) -> Result<Floor> {
     let out = dir.join("floor.tar.zst");
     let (source, target) = (context.to_owned(), out.clone());

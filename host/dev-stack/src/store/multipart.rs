@@ -423,7 +423,7 @@ impl Uploads {
             let panicked = |what: &str| internal(what, "the thread panicked");
             let md5s = scope.spawn(|| part_md5s(&unrecorded));
             let sha256 = scope.spawn(|| hash_parts(&files));
-            let copied = copy_parts(&files, &mut out);
+            let copied = copy_parts(parts, &files, &mut out);
             (
                 copied,
                 sha256.join().unwrap_or_else(|_| Err(panicked("hash the object"))),
@@ -439,7 +439,8 @@ impl Uploads {
             .collect();
         let (size, (hashed_size, sha256)) = (copied?, hashed?);
         if size != hashed_size {
-            return Err(internal("assemble the object", format!("copied {size} bytes but hashed {hashed_size}")));
+            let what = format!("assemble the object of upload {id}");
+            return Err(internal(&what, format!("copied {size} bytes of its parts but hashed {hashed_size}")));
         }
         let mut md5_of_md5s = Md5::new();
         for ((number, etag), digest) in parts.iter().zip(&digests) {
@@ -508,11 +509,12 @@ pub fn recorded_digest(root: &std::path::Path, bucket: &str, key: &str) -> Optio
 
 /// Copies the opened parts in order into `out` (std's copy between files
 /// is the kernel's copy_file_range on Linux); returns the bytes copied.
-fn copy_parts(files: &[File], out: &mut File) -> Result<u64, S3Error> {
+fn copy_parts(parts: &[(i32, String)], files: &[File], out: &mut File) -> Result<u64, S3Error> {
     let mut size = 0u64;
-    for file in files {
+    for ((number, _), file) in parts.iter().zip(files) {
         // Opened for this complete, so at offset 0: the other passes read at offsets.
-        size += std::io::copy(&mut &*file, out).map_err(|e| internal("write the object's temporary file", e))?;
+        size += std::io::copy(&mut &*file, out)
+            .map_err(|e| internal(&format!("copy part {number} into the object's temporary file"), e))?;
     }
     Ok(size)
 }

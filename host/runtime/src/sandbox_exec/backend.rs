@@ -90,9 +90,18 @@ pub trait SandboxBackend: Send + Sync + 'static {
     fn proxy(&self, id: &str) -> Result<Endpoint, SandboxError>;
     /// Whether the sandbox runs on this machine, so that what is sent to it
     /// crosses no network (`upload-directory` then skips compression). By
-    /// default: its proxy, where files go, answers on a loopback address.
+    /// default: its proxy, where files go, answers on a loopback address (a
+    /// tunnel to another machine on a loopback port looks local: the
+    /// embedder says `Compression::Always` there). Only a speed choice: a
+    /// wrong answer sends the same files, gzipped or not.
     fn on_this_machine(&self, id: &str) -> bool {
-        self.proxy(id).is_ok_and(|endpoint| is_loopback_url(&endpoint.base_url))
+        match self.proxy(id) {
+            Ok(endpoint) => is_loopback_url(&endpoint.base_url),
+            Err(e) => {
+                tracing::debug!(sandbox = id, error = %e, "no proxy endpoint to tell where the sandbox runs: gzip");
+                false
+            }
+        }
     }
     /// Runs a process to completion, feeding its output to `sink`.
     async fn run(&self, id: &str, spec: Process, sink: &mut LineSink<'_>) -> Result<Exit, SandboxError>;
@@ -106,13 +115,14 @@ pub trait SandboxBackend: Send + Sync + 'static {
     async fn delete(&self, id: &str) -> Result<(), SandboxError>;
 }
 
-/// Whether `url`'s host is `localhost` or a loopback address.
+/// Whether `url`'s host is `localhost` or a loopback address (IPv4-mapped
+/// IPv6 included); anything unparsable is not.
 pub fn is_loopback_url(url: &str) -> bool {
     let Ok(url) = url::Url::parse(url) else { return false };
     match url.host() {
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Domain(name)) => name.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|ip| ip.is_loopback()),
         None => false,
     }
 }
@@ -135,7 +145,10 @@ mod tests {
             "http://127.8.0.1/x",
             "http://localhost:1",
             "http://LOCALHOST",
+            "http://localhost./",
             "http://[::1]:80/",
+            "http://[::ffff:127.0.0.1]:9443",
+            "http://user@localhost:1",
         ] {
             assert!(is_loopback_url(near), "{near}");
         }
@@ -143,7 +156,9 @@ mod tests {
             "https://sandbox.tensorlake.ai",
             "http://10.0.0.1:9443",
             "http://localhost.evil.example",
+            "http://127.0.0.1@evil.example/",
             "http://[::2]/",
+            "http://[::ffff:10.0.0.1]/",
             "not a url",
             "",
         ] {
