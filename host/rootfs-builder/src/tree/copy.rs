@@ -115,14 +115,22 @@ impl Tree {
             .collect::<Result<_, _>>()
             .with_context(|| format!("list {}", src.display()))?;
         children.sort_by_key(|e| e.file_name());
-        // This directory's files: made replaceable in order, their bytes
-        // copied on every core, then their modes and owners set in order.
+        // Runs of consecutive files: made replaceable in order, their bytes
+        // copied on several CPUs, then their modes and owners set in order.
+        // A run is copied before the next directory or link is made, so
+        // nothing made meanwhile can stand at a file's destination.
         let mut files = Vec::new();
         for child in children {
             let name = child.file_name().into_string().map_err(|n| anyhow!("file name {n:?} is not UTF-8"))?;
             let path = child.path();
             let image_path = format!("{}/{name}", dest.trim_end_matches('/'));
             let kind = child.file_type().with_context(|| format!("stat {}", path.display()))?;
+            if kind.is_file() {
+                let rel = self.replaceable(&image_path)?;
+                files.push((path, rel));
+                continue;
+            }
+            self.copy_run(&mut files, op, owner, stats)?;
             if kind.is_dir() {
                 let rel = self.make_dirs(&image_path)?;
                 // Children first, so a read-only source directory is still writable while filled.
@@ -130,9 +138,6 @@ impl Tree {
                 let mode = fs::metadata(&path)?.permissions().mode();
                 self.apply_meta(&rel, Some(mode), op.chmod, owner.of(&path))?;
                 stats.dirs += 1;
-            } else if kind.is_file() {
-                let rel = self.replaceable(&image_path)?;
-                files.push((path, rel));
             } else if kind.is_symlink() {
                 // Copied as a link and never followed, so it cannot reach outside the context.
                 let target = fs::read_link(&path).with_context(|| format!("read link {}", path.display()))?;
@@ -144,15 +149,28 @@ impl Tree {
                 stats.notes.push(format!("skipped {}: not a file, directory or symlink", path.display()));
             }
         }
+        self.copy_run(&mut files, op, owner, stats)
+    }
+
+    /// Copies a run of files made replaceable (source, path in the tree),
+    /// then sets their modes and owners in order; empties the run.
+    fn copy_run(
+        &mut self,
+        files: &mut Vec<(PathBuf, String)>,
+        op: &CopyOp,
+        owner: Owners,
+        stats: &mut CopyStats,
+    ) -> Result<()> {
         let jobs: Vec<(&Path, PathBuf, &str)> =
             files.iter().map(|(src, rel)| (src.as_path(), self.host(rel), rel.as_str())).collect();
-        let copied = copy_files(&jobs)?;
+        let copied = copy_files(&jobs, parallelism())?;
         for ((src, rel), bytes) in files.iter().zip(copied) {
-            let mode = fs::metadata(src)?.permissions().mode();
+            let mode = fs::metadata(src).with_context(|| format!("stat {}", src.display()))?.permissions().mode();
             self.apply_meta(rel, Some(mode), op.chmod, owner.of(src))?;
             stats.files += 1;
             stats.bytes += bytes;
         }
+        files.clear();
         Ok(())
     }
 
@@ -204,17 +222,32 @@ impl Tree {
 /// Files smaller than this in all are copied on one thread.
 const PARALLEL_COPY_BYTES: u64 = 4 << 20;
 
+/// The threads a run of files is copied on: the CPUs this process may use, at most four.
+fn parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
+}
+
 /// Copies each (source, destination on the host, path in the image) job's
-/// bytes (`fs::copy`: the kernel's copy_file_range), on up to four threads
-/// as the sandbox's CPUs allow when there is enough to copy; returns the
-/// bytes of each, in order. The first failure in order is the error.
-fn copy_files(jobs: &[(&Path, PathBuf, &str)]) -> Result<Vec<u64>> {
+/// bytes into a new file (created exclusively, so nothing at the
+/// destination, a link least of all, is followed; the kernel's
+/// copy_file_range does the bytes), on up to `threads` threads when there is
+/// enough to copy; returns the bytes of each, in order. The first failure
+/// in order is the error, naming the source and the path in the image.
+fn copy_files(jobs: &[(&Path, PathBuf, &str)], threads: usize) -> Result<Vec<u64>> {
+    use std::os::unix::fs::OpenOptionsExt;
     let copy = |(src, dst, rel): &(&Path, PathBuf, &str)| {
-        fs::copy(src, dst).with_context(|| format!("copy {} to /{rel}", src.display()))
+        let copied = (|| {
+            let mut from = fs::File::open(src)?;
+            let mut to = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dst)?;
+            std::io::copy(&mut from, &mut to)
+        })();
+        copied.with_context(|| format!("copy {} to /{rel}", src.display()))
     };
-    let total: u64 = jobs.iter().filter_map(|(src, ..)| fs::metadata(src).ok()).map(|m| m.len()).sum();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4).min(jobs.len());
-    if threads < 2 || total < PARALLEL_COPY_BYTES {
+    let threads = threads.min(jobs.len());
+    if threads < 2
+        || jobs.iter().filter_map(|(src, ..)| fs::metadata(src).ok()).map(|m| m.len()).sum::<u64>()
+            < PARALLEL_COPY_BYTES
+    {
         return jobs.iter().map(copy).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -239,7 +272,9 @@ fn copy_files(jobs: &[(&Path, PathBuf, &str)]) -> Result<Vec<u64>> {
     }
     done.into_iter()
         .enumerate()
-        .map(|(i, r)| r.unwrap_or_else(|| Err(anyhow!("copy {}: its thread panicked", jobs[i].0.display()))))
+        .map(|(i, r)| {
+            r.unwrap_or_else(|| Err(anyhow!("copy {} to /{}: its thread panicked", jobs[i].0.display(), jobs[i].2)))
+        })
         .collect()
 }
 
@@ -333,17 +368,43 @@ mod tests {
         symlink("/nonexistent/f07", big.join("f07.bin")).unwrap();
         fs::remove_file(big.join("f03.bin")).unwrap();
         fs::create_dir(big.join("f03.bin")).unwrap();
-        let error = format!(
-            "{:#}",
-            copy_files(&[
-                (&big.join("f01.bin"), tree.host("srv/g01"), "srv/g01"),
-                (&big.join("f07.bin"), tree.host("srv/g07"), "srv/g07"),
-                (&big.join("f02.bin"), tree.host("srv/g02"), "srv/g02"),
-                (&big.join("f03.bin"), tree.host("srv/g03"), "srv/g03"),
-            ])
-            .unwrap_err()
-        );
-        assert!(error.contains("f07.bin to /srv/g07"), "the first failure in order is named: {error}");
+        // On four threads, whatever this machine has; more than the threshold to copy.
+        let mut jobs: Vec<(PathBuf, PathBuf, String)> = (8..24)
+            .map(|i| (big.join(format!("f{i:02}.bin")), tree.host(&format!("g{i:02}")), format!("g{i:02}")))
+            .collect();
+        jobs.insert(1, (big.join("f07.bin"), tree.host("g07"), "g07".into()));
+        jobs.push((big.join("f03.bin"), tree.host("g03"), "g03".into()));
+        let refs: Vec<(&Path, PathBuf, &str)> =
+            jobs.iter().map(|(s, d, r)| (s.as_path(), d.clone(), r.as_str())).collect();
+        let error = format!("{:#}", copy_files(&refs, 4).unwrap_err());
+        assert!(error.contains("f07.bin to /g07"), "the first failure in order is named: {error}");
+        // Copied into new files only: one already at a destination is not written through.
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "kept").unwrap();
+        symlink(&outside, tree.host("g30")).unwrap();
+        let error = format!("{:#}", copy_files(&[(&big.join("f01.bin"), tree.host("g30"), "g30")], 4).unwrap_err());
+        assert!(error.contains("f01.bin to /g30"), "{error}");
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "kept");
+    }
+
+    /// A link made by the COPY itself (through an alias already in the tree,
+    /// `/srv/sub -> .`) cannot stand at a file's destination when its bytes
+    /// are written: the result is the old code's, and nothing outside the
+    /// tree is written.
+    #[test]
+    fn a_link_made_during_the_copy_is_never_written_through() {
+        let (dir, context, mut tree) = setup();
+        let outside = dir.path().join("outside.txt");
+        fs::write(&outside, "outside").unwrap();
+        let c = dir.path().join("context/c");
+        fs::create_dir_all(c.join("sub")).unwrap();
+        fs::write(c.join("f"), "file bytes").unwrap();
+        symlink(&outside, c.join("sub/f")).unwrap();
+        tree.make_dirs("/srv").unwrap();
+        symlink(".", tree.host("srv/sub")).unwrap();
+        tree.copy(&context, &op(&["c"], "/srv", false), None).unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "outside", "the copy wrote outside the tree");
+        assert_eq!(fs::read_link(tree.host("srv/f")).unwrap(), outside, "the later entry, the link, won");
     }
 
     #[test]
