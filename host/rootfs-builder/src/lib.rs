@@ -78,10 +78,18 @@ use run::Outcome;
 
 /// This process's peak resident memory (`VmHWM`), bytes; `None` where /proc does not say.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
+    status_kib(&std::fs::read_to_string("/proc/self/status").ok()?, "VmHWM").map(|kib| kib * 1024)
+}
+
+/// This process's resident memory now (`VmRSS`), bytes; `None` where /proc does not say.
+pub fn rss_bytes() -> Option<u64> {
+    status_kib(&std::fs::read_to_string("/proc/self/status").ok()?, "VmRSS").map(|kib| kib * 1024)
+}
+
+/// A memory line (`VmRSS:   1234 kB`) of a `/proc/PID/status` text, in KiB.
+pub fn status_kib(status: &str, field: &str) -> Option<u64> {
+    let value = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    value.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// Runs as the program `argv0` names, when this binary is that program:
@@ -178,5 +186,15 @@ mod tests {
     fn human_bytes_picks_a_unit() {
         assert_eq!(super::human_bytes(512), "512 B");
         assert_eq!(super::human_bytes(5 * 1024 * 1024 + 512 * 1024), "5.5 MiB");
+    }
+
+    #[test]
+    fn status_memory_lines_are_read_by_their_exact_field() {
+        let status = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nVmRSSx:\t 7 kB\n";
+        assert_eq!(super::status_kib(status, "VmRSS"), Some(1024));
+        assert_eq!(super::status_kib(status, "VmHWM"), Some(2048));
+        assert_eq!(super::status_kib(status, "VmSwap"), None);
+        assert_eq!(super::status_kib("VmRSS:\tlots kB\n", "VmRSS"), None);
+        assert!(super::rss_bytes().unwrap() > 0 && super::peak_rss_bytes().unwrap() >= super::rss_bytes().unwrap() / 2);
     }
 }

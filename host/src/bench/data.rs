@@ -268,9 +268,9 @@ impl RssSampler {
         let task = tokio::spawn(async move {
             let mut peak = 0;
             loop {
-                peak = peak.max(rss_bytes().unwrap_or(0));
+                peak = peak.max(snapsign_rootfs_builder::rss_bytes().unwrap_or(0));
                 tokio::select! {
-                    _ = &mut stopped => return peak.max(rss_bytes().unwrap_or(0)),
+                    _ = &mut stopped => return peak.max(snapsign_rootfs_builder::rss_bytes().unwrap_or(0)),
                     () = tokio::time::sleep(Duration::from_millis(10)) => {}
                 }
             }
@@ -282,14 +282,6 @@ impl RssSampler {
         let _ = self.stop.send(());
         self.task.await.unwrap_or(0)
     }
-}
-
-/// This process's resident set now (VmRSS).
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Writes every dirty page back to disk (sync(2)).

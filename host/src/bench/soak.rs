@@ -68,11 +68,8 @@ impl Mix {
 fn read_sample(pid: u32, at: Duration) -> Result<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status: has serve-signer (pid {pid}) exited?"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/PID/status")?;
+    let rss_kib = snapsign_rootfs_builder::status_kib(&status, "VmRSS")
+        .with_context(|| format!("no VmRSS line in /proc/{pid}/status"))?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     Ok(Sample { at, rss_kib, fds })
 }
