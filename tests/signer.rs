@@ -31,7 +31,17 @@ async fn put(http: &reqwest::Client, url: &str, body: Vec<u8>) -> reqwest::Respo
 
 #[tokio::test(flavor = "multi_thread")]
 async fn multipart_upload_of_12_mib_in_3_parts_round_trips_through_the_store() {
-    let stack = Stack::start().await;
+    round_trip_12_mib(Stack::start().await).await;
+}
+
+/// The same from instances made from the pre-initialized snapshot: its
+/// configuration and signing key are the ones the store checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pre_initialized_signer_signs_urls_the_store_accepts() {
+    round_trip_12_mib(Stack::start_preinitialized().await).await;
+}
+
+async fn round_trip_12_mib(stack: Stack) {
     let (status, signed) = stack.sign("team-a", put_artifact("snapshots/abc.tlsnap", 3, 5 * MIB as u64)).await;
     assert_eq!(status, 200, "{signed}");
     assert_eq!(signed["kind"], "s3_multipart");

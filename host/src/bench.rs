@@ -89,6 +89,7 @@ pub async fn sign(rounds: usize, requests: usize, concurrency: usize) -> Result<
         request_timeout: Duration::from_secs(30),
         cache_dir: dir.join("cache"),
         max_instance_reuse: crate::signer::DEFAULT_MAX_INSTANCE_REUSE,
+        preinit: true,
     })
     .await?;
     let url = format!("{}{SIGN_PATH}", server.url());

@@ -86,6 +86,11 @@ pub struct ServeSignerArgs {
     /// instance per request.
     #[arg(long, default_value_t = snapsign_host::signer::DEFAULT_MAX_INSTANCE_REUSE, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_instance_reuse: u32,
+    /// Start every fresh instance from the component's own start-up instead
+    /// of a pre-initialized snapshot (made in the background at start-up,
+    /// about a second of CPU; see docs/signer.md).
+    #[arg(long)]
+    pub no_preinit: bool,
     #[command(flatten)]
     pub serve: ServeArgs,
 }

@@ -395,6 +395,7 @@ async fn serve_signer(args: ServeSignerArgs) -> Result<()> {
         max_concurrency,
         cache_dir,
         max_instance_reuse,
+        no_preinit,
         serve,
     } = args;
     let config = signer::SignerServerConfig {
@@ -404,6 +405,7 @@ async fn serve_signer(args: ServeSignerArgs) -> Result<()> {
         request_timeout: Duration::from_secs(timeout_secs),
         cache_dir: cache_dir.unwrap_or_else(engine::default_cache_dir),
         max_instance_reuse,
+        preinit: !no_preinit,
     };
     let stop = stop_signal()?;
     let (server, _host) = signer::start_with(&config, serve.limits()).await?;

@@ -15,6 +15,19 @@ mod incoming;
 /// What the previous request on this instance carried.
 static LAST: Mutex<String> = Mutex::new(String::new());
 
+/// What pre-initialization left (serve-signer's snapshot); a `preinit?` body answers it.
+static PREINIT: Mutex<String> = Mutex::new(String::new());
+
+/// Pre-initialization, as the signer offers it: reads the environment. With
+/// `PROBE_PREINIT=stderr` it also writes to stderr, which the host must refuse.
+#[unsafe(export_name = "snapsign-preinit")]
+pub extern "C" fn preinit() {
+    if std::env::var("PROBE_PREINIT").is_ok_and(|mode| mode == "stderr") {
+        eprintln!("pre-initializing");
+    }
+    *PREINIT.lock().unwrap() = format!("pre-initialized with {} variables", std::env::vars().count());
+}
+
 struct Probe;
 
 wasip2::http::proxy::export!(Probe);
@@ -50,6 +63,11 @@ impl Guest for Probe {
             "sleep" => {
                 wasip2::clocks::monotonic_clock::subscribe_duration(3_000_000_000).block();
                 incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes());
+            }
+            // What pre-initialization left, and the previous request.
+            "preinit?" => {
+                let answer = format!("{}|{previous}", PREINIT.lock().unwrap());
+                incoming::respond(out, 200, &[("content-type", "text/plain")], answer.as_bytes())
             }
             // Answers as a signer refusing the token.
             "refuse" => incoming::respond(out, 401, &[("content-type", "text/plain")], b"refused"),

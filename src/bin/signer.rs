@@ -84,6 +84,22 @@ thread_local! {
     static MEMO: std::cell::RefCell<signer::Memo> = std::cell::RefCell::default();
 }
 
+/// Pre-initialization, for hosts that snapshot an instance (the wizer
+/// approach; serve-signer does): reads the configuration and derives the
+/// day's signing key, so instances made from the snapshot start with both.
+/// A core export only, outside the component's world: other hosts never see
+/// it and the handler does the same work on its first request. It calls
+/// nothing but the environment and the clocks, and touches no resource, so
+/// the snapshot holds no handle and nothing a caller sent.
+#[unsafe(export_name = "snapsign-preinit")]
+pub extern "C" fn preinit() {
+    if let Ok(config) = config() {
+        MEMO.with_borrow_mut(|memo| {
+            memo.presigner(config, jiff::Timestamp::now());
+        });
+    }
+}
+
 /// The configuration, read from the environment once per instance: hosts
 /// that reuse an instance (serve-signer, `wasmtime serve`) parse it and
 /// decode its keys once.

@@ -86,6 +86,8 @@ pub async fn start_signer_under(
         request_timeout: timeout,
         cache_dir: cache_dir(),
         max_instance_reuse: DEFAULT_MAX_INSTANCE_REUSE,
+        // A few requests each: the snapshot's compile would cost more than it saves.
+        preinit: false,
     };
     signer::start_with(&config, serve).await.expect("start the signer").0
 }
@@ -103,6 +105,26 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let store = start_store(&dir.path().join("store")).await;
         let signer = start_signer(edit(signer_env(&store.url(), BUCKET)), limits, timeout).await;
+        Stack { dir, store, signer, http: reqwest::Client::new() }
+    }
+
+    /// A stack whose signer runs every request in a fresh instance made
+    /// from its pre-initialized snapshot (waited for).
+    pub async fn start_preinitialized() -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let store = start_store(&dir.path().join("store")).await;
+        let config = SignerServerConfig {
+            listen: loopback(),
+            env: signer_env(&store.url(), BUCKET),
+            limits: EngineLimits::default(),
+            request_timeout: Duration::from_secs(30),
+            cache_dir: cache_dir(),
+            max_instance_reuse: 1,
+            preinit: true,
+        };
+        let (signer, host) = signer::start(&config).await.expect("start the signer");
+        let state = host.preinit_settled().await;
+        assert!(matches!(state, signer::PreinitState::Ready { .. }), "{state:?}");
         Stack { dir, store, signer, http: reqwest::Client::new() }
     }
 

@@ -257,6 +257,9 @@ impl DevStack {
             request_timeout: Duration::from_secs(30),
             cache_dir: config.cache_dir.clone(),
             max_instance_reuse: snapsign_runtime::signer::DEFAULT_MAX_INSTANCE_REUSE,
+            // A dev stack signs a few calls per build: the snapshot's compile
+            // (about a second of CPU) would cost more than it saves.
+            preinit: false,
         })
         .await?;
 

@@ -46,6 +46,9 @@ pub enum BenchHost {
     ServeSigner,
     /// `snapsign serve-signer --max-instance-reuse 1`.
     ServeSignerNoReuse,
+    /// `snapsign serve-signer --max-instance-reuse 1 --no-preinit`: fresh
+    /// instances that run the component's own start-up.
+    ServeSignerNoPreinit,
     /// `wasmtime serve`.
     Wasmtime,
     /// `wasmtime serve --max-instance-reuse-count 1000`.
@@ -321,29 +324,40 @@ async fn start_hosts(options: &BenchOptions, env: &[(String, String)], work: &Pa
         server: Serving::Here { server: native, sign_url },
     });
 
-    // Reuse on (the default) and off (a fresh instance per request, as before reuse) side by side.
-    for (which, host, max_instance_reuse) in [
-        (BenchHost::ServeSigner, "snapsign serve-signer", snapsign_runtime::signer::DEFAULT_MAX_INSTANCE_REUSE),
-        (BenchHost::ServeSignerNoReuse, "snapsign serve-signer, no reuse", 1),
+    // Reuse on (the default) and off (a fresh instance per request, as
+    // before reuse), and fresh instances without the pre-initialized snapshot, side by side.
+    let reuse = snapsign_runtime::signer::DEFAULT_MAX_INSTANCE_REUSE;
+    for (which, host, max_instance_reuse, preinit) in [
+        (BenchHost::ServeSigner, "snapsign serve-signer", reuse, true),
+        (BenchHost::ServeSignerNoReuse, "snapsign serve-signer, no reuse", 1, true),
+        (BenchHost::ServeSignerNoPreinit, "snapsign serve-signer, no reuse, no pre-init", 1, false),
     ] {
         if !options.measures(which) {
             continue;
         }
         let started = Instant::now();
-        let (signer, _) = snapsign_runtime::signer::start(&SignerServerConfig {
+        let (signer, signer_host) = snapsign_runtime::signer::start(&SignerServerConfig {
             listen: "127.0.0.1:0".parse()?,
             env: env.to_vec(),
             limits: EngineLimits::default(),
             request_timeout: Duration::from_secs(30),
             cache_dir: work.join("compiled"),
             max_instance_reuse,
+            preinit,
         })
         .await?;
         let sign_url = format!("{}{}", signer.url(), snapsign::signer::SIGN_PATH);
         launch::wait_for_signer(&sign_url, None, launch::START_TIMEOUT, None).await?;
+        let first_answer = started.elapsed();
+        // Measured once the snapshot serves (it is made in the background).
+        let state = signer_host.preinit_settled().await;
+        if preinit && !matches!(state, snapsign_runtime::signer::PreinitState::Ready { .. }) {
+            bail!("{host}: pre-initialization did not finish: {state:?}");
+        }
+        println!("  {host}: pre-initialization {state:?}");
         hosts.push(Running {
             host,
-            first_answer: Some(started.elapsed()),
+            first_answer: Some(first_answer),
             server: Serving::Here { server: signer, sign_url },
         });
     }
@@ -377,7 +391,7 @@ async fn launch_host(
         }
         BenchHost::Wash => launch::wash_dev(tools, wasm, env, work).await,
         BenchHost::Jco => launch::jco_serve(tools, wasm, env, work).await,
-        BenchHost::ServeSigner | BenchHost::ServeSignerNoReuse => {
+        BenchHost::ServeSigner | BenchHost::ServeSignerNoReuse | BenchHost::ServeSignerNoPreinit => {
             bail!("{which:?} runs in this process, not as a launched host")
         }
     }

@@ -25,6 +25,7 @@ async fn main() -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(30),
         cache_dir: engine::default_cache_dir(),
         max_instance_reuse: DEFAULT_MAX_INSTANCE_REUSE,
+        preinit: true,
     };
     // Refuses a configuration the component would refuse, naming the variable.
     let (server, _host) = signer::start(&config).await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, Module, PoolingAllocationConfig};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -109,6 +109,54 @@ pub enum Loaded {
 /// Loads `wasm` compiled for `engine`, from `cache_dir` when it holds a
 /// compatible artifact, else compiling it and caching the result.
 pub fn load_component(engine: &Engine, name: &str, wasm: &[u8], cache_dir: &Path) -> Result<(Component, Loaded)> {
+    load_cached(engine, name, wasm, cache_dir)
+}
+
+/// [`load_component`] for a core module.
+pub fn load_module(engine: &Engine, name: &str, wasm: &[u8], cache_dir: &Path) -> Result<(Module, Loaded)> {
+    load_cached(engine, name, wasm, cache_dir)
+}
+
+/// What the compiled cache holds: components and core modules.
+trait Compiled: Sized {
+    /// "component" or "module", for messages.
+    const KIND: &str;
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self>;
+    /// # Safety
+    /// `file` must be an artifact `serialize` wrote for a compatible engine.
+    unsafe fn deserialize_file(engine: &Engine, file: &Path) -> wasmtime::Result<Self>;
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>>;
+}
+
+impl Compiled for Component {
+    const KIND: &str = "component";
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {
+        Component::new(engine, wasm)
+    }
+    unsafe fn deserialize_file(engine: &Engine, file: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Component::deserialize_file(engine, file) }
+    }
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Component::serialize(self)
+    }
+}
+
+impl Compiled for Module {
+    const KIND: &str = "module";
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {
+        Module::new(engine, wasm)
+    }
+    unsafe fn deserialize_file(engine: &Engine, file: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Module::deserialize_file(engine, file) }
+    }
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Module::serialize(self)
+    }
+}
+
+fn load_cached<T: Compiled>(engine: &Engine, name: &str, wasm: &[u8], cache_dir: &Path) -> Result<(T, Loaded)> {
     let started = Instant::now();
     let mut compat = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut compat);
@@ -118,23 +166,23 @@ pub fn load_component(engine: &Engine, name: &str, wasm: &[u8], cache_dir: &Path
         // SAFETY: the file is an artifact this host serialized into its own
         // cache directory, named by the hash of the wasm and of the engine's
         // settings; wasmtime checks the header and version on load.
-        match unsafe { Component::deserialize_file(engine, &file) } {
-            Ok(component) => return Ok((component, Loaded::Cached(started.elapsed()))),
+        match unsafe { T::deserialize_file(engine, &file) } {
+            Ok(compiled) => return Ok((compiled, Loaded::Cached(started.elapsed()))),
             Err(e) => tracing::warn!(path = %file.display(), "discarding unusable compiled cache entry: {e:#}"),
         }
     }
-    let component = Component::new(engine, wasm).anyhow().with_context(|| format!("compile the {name} component"))?;
-    let compiled = started.elapsed();
-    if let Err(e) = write_cache(&component, &file) {
-        tracing::warn!(path = %file.display(), "cannot cache the compiled {name} component: {e:#}");
+    let compiled = T::compile(engine, wasm).anyhow().with_context(|| format!("compile the {name} {}", T::KIND))?;
+    let took = started.elapsed();
+    if let Err(e) = write_cache(&compiled, &file) {
+        tracing::warn!(path = %file.display(), "cannot cache the compiled {name} {}: {e:#}", T::KIND);
     }
-    Ok((component, Loaded::Compiled(compiled)))
+    Ok((compiled, Loaded::Compiled(took)))
 }
 
-fn write_cache(component: &Component, file: &Path) -> Result<()> {
+fn write_cache<T: Compiled>(compiled: &T, file: &Path) -> Result<()> {
     let dir = file.parent().context("cache path has a parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create cache dir {}", dir.display()))?;
-    let bytes = component.serialize().anyhow().context("serialize the compiled component")?;
+    let bytes = compiled.serialize().anyhow().with_context(|| format!("serialize the compiled {}", T::KIND))?;
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, file).with_context(|| format!("rename into {}", file.display()))?;

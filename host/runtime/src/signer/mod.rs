@@ -14,6 +14,7 @@
 
 mod guest_log;
 mod instance_pool;
+pub mod preinit;
 mod relay;
 
 use std::net::SocketAddr;
@@ -86,6 +87,9 @@ pub struct SignerServerConfig {
     /// Requests one instance serves, for one caller, before it is dropped;
     /// 1 runs every request in a fresh instance.
     pub max_instance_reuse: u32,
+    /// Start fresh instances from a pre-initialized snapshot ([`preinit`]),
+    /// made in the background once the server is up.
+    pub preinit: bool,
 }
 
 impl std::fmt::Debug for SignerServerConfig {
@@ -99,6 +103,7 @@ impl std::fmt::Debug for SignerServerConfig {
             .field("request_timeout", &self.request_timeout)
             .field("cache_dir", &self.cache_dir)
             .field("max_instance_reuse", &self.max_instance_reuse)
+            .field("preinit", &self.preinit)
             .finish()
     }
 }
@@ -138,10 +143,31 @@ impl RequestIds {
     }
 }
 
+/// Where pre-initialization stands ([`SignerServerConfig::preinit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreinitState {
+    /// Turned off: fresh instances run the component's own start-up.
+    Off,
+    /// Being made; fresh instances start from the plain component meanwhile.
+    Pending,
+    /// Fresh instances start from the snapshot.
+    Ready {
+        /// From the start of the run to the snapshot's component compiled.
+        took: Duration,
+        /// Linear memory at the snapshot, bytes.
+        memory_bytes: usize,
+    },
+    /// Not possible for this component (the reason); the plain one serves.
+    Unavailable(String),
+}
+
 /// The signer, compiled and pre-instantiated, ready to serve requests.
 pub struct SignerHost {
     engine: Engine,
-    pre: ProxyPre<Guest>,
+    /// What fresh instances are made from: the component, or its
+    /// pre-initialized snapshot once that is ready.
+    pre: Arc<std::sync::RwLock<ProxyPre<Guest>>>,
+    preinit: tokio::sync::watch::Receiver<PreinitState>,
     env: Vec<(String, String)>,
     outbound: AllowList,
     max_memory_bytes: usize,
@@ -172,7 +198,12 @@ impl SignerHost {
     }
 
     /// Serves `wasm` (any wasi:http proxy component) in the signer's place.
-    fn with_component(config: &SignerServerConfig, serve: &ServeLimits, name: &str, wasm: &[u8]) -> Result<Self> {
+    fn with_component(
+        config: &SignerServerConfig,
+        serve: &ServeLimits,
+        name: &str,
+        wasm: &'static [u8],
+    ) -> Result<Self> {
         let signer = SignerConfig::from_vars(config.env.iter().cloned()).context("check the signer configuration")?;
         let outbound = AllowList::new([signer.store_authority()]);
         // Room for every running request and, beside them, the idle cache:
@@ -189,9 +220,32 @@ impl SignerHost {
             .anyhow()
             .context("the signer does not export wasi:http/incoming-handler")?;
         tracing::info!(?loaded, bucket = %signer.bucket, store = %signer.store_authority(), "signer ready");
+        let pre = Arc::new(std::sync::RwLock::new(pre));
+        let (report, preinit) = tokio::sync::watch::channel(PreinitState::Off);
+        if config.preinit {
+            report.send_replace(PreinitState::Pending);
+            let job = PreinitJob {
+                engine: engine.clone(),
+                linker,
+                wasm,
+                env: config.env.clone(),
+                cache_dir: config.cache_dir.clone(),
+                timeout: config.request_timeout,
+                max_memory_bytes: config.limits.max_memory_bytes,
+                into: Arc::downgrade(&pre),
+            };
+            std::thread::Builder::new()
+                .name("snapsign-preinit".into())
+                .spawn(move || {
+                    let state = job.run();
+                    report.send_replace(state);
+                })
+                .context("start the pre-initialization thread")?;
+        }
         Ok(SignerHost {
             engine,
             pre,
+            preinit,
             env: config.env.clone(),
             outbound,
             max_memory_bytes: config.limits.max_memory_bytes,
@@ -204,6 +258,21 @@ impl SignerHost {
             pool: InstancePool::new(config.max_instance_reuse, max_idle as usize, IDLE_INSTANCE_TTL),
             loaded,
         })
+    }
+
+    /// Where pre-initialization stands.
+    pub fn preinit_state(&self) -> PreinitState {
+        self.preinit.borrow().clone()
+    }
+
+    /// Waits until pre-initialization is no longer pending, and says how it ended.
+    pub async fn preinit_settled(&self) -> PreinitState {
+        let mut watch = self.preinit.clone();
+        match watch.wait_for(|state| *state != PreinitState::Pending).await {
+            Ok(state) => state.clone(),
+            // The thread ended without a word: only a panic does that.
+            Err(_) => PreinitState::Unavailable("the pre-initialization thread stopped".into()),
+        }
     }
 
     /// Instances kept idle for their caller's next request.
@@ -367,14 +436,17 @@ impl SignerHost {
     ) -> Result<(Option<Proxy>, http::Response<Bytes>), Failure> {
         let proxy = match warm {
             Some(proxy) => proxy,
-            None => self.pre.instantiate_async(&mut *store).await.map_err(|e| {
-                Failure::new(
-                    503,
-                    "signer_busy",
-                    "no signer instance could be started; retry shortly".into(),
-                    anyhow::Error::from(e).context("instantiate the signer"),
-                )
-            })?,
+            None => {
+                let pre = self.pre.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+                pre.instantiate_async(&mut *store).await.map_err(|e| {
+                    Failure::new(
+                        503,
+                        "signer_busy",
+                        "no signer instance could be started; retry shortly".into(),
+                        anyhow::Error::from(e).context("instantiate the signer"),
+                    )
+                })?
+            }
         };
         let limit = self.max_memory_bytes;
         // What the guest set on its outparam: start reading the body, or its error.
@@ -470,6 +542,67 @@ impl SignerHost {
                 e,
             )),
             (None, None) => Err(Failure::internal(anyhow::anyhow!("signer returned without setting a response"))),
+        }
+    }
+}
+
+/// Pre-initialization in the background: makes the snapshot, compiles it
+/// and puts it in place of the plain component.
+struct PreinitJob {
+    engine: Engine,
+    linker: Linker<Guest>,
+    wasm: &'static [u8],
+    env: Vec<(String, String)>,
+    cache_dir: PathBuf,
+    timeout: Duration,
+    max_memory_bytes: usize,
+    /// The host's component; gone when the host is.
+    into: std::sync::Weak<std::sync::RwLock<ProxyPre<Guest>>>,
+}
+
+impl PreinitJob {
+    fn run(self) -> PreinitState {
+        let started = Instant::now();
+        let made =
+            preinit::snapshot(&self.engine, self.wasm, &self.env, &self.cache_dir, self.timeout, self.max_memory_bytes)
+                .and_then(|snapshot| {
+                    let Some(snapshot) = snapshot else { return Ok(None) };
+                    // Never cached on disk: the snapshot holds the configuration and derived keys.
+                    let component = wasmtime::component::Component::new(&self.engine, &snapshot.component)
+                        .anyhow()
+                        .context("compile the pre-initialized component")?;
+                    let pre = self.linker.instantiate_pre(&component).anyhow().context("pre-instantiate it")?;
+                    Ok(Some((
+                        ProxyPre::new(pre).anyhow().context("check its exports")?,
+                        snapshot.memory_bytes,
+                        snapshot.segments,
+                    )))
+                });
+        match made {
+            Ok(Some((pre, memory_bytes, segments))) => {
+                let Some(into) = self.into.upgrade() else {
+                    return PreinitState::Unavailable("the host stopped first".into());
+                };
+                *into.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = pre;
+                let took = started.elapsed();
+                tracing::info!(
+                    took_ms = took.as_millis() as u64,
+                    memory_bytes,
+                    segments,
+                    "signer pre-initialized: fresh instances start from the snapshot"
+                );
+                PreinitState::Ready { took, memory_bytes }
+            }
+            Ok(None) => {
+                let why = format!("the component exports no {}", preinit::PREINIT_EXPORT);
+                tracing::info!("signer not pre-initialized: {why}");
+                PreinitState::Unavailable(why)
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::warn!(reason = %why, "signer not pre-initialized; fresh instances run the component's own start-up");
+                PreinitState::Unavailable(why)
+            }
         }
     }
 }
@@ -738,15 +871,37 @@ mod tests {
             max_memory_bytes: usize,
             queue_wait: Duration,
         ) -> Probe {
+            Probe::start_config(max_instance_reuse, max_concurrency, idle_ttl, max_memory_bytes, queue_wait, None).await
+        }
+
+        /// A probe whose fresh instances start from its snapshot once that
+        /// is made, its pre-initialization run with `PROBE_PREINIT=mode`.
+        async fn start_preinit(mode: &str) -> Probe {
+            Probe::start_config(1, 4, IDLE_INSTANCE_TTL, 16 << 20, QUEUE_WAIT, Some(mode)).await
+        }
+
+        async fn start_config(
+            max_instance_reuse: u32,
+            max_concurrency: u32,
+            idle_ttl: Duration,
+            max_memory_bytes: usize,
+            queue_wait: Duration,
+            preinit: Option<&str>,
+        ) -> Probe {
             let cache = tempfile::tempdir().unwrap();
+            // The probe never calls the store; the address only has to be valid.
+            let mut env = signer_env("http://127.0.0.1:9");
+            if let Some(mode) = preinit {
+                env.push(("PROBE_PREINIT".into(), mode.into()));
+            }
             let config = SignerServerConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
-                // The probe never calls the store; the address only has to be valid.
-                env: signer_env("http://127.0.0.1:9"),
+                env,
                 limits: EngineLimits { max_concurrency, max_memory_bytes },
                 request_timeout: Duration::from_secs(20),
                 cache_dir: cache.path().to_owned(),
                 max_instance_reuse,
+                preinit: preinit.is_some(),
             };
             let limits = ServeLimits::default();
             let mut host = SignerHost::with_component(&config, &limits, "reuse-probe", REUSE_PROBE_WASM).unwrap();
@@ -778,6 +933,32 @@ mod tests {
             assert_eq!(status, 200, "{text}");
             text
         }
+    }
+
+    #[tokio::test]
+    async fn fresh_instances_start_from_the_snapshot_which_holds_no_request() {
+        let probe = Probe::start_preinit("").await;
+        let state = probe.host.preinit_settled().await;
+        assert!(matches!(state, PreinitState::Ready { .. }), "{state:?}");
+        assert_eq!(probe.host.preinit_state(), state);
+        // Every request runs in a fresh instance (no reuse): each one starts
+        // from what pre-initialization left (the environment, as lowered
+        // by the host: 7 + 1 variables) and from nothing an earlier request carried.
+        assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "");
+        assert_eq!(probe.seen(Some("Bearer B"), "preinit?").await, "pre-initialized with 8 variables|");
+        assert_eq!(probe.seen(Some("Bearer A"), "preinit?").await, "pre-initialized with 8 variables|");
+    }
+
+    #[tokio::test]
+    async fn a_pre_initialization_that_reaches_past_the_environment_and_clocks_is_refused_and_the_plain_component_serves()
+     {
+        let probe = Probe::start_preinit("stderr").await;
+        let PreinitState::Unavailable(why) = probe.host.preinit_settled().await else {
+            panic!("a pre-initialization that wrote to stderr was taken: {:?}", probe.host.preinit_state());
+        };
+        assert!(why.contains("may read the environment and the clocks only; it called wasi:cli/"), "{why}");
+        // The plain component serves: its pre-initialization never ran.
+        assert_eq!(probe.seen(Some("Bearer A"), "preinit?").await, "|");
     }
 
     #[tokio::test]
@@ -1052,6 +1233,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             cache_dir: PathBuf::from("/tmp"),
             max_instance_reuse: 1,
+            preinit: false,
         };
         let printed = format!("{config:?}");
         assert!(printed.contains("SNAPSIGN_SECRET_ACCESS_KEY=<redacted>"), "{printed}");
