@@ -168,6 +168,9 @@ pub struct SignerHost {
     /// pre-initialized snapshot once that is ready.
     pre: Arc<std::sync::RwLock<ProxyPre<Guest>>>,
     preinit: tokio::sync::watch::Receiver<PreinitState>,
+    /// Dropped with the host: the pre-initialization thread, waiting for
+    /// the next UTC day, ends then.
+    _preinit_stop: Option<std::sync::mpsc::Sender<()>>,
     env: Vec<(String, String)>,
     outbound: AllowList,
     max_memory_bytes: usize,
@@ -222,6 +225,7 @@ impl SignerHost {
         tracing::info!(?loaded, bucket = %signer.bucket, store = %signer.store_authority(), "signer ready");
         let pre = Arc::new(std::sync::RwLock::new(pre));
         let (report, preinit) = tokio::sync::watch::channel(PreinitState::Off);
+        let mut preinit_stop = None;
         if config.preinit {
             report.send_replace(PreinitState::Pending);
             let job = PreinitJob {
@@ -234,18 +238,18 @@ impl SignerHost {
                 max_memory_bytes: config.limits.max_memory_bytes,
                 into: Arc::downgrade(&pre),
             };
+            let (stop, host_gone) = std::sync::mpsc::channel();
+            preinit_stop = Some(stop);
             std::thread::Builder::new()
                 .name("snapsign-preinit".into())
-                .spawn(move || {
-                    let state = job.run();
-                    report.send_replace(state);
-                })
+                .spawn(move || job.serve(&report, &host_gone))
                 .context("start the pre-initialization thread")?;
         }
         Ok(SignerHost {
             engine,
             pre,
             preinit,
+            _preinit_stop: preinit_stop,
             env: config.env.clone(),
             outbound,
             max_memory_bytes: config.limits.max_memory_bytes,
@@ -561,7 +565,35 @@ struct PreinitJob {
 }
 
 impl PreinitJob {
-    fn run(self) -> PreinitState {
+    /// Makes the snapshot, then a new one after each UTC midnight (the
+    /// snapshot's signing key is its day's), until the host goes. A later
+    /// run that fails keeps the snapshot serving and tries again the next day.
+    fn serve(self, report: &tokio::sync::watch::Sender<PreinitState>, host_gone: &std::sync::mpsc::Receiver<()>) {
+        loop {
+            let state = self.run();
+            let serving = matches!(*report.borrow(), PreinitState::Ready { .. });
+            match state {
+                PreinitState::Ready { .. } => {
+                    report.send_replace(state);
+                }
+                // A later run failed (it logged why): the snapshot before it still serves.
+                _ if serving => {}
+                // The first run failed: there is nothing to refresh.
+                other => {
+                    report.send_replace(other);
+                    return;
+                }
+            }
+            let wait = until_next_utc_day(std::time::SystemTime::now()) + Duration::from_secs(1);
+            match host_gone.recv_timeout(wait) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                // The host dropped its end: it is gone.
+                _ => return,
+            }
+        }
+    }
+
+    fn run(&self) -> PreinitState {
         let started = Instant::now();
         let made =
             preinit::snapshot(&self.engine, self.wasm, &self.env, &self.cache_dir, self.timeout, self.max_memory_bytes)
@@ -605,6 +637,13 @@ impl PreinitJob {
             }
         }
     }
+}
+
+/// From `now` to the next midnight UTC.
+fn until_next_utc_day(now: std::time::SystemTime) -> Duration {
+    const DAY: u64 = 86_400;
+    let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Duration::from_secs(DAY - since.as_secs() % DAY) - Duration::from_nanos(u64::from(since.subsec_nanos()))
 }
 
 /// Reads a guest's answer body into memory, at most `limit` bytes (an answer
@@ -947,6 +986,29 @@ mod tests {
         assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "");
         assert_eq!(probe.seen(Some("Bearer B"), "preinit?").await, "pre-initialized with 8 variables|");
         assert_eq!(probe.seen(Some("Bearer A"), "preinit?").await, "pre-initialized with 8 variables|");
+    }
+
+    #[tokio::test]
+    async fn the_pre_initialization_thread_waiting_for_the_next_day_ends_with_its_host() {
+        let probe = Probe::start_preinit("").await;
+        assert!(matches!(probe.host.preinit_settled().await, PreinitState::Ready { .. }));
+        let mut watch = probe.host.preinit.clone();
+        watch.borrow_and_update();
+        let Probe { server, host, .. } = probe;
+        server.shutdown().await;
+        drop(host);
+        // The thread holds the sender: it is dropped once the thread ends
+        // (else it would sleep until midnight, holding the engine).
+        let ended = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert!(matches!(ended, Ok(Err(_))), "the pre-initialization thread outlived its host: {ended:?}");
+    }
+
+    #[test]
+    fn the_snapshot_is_made_again_just_after_each_utc_midnight() {
+        let at = |secs: u64, nanos: u32| std::time::UNIX_EPOCH + Duration::new(secs, nanos);
+        assert_eq!(until_next_utc_day(at(86_400 * 20_000 + 86_399, 500_000_000)), Duration::from_millis(500));
+        assert_eq!(until_next_utc_day(at(86_400 * 20_000, 0)), Duration::from_secs(86_400));
+        assert_eq!(until_next_utc_day(at(86_400 * 20_000 + 1, 0)), Duration::from_secs(86_399));
     }
 
     #[tokio::test]
