@@ -22,6 +22,7 @@ static PREINIT: Mutex<String> = Mutex::new(String::new());
 /// `PROBE_PREINIT=stderr` it also writes to stderr, which the host must refuse.
 #[unsafe(export_name = "snapsign-preinit")]
 pub extern "C" fn preinit() {
+    wit_bindgen::rt::run_ctors_once();
     if std::env::var("PROBE_PREINIT").is_ok_and(|mode| mode == "stderr") {
         eprintln!("pre-initializing");
     }

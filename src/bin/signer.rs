@@ -89,10 +89,12 @@ thread_local! {
 /// day's signing key, so instances made from the snapshot start with both.
 /// A core export only, outside the component's world: other hosts never see
 /// it and the handler does the same work on its first request. It calls
-/// nothing but the environment and the clocks, and touches no resource, so
+/// nothing but the environment and the wall clock, and touches no resource, so
 /// the snapshot holds no handle and nothing a caller sent.
 #[unsafe(export_name = "snapsign-preinit")]
 pub extern "C" fn preinit() {
+    // As the handler does first: the snapshot is taken after the constructors.
+    wit_bindgen::rt::run_ctors_once();
     if let Ok(config) = config() {
         MEMO.with_borrow_mut(|memo| {
             memo.presigner(config, jiff::Timestamp::now());

@@ -183,7 +183,10 @@ fn write_cache<T: Compiled>(compiled: &T, file: &Path) -> Result<()> {
     let dir = file.parent().context("cache path has a parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create cache dir {}", dir.display()))?;
     let bytes = compiled.serialize().anyhow().with_context(|| format!("serialize the compiled {}", T::KIND))?;
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    // One name per writer: two threads of a process may write the same entry.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = file.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, file).with_context(|| format!("rename into {}", file.display()))?;
     Ok(())

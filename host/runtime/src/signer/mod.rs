@@ -266,7 +266,12 @@ impl SignerHost {
 
     /// Where pre-initialization stands.
     pub fn preinit_state(&self) -> PreinitState {
-        self.preinit.borrow().clone()
+        let state = self.preinit.borrow().clone();
+        // The thread ended without a word: only a panic does that.
+        if state == PreinitState::Pending && self.preinit.has_changed().is_err() {
+            return PreinitState::Unavailable("the pre-initialization thread stopped".into());
+        }
+        state
     }
 
     /// Waits until pre-initialization is no longer pending, and says how it ended.
@@ -916,7 +921,8 @@ mod tests {
         /// A probe whose fresh instances start from its snapshot once that
         /// is made, its pre-initialization run with `PROBE_PREINIT=mode`.
         async fn start_preinit(mode: &str) -> Probe {
-            Probe::start_config(1, 4, IDLE_INSTANCE_TTL, 16 << 20, QUEUE_WAIT, Some(mode)).await
+            Probe::start_config(DEFAULT_MAX_INSTANCE_REUSE, 4, IDLE_INSTANCE_TTL, 16 << 20, QUEUE_WAIT, Some(mode))
+                .await
         }
 
         async fn start_config(
@@ -977,15 +983,28 @@ mod tests {
     #[tokio::test]
     async fn fresh_instances_start_from_the_snapshot_which_holds_no_request() {
         let probe = Probe::start_preinit("").await;
+        // Requests served (and instances kept) while the snapshot is being made.
+        for caller in ["Bearer early-1", "Bearer early-2"] {
+            probe.seen(Some(caller), "early secret").await;
+        }
         let state = probe.host.preinit_settled().await;
         assert!(matches!(state, PreinitState::Ready { .. }), "{state:?}");
         assert_eq!(probe.host.preinit_state(), state);
-        // Every request runs in a fresh instance (no reuse): each one starts
-        // from what pre-initialization left (the environment, as lowered
-        // by the host: 7 + 1 variables) and from nothing an earlier request carried.
+        // A new caller's instance starts from what pre-initialization left
+        // (the environment, as lowered by the host: 7 + 1 variables) and
+        // from nothing an earlier request carried; a caller's own instance,
+        // reused, holds its own earlier request only.
         assert_eq!(probe.seen(Some("Bearer A"), "a1").await, "");
         assert_eq!(probe.seen(Some("Bearer B"), "preinit?").await, "pre-initialized with 8 variables|");
-        assert_eq!(probe.seen(Some("Bearer A"), "preinit?").await, "pre-initialized with 8 variables|");
+        assert_eq!(probe.seen(Some("Bearer A"), "preinit?").await, "pre-initialized with 8 variables|Bearer A|a1");
+        assert_eq!(probe.seen(Some("Bearer C"), "preinit?").await, "pre-initialized with 8 variables|");
+        // The snapshot holds the configuration, so it never reaches the
+        // compiled cache: nothing there holds a value of the environment.
+        let secret = b"test-token-key-0123456789abcdef0123456";
+        for entry in std::fs::read_dir(probe._cache.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret), "a cached artifact holds the token key");
+        }
     }
 
     #[tokio::test]
@@ -1018,7 +1037,8 @@ mod tests {
         let PreinitState::Unavailable(why) = probe.host.preinit_settled().await else {
             panic!("a pre-initialization that wrote to stderr was taken: {:?}", probe.host.preinit_state());
         };
-        assert!(why.contains("may read the environment and the clocks only; it called wasi:cli/"), "{why}");
+        assert!(why.contains("may read the environment and the wall clock only; it called wasi:cli/"), "{why}");
+        assert!(!why.contains("environment@"), "the environment itself was refused: {why}");
         // The plain component serves: its pre-initialization never ran.
         assert_eq!(probe.seen(Some("Bearer A"), "preinit?").await, "|");
     }

@@ -7,19 +7,24 @@
 //! see it) lets serve-signer do that once:
 //!
 //! 1. the component's core module that exports it is instantiated on its
-//!    own, with the environment and the clocks only (any other import traps),
-//!    and the export runs;
+//!    own, with the environment and the wall clock only (any other import
+//!    traps), and the export runs;
 //! 2. its linear memory then becomes the module's data, and the module goes
 //!    back into the component in place of the original;
 //! 3. the host compiles that component and makes fresh instances from it.
 //!
-//! The snapshot is taken before any request, in an instance no caller ever
-//! reaches, so it holds nothing a caller sent. It holds the configuration
+//! The snapshot is taken in an instance no request ever reaches, so it
+//! holds nothing a caller sent; the dead stack below the stack pointer is
+//! left out. It holds the configuration
 //! and derived keys, so it is compiled in memory only, never cached on disk.
 //! The run is refused, and the plain component kept, when the export calls
-//! anything else, leaves a mutable global changed (a handle or a pointer
-//! the snapshot could not carry), or the module has a shape this does not
-//! rewrite (passive data, an imported or 64-bit memory, a start function).
+//! anything else, leaves a mutable global changed (the stack pointer, in
+//! LLVM's output), or the module has a shape this does not rewrite (passive
+//! data, an imported or 64-bit memory, a start function). Tables are not
+//! snapshotted: an export that changed one would lose the change (Rust
+//! code does not). The imports are lowered as wit-bindgen's Rust
+//! components lower them (UTF-8, `cabi_realloc`); serve-signer serves its
+//! own signer only.
 
 use std::ops::Range;
 use std::path::Path;
@@ -40,8 +45,12 @@ pub const PREINIT_EXPORT: &str = "snapsign-preinit";
 const MEMORY_EXPORT: &str = "snapsign-preinit-memory";
 const GLOBAL_EXPORT: &str = "snapsign-preinit-global-";
 
-/// Zero bytes between two non-zero runs below which both go in one data segment.
+/// Zero bytes between two non-zero runs below which both go in one data
+/// segment (doubled until there are at most [`MAX_SEGMENTS`]).
 const SEGMENT_GAP: usize = 256;
+
+/// Data segments a snapshot is written as, at most (wasmparser refuses more than 100,000).
+const MAX_SEGMENTS: usize = 10_000;
 
 /// A component whose module starts from a pre-initialized memory.
 pub struct Snapshot {
@@ -162,6 +171,8 @@ struct Shape {
     /// Indices of the mutable globals the module defines.
     mutable_globals: Vec<u32>,
     passive_or_foreign_data: bool,
+    /// The lowest offset of an active data segment placed by a constant.
+    lowest_data: Option<u32>,
 }
 
 impl Shape {
@@ -208,8 +219,17 @@ impl Shape {
                 8 => shape.has_start = true,
                 11 => {
                     for data in wasmparser::DataSectionReader::new(reader)? {
-                        shape.passive_or_foreign_data |=
-                            !matches!(data?.kind, DataKind::Active { memory_index: 0, .. });
+                        match data?.kind {
+                            DataKind::Active { memory_index: 0, offset_expr } => {
+                                if let Ok(wasmparser::Operator::I32Const { value }) =
+                                    offset_expr.get_operators_reader().read()
+                                {
+                                    let offset = value as u32;
+                                    shape.lowest_data = Some(shape.lowest_data.map_or(offset, |low| low.min(offset)));
+                                }
+                            }
+                            _ => shape.passive_or_foreign_data = true,
+                        }
                     }
                 }
                 _ => {}
@@ -260,7 +280,6 @@ fn instrument(module: &[u8], shape: &Shape) -> Result<Vec<u8>> {
 struct Preinit {
     env: Vec<(String, String)>,
     limits: StoreLimits,
-    started: std::time::Instant,
 }
 
 /// Instantiates the instrumented module, runs its pre-initialization and
@@ -277,7 +296,7 @@ fn run(
     let instrumented = instrument(module, shape)?;
     let (module, _) = engine::load_module(engine, "signer-preinit", &instrumented, cache_dir)?;
     let limits = StoreLimitsBuilder::new().memory_size(max_memory_bytes).instances(1).build();
-    let state = Preinit { env: env.to_vec(), limits, started: std::time::Instant::now() };
+    let state = Preinit { env: env.to_vec(), limits };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
     store.set_epoch_deadline(engine::deadline_ticks(timeout));
@@ -315,11 +334,26 @@ fn run(
         ensure!(was == is, "{PREINIT_EXPORT} left mutable global {index} changed ({was} to {is})");
     }
     let memory = instance.get_memory(&mut store, MEMORY_EXPORT).context("the instrumented memory export is missing")?;
-    Ok(memory.data(&store).to_vec())
+    let mut memory = memory.data(&store).to_vec();
+    // With the stack first (LLVM's layout for Rust), the module's one
+    // mutable global is the stack pointer and all below it is the stack,
+    // dead once the export returned: its leftovers (key material among
+    // them) stay out of the snapshot.
+    if let ([(_, stack_pointer)], Some(lowest_data)) = (after.as_slice(), shape.lowest_data)
+        && let Ok(stack_pointer) = usize::try_from(*stack_pointer)
+        && stack_pointer <= lowest_data as usize
+        && stack_pointer <= memory.len()
+    {
+        memory[..stack_pointer].fill(0);
+    }
+    Ok(memory)
 }
 
-/// The environment and the clocks, as wasi:cli and wasi:clocks 0.2 lower
-/// them; every other import traps, naming itself.
+/// The environment and the wall clock, as wasi:cli and wasi:clocks 0.2
+/// lower them (UTF-8, the module's `cabi_realloc`: how wit-bindgen's Rust
+/// components lower them); every other import traps, naming itself. The
+/// monotonic clock is refused too: an instant kept in the snapshot would
+/// mean nothing to the instances made from it, whose clock has another origin.
 fn host_function(store: &mut Store<Preinit>, module: &str, name: &str, ty: FuncType) -> Func {
     let shape = |params: &[ValType], results: &[ValType]| {
         ty.params().len() == params.len()
@@ -341,17 +375,11 @@ fn host_function(store: &mut Store<Preinit>, module: &str, name: &str, ty: FuncT
                 write(&mut caller, params[0].unwrap_i32(), &datetime)
             })
         }
-        ("wasi:clocks/monotonic-clock", "now") if versioned && shape(&[], &[ValType::I64]) => {
-            Func::new(&mut *store, ty, |caller, _, results| {
-                results[0] = Val::I64(caller.data().started.elapsed().as_nanos() as i64);
-                Ok(())
-            })
-        }
         _ => {
             let what = format!("{module}#{name}");
             Func::new(&mut *store, ty, move |_, _, _| {
                 Err(wasmtime::format_err!(
-                    "pre-initialization may read the environment and the clocks only; it called {what}"
+                    "pre-initialization may read the environment and the wall clock only; it called {what}"
                 ))
             })
         }
@@ -374,11 +402,12 @@ fn lower_environment(caller: &mut Caller<'_, Preinit>, retptr: i32) -> wasmtime:
         .ok_or_else(|| wasmtime::format_err!("the module exports no cabi_realloc"))?
         .typed::<(i32, i32, i32, i32), i32>(&*caller)?;
     let env = caller.data().env.clone();
-    let list = realloc.call(&mut *caller, (0, 0, 4, (env.len() * 16) as i32))?;
+    let size = |len: usize| i32::try_from(len).map_err(|_| wasmtime::format_err!("the environment is over 2 GiB"));
+    let list = realloc.call(&mut *caller, (0, 0, 4, size(env.len().saturating_mul(16))?))?;
     let mut entries = Vec::with_capacity(env.len() * 16);
     for (key, value) in &env {
         for text in [key, value] {
-            let at = realloc.call(&mut *caller, (0, 0, 1, text.len() as i32))?;
+            let at = realloc.call(&mut *caller, (0, 0, 1, size(text.len())?))?;
             write(caller, at, text.as_bytes())?;
             entries.extend_from_slice(&at.to_le_bytes());
             entries.extend_from_slice(&(text.len() as u32).to_le_bytes());
@@ -396,7 +425,12 @@ fn lower_environment(caller: &mut Caller<'_, Preinit>, retptr: i32) -> wasmtime:
 fn rebuild_module(module: &[u8], shape: &Shape, memory: &[u8]) -> Result<(Vec<u8>, usize)> {
     ensure!(memory.len().is_multiple_of(65536), "linear memory of {} bytes is not whole pages", memory.len());
     let pages = (memory.len() / 65536) as u32;
-    let runs = nonzero_runs(memory);
+    let mut gap = SEGMENT_GAP;
+    let mut runs = nonzero_runs(memory, gap);
+    while runs.len() > MAX_SEGMENTS {
+        gap *= 2;
+        runs = nonzero_runs(memory, gap);
+    }
     let mut data = Vec::new();
     push_u32(&mut data, runs.len() as u32);
     for run in &runs {
@@ -443,15 +477,14 @@ fn rebuild_module(module: &[u8], shape: &Shape, memory: &[u8]) -> Result<(Vec<u8
     Ok((out, runs.len()))
 }
 
-/// The ranges of `memory` that hold non-zero bytes, runs closer than
-/// [`SEGMENT_GAP`] merged.
-fn nonzero_runs(memory: &[u8]) -> Vec<Range<usize>> {
+/// The ranges of `memory` that hold non-zero bytes, runs closer than `gap` merged.
+fn nonzero_runs(memory: &[u8], gap: usize) -> Vec<Range<usize>> {
     let mut runs: Vec<Range<usize>> = Vec::new();
     let mut at = 0;
     while let Some(start) = memory[at..].iter().position(|&b| b != 0).map(|i| at + i) {
         let end = memory[start..].iter().position(|&b| b == 0).map_or(memory.len(), |i| start + i);
         match runs.last_mut() {
-            Some(last) if start - last.end < SEGMENT_GAP => last.end = end,
+            Some(last) if start - last.end < gap => last.end = end,
             _ => runs.push(start..end),
         }
         at = end;
@@ -470,8 +503,98 @@ mod tests {
         memory[20..30].fill(2);
         memory[30 + SEGMENT_GAP..40 + SEGMENT_GAP].fill(3);
         memory[4095] = 4;
-        assert_eq!(nonzero_runs(&memory), vec![10..30, 30 + SEGMENT_GAP..40 + SEGMENT_GAP, 4095..4096]);
-        assert!(nonzero_runs(&[0; 100]).is_empty());
+        assert_eq!(nonzero_runs(&memory, SEGMENT_GAP), vec![10..30, 30 + SEGMENT_GAP..40 + SEGMENT_GAP, 4095..4096]);
+        assert_eq!(nonzero_runs(&memory, SEGMENT_GAP * 2), vec![10..40 + SEGMENT_GAP, 4095..4096]);
+        assert!(nonzero_runs(&[0; 100], SEGMENT_GAP).is_empty());
+    }
+
+    /// A core module: the header and `sections` (id, body).
+    fn module(sections: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut out = b"\0asm\x01\0\0\0".to_vec();
+        for (id, body) in sections {
+            push_section(&mut out, *id, body);
+        }
+        out
+    }
+
+    #[test]
+    fn modules_a_snapshot_cannot_be_written_into_are_refused_by_name() {
+        let memory: (u8, &[u8]) = (5, &[1, 0, 1]);
+        let passive = module(&[memory, (12, &[1]), (11, &[1, 1, 1, b'x'])]);
+        let two_memories = module(&[(5, &[2, 0, 1, 0, 1])]);
+        let start = module(&[(1, &[1, 0x60, 0, 0]), (3, &[1, 0]), memory, (8, &[0]), (10, &[1, 2, 0, 0x0b])]);
+        let memory64 = module(&[(5, &[1, 0x04, 1])]);
+        for (module, refusal) in [
+            (passive, "passive data segments"),
+            (two_memories, "defines 2 memories"),
+            (start, "start function"),
+            (memory64, "64-bit"),
+        ] {
+            let error = Shape::of(&module).and_then(|shape| shape.check_rewritable()).unwrap_err();
+            assert!(error.to_string().contains(refusal), "{error:#}");
+        }
+        assert!(Shape::of(&module(&[memory])).unwrap().check_rewritable().is_ok());
+    }
+
+    /// The probe component's snapshot: its memory is whole pages from the
+    /// module's minimum, and nothing below the stack pointer (the dead
+    /// stack) is in it.
+    #[test]
+    fn a_snapshot_starts_at_its_memory_and_leaves_the_dead_stack_out() {
+        const PROBE: &[u8] = include_bytes!(env!("SNAPSIGN_REUSE_PROBE_WASM"));
+        let engine = engine::engine(engine::EngineLimits { max_concurrency: 1, max_memory_bytes: 16 << 20 }).unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let env = [("SECRET".to_owned(), "do-not-keep-this-one".to_owned())];
+        let snapshot = snapshot(&engine, PROBE, &env, cache.path(), Duration::from_secs(10), 16 << 20)
+            .unwrap()
+            .expect("the probe exports snapsign-preinit");
+        let module = sections(&snapshot.component, 8)
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.id == 1)
+            .map(|s| &snapshot.component[s.body])
+            .find(|m| Shape::of(m).unwrap().exports_preinit)
+            .unwrap();
+        let shape = Shape::of(module).unwrap();
+        assert_eq!(shape.memories.len(), 1);
+        let mut stack_pointer = None;
+        let mut minimum = None;
+        for section in sections(module, 8).unwrap() {
+            let reader = BinaryReader::new(&module[section.body.clone()], section.body.start);
+            match section.id {
+                5 => {
+                    minimum = Some(
+                        wasmparser::MemorySectionReader::new(reader)
+                            .unwrap()
+                            .into_iter()
+                            .next()
+                            .unwrap()
+                            .unwrap()
+                            .initial,
+                    )
+                }
+                6 => {
+                    let global =
+                        wasmparser::GlobalSectionReader::new(reader).unwrap().into_iter().next().unwrap().unwrap();
+                    if let wasmparser::Operator::I32Const { value } =
+                        global.init_expr.get_operators_reader().read().unwrap()
+                    {
+                        stack_pointer = Some(value as u32);
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(minimum, Some(snapshot.memory_bytes as u64 / 65536));
+        let (stack_pointer, lowest) = (stack_pointer.unwrap(), shape.lowest_data.unwrap());
+        assert!(
+            stack_pointer > 0 && lowest >= stack_pointer,
+            "data at {lowest} below the stack pointer {stack_pointer}"
+        );
+        assert!(snapshot.segments > 0);
+        // The environment it read is in the snapshot (wasi-libc keeps it):
+        // why the snapshot is compiled in memory only, never cached.
+        assert!(snapshot.component.windows(20).any(|w| w == b"do-not-keep-this-one"));
     }
 
     #[test]
