@@ -14,7 +14,7 @@
 
 mod guest_log;
 mod instance_pool;
-pub mod preinit;
+mod preinit;
 mod relay;
 
 use std::net::SocketAddr;
@@ -87,8 +87,8 @@ pub struct SignerServerConfig {
     /// Requests one instance serves, for one caller, before it is dropped;
     /// 1 runs every request in a fresh instance.
     pub max_instance_reuse: u32,
-    /// Start fresh instances from a pre-initialized snapshot ([`preinit`]),
-    /// made in the background once the server is up.
+    /// Start fresh instances from a pre-initialized snapshot (`signer/preinit.rs`),
+    /// made in the background at start-up (the plain component serves meanwhile).
     pub preinit: bool,
 }
 
