@@ -256,7 +256,7 @@ impl Presigner {
     }
 
     fn derive(credentials: &Credentials, region: &str, now: Timestamp, expires_secs: u32, key: &SigningKey) -> Self {
-        let amz_date = now.strftime("%Y%m%dT%H%M%SZ").to_string();
+        let amz_date = amz_date(now);
         let day = &amz_date[..8];
         let scope = format!("{day}/{region}/s3/aws4_request");
 
@@ -353,6 +353,44 @@ impl Presigner {
         mac.update(&hex(creq_hash));
         hex(&mac.finalize().into_bytes())
     }
+}
+
+/// `now` as SigV4's `X-Amz-Date`, `%Y%m%dT%H%M%SZ` in UTC. A fresh signer
+/// instance makes one per request, so the common years (1000 to 9999) are
+/// written from the civil date directly (Hinnant's `civil_from_days`), a
+/// tenth of a `strftime`; other years go through `strftime`.
+fn amz_date(now: Timestamp) -> String {
+    let seconds = now.as_second();
+    let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Days since 0000-03-01, in 400-year eras of 146,097 days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    if !(1000..=9999).contains(&year) {
+        return now.strftime("%Y%m%dT%H%M%SZ").to_string();
+    }
+    let mut out = [0u8; 16];
+    let mut put = |at: usize, width: usize, mut value: i64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(4, 2, month);
+    put(6, 2, day);
+    put(9, 2, of_day / 3_600);
+    put(11, 2, of_day / 60 % 60);
+    put(13, 2, of_day % 60);
+    out[8] = b'T';
+    out[15] = b'Z';
+    String::from_utf8(out.to_vec()).expect("digits, T and Z are ASCII")
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -587,6 +625,24 @@ mod tests {
         assert!(!shown.contains("wJalr") && !shown.contains("tok\""));
     }
 
+    #[test]
+    fn amz_date_at_the_calendars_edges() {
+        for (at, expected) in [
+            ("1969-12-31T23:59:59Z", "19691231T235959Z"),
+            ("1970-01-01T00:00:00Z", "19700101T000000Z"),
+            ("2000-02-29T12:34:56Z", "20000229T123456Z"),
+            ("2100-02-28T23:59:59Z", "21000228T235959Z"),
+            ("2100-03-01T00:00:00Z", "21000301T000000Z"),
+            ("2026-12-31T23:59:59Z", "20261231T235959Z"),
+            ("1000-01-01T00:00:00Z", "10000101T000000Z"),
+            ("9999-12-30T21:59:59Z", "99991230T215959Z"),
+            ("0999-12-31T23:59:59Z", "09991231T235959Z"),
+        ] {
+            let now: Timestamp = at.parse().unwrap();
+            assert_eq!(amz_date(now), expected, "{at}");
+        }
+    }
+
     mod properties {
         use proptest::prelude::*;
 
@@ -632,6 +688,17 @@ mod tests {
         proptest! {
             // No regression files: the repository's top level is fixed; a failure prints its input.
             #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+            /// `X-Amz-Date` written by hand is `strftime`'s, over jiff's whole range.
+            #[test]
+            fn amz_date_is_strftimes(second in prop_oneof![
+                Timestamp::MIN.as_second()..=Timestamp::MAX.as_second(),
+                // 1900 to 2200, where signing happens.
+                -2_208_988_800i64..7_258_118_400,
+            ]) {
+                let now = Timestamp::from_second(second).unwrap();
+                prop_assert_eq!(amz_date(now), now.strftime("%Y%m%dT%H%M%SZ").to_string());
+            }
 
             /// Every URL `presign` makes is the one rusty-s3 makes for the same inputs.
             #[test]
