@@ -357,8 +357,8 @@ impl Presigner {
 
 /// `now` as SigV4's `X-Amz-Date`, `%Y%m%dT%H%M%SZ` in UTC. A fresh signer
 /// instance makes one per request, so the common years (1000 to 9999) are
-/// written from the civil date directly (Hinnant's `civil_from_days`), a
-/// tenth of a `strftime`; other years go through `strftime`.
+/// written from the civil date directly (Hinnant's `civil_from_days`),
+/// without `strftime`'s formatting machinery; other years go through `strftime`.
 fn amz_date(now: Timestamp) -> String {
     let seconds = now.as_second();
     let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
