@@ -80,13 +80,13 @@ pub fn snapshot(
     let mut found = None;
     for section in sections.iter().filter(|s| s.id == 1) {
         let module = &component[section.body.clone()];
-        if Shape::of(module)?.exports_preinit {
-            found = Some((section, module));
+        let shape = Shape::of(module)?;
+        if shape.exports_preinit {
+            found = Some((section, module, shape));
             break;
         }
     }
-    let Some((section, module)) = found else { return Ok(None) };
-    let shape = Shape::of(module)?;
+    let Some((section, module, shape)) = found else { return Ok(None) };
     shape.check_rewritable()?;
     let memory = run(engine, module, &shape, env, cache_dir, timeout, max_memory_bytes)?;
     let (rewritten, segments) = rebuild_module(module, &shape, &memory)?;
