@@ -320,6 +320,11 @@ async fn a_store_that_never_answers_hits_the_request_time_limit() {
 }
 
 fn read_listen_line(child: &mut std::process::Child) -> String {
+    read_listen_line_then(child).0
+}
+
+/// The address serve-signer printed, and the lines it prints after it.
+fn read_listen_line_then(child: &mut std::process::Child) -> (String, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -333,7 +338,34 @@ fn read_listen_line(child: &mut std::process::Child) -> String {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let line = rx.recv_timeout(left).expect("serve-signer printed its address in time");
         if let Some(url) = line.strip_prefix("signer listening on ") {
-            return url.to_owned();
+            return (url.to_owned(), rx);
+        }
+    }
+}
+
+#[test]
+fn serve_signer_says_when_fresh_instances_start_from_the_snapshot() {
+    for (flags, expected) in [
+        (&[][..], "signer pre-initialization: ready in "),
+        (&["--no-preinit"][..], "signer pre-initialization: off (--no-preinit)"),
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"))
+            .args(["serve-signer", "--listen", "127.0.0.1:0", "--cache-dir"])
+            .arg(cache_dir())
+            .args(flags)
+            .envs(signer_env("http://127.0.0.1:9", BUCKET))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (_, lines) = read_listen_line_then(&mut child);
+        let line = lines.recv_timeout(Duration::from_secs(120));
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = line.expect("serve-signer said how pre-initialization ended");
+        assert!(line.starts_with(expected), "{flags:?}: {line}");
+        if flags.is_empty() {
+            assert!(line.ends_with("KiB snapshot"), "{line}");
         }
     }
 }

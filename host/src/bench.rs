@@ -161,11 +161,19 @@ struct SignerProcess {
 }
 
 impl SignerProcess {
-    fn start(binary: &std::path::Path, env: &[(String, String)], cache_dir: &std::path::Path) -> Result<Self> {
+    fn start(
+        binary: &std::path::Path,
+        env: &[(String, String)],
+        cache_dir: &std::path::Path,
+        max_instance_reuse: Option<u32>,
+    ) -> Result<Self> {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(binary)
-            .args(["serve-signer", "--listen", "127.0.0.1:0", "--cache-dir"])
-            .arg(cache_dir)
+        let mut command = std::process::Command::new(binary);
+        command.args(["serve-signer", "--listen", "127.0.0.1:0", "--cache-dir"]).arg(cache_dir);
+        if let Some(uses) = max_instance_reuse {
+            command.arg("--max-instance-reuse").arg(uses.to_string());
+        }
+        let mut child = command
             .envs(env.iter().cloned())
             // Both servers log at the same level: the figures measure serving, not logging.
             .env("RUST_LOG", "warn")
@@ -194,6 +202,25 @@ impl SignerProcess {
                 break url.to_owned();
             }
         };
+        // Measure only once the snapshot serves: until then fresh instances
+        // run the component's start-up, and the snapshot's compile shares the CPU.
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    if let Some(state) = line.strip_prefix("signer pre-initialization: ") {
+                        println!("  {}: pre-initialization {state}", binary.display());
+                        break;
+                    }
+                }
+                Err(_) => {
+                    println!(
+                        "  {}: said nothing of pre-initialization within 120 s (an older build?); its figures may include it",
+                        binary.display()
+                    );
+                    break;
+                }
+            }
+        }
         Ok(SignerProcess { child, url })
     }
 }
@@ -256,6 +283,7 @@ pub async fn serve(
     rounds: usize,
     requests: usize,
     concurrency: usize,
+    max_instance_reuse: Option<u32>,
 ) -> Result<()> {
     at_least_one(&[("--rounds", rounds), ("--requests", requests), ("--concurrency", concurrency)])?;
     let dir = tempfile_dir()?;
@@ -267,14 +295,21 @@ pub async fn serve(
         servers.push((
             "baseline",
             baseline.clone(),
-            SignerProcess::start(baseline, &env, &dir.join("cache-baseline"))?,
+            SignerProcess::start(baseline, &env, &dir.join("cache-baseline"), max_instance_reuse)?,
         ));
     }
-    servers.push(("this build", this.clone(), SignerProcess::start(&this, &env, &dir.join("cache-this"))?));
+    servers.push((
+        "this build",
+        this.clone(),
+        SignerProcess::start(&this, &env, &dir.join("cache-this"), max_instance_reuse)?,
+    ));
 
     let client = reqwest::Client::new();
     let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); servers.len()];
     let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); servers.len()];
+    // The server process's CPU per request, over all runs: unlike req/s it
+    // leaves out the bench client, which shares the machine.
+    let mut cpu: Vec<Duration> = vec![Duration::ZERO; servers.len()];
     for (_, _, server) in &servers {
         let url = format!("{}{SIGN_PATH}", server.url);
         sequential(&client, &url, &token, 200).await.context("warm up")?;
@@ -287,8 +322,10 @@ pub async fn serve(
         }
         for i in order {
             let url = format!("{}{SIGN_PATH}", servers[i].2.url);
+            let before = process_cpu(servers[i].2.child.id());
             latency[i].extend(sequential(&client, &url, &token, requests).await?);
             throughput[i].push(load(&client, &url, &token, requests, concurrency).await?);
+            cpu[i] += process_cpu(servers[i].2.child.id()).saturating_sub(before);
         }
     }
 
@@ -297,21 +334,26 @@ pub async fn serve(
         if cfg!(debug_assertions) { "debug" } else { "release" },
         rounds.max(1)
     );
+    if let Some(uses) = max_instance_reuse {
+        println!("  both servers run with --max-instance-reuse {uses}");
+    }
     for (label, binary, _) in &servers {
         println!("  {label}: {}", binary.display());
     }
-    let figures: Vec<(f64, f64, f64)> = latency
+    let served = (2 * requests * rounds.max(1)) as f64;
+    let figures: Vec<ServeFigures> = latency
         .into_iter()
         .zip(throughput)
-        .map(|(samples, mut rps)| {
+        .zip(&cpu)
+        .map(|((samples, mut rps), cpu)| {
             let (p50, p99) = stats(samples);
             rps.sort_by(f64::total_cmp);
-            (p50, p99, rps[rps.len() / 2])
+            ServeFigures { p50, p99, rps: rps[rps.len() / 2], cpu_us: cpu.as_secs_f64() * 1e6 / served }
         })
         .collect();
     let header: Vec<String> = servers.iter().map(|(label, _, _)| format!("{label:>14}")).collect();
     println!("  {:<38}{}{}", "", header.join(""), if servers.len() == 2 { "        change" } else { "" });
-    let row = |name: &str, unit: &str, pick: &dyn Fn(&(f64, f64, f64)) -> f64, digits: usize| {
+    let row = |name: &str, unit: &str, pick: &dyn Fn(&ServeFigures) -> f64, digits: usize| {
         let cells: Vec<String> = figures.iter().map(|f| format!("{:>10.digits$} {unit:<3}", pick(f))).collect();
         let change = match figures.as_slice() {
             [before, after] => format!("    {:+7.1} %", (pick(after) / pick(before) - 1.0) * 100.0),
@@ -319,13 +361,37 @@ pub async fn serve(
         };
         println!("  {name:<38}{}{change}", cells.join(""));
     };
-    row("get_blob latency p50 (sequential)", "ms", &|f| f.0, 3);
-    row("get_blob latency p99 (sequential)", "ms", &|f| f.1, 3);
-    row(&format!("get_blob throughput ({concurrency} clients, median)"), "r/s", &|f| f.2, 0);
+    row("server CPU per request (all runs)", "µs", &|f| f.cpu_us, 1);
+    row("get_blob latency p50 (sequential)", "ms", &|f| f.p50, 3);
+    row("get_blob latency p99 (sequential)", "ms", &|f| f.p99, 3);
+    row(&format!("get_blob throughput ({concurrency} clients, median)"), "r/s", &|f| f.rps, 0);
     drop(servers);
     store.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// One server's figures in `bench serve`.
+struct ServeFigures {
+    /// Sequential latency, ms.
+    p50: f64,
+    p99: f64,
+    /// Median throughput of the load runs.
+    rps: f64,
+    /// The server process's CPU per request, µs.
+    cpu_us: f64,
+}
+
+/// CPU time (user and system) `pid` has used so far, summed over its
+/// threads from /proc (nanoseconds; a thread that has exited is left out,
+/// and serve-signer's threads live as long as it does).
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
+    let nanos: u64 = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {
@@ -457,7 +523,7 @@ mod tests {
     async fn zero_counts_are_refused_before_anything_starts() {
         let error = sign(0, 10, 1).await.unwrap_err().to_string();
         assert!(error.contains("--rounds 0"), "{error}");
-        let error = serve("snapsign".into(), None, 1, 0, 1).await.unwrap_err().to_string();
+        let error = serve("snapsign".into(), None, 1, 0, 1, None).await.unwrap_err().to_string();
         assert!(error.contains("--requests 0"), "{error}");
         let error = build(0, 1, "tl-rootfs-build".into()).await.unwrap_err().to_string();
         assert!(error.contains("--rounds 0"), "{error}");

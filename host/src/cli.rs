@@ -456,6 +456,10 @@ pub enum BenchWhat {
         /// Concurrent clients in the load runs.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Passed to both servers: 1 measures the fresh-instance path (every
+        /// request a new instance), as most callers of a busy dataplane see it.
+        #[arg(long)]
+        max_instance_reuse: Option<u32>,
     },
     /// serve-signer under steady mixed traffic from many callers and slow
     /// clients: RSS and fds every 10 s, answers by status, p50/p99 per minute.

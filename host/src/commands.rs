@@ -408,12 +408,40 @@ async fn serve_signer(args: ServeSignerArgs) -> Result<()> {
         preinit: !no_preinit,
     };
     let stop = stop_signal()?;
-    let (server, _host) = signer::start_with(&config, serve.limits()).await?;
+    let (server, host) = signer::start_with(&config, serve.limits()).await?;
     println!("signer listening on {}", server.url());
+    // Until the snapshot is in place fresh instances run the component's own
+    // start-up; say when that ends (benchmarks wait for this line).
+    let weak = std::sync::Arc::downgrade(&host);
+    drop(host);
+    tokio::spawn(async move {
+        let Some(host) = weak.upgrade() else { return };
+        let state = host.preinit_settled().await;
+        drop(host);
+        println!("signer pre-initialization: {}", preinit_report(&state));
+    });
     stop.await;
     tracing::info!("stopping the signer");
     server.shutdown().await;
     Ok(())
+}
+
+/// How pre-initialization ended, in words.
+fn preinit_report(state: &signer::PreinitState) -> String {
+    match state {
+        signer::PreinitState::Off => "off (--no-preinit)".into(),
+        signer::PreinitState::Pending => "still running".into(),
+        signer::PreinitState::Ready { took, memory_bytes } => {
+            format!(
+                "ready in {:.2} s; fresh instances start from a {} KiB snapshot",
+                took.as_secs_f64(),
+                memory_bytes >> 10
+            )
+        }
+        signer::PreinitState::Unavailable(why) => {
+            format!("unavailable ({why}); fresh instances run the component's start-up")
+        }
+    }
 }
 
 /// `snapsign demo`.
@@ -521,9 +549,9 @@ async fn bench(what: BenchWhat) -> Result<()> {
             snapsign_host::bench::sign(rounds, requests, concurrency).await
         }
         BenchWhat::Hosts(args) => snapsign_foreign_hosts::cli::bench_hosts(args).await,
-        BenchWhat::Serve { baseline, rounds, requests, concurrency } => {
+        BenchWhat::Serve { baseline, rounds, requests, concurrency, max_instance_reuse } => {
             let this = std::env::current_exe().context("find this executable")?;
-            snapsign_host::bench::serve(this, baseline, rounds, requests, concurrency).await
+            snapsign_host::bench::serve(this, baseline, rounds, requests, concurrency, max_instance_reuse).await
         }
         BenchWhat::Soak { minutes, callers, concurrency, rate, slow_clients } => {
             let this = std::env::current_exe().context("find this executable")?;

@@ -92,7 +92,7 @@ pub async fn run(this: std::path::PathBuf, options: SoakOptions) -> Result<()> {
     let dir = tempfile_dir()?;
     let store = store(&dir).await?;
     let env = env(&store.url());
-    let server = SignerProcess::start(&this, &env, &dir.join("cache"))?;
+    let server = SignerProcess::start(&this, &env, &dir.join("cache"), None)?;
     let pid = server.child.id();
     let url = format!("{}{SIGN_PATH}", server.url);
     let expiry = jiff::Timestamp::now().as_second() + 48 * 3600;
