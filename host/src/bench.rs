@@ -361,7 +361,10 @@ pub async fn serve(
         };
         println!("  {name:<38}{}{change}", cells.join(""));
     };
-    row("server CPU per request (all runs)", "µs", &|f| f.cpu_us, 1);
+    // Without the kernel's schedstat there is no figure rather than a zero.
+    if figures.iter().all(|f| f.cpu_us > 0.0) {
+        row("server CPU per request (all runs)", "µs", &|f| f.cpu_us, 1);
+    }
     row("get_blob latency p50 (sequential)", "ms", &|f| f.p50, 3);
     row("get_blob latency p99 (sequential)", "ms", &|f| f.p99, 3);
     row(&format!("get_blob throughput ({concurrency} clients, median)"), "r/s", &|f| f.rps, 0);

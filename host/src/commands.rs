@@ -412,12 +412,8 @@ async fn serve_signer(args: ServeSignerArgs) -> Result<()> {
     println!("signer listening on {}", server.url());
     // Until the snapshot is in place fresh instances run the component's own
     // start-up; say when that ends (benchmarks wait for this line).
-    let weak = std::sync::Arc::downgrade(&host);
-    drop(host);
     tokio::spawn(async move {
-        let Some(host) = weak.upgrade() else { return };
         let state = host.preinit_settled().await;
-        drop(host);
         println!("signer pre-initialization: {}", preinit_report(&state));
     });
     stop.await;
