@@ -370,6 +370,60 @@ fn serve_signer_says_when_fresh_instances_start_from_the_snapshot() {
     }
 }
 
+/// serve-signer with its open-files limit set to `soft` and `hard` before it starts.
+fn serve_signer_with_files_limit(soft: u64, hard: u64) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_snapsign"));
+    command
+        .args(["serve-signer", "--listen", "127.0.0.1:0", "--no-preinit", "--cache-dir"])
+        .arg(cache_dir())
+        .envs(signer_env("http://127.0.0.1:9", BUCKET))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().unwrap()
+}
+
+/// The soft and hard "Max open files" of a running process.
+fn open_files_limit(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let fields: Vec<u64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    (fields[0], fields[1])
+}
+
+#[test]
+fn serve_signer_raises_its_open_files_limit_and_warns_when_the_hard_limit_is_too_low() {
+    let mut hard = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) }, 0);
+    let hard = hard.rlim_max;
+    // A soft limit below the connection table's 1024, as many shells start programs.
+    let mut child = serve_signer_with_files_limit(256, hard);
+    read_listen_line(&mut child);
+    let raised = open_files_limit(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(raised, (hard, hard), "the soft limit was not raised to the hard one");
+
+    // A hard limit below the table: the operator is told, by name and number.
+    let mut child = serve_signer_with_files_limit(256, 256);
+    read_listen_line(&mut child);
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("may open only 256 files"), "{stderr}");
+    assert!(stderr.contains("--max-connections"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_signer_command_serves_then_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
+    raise_open_files_limit();
     // Servers log requests by default; one-shot commands only warnings.
     let default_filter = match cli.command {
         Command::ServeSigner(_) | Command::Store(_) | Command::Dev(_) => {
@@ -52,6 +53,22 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, as Go
+/// programs and nginx do: many shells and service managers start programs
+/// at 1024 soft, below what a server's connection table admits
+/// (`--max-connections`, default 1024, plus the store's and sandboxes'
+/// files). The hard limit, set by the administrator, still bounds it.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

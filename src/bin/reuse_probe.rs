@@ -72,6 +72,8 @@ impl Guest for Probe {
             }
             // Answers as a signer refusing the token.
             "refuse" => incoming::respond(out, 401, &[("content-type", "text/plain")], b"refused"),
+            // Answers as the signer refusing a method or path, before it reads the token.
+            "unrouted" => incoming::respond(out, 405, &[("content-type", "text/plain")], b"method not allowed"),
             _ => incoming::respond(out, 200, &[("content-type", "text/plain")], previous.as_bytes()),
         }
     }

@@ -169,14 +169,14 @@ impl ConnectionCounts {
     /// Counts a new connection from `ip`, or says which bound it would cross.
     fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ServeLimits) -> Result<Counted, Over> {
         let mut per_ip = self.per_ip.lock().expect("connection counts lock");
-        let from_ip = per_ip.entry(ip).or_insert(0);
-        if *from_ip >= limits.max_connections_per_ip {
+        // Looked up, not inserted: a refused address leaves no entry behind.
+        if per_ip.get(&ip).is_some_and(|n| *n >= limits.max_connections_per_ip) {
             return Err(Over::PerIp);
         }
         if self.total.load(Ordering::SeqCst) >= limits.max_connections {
             return Err(Over::Total);
         }
-        *from_ip += 1;
+        *per_ip.entry(ip).or_insert(0) += 1;
         self.total.fetch_add(1, Ordering::SeqCst);
         Ok(Counted(Arc::new(CountedPlace {
             counts: self.clone(),
@@ -202,6 +202,9 @@ struct Activity {
     idle_since_ms: AtomicU64,
     /// 0 while idle; else 1 + when the current request's head began.
     head_started_ms: AtomicU64,
+    /// 0 unless the socket refused the last write; else 1 + when it began
+    /// refusing: the client is not reading what it was sent.
+    write_blocked_ms: AtomicU64,
 }
 
 impl Activity {
@@ -212,6 +215,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(1),
+            write_blocked_ms: AtomicU64::new(0),
         }
     }
 
@@ -222,6 +226,21 @@ impl Activity {
     fn on_read(&self) {
         if self.in_flight.load(Ordering::SeqCst) == 0 && self.head_started_ms.load(Ordering::SeqCst) == 0 {
             self.head_started_ms.store(self.now_ms() + 1, Ordering::SeqCst);
+        }
+    }
+
+    /// Notes what a write to the socket came to.
+    fn on_write<T>(&self, polled: &Poll<std::io::Result<T>>) {
+        match polled {
+            Poll::Pending => {
+                let now = self.now_ms() + 1;
+                let _ = self.write_blocked_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            Poll::Ready(_) => {
+                if self.write_blocked_ms.load(Ordering::Relaxed) != 0 {
+                    self.write_blocked_ms.store(0, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -247,6 +266,17 @@ impl Activity {
         }
     }
 
+    /// How long the client has not taken what it was sent, while a request runs.
+    fn stalled_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        match self.write_blocked_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(self.now_ms().saturating_sub(since - 1))),
+        }
+    }
+
     /// How long it has been idle between requests, if it is.
     fn idle_for(&self) -> Option<Duration> {
         if self.in_flight.load(Ordering::SeqCst) > 0 || self.head_started_ms.load(Ordering::SeqCst) != 0 {
@@ -255,10 +285,19 @@ impl Activity {
         Some(Duration::from_millis(self.now_ms().saturating_sub(self.idle_since_ms.load(Ordering::SeqCst))))
     }
 
-    /// When the connection must be closed unless a request starts, and why; `None` while one runs.
+    /// When the connection must be closed, and why: unless a request starts
+    /// (idle, or waiting for a head), or, while one runs, unless the client
+    /// reads again (as nginx's `send_timeout`). A response that is slow to
+    /// come is never cut: only one the client stopped taking.
     fn deadline(&self, limits: &ServeLimits) -> Option<(Instant, &'static str)> {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
-            return None;
+            return match self.write_blocked_ms.load(Ordering::Relaxed) {
+                0 => None,
+                since => Some((
+                    self.opened + Duration::from_millis(since - 1) + limits.idle_timeout,
+                    "the client stopped reading its answer",
+                )),
+            };
         }
         match self.head_started_ms.load(Ordering::SeqCst) {
             0 => {
@@ -296,7 +335,9 @@ impl AsyncRead for WatchedIo {
 
 impl AsyncWrite for WatchedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.socket).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.socket).poll_write(cx, buf);
+        self.activity.on_write(&polled);
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
@@ -312,7 +353,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut TaskContext<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.socket).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.socket).poll_write_vectored(cx, bufs);
+        self.activity.on_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -395,6 +438,28 @@ where
     }
 }
 
+/// Logs a warning when the process may not open as many files as the
+/// connection table admits: `accept` would then fail before the table is
+/// full, and silent connections could not be shed to make room.
+fn warn_if_files_limit_is_below(name: &str, max_connections: usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    // Room for the listener, the store's files, logs and outbound calls.
+    let wanted = max_connections as u64 + 64;
+    if limit.rlim_cur < wanted {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            max_connections,
+            "the {name} may hold up to {max_connections} connections but this process may open only {} files: \
+             raise the limit (ulimit -n {wanted}) or lower --max-connections",
+            limit.rlim_cur
+        );
+    }
+}
+
 /// The answer to a connection over a bound: written without waiting, then the socket is closed.
 fn refusal(reason: &str) -> Vec<u8> {
     let body =
@@ -459,6 +524,7 @@ pub async fn spawn_with<S: ServeService<B>, B: ServeBody>(
 ) -> Result<Server> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("bind the {name} to {addr}"))?;
     let addr = listener.local_addr().context("read the bound address")?;
+    warn_if_files_limit_is_below(name, limits.max_connections);
     let (stop_tx, mut stop_rx) = oneshot::channel();
     let counts = Arc::new(ConnectionCounts::default());
     let task_counts = counts.clone();
@@ -571,17 +637,24 @@ impl Watched {
             .filter_map(|(id, entry)| Some((*id, entry.activity.waiting_for_head()?)))
             // Times are whole milliseconds: of equal waits the older connection (lower id) goes.
             .max_by_key(|(id, waited)| (*waited, std::cmp::Reverse(*id)));
+        // A client that has not read its answer for a second goes before one
+        // that is merely idle between requests.
+        let stalled = || {
+            open.iter()
+                .filter_map(|(id, entry)| Some((*id, entry.activity.stalled_for()?)))
+                .filter(|(_, stalled)| *stalled >= Duration::from_secs(1))
+                .max_by_key(|(id, stalled)| (*stalled, std::cmp::Reverse(*id)))
+        };
         let idle = || {
             open.iter()
                 .filter_map(|(id, entry)| Some((*id, entry.activity.idle_for()?)))
                 .max_by_key(|(id, idle)| (*idle, std::cmp::Reverse(*id)))
         };
-        let (victim, why) = match silent {
-            Some((id, _)) => (id, "it had sent no complete request head"),
-            None => match idle() {
-                Some((id, _)) => (id, "it was idle between requests"),
-                None => return false,
-            },
+        let (victim, why) = match (silent, stalled(), idle()) {
+            (Some((id, _)), _, _) => (id, "it had sent no complete request head"),
+            (None, Some((id, _)), _) => (id, "its client had stopped reading its answer"),
+            (None, None, Some((id, _))) => (id, "it was idle between requests"),
+            (None, None, None) => return false,
         };
         if let Some(entry) = open.remove(&victim) {
             tracing::debug!("{name}: the connection table is full; closed the oldest connection because {why}");
@@ -622,6 +695,118 @@ impl Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BIG: usize = 16 << 20;
+    type TestBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+    /// `/slow`: two chunks a second apart; else `BIG` bytes, streamed, so the
+    /// response stays in flight until the client takes it (a whole body at
+    /// once would sit in hyper's buffer, the request done).
+    async fn big_or_slow(
+        request: http::Request<Incoming>,
+    ) -> Result<http::Response<TestBody>, std::convert::Infallible> {
+        let body: TestBody = if request.uri().path() == "/slow" {
+            let chunks = futures_util::stream::unfold(0, |n| async move {
+                if n == 2 {
+                    return None;
+                }
+                if n == 1 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let chunk = hyper::body::Frame::data(bytes::Bytes::from_static(b"chunk"));
+                Some((Ok::<_, std::convert::Infallible>(chunk), n + 1))
+            });
+            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(chunks))
+        } else {
+            let chunks = futures_util::stream::iter((0..BIG >> 16).map(|_| {
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(vec![b'x'; 1 << 16])))
+            }));
+            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(chunks))
+        };
+        Ok(http::Response::new(body))
+    }
+
+    /// A connection that sends two requests at once and never reads the answers.
+    async fn pipeline_and_never_read(addr: SocketAddr) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        stream
+    }
+
+    /// A client that sends requests and never reads the answers is cut after
+    /// the idle time with no progress; an answer that is slow to come, read
+    /// as it comes, is not.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_but_a_slow_answer_is_not() {
+        let service = hyper::service::service_fn(big_or_slow);
+        let limits = ServeLimits { idle_timeout: Duration::from_millis(300), ..ServeLimits::default() };
+        let server = spawn_with("test", "127.0.0.1:0".parse().unwrap(), limits, service).await.unwrap();
+        let addr: SocketAddr = server.url().trim_start_matches("http://").parse().unwrap();
+
+        // The slow answer arrives whole.
+        let slow = reqwest::get(format!("{}/slow", server.url())).await.unwrap().text().await.unwrap();
+        assert_eq!(slow, "chunkchunk");
+
+        // Requests pipelined, answers never read (a small receive buffer).
+        let mut stream = pipeline_and_never_read(addr).await;
+        use tokio::io::AsyncReadExt;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Cut: what was sent before the cut, then the end, far short of the answers.
+        let mut got = 0;
+        let mut buf = vec![0; 64 << 10];
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the connection stayed open");
+        assert!(got < BIG, "the whole answer arrived ({got} bytes): the connection was not cut");
+        server.shutdown().await;
+    }
+
+    /// A full table of connections whose clients stopped reading: a newcomer
+    /// takes the place of one of them rather than get a 503.
+    #[tokio::test]
+    async fn a_newcomer_takes_the_place_of_a_client_that_stopped_reading() {
+        let limits = ServeLimits { max_connections: 2, ..ServeLimits::default() };
+        let server =
+            spawn_with("test", "127.0.0.1:0".parse().unwrap(), limits, hyper::service::service_fn(big_or_slow))
+                .await
+                .unwrap();
+        let addr: SocketAddr = server.url().trim_start_matches("http://").parse().unwrap();
+        let _stalled = [pipeline_and_never_read(addr).await, pipeline_and_never_read(addr).await];
+        // Stalled for over a second, and within the idle time: only shedding frees a place.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let answer = reqwest::get(format!("{}/slow", server.url())).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.text().await.unwrap(), "chunkchunk");
+        server.shutdown().await;
+    }
+
+    #[test]
+    fn a_refused_connection_leaves_no_count_behind() {
+        let counts = Arc::new(ConnectionCounts::default());
+        let limits = ServeLimits { max_connections: 2, max_connections_per_ip: 1, ..ServeLimits::default() };
+        let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
+        let first = counts.admit(ip(1), &limits).unwrap();
+        assert_eq!(counts.admit(ip(1), &limits).err(), Some(Over::PerIp));
+        let second = counts.admit(ip(2), &limits).unwrap();
+        // The table is full: addresses never seen are refused and not remembered.
+        for n in 3..=200 {
+            assert_eq!(counts.admit(ip(n), &limits).err(), Some(Over::Total));
+        }
+        assert_eq!(counts.per_ip.lock().unwrap().len(), 2);
+        drop((first, second));
+        assert!(counts.per_ip.lock().unwrap().is_empty());
+        assert_eq!(counts.total.load(Ordering::SeqCst), 0);
+    }
 
     #[tokio::test]
     async fn a_refused_request_with_a_body_ends_its_connection_and_others_keep_it() {

@@ -56,8 +56,8 @@ pub(crate) struct Caller([u8; 32]);
 impl Caller {
     /// `None` unless the request carries a bearer token, read as the signer
     /// reads it (`Bearer `/`bearer `, trimmed, not empty). An instance whose
-    /// answer refused the token (401/403) is not kept either: only a token
-    /// the signer accepted names a caller.
+    /// answer was not a success (2xx) is not kept either: only a token the
+    /// signer accepted names a caller.
     pub(crate) fn of(headers: &http::HeaderMap) -> Option<Caller> {
         let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
         let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();

@@ -409,11 +409,13 @@ impl SignerHost {
         tracing::debug!(request_id = %id, reused, uses = uses + 1, ?status, "signer instance");
         let answer = match outcome {
             Ok((proxy, response)) => {
-                // Only an instance that finished cleanly and answered serves
-                // its caller again; after a trap, a timeout, an error, no
-                // answer, or a refused token (401/403: no proven caller) it is dropped.
+                // Only an instance that finished cleanly with a success serves
+                // its caller again: the signer answers 2xx only for a token it
+                // accepted. After a trap, a timeout, an error, no answer, or
+                // any other status (a refused token, or a refusal made before
+                // the token was read: no proven caller) it is dropped.
                 match (caller, proxy) {
-                    (Some(caller), Some(proxy)) if !matches!(response.status().as_u16(), 401 | 403) => {
+                    (Some(caller), Some(proxy)) if response.status().is_success() => {
                         self.pool.give_back(caller, (store, proxy), uses + 1)
                     }
                     _ => drop(store),
@@ -1073,6 +1075,11 @@ mod tests {
         let (status, _) = probe.send(Some("Bearer junk"), "refuse").await;
         assert_eq!(status, 401);
         assert_eq!(probe.seen(Some("Bearer junk"), "j").await, "", "the refusing instance was dropped");
+        // Nor does a refusal made before the token was read (the signer's
+        // 404/405): any token, even junk, would otherwise keep an instance.
+        let (status, _) = probe.send(Some("Bearer junk"), "unrouted").await;
+        assert_eq!(status, 405);
+        assert_eq!(probe.seen(Some("Bearer junk"), "j").await, "", "the instance that refused a route was kept");
         // A guest that keeps its response outparam must not hold the request open.
         let (status, text) = probe.send(Some("Bearer A"), "forget").await;
         assert_eq!(status, 500, "{text}");
