@@ -552,7 +552,12 @@ impl SignerHost {
                 "the signer's answer ended before its body was complete".into(),
                 e,
             )),
-            (None, None) => Err(Failure::internal(anyhow::anyhow!("signer returned without setting a response"))),
+            (None, None) => Err(Failure::new(
+                502,
+                "guest_error",
+                "the signer returned without answering this request".into(),
+                anyhow::anyhow!("the guest returned without setting its response outparam"),
+            )),
         }
     }
 }
@@ -1082,8 +1087,8 @@ mod tests {
         assert_eq!(probe.seen(Some("Bearer junk"), "j").await, "", "the instance that refused a route was kept");
         // A guest that keeps its response outparam must not hold the request open.
         let (status, text) = probe.send(Some("Bearer A"), "forget").await;
-        assert_eq!(status, 500, "{text}");
-        assert!(text.contains("host_error"), "{text}");
+        assert_eq!(status, 502, "{text}");
+        assert!(text.contains("guest_error") && text.contains("without answering"), "{text}");
         assert_eq!(probe.seen(Some("Bearer A"), "a").await, "", "the silent instance was dropped");
         probe.server.shutdown().await;
     }
