@@ -632,8 +632,12 @@ impl Watched {
     /// False when every open connection has a request in flight.
     fn shed_one(&self, name: &'static str) -> bool {
         let mut open = self.open.lock().expect("watched connections lock");
+        // A connection whose place is already free (its task ended as it was
+        // registered; the reaper drops the entry) would free nothing.
+        let holding = |entry: &&Entry| !entry.place.released.load(Ordering::SeqCst);
         let silent = open
             .iter()
+            .filter(|(_, entry)| holding(entry))
             .filter_map(|(id, entry)| Some((*id, entry.activity.waiting_for_head()?)))
             // Times are whole milliseconds: of equal waits the older connection (lower id) goes.
             .max_by_key(|(id, waited)| (*waited, std::cmp::Reverse(*id)));
@@ -641,12 +645,14 @@ impl Watched {
         // that is merely idle between requests.
         let stalled = || {
             open.iter()
+                .filter(|(_, entry)| holding(entry))
                 .filter_map(|(id, entry)| Some((*id, entry.activity.stalled_for()?)))
                 .filter(|(_, stalled)| *stalled >= Duration::from_secs(1))
                 .max_by_key(|(id, stalled)| (*stalled, std::cmp::Reverse(*id)))
         };
         let idle = || {
             open.iter()
+                .filter(|(_, entry)| holding(entry))
                 .filter_map(|(id, entry)| Some((*id, entry.activity.idle_for()?)))
                 .max_by_key(|(id, idle)| (*idle, std::cmp::Reverse(*id)))
         };
@@ -788,6 +794,36 @@ mod tests {
         assert_eq!(answer.status(), 200);
         assert_eq!(answer.text().await.unwrap(), "chunkchunk");
         server.shutdown().await;
+    }
+
+    /// An entry whose task ended as it was registered holds no place:
+    /// shedding it would free nothing, so it is never the one shed.
+    #[tokio::test]
+    async fn shedding_skips_a_connection_whose_place_is_already_free() {
+        let counts = Arc::new(ConnectionCounts::default());
+        let watched = Watched::default();
+        let task = tokio::spawn(async {});
+        let ended = task.abort_handle();
+        task.await.unwrap();
+        let counted = counts.admit(IpAddr::from([127, 0, 0, 1]), &ServeLimits::default()).unwrap();
+        let place = counted.0.clone();
+        drop(counted);
+        // Waiting for its head since it opened: the first a shed would pick.
+        watched.open.lock().unwrap().insert(0, Entry { activity: Arc::new(Activity::new()), place, task: ended });
+        assert!(!watched.shed_one("test"), "a connection that holds no place was shed");
+        // One that holds its place is shed.
+        let live = tokio::spawn(std::future::pending::<()>());
+        let counted = counts.admit(IpAddr::from([127, 0, 0, 1]), &ServeLimits::default()).unwrap();
+        let place = counted.0.clone();
+        watched
+            .open
+            .lock()
+            .unwrap()
+            .insert(1, Entry { activity: Arc::new(Activity::new()), place, task: live.abort_handle() });
+        assert!(watched.shed_one("test"));
+        assert_eq!(counts.total.load(Ordering::SeqCst), 0, "the shed connection's place was given back");
+        drop(counted);
+        assert!(live.await.unwrap_err().is_cancelled());
     }
 
     #[test]
