@@ -85,7 +85,18 @@ pub fn check(query: Option<&str>, headers: &mut HeaderMap) -> Result<Vec<HeaderN
     let signing = signing(query, headers)?;
     let signed: &[String] = match &signing {
         Signing::Presigned(signed) | Signing::Header(signed) => signed,
-        Signing::Anonymous => &[],
+        // s3s would refuse it too, but only after it read a POST form's file
+        // (up to 5 GB in memory): refused here, before any of the body.
+        Signing::Anonymous => {
+            return Err(Refusal {
+                code: "AccessDenied",
+                message: "Signature is required: this store serves no anonymous request; \
+                          use a presigned URL or sign the request with SigV4"
+                    .into(),
+                headers_not_signed: None,
+                header: None,
+            });
+        }
         Signing::PresignedV2 | Signing::HeaderV2 => &[],
     };
     let all_amz_signed = matches!(signing, Signing::PresignedV2 | Signing::HeaderV2);
@@ -270,6 +281,16 @@ mod tests {
         assert_eq!(check(None, &mut h), Ok(vec![]), "header-signed requests keep their attributes");
         h.insert("x-amz-copy-source", "/b/k".parse().unwrap());
         assert_eq!(check(None, &mut h).unwrap_err().headers_not_signed.as_deref(), Some("x-amz-copy-source"));
+    }
+
+    #[test]
+    fn a_request_without_a_signature_is_refused_before_its_body() {
+        // A POST form upload, as s3s would read whole before refusing it.
+        let mut h = headers(&[("content-type", "multipart/form-data; boundary=x")]);
+        let refusal = check(None, &mut h).unwrap_err();
+        assert_eq!((refusal.status(), refusal.code), (403, "AccessDenied"));
+        assert!(refusal.message.contains("Signature is required"), "{}", refusal.message);
+        assert!(check(Some("uploads"), &mut headers(&[])).is_err());
     }
 
     #[test]
