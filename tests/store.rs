@@ -855,6 +855,21 @@ async fn parts_go_up_while_the_archive_is_written_and_the_object_has_the_right_e
     assert_eq!(store::recorded_digest(&store.root(), BUCKET, key), Some((data.len() as u64, sha256)));
     assert_eq!(root_files(&store.root(), ".upload"), Vec::<String>::new(), "record or parts left");
 
+    // A PUT of as many bytes refused for its Content-MD5: s3s-fs has put its
+    // bytes in place by then, and the record of the old ones must not stay.
+    let refused = store
+        .client
+        .http
+        .put(store.sign.url(Method::Put, key, &[]))
+        .header("content-md5", "1B2M2Y8AsgTpgAmY7PhCfg==")
+        .body(vec![b'y'; data.len()])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("BadDigest"));
+    assert_eq!(store::recorded_digest(&store.root(), BUCKET, key), None, "a record outlived its bytes");
+
     // A PUT over the object replaces s3s-fs's info: no record outlives its bytes.
     let put = store.client.http.put(store.sign.url(Method::Put, key, &[])).body(b"other".to_vec()).send().await;
     assert_eq!(put.unwrap().status(), 200);

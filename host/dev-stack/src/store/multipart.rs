@@ -128,6 +128,19 @@ pub struct Reaped {
 }
 
 impl Uploads {
+    /// Removes the object's recorded info (s3s-fs's, with the digest a
+    /// complete recorded) before a PutObject: s3s-fs moves the new bytes in
+    /// place before it checks `Content-MD5`, and writes its info only when
+    /// that passes, so a refused PUT would leave the old record on the new bytes.
+    pub(super) fn forget_record(&self, bucket: &str, key: &str) -> Result<(), S3Error> {
+        match fs::remove_file(self.layout.internal_info(bucket, key)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(internal(&format!("remove the recorded info of {bucket}/{key}"), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Uploads under `layout`'s root.
     pub fn new(layout: Layout) -> Self {
         Uploads {

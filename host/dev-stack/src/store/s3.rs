@@ -98,6 +98,7 @@ impl S3 for Store {
 
     async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
         keys::check(&req.input.bucket, &req.input.key)?;
+        self.uploads.forget_record(&req.input.bucket, &req.input.key)?;
         self.fs.put_object(req).await
     }
 
